@@ -1,0 +1,3 @@
+from afsd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,173 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class LayerStat(_message.Message):
+    __slots__ = ("digest", "afs_size", "blob_digest")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    AFS_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLOB_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    afs_size: int
+    blob_digest: str
+    def __init__(self, digest: _Optional[str] = ..., afs_size: _Optional[int] = ..., blob_digest: _Optional[str] = ...) -> None: ...
+
+class ImageLayer(_message.Message):
+    __slots__ = ("digest", "media_type", "compressed_size", "diff_id")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIFF_ID_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    media_type: str
+    compressed_size: int
+    diff_id: str
+    def __init__(self, digest: _Optional[str] = ..., media_type: _Optional[str] = ..., compressed_size: _Optional[int] = ..., diff_id: _Optional[str] = ...) -> None: ...
+
+class ServiceInstance(_message.Message):
+    __slots__ = ("node_id", "endpoint", "last_seen_unix", "layer_digests", "cached_images", "layer_stats", "cache_max_bytes", "pulling_images", "pulling_layers")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LAYER_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_STATS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PULLING_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PULLING_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    endpoint: str
+    last_seen_unix: int
+    layer_digests: _containers.RepeatedScalarFieldContainer[str]
+    cached_images: _containers.RepeatedScalarFieldContainer[str]
+    layer_stats: _containers.RepeatedCompositeFieldContainer[LayerStat]
+    cache_max_bytes: int
+    pulling_images: _containers.RepeatedScalarFieldContainer[str]
+    pulling_layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., last_seen_unix: _Optional[int] = ..., layer_digests: _Optional[_Iterable[str]] = ..., cached_images: _Optional[_Iterable[str]] = ..., layer_stats: _Optional[_Iterable[_Union[LayerStat, _Mapping]]] = ..., cache_max_bytes: _Optional[int] = ..., pulling_images: _Optional[_Iterable[str]] = ..., pulling_layers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("node_id", "endpoint", "layer_digests", "cached_images", "layer_stats", "cache_max_bytes", "pulling_images", "pulling_layers")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_STATS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PULLING_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PULLING_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    endpoint: str
+    layer_digests: _containers.RepeatedScalarFieldContainer[str]
+    cached_images: _containers.RepeatedScalarFieldContainer[str]
+    layer_stats: _containers.RepeatedCompositeFieldContainer[LayerStat]
+    cache_max_bytes: int
+    pulling_images: _containers.RepeatedScalarFieldContainer[str]
+    pulling_layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., layer_digests: _Optional[_Iterable[str]] = ..., cached_images: _Optional[_Iterable[str]] = ..., layer_stats: _Optional[_Iterable[_Union[LayerStat, _Mapping]]] = ..., cache_max_bytes: _Optional[int] = ..., pulling_images: _Optional[_Iterable[str]] = ..., pulling_layers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("expires_in_seconds",)
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    expires_in_seconds: int
+    def __init__(self, expires_in_seconds: _Optional[int] = ...) -> None: ...
+
+class ImageRuntimeConfig(_message.Message):
+    __slots__ = ("entrypoint", "cmd", "env", "working_dir", "user")
+    ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
+    CMD_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    entrypoint: _containers.RepeatedScalarFieldContainer[str]
+    cmd: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.RepeatedScalarFieldContainer[str]
+    working_dir: str
+    user: str
+    def __init__(self, entrypoint: _Optional[_Iterable[str]] = ..., cmd: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
+
+class ResolveImageRequest(_message.Message):
+    __slots__ = ("image", "tag", "platform_os", "platform_arch", "platform_variant", "force_refresh")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_OS_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_ARCH_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    FORCE_REFRESH_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    tag: str
+    platform_os: str
+    platform_arch: str
+    platform_variant: str
+    force_refresh: bool
+    def __init__(self, image: _Optional[str] = ..., tag: _Optional[str] = ..., platform_os: _Optional[str] = ..., platform_arch: _Optional[str] = ..., platform_variant: _Optional[str] = ..., force_refresh: bool = ...) -> None: ...
+
+class ResolveImageResponse(_message.Message):
+    __slots__ = ("image_key", "resolved_registry", "resolved_repository", "resolved_reference", "layers", "runtime_config", "manifest_digest")
+    IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_REGISTRY_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_REPOSITORY_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    image_key: str
+    resolved_registry: str
+    resolved_repository: str
+    resolved_reference: str
+    layers: _containers.RepeatedCompositeFieldContainer[ImageLayer]
+    runtime_config: ImageRuntimeConfig
+    manifest_digest: str
+    def __init__(self, image_key: _Optional[str] = ..., resolved_registry: _Optional[str] = ..., resolved_repository: _Optional[str] = ..., resolved_reference: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[ImageLayer, _Mapping]]] = ..., runtime_config: _Optional[_Union[ImageRuntimeConfig, _Mapping]] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
+
+class FindProviderRequest(_message.Message):
+    __slots__ = ("layer_digest", "include_pulling")
+    LAYER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PULLING_FIELD_NUMBER: _ClassVar[int]
+    layer_digest: str
+    include_pulling: bool
+    def __init__(self, layer_digest: _Optional[str] = ..., include_pulling: bool = ...) -> None: ...
+
+class FindProviderResponse(_message.Message):
+    __slots__ = ("layer_digest", "services")
+    LAYER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    layer_digest: str
+    services: _containers.RepeatedCompositeFieldContainer[ServiceInstance]
+    def __init__(self, layer_digest: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ...) -> None: ...
+
+class FindImageProviderRequest(_message.Message):
+    __slots__ = ("image_key", "include_pulling")
+    IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PULLING_FIELD_NUMBER: _ClassVar[int]
+    image_key: str
+    include_pulling: bool
+    def __init__(self, image_key: _Optional[str] = ..., include_pulling: bool = ...) -> None: ...
+
+class FindImageProviderResponse(_message.Message):
+    __slots__ = ("image_key", "services")
+    IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    image_key: str
+    services: _containers.RepeatedCompositeFieldContainer[ServiceInstance]
+    def __init__(self, image_key: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ...) -> None: ...
+
+class FindImageRequest(_message.Message):
+    __slots__ = ("image_key", "layer_digest")
+    IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    LAYER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    image_key: str
+    layer_digest: str
+    def __init__(self, image_key: _Optional[str] = ..., layer_digest: _Optional[str] = ...) -> None: ...
+
+class FindImageResponse(_message.Message):
+    __slots__ = ("image_key", "services")
+    IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    image_key: str
+    services: _containers.RepeatedCompositeFieldContainer[ServiceInstance]
+    def __init__(self, image_key: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ...) -> None: ...

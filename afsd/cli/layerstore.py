@@ -1,0 +1,97 @@
+"""`afsd layerstore`: run a node's layer cache (gRPC), heartbeating to discovery."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+from pathlib import Path
+
+from afsd.cli._options import add_registry_options, registry_config
+from afsd.errors import UsageError
+
+log = logging.getLogger("afsd.layerstore")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "layerstore", help="run a node's layer cache",
+        description="Serve layerstore.v1.LayerStore: pull images (from peers when they have them, else "
+                    "from the registry), convert layers to erofs blobs, serve byte ranges to readers, and "
+                    "keep the cache under its limit (LRU).")
+    parser.add_argument("--listen", required=True, metavar="IP:PORT",
+                        help="gRPC listen address; also the endpoint advertised to discovery, so use an "
+                             "address peers can reach (not 0.0.0.0)")
+    parser.add_argument("--advertise", metavar="HOST:PORT",
+                        help="endpoint to advertise instead of --listen (e.g. behind NAT)")
+    parser.add_argument("--node-id", required=True, help="this node's identity (e.g. the host name)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("/var/lib/afsd/layerstore"),
+                        help="cache root (default %(default)s)")
+    parser.add_argument("--cache-max-bytes", type=int, default=0,
+                        help="cache limit in bytes (default: min(1 TiB, 60%% of the cache filesystem's free space))")
+    parser.add_argument("--discovery-endpoint", action="append", default=[], metavar="HOST:PORT",
+                        help="a discovery replica (repeatable); a host name is expanded to all its addresses "
+                             "at every heartbeat")
+    parser.add_argument("--heartbeat-period", type=float, default=10.0,
+                        help="seconds between heartbeats (default %(default)s)")
+    parser.add_argument("--fetch-concurrency", type=int, default=3,
+                        help="layers downloaded and converted at once (default %(default)s)")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    add_registry_options(parser)
+    parser.set_defaults(handler=run)
+
+
+def _check_listen(listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise UsageError(f"--listen {listen!r}: expected a literal IP:PORT (peers dial this address)") from None
+    if not sep or not port.isdigit():
+        raise UsageError(f"--listen {listen!r}: expected IP:PORT")
+    if address.is_unspecified:
+        raise UsageError(f"--listen {listen!r}: an unspecified address cannot be advertised; "
+                         "listen on a reachable IP or pass --advertise HOST:PORT")
+
+
+async def run(args: argparse.Namespace) -> int:
+    from afsd.api import layerstore_pb2_grpc
+    from afsd.cluster.blobstore import BlobStore
+    from afsd.cluster.discovery_client import DiscoveryClient
+    from afsd.cluster.heartbeat import heartbeat_forever
+    from afsd.cluster.layerstore import LayerStoreNode
+    from afsd.cluster.layerstore_service import LayerStoreService
+    from afsd.metrics import serve_metrics
+    from afsd.oci.client import RegistryClient
+    from afsd.rpc import ChannelPool, new_server, run_until_signalled
+
+    if not args.advertise:
+        _check_listen(args.listen)
+    if args.cache_max_bytes < 0:
+        raise UsageError("--cache-max-bytes must be >= 0")
+    if args.metrics_listen:
+        serve_metrics(args.metrics_listen)
+    channels = ChannelPool()
+    discovery = DiscoveryClient(args.discovery_endpoint, channels)
+    async with RegistryClient(registry_config(args)) as registry:
+        store = BlobStore(args.cache_dir, args.cache_max_bytes or None)
+        node = LayerStoreNode(store, node_id=args.node_id, endpoint=args.advertise or args.listen,
+                              registry=registry, discovery=discovery, channels=channels,
+                              fetch_concurrency=args.fetch_concurrency)
+        await node.start()
+        server = new_server()
+        layerstore_pb2_grpc.add_LayerStoreServicer_to_server(LayerStoreService(node), server)
+        if server.add_insecure_port(args.listen) == 0:
+            raise UsageError(f"cannot listen on {args.listen}")
+        beats = asyncio.create_task(heartbeat_forever(node, discovery, args.heartbeat_period)) \
+            if args.discovery_endpoint else None
+        log.warning("layerstore %s listening on %s, cache %s (limit %d bytes)", args.node_id, args.listen,
+                    args.cache_dir, store.limit)
+        try:
+            await run_until_signalled(server)
+        finally:
+            if beats:
+                beats.cancel()
+            await channels.close()
+    return 0

@@ -1,0 +1,160 @@
+"""`afsd discovery`: the control plane (`discovery.v1.ServiceDiscovery`).
+
+Layerstores heartbeat their contents here; mounts and layerstores ask which nodes hold an image or a
+layer; afslet and the proxy resolve image references (with runtime config) through `ResolveImage`.
+State is soft (see nodetable.py). Several replicas may run side by side: they share nothing, and
+answer alike because every layerstore heartbeats every replica.
+
+Differences from the reference AFS, on purpose: image keys are normalised (`alpine` is
+`docker.io/library/alpine:latest`), resolutions of tags expire (see resolver.py), and the answers can
+include nodes that are pulling a layer right now (`include_pulling`), which lets a layerstore wait for
+a peer's pull instead of starting its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from afsd.api import discovery_pb2 as pb
+from afsd.api import discovery_pb2_grpc as pb_grpc
+from afsd.cluster.keys import image_key, normalise_image_key
+from afsd.cluster.nodetable import NodeRecord, NodeTable
+from afsd.cluster.resolver import ImageResolver
+from afsd.errors import AfsdError, InvalidReferenceError
+from afsd.oci.platform import parse_platform
+from afsd.oci.reference import parse_reference
+from afsd.rpc import abort_for
+
+log = logging.getLogger(__name__)
+
+
+def _instance(node: NodeRecord) -> pb.ServiceInstance:
+    digests = sorted(node.layers)
+    return pb.ServiceInstance(
+        node_id=node.node_id, endpoint=node.endpoint, last_seen_unix=node.last_seen_unix,
+        layer_digests=digests, cached_images=sorted(node.cached_images),
+        layer_stats=[pb.LayerStat(digest=d, afs_size=node.layers[d][0], blob_digest=node.layers[d][1])
+                     for d in digests],
+        cache_max_bytes=node.cache_max_bytes, pulling_images=sorted(node.pulling_images),
+        pulling_layers=sorted(node.pulling_layers))
+
+
+def _unique(nodes: list[NodeRecord]) -> list[pb.ServiceInstance]:
+    seen: dict[str, NodeRecord] = {}
+    for node in nodes:
+        seen.setdefault(node.endpoint, node)
+    return [_instance(node) for node in seen.values()]
+
+
+def _valid_keys(keys: list[str], endpoint: str) -> frozenset[str]:
+    result = set()
+    for key in keys:
+        try:
+            result.add(normalise_image_key(key))
+        except InvalidReferenceError:
+            log.warning("heartbeat from %s: ignoring unparsable image key %r", endpoint, key)
+    return frozenset(result)
+
+
+class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
+    def __init__(self, table: NodeTable, resolver: ImageResolver) -> None:
+        self.table = table
+        self.resolver = resolver
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        node_id, endpoint = request.node_id.strip(), request.endpoint.strip()
+        if not node_id or not endpoint:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "heartbeat needs node_id and endpoint")
+        layers: dict[str, tuple[int, str]] = {d.strip().lower(): (0, "") for d in request.layer_digests if d.strip()}
+        for stat in request.layer_stats:
+            if stat.digest.strip():
+                layers[stat.digest.strip().lower()] = (stat.afs_size, stat.blob_digest)
+        self.table.update(NodeRecord(
+            node_id=node_id, endpoint=endpoint, last_seen=self.table.now(),
+            last_seen_unix=int(time.time()), layers=layers,
+            cached_images=_valid_keys(list(request.cached_images), endpoint),
+            pulling_images=_valid_keys(list(request.pulling_images), endpoint),
+            pulling_layers=frozenset(d.strip().lower() for d in request.pulling_layers if d.strip()),
+            cache_max_bytes=request.cache_max_bytes))
+        return pb.HeartbeatResponse(expires_in_seconds=int(self.table.ttl))
+
+    async def _key(self, text: str, context: grpc.aio.ServicerContext) -> str:
+        try:
+            return normalise_image_key(text)
+        except InvalidReferenceError as error:
+            await abort_for(context, error)
+            raise  # unreachable: abort raises
+
+    def _image_nodes(self, key: str, include_pulling: bool) -> list[NodeRecord]:
+        known = self.resolver.cached(key)
+        nodes = self.table.holding_image(key, [layer.digest for layer in known.layers] if known else [])
+        if include_pulling:
+            nodes += self.table.pulling_image(key)
+        return nodes
+
+    async def FindImageProvider(self, request: pb.FindImageProviderRequest,
+                                context: grpc.aio.ServicerContext) -> pb.FindImageProviderResponse:
+        if not request.image_key.strip():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image_key is required")
+        key = await self._key(request.image_key, context)
+        return pb.FindImageProviderResponse(
+            image_key=key, services=_unique(self._image_nodes(key, request.include_pulling)))
+
+    async def FindProvider(self, request: pb.FindProviderRequest,
+                           context: grpc.aio.ServicerContext) -> pb.FindProviderResponse:
+        digest = request.layer_digest.strip().lower()
+        if not digest:
+            return pb.FindProviderResponse(services=_unique(self.table.live()))
+        nodes = self.table.holding_layer(digest)
+        if request.include_pulling:
+            nodes += self.table.pulling_layer(digest)
+        return pb.FindProviderResponse(layer_digest=digest, services=_unique(nodes))
+
+    async def FindImage(self, request: pb.FindImageRequest,
+                        context: grpc.aio.ServicerContext) -> pb.FindImageResponse:
+        key_text, digest = request.image_key.strip(), request.layer_digest.strip().lower()
+        if not key_text and not digest:
+            return pb.FindImageResponse(services=_unique(self.table.live()))
+        key = await self._key(key_text, context) if key_text else ""
+        nodes = self._image_nodes(key, False) if key else self.table.holding_layer(digest)
+        if key and digest:
+            holders = {n.endpoint for n in self.table.holding_layer(digest)}
+            nodes = [n for n in nodes if n.endpoint in holders]
+        return pb.FindImageResponse(image_key=key, services=_unique(nodes))
+
+    async def ResolveImage(self, request: pb.ResolveImageRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ResolveImageResponse:
+        if not request.image.strip():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image is required")
+        try:
+            reference = parse_reference(request.image, request.tag or None)
+            platform = parse_platform(os=request.platform_os or "linux",
+                                      architecture=request.platform_arch or "amd64",
+                                      variant=request.platform_variant)
+            image = await self.resolver.resolve(reference, platform, force_refresh=request.force_refresh)
+        except AfsdError as error:
+            await abort_for(context, error)
+            raise
+        config = image.config
+        diff_ids = config.diff_ids if len(config.diff_ids) == len(image.layers) else [""] * len(image.layers)
+        return pb.ResolveImageResponse(
+            image_key=image_key(reference, platform), resolved_registry=reference.registry,
+            resolved_repository=reference.repository, resolved_reference=reference.manifest_reference,
+            manifest_digest=image.manifest_digest,
+            layers=[pb.ImageLayer(digest=layer.digest, media_type=layer.media_type,
+                                  compressed_size=layer.size, diff_id=diff_id)
+                    for layer, diff_id in zip(image.layers, diff_ids)],
+            runtime_config=pb.ImageRuntimeConfig(entrypoint=config.entrypoint, cmd=config.cmd,
+                                                 env=config.env, working_dir=config.working_dir,
+                                                 user=config.user))
+
+
+async def expire_periodically(table: NodeTable, period: float = 5.0) -> None:
+    while True:
+        await asyncio.sleep(period)
+        for endpoint in table.expire():
+            log.info("node %s expired (no heartbeat for %.0fs)", endpoint, table.ttl)

@@ -1,0 +1,107 @@
+"""Talking to discovery from the other daemons: queries, image resolution and heartbeats.
+
+Endpoints are `host:port` strings. Queries go to the first replica that answers, in the configured
+order, so that all nodes configured alike ask the same replica (one registry resolution per image)
+and fail over to the next. Heartbeats go to every replica, and to every address a replica's host name
+resolves to, looked up again at each beat: replicas behind one DNS name all learn about us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import grpc
+
+from afsd.api import discovery_pb2 as pb
+from afsd.api import discovery_pb2_grpc as pb_grpc
+from afsd.rpc import ChannelPool
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+QUERY_TIMEOUT = 5.0
+HEARTBEAT_TIMEOUT = 5.0
+DNS_TIMEOUT = 3.0
+
+
+class DiscoveryUnavailableError(Exception):
+    """No discovery replica answered."""
+
+
+def split_host_port(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"invalid endpoint {endpoint!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def expand_endpoint(endpoint: str) -> list[str]:
+    """Every address `endpoint`'s host resolves to (A and AAAA), sorted; a literal IP as is."""
+    host, port = split_host_port(endpoint)
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), DNS_TIMEOUT)
+    except (OSError, asyncio.TimeoutError) as error:
+        log.warning("cannot resolve discovery endpoint %s: %s", endpoint, error)
+        return []
+    return sorted({join_host_port(info[4][0], port) for info in infos})
+
+
+class DiscoveryClient:
+    def __init__(self, endpoints: Sequence[str], channels: ChannelPool | None = None) -> None:
+        self.endpoints = list(endpoints)
+        self._channels = channels or ChannelPool()
+
+    def _stub(self, address: str) -> pb_grpc.ServiceDiscoveryStub:
+        return pb_grpc.ServiceDiscoveryStub(self._channels.get(address))
+
+    async def _first(self, call: Callable[[pb_grpc.ServiceDiscoveryStub], Awaitable[T]]) -> T:
+        errors = []
+        for endpoint in self.endpoints:
+            try:
+                return await call(self._stub(endpoint))
+            except grpc.aio.AioRpcError as error:
+                if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                                    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise  # the same answer from every replica
+                errors.append(f"{endpoint}: {error.code().name} {error.details()}")
+        raise DiscoveryUnavailableError("no discovery replica answered: " + "; ".join(errors or ["none configured"]))
+
+    async def find_provider(self, digest: str = "", *, include_pulling: bool = False) -> list[pb.ServiceInstance]:
+        response = await self._first(lambda stub: stub.FindProvider(
+            pb.FindProviderRequest(layer_digest=digest, include_pulling=include_pulling), timeout=QUERY_TIMEOUT))
+        return list(response.services)
+
+    async def find_image_provider(self, key: str, *, include_pulling: bool = False) -> list[pb.ServiceInstance]:
+        response = await self._first(lambda stub: stub.FindImageProvider(
+            pb.FindImageProviderRequest(image_key=key, include_pulling=include_pulling), timeout=QUERY_TIMEOUT))
+        return list(response.services)
+
+    async def resolve_image(self, request: pb.ResolveImageRequest, timeout: float = 60.0) -> pb.ResolveImageResponse:
+        return await self._first(lambda stub: stub.ResolveImage(request, timeout=timeout))
+
+    async def heartbeat(self, request: pb.HeartbeatRequest) -> int:
+        """Send `request` to every address of every replica; return how many accepted it."""
+        addresses: list[str] = []
+        for endpoint in self.endpoints:
+            addresses.extend(await expand_endpoint(endpoint))
+        results = await asyncio.gather(*(self._beat(address, request) for address in dict.fromkeys(addresses)))
+        return sum(results)
+
+    async def _beat(self, address: str, request: pb.HeartbeatRequest) -> bool:
+        try:
+            await self._stub(address).Heartbeat(request, timeout=HEARTBEAT_TIMEOUT)
+            return True
+        except grpc.aio.AioRpcError as error:
+            log.warning("heartbeat to %s failed: %s %s", address, error.code().name, error.details())
+            return False

@@ -1,0 +1,192 @@
+"""`layerstore.v1.LayerStore` over gRPC: request validation and translation around LayerStoreNode."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator
+
+import grpc
+from prometheus_client import Counter
+
+from afsd.api import layerstore_pb2 as pb
+from afsd.api import layerstore_pb2_grpc as pb_grpc
+from afsd.cluster.blobstore import StoredLayer
+from afsd.cluster.layerstore import ImageRecord, LayerStoreNode, LayerWant
+from afsd.cluster.peers import MAX_READ_MESSAGE
+from afsd.errors import AfsdError
+from afsd.oci.platform import Platform, parse_platform
+from afsd.oci.reference import ImageReference, parse_reference
+from afsd.rpc import abort_for
+
+BYTES_SERVED = Counter("afsd_layerstore_bytes_served_total", "Blob bytes sent to readers by ReadLayer")
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def _layer_message(layer: StoredLayer) -> pb.Layer:
+    return pb.Layer(digest=layer.digest, media_type=layer.media_type, compressed_size=layer.compressed_size,
+                    afs_size=layer.blob.size, cache_path=str(layer.path), cached=True,
+                    blob_digest=layer.blob.digest, diff_id=layer.blob.diff_id)
+
+
+def _stat_message(layer: StoredLayer) -> pb.StatLayerResponse:
+    blob = layer.blob
+    return pb.StatLayerResponse(
+        digest=layer.digest, afs_size=blob.size, cache_path=str(layer.path), blob_digest=blob.digest,
+        data_map=[pb.ByteRange(offset=o, length=n) for o, n in blob.data_map], chunk_size=blob.chunk_size,
+        chunk_digests=blob.chunk_digests, converter=blob.converter, blob_id=blob.blob_id, diff_id=blob.diff_id,
+        media_type=layer.media_type, compressed_size=layer.compressed_size)
+
+
+class LayerStoreService(pb_grpc.LayerStoreServicer):
+    def __init__(self, node: LayerStoreNode) -> None:
+        self.node = node
+
+    async def _digest(self, text: str, context: grpc.aio.ServicerContext) -> str:
+        digest = text.strip().lower()
+        if not _DIGEST.match(digest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid layer digest {text!r}: expected sha256:<64 hex>")
+        return digest
+
+    async def _image(self, request: pb.PullImageRequest | pb.HasImageRequest | pb.EnsureLayersRequest,
+                     context: grpc.aio.ServicerContext) -> tuple[ImageReference, Platform]:
+        if not request.image.strip():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image is required")
+        try:
+            reference = parse_reference(request.image, request.tag or None)
+            platform = parse_platform(os=request.platform_os or "linux", architecture=request.platform_arch or "amd64",
+                                      variant=request.platform_variant)
+        except AfsdError as error:
+            await abort_for(context, error)
+            raise
+        return reference, platform
+
+    async def _stored(self, digest: str, context: grpc.aio.ServicerContext) -> StoredLayer:
+        layer = self.node.store.get(digest)
+        if layer is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"layer {digest} is not in this layerstore's cache")
+        return layer
+
+    @staticmethod
+    def _pull_response(record: ImageRecord, reference: ImageReference, layers: list[StoredLayer]) -> pb.PullImageResponse:
+        return pb.PullImageResponse(
+            resolved_registry=reference.registry, resolved_repository=reference.repository,
+            resolved_reference=reference.manifest_reference, layers=[_layer_message(l) for l in layers],
+            image_key=record.key, manifest_digest=record.manifest_digest)
+
+    async def PullImage(self, request: pb.PullImageRequest, context: grpc.aio.ServicerContext) -> pb.PullImageResponse:
+        reference, platform = await self._image(request, context)
+        try:
+            record, layers = await self.node.pull_image(reference, platform, force=request.force_local_fetch)
+        except AfsdError as error:
+            await abort_for(context, error)
+            raise
+        return self._pull_response(record, reference, layers)
+
+    async def EnsureLayers(self, request: pb.EnsureLayersRequest, context: grpc.aio.ServicerContext) -> pb.EnsureLayersResponse:
+        reference, _ = await self._image(request, context)
+        wants = []
+        for layer in request.layers:
+            digest = await self._digest(layer.digest, context)
+            wants.append(LayerWant(digest, layer.media_type, layer.compressed_size, layer.diff_id))
+        if not wants:
+            return pb.EnsureLayersResponse()
+        try:
+            layers = await self.node.ensure_layers(reference, wants, delegated=request.delegated)
+        except AfsdError as error:
+            await abort_for(context, error)
+            raise
+        return pb.EnsureLayersResponse(layers=[_layer_message(l) for l in layers])
+
+    async def HasImage(self, request: pb.HasImageRequest, context: grpc.aio.ServicerContext) -> pb.HasImageResponse:
+        reference, platform = await self._image(request, context)
+        record = self.node.record_for(reference, platform)
+        if record is None:
+            return pb.HasImageResponse(found=False, resolved_registry=reference.registry,
+                                       resolved_repository=reference.repository,
+                                       resolved_reference=reference.manifest_reference)
+        missing = sum(1 for layer in record.layers if self.node.store.get(layer.digest) is None)
+        return pb.HasImageResponse(found=missing == 0, resolved_registry=reference.registry,
+                                   resolved_repository=reference.repository,
+                                   resolved_reference=reference.manifest_reference,
+                                   total_layers=len(record.layers), missing_layers=missing)
+
+    async def HasLayer(self, request: pb.HasLayerRequest, context: grpc.aio.ServicerContext) -> pb.HasLayerResponse:
+        digest = await self._digest(request.digest, context)
+        layer = self.node.store.get(digest)
+        return pb.HasLayerResponse(digest=digest, found=layer is not None, afs_size=layer.blob.size if layer else 0)
+
+    async def StatLayer(self, request: pb.StatLayerRequest, context: grpc.aio.ServicerContext) -> pb.StatLayerResponse:
+        layer = await self._stored(await self._digest(request.digest, context), context)
+        self.node.store.touch(layer.digest)
+        return _stat_message(layer)
+
+    async def ReadLayer(self, request: pb.ReadLayerRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ReadLayerResponse]:
+        digest = await self._digest(request.digest, context)
+        if request.offset < 0 or request.length <= 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"invalid range: offset {request.offset} must be >= 0 and length {request.length} > 0")
+        layer = await self._stored(digest, context)
+        size, path = layer.blob.size, str(layer.path)
+        offset, end = request.offset, min(request.offset + request.length, layer.blob.size)
+        if offset >= size:
+            yield pb.ReadLayerResponse(digest=digest, offset=offset, eof=True)
+            return
+        try:
+            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"layer {digest} was evicted")
+        try:
+            # The open fd keeps the bytes readable even if the layer is evicted meanwhile.
+            while offset < end:
+                data = await asyncio.to_thread(os.pread, fd, min(MAX_READ_MESSAGE, end - offset), offset)
+                if not data:
+                    break
+                BYTES_SERVED.inc(len(data))
+                offset += len(data)
+                yield pb.ReadLayerResponse(digest=digest, offset=offset - len(data), data=data, eof=offset >= size)
+        finally:
+            await asyncio.to_thread(os.close, fd)
+        self.node.store.touch(digest)
+
+    ReadLayerStream = ReadLayer
+
+    async def AcquireLayerLease(self, request: pb.AcquireLayerLeaseRequest,
+                                context: grpc.aio.ServicerContext) -> pb.AcquireLayerLeaseResponse:
+        digests = [await self._digest(d, context) for d in request.digests]
+        if not digests:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a lease needs at least one digest")
+        try:
+            lease = self.node.store.acquire_lease(digests, self._ttl(request.ttl_ms))
+        except KeyError as missing:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"layer {missing.args[0]} is not in this layerstore's cache")
+        return pb.AcquireLayerLeaseResponse(lease_id=lease.lease_id, digests=lease.digests,
+                                            expires_at_unix_ms=int(lease.expires_at * 1000))
+
+    @staticmethod
+    def _ttl(ttl_ms: int) -> float:
+        return ttl_ms / 1000.0 if ttl_ms > 0 else 120.0
+
+    async def RenewLayerLease(self, request: pb.RenewLayerLeaseRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RenewLayerLeaseResponse:
+        if not request.lease_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "lease_id is required")
+        lease = self.node.store.renew_lease(request.lease_id, self._ttl(request.ttl_ms))
+        if lease is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id} is unknown or expired")
+        return pb.RenewLayerLeaseResponse(lease_id=lease.lease_id, digests=lease.digests,
+                                          expires_at_unix_ms=int(lease.expires_at * 1000))
+
+    async def ReleaseLayerLease(self, request: pb.ReleaseLayerLeaseRequest,
+                                context: grpc.aio.ServicerContext) -> pb.ReleaseLayerLeaseResponse:
+        return pb.ReleaseLayerLeaseResponse(released=self.node.store.release_lease(request.lease_id))
+
+    async def PruneCache(self, request: pb.PruneCacheRequest, context: grpc.aio.ServicerContext) -> pb.PruneCacheResponse:
+        if not 0 < request.percent <= 100:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"percent must be in (0, 100], got {request.percent}")
+        result = await self.node.store.prune(request.percent)
+        self.node.record_evictions(result.evicted)
+        return pb.PruneCacheResponse(before_bytes=result.before, after_bytes=result.after,
+                                     reclaimed_bytes=result.reclaimed, evicted_layers=len(result.evicted))

@@ -1,0 +1,150 @@
+"""Reading from peer layerstores: a typed client for `layerstore.v1.LayerStore`, and whole-blob copies
+verified chunk by chunk.
+
+A copy streams one `ReadLayer` over the whole blob, checks each chunk against the chunk table the peer
+published in `StatLayer` and the whole file against the blob digest, and writes to a partial file
+that the caller publishes only after every check passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from afsd.api import layerstore_pb2 as pb
+from afsd.api import layerstore_pb2_grpc as pb_grpc
+from afsd.cluster.chunks import ChunkTable
+from afsd.erofs.convert import BlobInfo
+from afsd.errors import DigestMismatchError
+from afsd.rpc import ChannelPool
+
+# Data per ReadLayer message: 64 KiB under gRPC's default 4 MiB receive limit leaves room for framing.
+MAX_READ_MESSAGE = 4 * 1024 * 1024 - 64 * 1024
+
+
+@dataclass(frozen=True)
+class PeerLayer:
+    """What a peer's StatLayer says about a layer it holds."""
+
+    digest: str
+    media_type: str
+    compressed_size: int
+    blob: BlobInfo
+
+    @property
+    def chunks(self) -> ChunkTable:
+        return ChunkTable(self.blob.size, self.blob.chunk_size, tuple(self.blob.chunk_digests))
+
+
+def stat_to_peer_layer(stat: pb.StatLayerResponse) -> PeerLayer:
+    blob = BlobInfo(blob_id=stat.blob_id, layer_digest=stat.digest, diff_id=stat.diff_id,
+                    size=stat.afs_size, digest=stat.blob_digest,
+                    data_map=[(r.offset, r.length) for r in stat.data_map],
+                    chunk_size=stat.chunk_size, chunk_digests=list(stat.chunk_digests),
+                    converter=stat.converter)
+    return PeerLayer(stat.digest, stat.media_type, stat.compressed_size, blob)
+
+
+class LayerStorePeer:
+    """A client of one layerstore, over a shared channel."""
+
+    def __init__(self, endpoint: str, channels: ChannelPool) -> None:
+        self.endpoint = endpoint
+        self.stub = pb_grpc.LayerStoreStub(channels.get(endpoint))
+
+    async def stat(self, digest: str, timeout: float = 10.0) -> PeerLayer:
+        return stat_to_peer_layer(await self.stub.StatLayer(pb.StatLayerRequest(digest=digest), timeout=timeout))
+
+    async def read_stream(self, digest: str, offset: int, length: int,
+                          timeout: float | None = None) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield (offset, data) pieces of [offset, offset+length), stopping early at the blob's end."""
+        call = self.stub.ReadLayer(pb.ReadLayerRequest(digest=digest, offset=offset, length=length), timeout=timeout)
+        expected = offset
+        async for message in call:
+            if message.offset != expected:
+                call.cancel()
+                raise DigestMismatchError(f"peer {self.endpoint} sent bytes at {message.offset}, expected {expected}")
+            if message.data:
+                yield message.offset, message.data
+                expected += len(message.data)
+            if message.eof:
+                break
+
+    async def read(self, digest: str, offset: int, length: int, timeout: float | None = None) -> bytes:
+        parts = [data async for _, data in self.read_stream(digest, offset, length, timeout)]
+        return b"".join(parts)
+
+    async def ensure_layers(self, request: pb.EnsureLayersRequest, timeout: float | None = None) -> pb.EnsureLayersResponse:
+        return await self.stub.EnsureLayers(request, timeout=timeout)
+
+
+class _VerifyingWriter:
+    """Collects streamed bytes into whole chunks, checks each, and writes it at its offset (in a thread)."""
+
+    def __init__(self, fd: int, layer: PeerLayer, source: str) -> None:
+        self._fd = fd
+        self._table = layer.chunks
+        self._source = source
+        self._whole = hashlib.sha256()
+        self._buffer = bytearray()
+        self._offset = 0
+
+    def _flush_chunk(self, data: bytes) -> None:
+        self._table.check(self._offset, data, source=self._source)
+        self._whole.update(data)
+        os.pwrite(self._fd, data, self._offset)
+        self._offset += len(data)
+
+    async def add(self, data: bytes) -> None:
+        self._buffer += data
+        chunk = self._table.chunk_size
+        while len(self._buffer) >= chunk:
+            piece = bytes(self._buffer[:chunk])
+            del self._buffer[:chunk]
+            await asyncio.to_thread(self._flush_chunk, piece)
+
+    async def finish(self) -> str:
+        if self._buffer:
+            await asyncio.to_thread(self._flush_chunk, bytes(self._buffer))
+            self._buffer.clear()
+        if self._offset != self._table.size:
+            raise DigestMismatchError(f"{self._source} ended after {self._offset} of {self._table.size} bytes")
+        await asyncio.to_thread(os.fsync, self._fd)
+        return "sha256:" + self._whole.hexdigest()
+
+
+async def copy_layer(peer: LayerStorePeer, layer: PeerLayer, dest: Path) -> int:
+    """Copy `layer`'s blob from `peer` into `dest`, verified; return the bytes copied.
+
+    On any mismatch `dest` is removed and DigestMismatchError names the peer.
+    """
+    source = f"layerstore {peer.endpoint} (layer {layer.digest})"
+    fd = await asyncio.to_thread(os.open, dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        writer = _VerifyingWriter(fd, layer, source)
+        async for _, data in peer.read_stream(layer.digest, 0, layer.blob.size):
+            await writer.add(data)
+        digest = await writer.finish()
+        if digest != layer.blob.digest:
+            raise DigestMismatchError(f"{source}: blob hashes to {digest}, the peer says {layer.blob.digest}")
+    except BaseException:
+        await asyncio.to_thread(_close_and_remove, fd, dest)
+        raise
+    await asyncio.to_thread(os.close, fd)
+    return layer.blob.size
+
+
+def _close_and_remove(fd: int, path: Path) -> None:
+    os.close(fd)
+    path.unlink(missing_ok=True)
+
+
+def is_unavailable(error: BaseException) -> bool:
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)

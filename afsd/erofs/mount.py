@@ -1,0 +1,115 @@
+"""Mount converted layer blobs (file-backed erofs) and stack them with overlayfs.
+
+Data flow: erofs blob files -> `mount_erofs` (one read-only mount per layer) -> `mount_overlay` (the
+layers as lowerdirs, top first) -> the container's root file system. `mounted_layers` does both and
+always unmounts.
+
+`mount_erofs` calls mount(2) directly with the image FILE as the source: the kernel
+(`EROFS_FS_BACKED_BY_FILE`) then reads the file itself, with no loop device. mount(8) would silently set
+up a loop device instead, which matters for on-demand filling (loop I/O raises no fanotify events).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from afsd.errors import MountError
+
+MS_RDONLY = 0x1
+MNT_DETACH = 0x2
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def mount_erofs(blob: Path, target: Path) -> None:
+    """Mount the erofs image file `blob` read-only at the existing directory `target`."""
+    _mount(os.fsencode(blob), target, b"erofs", MS_RDONLY, None, what=f"erofs image {blob}")
+
+
+def mount_overlay(lowers: Sequence[Path], target: Path, *, upper: Path | None = None,
+                  work: Path | None = None) -> None:
+    """Mount overlayfs at `target` with `lowers` (top layer first); read-only unless `upper` is given.
+
+    The kernel refuses a read-only overlay of a single lower directory; `mounted_layers` adds an
+    empty bottom layer in that case.
+    """
+    if len(lowers) < (1 if upper is not None else 2):
+        raise ValueError("overlayfs needs two or more lower directories when there is no upper directory")
+    if (upper is None) != (work is None):
+        raise ValueError("mount_overlay needs both upper and work, or neither")
+    options = "lowerdir=" + ":".join(_escape(p) for p in lowers)
+    if upper is not None and work is not None:
+        options += f",upperdir={_escape(upper)},workdir={_escape(work)}"
+    data = os.fsencode(options)
+    if len(data) >= _PAGE_SIZE:
+        raise MountError(
+            f"overlay options for {target} are {len(data)} bytes, over the kernel's {_PAGE_SIZE}-byte "
+            "limit: use shorter layer mount paths"
+        )
+    flags = 0 if upper is not None else MS_RDONLY
+    _mount(b"overlay", target, b"overlay", flags, data, what=f"overlay of {len(lowers)} layers")
+
+
+def unmount(target: Path, *, detach: bool = False) -> None:
+    """Unmount `target`; `detach` makes it lazy (MNT_DETACH) so a busy mount still goes away."""
+    if _libc.umount2(os.fsencode(target), MNT_DETACH if detach else 0) != 0:
+        code = ctypes.get_errno()
+        hint = " (still in use: close files under it, or unmount with detach)" if code == errno.EBUSY else ""
+        raise MountError(f"cannot unmount {target}: {os.strerror(code)}{hint}")
+
+
+@contextlib.contextmanager
+def mounted_layers(blobs: Sequence[Path], target: Path, *, scratch: Path, upper: Path | None = None,
+                   work: Path | None = None) -> Iterator[Path]:
+    """Mount each blob (top layer first) under `scratch`, overlay them at `target`, and yield `target`.
+
+    Everything mounted here is unmounted on exit, also when the body or a later mount fails; the
+    per-layer mount points created under `scratch` are removed. A single read-only layer gets an empty
+    directory below it, because overlayfs needs two lower directories without an upper one (and
+    without overlayfs the layer's whiteouts would show as character devices).
+    """
+    cleanup = contextlib.ExitStack()
+    with cleanup:
+        lowers = []
+        for index, blob in enumerate(blobs):
+            point = scratch / f"layer-{index}"
+            point.mkdir(parents=True)
+            cleanup.callback(point.rmdir)
+            mount_erofs(blob, point)
+            cleanup.callback(unmount, point, detach=True)
+            lowers.append(point)
+        if len(lowers) == 1 and upper is None:
+            empty = scratch / "empty-layer"
+            empty.mkdir(parents=True)
+            cleanup.callback(empty.rmdir)
+            lowers.append(empty)
+        mount_overlay(lowers, target, upper=upper, work=work)
+        cleanup.callback(unmount, target, detach=True)
+        yield target
+
+
+def _mount(source: bytes, target: Path, fstype: bytes, flags: int, data: bytes | None, *, what: str) -> None:
+    if _libc.mount(source, os.fsencode(target), fstype, flags, data) != 0:
+        code = ctypes.get_errno()
+        hint = ""
+        if code == errno.EPERM:
+            hint = " (mounting needs root / CAP_SYS_ADMIN)"
+        elif code == errno.ENOTBLK and fstype == b"erofs":
+            hint = " (this kernel cannot mount erofs from a file: it needs EROFS_FS_BACKED_BY_FILE, Linux 6.12+)"
+        elif code == errno.ENODEV:
+            hint = f" (the kernel has no {fstype.decode()} file system)"
+        raise MountError(f"cannot mount {what} at {target}: {os.strerror(code)}{hint}")
+
+
+def _escape(path: Path) -> str:
+    # overlayfs splits its options on ',' and lowerdir on ':'; a backslash escapes either.
+    text = os.fspath(path)
+    return text.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")

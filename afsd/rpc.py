@@ -1,0 +1,99 @@
+"""gRPC plumbing shared by the daemons: running a server until SIGTERM, mapping our errors to status
+codes, and a small cache of client channels to peers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Iterable
+
+import grpc
+
+from afsd import errors
+from afsd.metrics import MetricsInterceptor
+
+log = logging.getLogger(__name__)
+
+# Big enough for any message we send (ReadLayer caps its data at 4 MiB - 64 KiB), and explicit so
+# that peers running gRPC's defaults interoperate.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.enable_retries", 0),
+]
+
+_STATUS_FOR_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (errors.InvalidReferenceError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.PlatformNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.RegistryAuthError, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.RegistryUnreachableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.DigestMismatchError, grpc.StatusCode.DATA_LOSS),
+    (errors.UnsupportedMediaTypeError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.LayerFormatError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.RegistryError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    for kind, code in _STATUS_FOR_ERROR:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def abort_for(context: grpc.aio.ServicerContext, error: errors.AfsdError) -> None:
+    """End the call with the status that fits `error` and its one-line message."""
+    await context.abort(status_for(error), str(error))
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(interceptors=[MetricsInterceptor()], options=CHANNEL_OPTIONS)
+
+
+async def run_until_signalled(server: grpc.aio.Server, *, grace: float = 5.0,
+                              on_stop: Iterable[Callable[[], object]] = ()) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting calls and give running ones `grace` seconds."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        for callback in on_stop:
+            result = callback()
+            if asyncio.iscoroutine(result):
+                await result
+        await server.stop(grace)
+
+
+class ChannelPool:
+    """One insecure channel per peer address, reused across calls (gRPC multiplexes on it)."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return channel
+
+    async def discard(self, address: str) -> None:
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close()
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()

@@ -1,0 +1,6 @@
+"""Shared pytest configuration: fixtures live in tests/support/ modules, registered here."""
+
+pytest_plugins = [
+    "tests.support.registries",
+    "tests.support.images",
+]
