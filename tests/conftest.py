@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.support.registries",
     "tests.support.images",
+    "tests.support.cluster",
 ]

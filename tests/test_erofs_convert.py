@@ -10,6 +10,7 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from afsd.erofs.convert import (
 )
 from afsd.erofs.layout import data_map
 from afsd.erofs.mkfs import fsck_erofs
-from afsd.erofs.mount import mounted_layers, unmount
+from afsd.erofs.mount import unmount
+from afsd.erofs.stack import StackLayer, mount_image_stack
 from afsd.errors import ConversionError, LayerFormatError, MissingToolError
 from tests.support.tars import Layer, LayerFile, write_blob
 
@@ -42,13 +44,14 @@ def convert(layer_file: LayerFile, out_dir: Path, **kw: object) -> tuple[BlobInf
 
 @pytest.fixture
 def mount_stack(tmp_path: Path) -> Iterator:
-    """mount_stack(blobs top first) -> the overlay's root; everything is unmounted at teardown."""
+    """mount_stack([(info, blob), ...] bottom first) -> the overlay's root; unmounted at teardown."""
     with contextlib.ExitStack() as stack:
-        def mount(blobs: Sequence[Path]) -> Path:
+        def mount(converted: Sequence[tuple[BlobInfo, Path]]) -> Path:
             root = Path(tempfile.mkdtemp(prefix="mnt-", dir=tmp_path))
             target = root / "rootfs"
             target.mkdir()
-            stack.enter_context(mounted_layers(blobs, target, scratch=root / "layers"))
+            layers = [StackLayer(blob, info.implicit_dirs) for info, blob in converted]
+            stack.enter_context(mount_image_stack(layers, target, scratch=root / "layers"))
             return target
         yield mount
 
@@ -92,7 +95,7 @@ def everything_layer() -> Layer:
 
 def test_every_entry_type_round_trips_through_a_mount(tmp_path: Path, mount_stack) -> None:  # noqa: ANN001
     info, blob = convert(everything_layer().write(tmp_path / "layer.tgz"), tmp_path / "out")
-    root = mount_stack([blob])
+    root = mount_stack([(info, blob)])
 
     st = root.stat()
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_mtime_ns) == (0o755, 0, 1_500_000_000 * 10**9)
@@ -162,11 +165,30 @@ def test_large_and_sparse_files_round_trip(tmp_path: Path, mount_stack) -> None:
 
     dense_info, dense_blob = convert(Layer().file("big", bytes(big)).write(tmp_path / "big.tar", "none"),
                                      tmp_path / "dense")
-    _, sparse_blob = convert(write_blob(tmp_path / "sparse.tar.zst", tar, "zstd"), tmp_path / "sparse")
-    assert (mount_stack([dense_blob]) / "big").read_bytes() == big
-    mounted = mount_stack([sparse_blob]) / "sparse"
+    sparse_info, sparse_blob = convert(write_blob(tmp_path / "sparse.tar.zst", tar, "zstd"), tmp_path / "sparse")
+    assert (mount_stack([(dense_info, dense_blob)]) / "big").read_bytes() == big
+    mounted = mount_stack([(sparse_info, sparse_blob)]) / "sparse"
     assert hashlib.sha256(mounted.read_bytes()).digest() == hashlib.sha256((source / "sparse").read_bytes()).digest()
     assert sum(length for _, length in dense_info.data_map) == 40 * MiB
+
+
+def test_mtimes_before_1970_and_after_2096_survive_with_nanoseconds(tmp_path: Path, mount_stack) -> None:  # noqa: ANN001
+    # mkfs.erofs clamps mtimes to SOURCE_DATE_EPOCH, as unsigned numbers (see afsd.erofs.mkfs).
+    times = {"y1960": "-315619199.25", "epoch": "0", "y2038": "2147483748.5", "y2096": "4000000000.123456789",
+             "y2100": "4102444800", "y2242": str(2**33), "y2262": "9223372036.854775807"}
+    layer = Layer()
+    for name, mtime in times.items():
+        layer.file(f"files/{name}", name.encode(), mtime=mtime)
+    layer.dir("dirs/y2242", mtime="8589934592.000000001").dir("dirs/y1901", mtime=str(-2**31))
+    layer_file = layer.write(tmp_path / "times.tar")
+    converted = convert(layer_file, tmp_path / "a")
+    root = mount_stack([converted])
+    for name, mtime in times.items():
+        assert (root / "files" / name).lstat().st_mtime_ns == int(Decimal(mtime) * 10**9), name
+    assert (root / "dirs/y2242").lstat().st_mtime_ns == 2**33 * 10**9 + 1
+    assert (root / "dirs/y1901").lstat().st_mtime_ns == -2**31 * 10**9
+    _, again = convert(layer_file, tmp_path / "b")
+    assert again.read_bytes() == converted[1].read_bytes()
 
 
 # -- layers stacked with overlayfs -----------------------------------------------------------------
@@ -177,9 +199,9 @@ def test_whiteouts_and_opaque_dirs_hide_lower_layers(tmp_path: Path, mount_stack
             .file("cache/a", b"a").file("cache/sub/b", b"b").file("tree/x/y", b"y"))
     change = (Layer().whiteout("etc/remove").whiteout("top-file").opaque("cache").file("cache/new", b"n")
               .whiteout("tree").file("added", b"+").file("mine", b"m").whiteout("mine"))
-    _, lower = convert(base.write(tmp_path / "base.tgz"), tmp_path / "base")
-    _, upper = convert(change.write(tmp_path / "change.tgz"), tmp_path / "change")
-    root = mount_stack([upper, lower])
+    lower = convert(base.write(tmp_path / "base.tgz"), tmp_path / "base")
+    upper = convert(change.write(tmp_path / "change.tgz"), tmp_path / "change")
+    root = mount_stack([lower, upper])
     assert sorted(os.listdir(root)) == ["added", "cache", "etc", "mine"]
     assert sorted(os.listdir(root / "etc")) == ["keep"]
     assert not (root / "etc/remove").exists() and not (root / "top-file").exists()

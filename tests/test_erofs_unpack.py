@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 from afsd.erofs.decompress import open_layer
-from afsd.erofs.unpack import OVERLAY_OPAQUE_XATTR, UnpackReport, unpack_layer
+from afsd.erofs.unpack import OVERLAY_OPAQUE_XATTR, UnpackReport, decode_dir_path, encode_dir_path, unpack_layer
 from afsd.errors import LayerFormatError
 from tests.support.tars import Layer, LayerFile, write_blob
 
@@ -282,3 +282,34 @@ def test_owner_mode_and_xattrs_survive_chown(tmp_path: Path) -> None:
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, uid, gid), name
     assert os.getxattr(staging / "cap", "security.capability") == capability
     assert os.getxattr(staging / "bsd", "user.from.bsdtar") == b"\x00\xffbinary"
+
+
+# -- implicit directories --------------------------------------------------------------------------
+
+
+def test_directories_without_an_entry_of_their_own_are_reported_as_implicit(tmp_path: Path) -> None:
+    layer = (Layer().file("srv/app/new.txt", b"n")  # srv and srv/app are implicit ...
+             .dir("srv")  # ... until an entry for srv turns up, even after its contents
+             .opaque("cache/only-marker")  # a directory that only holds an opaque marker
+             .whiteout("again").file("again/inside", b"i")  # recreated after its own whiteout: new
+             .file("replaced/sub/f", b"f").file("replaced", b"now a file")
+             .dir("listed").file("listed/deeper/f", b"f"))
+    staging = tmp_path / "staging"
+    report, _ = unpack(layer.write(tmp_path / "l.tar"), staging)
+    assert report.implicit_dirs == ["/", "/cache", "/cache/only-marker", "/listed/deeper", "/srv/app"]
+    assert os.getxattr(staging / "cache/only-marker", OVERLAY_OPAQUE_XATTR) == b"y"
+
+
+def test_a_root_entry_makes_the_root_explicit(tmp_path: Path) -> None:
+    report, _ = unpack(Layer().dir("./").file("a/b", b"x").write(tmp_path / "l.tar"), tmp_path / "staging")
+    assert report.implicit_dirs == ["/a"]
+
+
+def test_implicit_dir_paths_survive_any_name_bytes(tmp_path: Path) -> None:
+    layer = Layer().file("caf\udce9 50%/\u65e5\u672c/f", b"x")  # Latin-1 byte, `%`, UTF-8 name
+    report, _ = unpack(layer.write(tmp_path / "l.tar"), tmp_path / "staging")
+    assert report.implicit_dirs == ["/", "/caf%E9 50%25", "/caf%E9 50%25/%E6%97%A5%E6%9C%AC"]
+    assert decode_dir_path(report.implicit_dirs[2]) == (b"caf\xe9 50%", "\u65e5\u672c".encode())
+    for text in report.implicit_dirs:
+        text.encode("utf-8")  # what JSON and protobuf string fields need
+        assert encode_dir_path(decode_dir_path(text)) == text

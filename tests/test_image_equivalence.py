@@ -35,9 +35,11 @@ from pathlib import Path
 import pytest
 
 from afsd.convert_image import ConvertedImage, pull_and_convert
-from afsd.erofs.mount import mounted_layers
-from afsd.lab.images import (FEATURES_FLAVOURS, MULTIARCH_PLATFORMS, REF_NAME_ANNOTATION, PushedImage,
-                             pull_to_layout, remove_tree)
+from afsd.erofs.stack import StackLayer, mount_image_stack
+from afsd.lab.catalogue import FEATURES_FLAVOURS, MULTIARCH_PLATFORMS
+from afsd.lab.debian import remove_tree
+from afsd.lab.oci_layout import REF_NAME_ANNOTATION
+from afsd.lab.skopeo import PushedImage, pull_to_layout
 from afsd.oci import mediatypes
 from afsd.oci.client import RegistryClient
 from afsd.oci.platform import Platform
@@ -144,7 +146,8 @@ def test_overlay_of_erofs_blobs_matches_umoci(fixture: str, key: str | None, pla
 
     merged = workdir / "merged"
     merged.mkdir()
-    with mounted_layers(blobs[::-1], merged, scratch=workdir / "layers"):
+    layers = [StackLayer(layer.path, layer.blob.implicit_dirs) for layer in converted.layers]
+    with mount_image_stack(layers, merged, scratch=workdir / "layers"):
         ours = snapshot(merged)
         fact_problems = facts.check(merged)
 

@@ -18,7 +18,8 @@ from afsd.oci.config import Credential, RegistryConfig
 from afsd.oci.platform import Platform
 from afsd.oci.reference import parse_reference
 from tests.support.faultproxy import FaultProxy
-from tests.support.registries import pull_image, IDENTITY_TOKEN, ImageSpec, LabRegistry, PushedImage, push_image
+from tests.support.registries import (IDENTITY_TOKEN, LabRegistry, PushedImage, image_of_files, layer_blobs, pull_image,
+                                      push_image)
 
 AMD64 = Platform("linux", "amd64")
 
@@ -31,12 +32,12 @@ def basic(username: str, password: str) -> str:
 def images(basic_registry: LabRegistry, token_registry: LabRegistry,
            tmp_path_factory: pytest.TempPathFactory) -> dict[str, PushedImage]:
     workdir = tmp_path_factory.mktemp("auth-images")
-    spec = ImageSpec([{"bin/app": b"app"}, {"etc/app.conf": b"conf"}])
+    spec = image_of_files([{"bin/app": b"app"}, {"etc/app.conf": b"conf"}])
     return {
-        "basic": push_image(basic_registry, "auth/app", [spec], workdir, tag="v1"),
-        "private": push_image(token_registry, "private/app", [spec], workdir, tag="v1"),
-        "private-other": push_image(token_registry, "private/other", [spec], workdir, tag="v1"),
-        "public": push_image(token_registry, "public/app", [spec], workdir, tag="v1"),
+        "basic": push_image(basic_registry, "auth/app", spec, workdir, tag="v1"),
+        "private": push_image(token_registry, "private/app", spec, workdir, tag="v1"),
+        "private-other": push_image(token_registry, "private/other", spec, workdir, tag="v1"),
+        "public": push_image(token_registry, "public/app", spec, workdir, tag="v1"),
     }
 
 
@@ -48,7 +49,7 @@ async def test_basic_auth_registry_pulls_with_credentials(basic_registry: LabReg
     pushed = images["basic"]
     resolved = await pull_image(basic_registry.config(), pushed.reference, tmp_path)
     assert resolved.manifest_digest == pushed.digest
-    assert (tmp_path / "layer-1").read_bytes() == pushed.images[0].layers[1].data
+    assert (tmp_path / "layer-1").read_bytes() == layer_blobs(pushed)[1].data
 
 
 async def test_basic_auth_registry_without_credentials_says_how_to_log_in(
@@ -77,7 +78,7 @@ async def test_token_auth_registry_pulls_with_credentials(token_registry: LabReg
     before = len(token_registry.token_server.requests)
     resolved = await pull_image(token_registry.config(), pushed.reference, tmp_path)
     assert resolved.manifest_digest == pushed.digest
-    assert (tmp_path / "layer-0").read_bytes() == pushed.images[0].layers[0].data
+    assert (tmp_path / "layer-0").read_bytes() == layer_blobs(pushed)[0].data
     new = token_registry.token_server.requests[before:]
     # One token for the repository served the manifest, the config and both layers.
     assert [(r.method, r.account, r.scopes, r.status) for r in new] == \
@@ -224,7 +225,7 @@ async def test_authorization_is_not_forwarded_to_another_origin_on_redirect(
     config = RegistryConfig(insecure_hosts=frozenset({front.address, store.address}),
                             credentials={front.address: Credential("afsd", "s3cret")})
     resolved = await pull_image(config, f"{front.address}/auth/app:v1", tmp_path)
-    assert (tmp_path / "layer-0").read_bytes() == images["basic"].images[0].layers[0].data
+    assert (tmp_path / "layer-0").read_bytes() == layer_blobs(images["basic"])[0].data
     blob_requests = store.requests_to("/blobs/")
     assert len(blob_requests) == 1 + len(resolved.layers)  # config and layers
     assert all("authorization" not in r.headers for r in blob_requests)

@@ -4,46 +4,47 @@ platform selection, image configs, verified blob downloads, and what users see w
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
-from afsd.errors import (DigestMismatchError, NotFoundError, PlatformNotFoundError, RegistryUnreachableError,
-                         UnsupportedMediaTypeError)
+from afsd.errors import (DigestMismatchError, ManifestFormatError, NotFoundError, PlatformNotFoundError,
+                         RegistryUnreachableError, UnsupportedMediaTypeError)
+from afsd.lab.layers import LayerBlob
+from afsd.lab.oci_layout import write_oci_layout
 from afsd.lab.registry import free_port
 from afsd.oci import mediatypes
 from afsd.oci.client import RegistryClient, ResolvedImage
 from afsd.oci.config import RegistryConfig
-from afsd.errors import ManifestFormatError
 from afsd.oci.manifest import Descriptor
 from afsd.oci.platform import Platform
 from afsd.oci.reference import parse_reference
 from tests.support.faultproxy import FaultProxy
-from tests.support.registries import (Blob, ImageSpec, LabRegistry, PushedImage, build_image, push_image,
+from tests.support.registries import (Blob, LabRegistry, PushedImage, image_of_files, layer_blobs, push_image,
                                       put_image_raw)
 
 AMD64 = Platform("linux", "amd64")
 ARM64 = Platform("linux", "arm64", "v8")
 ARMV7 = Platform("linux", "arm", "v7")
+TWO_LAYERS = image_of_files([{"bin/hello": b"#!/bin/sh\necho hello\n"}, {"etc/motd": b"welcome\n" * 1000}])
+PER_PLATFORM = [
+    image_of_files([{"bin/hello": b"amd64 binary"}], AMD64),
+    image_of_files([{"bin/hello": b"arm64 binary"}, {"lib/extra": b"arm64 lib"}], ARM64),
+    image_of_files([{"bin/hello": b"armv7 binary"}], ARMV7, entrypoint=["/bin/hello-arm"]),
+]
 
 
 @pytest.fixture(scope="module")
 def images(open_registry: LabRegistry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, PushedImage]:
     workdir = tmp_path_factory.mktemp("client-images")
-    two_layers = ImageSpec([{"bin/hello": b"#!/bin/sh\necho hello\n"}, {"etc/motd": b"welcome\n" * 1000}])
-    per_platform = [
-        ImageSpec([{"bin/hello": b"amd64 binary"}], platform=AMD64),
-        ImageSpec([{"bin/hello": b"arm64 binary"}, {"lib/extra": b"arm64 lib"}], platform=ARM64),
-        ImageSpec([{"bin/hello": b"armv7 binary"}], platform=ARMV7, entrypoint=["/bin/hello-arm"]),
-    ]
     return {
-        "single": push_image(open_registry, "client/single", [two_layers], workdir, tag="v1"),
-        "docker-single": push_image(open_registry, "client/docker-single", [two_layers], workdir, tag="v1",
-                                    docker_format=True),
-        "multi": push_image(open_registry, "client/multi", per_platform, workdir, tag="v1"),
-        "docker-multi": push_image(open_registry, "client/docker-multi", per_platform, workdir, tag="v1",
-                                   docker_format=True),
+        "single": push_image(open_registry, "client/single", TWO_LAYERS, workdir, tag="v1"),
+        "docker-single": push_image(open_registry, "client/docker-single", TWO_LAYERS, workdir, tag="v1",
+                                    media_types="docker"),
+        "multi": push_image(open_registry, "client/multi", PER_PLATFORM, workdir, tag="v1"),
+        "docker-multi": push_image(open_registry, "client/docker-multi", PER_PLATFORM, workdir, tag="v1",
+                                   media_types="docker"),
     }
 
 
@@ -52,7 +53,7 @@ async def resolve(config: RegistryConfig, reference: str, platform: Platform = A
         return await client.resolve(parse_reference(reference), platform)
 
 
-def assert_layers(resolved: ResolvedImage, expected: list[Blob]) -> None:
+def assert_layers(resolved: ResolvedImage, expected: Sequence[LayerBlob]) -> None:
     assert [(d.digest, d.size) for d in resolved.layers] == [(b.digest, b.size) for b in expected]
 
 
@@ -62,7 +63,7 @@ def assert_layers(resolved: ResolvedImage, expected: list[Blob]) -> None:
 async def test_resolve_oci_image_gives_manifest_config_and_layers(open_registry: LabRegistry,
                                                                    images: dict[str, PushedImage]) -> None:
     pushed = images["single"]
-    (built,) = pushed.images
+    (record,) = pushed.manifests
     resolved = await resolve(open_registry.config(), pushed.reference)
 
     assert resolved.reference == parse_reference(pushed.reference)
@@ -70,15 +71,15 @@ async def test_resolve_oci_image_gives_manifest_config_and_layers(open_registry:
     assert resolved.manifest_media_type == mediatypes.OCI_MANIFEST
     assert resolved.index_digest is None
     assert resolved.platform == AMD64
-    assert resolved.config_digest == built.config.digest
-    assert_layers(resolved, built.layers)
+    assert resolved.config_digest == record.config_digest
+    assert_layers(resolved, record.layers)
     assert all(d.media_type == "application/vnd.oci.image.layer.v1.tar+gzip" for d in resolved.layers)
     config = resolved.config
     assert config.entrypoint == ["/bin/hello"]
     assert config.cmd == ["--greet", "world"]
     assert config.env == ["PATH=/usr/bin:/bin", "GREETING=hi"]
     assert (config.working_dir, config.user) == ("/srv", "1000:1000")
-    assert config.diff_ids == built.diff_ids
+    assert config.diff_ids == [layer.diff_id for layer in record.layers]
     assert (config.os, config.architecture) == ("linux", "amd64")
 
 
@@ -87,9 +88,10 @@ async def test_resolve_docker_schema2_image(open_registry: LabRegistry, images: 
     resolved = await resolve(open_registry.config(), pushed.reference)
     assert resolved.manifest_media_type == mediatypes.DOCKER_MANIFEST
     assert resolved.manifest_digest == pushed.digest
-    assert_layers(resolved, pushed.images[0].layers)
+    (record,) = pushed.manifests
+    assert_layers(resolved, record.layers)
     assert {d.media_type for d in resolved.layers} == {"application/vnd.docker.image.rootfs.diff.tar.gzip"}
-    assert resolved.config.diff_ids == pushed.images[0].diff_ids
+    assert resolved.config.diff_ids == [layer.diff_id for layer in record.layers]
     assert resolved.config.entrypoint == ["/bin/hello"]
 
 
@@ -100,17 +102,17 @@ async def test_resolve_docker_schema2_image(open_registry: LabRegistry, images: 
 async def test_index_picks_the_requested_platform(open_registry: LabRegistry, images: dict[str, PushedImage],
                                                   image: str, requested: Platform, chosen: int) -> None:
     pushed = images[image]
-    built = pushed.images[chosen]
+    spec, record = PER_PLATFORM[chosen], pushed.manifests[chosen]
     resolved = await resolve(open_registry.config(), pushed.reference, requested)
     assert resolved.index_digest == pushed.digest
-    assert resolved.platform == built.spec.platform
-    assert resolved.config.architecture == built.spec.platform.architecture
-    assert resolved.config.entrypoint == built.spec.entrypoint
-    assert_layers(resolved, built.layers)
+    assert resolved.platform == spec.platform
+    assert resolved.config.architecture == spec.platform.architecture
+    assert resolved.config.entrypoint == list(spec.entrypoint)
+    assert_layers(resolved, record.layers)
     expected_type = mediatypes.OCI_MANIFEST if image == "multi" else mediatypes.DOCKER_MANIFEST
     assert resolved.manifest_media_type == expected_type
     if image == "multi":  # pushed unchanged, so the registry serves our own manifest bytes
-        assert resolved.manifest_digest == built.manifest.digest
+        assert resolved.manifest_digest == record.digest
 
 
 @pytest.mark.parametrize("requested", [Platform("linux", "s390x"), Platform("linux", "arm", "v6"),
@@ -172,13 +174,15 @@ async def test_artifact_that_is_not_a_container_image_is_refused(open_registry: 
         await resolve(open_registry.config(), f"{open_registry.address}/client/chart:v1")
 
 
-async def test_config_with_wrong_number_of_diff_ids_is_refused(open_registry: LabRegistry) -> None:
-    built = build_image(ImageSpec([{"a": b"1"}]))
-    manifest = json.loads(built.manifest.data)
+async def test_config_with_wrong_number_of_diff_ids_is_refused(open_registry: LabRegistry, tmp_path: Path) -> None:
+    layout = write_oci_layout(tmp_path, "inconsistent", image_of_files([{"a": b"1"}]))
+    (record,) = layout.manifests
+    manifest = json.loads(layout.read_blob(record.digest))
     manifest["layers"].append(manifest["layers"][0])  # two layers, one diff_id
     raw = json.dumps(manifest).encode()
-    put_image_raw(open_registry, "client/inconsistent", "v1", [*built.layers, built.config], raw,
-                  mediatypes.OCI_MANIFEST)
+    blobs = [Blob(mediatypes.OCI_CONFIG, layout.read_blob(record.config_digest)),
+             *(Blob(layer.media_type, layout.read_blob(layer.digest)) for layer in record.layers)]
+    put_image_raw(open_registry, "client/inconsistent", "v1", blobs, raw, mediatypes.OCI_MANIFEST)
     with pytest.raises(ManifestFormatError, match="lists 2 layers but its config 1 diff_ids"):
         await resolve(open_registry.config(), f"{open_registry.address}/client/inconsistent:v1")
 
@@ -194,7 +198,7 @@ async def test_fetch_blob_writes_verified_layers(open_registry: LabRegistry, ima
         for index, descriptor in enumerate(resolved.layers):
             await client.fetch_blob(resolved.reference, descriptor, tmp_path / "layers" / f"{index}.tar.gz")
     assert [(tmp_path / "layers" / f"{i}.tar.gz").read_bytes() for i in range(2)] == \
-        [b.data for b in pushed.images[0].layers]
+        [b.data for b in layer_blobs(pushed)]
     assert sorted(p.name for p in (tmp_path / "layers").iterdir()) == ["0.tar.gz", "1.tar.gz"]
 
 
@@ -210,7 +214,7 @@ async def test_missing_blob_is_not_found_and_leaves_nothing(open_registry: LabRe
 async def test_corrupted_blob_is_rejected_and_deleted(open_registry: LabRegistry, images: dict[str, PushedImage],
                                                       fault_proxy: Callable[..., FaultProxy], tmp_path: Path) -> None:
     proxy = fault_proxy(open_registry.address)
-    layer = images["single"].images[0].layers[1]
+    layer = images["single"].manifests[0].layers[1]
     proxy.corrupt(f"/blobs/{layer.digest}")
     config = open_registry.config(insecure_hosts=frozenset({proxy.address}))
     descriptor = Descriptor(layer.media_type, layer.digest, layer.size)
@@ -228,7 +232,7 @@ async def test_blob_longer_than_its_descriptor_is_cut_off(open_registry: LabRegi
                                                           fault_proxy: Callable[..., FaultProxy],
                                                           tmp_path: Path) -> None:
     proxy = fault_proxy(open_registry.address)
-    layer = images["single"].images[0].layers[0]
+    layer = layer_blobs(images["single"])[0]
     proxy.serve(f"/blobs/{layer.digest}", layer.data + b"\0" * 10_000_000)
     config = open_registry.config(insecure_hosts=frozenset({proxy.address}))
     async with RegistryClient(config) as client:
@@ -255,44 +259,37 @@ async def test_manifest_by_digest_must_hash_to_that_digest(
     proxy = fault_proxy(open_registry.address)
     pinned = images["single"].digest
     # A registry that answers a pinned digest with other (valid) content, and no digest header.
-    proxy.serve(f"/manifests/{pinned}", images["multi"].images[1].manifest.data,
+    other = images["multi"]
+    proxy.serve(f"/manifests/{pinned}", other.layout.read_blob(other.manifests[1].digest),
                 headers={"Content-Type": mediatypes.OCI_MANIFEST})
     config = open_registry.config(insecure_hosts=frozenset({proxy.address}))
     with pytest.raises(DigestMismatchError, match=f"does not match its digest {pinned}"):
         await resolve(config, f"{proxy.address}/client/single@{pinned}")
 
 
-async def test_schema1_manifest_is_refused_with_advice(open_registry: LabRegistry,
-                                                       fault_proxy: Callable[..., FaultProxy]) -> None:
+SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+ODD_TYPE = "application/vnd.example.thing+json"
+
+
+@pytest.mark.parametrize("body, media_type, error, message", [
+    pytest.param(json.dumps({"schemaVersion": 1, "name": "client/old", "tag": "v1", "fsLayers": [],
+                             "history": [], "signatures": []}).encode(), SCHEMA1,
+                 UnsupportedMediaTypeError, "schema 1 manifest.*re-push", id="schema1-refused-with-advice"),
+    pytest.param(json.dumps({"schemaVersion": 2, "mediaType": ODD_TYPE}).encode(), ODD_TYPE,
+                 UnsupportedMediaTypeError, "unsupported media type 'application/vnd.example.thing",
+                 id="unknown-media-type"),
+    pytest.param(b"{" + b" " * (5 * 1024 * 1024) + b"}", mediatypes.OCI_MANIFEST,
+                 ManifestFormatError, "5242882 bytes, more than the 4194304", id="oversized"),
+])
+async def test_manifest_the_client_cannot_use_is_refused(open_registry: LabRegistry,
+                                                         fault_proxy: Callable[..., FaultProxy], body: bytes,
+                                                         media_type: str, error: type[Exception],
+                                                         message: str) -> None:
     proxy = fault_proxy(open_registry.address)
-    schema1 = json.dumps({"schemaVersion": 1, "name": "client/old", "tag": "v1", "fsLayers": [],
-                          "history": [], "signatures": []}).encode()
-    proxy.serve("/manifests/v1", schema1,
-                headers={"Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"})
+    proxy.serve("/manifests/v1", body, headers={"Content-Type": media_type})
     config = open_registry.config(insecure_hosts=frozenset({proxy.address}))
-    with pytest.raises(UnsupportedMediaTypeError, match="schema 1 manifest.*re-push"):
-        await resolve(config, f"{proxy.address}/client/old:v1")
-
-
-async def test_unknown_manifest_media_type_is_refused(open_registry: LabRegistry,
-                                                      fault_proxy: Callable[..., FaultProxy]) -> None:
-    proxy = fault_proxy(open_registry.address)
-    odd = "application/vnd.example.thing+json"
-    proxy.serve("/manifests/v1", json.dumps({"schemaVersion": 2, "mediaType": odd}).encode(),
-                headers={"Content-Type": odd})
-    config = open_registry.config(insecure_hosts=frozenset({proxy.address}))
-    with pytest.raises(UnsupportedMediaTypeError, match="unsupported media type 'application/vnd.example.thing"):
-        await resolve(config, f"{proxy.address}/client/odd:v1")
-
-
-async def test_oversized_manifest_is_refused(open_registry: LabRegistry,
-                                             fault_proxy: Callable[..., FaultProxy]) -> None:
-    proxy = fault_proxy(open_registry.address)
-    proxy.serve("/manifests/v1", b"{" + b" " * (5 * 1024 * 1024) + b"}",
-                headers={"Content-Type": mediatypes.OCI_MANIFEST})
-    config = open_registry.config(insecure_hosts=frozenset({proxy.address}))
-    with pytest.raises(ManifestFormatError, match="5242882 bytes, more than the 4194304"):
-        await resolve(config, f"{proxy.address}/client/huge:v1")
+    with pytest.raises(error, match=message):
+        await resolve(config, f"{proxy.address}/client/refused:v1")
 
 
 async def test_manifest_requests_accept_oci_and_docker_types(open_registry: LabRegistry,

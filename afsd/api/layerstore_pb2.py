@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x66sd/api/layerstore.proto\x12\rlayerstore.v1\"\xa0\x01\n\x05Layer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompressed_size\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x66s_size\x18\x04 \x01(\x03\x12\x12\n\ncache_path\x18\x05 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12\x13\n\x0b\x62lob_digest\x18\x07 \x01(\t\x12\x0f\n\x07\x64iff_id\x18\x08 \x01(\t\"\x8f\x01\n\x10PullImageRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0bplatform_os\x18\x03 \x01(\t\x12\x15\n\rplatform_arch\x18\x04 \x01(\t\x12\x18\n\x10platform_variant\x18\x05 \x01(\t\x12\x19\n\x11\x66orce_local_fetch\x18\x06 \x01(\x08\"\xb9\x01\n\x11PullImageResponse\x12\x19\n\x11resolved_registry\x18\x01 \x01(\t\x12\x1b\n\x13resolved_repository\x18\x02 \x01(\t\x12\x1a\n\x12resolved_reference\x18\x03 \x01(\t\x12$\n\x06layers\x18\x04 \x03(\x0b\x32\x14.layerstore.v1.Layer\x12\x11\n\timage_key\x18\x05 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x06 \x01(\t\"\xb0\x01\n\x13\x45nsureLayersRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0bplatform_os\x18\x03 \x01(\t\x12\x15\n\rplatform_arch\x18\x04 \x01(\t\x12\x18\n\x10platform_variant\x18\x05 \x01(\t\x12$\n\x06layers\x18\x06 \x03(\x0b\x32\x14.layerstore.v1.Layer\x12\x11\n\tdelegated\x18\x07 \x01(\x08\"<\n\x14\x45nsureLayersResponse\x12$\n\x06layers\x18\x01 \x03(\x0b\x32\x14.layerstore.v1.Layer\"+\n\tByteRange\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0e\n\x06length\x18\x02 \x01(\x03\"\"\n\x10StatLayerRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"\x97\x02\n\x11StatLayerResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x10\n\x08\x61\x66s_size\x18\x02 \x01(\x03\x12\x12\n\ncache_path\x18\x03 \x01(\t\x12\x13\n\x0b\x62lob_digest\x18\x04 \x01(\t\x12*\n\x08\x64\x61ta_map\x18\x05 \x03(\x0b\x32\x18.layerstore.v1.ByteRange\x12\x12\n\nchunk_size\x18\x06 \x01(\x03\x12\x15\n\rchunk_digests\x18\x07 \x03(\x0c\x12\x11\n\tconverter\x18\x08 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\t \x01(\t\x12\x0f\n\x07\x64iff_id\x18\n \x01(\t\x12\x12\n\nmedia_type\x18\x0b \x01(\t\x12\x17\n\x0f\x63ompressed_size\x18\x0c \x01(\x03\"B\n\x10ReadLayerRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\"N\n\x11ReadLayerResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x04 \x01(\x08\"!\n\x0fHasLayerRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"C\n\x10HasLayerResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x10\n\x08\x61\x66s_size\x18\x03 \x01(\x03\"s\n\x0fHasImageRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0bplatform_os\x18\x03 \x01(\t\x12\x15\n\rplatform_arch\x18\x04 \x01(\t\x12\x18\n\x10platform_variant\x18\x05 \x01(\t\"\xa3\x01\n\x10HasImageResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x19\n\x11resolved_registry\x18\x02 \x01(\t\x12\x1b\n\x13resolved_repository\x18\x03 \x01(\t\x12\x1a\n\x12resolved_reference\x18\x04 \x01(\t\x12\x14\n\x0ctotal_layers\x18\x05 \x01(\x05\x12\x16\n\x0emissing_layers\x18\x06 \x01(\x05\";\n\x18\x41\x63quireLayerLeaseRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\"Z\n\x19\x41\x63quireLayerLeaseResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x03(\t\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x03 \x01(\x03\":\n\x16RenewLayerLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\"X\n\x17RenewLayerLeaseResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x03(\t\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x03 \x01(\x03\",\n\x18ReleaseLayerLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"-\n\x19ReleaseLayerLeaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"$\n\x11PruneCacheRequest\x12\x0f\n\x07percent\x18\x01 \x01(\x01\"p\n\x12PruneCacheResponse\x12\x14\n\x0c\x62\x65\x66ore_bytes\x18\x01 \x01(\x03\x12\x13\n\x0b\x61\x66ter_bytes\x18\x02 \x01(\x03\x12\x17\n\x0freclaimed_bytes\x18\x03 \x01(\x03\x12\x16\n\x0e\x65victed_layers\x18\x04 \x01(\x05\x32\xce\x07\n\nLayerStore\x12N\n\tPullImage\x12\x1f.layerstore.v1.PullImageRequest\x1a .layerstore.v1.PullImageResponse\x12W\n\x0c\x45nsureLayers\x12\".layerstore.v1.EnsureLayersRequest\x1a#.layerstore.v1.EnsureLayersResponse\x12K\n\x08HasImage\x12\x1e.layerstore.v1.HasImageRequest\x1a\x1f.layerstore.v1.HasImageResponse\x12K\n\x08HasLayer\x12\x1e.layerstore.v1.HasLayerRequest\x1a\x1f.layerstore.v1.HasLayerResponse\x12N\n\tStatLayer\x12\x1f.layerstore.v1.StatLayerRequest\x1a .layerstore.v1.StatLayerResponse\x12P\n\tReadLayer\x12\x1f.layerstore.v1.ReadLayerRequest\x1a .layerstore.v1.ReadLayerResponse0\x01\x12V\n\x0fReadLayerStream\x12\x1f.layerstore.v1.ReadLayerRequest\x1a .layerstore.v1.ReadLayerResponse0\x01\x12\x66\n\x11\x41\x63quireLayerLease\x12\'.layerstore.v1.AcquireLayerLeaseRequest\x1a(.layerstore.v1.AcquireLayerLeaseResponse\x12`\n\x0fRenewLayerLease\x12%.layerstore.v1.RenewLayerLeaseRequest\x1a&.layerstore.v1.RenewLayerLeaseResponse\x12\x66\n\x11ReleaseLayerLease\x12\'.layerstore.v1.ReleaseLayerLeaseRequest\x1a(.layerstore.v1.ReleaseLayerLeaseResponse\x12Q\n\nPruneCache\x12 .layerstore.v1.PruneCacheRequest\x1a!.layerstore.v1.PruneCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x66sd/api/layerstore.proto\x12\rlayerstore.v1\"\xa0\x01\n\x05Layer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompressed_size\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x66s_size\x18\x04 \x01(\x03\x12\x12\n\ncache_path\x18\x05 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12\x13\n\x0b\x62lob_digest\x18\x07 \x01(\t\x12\x0f\n\x07\x64iff_id\x18\x08 \x01(\t\"\x8f\x01\n\x10PullImageRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0bplatform_os\x18\x03 \x01(\t\x12\x15\n\rplatform_arch\x18\x04 \x01(\t\x12\x18\n\x10platform_variant\x18\x05 \x01(\t\x12\x19\n\x11\x66orce_local_fetch\x18\x06 \x01(\x08\"\xb9\x01\n\x11PullImageResponse\x12\x19\n\x11resolved_registry\x18\x01 \x01(\t\x12\x1b\n\x13resolved_repository\x18\x02 \x01(\t\x12\x1a\n\x12resolved_reference\x18\x03 \x01(\t\x12$\n\x06layers\x18\x04 \x03(\x0b\x32\x14.layerstore.v1.Layer\x12\x11\n\timage_key\x18\x05 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x06 \x01(\t\"\xb0\x01\n\x13\x45nsureLayersRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0bplatform_os\x18\x03 \x01(\t\x12\x15\n\rplatform_arch\x18\x04 \x01(\t\x12\x18\n\x10platform_variant\x18\x05 \x01(\t\x12$\n\x06layers\x18\x06 \x03(\x0b\x32\x14.layerstore.v1.Layer\x12\x11\n\tdelegated\x18\x07 \x01(\x08\"<\n\x14\x45nsureLayersResponse\x12$\n\x06layers\x18\x01 \x03(\x0b\x32\x14.layerstore.v1.Layer\"+\n\tByteRange\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0e\n\x06length\x18\x02 \x01(\x03\"\"\n\x10StatLayerRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"\xae\x02\n\x11StatLayerResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x10\n\x08\x61\x66s_size\x18\x02 \x01(\x03\x12\x12\n\ncache_path\x18\x03 \x01(\t\x12\x13\n\x0b\x62lob_digest\x18\x04 \x01(\t\x12*\n\x08\x64\x61ta_map\x18\x05 \x03(\x0b\x32\x18.layerstore.v1.ByteRange\x12\x12\n\nchunk_size\x18\x06 \x01(\x03\x12\x15\n\rchunk_digests\x18\x07 \x03(\x0c\x12\x11\n\tconverter\x18\x08 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\t \x01(\t\x12\x0f\n\x07\x64iff_id\x18\n \x01(\t\x12\x12\n\nmedia_type\x18\x0b \x01(\t\x12\x17\n\x0f\x63ompressed_size\x18\x0c \x01(\x03\x12\x15\n\rimplicit_dirs\x18\r \x03(\t\"B\n\x10ReadLayerRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\"N\n\x11ReadLayerResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x04 \x01(\x08\"!\n\x0fHasLayerRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"C\n\x10HasLayerResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x10\n\x08\x61\x66s_size\x18\x03 \x01(\x03\"s\n\x0fHasImageRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0bplatform_os\x18\x03 \x01(\t\x12\x15\n\rplatform_arch\x18\x04 \x01(\t\x12\x18\n\x10platform_variant\x18\x05 \x01(\t\"\xa3\x01\n\x10HasImageResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x19\n\x11resolved_registry\x18\x02 \x01(\t\x12\x1b\n\x13resolved_repository\x18\x03 \x01(\t\x12\x1a\n\x12resolved_reference\x18\x04 \x01(\t\x12\x14\n\x0ctotal_layers\x18\x05 \x01(\x05\x12\x16\n\x0emissing_layers\x18\x06 \x01(\x05\";\n\x18\x41\x63quireLayerLeaseRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\"Z\n\x19\x41\x63quireLayerLeaseResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x03(\t\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x03 \x01(\x03\":\n\x16RenewLayerLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\"X\n\x17RenewLayerLeaseResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x03(\t\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x03 \x01(\x03\",\n\x18ReleaseLayerLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"-\n\x19ReleaseLayerLeaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"$\n\x11PruneCacheRequest\x12\x0f\n\x07percent\x18\x01 \x01(\x01\"p\n\x12PruneCacheResponse\x12\x14\n\x0c\x62\x65\x66ore_bytes\x18\x01 \x01(\x03\x12\x13\n\x0b\x61\x66ter_bytes\x18\x02 \x01(\x03\x12\x17\n\x0freclaimed_bytes\x18\x03 \x01(\x03\x12\x16\n\x0e\x65victed_layers\x18\x04 \x01(\x05\x32\xce\x07\n\nLayerStore\x12N\n\tPullImage\x12\x1f.layerstore.v1.PullImageRequest\x1a .layerstore.v1.PullImageResponse\x12W\n\x0c\x45nsureLayers\x12\".layerstore.v1.EnsureLayersRequest\x1a#.layerstore.v1.EnsureLayersResponse\x12K\n\x08HasImage\x12\x1e.layerstore.v1.HasImageRequest\x1a\x1f.layerstore.v1.HasImageResponse\x12K\n\x08HasLayer\x12\x1e.layerstore.v1.HasLayerRequest\x1a\x1f.layerstore.v1.HasLayerResponse\x12N\n\tStatLayer\x12\x1f.layerstore.v1.StatLayerRequest\x1a .layerstore.v1.StatLayerResponse\x12P\n\tReadLayer\x12\x1f.layerstore.v1.ReadLayerRequest\x1a .layerstore.v1.ReadLayerResponse0\x01\x12V\n\x0fReadLayerStream\x12\x1f.layerstore.v1.ReadLayerRequest\x1a .layerstore.v1.ReadLayerResponse0\x01\x12\x66\n\x11\x41\x63quireLayerLease\x12\'.layerstore.v1.AcquireLayerLeaseRequest\x1a(.layerstore.v1.AcquireLayerLeaseResponse\x12`\n\x0fRenewLayerLease\x12%.layerstore.v1.RenewLayerLeaseRequest\x1a&.layerstore.v1.RenewLayerLeaseResponse\x12\x66\n\x11ReleaseLayerLease\x12\'.layerstore.v1.ReleaseLayerLeaseRequest\x1a(.layerstore.v1.ReleaseLayerLeaseResponse\x12Q\n\nPruneCache\x12 .layerstore.v1.PruneCacheRequest\x1a!.layerstore.v1.PruneCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,35 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATLAYERREQUEST']._serialized_start=827
   _globals['_STATLAYERREQUEST']._serialized_end=861
   _globals['_STATLAYERRESPONSE']._serialized_start=864
-  _globals['_STATLAYERRESPONSE']._serialized_end=1143
-  _globals['_READLAYERREQUEST']._serialized_start=1145
-  _globals['_READLAYERREQUEST']._serialized_end=1211
-  _globals['_READLAYERRESPONSE']._serialized_start=1213
-  _globals['_READLAYERRESPONSE']._serialized_end=1291
-  _globals['_HASLAYERREQUEST']._serialized_start=1293
-  _globals['_HASLAYERREQUEST']._serialized_end=1326
-  _globals['_HASLAYERRESPONSE']._serialized_start=1328
-  _globals['_HASLAYERRESPONSE']._serialized_end=1395
-  _globals['_HASIMAGEREQUEST']._serialized_start=1397
-  _globals['_HASIMAGEREQUEST']._serialized_end=1512
-  _globals['_HASIMAGERESPONSE']._serialized_start=1515
-  _globals['_HASIMAGERESPONSE']._serialized_end=1678
-  _globals['_ACQUIRELAYERLEASEREQUEST']._serialized_start=1680
-  _globals['_ACQUIRELAYERLEASEREQUEST']._serialized_end=1739
-  _globals['_ACQUIRELAYERLEASERESPONSE']._serialized_start=1741
-  _globals['_ACQUIRELAYERLEASERESPONSE']._serialized_end=1831
-  _globals['_RENEWLAYERLEASEREQUEST']._serialized_start=1833
-  _globals['_RENEWLAYERLEASEREQUEST']._serialized_end=1891
-  _globals['_RENEWLAYERLEASERESPONSE']._serialized_start=1893
-  _globals['_RENEWLAYERLEASERESPONSE']._serialized_end=1981
-  _globals['_RELEASELAYERLEASEREQUEST']._serialized_start=1983
-  _globals['_RELEASELAYERLEASEREQUEST']._serialized_end=2027
-  _globals['_RELEASELAYERLEASERESPONSE']._serialized_start=2029
-  _globals['_RELEASELAYERLEASERESPONSE']._serialized_end=2074
-  _globals['_PRUNECACHEREQUEST']._serialized_start=2076
-  _globals['_PRUNECACHEREQUEST']._serialized_end=2112
-  _globals['_PRUNECACHERESPONSE']._serialized_start=2114
-  _globals['_PRUNECACHERESPONSE']._serialized_end=2226
-  _globals['_LAYERSTORE']._serialized_start=2229
-  _globals['_LAYERSTORE']._serialized_end=3203
+  _globals['_STATLAYERRESPONSE']._serialized_end=1166
+  _globals['_READLAYERREQUEST']._serialized_start=1168
+  _globals['_READLAYERREQUEST']._serialized_end=1234
+  _globals['_READLAYERRESPONSE']._serialized_start=1236
+  _globals['_READLAYERRESPONSE']._serialized_end=1314
+  _globals['_HASLAYERREQUEST']._serialized_start=1316
+  _globals['_HASLAYERREQUEST']._serialized_end=1349
+  _globals['_HASLAYERRESPONSE']._serialized_start=1351
+  _globals['_HASLAYERRESPONSE']._serialized_end=1418
+  _globals['_HASIMAGEREQUEST']._serialized_start=1420
+  _globals['_HASIMAGEREQUEST']._serialized_end=1535
+  _globals['_HASIMAGERESPONSE']._serialized_start=1538
+  _globals['_HASIMAGERESPONSE']._serialized_end=1701
+  _globals['_ACQUIRELAYERLEASEREQUEST']._serialized_start=1703
+  _globals['_ACQUIRELAYERLEASEREQUEST']._serialized_end=1762
+  _globals['_ACQUIRELAYERLEASERESPONSE']._serialized_start=1764
+  _globals['_ACQUIRELAYERLEASERESPONSE']._serialized_end=1854
+  _globals['_RENEWLAYERLEASEREQUEST']._serialized_start=1856
+  _globals['_RENEWLAYERLEASEREQUEST']._serialized_end=1914
+  _globals['_RENEWLAYERLEASERESPONSE']._serialized_start=1916
+  _globals['_RENEWLAYERLEASERESPONSE']._serialized_end=2004
+  _globals['_RELEASELAYERLEASEREQUEST']._serialized_start=2006
+  _globals['_RELEASELAYERLEASEREQUEST']._serialized_end=2050
+  _globals['_RELEASELAYERLEASERESPONSE']._serialized_start=2052
+  _globals['_RELEASELAYERLEASERESPONSE']._serialized_end=2097
+  _globals['_PRUNECACHEREQUEST']._serialized_start=2099
+  _globals['_PRUNECACHEREQUEST']._serialized_end=2135
+  _globals['_PRUNECACHERESPONSE']._serialized_start=2137
+  _globals['_PRUNECACHERESPONSE']._serialized_end=2249
+  _globals['_LAYERSTORE']._serialized_start=2252
+  _globals['_LAYERSTORE']._serialized_end=3226
 # @@protoc_insertion_point(module_scope)

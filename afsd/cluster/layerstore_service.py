@@ -37,7 +37,7 @@ def _stat_message(layer: StoredLayer) -> pb.StatLayerResponse:
         digest=layer.digest, afs_size=blob.size, cache_path=str(layer.path), blob_digest=blob.digest,
         data_map=[pb.ByteRange(offset=o, length=n) for o, n in blob.data_map], chunk_size=blob.chunk_size,
         chunk_digests=blob.chunk_digests, converter=blob.converter, blob_id=blob.blob_id, diff_id=blob.diff_id,
-        media_type=layer.media_type, compressed_size=layer.compressed_size)
+        media_type=layer.media_type, compressed_size=layer.compressed_size, implicit_dirs=blob.implicit_dirs)
 
 
 class LayerStoreService(pb_grpc.LayerStoreServicer):

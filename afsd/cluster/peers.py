@@ -47,7 +47,7 @@ def stat_to_peer_layer(stat: pb.StatLayerResponse) -> PeerLayer:
                     size=stat.afs_size, digest=stat.blob_digest,
                     data_map=[(r.offset, r.length) for r in stat.data_map],
                     chunk_size=stat.chunk_size, chunk_digests=list(stat.chunk_digests),
-                    converter=stat.converter)
+                    converter=stat.converter, implicit_dirs=list(stat.implicit_dirs))
     return PeerLayer(stat.digest, stat.media_type, stat.compressed_size, blob)
 
 

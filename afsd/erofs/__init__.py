@@ -3,7 +3,8 @@
 The pipeline, one module per step: `decompress` (layer blob -> tar stream + diff_id) -> `unpack`
 (tar -> staging directory, OCI whiteouts -> overlayfs whiteouts) -> `mkfs` (staging -> erofs image)
 -> `layout` (which byte ranges are file data) -> `convert` (the whole conversion, `BlobInfo`).
-`mount` mounts blobs file-backed and stacks them with overlayfs.
+`mount` holds the mount(2) primitives (file-backed erofs, overlayfs); `stack` stacks an image's blobs
+into its root file system, restoring the metadata of directories a layer does not list.
 """
 
 from afsd.erofs.convert import (

@@ -28,7 +28,8 @@ from afsd.fsutil import fsync_directory
 from afsd.oci.mediatypes import Compression
 
 # Bump whenever the bytes a conversion produces change (unpack rules, mkfs options, post-processing).
-CONVERTER_VERSION = "1"
+# 2: mtimes after 2096 and before 1970 kept (mkfs.SOURCE_DATE_EPOCH); BlobInfo.implicit_dirs.
+CONVERTER_VERSION = "2"
 CHUNK_SIZE = 1 << 20
 # Fixed namespace for the erofs UUID, so the UUID (stored in the superblock) follows from the blob id.
 _UUID_NAMESPACE = uuid.UUID("7d1f1f4e-3b8a-4c55-9a0e-5f0c2b6a1e01")
@@ -47,6 +48,10 @@ class BlobInfo:
     chunk_size: int
     chunk_digests: list[bytes]  # raw sha256 per chunk_size chunk; the last may be short
     converter: str
+    # Directories the layer's tar does not list (`unpack.encode_dir_path` form, "/" for the root): the
+    # blob holds them as 0755 root:root, but in the image they keep the metadata of the layers below
+    # (`stack.mount_image_stack` restores it).
+    implicit_dirs: list[str]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +64,7 @@ class BlobInfo:
             "chunk_size": self.chunk_size,
             "chunk_digests": [d.hex() for d in self.chunk_digests],
             "converter": self.converter,
+            "implicit_dirs": list(self.implicit_dirs),
         }
 
     @classmethod
@@ -73,6 +79,7 @@ class BlobInfo:
             chunk_size=int(data["chunk_size"]),
             chunk_digests=[bytes.fromhex(d) for d in data["chunk_digests"]],
             converter=data["converter"],
+            implicit_dirs=[str(path) for path in data["implicit_dirs"]],
         )
 
 
@@ -141,7 +148,7 @@ def convert_layer(layer_path: Path, compression: Compression, layer_digest: str,
             shutil.rmtree(staging, ignore_errors=True)
     return BlobInfo(blob_id=blob_id, layer_digest=layer_digest, diff_id=diff_id, size=size,
                     digest=digest, data_map=ranges, chunk_size=CHUNK_SIZE,
-                    chunk_digests=chunk_digests, converter=converter)
+                    chunk_digests=chunk_digests, converter=converter, implicit_dirs=report.implicit_dirs)
 
 
 async def convert_layer_async(layer_path: Path, compression: Compression, layer_digest: str,

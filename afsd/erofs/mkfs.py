@@ -4,7 +4,8 @@ Data flow: staging directory (from `unpack.unpack_layer`) -> `build_image` -> im
 `layout.data_map`. Reproducibility: the same staging tree gives the same bytes on any node because
 - the UUID is passed in (derived from the blob id by the caller),
 - SOURCE_DATE_EPOCH fixes the superblock's build time. mkfs.erofs 1.5 also CLAMPS every file's mtime to
-  it, so it is set far in the future (2096) to keep per-file mtimes;
+  it, comparing them as unsigned 64-bit numbers, so it is set to the largest value it accepts (see
+  `SOURCE_DATE_EPOCH`) to keep per-file mtimes;
 - xattrs are put in a fixed order afterwards (`layout.canonicalize_xattr_order`): mkfs.erofs keeps the
   staging file system's `listxattr` order, which differs between ext4 and tmpfs.
 Files are stored uncompressed with `-Enoinline_data`, so file data sits in whole blocks that a lazy
@@ -24,8 +25,13 @@ from pathlib import Path
 from afsd.errors import ConversionError, MissingToolError
 from afsd.erofs.layout import canonicalize_xattr_order
 
-# 2096-10-02: later than any real file's mtime, so clamping to it changes nothing (see module doc).
-SOURCE_DATE_EPOCH = 4_000_000_000
+# mkfs.erofs 1.5 sets every mtime not below SOURCE_DATE_EPOCH to it, comparing as unsigned 64-bit, so
+# a pre-1970 (negative) mtime counts as huge; it rejects 2**64 - 1. Measured: 4_000_000_000 turned 2100
+# and 2242 into 2096, 2**63 - 1 turned pre-1970 times into 2**63 - 1 s; 2**64 - 2 keeps every mtime with
+# its nanoseconds except [-2 s, 0), which becomes -2 s, and the bytes stay reproducible. The superblock
+# build time then reads as -2 s: the kernel uses it only as the mtime of compact inodes, and mkfs.erofs
+# 1.5 wrote extended inodes (each with its own mtime) for every file measured, Debian's 6,791 included.
+SOURCE_DATE_EPOCH = 2**64 - 2
 MKFS_OPTIONS = ("-Enoinline_data",)
 _INSTALL_HINT = "install erofs-utils (Debian/Ubuntu: apt-get install erofs-utils)"
 

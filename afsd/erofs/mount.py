@@ -1,8 +1,8 @@
-"""Mount converted layer blobs (file-backed erofs) and stack them with overlayfs.
+"""The mount(2)/umount2(2) primitives for converted layer blobs: file-backed erofs and overlayfs.
 
 Data flow: erofs blob files -> `mount_erofs` (one read-only mount per layer) -> `mount_overlay` (the
-layers as lowerdirs, top first) -> the container's root file system. `mounted_layers` does both and
-always unmounts.
+layers as lowerdirs, top first) -> the container's root file system. `stack.mount_image_stack` puts an
+image's layers together with these and always unmounts.
 
 `mount_erofs` calls mount(2) directly with the image FILE as the source: the kernel
 (`EROFS_FS_BACKED_BY_FILE`) then reads the file itself, with no loop device. mount(8) would silently set
@@ -11,11 +11,10 @@ up a loop device instead, which matters for on-demand filling (loop I/O raises n
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from afsd.errors import MountError
@@ -38,8 +37,8 @@ def mount_overlay(lowers: Sequence[Path], target: Path, *, upper: Path | None = 
                   work: Path | None = None) -> None:
     """Mount overlayfs at `target` with `lowers` (top layer first); read-only unless `upper` is given.
 
-    The kernel refuses a read-only overlay of a single lower directory; `mounted_layers` adds an
-    empty bottom layer in that case.
+    The kernel refuses a read-only overlay of a single lower directory; `stack.mount_image_stack` adds
+    an empty bottom layer in that case.
     """
     if len(lowers) < (1 if upper is not None else 2):
         raise ValueError("overlayfs needs two or more lower directories when there is no upper directory")
@@ -64,36 +63,6 @@ def unmount(target: Path, *, detach: bool = False) -> None:
         code = ctypes.get_errno()
         hint = " (still in use: close files under it, or unmount with detach)" if code == errno.EBUSY else ""
         raise MountError(f"cannot unmount {target}: {os.strerror(code)}{hint}")
-
-
-@contextlib.contextmanager
-def mounted_layers(blobs: Sequence[Path], target: Path, *, scratch: Path, upper: Path | None = None,
-                   work: Path | None = None) -> Iterator[Path]:
-    """Mount each blob (top layer first) under `scratch`, overlay them at `target`, and yield `target`.
-
-    Everything mounted here is unmounted on exit, also when the body or a later mount fails; the
-    per-layer mount points created under `scratch` are removed. A single read-only layer gets an empty
-    directory below it, because overlayfs needs two lower directories without an upper one (and
-    without overlayfs the layer's whiteouts would show as character devices).
-    """
-    cleanup = contextlib.ExitStack()
-    with cleanup:
-        lowers = []
-        for index, blob in enumerate(blobs):
-            point = scratch / f"layer-{index}"
-            point.mkdir(parents=True)
-            cleanup.callback(point.rmdir)
-            mount_erofs(blob, point)
-            cleanup.callback(unmount, point, detach=True)
-            lowers.append(point)
-        if len(lowers) == 1 and upper is None:
-            empty = scratch / "empty-layer"
-            empty.mkdir(parents=True)
-            cleanup.callback(empty.rmdir)
-            lowers.append(empty)
-        mount_overlay(lowers, target, upper=upper, work=work)
-        cleanup.callback(unmount, target, detach=True)
-        yield target
 
 
 def _mount(source: bytes, target: Path, fstype: bytes, flags: int, data: bytes | None, *, what: str) -> None:

@@ -24,6 +24,13 @@ otherwise hide or redirect other layers' files beyond what OCI whiteouts express
 Duplicate paths: the later entry wins; a directory over a directory keeps the directory (and its
 contents) and takes the later entry's attributes. A whiteout never hides an entry of its own layer
 (OCI image spec): `.wh.x` after `x` is ignored, and `x` or `x/y` after `.wh.x` replaces the whiteout.
+
+Implicit directories: a parent the tar never lists (`srv/app` for `srv/app/new.txt`, the root without a
+`./` entry, a directory that only holds a `.wh..wh..opq` marker) is created as 0755 root:root with a
+fixed mtime, and listed in `UnpackReport.implicit_dirs`. OCI extraction keeps the metadata such a
+directory already has in the layers below; overlayfs cannot know that, so `stack` restores it when the
+image's layers are stacked. A directory recreated right after its own whiteout (`.wh.x`, then `x/y`) is
+new, not implicit: the whiteout removed the lower one.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ log = logging.getLogger(__name__)
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
-_OVERLAY_XATTR_PREFIX = "trusted.overlay."
+OVERLAY_XATTR_PREFIX = "trusted.overlay."
 
 # Entries the tar does not describe (the root without a `./` entry, parents the tar never lists)
 # get this mtime, so the image does not depend on when it was built.
@@ -62,6 +69,8 @@ _ZERO_CHUNK = bytes(_COPY_CHUNK)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # xattrs the staging file system cannot hold: warn, as GNU tar does, instead of failing the layer.
 _XATTR_UNSUPPORTED = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+# Printable ASCII but `%` stays as it is in `encode_dir_path`.
+_PATH_TEXT_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 @dataclass
@@ -75,6 +84,22 @@ class UnpackReport:
     longest_name: bytes = b""  # the longest single path component, as mkfs.erofs limits it
     longest_name_entry: str = ""
     warnings: list[str] = field(default_factory=list)
+    # Directories the tar does not list (see module doc), as `encode_dir_path` strings, sorted.
+    implicit_dirs: list[str] = field(default_factory=list)
+
+
+def encode_dir_path(parts: tuple[bytes, ...]) -> str:
+    """An absolute path (`/`, `/srv/app`) as text that survives JSON and protobuf `string` fields.
+
+    Names are bytes, and not always UTF-8: `%` and every byte outside printable ASCII are written as
+    `%XX` (so `/caf%C3%A9` is `/café`); `decode_dir_path` reverses it.
+    """
+    return "/" + urllib.parse.quote(b"/".join(parts), safe=_PATH_TEXT_SAFE)
+
+
+def decode_dir_path(text: str) -> tuple[bytes, ...]:
+    """The path components of an `encode_dir_path` string (`()` for the root)."""
+    return tuple(p for p in urllib.parse.unquote_to_bytes(text).split(b"/") if p)
 
 
 def unpack_layer(stream: BinaryIO, staging: Path, *, layer: str) -> UnpackReport:
@@ -102,6 +127,8 @@ class _Extractor:
         os.fchmod(self.root_fd, 0o755)
         # Directory mtimes are applied at the end: creating entries inside a directory changes its mtime.
         self.dir_mtimes: dict[tuple[bytes, ...], int] = {(): SYNTHESIZED_MTIME_NS}
+        # Directories created without an entry of their own, until an entry for them turns up.
+        self.implicit_dirs: set[tuple[bytes, ...]] = {()}
         self._cached_parent: tuple[tuple[bytes, ...], int] | None = None
 
     def close(self) -> None:
@@ -120,6 +147,7 @@ class _Extractor:
                     self.report.entries += 1
                     self._extract(tar, member)
             self._apply_dir_mtimes()
+            self.report.implicit_dirs = sorted(encode_dir_path(parts) for parts in self.implicit_dirs)
         except tarfile.TarError as e:
             what = "is truncated" if "unexpected end of data" in str(e) else "is not a valid tar archive"
             raise LayerFormatError(f"layer {self.layer} {what}: {e} (at entry {name!r})") from None
@@ -199,9 +227,12 @@ class _Extractor:
                         raise
                     st = os.stat(part, dir_fd=fd, follow_symlinks=False)
                     if create and _is_whiteout(st):
-                        # `.wh.x` then `x/y`: the layer recreates x, and its own entries win.
+                        # `.wh.x` then `x/y`: the layer recreates x, and its own entries win. The
+                        # lower x is gone, so the defaults are right (x is not implicit), and the new x
+                        # must not show the lower x's contents: it is opaque.
                         os.unlink(part, dir_fd=fd)
-                        child = self._synthesize_dir(fd, dirs[: depth + 1])
+                        child = self._synthesize_dir(fd, dirs[: depth + 1], implicit=False)
+                        self._mark_opaque(child)
                     else:
                         where = b"/".join(dirs[: depth + 1]).decode("utf-8", "surrogateescape")
                         kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
@@ -213,13 +244,15 @@ class _Extractor:
             os.close(fd)
             raise
 
-    def _synthesize_dir(self, parent: int, parts: tuple[bytes, ...]) -> int:
+    def _synthesize_dir(self, parent: int, parts: tuple[bytes, ...], *, implicit: bool = True) -> int:
         """Create a directory the tar does not list (0755, root, fixed mtime); returns its fd."""
         os.mkdir(parts[-1], 0o755, dir_fd=parent)
         fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
         os.fchown(fd, 0, 0)
         os.fchmod(fd, 0o755)  # mkdir's mode is filtered by the umask
         self.dir_mtimes.setdefault(parts, SYNTHESIZED_MTIME_NS)
+        if implicit:
+            self.implicit_dirs.add(parts)
         return fd
 
     def _drop_parent_cache(self) -> None:
@@ -241,6 +274,7 @@ class _Extractor:
             n = len(parts)
             for key in [k for k in self.dir_mtimes if k[:n] == parts]:
                 del self.dir_mtimes[key]
+            self.implicit_dirs -= {k for k in self.implicit_dirs if k[:n] == parts}
         else:
             os.unlink(base, dir_fd=parent)
 
@@ -248,18 +282,26 @@ class _Extractor:
 
     def _make_dir(self, parent: int, parts: tuple[bytes, ...], member: tarfile.TarInfo) -> None:
         base = parts[-1]
+        replaces_whiteout = False
         try:
             st = os.stat(base, dir_fd=parent, follow_symlinks=False)
             if not stat.S_ISDIR(st.st_mode):
+                replaces_whiteout = _is_whiteout(st)
                 os.unlink(base, dir_fd=parent)
                 os.mkdir(base, 0o700, dir_fd=parent)
         except FileNotFoundError:
             os.mkdir(base, 0o700, dir_fd=parent)
         fd = os.open(base, _DIR_FLAGS, dir_fd=parent)
         try:
+            if replaces_whiteout:  # `.wh.x` then `x/`: a new directory that hides the lower x entirely
+                self._mark_opaque(fd)
             self._set_dir_attributes(fd, parts, member)
         finally:
             os.close(fd)
+
+    def _mark_opaque(self, fd: int) -> None:
+        os.setxattr(fd, OVERLAY_OPAQUE_XATTR, b"y")
+        self.report.opaque_dirs += 1
 
     def _set_dir_attributes(self, fd: int, parts: tuple[bytes, ...], member: tarfile.TarInfo) -> None:
         # chown clears setuid/setgid bits and security.capability: chown, then chmod, then xattrs.
@@ -267,6 +309,7 @@ class _Extractor:
         os.fchmod(fd, member.mode & 0o7777)
         self._set_xattrs(fd, member)
         self.dir_mtimes[parts] = _mtime_ns(member)
+        self.implicit_dirs.discard(parts)
 
     def _make_file(self, parent: int, parts: tuple[bytes, ...], tar: tarfile.TarFile,
                    member: tarfile.TarInfo) -> None:
@@ -321,8 +364,7 @@ class _Extractor:
         base = parts[-1]
         parent = self._parent_fd(parts, member.name)
         if base == OPAQUE_MARKER:
-            os.setxattr(parent, OVERLAY_OPAQUE_XATTR, b"y")
-            self.report.opaque_dirs += 1
+            self._mark_opaque(parent)
             return
         if base.startswith(WHITEOUT_PREFIX * 2):
             self._warn(f"skipped AUFS metadata entry {member.name!r}")
@@ -358,7 +400,7 @@ class _Extractor:
 
     def _set_xattrs(self, target: int | bytes, member: tarfile.TarInfo) -> None:
         for name, value in sorted(_member_xattrs(member, self.layer).items()):
-            if name.startswith(_OVERLAY_XATTR_PREFIX):
+            if name.startswith(OVERLAY_XATTR_PREFIX):
                 self._warn(f"dropped xattr {name!r} of {member.name!r}: overlayfs would act on it")
                 continue
             try:

@@ -1,7 +1,7 @@
-"""Pytest fixtures: the catalogue of `afsd.lab.images`, pushed into the session's `open_registry`.
+"""Pytest fixtures: the catalogue of `afsd.lab` test images, pushed into the session's `open_registry`.
 
 All fixtures are session-scoped (built and pushed once per run) and return
-`afsd.lab.images.PushedImage`s: `.reference` (`127.0.0.1:PORT/afsd-test/NAME:TAG`), `.registry`,
+`afsd.lab.skopeo.PushedImage`s: `.reference` (`127.0.0.1:PORT/afsd-test/NAME:TAG`), `.registry`,
 `.repository`, `.tag`, `.digest` and `.media_type` of what the registry serves, `.manifests`
 (per platform: manifest digest, config digest, layers with digest, diff_id, media type and
 compression), `.platforms`, `.pinned_reference(platform)`, `.layout` (the local OCI layout it was
@@ -27,8 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from afsd.lab import images
-from afsd.lab.images import PushedImage
+from afsd.lab import catalogue
+from afsd.lab.debian import CachedImage, debian_layout
+from afsd.lab.oci_layout import ImageSpec, write_oci_layout
+from afsd.lab.skopeo import PushedImage
 from tests.support.registries import LabRegistry
 
 REPOSITORY_PREFIX = "afsd-test"
@@ -45,13 +47,12 @@ def image_layouts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def features_images(open_registry: LabRegistry, image_layouts: Path) -> dict[str, PushedImage]:
     pushed = {}
-    for flavour in images.FEATURES_FLAVOURS:
-        spec, media_types, facts = images.features_image(flavour)
+    for flavour in catalogue.FEATURES_FLAVOURS:
+        spec, media_types, facts = catalogue.features_image(flavour)
         # A layout holds OCI media types only; push_layout converts `docker-*` flavours (skopeo v2s2).
-        layout = images.write_oci_layout(image_layouts, f"features-{flavour}", spec)
-        pushed[flavour] = images.push_layout(layout, open_registry.address, f"{REPOSITORY_PREFIX}/features",
-                                             flavour, media_types=media_types,
-                                             facts={spec.platform: facts})
+        layout = write_oci_layout(image_layouts, f"features-{flavour}", spec)
+        pushed[flavour] = open_registry.push(layout, f"{REPOSITORY_PREFIX}/features", flavour,
+                                             media_types=media_types, facts={spec.platform: facts})
     return pushed
 
 
@@ -62,24 +63,24 @@ def features_image(features_images: dict[str, PushedImage]) -> PushedImage:
 
 @pytest.fixture(scope="session")
 def multiarch_image(open_registry: LabRegistry, image_layouts: Path) -> PushedImage:
-    built = images.multiarch_images()
-    layout = images.write_oci_layout(image_layouts, "multiarch", [spec for spec, _ in built])
-    return images.push_layout(layout, open_registry.address, f"{REPOSITORY_PREFIX}/multiarch", "latest",
+    built = catalogue.multiarch_images()
+    layout = write_oci_layout(image_layouts, "multiarch", [spec for spec, _ in built])
+    return open_registry.push(layout, f"{REPOSITORY_PREFIX}/multiarch", "latest",
                               facts={spec.platform: facts for spec, facts in built})
 
 
 @pytest.fixture(scope="session")
 def implicit_parents_image(open_registry: LabRegistry, image_layouts: Path) -> PushedImage:
-    layers, facts = images.implicit_parents_layers()
-    spec = images.ImageSpec(layers)
-    layout = images.write_oci_layout(image_layouts, "implicit-parents", spec)
-    return images.push_layout(layout, open_registry.address, f"{REPOSITORY_PREFIX}/implicit-parents",
-                              "latest", facts={spec.platform: facts})
+    layers, facts = catalogue.implicit_parents_layers()
+    spec = ImageSpec(layers)
+    layout = write_oci_layout(image_layouts, "implicit-parents", spec)
+    return open_registry.push(layout, f"{REPOSITORY_PREFIX}/implicit-parents", "latest",
+                              facts={spec.platform: facts})
 
 
 @pytest.fixture(scope="session")
-def debian_cached_image() -> images.CachedImage:
-    cached = images.debian_layout()
+def debian_cached_image() -> CachedImage:
+    cached = debian_layout()
     if cached.source != "debootstrap":
         warnings.warn(f"the Debian test image is a busybox-static stand-in: {cached.fallback_reason}",
                       stacklevel=1)
@@ -87,7 +88,7 @@ def debian_cached_image() -> images.CachedImage:
 
 
 @pytest.fixture(scope="session")
-def debian_image(open_registry: LabRegistry, debian_cached_image: images.CachedImage) -> PushedImage:
+def debian_image(open_registry: LabRegistry, debian_cached_image: CachedImage) -> PushedImage:
     cached = debian_cached_image
-    return images.push_layout(cached.layout, open_registry.address, f"{REPOSITORY_PREFIX}/debian", "bookworm",
+    return open_registry.push(cached.layout, f"{REPOSITORY_PREFIX}/debian", "bookworm",
                               facts={m.platform: cached.facts for m in cached.layout.manifests})

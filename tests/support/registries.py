@@ -1,5 +1,5 @@
 """Pytest fixtures: real `docker-registry` processes (anonymous, htpasswd, token auth), a fault proxy,
-and helpers that build small OCI images in Python, push them with skopeo and pull them back.
+and helpers that push small images into them and pull them back with afsd's registry client.
 
 Fixtures (registries are session-scoped; each stops its processes at the end):
 - `open_registry`: anonymous access.
@@ -10,28 +10,29 @@ Fixtures (registries are session-scoped; each stops its processes at the end):
   registry; stopped after the test.
 
 Each registry fixture yields a `LabRegistry`: `.address` (`127.0.0.1:PORT`), `.username` /
-`.password`, `.creds` (`user:pass` for `skopeo --dest-creds`, or None), `.skopeo_dest_args()`,
-`.config()` (a `RegistryConfig` that can pull from it) and `.token_server` for the token registry.
+`.password`, `.creds` (`user:pass` for skopeo, or None), `.push(layout, repository, tag)` (skopeo,
+via `afsd.lab.skopeo.push_layout`), `.config()` (a `RegistryConfig` that can pull from it) and
+`.token_server` for the token registry.
+
+Images are built and pushed by `afsd.lab` (`image_of_files` + `push_image` for small ones); only
+`put_image_raw` talks to the registry API itself, for manifests skopeo would not push.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
-import json
-import shutil
 import subprocess
-import tarfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from afsd.lab.facts import ImageFacts
+from afsd.lab.layers import NS_PER_SECOND, Entry, LayerSpec, sha256_digest
+from afsd.lab.oci_layout import ImageSpec, LayoutImage, write_oci_layout
 from afsd.lab.registry import HtpasswdAuth, RegistryProcess, start_registry
-from afsd.oci import mediatypes
+from afsd.lab.skopeo import MediaTypes, PushedImage, push_layout
 from afsd.oci.client import RegistryClient, ResolvedImage
 from afsd.oci.config import Credential, RegistryConfig
 from afsd.oci.platform import Platform
@@ -42,6 +43,7 @@ from tests.support.tokenserver import TokenServer
 USERNAME = "afsd"
 PASSWORD = "s3cret"
 IDENTITY_TOKEN = "afsd-identity-token"
+AMD64 = Platform("linux", "amd64")
 
 
 @dataclass
@@ -62,11 +64,11 @@ class LabRegistry:
         """`user:pass` for `skopeo --dest-creds`, or None for an anonymous registry."""
         return f"{self.username}:{self.password}" if self.username else None
 
-    def skopeo_dest_args(self) -> list[str]:
-        args = ["--dest-tls-verify=false"]
-        if self.creds:
-            args += ["--dest-creds", self.creds]
-        return args
+    def push(self, layout: LayoutImage, repository: str, tag: str | None = None, *,
+             media_types: MediaTypes = "oci", facts: Mapping[Platform, ImageFacts] | None = None) -> PushedImage:
+        """`afsd.lab.skopeo.push_layout` to this registry, logged in as this registry's user."""
+        return push_layout(layout, self.address, repository, tag, media_types=media_types, creds=self.creds,
+                           facts=facts)
 
     @property
     def insecure_hosts(self) -> frozenset[str]:
@@ -94,17 +96,43 @@ class LabRegistry:
         return RegistryConfig(**settings)
 
 
-# -- building and pushing images ---------------------------------------------------------------
+# -- small images for the registry-client tests ----------------------------------------------------
+
+FILE_MTIME_NS = 1_600_000_000 * NS_PER_SECOND
+
+
+def image_of_files(layers: Sequence[Mapping[str, bytes]], platform: Platform = AMD64, *,
+                   entrypoint: Sequence[str] = ("/bin/hello",), cmd: Sequence[str] = ("--greet", "world"),
+                   env: Sequence[str] = ("PATH=/usr/bin:/bin", "GREETING=hi"), working_dir: str = "/srv",
+                   user: str = "1000:1000") -> ImageSpec:
+    """A small image: one gzip layer per `{path: content}` mapping (mode 0755, parent directories
+    implied), with a runtime config the tests can recognise."""
+    return ImageSpec(
+        tuple(LayerSpec(tuple(Entry.file(path, content, mode=0o755, mtime_ns=FILE_MTIME_NS)
+                              for path, content in sorted(files.items())), "gzip", add_parents=False)
+              for files in layers),
+        platform, cmd=tuple(cmd), env=tuple(env), entrypoint=tuple(entrypoint), working_dir=working_dir,
+        user=user)
+
+
+def push_image(registry: LabRegistry, repository: str, images: ImageSpec | Sequence[ImageSpec], workdir: Path, *,
+               tag: str = "latest", media_types: MediaTypes = "oci") -> PushedImage:
+    """Write `images` (one image, or an index of several) into the OCI layout `workdir/layout` and push
+    them to `registry` as `repository:tag` with skopeo (`media_types="docker"`: Docker schema 2)."""
+    layout = write_oci_layout(workdir / "layout", f"{repository.replace('/', '-')}-{tag}", images)
+    return registry.push(layout, repository, tag, media_types=media_types)
 
 
 @dataclass(frozen=True)
 class Blob:
+    """A blob held in memory, for manifests written by hand (`put_image_raw`)."""
+
     media_type: str
     data: bytes
 
     @property
     def digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.data).hexdigest()
+        return sha256_digest(self.data)
 
     @property
     def size(self) -> int:
@@ -114,116 +142,11 @@ class Blob:
         return {"mediaType": self.media_type, "digest": self.digest, "size": self.size, **extra}
 
 
-@dataclass
-class ImageSpec:
-    """A small image: one layer per dict of `path -> content`, and its runtime config."""
-
-    layers: list[dict[str, bytes]]
-    platform: Platform = Platform("linux", "amd64")
-    entrypoint: list[str] = field(default_factory=lambda: ["/bin/hello"])
-    cmd: list[str] = field(default_factory=lambda: ["--greet", "world"])
-    env: list[str] = field(default_factory=lambda: ["PATH=/usr/bin:/bin", "GREETING=hi"])
-    working_dir: str = "/srv"
-    user: str = "1000:1000"
-
-
-@dataclass(frozen=True)
-class BuiltImage:
-    """What went into one platform's image: layer blobs (bottom to top) and the config."""
-
-    spec: ImageSpec
-    layers: list[Blob]
-    diff_ids: list[str]
-    config: Blob
-    manifest: Blob
-
-
-@dataclass(frozen=True)
-class PushedImage:
-    reference: str  # `address/repository:tag`
-    digest: str  # digest of what the registry now serves for the tag (index or manifest)
-    images: list[BuiltImage]
-
-
-def layer_tar(files: dict[str, bytes]) -> bytes:
-    """An uncompressed, reproducible tar of `files` (parent directories implied)."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path, content in sorted(files.items()):
-            info = tarfile.TarInfo(path)
-            info.size, info.mode, info.mtime = len(content), 0o755, 1_600_000_000
-            tar.addfile(info, io.BytesIO(content))
-    return out.getvalue()
-
-
-def build_image(spec: ImageSpec) -> BuiltImage:
-    tars = [layer_tar(files) for files in spec.layers]
-    layers = [Blob("application/vnd.oci.image.layer.v1.tar+gzip", gzip.compress(t, mtime=0)) for t in tars]
-    diff_ids = ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]
-    config = {
-        "architecture": spec.platform.architecture, "os": spec.platform.os,
-        **({"variant": spec.platform.variant} if spec.platform.variant else {}),
-        "config": {"Entrypoint": spec.entrypoint, "Cmd": spec.cmd, "Env": spec.env,
-                   "WorkingDir": spec.working_dir, "User": spec.user},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }
-    config_blob = Blob(mediatypes.OCI_CONFIG, json.dumps(config, sort_keys=True).encode())
-    manifest = {"schemaVersion": 2, "mediaType": mediatypes.OCI_MANIFEST, "config": config_blob.descriptor(),
-                "layers": [layer.descriptor() for layer in layers]}
-    return BuiltImage(spec, layers, diff_ids, config_blob,
-                      Blob(mediatypes.OCI_MANIFEST, json.dumps(manifest, sort_keys=True).encode()))
-
-
-def _platform_json(platform: Platform) -> dict:
-    result = {"os": platform.os, "architecture": platform.architecture}
-    return {**result, "variant": platform.variant} if platform.variant else result
-
-
-def write_oci_layout(directory: Path, images: list[BuiltImage], tag: str, *, as_index: bool) -> None:
-    """An OCI image layout whose `tag` names one manifest, or an index of all `images`."""
-    blobs_dir = directory / "blobs" / "sha256"
-    blobs_dir.mkdir(parents=True, exist_ok=True)
-    blobs = [b for image in images for b in (*image.layers, image.config, image.manifest)]
-    if as_index:
-        index = {"schemaVersion": 2, "mediaType": mediatypes.OCI_INDEX,
-                 "manifests": [image.manifest.descriptor(platform=_platform_json(image.spec.platform))
-                               for image in images]}
-        top = Blob(mediatypes.OCI_INDEX, json.dumps(index, sort_keys=True).encode())
-        blobs.append(top)
-    else:
-        (top,) = (image.manifest for image in images)
-    for blob in blobs:
-        (blobs_dir / blob.digest.split(":", 1)[1]).write_bytes(blob.data)
-    (directory / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    ref_index = {"schemaVersion": 2, "manifests": [
-        top.descriptor(annotations={"org.opencontainers.image.ref.name": tag})]}
-    (directory / "index.json").write_text(json.dumps(ref_index))
-
-
-def push_image(registry: LabRegistry, repository: str, specs: list[ImageSpec], workdir: Path, *,
-               tag: str = "latest", as_index: bool | None = None, docker_format: bool = False) -> PushedImage:
-    """Build the images, write an OCI layout under `workdir` and `skopeo copy` it to the registry.
-
-    Several specs (or `as_index=True`) make an index; `docker_format` converts to Docker schema 2
-    (manifest list for an index).
-    """
-    images = [build_image(spec) for spec in specs]
-    as_index = len(specs) > 1 if as_index is None else as_index
-    layout = workdir / f"layout-{repository.replace('/', '_')}-{tag}"
-    shutil.rmtree(layout, ignore_errors=True)
-    write_oci_layout(layout, images, tag, as_index=as_index)
-    digest_file = workdir / f"digest-{repository.replace('/', '_')}-{tag}"
-    command = ["skopeo", "copy", "--quiet", "--digestfile", str(digest_file), *registry.skopeo_dest_args()]
-    if as_index:
-        command.append("--all")
-    if docker_format:
-        command += ["--format", "v2s2"]
-    reference = f"{registry.address}/{repository}:{tag}"
-    command += [f"oci:{layout}:{tag}", f"docker://{reference}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        raise RuntimeError(f"skopeo copy to {reference} failed: {result.stderr.strip()}")
-    return PushedImage(reference, digest_file.read_text().strip(), images)
+def layer_blobs(image: PushedImage, manifest_index: int = 0) -> list[Blob]:
+    """The layers of one of `image.manifests`, bottom first: media types as the registry serves them,
+    bytes from the layout they were pushed from (skopeo never changes a layer's bytes)."""
+    return [Blob(layer.media_type, image.layout.read_blob(layer.digest))
+            for layer in image.manifests[manifest_index].layers]
 
 
 def put_image_raw(registry: LabRegistry, repository: str, tag: str, blobs: list[Blob],
@@ -247,7 +170,7 @@ def put_image_raw(registry: LabRegistry, repository: str, tag: str, blobs: list[
 
 
 async def pull_image(config: RegistryConfig, reference: str, dest: Path,
-                     platform: Platform = Platform("linux", "amd64")) -> ResolvedImage:
+                     platform: Platform = AMD64) -> ResolvedImage:
     """Resolve `reference` and download every layer to `dest/layer-N`, as the converter would."""
     async with RegistryClient(config) as client:
         resolved = await client.resolve(parse_reference(reference), platform)

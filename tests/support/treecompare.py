@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from afsd.lab.images import file_kind
+from afsd.lab.facts import file_kind
 
 # Mount plumbing, not image content:
 # - trusted.overlay.*: overlayfs' own bookkeeping (opaque, redirect, origin, metacopy, ...). It is

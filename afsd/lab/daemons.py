@@ -1,0 +1,148 @@
+"""afsd daemons run as real child processes on loopback: for `afsd demo` and the tests.
+
+Each daemon is `python -m afsd <subcommand> ...` with its own log file, started in its own session so
+it can be stopped (SIGTERM), killed (SIGKILL) and restarted with the same arguments, exactly as an
+operator would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from afsd.lab.registry import free_port
+
+
+class DaemonError(RuntimeError):
+    pass
+
+
+def wait_for_port(host: str, port: int, process: subprocess.Popen | None, timeout: float, log: Path | None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise DaemonError(f"daemon exited with {process.returncode} at startup:\n{tail}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise DaemonError(f"nothing listened on {host}:{port} within {timeout}s")
+
+
+@dataclass
+class Daemon:
+    """One afsd daemon process; `start()` again after `stop()`/`kill()` restarts it as it was."""
+
+    name: str
+    args: list[str]
+    host: str
+    port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    prefix: list[str] = field(default_factory=list)  # e.g. unshare/ip netns exec, to run it elsewhere
+    process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it to listen (see `start_all`)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [*self.prefix, sys.executable, "-m", "afsd", "--log-level", "info", *self.args],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, **self.env})
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        wait_for_port(self.host, self.port, self.process, timeout, self.log_path)
+
+    def start(self, timeout: float = 30.0) -> "Daemon":
+        self.spawn()
+        self.wait_ready(timeout)
+        return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.running():
+            assert self.process is not None
+            os.kill(self.process.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: nothing gets to clean up."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM and wait (SIGKILL after `timeout`); returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def with_hosts_file(hosts: Path) -> list[str]:
+    """A `Daemon.prefix` that runs the daemon in a private mount namespace where `hosts` is /etc/hosts:
+    the daemon's name lookups see those entries, nothing else on the machine does."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts)]
+
+
+def start_all(daemons: list[Daemon], timeout: float = 30.0) -> None:
+    """Start daemons in parallel: each takes about a second to import and bind."""
+    for daemon in daemons:
+        daemon.spawn()
+    for daemon in daemons:
+        daemon.wait_ready(timeout)
+
+
+def discovery_daemon(workdir: Path, name: str, *, ttl: float = 30.0, registry_args: list[str] = (),
+                     host: str = "127.0.0.1", metrics: bool = True) -> Daemon:
+    port = free_port(host)
+    args = ["discovery", "--listen", f"{host}:{port}", "--ttl", str(ttl), *registry_args]
+    if metrics:
+        args += ["--metrics-listen", f"{host}:{free_port(host)}"]
+    return Daemon(name, args, host, port, workdir / f"{name}.log")
+
+
+def layerstore_daemon(workdir: Path, name: str, discovery: list[str], *, cache_max_bytes: int = 0,
+                      heartbeat_period: float = 10.0, registry_args: list[str] = (),
+                      host: str = "127.0.0.1", metrics: bool = True) -> Daemon:
+    port = free_port(host)
+    args = ["layerstore", "--listen", f"{host}:{port}", "--node-id", name,
+            "--cache-dir", str(workdir / name / "cache"), "--heartbeat-period", str(heartbeat_period),
+            *registry_args]
+    for endpoint in discovery:
+        args += ["--discovery-endpoint", endpoint]
+    if cache_max_bytes:
+        args += ["--cache-max-bytes", str(cache_max_bytes)]
+    if metrics:
+        args += ["--metrics-listen", f"{host}:{free_port(host)}"]
+    return Daemon(name, args, host, port, workdir / f"{name}.log")
+
+
+def metrics_address(daemon: Daemon) -> str | None:
+    if "--metrics-listen" in daemon.args:
+        return daemon.args[daemon.args.index("--metrics-listen") + 1]
+    return None

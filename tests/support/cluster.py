@@ -1,0 +1,153 @@
+"""A real afsd cluster on loopback for tests: a registry, discovery replicas and layerstores, each a
+separate process, plus typed gRPC clients to talk to them.
+
+`LocalCluster` starts what a test asks for; everything is stopped at the end of the test (fixture
+`cluster`). Images are small, built in Python and pushed with skopeo into the cluster's own registry,
+so the registry's access log counts only this test's fetches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from afsd.api import discovery_pb2 as dpb
+from afsd.api import discovery_pb2_grpc as dgrpc
+from afsd.api import layerstore_pb2 as lpb
+from afsd.api import layerstore_pb2_grpc as lgrpc
+from afsd.lab.catalogue import seeded_bytes
+from afsd.lab.daemons import Daemon, discovery_daemon, layerstore_daemon, start_all
+from afsd.lab.layers import Entry, LayerSpec
+from afsd.lab.oci_layout import ImageSpec, write_oci_layout
+from afsd.lab.registry import RegistryProcess, start_registry
+from afsd.lab.skopeo import PushedImage, push_layout
+
+
+@dataclass
+class LocalCluster:
+    workdir: Path
+    registry: RegistryProcess
+    discoveries: list[Daemon] = field(default_factory=list)
+    layerstores: list[Daemon] = field(default_factory=list)
+    _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+
+    @property
+    def registry_args(self) -> list[str]:
+        return ["--insecure-registry", self.registry.address]
+
+    async def start_discovery(self, count: int = 1, *, ttl: float = 30.0) -> list[Daemon]:
+        daemons = [discovery_daemon(self.workdir, f"discovery{len(self.discoveries) + i}", ttl=ttl,
+                                    registry_args=self.registry_args) for i in range(count)]
+        self.discoveries += daemons
+        await asyncio.to_thread(start_all, daemons)
+        return daemons
+
+    async def start_layerstores(self, count: int = 1, *, cache_max_bytes: int = 0, heartbeat_period: float = 1.0,
+                                discovery_endpoints: list[str] | None = None,
+                                prefix: list[str] | None = None) -> list[Daemon]:
+        endpoints = discovery_endpoints if discovery_endpoints is not None else [d.address for d in self.discoveries]
+        daemons = [layerstore_daemon(self.workdir, f"node{len(self.layerstores) + i}", endpoints,
+                                     cache_max_bytes=cache_max_bytes, heartbeat_period=heartbeat_period,
+                                     registry_args=self.registry_args) for i in range(count)]
+        for daemon in daemons:
+            daemon.prefix = list(prefix or [])
+        self.layerstores += daemons
+        await asyncio.to_thread(start_all, daemons)
+        return daemons
+
+    async def restart(self, daemon: Daemon) -> None:
+        await asyncio.to_thread(daemon.start)
+
+    async def push(self, name: str, layers: tuple[LayerSpec, ...], tag: str = "v1") -> PushedImage:
+        def build_and_push() -> PushedImage:
+            layout = write_oci_layout(self.workdir / "layouts" / name, tag, ImageSpec(layers))
+            return push_layout(layout, self.registry.address, f"test/{name}", tag)
+        return await asyncio.to_thread(build_and_push)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return channel
+
+    def layerstore(self, daemon: Daemon) -> lgrpc.LayerStoreStub:
+        return lgrpc.LayerStoreStub(self.channel(daemon.address))
+
+    def discovery(self, daemon: Daemon) -> dgrpc.ServiceDiscoveryStub:
+        return dgrpc.ServiceDiscoveryStub(self.channel(daemon.address))
+
+    async def wait_until(self, predicate: Callable[[], "asyncio.Future[bool] | bool"], timeout: float,
+                         what: str) -> float:
+        """Poll `predicate` (sync or async) until true; return the seconds it took."""
+        started = time.monotonic()
+        while True:
+            result = predicate()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            await asyncio.sleep(0.2)
+
+    async def nodes_for_layer(self, discovery: Daemon, digest: str) -> set[str]:
+        response = await self.discovery(discovery).FindProvider(dpb.FindProviderRequest(layer_digest=digest))
+        return {s.node_id for s in response.services}
+
+    async def nodes_for_image(self, discovery: Daemon, key: str) -> set[str]:
+        response = await self.discovery(discovery).FindImageProvider(dpb.FindImageProviderRequest(image_key=key))
+        return {s.node_id for s in response.services}
+
+    async def wait_registered(self, count: int, timeout: float = 20.0) -> None:
+        for discovery in self.discoveries:
+            async def enough(d: Daemon = discovery) -> bool:
+                response = await self.discovery(d).FindProvider(dpb.FindProviderRequest())
+                return len(response.services) >= count
+            await self.wait_until(enough, timeout, f"{count} layerstores registered at {discovery.name}")
+
+    async def pull(self, daemon: Daemon, image: PushedImage | str, **fields: object) -> lpb.PullImageResponse:
+        reference = image if isinstance(image, str) else image.reference
+        return await self.layerstore(daemon).PullImage(lpb.PullImageRequest(image=reference, **fields))
+
+    async def read_all(self, daemon: Daemon, digest: str, offset: int = 0, length: int = 1 << 40) -> bytes:
+        parts = []
+        async for message in self.layerstore(daemon).ReadLayer(
+                lpb.ReadLayerRequest(digest=digest, offset=offset, length=length)):
+            parts.append(message.data)
+        return b"".join(parts)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    def stop(self) -> None:
+        for daemon in self.layerstores + self.discoveries:
+            daemon.stop()
+        self.registry.stop()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
+    registry = await asyncio.to_thread(start_registry, tmp_path / "registry")
+    local = LocalCluster(tmp_path, registry)
+    try:
+        yield local
+    finally:
+        await local.close()
+        await asyncio.to_thread(local.stop)
+
+
+def small_image(seed: str, size: int, *, layers: int = 2, compression: str = "gzip") -> tuple[LayerSpec, ...]:
+    """`layers` layers, each holding one incompressible file of about `size / layers` bytes."""
+    return tuple(
+        LayerSpec((Entry(f"data/{seed}-{index}.bin", data=seeded_bytes(f"{seed}{index}", size // layers)),
+                   Entry(f"etc/{seed}-{index}.txt", data=f"{seed} layer {index}\n".encode())),
+                  compression=compression)
+        for index in range(layers))
