@@ -77,3 +77,7 @@ class UsageError(AfsdError):
     """A command-line option or combination of options that cannot work."""
 
     exit_code = 2
+
+
+class FetchError(AfsdError):
+    """No layerstore could serve verified bytes of a layer's blob (every provider failed, or none holds it)."""

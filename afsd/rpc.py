@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import grpc
 
@@ -57,13 +59,17 @@ def new_server() -> grpc.aio.Server:
 
 
 async def run_until_signalled(server: grpc.aio.Server, *, grace: float = 5.0,
-                              on_stop: Iterable[Callable[[], object]] = ()) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting calls and give running ones `grace` seconds."""
+                              on_stop: Iterable[Callable[[], object]] = (), started: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting calls and give running ones `grace` seconds.
+
+    `started`: the server is already running (e.g. from `start_unix_server`).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await server.start()
+    if not started:
+        await server.start()
     try:
         await stop.wait()
     finally:
@@ -73,6 +79,39 @@ async def run_until_signalled(server: grpc.aio.Server, *, grace: float = 5.0,
             if asyncio.iscoroutine(result):
                 await result
         await server.stop(grace)
+
+
+async def start_unix_server(path: Path, add_services: Callable[[grpc.aio.Server], None]) -> grpc.aio.Server:
+    """A gRPC server on a unix socket that only root can reach (the socket is 0600 in a 0700 dir).
+
+    A stale socket file from a crashed process is replaced; a live one (another daemon answering)
+    is an error rather than being stolen.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.exists():
+        if await _socket_answers(path):
+            raise errors.UsageError(f"{path} is in use by another running daemon")
+        path.unlink()
+    server = new_server()
+    add_services(server)
+    old_umask = os.umask(0o177)
+    try:
+        if server.add_insecure_port(f"unix:{path}") == 0:
+            raise errors.UsageError(f"cannot listen on unix socket {path}")
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return server
+
+
+async def _socket_answers(path: Path) -> bool:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 1.0)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 class ChannelPool:

@@ -6,6 +6,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ImportLayerRequest(_message.Message):
+    __slots__ = ("path", "stat")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    STAT_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    stat: StatLayerResponse
+    def __init__(self, path: _Optional[str] = ..., stat: _Optional[_Union[StatLayerResponse, _Mapping]] = ...) -> None: ...
+
+class ImportLayerResponse(_message.Message):
+    __slots__ = ("layer", "imported")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    IMPORTED_FIELD_NUMBER: _ClassVar[int]
+    layer: Layer
+    imported: bool
+    def __init__(self, layer: _Optional[_Union[Layer, _Mapping]] = ..., imported: bool = ...) -> None: ...
+
 class Layer(_message.Message):
     __slots__ = ("digest", "media_type", "compressed_size", "afs_size", "cache_path", "cached", "blob_digest", "diff_id")
     DIGEST_FIELD_NUMBER: _ClassVar[int]

@@ -527,3 +527,83 @@ class LayerStore(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class LocalLayerStoreStub(object):
+    """Served only on the layerstore's local admin socket (root only), never over the network: it takes a
+    path on this machine.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ImportLayer = channel.unary_unary(
+                '/layerstore.v1.LocalLayerStore/ImportLayer',
+                request_serializer=afsd_dot_api_dot_layerstore__pb2.ImportLayerRequest.SerializeToString,
+                response_deserializer=afsd_dot_api_dot_layerstore__pb2.ImportLayerResponse.FromString,
+                _registered_method=True)
+
+
+class LocalLayerStoreServicer(object):
+    """Served only on the layerstore's local admin socket (root only), never over the network: it takes a
+    path on this machine.
+    """
+
+    def ImportLayer(self, request, context):
+        """Adopt a complete blob that this node's on-demand mounts assembled, so that the node becomes a
+        provider of the layer. The file is verified against `stat` before it is used.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_LocalLayerStoreServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ImportLayer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportLayer,
+                    request_deserializer=afsd_dot_api_dot_layerstore__pb2.ImportLayerRequest.FromString,
+                    response_serializer=afsd_dot_api_dot_layerstore__pb2.ImportLayerResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'layerstore.v1.LocalLayerStore', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('layerstore.v1.LocalLayerStore', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class LocalLayerStore(object):
+    """Served only on the layerstore's local admin socket (root only), never over the network: it takes a
+    path on this machine.
+    """
+
+    @staticmethod
+    def ImportLayer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerstore.v1.LocalLayerStore/ImportLayer',
+            afsd_dot_api_dot_layerstore__pb2.ImportLayerRequest.SerializeToString,
+            afsd_dot_api_dot_layerstore__pb2.ImportLayerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="seconds between heartbeats (default %(default)s)")
     parser.add_argument("--fetch-concurrency", type=int, default=3,
                         help="layers downloaded and converted at once (default %(default)s)")
+    parser.add_argument("--admin-socket", type=Path, default=Path("/run/afsd/layerstore.sock"),
+                        help="unix socket (root only) for local requests such as importing blobs assembled by "
+                             "this node's mounts (default %(default)s)")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     add_registry_options(parser)
     parser.set_defaults(handler=run)
@@ -61,10 +64,10 @@ async def run(args: argparse.Namespace) -> int:
     from afsd.cluster.discovery_client import DiscoveryClient
     from afsd.cluster.heartbeat import heartbeat_forever
     from afsd.cluster.layerstore import LayerStoreNode
-    from afsd.cluster.layerstore_service import LayerStoreService
+    from afsd.cluster.layerstore_service import LayerStoreService, LocalLayerStoreService
     from afsd.metrics import serve_metrics
     from afsd.oci.client import RegistryClient
-    from afsd.rpc import ChannelPool, new_server, run_until_signalled
+    from afsd.rpc import ChannelPool, new_server, run_until_signalled, start_unix_server
 
     if not args.advertise:
         _check_listen(args.listen)
@@ -84,12 +87,13 @@ async def run(args: argparse.Namespace) -> int:
         layerstore_pb2_grpc.add_LayerStoreServicer_to_server(LayerStoreService(node), server)
         if server.add_insecure_port(args.listen) == 0:
             raise UsageError(f"cannot listen on {args.listen}")
+        admin = await start_unix_server(args.admin_socket, lambda s: layerstore_pb2_grpc.add_LocalLayerStoreServicer_to_server(LocalLayerStoreService(node), s))
         beats = asyncio.create_task(heartbeat_forever(node, discovery, args.heartbeat_period)) \
             if args.discovery_endpoint else None
         log.warning("layerstore %s listening on %s, cache %s (limit %d bytes)", args.node_id, args.listen,
                     args.cache_dir, store.limit)
         try:
-            await run_until_signalled(server)
+            await run_until_signalled(server, on_stop=[lambda: admin.stop(1)])
         finally:
             if beats:
                 beats.cancel()

@@ -21,9 +21,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -102,6 +105,26 @@ class ImageRecord:
                    manifest_digest=data["manifest_digest"],
                    layers=[LayerWant(**layer) for layer in data["layers"]],
                    config=data.get("config", {}), resolved_at=float(data.get("resolved_at", 0)))
+
+
+def _link_or_copy_verified(source: Path, dest: Path, layer: PeerLayer) -> None:
+    """Place `source` at `dest` (hard link, else copy) and check it is exactly `layer`'s blob."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+    try:
+        table, whole = layer.chunks, hashlib.sha256()
+        with open(dest, "rb") as handle:
+            for offset in range(0, max(layer.blob.size, 1), table.chunk_size):
+                data = handle.read(table.chunk_size)
+                table.check(offset, data, source=str(source))
+                whole.update(data)
+            if handle.read(1) or "sha256:" + whole.hexdigest() != layer.blob.digest:
+                raise DigestMismatchError(f"{source} is not the blob {layer.blob.digest} of {layer.digest}")
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
 
 
 def rendezvous_order(digest: str, nodes: Iterable[discovery_pb2.ServiceInstance]) -> list[discovery_pb2.ServiceInstance]:
@@ -428,6 +451,37 @@ class LayerStoreNode:
         except BaseException:
             await asyncio.to_thread(converted.unlink, missing_ok=True)
             raise
+
+    # -- adopting blobs assembled on this node ---------------------------------------------------
+
+    async def import_layer(self, path: Path, layer: PeerLayer) -> tuple[StoredLayer, bool]:
+        """Adopt the complete blob at `path` (assembled by this node's on-demand mounts) as `layer`.
+
+        The file is checked against the layer's chunk table and blob digest, then hard-linked (or
+        copied, across filesystems) into the cache; afterwards this node advertises the layer.
+        """
+        existing = self.store.get(layer.digest)
+        if existing is not None:
+            return existing, False
+        problem = self._unusable(layer, LayerWant(layer.digest, layer.media_type, layer.compressed_size))
+        if problem:
+            raise AfsdError(f"cannot import {layer.digest}: {problem}")
+        partial = self.store.new_partial(layer.digest)
+        await asyncio.to_thread(_link_or_copy_verified, path, partial, layer)
+        try:
+            reservation, evicted = await self.store.reserve(layer.blob.size, [layer.digest], f"layer {layer.digest}")
+        except BaseException:
+            await asyncio.to_thread(partial.unlink, missing_ok=True)
+            raise
+        self.record_evictions(evicted)
+        try:
+            stored = await self.store.commit(layer.digest, layer.media_type, layer.compressed_size, layer.blob,
+                                             partial, reservation, layer.blob.size)
+        finally:
+            self.store.release(reservation)
+        LAYERS_FETCHED.labels("import").inc()
+        self._changed()
+        return stored, True
 
     # -- queries --------------------------------------------------------------------------------
 

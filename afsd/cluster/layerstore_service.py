@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 from prometheus_client import Counter
@@ -14,7 +15,7 @@ from afsd.api import layerstore_pb2 as pb
 from afsd.api import layerstore_pb2_grpc as pb_grpc
 from afsd.cluster.blobstore import StoredLayer
 from afsd.cluster.layerstore import ImageRecord, LayerStoreNode, LayerWant
-from afsd.cluster.peers import MAX_READ_MESSAGE
+from afsd.cluster.peers import MAX_READ_MESSAGE, stat_to_peer_layer
 from afsd.errors import AfsdError
 from afsd.oci.platform import Platform, parse_platform
 from afsd.oci.reference import ImageReference, parse_reference
@@ -190,3 +191,22 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
         self.node.record_evictions(result.evicted)
         return pb.PruneCacheResponse(before_bytes=result.before, after_bytes=result.after,
                                      reclaimed_bytes=result.reclaimed, evicted_layers=len(result.evicted))
+
+
+class LocalLayerStoreService(pb_grpc.LocalLayerStoreServicer):
+    """The admin-socket service: operations that take paths on this machine."""
+
+    def __init__(self, node: LayerStoreNode) -> None:
+        self.node = node
+
+    async def ImportLayer(self, request: pb.ImportLayerRequest, context: grpc.aio.ServicerContext) -> pb.ImportLayerResponse:
+        if not _DIGEST.match(request.stat.digest) or not request.path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ImportLayer needs a path and the layer's stat")
+        try:
+            layer, imported = await self.node.import_layer(Path(request.path), stat_to_peer_layer(request.stat))
+        except FileNotFoundError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.path} does not exist")
+        except AfsdError as error:
+            await abort_for(context, error)
+            raise
+        return pb.ImportLayerResponse(layer=_layer_message(layer), imported=imported)

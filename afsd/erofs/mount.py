@@ -57,6 +57,12 @@ def mount_overlay(lowers: Sequence[Path], target: Path, *, upper: Path | None = 
     _mount(b"overlay", target, b"overlay", flags, data, what=f"overlay of {len(lowers)} layers")
 
 
+def mount_tmpfs(target: Path, size_bytes: int = 0) -> None:
+    """Mount a fresh tmpfs at `target` (mode 0755; `size_bytes` 0 means the kernel's default)."""
+    options = "mode=0755" + (f",size={size_bytes}" if size_bytes > 0 else "")
+    _mount(b"tmpfs", target, b"tmpfs", 0, options.encode(), what="tmpfs")
+
+
 def unmount(target: Path, *, detach: bool = False) -> None:
     """Unmount `target`; `detach` makes it lazy (MNT_DETACH) so a busy mount still goes away."""
     if _libc.umount2(os.fsencode(target), MNT_DETACH if detach else 0) != 0:

@@ -87,8 +87,7 @@ def mount_image_stack(layers: Sequence[StackLayer], target: Path, *, scratch: Pa
     image). With `upper` and `work` the overlay is writable; without them it is read-only.
 
     Everything mounted or created under `scratch` is unmounted and removed on exit, also when the body
-    or a later step fails. Raises `MountError` naming what could not be mounted or built. Blocking:
-    async callers run it in a worker thread.
+    or a later step fails. Raises `MountError` naming what could not be mounted or built.
     """
     if not layers:
         raise ValueError("mount_image_stack needs at least one layer")
@@ -101,25 +100,45 @@ def mount_image_stack(layers: Sequence[StackLayer], target: Path, *, scratch: Pa
             mount_erofs(layer.blob_path, point)
             cleanup.callback(unmount, point, detach=True)
             trees.append(LayerTree(point, layer.implicit_dirs))
-        fixup_dir = scratch / "fixup"
-        cleanup.callback(_remove_tree, fixup_dir)
-        fixup = build_fixup(trees, fixup_dir)
-
-        lowers = [tree.root for tree in reversed(trees)]
-        if fixup is not None:
-            lowers.insert(0, fixup)
-        if extra_dir is not None:
-            lowers.insert(0, extra_dir)
-        if len(lowers) == 1 and upper is None:
-            # overlayfs needs two lower directories without an upper one (and without overlayfs the
-            # layer's whiteouts would show as character devices).
-            empty = scratch / "empty-layer"
-            empty.mkdir()
-            cleanup.callback(empty.rmdir)
-            lowers.append(empty)
-        mount_overlay(lowers, target, upper=upper, work=work)
+        cleanup.callback(remove_stack_scratch, scratch)
+        stack_layer_trees(trees, target, scratch=scratch, extra_dir=extra_dir, upper=upper, work=work)
         cleanup.callback(unmount, target, detach=True)
         yield target
+
+
+def stack_layer_trees(trees: Sequence[LayerTree], target: Path, *, scratch: Path, extra_dir: Path | None = None,
+                      upper: Path | None = None, work: Path | None = None) -> None:
+    """Mount the overlayfs of already mounted layers (bottom first) at `target`.
+
+    The fixup tree (if one is needed) and, for a lone read-only layer, an empty second lower are
+    created under `scratch`; `remove_stack_scratch(scratch)` removes them after `target` is unmounted.
+    """
+    fixup = build_fixup(trees, scratch / "fixup")
+    lowers = [tree.root for tree in reversed(trees)]
+    if fixup is not None:
+        lowers.insert(0, fixup)
+    if extra_dir is not None:
+        lowers.insert(0, extra_dir)
+    if len(lowers) == 1 and upper is None:
+        # overlayfs needs two lower directories without an upper one (and without overlayfs the
+        # layer's whiteouts would show as character devices).
+        empty = scratch / "empty-layer"
+        empty.mkdir(parents=True, exist_ok=True)
+        lowers.append(empty)
+    try:
+        mount_overlay(lowers, target, upper=upper, work=work)
+    except BaseException:
+        remove_stack_scratch(scratch)
+        raise
+
+
+def remove_stack_scratch(scratch: Path) -> None:
+    """Remove what `stack_layer_trees` created under `scratch` (not `scratch` itself)."""
+    _remove_tree(scratch / "fixup")
+    try:
+        (scratch / "empty-layer").rmdir()
+    except FileNotFoundError:
+        pass
 
 
 def build_fixup(layers: Sequence[LayerTree], dest: Path) -> Path | None:

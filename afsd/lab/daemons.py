@@ -37,6 +37,22 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen | None, timeou
     raise DaemonError(f"nothing listened on {host}:{port} within {timeout}s")
 
 
+def wait_for_unix_socket(path: Path, process: subprocess.Popen | None, timeout: float, log: Path | None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise DaemonError(f"daemon exited with {process.returncode} at startup:\n{tail}")
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(0.5)
+                sock.connect(str(path))
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise DaemonError(f"nothing answered on {path} within {timeout}s")
+
+
 @dataclass
 class Daemon:
     """One afsd daemon process; `start()` again after `stop()`/`kill()` restarts it as it was."""
@@ -48,6 +64,7 @@ class Daemon:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     prefix: list[str] = field(default_factory=list)  # e.g. unshare/ip netns exec, to run it elsewhere
+    socket_path: Path | None = None                    # ready when this unix socket answers (no TCP port)
     process: subprocess.Popen | None = None
 
     @property
@@ -64,7 +81,10 @@ class Daemon:
                 env={**os.environ, **self.env})
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        wait_for_port(self.host, self.port, self.process, timeout, self.log_path)
+        if self.socket_path is not None:
+            wait_for_unix_socket(self.socket_path, self.process, timeout, self.log_path)
+        else:
+            wait_for_port(self.host, self.port, self.process, timeout, self.log_path)
 
     def start(self, timeout: float = 30.0) -> "Daemon":
         self.spawn()
@@ -132,7 +152,7 @@ def layerstore_daemon(workdir: Path, name: str, discovery: list[str], *, cache_m
     port = free_port(host)
     args = ["layerstore", "--listen", f"{host}:{port}", "--node-id", name,
             "--cache-dir", str(workdir / name / "cache"), "--heartbeat-period", str(heartbeat_period),
-            *registry_args]
+            "--admin-socket", str(workdir / name / "layerstore.sock"), *registry_args]
     for endpoint in discovery:
         args += ["--discovery-endpoint", endpoint]
     if cache_max_bytes:
@@ -140,6 +160,24 @@ def layerstore_daemon(workdir: Path, name: str, discovery: list[str], *, cache_m
     if metrics:
         args += ["--metrics-listen", f"{host}:{free_port(host)}"]
     return Daemon(name, args, host, port, workdir / f"{name}.log")
+
+
+def node_daemon(workdir: Path, name: str, discovery: list[str], *, layerstore: Daemon | None = None,
+                extra_args: list[str] = (), metrics: bool = True, host: str = "127.0.0.1") -> Daemon:
+    """`afsd node` with its state and socket under `workdir/name`; with `layerstore`, that layerstore is
+    this node's own (read first, and given the blobs this node assembles)."""
+    state = workdir / name
+    socket_path = state / "node.sock"
+    args = ["node", "--socket", str(socket_path), "--state-dir", str(state / "state"), "--node-id", name,
+            *extra_args]
+    for endpoint in discovery:
+        args += ["--discovery-endpoint", endpoint]
+    if layerstore is not None:
+        args += ["--layerstore", layerstore.address,
+                 "--layerstore-admin-socket", layerstore.args[layerstore.args.index("--admin-socket") + 1]]
+    if metrics:
+        args += ["--metrics-listen", f"{host}:{free_port(host)}"]
+    return Daemon(name, args, host, 0, workdir / f"{name}.log", socket_path=socket_path)
 
 
 def metrics_address(daemon: Daemon) -> str | None:

@@ -9,6 +9,8 @@ so the registry's access log counts only this test's fetches.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -21,12 +23,14 @@ from afsd.api import discovery_pb2 as dpb
 from afsd.api import discovery_pb2_grpc as dgrpc
 from afsd.api import layerstore_pb2 as lpb
 from afsd.api import layerstore_pb2_grpc as lgrpc
+from afsd.erofs.mount import unmount
 from afsd.lab.catalogue import seeded_bytes
-from afsd.lab.daemons import Daemon, discovery_daemon, layerstore_daemon, start_all
+from afsd.lab.daemons import Daemon, discovery_daemon, layerstore_daemon, node_daemon, start_all
 from afsd.lab.layers import Entry, LayerSpec
 from afsd.lab.oci_layout import ImageSpec, write_oci_layout
 from afsd.lab.registry import RegistryProcess, start_registry
 from afsd.lab.skopeo import PushedImage, push_layout
+from afsd.node.records import mounted_paths
 
 
 @dataclass
@@ -35,6 +39,7 @@ class LocalCluster:
     registry: RegistryProcess
     discoveries: list[Daemon] = field(default_factory=list)
     layerstores: list[Daemon] = field(default_factory=list)
+    nodes: list[Daemon] = field(default_factory=list)
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
 
     @property
@@ -60,6 +65,20 @@ class LocalCluster:
         self.layerstores += daemons
         await asyncio.to_thread(start_all, daemons)
         return daemons
+
+    async def start_node(self, layerstore: Daemon | None = None, *, extra_args: list[str] = ()) -> Daemon:
+        """An `afsd node` daemon (mounts), paired with `layerstore` as its node's own layerstore."""
+        daemon = node_daemon(self.workdir, f"mounter{len(self.nodes)}", [d.address for d in self.discoveries],
+                             layerstore=layerstore, extra_args=list(extra_args))
+        self.nodes.append(daemon)
+        await asyncio.to_thread(daemon.start)
+        return daemon
+
+    async def afsd(self, node: Daemon | None, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run the `afsd` CLI as a user would (with `node`'s control socket for the mount verbs)."""
+        socket_args = ["--socket", str(node.socket_path)] if node is not None else []
+        command = [sys.executable, "-m", "afsd", *args[:1], *socket_args, *args[1:]]
+        return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=timeout)
 
     async def restart(self, daemon: Daemon) -> None:
         await asyncio.to_thread(daemon.start)
@@ -128,7 +147,7 @@ class LocalCluster:
         self._channels.clear()
 
     def stop(self) -> None:
-        for daemon in self.layerstores + self.discoveries:
+        for daemon in self.nodes + self.layerstores + self.discoveries:
             daemon.stop()
         self.registry.stop()
 
@@ -142,6 +161,16 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     finally:
         await local.close()
         await asyncio.to_thread(local.stop)
+        # Mounts outlive the node daemon by design: whatever a test left mounted goes now.
+        await asyncio.to_thread(unmount_everything_under, tmp_path)
+
+
+def unmount_everything_under(root: Path) -> list[str]:
+    """Detach every mount below `root` (deepest first); return what was still mounted."""
+    leftovers = sorted((p for p in mounted_paths() if p.startswith(str(root) + "/")), key=len, reverse=True)
+    for point in leftovers:
+        unmount(Path(point), detach=True)
+    return leftovers
 
 
 def small_image(seed: str, size: int, *, layers: int = 2, compression: str = "gzip") -> tuple[LayerSpec, ...]:

@@ -9,10 +9,12 @@ fails (showing the guest's traceback and captured output), skips or xfails as it
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+PR_SET_PDEATHSIG = 1
 CHECKOUT = Path(__file__).resolve().parents[2]
 KERNEL_SETUP = CHECKOUT / "scripts" / "kernel-setup.sh"
 VM_TEST = CHECKOUT / "scripts" / "vm-test.sh"
@@ -72,10 +75,16 @@ def _tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _die_with_parent() -> None:
+    # If pytest itself is killed (SIGKILL, a CI timeout), the child still gets SIGTERM and its trap stops qemu.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _run_logged(command: list[str], log: Path, env: dict[str, str], timeout: float) -> int:
-    """Run `command` with its output in `log`; kill it if we are interrupted (Ctrl-C, pytest-timeout)."""
+    """Run `command` with its output in `log`; stop it if we are interrupted (Ctrl-C, pytest-timeout)."""
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                   preexec_fn=_die_with_parent)
         try:
             return process.wait(timeout=timeout)
         except BaseException:

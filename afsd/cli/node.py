@@ -1,0 +1,185 @@
+"""`afsd node` (the privileged node daemon) and its clients `afsd mount`, `afsd umount`, `afsd mounts`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import sys
+from pathlib import Path
+
+from afsd.errors import AfsdError
+
+log = logging.getLogger("afsd.node")
+
+DEFAULT_SOCKET = Path("/run/afsd/node.sock")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    node = subparsers.add_parser(
+        "node", help="run the node daemon that mounts images (root)",
+        description="Own this node's kernel side: mount images as overlayfs over erofs layers whose misses are "
+                    "fetched on demand from peer layerstores. Clients (afsd mount/umount/mounts, afslet) talk "
+                    "to it over a unix socket only root can reach. Mounts outlive both the client and a restart "
+                    "of this daemon.")
+    node.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="control socket (default %(default)s)")
+    node.add_argument("--state-dir", type=Path, default=Path("/var/lib/afsd/node"),
+                      help="mount records, layer mounts and blob files; must be on ext4, xfs or btrfs for the "
+                           "fanotify backend (default %(default)s)")
+    node.add_argument("--discovery-endpoint", action="append", default=[], metavar="HOST:PORT", required=True,
+                      help="a discovery replica (repeatable)")
+    node.add_argument("--layerstore", metavar="HOST:PORT",
+                      help="this node's own layerstore: read from first, asked first to pull")
+    node.add_argument("--layerstore-admin-socket", type=Path,
+                      help="the local layerstore's admin socket: complete blobs are handed to it so this node "
+                           "becomes a provider (default: none)")
+    node.add_argument("--node-id", default=socket.gethostname(), help="this node's identity (default: host name)")
+    node.add_argument("--backend", action="append", dest="backends", metavar="NAME",
+                      help="enable only these backends (repeatable; default: every one this build has)")
+    node.add_argument("--no-prefetch", action="store_true",
+                      help="fetch only what readers touch (default: also fill whole blobs in the background)")
+    node.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    node.set_defaults(handler=run_node)
+
+    mount = subparsers.add_parser("mount", help="mount an image's rootfs at a directory",
+                                  description="Ask the node daemon to mount IMAGE at MOUNTPOINT (read-only unless "
+                                              "--upper or --tmpfs-upper). The mount stays until `afsd umount`.")
+    mount.add_argument("image", metavar="IMAGE")
+    mount.add_argument("target", metavar="MOUNTPOINT", type=Path)
+    mount.add_argument("--backend", default="auto", choices=["auto", "fanotify", "fscache", "eager"],
+                       help="how misses are served (default: the best this kernel supports)")
+    mount.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="platform of a multi-platform image")
+    upper = mount.add_mutually_exclusive_group()
+    upper.add_argument("--upper", type=Path, metavar="DIR",
+                       help="make the mount writable; changes go to DIR/upper (DIR/work is overlayfs' scratch)")
+    upper.add_argument("--tmpfs-upper", action="store_true", help="make the mount writable on a private tmpfs")
+    mount.add_argument("--extra-dir", type=Path, metavar="DIR", help="a read-only directory stacked above the image")
+    _client_options(mount)
+    mount.set_defaults(handler=run_mount)
+
+    umount = subparsers.add_parser("umount", help="unmount what `afsd mount` mounted",
+                                   description="Remove every mount afsd made for MOUNTPOINT (or mount id).")
+    umount.add_argument("target", metavar="MOUNTPOINT")
+    _client_options(umount)
+    umount.set_defaults(handler=run_umount)
+
+    mounts = subparsers.add_parser("mounts", help="list the node daemon's mounts",
+                                   description="List mounts with image, backend and how much of them is on this node.")
+    mounts.add_argument("--json", action="store_true", help="machine-readable output")
+    _client_options(mounts)
+    mounts.set_defaults(handler=run_mounts)
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
+                        help="the node daemon's control socket (default %(default)s)")
+
+
+async def run_node(args: argparse.Namespace) -> int:
+    from afsd.api import node_pb2_grpc
+    from afsd.metrics import serve_metrics
+    from afsd.node.backends import build_backends, source_factory
+    from afsd.node.daemon import NodeDaemon
+    from afsd.node.images import ImageLocator
+    from afsd.node.service import NodeService
+    from afsd.cluster.discovery_client import DiscoveryClient
+    from afsd.rpc import ChannelPool, run_until_signalled, start_unix_server
+
+    if args.metrics_listen:
+        serve_metrics(args.metrics_listen)
+    channels = ChannelPool()
+    discovery = DiscoveryClient(args.discovery_endpoint, channels)
+    backends = build_backends(args.state_dir, args.backends, prefetch=not args.no_prefetch)
+    daemon = NodeDaemon(
+        args.state_dir, locator=ImageLocator(discovery, channels, local_layerstore=args.layerstore, node_id=args.node_id),
+        backends=backends,
+        source_factory=source_factory(discovery, channels, discovery_endpoints=args.discovery_endpoint,
+                                      local_endpoint=args.layerstore, node_id=args.node_id),
+        layerstore_admin_socket=args.layerstore_admin_socket)
+    await daemon.start()
+    server = await start_unix_server(args.socket, lambda s: node_pb2_grpc.add_NodeServicer_to_server(NodeService(daemon), s))
+    log.warning("node daemon %s: socket %s, state %s, backends %s", args.node_id, args.socket, args.state_dir,
+                ", ".join(f"{n}={r}" for n, r in daemon.backend_availability().items()))
+    try:
+        await run_until_signalled(server, on_stop=[daemon.close], started=True)
+    finally:
+        await channels.close()
+    return 0
+
+
+def _stub(args: argparse.Namespace):
+    import grpc
+
+    from afsd.api import node_pb2_grpc
+
+    if not args.socket.exists():
+        raise AfsdError(f"the node daemon is not running (no socket {args.socket}); start it with `afsd node`")
+    channel = grpc.aio.insecure_channel(f"unix:{args.socket}")
+    return channel, node_pb2_grpc.NodeStub(channel)
+
+
+async def _call(args: argparse.Namespace, method: str, request):
+    import grpc
+
+    channel, stub = _stub(args)
+    async with channel:
+        try:
+            return await getattr(stub, method)(request, timeout=3600)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (error.details() or "").lower():
+                raise AfsdError(f"the node daemon is not running (nothing answers on {args.socket}); "
+                                "start it with `afsd node`") from None
+            raise AfsdError(error.details() or error.code().name) from None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+async def run_mount(args: argparse.Namespace) -> int:
+    from afsd.api import node_pb2 as pb
+
+    request = pb.MountRequest(image=args.image, target=str(args.target.absolute()), backend=args.backend,
+                              platform=args.platform or "", upper_dir=str(args.upper.absolute()) if args.upper else "",
+                              tmpfs_upper=args.tmpfs_upper,
+                              extra_dir=str(args.extra_dir.absolute()) if args.extra_dir else "")
+    response = await _call(args, "Mount", request)
+    mount = response.mount
+    print(f"mounted {mount.image} at {mount.target} with backend {mount.backend} "
+          f"({len(mount.layers)} layers, {_size(mount.bytes_cached)} of {_size(mount.bytes_total)} on this node, "
+          f"{response.seconds:.2f}s)")
+    return 0
+
+
+async def run_umount(args: argparse.Namespace) -> int:
+    from afsd.api import node_pb2 as pb
+
+    target = str(Path(args.target).absolute()) if "/" in args.target or Path(args.target).exists() else args.target
+    response = await _call(args, "Unmount", pb.UnmountRequest(target=target))
+    print(f"unmounted {response.mount.image} from {response.mount.target}")
+    return 0
+
+
+async def run_mounts(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from afsd.api import node_pb2 as pb
+
+    response = await _call(args, "ListMounts", pb.ListMountsRequest())
+    if args.json:
+        json.dump(json_format.MessageToDict(response, preserving_proto_field_name=True), sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{'MOUNT ID':<13} {'BACKEND':<9} {'CACHED':>10} {'TOTAL':>10}  {'TARGET':<30} IMAGE")
+    for mount in response.mounts:
+        print(f"{mount.mount_id:<13} {mount.backend:<9} {_size(mount.bytes_cached):>10} {_size(mount.bytes_total):>10}  "
+              f"{mount.target:<30} {mount.image}")
+    print("backends: " + ", ".join(f"{n} ({r})" for n, r in sorted(response.backends.items())))
+    if response.counters:
+        print("counters: " + ", ".join(f"{k}={v:g}" for k, v in sorted(response.counters.items())))
+    return 0

@@ -1,0 +1,36 @@
+"""Which on-demand backends the node daemon runs, and how they get their bytes (range fetchers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from afsd.cluster.discovery_client import DiscoveryClient
+from afsd.errors import UsageError
+from afsd.ondemand.base import Backend, BlobSource
+from afsd.ondemand.eager import EagerBackend
+from afsd.ondemand.spec import BlobSpec
+from afsd.rpc import ChannelPool
+
+
+def build_backends(state_dir: Path, enabled: Sequence[str] | None, *, prefetch: bool = True) -> dict[str, Backend]:
+    available: dict[str, Callable[[], Backend]] = {"eager": EagerBackend}
+    names = list(enabled) if enabled else list(available)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise UsageError(f"unknown backend(s) {', '.join(unknown)}: this build has {', '.join(available)}")
+    return {name: available[name]() for name in names}
+
+
+def source_factory(discovery: DiscoveryClient, channels: ChannelPool, *, discovery_endpoints: list[str],
+                   local_endpoint: str | None, node_id: str) -> Callable[[BlobSpec], BlobSource]:
+    """Per layer: a RangeFetcher reading from peer layerstores, and the settings a fetch worker in
+    another process needs to build its own."""
+    from afsd.cluster.fetcher import RangeFetcher
+
+    def make(spec: BlobSpec) -> BlobSource:
+        fetcher = RangeFetcher(spec, discovery=discovery, channels=channels, local_endpoint=local_endpoint,
+                               node_id=node_id)
+        return BlobSource(fetcher, {"kind": "cluster", "discovery": list(discovery_endpoints),
+                                    "local_endpoint": local_endpoint or "", "node_id": node_id})
+    return make

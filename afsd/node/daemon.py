@@ -1,0 +1,361 @@
+"""The node daemon's core: mounting images as overlayfs over on-demand erofs layers, and keeping them.
+
+Data flow of a mount: image reference → ImageLocator (discovery + layerstores) → one BlobSpec per layer
+→ per layer, shared by every mount that uses it: backend.attach (blob file) + backend.mount (a read-only
+erofs at <state>/layers/<hex>) → fixup tree + optional extra dir + optional writable upper →
+overlayfs at the target. Records on disk let a restarted daemon adopt what is mounted, or clean up
+what is half done: no mount is leaked either way. A layer whose blob becomes complete on this node is
+handed to the local layerstore (ImportLayer), which then advertises this node as a provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from afsd.api import layerstore_pb2 as lpb
+from afsd.api import layerstore_pb2_grpc as lgrpc
+from afsd.erofs.mount import mount_tmpfs, unmount
+from afsd.erofs.stack import LayerTree, remove_stack_scratch, stack_layer_trees
+from afsd.errors import AfsdError
+from afsd.node.images import ImageLocator
+from afsd.node.records import MountRecord, StateDir, mounted_paths
+from afsd.ondemand.base import Backend, BackendUnavailableError, BlobSource, present_bytes
+from afsd.ondemand.spec import BlobSpec
+from afsd.oci.platform import parse_platform
+from afsd.oci.reference import parse_reference
+
+log = logging.getLogger(__name__)
+
+MOUNTS = Gauge("afsd_node_mounts", "Image mounts held by the node daemon", ["backend"])
+MOUNT_SECONDS = Counter("afsd_node_mount_seconds_total", "Time spent mounting images")
+MOUNT_FAILURES = Counter("afsd_node_mount_failures_total", "Mount requests that failed")
+LAYERS_IMPORTED = Counter("afsd_node_layers_imported_total", "Complete blobs handed to the local layerstore")
+
+BACKEND_PREFERENCE = ("fanotify", "fscache", "eager")
+SPREAD_PERIOD = 2.0
+
+
+class MountRequestError(AfsdError):
+    """A mount request that cannot be satisfied as asked (bad target, unknown mount, ...)."""
+
+
+@dataclass
+class MountOptions:
+    image: str
+    target: Path
+    tag: str = ""
+    backend: str = "auto"
+    platform: str = ""
+    upper_dir: Path | None = None
+    tmpfs_upper: bool = False
+    tmpfs_upper_bytes: int = 0
+    extra_dir: Path | None = None
+
+
+@dataclass
+class LayerUse:
+    spec: BlobSpec
+    backend: Backend
+    blob_path: Path
+    mountpoint: Path
+    refs: int = 0
+    imported: bool = False
+    import_retry_at: float = 0.0
+
+
+SourceFactory = Callable[[BlobSpec], BlobSource]
+
+
+class NodeDaemon:
+    def __init__(self, state_dir: Path, *, locator: ImageLocator, backends: dict[str, Backend],
+                 source_factory: SourceFactory, layerstore_admin_socket: Path | None = None) -> None:
+        self.state = StateDir(state_dir)
+        self.locator = locator
+        self.backends = backends
+        self.source_factory = source_factory
+        self.layerstore_admin_socket = layerstore_admin_socket
+        self._records: dict[str, MountRecord] = {}
+        self._layers: dict[str, LayerUse] = {}
+        self._layer_locks: dict[str, asyncio.Lock] = {}
+        self._spreader: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.state.create)
+        for backend in self.backends.values():
+            await backend.start()
+        await self._restore()
+        self._spreader = asyncio.create_task(self._spread_complete_layers())
+
+    async def close(self) -> None:
+        """Stop serving requests. Mounts stay: they outlive the daemon and are adopted at restart."""
+        if self._spreader:
+            self._spreader.cancel()
+        for backend in self.backends.values():
+            await backend.close()
+
+    def backend_availability(self) -> dict[str, str]:
+        return {name: backend.unavailable_reason() or "available" for name, backend in self.backends.items()}
+
+    def choose_backend(self, name: str) -> Backend:
+        if name in ("", "auto"):
+            for candidate in BACKEND_PREFERENCE:
+                backend = self.backends.get(candidate)
+                if backend is not None and backend.unavailable_reason() is None:
+                    return backend
+            raise BackendUnavailableError("no on-demand backend can run on this node: "
+                                          + "; ".join(f"{n}: {r}" for n, r in self.backend_availability().items()))
+        backend = self.backends.get(name)
+        if backend is None:
+            raise BackendUnavailableError(f"unknown backend {name!r}: choose one of auto, "
+                                          + ", ".join(BACKEND_PREFERENCE))
+        reason = backend.unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {name} is not available on this node: {reason}")
+        return backend
+
+    # -- mounting -------------------------------------------------------------------------------
+
+    async def mount(self, options: MountOptions) -> MountRecord:
+        started = time.monotonic()
+        try:
+            record = await self._mount(options)
+        except BaseException:
+            MOUNT_FAILURES.inc()
+            raise
+        MOUNT_SECONDS.inc(time.monotonic() - started)
+        return record
+
+    async def _mount(self, options: MountOptions) -> MountRecord:
+        target = await asyncio.to_thread(self._check_target, options.target)
+        reference = parse_reference(options.image, options.tag or None)
+        platform = parse_platform(options.platform or None)
+        backend = self.choose_backend(options.backend)
+        for directory, what in ((options.extra_dir, "--extra-dir"), (options.upper_dir, "--upper")):
+            if directory is not None and not await asyncio.to_thread(Path(directory).is_dir):
+                raise MountRequestError(f"{what} {directory} is not a directory")
+        resolved = await self.locator.locate(reference, platform)
+        record = MountRecord(mount_id=uuid.uuid4().hex[:12], image=str(reference), image_key=resolved.key,
+                             manifest_digest=resolved.manifest_digest, target=str(target), backend=backend.name,
+                             created_unix=int(time.time()), layers=resolved.layers,
+                             extra_dir=str(options.extra_dir or ""))
+        async with contextlib.AsyncExitStack() as undo:
+            await asyncio.to_thread(self.state.save, record)
+            undo.push_async_callback(asyncio.to_thread, self.state.forget, record)
+            uses = []
+            for spec in resolved.layers:
+                use = await self._acquire_layer(spec, backend)
+                undo.push_async_callback(self._release_layer, spec.layer_digest)
+                record.layer_backends[spec.layer_digest] = use.backend.name
+                uses.append(use)
+            scratch = self.state.scratch(record.mount_id)
+            await asyncio.to_thread(scratch.mkdir, parents=True, exist_ok=True)
+            undo.push_async_callback(asyncio.to_thread, shutil.rmtree, scratch, True)
+            await self._prepare_upper(record, options, scratch, undo)
+            await asyncio.to_thread(self.state.save, record)
+            trees = [LayerTree(use.mountpoint, spec.implicit_dirs) for use, spec in zip(uses, resolved.layers)]
+            await asyncio.to_thread(
+                stack_layer_trees, trees, target, scratch=scratch, extra_dir=options.extra_dir,
+                upper=Path(record.upper_path) if record.upper_path else None,
+                work=Path(record.work_path) if record.work_path else None)
+            record.state = "mounted"
+            await asyncio.to_thread(self.state.save, record)
+            undo.pop_all()
+        self._records[record.mount_id] = record
+        MOUNTS.labels(backend.name).inc()
+        log.info("mounted %s at %s (%s, %d layers)", record.image, target, backend.name, len(uses))
+        return record
+
+    def _check_target(self, target: Path) -> Path:
+        target = Path(os.path.abspath(target))
+        if not target.is_dir():
+            raise MountRequestError(f"mount point {target} is not an existing directory")
+        if str(target) in mounted_paths():
+            raise MountRequestError(f"mount point {target} is in use (something is mounted there)")
+        if any(target.iterdir()):
+            raise MountRequestError(f"mount point {target} is not empty")
+        if any(r.target == str(target) for r in self._records.values()):
+            raise MountRequestError(f"mount point {target} is being mounted by another request")
+        return target
+
+    async def _prepare_upper(self, record: MountRecord, options: MountOptions, scratch: Path,
+                             undo: contextlib.AsyncExitStack) -> None:
+        if options.tmpfs_upper:
+            tmpfs = scratch / "upper-tmpfs"
+            await asyncio.to_thread(tmpfs.mkdir)
+            await asyncio.to_thread(mount_tmpfs, tmpfs, options.tmpfs_upper_bytes)
+            undo.push_async_callback(asyncio.to_thread, unmount, tmpfs, detach=True)
+            record.upper, record.tmpfs_path = "tmpfs", str(tmpfs)
+            base = tmpfs
+        elif options.upper_dir is not None:
+            base = Path(os.path.abspath(options.upper_dir))
+            record.upper = str(base)
+        else:
+            return
+        for name in ("upper", "work"):
+            await asyncio.to_thread((base / name).mkdir, exist_ok=True)
+        record.upper_path, record.work_path = str(base / "upper"), str(base / "work")
+
+    async def unmount(self, target_or_id: str) -> MountRecord:
+        record = self._find(target_or_id)
+        await self._teardown(record)
+        return record
+
+    def _find(self, target_or_id: str) -> MountRecord:
+        wanted = os.path.abspath(target_or_id) if "/" in target_or_id else target_or_id
+        for record in self._records.values():
+            if record.mount_id == target_or_id or record.target == wanted:
+                return record
+        raise MountRequestError(f"no afsd mount at {target_or_id}")
+
+    async def _teardown(self, record: MountRecord) -> None:
+        """Unmount the overlay, its tmpfs upper and (when unused) its layers; forget the record."""
+        mounted = await asyncio.to_thread(mounted_paths)
+        if record.target in mounted:
+            await asyncio.to_thread(unmount, Path(record.target), detach=True)
+        scratch = self.state.scratch(record.mount_id)
+        if record.tmpfs_path and record.tmpfs_path in mounted:
+            await asyncio.to_thread(unmount, Path(record.tmpfs_path), detach=True)
+        await asyncio.to_thread(remove_stack_scratch, scratch)
+        await asyncio.to_thread(shutil.rmtree, scratch, True)
+        for spec in record.layers:
+            if spec.layer_digest in self._layers:
+                await self._release_layer(spec.layer_digest)
+        await asyncio.to_thread(self.state.forget, record)
+        if self._records.pop(record.mount_id, None) is not None:
+            MOUNTS.labels(record.backend).dec()
+        log.info("unmounted %s from %s", record.image, record.target)
+
+    def mounts(self) -> list[MountRecord]:
+        return sorted(self._records.values(), key=lambda r: r.created_unix)
+
+    def layer_state(self, spec: BlobSpec) -> tuple[int, str]:
+        """(bytes of the blob present on this node, backend that attached it)."""
+        use = self._layers.get(spec.layer_digest)
+        if use is None:
+            return 0, ""
+        return present_bytes(use.blob_path, spec.size), use.backend.name
+
+    # -- shared layers --------------------------------------------------------------------------
+
+    async def _acquire_layer(self, spec: BlobSpec, backend: Backend) -> LayerUse:
+        lock = self._layer_locks.setdefault(spec.layer_digest, asyncio.Lock())
+        async with lock:
+            use = self._layers.get(spec.layer_digest)
+            if use is None:
+                use = LayerUse(spec, backend, self.state.blob_path(spec), self.state.layer_mountpoint(spec))
+                await self._attach_and_mount(use)
+                self._layers[spec.layer_digest] = use
+            use.refs += 1
+            return use
+
+    async def _attach_and_mount(self, use: LayerUse) -> None:
+        source = self.source_factory(use.spec)
+        try:
+            await use.backend.attach(use.spec, use.blob_path, source)
+        finally:
+            await source.source.close()
+        await asyncio.to_thread(use.mountpoint.mkdir, parents=True, exist_ok=True)
+        try:
+            await use.backend.mount(use.spec, use.blob_path, use.mountpoint)
+        except BaseException:
+            await use.backend.detach(use.spec, use.blob_path)
+            raise
+
+    async def _release_layer(self, digest: str) -> None:
+        lock = self._layer_locks.setdefault(digest, asyncio.Lock())
+        async with lock:
+            use = self._layers.get(digest)
+            if use is None:
+                return
+            use.refs -= 1
+            if use.refs > 0:
+                return
+            del self._layers[digest]
+            if str(use.mountpoint) in await asyncio.to_thread(mounted_paths):
+                await asyncio.to_thread(unmount, use.mountpoint, detach=True)
+            await use.backend.detach(use.spec, use.blob_path)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(use.mountpoint.rmdir)
+
+    # -- restart --------------------------------------------------------------------------------
+
+    async def _restore(self) -> None:
+        """Adopt the mounts an earlier run left; undo the ones it left half done."""
+        mounted = await asyncio.to_thread(mounted_paths)
+        for record in await asyncio.to_thread(self.state.records):
+            layer_points = [str(self.state.layer_mountpoint(spec)) for spec in record.layers]
+            intact = (record.state == "mounted" and record.target in mounted
+                      and all(point in mounted for point in layer_points)
+                      and all(record.layer_backends.get(s.layer_digest) in self.backends for s in record.layers))
+            if intact:
+                for spec in record.layers:
+                    use = self._layers.get(spec.layer_digest)
+                    if use is None:
+                        backend = self.backends[record.layer_backends[spec.layer_digest]]
+                        use = self._layers[spec.layer_digest] = LayerUse(
+                            spec, backend, self.state.blob_path(spec), self.state.layer_mountpoint(spec))
+                    use.refs += 1
+                self._records[record.mount_id] = record
+                MOUNTS.labels(record.backend).inc()
+                log.info("adopted the mount of %s at %s", record.image, record.target)
+            else:
+                log.warning("cleaning up the unfinished or broken mount of %s at %s", record.image, record.target)
+                await self._teardown(record)
+        # Layer mounts no record uses (a crash between mounting a layer and saving its record).
+        used = {str(use.mountpoint) for use in self._layers.values()}
+        for point in sorted(await asyncio.to_thread(lambda: list(self.state.layers.iterdir()))):
+            if str(point) in used:
+                continue
+            if str(point) in mounted:
+                await asyncio.to_thread(unmount, point, detach=True)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(point.rmdir)
+
+    # -- spreading ------------------------------------------------------------------------------
+
+    async def _spread_complete_layers(self) -> None:
+        """Hand blobs that became complete here to the local layerstore, so peers can read them."""
+        if self.layerstore_admin_socket is None:
+            return
+        while True:
+            await asyncio.sleep(SPREAD_PERIOD)
+            for use in list(self._layers.values()):
+                if use.imported or time.monotonic() < use.import_retry_at:
+                    continue
+                try:
+                    if await use.backend.is_complete(use.spec, use.blob_path):
+                        await self._import(use)
+                except (AfsdError, OSError, grpc.aio.AioRpcError) as error:
+                    log.warning("could not hand %s to the local layerstore (will retry): %s",
+                                use.spec.layer_digest, error)
+                    use.import_retry_at = time.monotonic() + 30.0
+
+    async def _import(self, use: LayerUse) -> None:
+        spec = use.spec
+        stat = lpb.StatLayerResponse(
+            digest=spec.layer_digest, afs_size=spec.size, blob_digest=spec.blob_digest,
+            data_map=[lpb.ByteRange(offset=o, length=n) for o, n in spec.data_map], chunk_size=spec.chunk_size,
+            chunk_digests=list(spec.chunk_digests), converter=spec.converter, blob_id=spec.blob_id,
+            diff_id=spec.diff_id, media_type=spec.media_type, compressed_size=spec.compressed_size,
+            implicit_dirs=list(spec.implicit_dirs))
+        async with grpc.aio.insecure_channel(f"unix:{self.layerstore_admin_socket}") as channel:
+            response = await lgrpc.LocalLayerStoreStub(channel).ImportLayer(
+                lpb.ImportLayerRequest(path=str(use.blob_path), stat=stat), timeout=600)
+        use.imported = True
+        if response.imported:
+            LAYERS_IMPORTED.inc()
+            log.info("this node now provides %s (blob assembled by its mounts)", spec.layer_digest)

@@ -1,0 +1,155 @@
+"""From an image reference to the blobs a mount needs: resolve through discovery, make sure some
+layerstore holds every layer (asking one to pull when nobody does), and describe each layer's blob.
+
+The result is one `BlobSpec` per layer, bottom first, with the providers that hold exactly that blob
+(the same blob digest: nodes running another converter have other bytes and are left out).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import grpc
+
+from afsd.api import discovery_pb2 as dpb
+from afsd.api import layerstore_pb2 as lpb
+from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
+from afsd.cluster.keys import image_key
+from afsd.cluster.layerstore import rendezvous_order
+from afsd.cluster.peers import LayerStorePeer
+from afsd.errors import AfsdError, NotFoundError, RegistryError
+from afsd.ondemand.spec import BlobSpec
+from afsd.oci.platform import Platform
+from afsd.oci.reference import ImageReference
+from afsd.rpc import ChannelPool
+
+log = logging.getLogger(__name__)
+
+PULL_TIMEOUT = 20 * 60.0
+
+
+class ImageUnavailableError(AfsdError):
+    """No layerstore has the image and none could pull it."""
+
+
+@dataclass(frozen=True)
+class ResolvedMount:
+    key: str
+    reference: ImageReference
+    manifest_digest: str
+    layers: list[BlobSpec]  # bottom first
+
+
+def _grpc_to_error(error: grpc.aio.AioRpcError, what: str) -> AfsdError:
+    """Keep the meaning of a remote failure: NOT_FOUND stays a not-found, and so on."""
+    message = f"{what}: {error.details() or error.code().name}"
+    if error.code() == grpc.StatusCode.NOT_FOUND:
+        return NotFoundError(message)
+    if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return AfsdError(message)
+    return RegistryError(message) if error.code() == grpc.StatusCode.PERMISSION_DENIED else ImageUnavailableError(message)
+
+
+class ImageLocator:
+    def __init__(self, discovery: DiscoveryClient, channels: ChannelPool, *, local_layerstore: str | None = None,
+                 node_id: str = "") -> None:
+        self.discovery = discovery
+        self.channels = channels
+        self.local_layerstore = local_layerstore
+        self.node_id = node_id
+
+    async def locate(self, reference: ImageReference, platform: Platform) -> ResolvedMount:
+        request = dpb.ResolveImageRequest(image=str(reference), platform_os=platform.os,
+                                          platform_arch=platform.architecture, platform_variant=platform.variant)
+        try:
+            resolved = await self.discovery.resolve_image(request)
+        except grpc.aio.AioRpcError as error:
+            raise _grpc_to_error(error, f"cannot resolve {reference}") from None
+        except DiscoveryUnavailableError as error:
+            raise ImageUnavailableError(f"cannot resolve {reference}: {error}") from None
+        digests = [layer.digest for layer in resolved.layers]
+        holders = {digest: await self._holders(digest) for digest in digests}
+        if any(not nodes for nodes in holders.values()):
+            puller, pulled = await self._pull_somewhere(reference, platform)
+            # The puller holds every layer now, even before its next heartbeat reaches discovery.
+            for layer in pulled.layers:
+                holders.setdefault(layer.digest, [])
+                if all(n.endpoint != puller for n in holders[layer.digest]):
+                    holders[layer.digest].append(dpb.ServiceInstance(
+                        endpoint=puller, layer_digests=[layer.digest],
+                        layer_stats=[dpb.LayerStat(digest=layer.digest, afs_size=layer.afs_size,
+                                                   blob_digest=layer.blob_digest)]))
+        specs = [await self._spec(digest, holders[digest], reference) for digest in digests]
+        return ResolvedMount(image_key(reference, platform), reference, resolved.manifest_digest, specs)
+
+    async def _holders(self, digest: str) -> list[dpb.ServiceInstance]:
+        try:
+            return await self.discovery.find_provider(digest)
+        except (DiscoveryUnavailableError, grpc.aio.AioRpcError) as error:
+            log.warning("cannot ask discovery who holds %s: %s", digest, error)
+            return []
+
+    async def _pull_somewhere(self, reference: ImageReference, platform: Platform) -> tuple[str, lpb.PullImageResponse]:
+        """Ask a layerstore to pull the image: this node's own first, then the others."""
+        candidates: list[str] = [self.local_layerstore] if self.local_layerstore else []
+        try:
+            everyone = await self.discovery.find_provider("")
+        except (DiscoveryUnavailableError, grpc.aio.AioRpcError):
+            everyone = []
+        candidates += [n.endpoint for n in rendezvous_order(reference.key, everyone) if n.endpoint not in candidates]
+        if not candidates:
+            raise ImageUnavailableError(f"no layerstore is registered in discovery to pull {reference}")
+        request = lpb.PullImageRequest(image=str(reference), platform_os=platform.os,
+                                       platform_arch=platform.architecture, platform_variant=platform.variant)
+        failures = []
+        for endpoint in candidates:
+            try:
+                log.info("asking layerstore %s to pull %s", endpoint, reference)
+                return endpoint, await LayerStorePeer(endpoint, self.channels).stub.PullImage(request, timeout=PULL_TIMEOUT)
+            except grpc.aio.AioRpcError as error:
+                if _is_about_the_image(error.code()):  # the image itself is the problem: no use asking others
+                    raise _grpc_to_error(error, f"cannot pull {reference}") from None
+                failures.append(f"{endpoint}: {error.code().name} {error.details()}")
+        raise ImageUnavailableError(f"no layerstore could pull {reference}: " + "; ".join(failures))
+
+    async def _spec(self, digest: str, holders: list[dpb.ServiceInstance], reference: ImageReference) -> BlobSpec:
+        if not holders:
+            raise ImageUnavailableError(f"layer {digest} of {reference} is on no layerstore, even after a pull")
+        # Providers must agree on the blob; the most common blob digest wins (others ran another converter).
+        by_node = {}
+        for node in holders:
+            stat = next((s for s in node.layer_stats if s.digest == digest), None)
+            if stat is not None:
+                by_node[node.endpoint] = stat.blob_digest
+        common = Counter(by_node.values()).most_common(1)
+        blob_digest = common[0][0] if common else ""
+        providers = [n.endpoint for n in holders if by_node.get(n.endpoint, blob_digest) == blob_digest]
+        if self.local_layerstore in providers:
+            providers.remove(self.local_layerstore)
+            providers.insert(0, self.local_layerstore)
+        errors = []
+        for endpoint in providers:
+            try:
+                stat = await LayerStorePeer(endpoint, self.channels).stub.StatLayer(
+                    lpb.StatLayerRequest(digest=digest), timeout=10)
+            except grpc.aio.AioRpcError as error:
+                errors.append(f"{endpoint}: {error.code().name}")
+                continue
+            if blob_digest and stat.blob_digest != blob_digest:
+                errors.append(f"{endpoint}: blob {stat.blob_digest} differs from the advertised {blob_digest}")
+                continue
+            return BlobSpec(
+                layer_digest=digest, blob_digest=stat.blob_digest, size=stat.afs_size, chunk_size=stat.chunk_size,
+                chunk_digests=tuple(stat.chunk_digests), data_map=tuple((r.offset, r.length) for r in stat.data_map),
+                implicit_dirs=tuple(stat.implicit_dirs), providers=tuple(providers), media_type=stat.media_type,
+                compressed_size=stat.compressed_size, diff_id=stat.diff_id, blob_id=stat.blob_id,
+                converter=stat.converter)
+        raise ImageUnavailableError(f"no provider of layer {digest} answered StatLayer: " + "; ".join(errors))
+
+
+def _is_about_the_image(code: grpc.StatusCode) -> bool:
+    """Whether a PullImage failure is about the image (same answer everywhere) rather than the node."""
+    return code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS)

@@ -1,0 +1,81 @@
+"""`afsd.node.v1.Node` over gRPC on the node daemon's unix socket: translation around NodeDaemon."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+
+from afsd.api import node_pb2 as pb
+from afsd.api import node_pb2_grpc as pb_grpc
+from afsd.errors import AfsdError, InvalidReferenceError, NotFoundError
+from afsd.node.daemon import MountOptions, MountRequestError, NodeDaemon
+from afsd.node.images import ImageUnavailableError
+from afsd.node.records import MountRecord
+from afsd.ondemand.base import BackendUnavailableError
+from afsd.rpc import status_for
+
+_STATUS = [
+    (MountRequestError, grpc.StatusCode.FAILED_PRECONDITION),
+    (BackendUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
+    (InvalidReferenceError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ImageUnavailableError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: AfsdError) -> None:
+    code = next((c for kind, c in _STATUS if isinstance(error, kind)), None) or status_for(error)
+    await context.abort(code, str(error))
+
+
+class NodeService(pb_grpc.NodeServicer):
+    def __init__(self, daemon: NodeDaemon) -> None:
+        self.daemon = daemon
+
+    async def _info(self, record: MountRecord) -> pb.MountInfo:
+        layers = []
+        for spec in record.layers:
+            cached, _ = await asyncio.to_thread(self.daemon.layer_state, spec)
+            layers.append(pb.LayerState(digest=spec.layer_digest, blob_digest=spec.blob_digest, size=spec.size,
+                                        cached_bytes=cached))
+        return pb.MountInfo(
+            mount_id=record.mount_id, image=record.image, image_key=record.image_key, target=record.target,
+            backend=record.backend, created_unix=record.created_unix, layers=layers,
+            bytes_cached=sum(l.cached_bytes for l in layers), bytes_total=sum(l.size for l in layers),
+            upper=record.upper, extra_dir=record.extra_dir, manifest_digest=record.manifest_digest)
+
+    async def Mount(self, request: pb.MountRequest, context: grpc.aio.ServicerContext) -> pb.MountResponse:
+        if not request.image or not request.target:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "mount needs an image and a target directory")
+        if request.tmpfs_upper and request.upper_dir:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "choose either an upper directory or a tmpfs upper")
+        options = MountOptions(
+            image=request.image, tag=request.tag, target=Path(request.target), backend=request.backend or "auto",
+            platform=request.platform, upper_dir=Path(request.upper_dir) if request.upper_dir else None,
+            tmpfs_upper=request.tmpfs_upper, tmpfs_upper_bytes=request.tmpfs_upper_bytes,
+            extra_dir=Path(request.extra_dir) if request.extra_dir else None)
+        started = asyncio.get_running_loop().time()
+        try:
+            record = await self.daemon.mount(options)
+        except AfsdError as error:
+            await _abort(context, error)
+            raise
+        return pb.MountResponse(mount=await self._info(record), seconds=asyncio.get_running_loop().time() - started)
+
+    async def Unmount(self, request: pb.UnmountRequest, context: grpc.aio.ServicerContext) -> pb.UnmountResponse:
+        try:
+            record = await self.daemon.unmount(request.target)
+        except AfsdError as error:
+            await _abort(context, error)
+            raise
+        return pb.UnmountResponse(mount=pb.MountInfo(mount_id=record.mount_id, image=record.image,
+                                                     target=record.target, backend=record.backend))
+
+    async def ListMounts(self, request: pb.ListMountsRequest, context: grpc.aio.ServicerContext) -> pb.ListMountsResponse:
+        counters: dict[str, float] = {}
+        for name, backend in self.daemon.backends.items():
+            counters.update({f"{name}.{key}": value for key, value in backend.counters().items()})
+        return pb.ListMountsResponse(mounts=[await self._info(r) for r in self.daemon.mounts()],
+                                     backends=self.daemon.backend_availability(), counters=counters)

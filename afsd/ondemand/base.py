@@ -1,0 +1,89 @@
+"""The one interface every kernel backend implements, and choosing a backend for the running kernel.
+
+A backend turns a blob it does not have yet into a mounted, read-only erofs filesystem whose misses
+are served on demand: `attach` prepares the blob (for `eager`: fetch it all; for `fanotify`: a sparse
+file with its metadata present, marked for pre-content events; for `fscache`: registered with the
+cachefiles daemon), `mount` mounts it, `detach` undoes `attach` once nothing uses the blob. Nothing
+outside afsd/ondemand/ knows which backend runs (see STYLE.md: small interfaces between big parts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from afsd.erofs.mount import mount_erofs
+from afsd.errors import AfsdError
+from afsd.ondemand.spec import BlobSpec, RangeSource
+
+
+class BackendUnavailableError(AfsdError):
+    """The requested backend cannot run on this kernel or machine."""
+
+
+@dataclass
+class BlobSource:
+    """Where a blob's bytes come from: an in-process source (prefill, eager fetches) and the settings
+    from which another process (a fetch worker) can build its own."""
+
+    source: RangeSource
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when this backend can run here, else one line saying why not and what to do."""
+
+    async def start(self) -> None:
+        """Called once when the node daemon starts (reattach to a supervisor, ...)."""
+
+    async def close(self) -> None:
+        """Called when the node daemon stops; mounts stay (they outlive the daemon)."""
+
+    @abstractmethod
+    async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource) -> None:
+        """Make `blob_path` mountable; its misses (if any) are served from `source` from now on."""
+
+    async def mount(self, spec: BlobSpec, blob_path: Path, target: Path) -> None:
+        """Mount the attached blob read-only at `target` (file-backed erofs by default)."""
+        await asyncio.to_thread(mount_erofs, blob_path, target)
+
+    async def detach(self, spec: BlobSpec, blob_path: Path) -> None:
+        """Undo `attach` after the blob's last mount is gone."""
+
+    async def is_complete(self, spec: BlobSpec, blob_path: Path) -> bool:
+        """Whether every byte of the blob is on this node (then it can be served to peers)."""
+        return await asyncio.to_thread(present_bytes, blob_path, spec.size) >= spec.size
+
+    def counters(self) -> dict[str, float]:
+        """Backend-specific counters for `afsd mounts` and metrics."""
+        return {}
+
+
+def present_bytes(path: Path, size: int) -> int:
+    """Bytes of `path` that are not holes (SEEK_DATA/SEEK_HOLE), capped at `size`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    try:
+        total, position = 0, 0
+        while position < size:
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after position
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            total += min(end, size) - min(start, size)
+            position = end
+        return total
+    finally:
+        os.close(fd)

@@ -1,0 +1,218 @@
+"""The kernel interface of the fanotify backend, written down once: syscalls, constants, wire layouts.
+
+Everything that talks to the fanotify group (the supervisor, the keeper, tests) uses these bindings and
+the one `LAYOUTS` table below; nobody else spells a struct format. Layouts are from the uapi header
+<linux/fanotify.h> (Linux 6.14+ for pre-content events), native byte order.
+
+Traps measured on this kernel (see docs/fanotify-backend.md) that the constants below encode:
+- the group must be FAN_CLASS_PRE_CONTENT and cannot be combined with FAN_REPORT_FID;
+- FAN_UNLIMITED_QUEUE is not optional: when a bounded queue is full the kernel drops a permission
+  event and lets the access through (the reader would see the hole's zeros);
+- only a few errnos can ride in a FAN_DENY answer (`DENY_ERRNOS`); any other makes the answer's
+  write() fail and leaves the reader blocked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# fanotify_init flags
+FAN_CLOEXEC = 0x00000001
+FAN_NONBLOCK = 0x00000002
+FAN_CLASS_PRE_CONTENT = 0x00000008
+FAN_UNLIMITED_QUEUE = 0x00000010
+FAN_UNLIMITED_MARKS = 0x00000020
+
+# fanotify_mark flags
+FAN_MARK_ADD = 0x00000001
+FAN_MARK_REMOVE = 0x00000002
+FAN_MARK_FLUSH = 0x00000080
+
+# event masks
+FAN_ACCESS_PERM = 0x00020000
+FAN_PRE_ACCESS = 0x00100000
+
+# answers
+FAN_ALLOW = 0x01
+FAN_DENY = 0x02
+FAN_NOFD = -1
+FANOTIFY_METADATA_VERSION = 3
+FAN_EVENT_INFO_TYPE_RANGE = 6
+# The errnos the kernel lets a FAN_DENY answer carry to the reader (measured; others give EINVAL).
+DENY_ERRNOS = frozenset({errno.EIO, errno.EPERM, errno.ENOSPC, errno.EBUSY, errno.ETXTBSY,
+                         errno.EAGAIN, errno.EDQUOT})
+
+# The one table of wire layouts (native order, no padding: '=').
+LAYOUTS: dict[str, struct.Struct] = {
+    # struct fanotify_event_metadata { u32 event_len; u8 vers; u8 reserved; u16 metadata_len;
+    #                                  u64 mask; s32 fd; s32 pid; }
+    "event_metadata": struct.Struct("=IBBHQii"),
+    # struct fanotify_event_info_header { u8 info_type; u8 pad; u16 len; }
+    "info_header": struct.Struct("=BBH"),
+    # struct fanotify_event_info_range { header; u32 pad; u64 offset; u64 count; }
+    "info_range": struct.Struct("=BBHIQQ"),
+    # struct fanotify_response { s32 fd; u32 response; }
+    "response": struct.Struct("=iI"),
+}
+_METADATA = LAYOUTS["event_metadata"]
+_INFO_HEADER = LAYOUTS["info_header"]
+_INFO_RANGE = LAYOUTS["info_range"]
+_RESPONSE = LAYOUTS["response"]
+
+# filesystems that accept pre-content marks (statfs f_type); tmpfs, overlayfs and procfs refuse them
+MARKABLE_FILESYSTEMS = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs"}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+_libc.fanotify_init.restype = ctypes.c_int
+_libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+_libc.fanotify_mark.restype = ctypes.c_int
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+class _StatFs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long), ("f_blocks", ctypes.c_ulong),
+                ("f_bfree", ctypes.c_ulong), ("f_bavail", ctypes.c_ulong), ("f_files", ctypes.c_ulong),
+                ("f_ffree", ctypes.c_ulong), ("f_fsid", ctypes.c_int * 2), ("f_namelen", ctypes.c_long),
+                ("f_frsize", ctypes.c_long), ("f_flags", ctypes.c_long), ("f_spare", ctypes.c_long * 4)]
+
+
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_StatFs)]
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+    return result
+
+
+def fanotify_init(flags: int, event_f_flags: int) -> int:
+    return _check(_libc.fanotify_init(flags, event_f_flags), "fanotify_init")
+
+
+def fanotify_mark(group_fd: int, flags: int, mask: int, dirfd: int, path: bytes | None = None) -> None:
+    """With `path` None the mark goes on the inode of `dirfd` itself."""
+    _check(_libc.fanotify_mark(group_fd, flags, mask, dirfd, path), "fanotify_mark")
+
+
+def new_pre_content_group() -> int:
+    """A non-blocking, close-on-exec pre-content group with no queue or mark limit; event fds are
+    opened read-only (fills go through the fill fds, never through event fds)."""
+    return fanotify_init(FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK | FAN_UNLIMITED_QUEUE
+                         | FAN_UNLIMITED_MARKS, os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
+
+
+def mark_pre_access(group_fd: int, file_fd: int) -> None:
+    fanotify_mark(group_fd, FAN_MARK_ADD, FAN_PRE_ACCESS, file_fd, None)
+
+
+def unmark_pre_access(group_fd: int, file_fd: int) -> None:
+    fanotify_mark(group_fd, FAN_MARK_REMOVE, FAN_PRE_ACCESS, file_fd, None)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One fanotify event: `fd` is an open fd on the accessed file (ours to close); `offset`/`count`
+    come from the range record (None when the event has none)."""
+
+    mask: int
+    fd: int
+    pid: int
+    offset: int | None
+    count: int | None
+
+
+def parse_events(buffer: bytes | memoryview) -> Iterator[Event]:
+    """Split what one read() of a group fd returned into events."""
+    view = memoryview(buffer)
+    position = 0
+    while position + _METADATA.size <= len(view):
+        event_len, vers, _, metadata_len, mask, fd, pid = _METADATA.unpack_from(view, position)
+        if vers != FANOTIFY_METADATA_VERSION:
+            raise OSError(errno.EPROTO, f"fanotify metadata version {vers}, expected {FANOTIFY_METADATA_VERSION}")
+        if event_len < metadata_len or position + event_len > len(view):
+            raise OSError(errno.EPROTO, f"truncated fanotify event ({event_len} bytes at {position})")
+        offset = count = None
+        info = position + metadata_len
+        while info + _INFO_HEADER.size <= position + event_len:
+            info_type, _, info_len = _INFO_HEADER.unpack_from(view, info)
+            if info_len < _INFO_HEADER.size:
+                break
+            if info_type == FAN_EVENT_INFO_TYPE_RANGE and info_len >= _INFO_RANGE.size:
+                _, _, _, _, offset, count = _INFO_RANGE.unpack_from(view, info)
+            info += info_len
+        yield Event(mask=mask, fd=fd, pid=pid, offset=offset, count=count)
+        position += event_len
+
+
+def encode_response(fd: int, allow: bool, error: int = errno.EIO) -> bytes:
+    """An answer for the event whose fd is `fd`: FAN_ALLOW, or FAN_DENY carrying `error` to the reader."""
+    if allow:
+        return _RESPONSE.pack(fd, FAN_ALLOW)
+    if error not in DENY_ERRNOS:
+        raise ValueError(f"errno {error} cannot be carried by FAN_DENY (the reader would hang)")
+    return _RESPONSE.pack(fd, FAN_DENY | (error << 24))
+
+
+def respond(group_fd: int, fd: int, allow: bool, error: int = errno.EIO) -> bool:
+    """Answer one event. False when the group has no pending event with that fd (ENOENT): it was
+    answered already (e.g. by a predecessor process) or never existed."""
+    try:
+        os.write(group_fd, encode_response(fd, allow, error))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def filesystem_type(fd: int) -> tuple[int, str]:
+    """(statfs f_type, a name for it) of the filesystem holding `fd`."""
+    buf = _StatFs()
+    _check(_libc.fstatfs(fd, ctypes.byref(buf)), "fstatfs")
+    magic = buf.f_type & 0xFFFFFFFF
+    return magic, MARKABLE_FILESYSTEMS.get(magic, {0x01021994: "tmpfs", 0x794C7630: "overlayfs",
+                                                   0x9FA0: "procfs"}.get(magic, hex(magic)))
+
+
+def set_parent_death_signal(signal_number: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): the kernel sends `signal_number` to us when our parent dies."""
+    _check(_libc.prctl(1, signal_number, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def first_hole(fd: int, start: int, end: int) -> int | None:
+    """Offset of the first hole in [start, end) of the file `fd`, or None when it is all data.
+    lseek(SEEK_HOLE) raises no fanotify event, so this is safe on a marked file."""
+    if start >= end:
+        return None
+    try:
+        hole = os.lseek(fd, start, os.SEEK_HOLE)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # start is at or past EOF: nothing there is data
+            return start
+        raise
+    return hole if hole < end else None
+
+
+def holes(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The holes within [start, end) as (offset, length) pairs, in order."""
+    found = []
+    position = start
+    while position < end:
+        hole = first_hole(fd, position, end)
+        if hole is None:
+            break
+        try:
+            data = os.lseek(fd, hole, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            data = end
+        data = min(data, end)
+        found.append((hole, data - hole))
+        position = data
+    return found

@@ -1,0 +1,98 @@
+"""What the on-demand backends are given: a blob to serve and a source of its verified bytes.
+
+`BlobSpec` describes one layer's erofs blob as the layerstores published it (`StatLayer`): its size,
+its chunk digest table, its data map, plus where it may be read from. It is plain data (JSON) so it can
+cross process boundaries: the node daemon hands it to the kernel-facing supervisor, which hands it to
+fetch workers.
+
+`RangeSource` is the one thing a backend needs to fill misses: "give me verified bytes of this blob".
+The cluster's implementation reads from peer layerstores (afsd.cluster.fetcher.RangeFetcher); tests
+may use a local file.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Priority(enum.IntEnum):
+    """Demand reads (a process is waiting in the kernel) go before background prefetch."""
+
+    DEMAND = 0
+    PREFETCH = 1
+
+
+@dataclass(frozen=True)
+class BlobSpec:
+    layer_digest: str                          # the registry layer the blob was made from
+    blob_digest: str                           # sha256 of the whole blob
+    size: int
+    chunk_size: int
+    chunk_digests: tuple[bytes, ...]
+    data_map: tuple[tuple[int, int], ...]      # regular-file data; everything else is metadata
+    implicit_dirs: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ()            # layerstore endpoints that held it when resolved (a hint)
+    media_type: str = ""
+    compressed_size: int = 0
+    diff_id: str = ""
+    blob_id: str = ""
+    converter: str = ""
+
+    @property
+    def name(self) -> str:
+        """A short, filesystem- and kernel-key-safe name: the layer digest's hex."""
+        return self.layer_digest.split(":", 1)[1]
+
+    def metadata_ranges(self) -> list[tuple[int, int]]:
+        """The complement of the data map within [0, size): what a reader must have before mounting."""
+        ranges, position = [], 0
+        for offset, length in sorted(self.data_map):
+            if offset > position:
+                ranges.append((position, offset - position))
+            position = max(position, offset + length)
+        if position < self.size:
+            ranges.append((position, self.size - position))
+        return ranges
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer_digest": self.layer_digest, "blob_digest": self.blob_digest, "size": self.size,
+            "chunk_size": self.chunk_size, "chunk_digests": [d.hex() for d in self.chunk_digests],
+            "data_map": [list(r) for r in self.data_map], "implicit_dirs": list(self.implicit_dirs),
+            "providers": list(self.providers), "media_type": self.media_type,
+            "compressed_size": self.compressed_size, "diff_id": self.diff_id, "blob_id": self.blob_id,
+            "converter": self.converter,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "BlobSpec":
+        return cls(
+            layer_digest=data["layer_digest"], blob_digest=data["blob_digest"], size=int(data["size"]),
+            chunk_size=int(data["chunk_size"]), chunk_digests=tuple(bytes.fromhex(d) for d in data["chunk_digests"]),
+            data_map=tuple((int(o), int(n)) for o, n in data["data_map"]),
+            implicit_dirs=tuple(data.get("implicit_dirs", ())), providers=tuple(data.get("providers", ())),
+            media_type=data.get("media_type", ""), compressed_size=int(data.get("compressed_size", 0)),
+            diff_id=data.get("diff_id", ""), blob_id=data.get("blob_id", ""), converter=data.get("converter", ""))
+
+
+@dataclass(frozen=True)
+class FetchedRange:
+    """Verified bytes of a blob: `data` starts at `offset`, which is on a chunk boundary, and covers
+    whole chunks (the last one may end at the blob's end)."""
+
+    offset: int
+    data: bytes
+    source: str = ""           # who served it: "local", "peer:<endpoint>", ...
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class RangeSource(Protocol):
+    async def fetch(self, offset: int, length: int, priority: Priority = Priority.DEMAND) -> FetchedRange:
+        """Verified bytes covering [offset, offset + length) (widened to whole chunks, clipped to the
+        blob's size). Raises an AfsdError when no source could provide them."""
+        ...
+
+    async def close(self) -> None:
+        ...

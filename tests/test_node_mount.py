@@ -1,0 +1,141 @@
+"""`afsd node` + `afsd mount/umount/mounts`, run as a user would, against a real cluster on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from afsd.lab import catalogue
+from afsd.lab.oci_layout import write_oci_layout
+from afsd.lab.skopeo import PushedImage, push_layout
+from afsd.node.records import mounted_paths
+from tests.support.cluster import LocalCluster, small_image
+from tests.support.treecompare import compare_trees, format_differences, snapshot
+from tests.support.umoci import umoci_rootfs
+
+BACKENDS = ["eager"]
+
+
+async def push_features(cluster: LocalCluster) -> PushedImage:
+    def build() -> PushedImage:
+        spec, media_types, facts = catalogue.features_image("oci-mixed", large_file_size=8 << 20)
+        layout = write_oci_layout(cluster.workdir / "layouts" / "features", "features", spec)
+        return push_layout(layout, cluster.registry.address, "test/features", "v1", media_types=media_types,
+                           facts={spec.platform: facts})
+    return await asyncio.to_thread(build)
+
+
+def one_line(result) -> str:
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_mounted_image_is_the_tree_umoci_unpacks(cluster: LocalCluster, backend: str) -> None:
+    await cluster.start_discovery(1)
+    (layerstore,) = await cluster.start_layerstores(1)
+    node = await cluster.start_node(layerstore)
+    image = await push_features(cluster)
+    target = cluster.workdir / "rootfs"
+    target.mkdir()
+    before = mounted_paths()
+
+    mounted = await cluster.afsd(node, "mount", image.reference, str(target), "--backend", backend)
+    assert mounted.returncode == 0, mounted.stderr
+    assert f"with backend {backend}" in mounted.stdout
+
+    reference = await asyncio.to_thread(umoci_rootfs, image, image.platforms[0], cluster.workdir / "umoci")
+    differences = compare_trees(await asyncio.to_thread(snapshot, target), await asyncio.to_thread(snapshot, reference),
+                                labels=("afsd mount", "umoci"))
+    assert differences == [], format_differences(differences, ("afsd mount", "umoci"))
+
+    listed = json.loads((await cluster.afsd(node, "mounts", "--json")).stdout)
+    (mount,) = listed["mounts"]
+    assert (mount["target"], mount["backend"], mount["image"]) == (str(target), backend, image.reference)
+    assert int(mount["bytes_total"]) > 0
+
+    unmounted = await cluster.afsd(node, "umount", str(target))
+    assert unmounted.returncode == 0, unmounted.stderr
+    assert mounted_paths() == before
+    assert json.loads((await cluster.afsd(node, "mounts", "--json")).stdout).get("mounts", []) == []
+
+
+async def test_bad_mount_requests_get_one_clear_line_and_leave_nothing_mounted(cluster: LocalCluster) -> None:
+    await cluster.start_discovery(1)
+    (layerstore,) = await cluster.start_layerstores(1)
+    node = await cluster.start_node(layerstore)
+    image = await cluster.push("small", small_image("small", 1 << 20))
+    target = cluster.workdir / "mnt"
+    target.mkdir()
+    before = mounted_paths()
+
+    missing = f"{cluster.registry.address}/test/nothing:here"
+    assert "nothing" in one_line(await cluster.afsd(node, "mount", missing, str(target)))
+    assert "invalid image reference" in one_line(await cluster.afsd(node, "mount", "Bad/Name", str(target)))
+    assert "not an existing directory" in one_line(await cluster.afsd(node, "mount", image.reference,
+                                                                      str(cluster.workdir / "absent")))
+    (target / "file").write_text("x")
+    assert "not empty" in one_line(await cluster.afsd(node, "mount", image.reference, str(target)))
+    (target / "file").unlink()
+    assert (await cluster.afsd(node, "mount", image.reference, str(target))).returncode == 0
+    assert "in use" in one_line(await cluster.afsd(node, "mount", image.reference, str(target)))
+    assert "no afsd mount" in one_line(await cluster.afsd(node, "umount", str(cluster.workdir)))
+    assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
+    assert mounted_paths() == before
+
+    stopped = await cluster.afsd(None, "mount", "--socket", str(cluster.workdir / "no.sock"), image.reference, str(target))
+    assert "node daemon is not running" in one_line(stopped)
+
+
+async def test_mounts_survive_the_node_daemon_and_are_adopted_by_its_successor(cluster: LocalCluster) -> None:
+    await cluster.start_discovery(1)
+    (layerstore,) = await cluster.start_layerstores(1)
+    node = await cluster.start_node(layerstore)
+    image = await cluster.push("survivor", small_image("survivor", 2 << 20))
+    target = cluster.workdir / "rootfs"
+    target.mkdir()
+    assert (await cluster.afsd(node, "mount", image.reference, str(target), "--tmpfs-upper")).returncode == 0
+    content = (target / "etc/survivor-0.txt").read_text()
+
+    node.kill()
+    assert (target / "etc/survivor-0.txt").read_text() == content  # the mount outlives the daemon
+    (target / "written-while-down").write_text("kept")
+    await cluster.restart(node)
+
+    (mount,) = json.loads((await cluster.afsd(node, "mounts", "--json")).stdout)["mounts"]
+    assert mount["target"] == str(target) and mount["upper"] == "tmpfs"
+    assert (target / "written-while-down").read_text() == "kept"
+    assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
+    assert not any(p.startswith(str(cluster.workdir) + "/") for p in mounted_paths())
+
+
+async def test_a_mounting_node_becomes_a_provider_of_what_it_read(cluster: LocalCluster) -> None:
+    (discovery,) = await cluster.start_discovery(1)
+    store_a, store_b, store_c = await cluster.start_layerstores(3)
+    image = await cluster.push("spread", small_image("spread", 3 << 20))
+    layers = (await cluster.pull(store_a, image)).layers
+    node_b = await cluster.start_node(store_b)
+    target_b = cluster.workdir / "on-b"
+    target_b.mkdir()
+    assert (await cluster.afsd(node_b, "mount", image.reference, str(target_b), "--backend", "eager")).returncode == 0
+    for path in sorted(target_b.rglob("*")):
+        if path.is_file():
+            path.read_bytes()
+
+    async def b_provides_everything() -> bool:
+        return all(["node1" in await cluster.nodes_for_layer(discovery, layer.digest) for layer in layers])
+    await cluster.wait_until(b_provides_everything, 20, "node b to advertise the layers it assembled")
+
+    store_a.stop()
+    node_c = await cluster.start_node(store_c)
+    target_c = cluster.workdir / "on-c"
+    target_c.mkdir()
+    mounted = await cluster.afsd(node_c, "mount", image.reference, str(target_c), "--backend", "eager")
+    assert mounted.returncode == 0, mounted.stderr
+    assert (target_c / "data/spread-1.bin").read_bytes() == (target_b / "data/spread-1.bin").read_bytes()
