@@ -123,7 +123,7 @@ verify_config() {  # config fragment...
       else
         continue
       fi
-      say "config: $(basename "$fragment") wants '$line' but olddefconfig gave: $(grep -E "^(# )?$name[= ]" "$config" || echo 'nothing (symbol unknown or its menu is off)')"
+      say "config: $(basename "$fragment") wants '$line' but olddefconfig gave: $(grep -E "^(# )?${name}[= ]" "$config" || echo 'nothing (symbol unknown or its menu is off)')"
       bad=1
     done <"$fragment"
   done
@@ -178,7 +178,8 @@ cmd_build() {
   fi
   rm -rf "$CACHE_ROOT"/.*.partial.* "$CACHE_ROOT"/work/*.partial.*  # left by killed builds (we hold the lock)
 
-  local tree="$CACHE_ROOT/work/$PROFILE-$(source_version)" start log stage
+  local tree start log stage
+  tree="$CACHE_ROOT/work/$PROFILE-$(source_version)"
   start=$(date +%s)
   mkdir -p "$CACHE_ROOT/work"
   prepare_tree "$tree"

@@ -51,9 +51,13 @@ share=$work/share
 mkdir "$share"
 qemu_pid=
 tail_pid=
+# shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
-  [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null && wait "$qemu_pid" 2>/dev/null
-  [ -n "$tail_pid" ] && kill "$tail_pid" 2>/dev/null && wait "$tail_pid" 2>/dev/null
+  local pid
+  for pid in $qemu_pid $tail_pid; do  # qemu_pid is `timeout`, which passes the signal on to qemu
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   if [ -n "${AFSD_VM_RESULTS:-}" ]; then
     mkdir -p "$AFSD_VM_RESULTS"
     cp "$work/console.log" "$AFSD_VM_RESULTS/" 2>/dev/null || true

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 from collections import Counter
 from pathlib import Path
 
 from afsd.api import layerstore_pb2 as lpb
 from tests.support.cluster import LocalCluster, small_image
+from tests.support.corruption import flip_byte
 
 
 def _blob_gets(cluster: LocalCluster) -> Counter[str]:
@@ -66,7 +66,7 @@ async def test_a_corrupt_blob_on_a_peer_is_detected_and_fetched_elsewhere(cluste
     image = await cluster.push("corrupt", small_image("corrupt", 3 << 20, layers=1))
     await cluster.wait_registered(1)
     (layer,) = (await cluster.pull(holder, image)).layers
-    _flip_byte(Path(layer.cache_path), layer.afs_size // 2)
+    flip_byte(Path(layer.cache_path), layer.afs_size // 2)
     (reader,) = await cluster.start_layerstores(1)
     await cluster.wait_registered(2)
 
@@ -76,11 +76,3 @@ async def test_a_corrupt_blob_on_a_peer_is_detected_and_fetched_elsewhere(cluste
     assert "does not match the blob's chunk digest" in reader.log()
     assert _blob_gets(cluster)[layer.digest] == 2  # the second fetch was the fallback to the registry
 
-
-def _flip_byte(path: Path, offset: int) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        byte = os.pread(fd, 1, offset)
-        os.pwrite(fd, bytes([byte[0] ^ 0xFF]), offset)
-    finally:
-        os.close(fd)

@@ -9,8 +9,15 @@ import pytest
 
 from afsd.errors import PlatformNotFoundError, UnsupportedMediaTypeError
 from afsd.oci import mediatypes
-from afsd.oci.manifest import (Descriptor, ImageIndex, Manifest, ManifestFormatError, parse_image_config,
-                               parse_manifest, select_platform)
+from afsd.oci.manifest import (
+    Descriptor,
+    ImageIndex,
+    Manifest,
+    ManifestFormatError,
+    parse_image_config,
+    parse_manifest,
+    select_platform,
+)
 from afsd.oci.platform import Platform
 
 D1, D2, D3 = ("sha256:" + c * 64 for c in "123")

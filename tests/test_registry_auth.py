@@ -18,8 +18,15 @@ from afsd.oci.config import Credential, RegistryConfig
 from afsd.oci.platform import Platform
 from afsd.oci.reference import parse_reference
 from tests.support.faultproxy import FaultProxy
-from tests.support.registries import (IDENTITY_TOKEN, LabRegistry, PushedImage, image_of_files, layer_blobs, pull_image,
-                                      push_image)
+from tests.support.registries import (
+    IDENTITY_TOKEN,
+    LabRegistry,
+    PushedImage,
+    image_of_files,
+    layer_blobs,
+    pull_image,
+    push_image,
+)
 
 AMD64 = Platform("linux", "amd64")
 

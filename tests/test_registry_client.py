@@ -9,8 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from afsd.errors import (DigestMismatchError, ManifestFormatError, NotFoundError, PlatformNotFoundError,
-                         RegistryUnreachableError, UnsupportedMediaTypeError)
+from afsd.errors import (
+    DigestMismatchError,
+    ManifestFormatError,
+    NotFoundError,
+    PlatformNotFoundError,
+    RegistryUnreachableError,
+    UnsupportedMediaTypeError,
+)
 from afsd.lab.layers import LayerBlob
 from afsd.lab.oci_layout import write_oci_layout
 from afsd.lab.registry import free_port
@@ -21,8 +27,15 @@ from afsd.oci.manifest import Descriptor
 from afsd.oci.platform import Platform
 from afsd.oci.reference import parse_reference
 from tests.support.faultproxy import FaultProxy
-from tests.support.registries import (Blob, LabRegistry, PushedImage, image_of_files, layer_blobs, push_image,
-                                      put_image_raw)
+from tests.support.registries import (
+    Blob,
+    LabRegistry,
+    PushedImage,
+    image_of_files,
+    layer_blobs,
+    push_image,
+    put_image_raw,
+)
 
 AMD64 = Platform("linux", "amd64")
 ARM64 = Platform("linux", "arm64", "v8")

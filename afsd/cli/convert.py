@@ -7,7 +7,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from afsd.cli._options import add_platform_option, add_registry_options, platform_from, registry_config

@@ -78,12 +78,12 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
 
 async def run_node(args: argparse.Namespace) -> int:
     from afsd.api import node_pb2_grpc
+    from afsd.cluster.discovery_client import DiscoveryClient
     from afsd.metrics import serve_metrics
     from afsd.node.backends import build_backends, source_factory
     from afsd.node.daemon import NodeDaemon
     from afsd.node.images import ImageLocator
     from afsd.node.service import NodeService
-    from afsd.cluster.discovery_client import DiscoveryClient
     from afsd.rpc import ChannelPool, run_until_signalled, start_unix_server
 
     if args.metrics_listen:

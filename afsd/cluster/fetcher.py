@@ -16,8 +16,10 @@ How (the reference's DiscoveryBackedReaderAt, kept and tightened):
   when every known provider failed a read; the read is then tried once more on what the answer lists,
   minus providers that gave a definitive failure (no such layer, bad bytes, stalled past the deadline).
 - A lease (AcquireLayerLease, renewed every ttl/4) on the provider in use keeps its copy from being
-  evicted; it is released on switch and on close. NOT_FOUND from AcquireLayerLease skips the provider;
-  a layerstore without leases (UNIMPLEMENTED) is read without one.
+  evicted, for as long as the fetcher is open; it is released on switch and on close. A failed renewal
+  drops that provider and leases another at once. NOT_FOUND from AcquireLayerLease skips the provider
+  (it lacks the layer), as does an unreachable one; any other refusal (UNIMPLEMENTED: an old
+  layerstore) means reading without a lease.
 - A request is split into pieces of at most `PIECE_BYTES` (whole chunks); each piece is one ReadLayer
   call bounded by `call_timeout`, and one "flight" that any concurrent request for the same chunks
   joins instead of fetching again (waiters are shielded: cancelling one does not cancel the flight).
@@ -34,6 +36,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from prometheus_client import Counter, Histogram
@@ -70,6 +73,9 @@ RELEASE_TIMEOUT = 2.0
 _TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
                               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN,
                               grpc.StatusCode.INTERNAL})
+# AcquireLayerLease answers that mean "do not read from this one": it lacks the layer or is unreachable.
+_UNREACHABLE_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE,
+                                grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 class _ProviderFailure(Exception):
@@ -100,7 +106,6 @@ class _Provider:
     cooling_until: float = 0.0
     last_error: str = ""
     leases_supported: bool = True
-    bytes: int = 0
 
     @property
     def label(self) -> str:
@@ -121,7 +126,7 @@ class _Lease:
 
 
 class _Ticket:
-    __slots__ = ("priority", "seq", "granted")
+    __slots__ = ("granted", "priority", "seq")
 
     def __init__(self, priority: Priority, seq: int) -> None:
         self.priority = priority
@@ -220,6 +225,7 @@ class RangeFetcher:
         self._counts = {"fetches": 0, "shared_fetches": 0, "read_calls": 0, "failovers": 0,
                         "verification_failures": 0, "errors": 0, "refreshes": 0}
         self._bytes = {"local": 0, "peer": 0}
+        self._bytes_by_provider: dict[str, int] = {}
         self._calls_in_flight = 0
         self._set_candidates({}, set())
 
@@ -245,7 +251,8 @@ class RangeFetcher:
             raise
         parts = [data[max(start, flight.start) - flight.start:min(end, flight.end) - flight.start]
                  for flight, (data, _) in zip(flights, results)]
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        # Copying MiBs of pieces together runs in a thread too (slicing one piece whole copies nothing).
+        data = parts[0] if len(parts) == 1 else await asyncio.to_thread(b"".join, parts)
         sources = list(dict.fromkeys(provider.source for _, provider in results))
         elapsed = time.monotonic() - started
         FETCH_SECONDS.labels(priority.name.lower()).observe(elapsed)
@@ -261,12 +268,10 @@ class RangeFetcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._current is not None:
-            lease, self._current = self._current, None
-            self._drop_lease(lease)
+        self._drop_current()
         await asyncio.gather(*self._releases, return_exceptions=True)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Counters and the provider table, for status output and tests."""
         now = time.monotonic()
         current = self._current.provider if self._current is not None else None
@@ -276,7 +281,7 @@ class RangeFetcher:
             "source": current.source if current else None,
             "lease": bool(self._current and self._current.lease_id),
             **self._counts, "bytes": dict(self._bytes),
-            "bytes_by_provider": {p.endpoint: p.bytes for p in self._providers.values() if p.bytes},
+            "bytes_by_provider": dict(self._bytes_by_provider),
             "calls_in_flight": self._calls_in_flight, "waiting": self._gate.waiting,
             "providers": [{"endpoint": p.endpoint, "node_id": p.node_id, "local": p.local,
                            "cooling_seconds": round(max(0.0, p.cooling_until - now), 3),
@@ -301,8 +306,7 @@ class RangeFetcher:
             flight = self._inflight.get(index)
             if flight is not None:
                 shared = True
-                if priority < flight.ticket.priority:
-                    flight.ticket.priority = priority  # a demand read waits on it now
+                flight.ticket.priority = min(flight.ticket.priority, priority)  # a demand read waits on it now
                 flights.append(flight)
                 index = -(-flight.end // chunk)
                 continue
@@ -387,17 +391,21 @@ class RangeFetcher:
                 call.cancel()
         if received != length:
             raise _ProviderFailure(f"short read: {received} of {length} bytes from {start}", retry=False)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
         try:
-            await asyncio.to_thread(self._table.check, start, data, source=provider.label)
+            data = await asyncio.to_thread(self._join_and_check, parts, start, provider.label)
         except DigestMismatchError as error:
             self._counts["verification_failures"] += 1
             FETCH_VERIFICATION_FAILURES.inc()
             raise _ProviderFailure(str(error), retry=False) from None
         kind = "local" if provider.local else "peer"
-        provider.bytes += length
+        self._bytes_by_provider[provider.endpoint] = self._bytes_by_provider.get(provider.endpoint, 0) + length
         self._bytes[kind] += length
         FETCH_BYTES.labels(kind).inc(length)
+        return data
+
+    def _join_and_check(self, parts: list[bytes], start: int, source: str) -> bytes:
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._table.check(start, data, source=source)
         return data
 
     def _provider_failed(self, provider: _Provider, failure: _ProviderFailure, errors: dict[str, str],
@@ -415,8 +423,7 @@ class RangeFetcher:
         provider.cooling_until = time.monotonic() + PROVIDER_COOLDOWN
         provider.last_error = reason
         if self._current is not None and self._current.provider is provider:
-            lease, self._current = self._current, None
-            self._drop_lease(lease)
+            self._drop_current()
 
     def _failure_message(self, start: int, end: int, errors: dict[str, str]) -> str:
         what = f"bytes {start}-{end} of layer {self.spec.layer_digest} (blob {self.spec.blob_digest})"
@@ -466,10 +473,14 @@ class RangeFetcher:
                 response = await provider.peer.stub.AcquireLayerLease(request, timeout=self.call_timeout)
                 lease_id = response.lease_id
             except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                code = error.code()
+                if code in _UNREACHABLE_CODES:
                     raise _rpc_failure(error, "AcquireLayerLease", self.call_timeout) from None
-                provider.leases_supported = False
-                log.info("layerstore %s has no layer leases; reading without", provider.label)
+                # Leases are best effort: a layerstore that has the layer but cannot lease it is read anyway.
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    provider.leases_supported = False
+                log.info("layerstore %s gave no lease (%s %s); reading without", provider.label, code.name,
+                         error.details())
         renewer = asyncio.create_task(self._renew(provider, lease_id)) if lease_id else None
         previous, self._current = self._current, _Lease(provider, lease_id, renewer)
         if previous is not None:
@@ -500,6 +511,11 @@ class RangeFetcher:
                 await self._choose(set(), {}, set())
         finally:
             self._switcher = None
+
+    def _drop_current(self) -> None:
+        if self._current is not None:
+            lease, self._current = self._current, None
+            self._drop_lease(lease)
 
     def _drop_lease(self, lease: _Lease) -> None:
         """Stop renewing and release in the background; close() waits for these tasks."""
@@ -553,26 +569,27 @@ class RangeFetcher:
             self._refreshed_at = time.monotonic()
         self._counts["refreshes"] += 1
         matching: dict[str, str] = {}
-        other: dict[str, str] = {}
+        excluded: set[str] = set()
+        self._other_blob = []
         for service in services:
             stat = next((s for s in service.layer_stats if s.digest == digest), None)
             if stat is not None and stat.blob_digest == self.spec.blob_digest:
                 matching[service.endpoint] = service.node_id
-            else:
-                other[service.endpoint] = service.node_id
-        self._other_blob = [f"{e} ({n})" if n else e for e, n in other.items()]
-        self._set_candidates(matching, set(other))
+                continue
+            excluded.add(service.endpoint)  # other bytes, or it does not say which: never mixed in
+            if stat is not None:
+                self._other_blob.append(f"{service.endpoint} ({service.node_id})")
+        self._set_candidates(matching, excluded)
 
-    def _set_candidates(self, found: dict[str, str], other_blob: set[str]) -> None:
-        """Providers := spec.providers + `found`, minus nodes known to hold another blob. A provider
-        that disappears is dropped (and its lease released); state of the others is kept."""
-        wanted = {endpoint: "" for endpoint in self.spec.providers if endpoint not in other_blob}
+    def _set_candidates(self, found: dict[str, str], excluded: set[str]) -> None:
+        """Providers := spec.providers + `found`, minus `excluded` (nodes that discovery says hold another
+        blob). A provider that disappears is dropped (and its lease released); the others keep their state."""
+        wanted = {endpoint: "" for endpoint in self.spec.providers if endpoint not in excluded}
         wanted.update(found)
         for endpoint in [e for e in self._providers if e not in wanted]:
             provider = self._providers.pop(endpoint)
             if self._current is not None and self._current.provider is provider:
-                lease, self._current = self._current, None
-                self._drop_lease(lease)
+                self._drop_current()
             log.info("layer %s: %s no longer listed as a provider", self.spec.layer_digest, provider.label)
         for endpoint, node_id in wanted.items():
             provider = self._providers.get(endpoint)

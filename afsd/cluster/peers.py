@@ -22,6 +22,7 @@ from afsd.api import layerstore_pb2_grpc as pb_grpc
 from afsd.cluster.chunks import ChunkTable
 from afsd.erofs.convert import BlobInfo
 from afsd.errors import DigestMismatchError
+from afsd.ondemand.spec import BlobSpec
 from afsd.rpc import ChannelPool
 
 # Data per ReadLayer message: 64 KiB under gRPC's default 4 MiB receive limit leaves room for framing.
@@ -49,6 +50,26 @@ def stat_to_peer_layer(stat: pb.StatLayerResponse) -> PeerLayer:
                     chunk_size=stat.chunk_size, chunk_digests=list(stat.chunk_digests),
                     converter=stat.converter, implicit_dirs=list(stat.implicit_dirs))
     return PeerLayer(stat.digest, stat.media_type, stat.compressed_size, blob)
+
+
+def blob_spec_from_stat(stat: pb.StatLayerResponse, providers: tuple[str, ...] = ()) -> BlobSpec:
+    """What a mount needs to know about a layer's blob, from a provider's StatLayer answer."""
+    return BlobSpec(layer_digest=stat.digest, blob_digest=stat.blob_digest, size=stat.afs_size,
+                    chunk_size=stat.chunk_size, chunk_digests=tuple(stat.chunk_digests),
+                    data_map=tuple((r.offset, r.length) for r in stat.data_map),
+                    implicit_dirs=tuple(stat.implicit_dirs), providers=providers, media_type=stat.media_type,
+                    compressed_size=stat.compressed_size, diff_id=stat.diff_id, blob_id=stat.blob_id,
+                    converter=stat.converter)
+
+
+def stat_from_blob_spec(spec: BlobSpec) -> pb.StatLayerResponse:
+    """The inverse of `blob_spec_from_stat` (without the cache path, which is per node)."""
+    return pb.StatLayerResponse(
+        digest=spec.layer_digest, afs_size=spec.size, blob_digest=spec.blob_digest,
+        data_map=[pb.ByteRange(offset=o, length=n) for o, n in spec.data_map], chunk_size=spec.chunk_size,
+        chunk_digests=list(spec.chunk_digests), converter=spec.converter, blob_id=spec.blob_id,
+        diff_id=spec.diff_id, media_type=spec.media_type, compressed_size=spec.compressed_size,
+        implicit_dirs=list(spec.implicit_dirs))
 
 
 class LayerStorePeer:

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from afsd.errors import ConversionError, LayerFormatError
 from afsd.erofs.decompress import open_layer
 from afsd.erofs.layout import data_map as compute_data_map
 from afsd.erofs.mkfs import build_image, erofs_utils_version, max_name_bytes
 from afsd.erofs.unpack import unpack_layer
+from afsd.errors import ConversionError, LayerFormatError
 from afsd.fsutil import fsync_directory
 from afsd.oci.mediatypes import Compression
 

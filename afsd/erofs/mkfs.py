@@ -22,8 +22,8 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from afsd.errors import ConversionError, MissingToolError
 from afsd.erofs.layout import canonicalize_xattr_order
+from afsd.errors import ConversionError, MissingToolError
 
 # mkfs.erofs 1.5 sets every mtime not below SOURCE_DATE_EPOCH to it, comparing as unsigned 64-bit, so
 # a pre-1970 (negative) mtime counts as huge; it rejects 2**64 - 1. Measured: 4_000_000_000 turned 2100

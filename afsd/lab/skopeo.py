@@ -21,8 +21,14 @@ from typing import Literal
 from afsd.errors import MissingToolError
 from afsd.lab.facts import ImageFacts
 from afsd.lab.layers import sha256_digest
-from afsd.lab.oci_layout import (ImageBuildError, LayoutImage, ManifestRecord, blob_path, find_manifest,
-                                 tagged_descriptor)
+from afsd.lab.oci_layout import (
+    ImageBuildError,
+    LayoutImage,
+    ManifestRecord,
+    blob_path,
+    find_manifest,
+    tagged_descriptor,
+)
 from afsd.oci import mediatypes
 from afsd.oci.platform import Platform
 

@@ -26,15 +26,16 @@ from prometheus_client import Counter, Gauge
 
 from afsd.api import layerstore_pb2 as lpb
 from afsd.api import layerstore_pb2_grpc as lgrpc
+from afsd.cluster.peers import stat_from_blob_spec
 from afsd.erofs.mount import mount_tmpfs, unmount
 from afsd.erofs.stack import LayerTree, remove_stack_scratch, stack_layer_trees
 from afsd.errors import AfsdError
 from afsd.node.images import ImageLocator
 from afsd.node.records import MountRecord, StateDir, mounted_paths
-from afsd.ondemand.base import Backend, BackendUnavailableError, BlobSource, present_bytes
-from afsd.ondemand.spec import BlobSpec
 from afsd.oci.platform import parse_platform
 from afsd.oci.reference import parse_reference
+from afsd.ondemand.base import Backend, BackendUnavailableError, BlobSource, present_bytes
+from afsd.ondemand.spec import BlobSpec
 
 log = logging.getLogger(__name__)
 
@@ -346,12 +347,7 @@ class NodeDaemon:
 
     async def _import(self, use: LayerUse) -> None:
         spec = use.spec
-        stat = lpb.StatLayerResponse(
-            digest=spec.layer_digest, afs_size=spec.size, blob_digest=spec.blob_digest,
-            data_map=[lpb.ByteRange(offset=o, length=n) for o, n in spec.data_map], chunk_size=spec.chunk_size,
-            chunk_digests=list(spec.chunk_digests), converter=spec.converter, blob_id=spec.blob_id,
-            diff_id=spec.diff_id, media_type=spec.media_type, compressed_size=spec.compressed_size,
-            implicit_dirs=list(spec.implicit_dirs))
+        stat = stat_from_blob_spec(spec)
         async with grpc.aio.insecure_channel(f"unix:{self.layerstore_admin_socket}") as channel:
             response = await lgrpc.LocalLayerStoreStub(channel).ImportLayer(
                 lpb.ImportLayerRequest(path=str(use.blob_path), stat=stat), timeout=600)

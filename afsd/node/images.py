@@ -18,11 +18,11 @@ from afsd.api import layerstore_pb2 as lpb
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
 from afsd.cluster.keys import image_key
 from afsd.cluster.layerstore import rendezvous_order
-from afsd.cluster.peers import LayerStorePeer
+from afsd.cluster.peers import LayerStorePeer, blob_spec_from_stat
 from afsd.errors import AfsdError, NotFoundError, RegistryError
-from afsd.ondemand.spec import BlobSpec
 from afsd.oci.platform import Platform
 from afsd.oci.reference import ImageReference
+from afsd.ondemand.spec import BlobSpec
 from afsd.rpc import ChannelPool
 
 log = logging.getLogger(__name__)
@@ -140,12 +140,7 @@ class ImageLocator:
             if blob_digest and stat.blob_digest != blob_digest:
                 errors.append(f"{endpoint}: blob {stat.blob_digest} differs from the advertised {blob_digest}")
                 continue
-            return BlobSpec(
-                layer_digest=digest, blob_digest=stat.blob_digest, size=stat.afs_size, chunk_size=stat.chunk_size,
-                chunk_digests=tuple(stat.chunk_digests), data_map=tuple((r.offset, r.length) for r in stat.data_map),
-                implicit_dirs=tuple(stat.implicit_dirs), providers=tuple(providers), media_type=stat.media_type,
-                compressed_size=stat.compressed_size, diff_id=stat.diff_id, blob_id=stat.blob_id,
-                converter=stat.converter)
+            return blob_spec_from_stat(stat, tuple(providers))
         raise ImageUnavailableError(f"no provider of layer {digest} answered StatLayer: " + "; ".join(errors))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Self
 
 import grpc
 
@@ -29,7 +30,7 @@ class StallingLayerStore(pb_grpc.LayerStoreServicer):
         self._server: grpc.aio.Server | None = None
         self._channel: grpc.aio.Channel | None = None
 
-    async def start(self) -> "StallingLayerStore":
+    async def start(self) -> StallingLayerStore:
         self._server = grpc.aio.server()
         pb_grpc.add_LayerStoreServicer_to_server(self, self._server)
         port = self._server.add_insecure_port("127.0.0.1:0")
@@ -45,7 +46,7 @@ class StallingLayerStore(pb_grpc.LayerStoreServicer):
         if self._channel is not None:
             await self._channel.close()
 
-    async def __aenter__(self) -> "StallingLayerStore":
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -59,3 +60,8 @@ class StallingLayerStore(pb_grpc.LayerStoreServicer):
             await asyncio.Event().wait()  # a hung peer stays hung
         async for message in pb_grpc.LayerStoreStub(self._channel).ReadLayer(request):
             yield message
+
+    async def _unimplemented(self, request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this layerstore has no layer leases")
+
+    AcquireLayerLease = RenewLayerLease = ReleaseLayerLease = _unimplemented

@@ -41,8 +41,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def filesystem_type(path: Path) -> str:
-    return subprocess.run(["findmnt", "-no", "FSTYPE", "--target", str(path)],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["findmnt", "-no", "FSTYPE", "--target", str(path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 @pytest.fixture

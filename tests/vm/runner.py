@@ -9,12 +9,10 @@ fails (showing the guest's traceback and captured output), skips or xfails as it
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-PR_SET_PDEATHSIG = 1
 CHECKOUT = Path(__file__).resolve().parents[2]
 KERNEL_SETUP = CHECKOUT / "scripts" / "kernel-setup.sh"
 VM_TEST = CHECKOUT / "scripts" / "vm-test.sh"
@@ -75,16 +72,18 @@ def _tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _die_with_parent() -> None:
-    # If pytest itself is killed (SIGKILL, a CI timeout), the child still gets SIGTERM and its trap stops qemu.
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _run_logged(command: list[str], log: Path, env: dict[str, str], timeout: float) -> int:
     """Run `command` with its output in `log`; stop it if we are interrupted (Ctrl-C, pytest-timeout)."""
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                   preexec_fn=_die_with_parent)
+        # setpriv --pdeathsig: if pytest itself is killed (SIGKILL, a CI timeout), the child still gets SIGTERM
+        # and its trap stops qemu.
+        process = subprocess.Popen(
+            ["setpriv", "--pdeathsig", "TERM", "--", *command],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
         try:
             return process.wait(timeout=timeout)
         except BaseException:
@@ -144,7 +143,9 @@ class VmRun:
                 f"last lines of the guest console:\n{_tail(self.results_dir / 'console.log')}"
             )
         if self.error_shown:  # the whole story once, then a pointer to it
-            raise VmRunError(f"no result from the VM; see the first failing tests/vm test above ({self.error.splitlines()[0]})")
+            raise VmRunError(
+                f"no result from the VM; see the first failing tests/vm test above ({self.error.splitlines()[0]})"
+            )
         self.error_shown = True
         raise VmRunError(self.error)
 
@@ -163,16 +164,20 @@ class VmRun:
         started = time.monotonic()
         log = self.results_dir / "vm-test.log"
         self.exit_code = _run_logged([str(VM_TEST), "-v", "--color=no", *nodeids], log, env, timeout=VM_TIMEOUT + 120)
-        _announce(self.config, f"tests/vm: VM run finished in {time.monotonic() - started:.0f} s "
-                  f"(guest pytest exit {self.exit_code})")
+        _announce(
+            self.config,
+            f"tests/vm: VM run finished in {time.monotonic() - started:.0f} s (guest pytest exit {self.exit_code})",
+        )
         if self.exit_code in (124, 125):
             errors = [line for line in _tail(log).splitlines() if line.startswith("vm-test: error")]
-            raise VmRunError("\n".join(errors or [f"scripts/vm-test.sh exited {self.exit_code}"])
-                             + f"\nlast lines of the guest console:\n{_tail(self.results_dir / 'console.log')}")
+            raise VmRunError(
+                "\n".join(errors or [f"scripts/vm-test.sh exited {self.exit_code}"])
+                + f"\nlast lines of the guest console:\n{_tail(self.results_dir / 'console.log')}"
+            )
         self._read_report(self.results_dir / "report.jsonl")
 
     def _kernel(self, env: dict[str, str]) -> str:
-        found = subprocess.run([str(KERNEL_SETUP), "path"], capture_output=True, text=True, env=env)
+        found = subprocess.run([str(KERNEL_SETUP), "path"], check=False, capture_output=True, text=True, env=env)
         if found.returncode == 0 and shutil.which("qemu-system-x86_64"):
             return found.stdout.strip()
         _announce(self.config, "tests/vm: building the lab kernel once (about 6 min on 2 cores; cached afterwards)")

@@ -89,13 +89,13 @@ class TinyCachefilesDaemon:
                 if any(fd == self._wake_read for fd, _ in poller.poll()):
                     return
                 self._drain()
-        except BaseException as e:  # reported by stop(), in the test's thread
+        except Exception as e:  # noqa: BLE001 - re-raised by stop(), in the test's thread
             self.error = e
 
     def _drain(self) -> None:
         while message := os.read(self.device, PAGE):  # 0 bytes: no request pending
             msg_id, opcode, length, object_id = MSG_HEADER.unpack_from(message)
-            body = message[MSG_HEADER.size:length]
+            body = message[MSG_HEADER.size : length]
             if opcode == OPCODE_OPEN:
                 self._open(msg_id, object_id, body)
             elif opcode == OPCODE_READ:
@@ -107,9 +107,9 @@ class TinyCachefilesDaemon:
 
     def _open(self, msg_id: int, object_id: int, body: bytes) -> None:
         volume_key_size, cookie_key_size, anon_fd, _flags = OPEN_BODY.unpack_from(body)
-        keys = body[OPEN_BODY.size:]
+        keys = body[OPEN_BODY.size :]
         volume_key = keys[:volume_key_size].rstrip(b"\0")
-        cookie_key = keys[volume_key_size:volume_key_size + cookie_key_size]
+        cookie_key = keys[volume_key_size : volume_key_size + cookie_key_size]
         self.opens.append((volume_key, cookie_key))
         image = self.blobs.get(cookie_key.decode())
         if image is None:
@@ -222,8 +222,9 @@ def test_remount_reads_from_the_filled_cache_without_asking_the_daemon(disk_tmp_
 
 
 def test_kernel_setup_check_reports_the_lab_kernel_features() -> None:
-    checked = subprocess.run([str(CHECKOUT / "scripts" / "kernel-setup.sh"), "check", "--json"],
-                             capture_output=True, text=True, check=True)
+    checked = subprocess.run(
+        [str(CHECKOUT / "scripts" / "kernel-setup.sh"), "check", "--json"], capture_output=True, text=True, check=True
+    )
     report = json.loads(checked.stdout)
 
     assert report["kernel"].endswith("-afsd")

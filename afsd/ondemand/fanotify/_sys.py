@@ -216,3 +216,15 @@ def holes(fd: int, start: int, end: int) -> list[tuple[int, int]]:
         found.append((hole, data - hole))
         position = data
     return found
+
+
+def sweep_unanswered(group_fd: int, limit: int, skip: frozenset[int] | set[int] = frozenset()) -> list[int]:
+    """Answer FAN_DENY|EIO for every fd number below `limit` except `skip`: the kernel applies an answer
+    only to an event that is still pending with that number, so this fails, loudly, exactly the events
+    a dead predecessor had read but not answered. Call it before reading any event yourself (your own
+    event fds would be answered too). Returns the numbers that were pending."""
+    denied = []
+    for fd in range(limit):
+        if fd not in skip and respond(group_fd, fd, False, errno.EIO):
+            denied.append(fd)
+    return denied

@@ -1,0 +1,197 @@
+"""A fetch worker: fills ranges of marked blobs with verified bytes, as the supervisor asks.
+
+Where it sits: supervisor --(blob spec + fill fd, fill tasks)--> worker --(RangeSource.fetch)--> peers;
+worker --(pwrite through the fill fd)--> blob file; worker --(done / failed)--> supervisor, which then
+answers the kernel. Workers hold no kernel state the readers depend on: the supervisor may kill one at
+any moment (it stopped heartbeating, or died) and give its tasks to another.
+
+Protocol (framed JSON, _wire.py) on the supervisor's socket:
+    -> hello {role: "worker"}          then every `heartbeat` seconds: heartbeat {tasks}
+    <- blob {name, path, spec, source} + the blob's fill fd (opened before the blob was marked, so its
+       writes raise no fanotify events; a worker must never write the blob through any other fd)
+    <- forget {name}                   the blob is complete or unregistered: drop it
+    <- fill {task, name, offset, length, priority}  -> done {task, written, source} | failed {task, error}
+    <- cancel {task}                   nobody waits for it any more
+The worker only writes holes (SEEK_HOLE), so bytes a reader may already see are never rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from afsd.ondemand.fanotify import _daemon, _sys
+from afsd.ondemand.fanotify._wire import AsyncChannel
+from afsd.ondemand.fanotify.sources import SourceFactory
+from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
+
+log = logging.getLogger("afsd.fanotify.worker")
+
+
+@dataclass(eq=False)
+class WorkerBlob:
+    name: str
+    spec: BlobSpec
+    fill_fd: int
+    config: dict[str, Any]
+    source: RangeSource | None = None
+    writes_in_flight: int = 0
+    forgotten: bool = False
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class FetchWorker:
+    def __init__(self, socket_path: str, heartbeat: float) -> None:
+        self.socket_path = socket_path
+        self.heartbeat = heartbeat
+        self.blobs: dict[str, WorkerBlob] = {}
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.factory = SourceFactory()
+        self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fill")
+        self.channel: AsyncChannel | None = None
+
+    async def run(self) -> None:
+        self.channel = await AsyncChannel.connect(self.socket_path)
+        await self.channel.send({"op": "hello", "role": "worker"})
+        beats = asyncio.create_task(self._heartbeats())
+        try:
+            while (item := await self.channel.receive()) is not None:
+                self._handle(*item)
+        finally:
+            beats.cancel()
+            for task in list(self.tasks.values()):
+                task.cancel()
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            for blob in list(self.blobs.values()):
+                await self._forget(blob)
+            await asyncio.wait_for(self.factory.close(), 5.0)
+            self.channel.close()
+
+    async def _heartbeats(self) -> None:
+        assert self.channel is not None
+        while True:
+            await self.channel.send({"op": "heartbeat", "tasks": len(self.tasks)})
+            await asyncio.sleep(self.heartbeat)
+
+    def _handle(self, message: dict[str, Any], fds: list[int]) -> None:
+        op = message.get("op")
+        if op == "blob":
+            old = self.blobs.pop(message["name"], None)
+            if old is not None:
+                asyncio.create_task(self._forget(old))
+            self.blobs[message["name"]] = WorkerBlob(message["name"], BlobSpec.from_json(message["spec"]),
+                                                     fds.pop(0), message.get("source") or {})
+        elif op == "forget":
+            blob = self.blobs.pop(message["name"], None)
+            if blob is not None:
+                asyncio.create_task(self._forget(blob))
+        elif op == "fill":
+            blob = self.blobs.get(message["name"])
+            task_id = int(message["task"])
+            if blob is None:
+                asyncio.create_task(self._report({"op": "failed", "task": task_id,
+                                                  "error": f"worker does not know blob {message['name']}"}))
+            else:
+                task = asyncio.create_task(self._fill(task_id, blob, int(message["offset"]), int(message["length"]),
+                                                      Priority(int(message.get("priority", 0)))))
+                self.tasks[task_id] = task
+                blob.tasks.add(task)
+                task.add_done_callback(lambda t, i=task_id, b=blob: (self.tasks.pop(i, None), b.tasks.discard(t)))
+        elif op == "cancel":
+            task = self.tasks.get(int(message["task"]))
+            if task is not None:
+                task.cancel()
+        for fd in fds:
+            os.close(fd)
+
+    async def _fill(self, task_id: int, blob: WorkerBlob, offset: int, length: int, priority: Priority) -> None:
+        try:
+            if blob.source is None:
+                blob.source = self.factory.make(blob.spec, blob.config)
+            fetched = await blob.source.fetch(offset, length, priority)
+            if fetched.offset > offset or fetched.offset + len(fetched.data) < offset + length:
+                raise ValueError(f"the source returned bytes {fetched.offset}-{fetched.offset + len(fetched.data)}, "
+                                 f"not covering {offset}-{offset + length}")
+            written = await self._write_holes(blob, fetched)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported; the supervisor fails the waiting reads (EIO)
+            log.error("blob %s: fill of bytes %d-%d failed: %s", blob.name, offset, offset + length, e)
+            await self._report({"op": "failed", "task": task_id, "error": str(e) or type(e).__name__})
+            return
+        await self._report({"op": "done", "task": task_id, "written": written, "source": fetched.source})
+
+    async def _write_holes(self, blob: WorkerBlob, fetched: FetchedRange) -> int:
+        if blob.forgotten:
+            raise RuntimeError(f"blob {blob.name} was dropped")
+        # The fd must stay open until the writing thread is really done, even if this task is
+        # cancelled meanwhile: the thread, not the task, releases it.
+        blob.writes_in_flight += 1
+        loop = asyncio.get_running_loop()
+        future = self.writer.submit(write_holes, blob.fill_fd, fetched.offset, fetched.data, blob.spec.size)
+        future.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._write_finished, blob))
+        return await asyncio.wrap_future(future)
+
+    def _write_finished(self, blob: WorkerBlob) -> None:
+        blob.writes_in_flight -= 1
+        if blob.forgotten and blob.writes_in_flight == 0:
+            os.close(blob.fill_fd)
+
+    async def _forget(self, blob: WorkerBlob) -> None:
+        blob.forgotten = True
+        for task in list(blob.tasks):
+            task.cancel()
+        if blob.writes_in_flight == 0:
+            os.close(blob.fill_fd)
+        if blob.source is not None:
+            try:
+                await asyncio.wait_for(blob.source.close(), 5.0)
+            except Exception as e:  # noqa: BLE001 - best effort at teardown
+                log.warning("closing the source of blob %s: %s", blob.name, e)
+
+    async def _report(self, message: dict[str, Any]) -> None:
+        assert self.channel is not None
+        try:
+            await self.channel.send(message)
+        except OSError:
+            pass  # the supervisor is gone; run() ends at EOF
+
+
+def write_holes(fd: int, offset: int, data: bytes, size: int) -> int:
+    """pwrite the parts of `data` (blob bytes at `offset`) that are holes in the file; bytes written."""
+    end = min(size, offset + len(data))
+    view = memoryview(data)
+    written = 0
+    for hole, length in _sys.holes(fd, offset, end):
+        piece = view[hole - offset:hole - offset + length]
+        position = hole
+        while piece:
+            count = os.pwrite(fd, piece, position)
+            piece, position = piece[count:], position + count
+            written += count
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m afsd.ondemand.fanotify.worker")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--heartbeat", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    parent = os.getppid()
+    _sys.set_parent_death_signal(signal.SIGKILL)   # never outlive the supervisor
+    if os.getppid() != parent:
+        return 0
+    _daemon.setup_logging("worker")
+    asyncio.run(FetchWorker(args.socket, args.heartbeat).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

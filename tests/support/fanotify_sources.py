@@ -1,0 +1,85 @@
+"""RangeSources with faults, for the fanotify backend's crash tests; fetch workers build them from a
+source configuration {"kind": "import", "factory": "tests.support.fanotify_sources:<name>", ...}
+(`config(name, **args)` writes one).
+
+- `slow`: a LocalFileSource that drops a marker file when a fetch starts (so a test knows a reader is
+  waiting on it) and answers `delay` seconds later: a wide window to kill a worker in.
+- `hanging`: connects to a TCP listener that accepts and never sends a byte, and waits for the answer
+  (a provider that accepted the connection and then hung).
+- `failing`: every fetch fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from afsd.errors import FetchError
+from afsd.ondemand.fanotify.sources import LocalFileSource
+from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def config(name: str, **args: Any) -> dict[str, Any]:
+    return {"kind": "import", "factory": f"tests.support.fanotify_sources:{name}", "sys_path": [_REPO_ROOT],
+            "args": args}
+
+
+class SlowSource(LocalFileSource):
+    def __init__(self, spec: BlobSpec, path: Path, delay: float, markers: Path | None) -> None:
+        super().__init__(spec, path)
+        self.delay = delay
+        self.markers = markers
+
+    async def fetch(self, offset: int, length: int, priority: Priority = Priority.DEMAND) -> FetchedRange:
+        if self.markers is not None:
+            marker = self.markers / f"{time.monotonic_ns()}-{os.getpid()}-{offset}-{length}"
+            await asyncio.to_thread(marker.touch)
+        await asyncio.sleep(self.delay)
+        return await super().fetch(offset, length, priority)
+
+
+class HangingSource:
+    def __init__(self, spec: BlobSpec, host: str, port: int) -> None:
+        self.spec = spec
+        self.host, self.port = host, port
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def fetch(self, offset: int, length: int, priority: Priority = Priority.DEMAND) -> FetchedRange:
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        self._writers.append(writer)
+        writer.write(f"READ {self.spec.name} {offset} {length}\n".encode())
+        await writer.drain()
+        data = await reader.read(1)   # the listener never sends anything
+        raise FetchError(f"provider {self.host}:{self.port} closed the connection ({data!r})")
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+
+
+class FailingSource:
+    def __init__(self, spec: BlobSpec, reason: str) -> None:
+        self.reason = reason
+
+    async def fetch(self, offset: int, length: int, priority: Priority = Priority.DEMAND) -> FetchedRange:
+        raise FetchError(self.reason)
+
+    async def close(self) -> None:
+        pass
+
+
+def slow(spec: BlobSpec, path: str, delay: float, markers: str | None = None) -> SlowSource:
+    return SlowSource(spec, Path(path), delay, Path(markers) if markers else None)
+
+
+def hanging(spec: BlobSpec, host: str, port: int) -> HangingSource:
+    return HangingSource(spec, host, port)
+
+
+def failing(spec: BlobSpec, reason: str = "every provider failed (injected)") -> FailingSource:
+    return FailingSource(spec, reason)
