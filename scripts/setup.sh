@@ -10,6 +10,8 @@ APT_PACKAGES=(
   docker-registry skopeo umoci                      # a real registry, an independent client and unpacker
   runc debootstrap busybox-static                   # containers and realistic test images
   apache2-utils zstd iproute2 util-linux kmod ca-certificates
+  # the lab kernel with cachefiles on-demand mode (scripts/kernel-setup.sh build) and its VM
+  linux-source-6.12 bc flex bison libelf-dev libssl-dev build-essential cpio xz-utils qemu-system-x86 e2fsprogs
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ from tests.support.cluster import LocalCluster, small_image
 from tests.support.treecompare import compare_trees, format_differences, snapshot
 from tests.support.umoci import umoci_rootfs
 
-BACKENDS = ["eager"]
+BACKENDS = ["eager", "fanotify"]
 
 
 async def push_features(cluster: LocalCluster) -> PushedImage:
@@ -25,6 +26,11 @@ async def push_features(cluster: LocalCluster) -> PushedImage:
         return push_layout(layout, cluster.registry.address, "test/features", "v1", media_types=media_types,
                            facts={spec.platform: facts})
     return await asyncio.to_thread(build)
+
+
+def mounts_under(root: Path) -> list[str]:
+    """Mount points below `root` (other tests on this machine may be mounting elsewhere)."""
+    return sorted(p for p in mounted_paths() if p.startswith(str(root) + "/"))
 
 
 def one_line(result) -> str:
@@ -43,7 +49,6 @@ async def test_a_mounted_image_is_the_tree_umoci_unpacks(cluster: LocalCluster, 
     image = await push_features(cluster)
     target = cluster.workdir / "rootfs"
     target.mkdir()
-    before = mounted_paths()
 
     mounted = await cluster.afsd(node, "mount", image.reference, str(target), "--backend", backend)
     assert mounted.returncode == 0, mounted.stderr
@@ -61,7 +66,7 @@ async def test_a_mounted_image_is_the_tree_umoci_unpacks(cluster: LocalCluster, 
 
     unmounted = await cluster.afsd(node, "umount", str(target))
     assert unmounted.returncode == 0, unmounted.stderr
-    assert mounted_paths() == before
+    assert mounts_under(cluster.workdir) == []
     assert json.loads((await cluster.afsd(node, "mounts", "--json")).stdout).get("mounts", []) == []
 
 
@@ -72,7 +77,6 @@ async def test_bad_mount_requests_get_one_clear_line_and_leave_nothing_mounted(c
     image = await cluster.push("small", small_image("small", 1 << 20))
     target = cluster.workdir / "mnt"
     target.mkdir()
-    before = mounted_paths()
 
     missing = f"{cluster.registry.address}/test/nothing:here"
     assert "nothing" in one_line(await cluster.afsd(node, "mount", missing, str(target)))
@@ -86,7 +90,7 @@ async def test_bad_mount_requests_get_one_clear_line_and_leave_nothing_mounted(c
     assert "in use" in one_line(await cluster.afsd(node, "mount", image.reference, str(target)))
     assert "no afsd mount" in one_line(await cluster.afsd(node, "umount", str(cluster.workdir)))
     assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
-    assert mounted_paths() == before
+    assert mounts_under(cluster.workdir) == []
 
     stopped = await cluster.afsd(None, "mount", "--socket", str(cluster.workdir / "no.sock"), image.reference, str(target))
     assert "node daemon is not running" in one_line(stopped)
@@ -111,7 +115,7 @@ async def test_mounts_survive_the_node_daemon_and_are_adopted_by_its_successor(c
     assert mount["target"] == str(target) and mount["upper"] == "tmpfs"
     assert (target / "written-while-down").read_text() == "kept"
     assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
-    assert not any(p.startswith(str(cluster.workdir) + "/") for p in mounted_paths())
+    assert mounts_under(cluster.workdir) == []
 
 
 async def test_a_mounting_node_becomes_a_provider_of_what_it_read(cluster: LocalCluster) -> None:
@@ -138,3 +142,74 @@ async def test_a_mounting_node_becomes_a_provider_of_what_it_read(cluster: Local
     mounted = await cluster.afsd(node_c, "mount", image.reference, str(target_c), "--backend", "eager")
     assert mounted.returncode == 0, mounted.stderr
     assert (target_c / "data/spread-1.bin").read_bytes() == (target_b / "data/spread-1.bin").read_bytes()
+
+
+async def test_a_fanotify_mount_fetches_only_what_is_read(cluster: LocalCluster) -> None:
+    await cluster.start_discovery(1)
+    (layerstore,) = await cluster.start_layerstores(1)
+    node = await cluster.start_node(layerstore, extra_args=["--no-prefetch"])
+    image = await cluster.push("large", small_image("large", 96 << 20, layers=2))
+    target = cluster.workdir / "rootfs"
+    target.mkdir()
+    mounted = await cluster.afsd(node, "mount", image.reference, str(target), "--backend", "fanotify")
+    assert mounted.returncode == 0, mounted.stderr
+
+    assert (target / "etc/large-1.txt").read_text() == "large layer 1\n"
+    (mount,) = json.loads((await cluster.afsd(node, "mounts", "--json")).stdout)["mounts"]
+    cached, total = int(mount["bytes_cached"]), int(mount["bytes_total"])
+    assert total > 96 << 20
+    assert cached < total * 0.05, f"reading one small file brought {cached} of {total} bytes"
+
+    expected = (await asyncio.to_thread(umoci_rootfs, image, image.platforms[0], cluster.workdir / "umoci"))
+    assert (target / "data/large-0.bin").read_bytes() == (expected / "data/large-0.bin").read_bytes()
+    (mount,) = json.loads((await cluster.afsd(node, "mounts", "--json")).stdout)["mounts"]
+    assert int(mount["bytes_cached"]) > (48 << 20)  # that file's layer is now (nearly) all here
+
+
+@pytest.mark.parametrize("failure", ["blob file deleted", "provider killed"])
+async def test_a_long_read_survives_losing_the_serving_provider(cluster: LocalCluster, failure: str) -> None:
+    (discovery,) = await cluster.start_discovery(1)
+    first, second = await cluster.start_layerstores(2)
+    image = await cluster.push("long", small_image("long", 48 << 20, layers=1))
+    (layer,) = (await cluster.pull(first, image)).layers
+    await cluster.pull(second, image)
+    await cluster.wait_until(lambda: _held_by(cluster, discovery, layer.digest, {"node0", "node1"}), 20,
+                             "both layerstores to advertise the layer")
+    node = await cluster.start_node(None, extra_args=["--no-prefetch"])
+    target = cluster.workdir / "rootfs"
+    target.mkdir()
+    assert (await cluster.afsd(node, "mount", image.reference, str(target), "--backend", "fanotify")).returncode == 0
+
+    expected = (await asyncio.to_thread(umoci_rootfs, image, image.platforms[0], cluster.workdir / "umoci")
+                / "data/long-0.bin").read_bytes()
+    read, step, lost = bytearray(), 1 << 20, False
+    with open(target / "data/long-0.bin", "rb") as handle:
+        while chunk := await asyncio.to_thread(handle.read, step):
+            read += chunk
+            if not lost and len(read) >= len(expected) // 3:
+                serving = await _serving(cluster, (first, second))
+                if failure == "blob file deleted":
+                    Path(next(l.cache_path for l in (await cluster.pull(serving, image)).layers)).unlink()
+                else:
+                    serving.kill()
+                lost = True
+    assert bytes(read) == expected
+
+
+async def _held_by(cluster: LocalCluster, discovery, digest: str, names: set[str]) -> bool:
+    return await cluster.nodes_for_layer(discovery, digest) == names
+
+
+async def _serving(cluster: LocalCluster, layerstores):
+    """The layerstore that has served the most blob bytes so far (from its /metrics)."""
+    import httpx
+
+    from afsd.lab.daemons import metrics_address
+
+    served = {}
+    async with httpx.AsyncClient() as http:
+        for daemon in layerstores:
+            text = (await http.get(f"http://{metrics_address(daemon)}/metrics")).text
+            line = next(l for l in text.splitlines() if l.startswith("afsd_layerstore_bytes_served_total "))
+            served[daemon.name] = (float(line.split()[1]), daemon)
+    return max(served.values(), key=lambda item: item[0])[1]

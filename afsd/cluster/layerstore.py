@@ -122,6 +122,7 @@ def _link_or_copy_verified(source: Path, dest: Path, layer: PeerLayer) -> None:
                 whole.update(data)
             if handle.read(1) or "sha256:" + whole.hexdigest() != layer.blob.digest:
                 raise DigestMismatchError(f"{source} is not the blob {layer.blob.digest} of {layer.digest}")
+            os.fsync(handle.fileno())  # the assembler may never have synced it
     except BaseException:
         dest.unlink(missing_ok=True)
         raise

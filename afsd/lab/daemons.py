@@ -7,6 +7,7 @@ operator would.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -184,3 +185,23 @@ def metrics_address(daemon: Daemon) -> str | None:
     if "--metrics-listen" in daemon.args:
         return daemon.args[daemon.args.index("--metrics-listen") + 1]
     return None
+
+
+def afslet_daemon(workdir: Path, name: str, node: Daemon, discovery: list[str], *, limit_cpu: int = 2,
+                  limit_memory_mb: int = 1024, extra_args: list[str] = (), metrics: bool = True,
+                  host: str = "127.0.0.1") -> Daemon:
+    """`afsd let` mounting through `node` (an `afsd node` daemon), with its work dir under `workdir/name`
+    and its containers under the cgroup `/afsd-let-<name>-<hash of workdir>` (so that two runs, or two
+    afslets, never see each other's containers)."""
+    assert node.socket_path is not None, "afslet needs a node daemon with a control socket"
+    port = free_port(host)
+    work = workdir / name
+    cgroup_parent = f"/afsd-let-{name}-{hashlib.sha256(str(work.absolute()).encode()).hexdigest()[:8]}"
+    args = ["let", "--listen", f"{host}:{port}", "--node-socket", str(node.socket_path),
+            "--work-dir", str(work), "--limit-cpu", str(limit_cpu),
+            "--limit-memory-mb", str(limit_memory_mb), "--cgroup-parent", cgroup_parent, *extra_args]
+    for endpoint in discovery:
+        args += ["--discovery-addr", endpoint]
+    if metrics:
+        args += ["--metrics-listen", f"{host}:{free_port(host)}"]
+    return Daemon(name, args, host, port, workdir / f"{name}.log")

@@ -14,7 +14,12 @@ from afsd.rpc import ChannelPool
 
 
 def build_backends(state_dir: Path, enabled: Sequence[str] | None, *, prefetch: bool = True) -> dict[str, Backend]:
-    available: dict[str, Callable[[], Backend]] = {"eager": EagerBackend}
+    from afsd.ondemand.fanotify.backend import FanotifyBackend
+
+    available: dict[str, Callable[[], Backend]] = {
+        "fanotify": lambda: FanotifyBackend(state_dir / "fanotify", prefetch=prefetch),
+        "eager": EagerBackend,
+    }
     names = list(enabled) if enabled else list(available)
     unknown = [n for n in names if n not in available]
     if unknown:

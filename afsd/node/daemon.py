@@ -91,13 +91,16 @@ class NodeDaemon:
         self._layers: dict[str, LayerUse] = {}
         self._layer_locks: dict[str, asyncio.Lock] = {}
         self._spreader: asyncio.Task[None] | None = None
+        self._unavailable: dict[str, str | None] = {}  # backend -> why it cannot run (probed once)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         await asyncio.to_thread(self.state.create)
-        for backend in self.backends.values():
-            await backend.start()
+        for name, backend in self.backends.items():
+            self._unavailable[name] = await asyncio.to_thread(backend.unavailable_reason)
+            if self._unavailable[name] is None:
+                await backend.start()
         await self._restore()
         self._spreader = asyncio.create_task(self._spread_complete_layers())
 
@@ -105,27 +108,29 @@ class NodeDaemon:
         """Stop serving requests. Mounts stay: they outlive the daemon and are adopted at restart."""
         if self._spreader:
             self._spreader.cancel()
-        for backend in self.backends.values():
-            await backend.close()
+        for name, backend in self.backends.items():
+            if self._unavailable.get(name) is None:
+                await backend.close()
+
+    def available(self, name: str) -> bool:
+        return name in self.backends and self._unavailable.get(name) is None
 
     def backend_availability(self) -> dict[str, str]:
-        return {name: backend.unavailable_reason() or "available" for name, backend in self.backends.items()}
+        return {name: self._unavailable.get(name) or "available" for name in self.backends}
 
     def choose_backend(self, name: str) -> Backend:
         if name in ("", "auto"):
             for candidate in BACKEND_PREFERENCE:
-                backend = self.backends.get(candidate)
-                if backend is not None and backend.unavailable_reason() is None:
-                    return backend
+                if self.available(candidate):
+                    return self.backends[candidate]
             raise BackendUnavailableError("no on-demand backend can run on this node: "
                                           + "; ".join(f"{n}: {r}" for n, r in self.backend_availability().items()))
         backend = self.backends.get(name)
         if backend is None:
             raise BackendUnavailableError(f"unknown backend {name!r}: choose one of auto, "
                                           + ", ".join(BACKEND_PREFERENCE))
-        reason = backend.unavailable_reason()
-        if reason is not None:
-            raise BackendUnavailableError(f"backend {name} is not available on this node: {reason}")
+        if not self.available(name):
+            raise BackendUnavailableError(f"backend {name} is not available on this node: {self._unavailable[name]}")
         return backend
 
     # -- mounting -------------------------------------------------------------------------------

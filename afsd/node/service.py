@@ -76,6 +76,8 @@ class NodeService(pb_grpc.NodeServicer):
     async def ListMounts(self, request: pb.ListMountsRequest, context: grpc.aio.ServicerContext) -> pb.ListMountsResponse:
         counters: dict[str, float] = {}
         for name, backend in self.daemon.backends.items():
+            if self.daemon.available(name):
+                await backend.refresh()
             counters.update({f"{name}.{key}": value for key, value in backend.counters().items()})
         return pb.ListMountsResponse(mounts=[await self._info(r) for r in self.daemon.mounts()],
                                      backends=self.daemon.backend_availability(), counters=counters)

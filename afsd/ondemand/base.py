@@ -63,8 +63,12 @@ class Backend(ABC):
         """Whether every byte of the blob is on this node (then it can be served to peers)."""
         return await asyncio.to_thread(present_bytes, blob_path, spec.size) >= spec.size
 
+    async def refresh(self) -> object:
+        """Update what `counters` reports (e.g. ask a supervisor process for its status)."""
+        return None
+
     def counters(self) -> dict[str, float]:
-        """Backend-specific counters for `afsd mounts` and metrics."""
+        """Backend-specific counters for `afsd mounts` and metrics, as of the last `refresh`."""
         return {}
 
 

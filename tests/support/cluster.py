@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from afsd.lab.oci_layout import ImageSpec, write_oci_layout
 from afsd.lab.registry import RegistryProcess, start_registry
 from afsd.lab.skopeo import PushedImage, push_layout
 from afsd.node.records import mounted_paths
+from afsd.ondemand.fanotify.client import SupervisorClient
 
 
 @dataclass
@@ -147,9 +149,15 @@ class LocalCluster:
         self._channels.clear()
 
     def stop(self) -> None:
+        """Stop every daemon and the registry, then what outlives node daemons by design: their
+        mounts and the fanotify supervisors serving them. Callable from any thread without a running loop."""
         for daemon in self.nodes + self.layerstores + self.discoveries:
             daemon.stop()
         self.registry.stop()
+        unmount_everything_under(self.workdir)
+        for node in self.nodes:
+            state = Path(node.args[node.args.index("--state-dir") + 1])
+            _in_fresh_thread(lambda: asyncio.run(SupervisorClient(state / "fanotify").shutdown(force=True)))
 
 
 @pytest.fixture
@@ -161,8 +169,12 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     finally:
         await local.close()
         await asyncio.to_thread(local.stop)
-        # Mounts outlive the node daemon by design: whatever a test left mounted goes now.
-        await asyncio.to_thread(unmount_everything_under, tmp_path)
+
+
+def _in_fresh_thread(work: Callable[[], object]) -> None:
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
 
 
 def unmount_everything_under(root: Path) -> list[str]:

@@ -133,21 +133,28 @@ class VmRun:
             self.nodeids = [item.nodeid for item in session.items if isinstance(item, VmTestItem)]
             try:
                 self._run(self.nodeids)
-            except VmRunError as e:
+            except (VmRunError, subprocess.TimeoutExpired) as e:
                 self.error = str(e)
-        if nodeid in self.outcomes:
+        if nodeid in self.outcomes:  # also when the VM died later: what it reported still counts
             return self.outcomes[nodeid]
         if self.error is None:
-            self.error = (
-                f"the VM run did not report this test (scripts/vm-test.sh exited {self.exit_code}); "
-                f"last lines of the guest console:\n{_tail(self.results_dir / 'console.log')}"
-            )
+            self.error = f"{self._vm_test_errors()}\nlast lines of the guest console:\n{self._console_tail()}"
         if self.error_shown:  # the whole story once, then a pointer to it
             raise VmRunError(
-                f"no result from the VM; see the first failing tests/vm test above ({self.error.splitlines()[0]})"
+                f"no result from the VM: {self.error.splitlines()[0]} (see the first failed tests/vm test)"
             )
         self.error_shown = True
         raise VmRunError(self.error)
+
+    def _vm_test_errors(self) -> str:
+        """vm-test.sh's own error lines (timeout, no result, not root, ...), or its exit code."""
+        assert self.results_dir is not None
+        errors = [line for line in _tail(self.results_dir / "vm-test.log").splitlines() if "error:" in line]
+        return "\n".join(errors) or f"the VM run did not report this test (scripts/vm-test.sh exited {self.exit_code})"
+
+    def _console_tail(self) -> str:
+        assert self.results_dir is not None
+        return _tail(self.results_dir / "console.log")
 
     def _run(self, nodeids: list[str]) -> None:
         self.results_dir = Path(tempfile.mkdtemp(prefix="afsd-vm-results-"))
@@ -168,12 +175,6 @@ class VmRun:
             self.config,
             f"tests/vm: VM run finished in {time.monotonic() - started:.0f} s (guest pytest exit {self.exit_code})",
         )
-        if self.exit_code in (124, 125):
-            errors = [line for line in _tail(log).splitlines() if line.startswith("vm-test: error")]
-            raise VmRunError(
-                "\n".join(errors or [f"scripts/vm-test.sh exited {self.exit_code}"])
-                + f"\nlast lines of the guest console:\n{_tail(self.results_dir / 'console.log')}"
-            )
         self._read_report(self.results_dir / "report.jsonl")
 
     def _kernel(self, env: dict[str, str]) -> str:

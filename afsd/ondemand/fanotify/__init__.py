@@ -6,7 +6,8 @@ keeper (keeper.py) holding a second copy of the group and fill fds. docs/fanotif
 whole story, including what readers see when processes die.
 """
 
-from afsd.ondemand.fanotify.client import FanotifyBackendError, SupervisorClient, prepare_blob
+from afsd.ondemand.fanotify.blobfile import BlobFileError, prepare_blob
+from afsd.ondemand.fanotify.client import FanotifyBackendError, SupervisorClient
 from afsd.ondemand.fanotify.settings import Settings
 
-__all__ = ["FanotifyBackendError", "Settings", "SupervisorClient", "prepare_blob"]
+__all__ = ["BlobFileError", "FanotifyBackendError", "Settings", "SupervisorClient", "prepare_blob"]

@@ -32,6 +32,8 @@ FAN_UNLIMITED_MARKS = 0x00000020
 FAN_MARK_ADD = 0x00000001
 FAN_MARK_REMOVE = 0x00000002
 FAN_MARK_FLUSH = 0x00000080
+FAN_MARK_EVICTABLE = 0x00000200   # the mark does not pin the inode: it goes when the inode is evicted
+AT_FDCWD = -100
 
 # event masks
 FAN_ACCESS_PERM = 0x00020000
@@ -108,12 +110,23 @@ def new_pre_content_group() -> int:
                          | FAN_UNLIMITED_MARKS, os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
 
 
-def mark_pre_access(group_fd: int, file_fd: int) -> None:
-    fanotify_mark(group_fd, FAN_MARK_ADD, FAN_PRE_ACCESS, file_fd, None)
+def mark_pre_access(group_fd: int, file_fd: int, *, evictable: bool = False) -> None:
+    fanotify_mark(group_fd, FAN_MARK_ADD | (FAN_MARK_EVICTABLE if evictable else 0), FAN_PRE_ACCESS, file_fd, None)
 
 
 def unmark_pre_access(group_fd: int, file_fd: int) -> None:
     fanotify_mark(group_fd, FAN_MARK_REMOVE, FAN_PRE_ACCESS, file_fd, None)
+
+
+def unmark_path(group_fd: int, path: str) -> bool:
+    """Remove this group's mark from the file at `path`; False if it had none (or does not exist)."""
+    try:
+        fanotify_mark(group_fd, FAN_MARK_REMOVE, FAN_PRE_ACCESS, AT_FDCWD, os.fsencode(path))
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
 
 
 @dataclass(frozen=True)

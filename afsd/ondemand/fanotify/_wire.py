@@ -237,3 +237,9 @@ class AsyncChannel:
                 os.close(fd)
         self._inbox.clear()
         self.sock.close()
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end of a unix socket (SO_PEERCRED)."""
+    credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", credentials)[0]

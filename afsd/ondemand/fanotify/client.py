@@ -1,7 +1,7 @@
 """The node daemon's side of the fanotify backend: start or re-attach the supervisor, prepare blobs,
 register them.
 
-Data flow: node daemon -> `prepare_blob` (sparse file, metadata prefilled from a RangeSource) ->
+Data flow: node daemon -> `prepare_blob` (blobfile.py: sparse file, metadata prefilled) ->
 `SupervisorClient.register` (the supervisor opens the fill fd, marks the blob, serves its misses)
 -> `afsd.erofs.mount.mount_erofs(blob_path, target)` -> readers.
 
@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from afsd.errors import AfsdError
-from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.fanotify._wire import AsyncChannel
+from afsd.ondemand.fanotify.blobfile import BlobFileError, prepare_blob
 from afsd.ondemand.fanotify.paths import StatePaths
 from afsd.ondemand.fanotify.settings import Settings, command_line
-from afsd.ondemand.spec import BlobSpec, Priority, RangeSource
+from afsd.ondemand.spec import BlobSpec
 
-PREFILL_REQUEST = 8 << 20
+__all__ = ["BlobFileError", "FanotifyBackendError", "SupervisorClient", "prepare_blob"]
 
 
 class FanotifyBackendError(AfsdError):
@@ -146,13 +146,17 @@ class SupervisorClient:
             channel.close()
 
     async def _request(self, message: dict[str, Any], *, start: bool = True) -> dict[str, Any]:
-        if start:
-            await self.ensure_running()
+        path = os.fspath(self.paths.supervisor_socket)
         try:
-            channel = await AsyncChannel.connect(os.fspath(self.paths.supervisor_socket))
+            channel = await AsyncChannel.connect(path)
         except (TimeoutError, OSError) as e:
-            raise FanotifyBackendError(f"cannot reach the fanotify supervisor at {self.paths.supervisor_socket}: "
-                                       f"{e}") from None
+            if not start:
+                raise FanotifyBackendError(f"cannot reach the fanotify supervisor at {path}: {e}") from None
+            await self.ensure_running()   # not running (or being restarted by its keeper)
+            try:
+                channel = await AsyncChannel.connect(path)
+            except (TimeoutError, OSError) as e:
+                raise FanotifyBackendError(f"cannot reach the fanotify supervisor at {path}: {e}") from None
         try:
             await channel.send({**message, "id": 1})
             item = await channel.receive()
@@ -164,95 +168,3 @@ class SupervisorClient:
         if not reply.get("ok"):
             raise FanotifyBackendError(reply.get("error", f"{message['op']} failed"))
         return reply
-
-
-async def prepare_blob(spec: BlobSpec, blob_path: Path, source: RangeSource, *,
-                       whole_chunks: bool = False) -> bool:
-    """Create `blob_path` as a sparse file of the blob's size with every metadata byte present (fetched
-    through `source`, verified), so erofs can mount it and only file data is left to fill on demand.
-    With `whole_chunks`, the fetched chunks are written whole (more bytes present, fewer events later).
-
-    A file already there with the right size and its metadata present is kept (it may be partly filled
-    from an earlier run). Returns True when it created the file.
-    """
-    if await asyncio.to_thread(_prepared, spec, blob_path):
-        return False
-    partial = blob_path.with_name(f".{blob_path.name}.{os.getpid()}.partial")
-    fd = await asyncio.to_thread(_create_sparse, partial, spec.size)
-    try:
-        for start, length in _metadata_requests(spec):
-            fetched = await source.fetch(start, length, Priority.DEMAND)
-            ranges = ([(fetched.offset, len(fetched.data))] if whole_chunks
-                      else _clip(spec.metadata_ranges(), fetched.offset, fetched.offset + len(fetched.data)))
-            await asyncio.to_thread(_write_ranges, fd, fetched.offset, fetched.data, ranges)
-        await asyncio.to_thread(os.fsync, fd)
-        await asyncio.to_thread(os.replace, partial, blob_path)
-    except BaseException:
-        await asyncio.to_thread(partial.unlink, missing_ok=True)
-        raise
-    finally:
-        await asyncio.to_thread(os.close, fd)
-    return True
-
-
-def _prepared(spec: BlobSpec, path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        if os.fstat(fd).st_size != spec.size:
-            return False
-        return all(_sys.first_hole(fd, offset, offset + length) is None for offset, length in spec.metadata_ranges())
-    finally:
-        os.close(fd)
-
-
-def _create_sparse(path: Path, size: int) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        _, fs_name = _sys.filesystem_type(fd)
-        if fs_name not in _sys.MARKABLE_FILESYSTEMS.values():
-            raise FanotifyBackendError(f"{path.parent} is on {fs_name}, where fanotify pre-content marks are "
-                                       "refused: keep the layer cache on ext4, xfs or btrfs")
-        os.ftruncate(fd, size)
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    return fd
-
-
-def _metadata_requests(spec: BlobSpec) -> list[tuple[int, int]]:
-    """Whole-chunk requests covering every metadata range, merged, each at most PREFILL_REQUEST bytes."""
-    size = spec.chunk_size
-    chunks = sorted({c for offset, length in spec.metadata_ranges() if length > 0
-                     for c in range(offset // size, (offset + length - 1) // size + 1)})
-    requests: list[tuple[int, int]] = []
-    for chunk in chunks:
-        start = chunk * size
-        end = min(spec.size, start + size)
-        if requests and requests[-1][0] + requests[-1][1] == start and requests[-1][1] < PREFILL_REQUEST:
-            requests[-1] = (requests[-1][0], end - requests[-1][0])
-        else:
-            requests.append((start, end - start))
-    return requests
-
-
-def _clip(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
-    out = []
-    for offset, length in ranges:
-        low, high = max(offset, start), min(offset + length, end)
-        if low < high:
-            out.append((low, high - low))
-    return out
-
-
-def _write_ranges(fd: int, base: int, data: bytes, ranges: list[tuple[int, int]]) -> None:
-    view = memoryview(data)
-    for offset, length in ranges:
-        piece = view[offset - base:offset - base + length]
-        position = offset
-        while piece:
-            count = os.pwrite(fd, piece, position)
-            piece, position = piece[count:], position + count

@@ -114,3 +114,22 @@ def slot_count(path: Path, default: int) -> int:
     if len(header) < _HEADER.size or _HEADER.unpack(header)[:2] != (_MAGIC, _VERSION):
         return default
     return _HEADER.unpack(header)[2]
+
+
+def reserve_fd_numbers(numbers: set[int]) -> set[int]:
+    """Keep the fd numbers of a predecessor's unanswered events out of use (open /dev/null on each
+    free one): a new event delivered with the same number would be mistaken for the old one when
+    answered. Returns the numbers we opened placeholders on."""
+    placeholders = set()
+    for number in sorted(numbers):
+        try:
+            os.fstat(number)
+            continue        # already open (one of our lifetime fds): it stays taken
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        if null != number:
+            os.dup2(null, number, inheritable=False)
+            os.close(null)
+        placeholders.add(number)
+    return placeholders

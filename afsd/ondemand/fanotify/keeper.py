@@ -36,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from afsd.ondemand.fanotify import _daemon, _sys
-from afsd.ondemand.fanotify._wire import MAX_FDS_PER_FRAME, Connection
+from afsd.ondemand.fanotify._wire import MAX_FDS_PER_FRAME, Connection, peer_pid
 from afsd.ondemand.fanotify.journal import slot_count
 from afsd.ondemand.fanotify.paths import StatePaths
 
 HELLO_TIMEOUT = 10.0          # a started supervisor that has not said hello by then is started again
 MIN_RESPAWN_DELAY = 0.05
 MAX_RESPAWN_DELAY = 5.0
+CRASH_LOOP_SECONDS = 5.0     # a supervisor that dies sooner than this after starting is restarted more slowly
 
 
 class Keeper:
@@ -136,7 +137,7 @@ class Keeper:
             self.holder_lost_at = time.monotonic()
             lived = self.holder_lost_at - self.holder_since
             self.log.warning("supervisor %d went away without saying bye (after %.1f s)", self.holder_pid, lived)
-            self.respawn_delay = (MIN_RESPAWN_DELAY if lived > 30
+            self.respawn_delay = (MIN_RESPAWN_DELAY if lived > CRASH_LOOP_SECONDS
                                   else min(MAX_RESPAWN_DELAY, self.respawn_delay * 2))
             if self.waiting:
                 waiting_connection, hello = self.waiting.pop(0)
@@ -181,7 +182,7 @@ class Keeper:
         if self.denying:
             self._stop_denying()
         self.holder = connection
-        self.holder_pid = _peer_pid(connection.sock)
+        self.holder_pid = peer_pid(connection.sock)
         self.holder_since = time.monotonic()
         self.respawn_at = None
         if hello.get("argv"):
@@ -255,12 +256,6 @@ class Keeper:
         return {"pid": os.getpid(), "holder_pid": self.holder_pid if self.holder else 0,
                 "group": self.group_fd is not None, "blobs": sorted(self.fill_fds),
                 "respawns": self.respawns, "denying": self.denying, "orphan_denied": self.orphan_denied}
-
-
-def _peer_pid(sock: socket.socket) -> int:
-    import struct
-    credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", credentials)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

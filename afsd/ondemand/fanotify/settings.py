@@ -19,6 +19,8 @@ _HELP = {
     "prefetch_inflight": "background fill tasks in flight per blob",
     "orphan_deadline": "seconds the keeper waits for a supervisor to come back before failing events (EIO)",
     "fd_limit": "RLIMIT_NOFILE of the supervisor, and the journal's slot count",
+    "failure_memory": "seconds a range whose fill failed or timed out fails further reads at once (a reader's "
+                      "retry of the same page would otherwise wait for the whole deadline again)",
 }
 
 
@@ -29,10 +31,11 @@ class Settings:
     worker_timeout: float = 5.0
     heartbeat: float = 0.5
     task_chunks: int = 8
-    fill_ahead: int = 0
+    fill_ahead: int = 4
     prefetch_inflight: int = 2
     orphan_deadline: float = 30.0
     fd_limit: int = 65536
+    failure_memory: float = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

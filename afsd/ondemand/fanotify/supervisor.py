@@ -28,22 +28,23 @@ import argparse
 import errno
 import json
 import os
-import select
 import selectors
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from afsd.fsutil import write_json_atomically
 from afsd.ondemand.fanotify import _daemon, _sys
-from afsd.ondemand.fanotify._wire import Connection, FrameDecoder, receive, send_blocking
-from afsd.ondemand.fanotify.journal import Journal, JournaledEvent
+from afsd.ondemand.fanotify._wire import Connection, peer_pid
+from afsd.ondemand.fanotify.blobfile import BlobFileError, check_blob_file, mounts_of, present_bytes
+from afsd.ondemand.fanotify.journal import Journal, JournaledEvent, reserve_fd_numbers
+from afsd.ondemand.fanotify.keeperlink import KeeperLink, KeeperUnavailableError, launch_keeper
+from afsd.ondemand.fanotify.model import Blob, PendingEvent, Task, Worker, chunk_runs
 from afsd.ondemand.fanotify.paths import StatePaths
 from afsd.ondemand.fanotify.settings import Settings, add_arguments, command_line, from_namespace
 from afsd.ondemand.spec import BlobSpec, Priority
@@ -52,82 +53,7 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    2.5, 5.0, 10.0, 30.0, 60.0)
 MAX_PLANS_PER_EVENT = 4       # fills that finished yet left the range with holes: give up after this
 PREFETCH_RETRY = 10.0         # seconds before prefetch of a blob whose prefetch fill failed resumes
-FAN_MARK_EVICTABLE = 0x200    # see _retire: the mark must not pin the inode once we stop serving it
-
-
-@dataclass(eq=False)
-class Blob:
-    name: str
-    path: str
-    spec: BlobSpec
-    source: dict[str, Any]
-    prefetch: bool
-    fill_fd: int | None
-    inode: tuple[int, int]
-    complete: bool = False
-    tainted: bool = False                      # may have served zeros while no group existed
-    inflight: dict[int, Task] = field(default_factory=dict)   # chunk index -> task filling it
-    pending: set[PendingEvent] = field(default_factory=set)
-    prefetch_cursor: int = 0
-    prefetch_inflight: int = 0
-    prefetch_paused_until: float = 0.0
-    filled_bytes: int = 0
-
-    @property
-    def chunks(self) -> int:
-        return -(-self.spec.size // self.spec.chunk_size)
-
-
-@dataclass(eq=False)
-class Task:
-    id: int
-    blob: Blob
-    first_chunk: int
-    chunk_count: int
-    priority: Priority
-    worker: Worker | None = None
-    events: set[PendingEvent] = field(default_factory=set)
-    dispatches: int = 0
-
-    @property
-    def offset(self) -> int:
-        return self.first_chunk * self.blob.spec.chunk_size
-
-    @property
-    def length(self) -> int:
-        return min(self.blob.spec.size, (self.first_chunk + self.chunk_count) * self.blob.spec.chunk_size) - self.offset
-
-
-@dataclass(eq=False)
-class PendingEvent:
-    fd: int                 # the event's fd number (in our table, or in a dead predecessor's)
-    blob: Blob
-    start: int
-    end: int
-    received: float
-    deadline: float
-    owned: bool             # fd is open in our table (False: a predecessor's event, answered by number)
-    placeholder: bool = False   # we hold fd's number with a placeholder until the event is answered
-    tasks: set[Task] = field(default_factory=set)
-    plans: int = 0
-    answered: bool = False
-
-
-@dataclass(eq=False)
-class Worker:
-    id: int
-    process: subprocess.Popen
-    pidfd: int
-    started: float
-    connection: Connection | None = None
-    last_seen: float = 0.0
-    tasks: dict[int, Task] = field(default_factory=dict)
-    killed: str = ""        # why we killed it ("" while alive)
-    hung: bool = False
-
-    @property
-    def ready(self) -> bool:
-        return self.connection is not None and not self.killed
+FILL_AHEAD_TASK_CHUNKS = 2    # fill-ahead goes in tasks this small, spread over the workers
 
 
 class RegistrationError(Exception):
@@ -147,9 +73,8 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.group_fd = -1
         self.group_recovered = False
-        self.keeper: Connection | None = None
+        self.keeper: KeeperLink | None = None
         self.keeper_launcher: subprocess.Popen | None = None
-        self.keeper_pid = 0
         self.supervisor_restarts = 0
         self.blobs: dict[str, Blob] = {}
         self.by_inode: dict[tuple[int, int], Blob] = {}
@@ -184,7 +109,7 @@ class Supervisor:
         if self.group_fd < 0:
             self.group_fd = _sys.new_pre_content_group()
             assert self.keeper is not None
-            self.keeper.send({"op": "hold_group"}, [self.group_fd])
+            self.keeper.hold_group(self.group_fd)
             self._flush_keeper()
         self._load_blobs(held_fills)
         if self.group_recovered:
@@ -202,70 +127,27 @@ class Supervisor:
                       "recovered from the keeper" if self.group_recovered else "new", self.settings.workers)
 
     def _attach_keeper(self, spawn: bool) -> dict[str, int]:
-        """Connect to the keeper (starting one if needed), announce ourselves, take back what it holds.
-        Returns the fill fds it held, by blob name; sets self.group_fd if it held a group."""
-        sock = self._connect_keeper(spawn)
-        send_blocking(sock, {"op": "hello", "argv": self.argv, "env": dict(os.environ)})
-        decoder = FrameDecoder()
-        held_fills: dict[str, int] = {}
-        sock.settimeout(30.0)  # a keeper defers us until our predecessor's connection is gone
-        done = False
-        while not done:
-            data, fds = receive(sock)
-            if not data:
-                raise OSError(errno.ECONNRESET, "the keeper closed the connection during the handshake")
-            for message, message_fds in decoder.feed(data, fds):
-                if message["op"] == "held":
-                    self.supervisor_restarts = int(message.get("respawns", 0))
-                    if message_fds:
-                        if self.group_fd >= 0:
-                            os.close(message_fds[0])   # ours is authoritative
-                        else:
-                            self.group_fd = message_fds[0]
-                            self.group_recovered = True
-                elif message["op"] == "held_blobs":
-                    held_fills.update(zip(message["names"], message_fds))
-                elif message["op"] == "held_end":
-                    done = True
-        self.keeper = Connection(sock)
-        self.keeper_pid = _peer_pid(sock)
-        self.selector.register(sock, selectors.EVENT_READ, self._on_keeper_io)
-        return held_fills
-
-    def _connect_keeper(self, spawn: bool) -> socket.socket:
-        deadline = time.monotonic() + 15.0
-        launched = False
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                sock.connect(os.fspath(self.paths.keeper_socket))
-                return sock
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
-            if not spawn or time.monotonic() > deadline:
-                raise OSError(errno.ECONNREFUSED, f"no keeper answers at {self.paths.keeper_socket}")
-            if not launched:
-                subprocess.run(self._keeper_command(), stdin=subprocess.DEVNULL, check=False, timeout=30)
-                launched = True
+        """Connect to the keeper (starting one if needed) and take back what it holds: sets the group fd
+        if it held one (we then serve a predecessor's group); returns the fill fds by blob name."""
+        link, held = KeeperLink.connect(self.paths, self.settings.orphan_deadline, self.argv, spawn=spawn)
+        self.supervisor_restarts = held.respawns
+        if held.group_fd is not None:
+            if self.group_fd >= 0:
+                os.close(held.group_fd)     # ours is authoritative (a keeper replaced while we ran)
             else:
-                time.sleep(0.05)
+                self.group_fd = held.group_fd
+                self.group_recovered = True
+        self.keeper = link
+        self.selector.register(link.connection.sock, selectors.EVENT_READ, self._on_keeper_io)
+        return held.fills
 
-    def _keeper_command(self) -> list[str]:
-        return [sys.executable, "-m", "afsd.ondemand.fanotify.keeper", "--state-dir", str(self.paths.root),
-                "--orphan-deadline", str(self.settings.orphan_deadline), "--daemon"]
-
-    def _flush_keeper(self, timeout: float = 5.0) -> None:
-        """Make sure what we sent the keeper is in its socket (fds in flight are then safe)."""
+    def _flush_keeper(self) -> None:
         if self.keeper is None:
-            raise RegistrationError("the keeper is not connected (it is being restarted): try again")
-        deadline = time.monotonic() + timeout
-        while self.keeper.wants_write and not self.keeper.closed:
-            if time.monotonic() > deadline:
-                raise RegistrationError("the keeper is not reading its socket: try again")
-            select.select([], [self.keeper.sock], [], 0.05)
+            raise RegistrationError("the keeper is being restarted: try again in a moment")
+        try:
             self.keeper.flush()
-        if self.keeper.closed:
-            raise RegistrationError("the keeper went away: try again")
+        except KeeperUnavailableError as e:
+            raise RegistrationError(f"{e}: try again in a moment") from None
 
     def _load_blobs(self, held_fills: dict[str, int]) -> None:
         for record_path in sorted(self.paths.blobs.glob("*.json")):
@@ -276,6 +158,12 @@ class Supervisor:
                 self.log.error("ignoring unreadable blob record %s: %s", record_path, e)
                 continue
             fill_fd = held_fills.pop(spec.name, None)
+            if not os.path.exists(record["path"]):
+                self.log.warning("forgetting blob %s: %s is gone", spec.name, record["path"])
+                record_path.unlink(missing_ok=True)
+                if fill_fd is not None:
+                    os.close(fill_fd)
+                continue
             try:
                 if fill_fd is not None and self.group_recovered:
                     self._adopt(record, spec, fill_fd)
@@ -317,18 +205,17 @@ class Supervisor:
         for entry in self.leftovers:
             blob = self.by_inode.get((entry.dev, entry.ino))
             self.counters["events_recovered"] += 1
-            event = PendingEvent(fd=entry.fd, blob=blob, start=entry.offset,  # type: ignore[arg-type]
-                                 end=entry.offset + entry.count, received=now,
-                                 deadline=now + self.settings.fetch_deadline, owned=False,
-                                 placeholder=entry.fd in self.placeholders)
             if blob is None or blob.fill_fd is None and not blob.complete:
                 self.counters["events_denied_unknown"] += 1
                 _sys.respond(self.group_fd, entry.fd, False, errno.EIO)
                 self.journal.clear(entry.fd)
-                if event.placeholder:
+                if entry.fd in self.placeholders:
                     os.close(entry.fd)
                     self.placeholders.discard(entry.fd)
                 continue
+            event = PendingEvent(fd=entry.fd, blob=blob, start=entry.offset, end=entry.offset + entry.count,
+                                 received=now, deadline=now + self.settings.fetch_deadline, owned=False,
+                                 placeholder=entry.fd in self.placeholders)
             blob.pending.add(event)
             self.pending.add(event)
             self._plan(event)
@@ -369,6 +256,7 @@ class Supervisor:
         return max(0.0, soonest - now)
 
     def _tick(self, now: float) -> None:
+        self._expire_unwaited_tasks(now)
         self._check_workers(now)
         self._maintain_keeper()
         for blob in list(self.blobs.values()):
@@ -394,7 +282,12 @@ class Supervisor:
             self.log.error("fanotify event without fd (mask %#x): the queue overflowed?", raw.mask)
             return
         received = time.monotonic()
-        st = os.fstat(raw.fd)
+        try:
+            st = os.fstat(raw.fd)
+        except OSError as e:   # cannot happen for an fd the kernel just gave us; never let it through
+            self.log.error("cannot stat the fd of an event: %s", e)
+            _sys.respond(self.group_fd, raw.fd, False, errno.EIO)
+            return
         blob = self.by_inode.get((st.st_dev, st.st_ino))
         if blob is None or (blob.fill_fd is None and not blob.complete):
             # A file we no longer serve (unregistered while still in use): never let it read holes.
@@ -436,6 +329,10 @@ class Supervisor:
             return
         size = blob.spec.chunk_size
         needed = sorted({c for offset, length in gaps for c in range(offset // size, (offset + length - 1) // size + 1)})
+        if blob.failed_until and self._recently_failed(blob, needed):
+            self.counters["events_denied_failed"] += 1
+            self._answer(event, allow=False)
+            return
         missing = []
         for chunk in needed:
             task = blob.inflight.get(chunk)
@@ -444,25 +341,42 @@ class Supervisor:
                 event.tasks.add(task)
             else:
                 missing.append(chunk)
-        if missing and self.settings.fill_ahead:
-            chunk = missing[-1] + 1
-            while chunk < min(blob.chunks, missing[-1] + 1 + self.settings.fill_ahead):
-                if chunk in blob.inflight or self._chunk_filled(blob, chunk):
-                    break
-                missing.append(chunk)
-                chunk += 1
-        for first, count in _runs(missing, self.settings.task_chunks):
+        for first, count in chunk_runs(missing, self.settings.task_chunks):
             task = self._new_task(blob, first, count, Priority.DEMAND)
             task.events.add(event)
             event.tasks.add(task)
             self._dispatch(task)
+        if missing and self.settings.fill_ahead:
+            self._fill_ahead(blob, missing[-1] + 1)
+
+    def _fill_ahead(self, blob: Blob, first: int) -> None:
+        """Start filling the chunks after a miss (a sequential reader will want them next), in small
+        tasks of their own so that the reader's own chunk is not held up by them."""
+        ahead = []
+        for chunk in range(first, min(blob.chunks, first + self.settings.fill_ahead)):
+            if chunk in blob.inflight or self._chunk_filled(blob, chunk):
+                break
+            ahead.append(chunk)
+        for start, count in chunk_runs(ahead, FILL_AHEAD_TASK_CHUNKS):
+            self._dispatch(self._new_task(blob, start, count, Priority.DEMAND))
+
+    def _recently_failed(self, blob: Blob, chunks: list[int]) -> bool:
+        now = time.monotonic()
+        for chunk in [c for c, until in blob.failed_until.items() if until <= now]:
+            del blob.failed_until[chunk]
+        return any(chunk in blob.failed_until for chunk in chunks)
+
+    def _remember_failure(self, task: Task) -> None:
+        until = time.monotonic() + self.settings.failure_memory
+        for chunk in range(task.first_chunk, task.first_chunk + task.chunk_count):
+            task.blob.failed_until[chunk] = until
 
     def _chunk_filled(self, blob: Blob, chunk: int) -> bool:
         assert blob.fill_fd is not None
         start = chunk * blob.spec.chunk_size
         return _sys.first_hole(blob.fill_fd, start, min(blob.spec.size, start + blob.spec.chunk_size)) is None
 
-    def _answer(self, event: PendingEvent, *, allow: bool) -> None:
+    def _answer(self, event: PendingEvent, *, allow: bool, timed_out: bool = False) -> None:
         if event.answered:
             return
         event.answered = True
@@ -481,6 +395,8 @@ class Supervisor:
         for task in list(event.tasks):
             task.events.discard(event)
             if not allow and not task.events and task.priority == Priority.DEMAND:
+                if timed_out:
+                    self._remember_failure(task)
                 self._cancel(task)
         event.tasks.clear()
 
@@ -489,7 +405,20 @@ class Supervisor:
             self.log.error("blob %s: bytes %d-%d not filled within %.1f s: failing the read with EIO",
                            event.blob.name, event.start, event.end, self.settings.fetch_deadline)
             self.counters["events_denied_timeout"] += 1
-            self._answer(event, allow=False)
+            self._answer(event, allow=False, timed_out=True)
+
+    def _expire_unwaited_tasks(self, now: float) -> None:
+        """Fill-ahead and prefetch tasks have no reader to time out with: give them the same deadline,
+        so a hung provider cannot pile them up in the workers."""
+        for blob in self.blobs.values():
+            for task in {id(t): t for t in blob.inflight.values()}.values():
+                if not task.events and now - task.created > self.settings.fetch_deadline:
+                    self.log.error("blob %s: background fill of bytes %d-%d not done within %.1f s: cancelled",
+                                   blob.name, task.offset, task.offset + task.length, self.settings.fetch_deadline)
+                    self._remember_failure(task)
+                    if task.priority == Priority.PREFETCH:
+                        blob.prefetch_paused_until = now + PREFETCH_RETRY
+                    self._cancel(task)
 
     def _observe(self, kind: str, seconds: float) -> None:
         buckets = self.latency[kind]
@@ -504,7 +433,8 @@ class Supervisor:
     # == tasks =====================================================================================
 
     def _new_task(self, blob: Blob, first: int, count: int, priority: Priority) -> Task:
-        task = Task(id=self.next_task_id, blob=blob, first_chunk=first, chunk_count=count, priority=priority)
+        task = Task(id=self.next_task_id, blob=blob, first_chunk=first, chunk_count=count, priority=priority,
+                    created=time.monotonic())
         self.next_task_id += 1
         for chunk in range(first, first + count):
             blob.inflight[chunk] = task
@@ -570,6 +500,7 @@ class Supervisor:
                            task.offset + task.length, message.get("error", "?"))
             if task.priority == Priority.PREFETCH:
                 blob.prefetch_paused_until = time.monotonic() + PREFETCH_RETRY
+            self._remember_failure(task)
         for event in list(task.events):
             event.tasks.discard(task)
             if event.answered:
@@ -740,16 +671,17 @@ class Supervisor:
     # == the keeper ================================================================================
 
     def _on_keeper_io(self, sock: socket.socket, mask: int) -> None:
-        keeper = self.keeper
-        if keeper is None:
+        link = self.keeper
+        if link is None:
             return
+        connection = link.connection
         if mask & selectors.EVENT_WRITE:
-            keeper.flush()
+            connection.flush()
         if mask & selectors.EVENT_READ:
-            messages = keeper.read()
+            messages = connection.read()
             if messages is None:
-                self.selector.unregister(keeper.sock)
-                keeper.close()
+                self.selector.unregister(connection.sock)
+                link.close()
                 self.keeper = None
                 if not self.stopping:
                     self.counters["keeper_restarts"] += 1
@@ -760,16 +692,14 @@ class Supervisor:
             for _message, fds in messages:
                 for fd in fds:
                     os.close(fd)
-        if not keeper.closed:
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if keeper.wants_write else 0)
-            self.selector.modify(keeper.sock, events, self._on_keeper_io)
+        self._update_interest(connection)
 
     def _maintain_keeper(self) -> None:
-        """Replace a dead keeper without blocking the loop: launch, then connect on a later tick."""
+        """Replace a dead keeper without blocking the loop: launch it, connect on a later tick."""
         if self.keeper is not None or self.stopping:
             return
         if self.keeper_launcher is None:
-            self.keeper_launcher = subprocess.Popen(self._keeper_command(), stdin=subprocess.DEVNULL)
+            self.keeper_launcher = launch_keeper(self.paths, self.settings.orphan_deadline)
             return
         if self.keeper_launcher.poll() is None:
             return
@@ -782,11 +712,12 @@ class Supervisor:
         for fd in held.values():
             os.close(fd)
         assert self.keeper is not None
-        self.keeper.send({"op": "hold_group"}, [self.group_fd])
+        self.keeper.hold_group(self.group_fd)
         for blob in self.blobs.values():
             if blob.fill_fd is not None:
-                self.keeper.send({"op": "hold_blob", "name": blob.name}, [blob.fill_fd])
-        self.log.info("a new keeper holds the group and %d fill fds", len(self.blobs))
+                self.keeper.hold_blob(blob.name, blob.fill_fd)
+        self._update_interest(self.keeper.connection)
+        self.log.info("a new keeper (pid %d) holds the group and %d fill fds", self.keeper.pid, len(self.blobs))
 
     # == control requests ==========================================================================
 
@@ -812,7 +743,7 @@ class Supervisor:
                 for fd in fds:
                     os.close(fd)
                 if message.get("op") == "hello" and message.get("role") == "worker":
-                    worker = self._worker_hello(connection, _peer_pid(connection.sock))
+                    worker = self._worker_hello(connection, peer_pid(connection.sock))
                     if worker is not None:
                         self._worker_messages(worker, messages[index + 1:])
                     return
@@ -841,7 +772,7 @@ class Supervisor:
             else:
                 raise RegistrationError(f"unknown request {op!r}")
             reply["ok"] = True
-        except RegistrationError as e:
+        except (RegistrationError, BlobFileError) as e:
             reply.update(ok=False, error=str(e))
         except (KeyError, ValueError, TypeError) as e:
             reply.update(ok=False, error=f"malformed {op} request: {e!r}")
@@ -859,40 +790,40 @@ class Supervisor:
             return existing
         if not os.path.isabs(path):
             raise RegistrationError(f"blob path {path} is not absolute")
-        mounted_at = [] if from_record else _mounts_of(path)
+        mounted_at = [] if from_record else mounts_of(path)
         if mounted_at:
             raise RegistrationError(
                 f"blob {path} is already mounted at {mounted_at[0]} without a fanotify mark (its reads "
                 "would see holes as zeros): unmount it, register, then mount")
+        if not os.path.exists(path):
+            raise RegistrationError(f"blob {path} does not exist: create it with prepare_blob first")
         # A mark of ours left on the inode by an unregister (_retire) would make the fill fd we are about
         # to open raise events on its own writes: remove it first (nobody has the blob mounted).
-        try:
-            _sys.fanotify_mark(self.group_fd, _sys.FAN_MARK_REMOVE, _sys.FAN_PRE_ACCESS, -100, os.fsencode(path))
-        except OSError as e:
-            if e.errno == errno.ENOENT and not os.path.exists(path):
-                raise RegistrationError(f"blob {path} does not exist: create it (sparse) first") from None
+        _sys.unmark_path(self.group_fd, path)
         try:
             fill_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise RegistrationError(f"cannot open blob {path}: {e.strerror}") from None
         try:
-            blob = self._validated_blob(spec, path, source, prefetch, fill_fd)
+            inode, complete = check_blob_file(spec, path, fill_fd)
+            blob = Blob(name=spec.name, path=path, spec=spec, source=source, prefetch=prefetch, fill_fd=fill_fd,
+                        inode=inode, complete=complete)
             if not blob.complete:
                 if not from_record:
                     write_json_atomically(self.paths.blob_record(spec.name), {
                         "path": path, "spec": spec.to_json(), "source": source, "prefetch": prefetch})
                 if self.keeper is None:
                     raise RegistrationError("the keeper is being restarted: try again in a moment")
-                self.keeper.send({"op": "hold_blob", "name": spec.name}, [fill_fd])
+                self.keeper.hold_blob(spec.name, fill_fd)
                 self._flush_keeper()   # the keeper's copy is in flight before the mark exists
-                _sys.fanotify_mark(self.group_fd, _sys.FAN_MARK_ADD | FAN_MARK_EVICTABLE, _sys.FAN_PRE_ACCESS,
-                                   fill_fd, None)
+                # Evictable: see _retire (an unregistered blob's mark must not pin its inode).
+                _sys.mark_pre_access(self.group_fd, fill_fd, evictable=True)
         except BaseException:
             os.close(fill_fd)
             if not from_record:
                 self.paths.blob_record(spec.name).unlink(missing_ok=True)
             if self.keeper is not None:
-                self.keeper.send({"op": "drop_blob", "name": spec.name})
+                self.keeper.drop_blob(spec.name)
             raise
         if blob.complete:
             os.close(fill_fd)
@@ -910,33 +841,12 @@ class Supervisor:
                       "complete" if blob.complete else "filling on demand")
         return blob
 
-    def _validated_blob(self, spec: BlobSpec, path: str, source: dict[str, Any], prefetch: bool,
-                        fill_fd: int) -> Blob:
-        _, fs_name = _sys.filesystem_type(fill_fd)
-        if fs_name not in _sys.MARKABLE_FILESYSTEMS.values():
-            raise RegistrationError(
-                f"blob {path} is on {fs_name}, where fanotify pre-content marks are refused: keep blobs "
-                "on ext4, xfs or btrfs")
-        st = os.fstat(fill_fd)
-        if st.st_size != spec.size:
-            raise RegistrationError(f"blob {path} is {st.st_size} bytes, its spec says {spec.size}: "
-                                    "create it with prepare_blob")
-        for offset, length in spec.metadata_ranges():
-            hole = _sys.first_hole(fill_fd, offset, offset + length)
-            if hole is not None:
-                raise RegistrationError(
-                    f"blob {path} has a hole at byte {hole} in its metadata (erofs reads metadata without "
-                    "raising events, so it must be present before mounting): prefill it with prepare_blob")
-        complete = _sys.first_hole(fill_fd, 0, spec.size) is None
-        return Blob(name=spec.name, path=path, spec=spec, source=source, prefetch=prefetch, fill_fd=fill_fd,
-                    inode=(st.st_dev, st.st_ino), complete=complete)
-
     def _unregister(self, name: str, *, force: bool) -> None:
         blob = self.blobs.get(name)
         if blob is None:
             raise RegistrationError(f"blob {name} is not registered")
         if not blob.complete and not force:
-            mounted_at = _mounts_of(blob.path)
+            mounted_at = mounts_of(blob.path)
             if mounted_at:
                 raise RegistrationError(f"blob {name} is still mounted at {mounted_at[0]} and not complete: "
                                         "unmount it first (or force, and its unfilled reads fail with EIO)")
@@ -957,7 +867,7 @@ class Supervisor:
         do not know about, e.g. a lazily detached one, gets EIO for unfilled ranges instead of zeros."""
         if blob.fill_fd is not None:
             if self.keeper is not None:
-                self.keeper.send({"op": "drop_blob", "name": blob.name})
+                self.keeper.drop_blob(blob.name)
             os.close(blob.fill_fd)
             blob.fill_fd = None
 
@@ -981,7 +891,7 @@ class Supervisor:
             self.log.error("blob %s: cannot remove its mark: %s", blob.name, e)
         self._forget_in_workers(blob)
         if self.keeper is not None:
-            self.keeper.send({"op": "drop_blob", "name": blob.name})
+            self.keeper.drop_blob(blob.name)
         os.close(blob.fill_fd)
         blob.fill_fd = None
         blob.complete = True
@@ -995,7 +905,7 @@ class Supervisor:
     # == stopping ==================================================================================
 
     def _shutdown(self, *, force: bool) -> None:
-        busy = [b.name for b in self.blobs.values() if not b.complete and _mounts_of(b.path)]
+        busy = [b.name for b in self.blobs.values() if not b.complete and mounts_of(b.path)]
         if busy and not force:
             raise RegistrationError(f"blobs still mounted and incomplete: {', '.join(busy)}: unmount them "
                                     "first (stopping now would let their readers see zeros)")
@@ -1008,7 +918,7 @@ class Supervisor:
         for worker in list(self.workers.values()):
             worker.process.wait()
         if self.keeper is not None:
-            self.keeper.send({"op": "bye"})
+            self.keeper.bye()
             self._flush_keeper()
         for blob in self.blobs.values():
             if blob.fill_fd is not None:
@@ -1049,7 +959,7 @@ class Supervisor:
     # == status ====================================================================================
 
     def _blob_status(self, blob: Blob) -> dict[str, Any]:
-        present = blob.spec.size if blob.complete or blob.fill_fd is None else _present_bytes(blob.fill_fd, blob.spec.size)
+        present = blob.spec.size if blob.complete or blob.fill_fd is None else present_bytes(blob.fill_fd, blob.spec.size)
         return {"name": blob.name, "path": blob.path, "size": blob.spec.size, "present_bytes": present,
                 "state": "complete" if blob.complete else "filling", "tainted": blob.tainted,
                 "prefetch": blob.prefetch, "pending_events": len(blob.pending),
@@ -1059,7 +969,7 @@ class Supervisor:
         now = time.monotonic()
         return {
             "pid": os.getpid(), "uptime": time.time() - self.started, "group_recovered": self.group_recovered,
-            "supervisor_restarts": self.supervisor_restarts, "keeper_pid": self.keeper_pid if self.keeper else 0,
+            "supervisor_restarts": self.supervisor_restarts, "keeper_pid": self.keeper.pid if self.keeper else 0,
             "settings": asdict(self.settings), "counters": dict(self.counters),
             "pending_events": len(self.pending), "queued_tasks": len(self.queue),
             "latency": {"buckets": list(LATENCY_BUCKETS),
@@ -1071,64 +981,6 @@ class Supervisor:
                         for w in self.workers.values()],
             "blobs": [self._blob_status(b) for b in self.blobs.values()],
         }
-
-
-def _runs(chunks: list[int], longest: int) -> list[tuple[int, int]]:
-    """Consecutive chunk indexes as (first, count) runs of at most `longest`."""
-    runs: list[tuple[int, int]] = []
-    for chunk in chunks:
-        if runs and runs[-1][0] + runs[-1][1] == chunk and runs[-1][1] < longest:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((chunk, 1))
-    return runs
-
-
-def _present_bytes(fd: int, size: int) -> int:
-    return size - sum(length for _, length in _sys.holes(fd, 0, size))
-
-
-def _mounts_of(path: str) -> list[str]:
-    """Mount points whose source is `path` (a file-backed erofs shows its image file as the source)."""
-    found = []
-    try:
-        with open("/proc/self/mountinfo") as handle:
-            for line in handle:
-                fields = line.split()
-                separator = fields.index("-")
-                if _unescape(fields[separator + 2]) == path:
-                    found.append(_unescape(fields[4]))
-    except OSError:
-        pass
-    return found
-
-
-def _unescape(text: str) -> str:
-    return text.encode().decode("unicode_escape") if "\\" in text else text
-
-
-def _peer_pid(sock: socket.socket) -> int:
-    credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", credentials)[0]
-
-
-def _reserve_fd_numbers(numbers: set[int]) -> set[int]:
-    """Keep the fd numbers of a predecessor's unanswered events out of use (open /dev/null on each
-    free one): a new event delivered with the same number would be mistaken for the old one when
-    answered. Returns the numbers we opened placeholders on."""
-    placeholders = set()
-    for number in sorted(numbers):
-        try:
-            os.fstat(number)
-            continue        # already open (one of our lifetime fds): it stays taken
-        except OSError:
-            pass
-        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        if null != number:
-            os.dup2(null, number, inheritable=False)
-            os.close(null)
-        placeholders.add(number)
-    return placeholders
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
@@ -1146,16 +998,16 @@ def main(argv: list[str] | None = None) -> int:
     args, settings = parse_args(argv)
     paths = StatePaths(args.state_dir.absolute())
     paths.ensure()
-    announce = _daemon.detach(paths.supervisor_log) if args.daemon else (lambda ready: None)
     lock = _daemon.try_lock(paths.supervisor_lock)
     if lock is None:
         print(f"a supervisor already runs for {paths.root}", file=sys.stderr)
-        announce(True)
-        return 0
+        return 0    # the caller wanted one running: there is one
+    # Before anything else opens an fd: keep the numbers of the predecessor's unanswered events taken.
     fd_limit = _daemon.set_fd_limit(settings.fd_limit)
     journal = Journal(paths.journal, fd_limit)
     leftovers = journal.pending()
-    placeholders = _reserve_fd_numbers({entry.fd for entry in leftovers})
+    placeholders = reserve_fd_numbers({entry.fd for entry in leftovers})
+    announce = _daemon.detach(paths.supervisor_log) if args.daemon else (lambda ready: None)
     _daemon.protect_from_oom_killer()
     # What the keeper runs to replace us: the same options, in the foreground (in its own session).
     respawn = command_line(paths.root, settings, metrics_listen=args.metrics_listen)

@@ -29,6 +29,7 @@ from typing import Any
 
 from afsd.ondemand.fanotify import _daemon, _sys
 from afsd.ondemand.fanotify._wire import AsyncChannel
+from afsd.ondemand.fanotify.blobfile import write_at
 from afsd.ondemand.fanotify.sources import SourceFactory
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
 
@@ -168,15 +169,8 @@ def write_holes(fd: int, offset: int, data: bytes, size: int) -> int:
     """pwrite the parts of `data` (blob bytes at `offset`) that are holes in the file; bytes written."""
     end = min(size, offset + len(data))
     view = memoryview(data)
-    written = 0
-    for hole, length in _sys.holes(fd, offset, end):
-        piece = view[hole - offset:hole - offset + length]
-        position = hole
-        while piece:
-            count = os.pwrite(fd, piece, position)
-            piece, position = piece[count:], position + count
-            written += count
-    return written
+    return sum(write_at(fd, view[hole - offset:hole - offset + length], hole)
+               for hole, length in _sys.holes(fd, offset, end))
 
 
 def main(argv: list[str] | None = None) -> int:

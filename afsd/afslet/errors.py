@@ -1,0 +1,31 @@
+"""Errors of the Execute service, each mapped to how the client sees it.
+
+- `RequestError`: the client sent something malformed → the call ends with INVALID_ARGUMENT.
+- `AdmissionError`: not enough CPU/memory share free → RESOURCE_EXHAUSTED, with the numbers.
+- `SetupError`: the request was fine but running it failed before the command ran (image, mount, user,
+  runc) → a `result` frame with a setup exit code (see outcome.py) and the message in `error`.
+"""
+
+from __future__ import annotations
+
+from afsd.errors import AfsdError
+
+
+class RequestError(AfsdError):
+    """A malformed Execute stream (missing/duplicate start, bad field, unsafe path, ...)."""
+
+    exit_code = 2
+
+
+class AdmissionError(AfsdError):
+    """The requested CPU cores or memory do not fit in what this afslet has free."""
+
+
+class SetupError(AfsdError):
+    """Preparing the container failed; `status` is the exit code reported for it."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        from afsd.afslet.outcome import EXIT_SETUP_FAILED
+
+        super().__init__(message)
+        self.status = EXIT_SETUP_FAILED if status is None else status

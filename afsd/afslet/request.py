@@ -1,0 +1,76 @@
+"""The `start` frame of an Execute call, validated into an `ExecuteSpec`.
+
+Where it sits: the first thing `session.py` does with a call. Everything a client can get wrong in
+`start` is found here and reported as one `RequestError` (INVALID_ARGUMENT) naming the field.
+Fields the reference used for its own in-process FUSE mount or its proxy (`fuse_max_read_ahead_bytes`,
+`force_local_fetch`, `node_id`, `proxy_dispatch_*`, `discovery_addr`) are accepted and ignored: this
+afslet mounts through the node daemon, which uses its own discovery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from afsd.afslet.errors import RequestError
+from afsd.api import afslet_pb2 as pb
+from afsd.errors import InvalidReferenceError
+from afsd.oci.platform import Platform, parse_platform
+from afsd.oci.reference import ImageReference, parse_reference
+
+
+@dataclass(frozen=True)
+class TimeoutPolicy:
+    default_ms: int
+    max_ms: int
+
+
+@dataclass(frozen=True)
+class ExecuteSpec:
+    reference: ImageReference
+    platform: Platform
+    command: tuple[str, ...]
+    env: tuple[str, ...]
+    cpu_cores: int
+    memory_mb: int
+    timeout_ms: int
+    timeout_is_default: bool
+
+
+def _check_strings(values: list[str], field: str) -> None:
+    for value in values:
+        if "\x00" in value:
+            raise RequestError(f"start.{field} entry {value!r} contains a NUL byte")
+
+
+def parse_start(start: pb.StartRequest, timeouts: TimeoutPolicy) -> ExecuteSpec:
+    if not start.image.strip():
+        raise RequestError("start.image is required")
+    try:
+        reference = parse_reference(start.image, start.tag or None)
+        platform = parse_platform(os=start.platform_os, architecture=start.platform_arch,
+                                  variant=start.platform_variant)
+    except InvalidReferenceError as error:
+        raise RequestError(str(error)) from None
+    if start.cpu_cores <= 0:
+        raise RequestError(f"start.cpu_cores must be a whole number > 0 (got {start.cpu_cores})")
+    if start.memory_mb <= 0:
+        raise RequestError(f"start.memory_mb must be > 0 (got {start.memory_mb})")
+    if start.timeout_ms < 0:
+        raise RequestError(f"start.timeout_ms must be >= 0 (got {start.timeout_ms}; 0 means the server default "
+                           f"of {timeouts.default_ms} ms)")
+    if start.timeout_ms > timeouts.max_ms:
+        raise RequestError(f"start.timeout_ms {start.timeout_ms} exceeds this afslet's maximum of "
+                           f"{timeouts.max_ms} ms")
+    if start.fuse_max_read_ahead_bytes < 0:
+        raise RequestError(f"start.fuse_max_read_ahead_bytes must be >= 0 (got {start.fuse_max_read_ahead_bytes})")
+    command, env = list(start.command), list(start.env)
+    _check_strings(command, "command")
+    _check_strings(env, "env")
+    for entry in env:
+        key, sep, _ = entry.partition("=")
+        if not sep or not key:
+            raise RequestError(f"start.env entry {entry!r} is not KEY=VALUE")
+    timeout_ms = start.timeout_ms or timeouts.default_ms
+    return ExecuteSpec(reference=reference, platform=platform, command=tuple(command), env=tuple(env),
+                       cpu_cores=start.cpu_cores, memory_mb=start.memory_mb, timeout_ms=timeout_ms,
+                       timeout_is_default=start.timeout_ms == 0)

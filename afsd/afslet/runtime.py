@@ -1,0 +1,80 @@
+"""What every Execute call of one afslet shares: its configuration, the admission ledger, runc, the
+node daemon and discovery clients, the subreaper, and the calls in flight (so shutdown can wait)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from afsd.afslet.admission import Admission
+from afsd.afslet.metrics import RUNNING
+from afsd.afslet.node_mounts import NodeMounts
+from afsd.afslet.reaper import Subreaper
+from afsd.afslet.request import TimeoutPolicy
+from afsd.afslet.runc import Runc
+from afsd.cluster.discovery_client import DiscoveryClient
+
+
+@dataclass(frozen=True)
+class AfsletConfig:
+    work_dir: Path
+    limit_cpu_cores: int
+    limit_memory_mb: int
+    timeouts: TimeoutPolicy
+    network: str = "host"              # "host" or "none"
+    tar_chunk: int = 256 * 1024
+    pids_limit: int = 4096
+    runc_binary: str = "runc"
+    runc_root: Path | None = None      # default <work_dir>/runc
+    cgroup_parent: str = "/afsd-let"
+    resolv_conf: Path | None = Path("/etc/resolv.conf")
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.work_dir / "sessions"
+
+    @property
+    def runc_state(self) -> Path:
+        return self.runc_root or self.work_dir / "runc"
+
+
+def container_id(session_id: str) -> str:
+    return f"afslet-{session_id}"
+
+
+@dataclass
+class Runtime:
+    config: AfsletConfig
+    admission: Admission
+    reaper: Subreaper
+    runc: Runc
+    mounts: NodeMounts
+    discovery: DiscoveryClient
+    running_containers: int = 0
+    _tasks: set[asyncio.Future[object]] = field(default_factory=set)
+
+    def cgroup_path(self, session_id: str) -> str:
+        return f"/{self.config.cgroup_parent.strip('/')}/{container_id(session_id)}"
+
+    def track(self, task: asyncio.Future[object]) -> None:
+        """Keep `task` (a call or its teardown) until it ends, for `drain`."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @contextlib.contextmanager
+    def container_running(self):  # type: ignore[no-untyped-def]
+        self.running_containers += 1
+        RUNNING.inc()
+        try:
+            yield
+        finally:
+            self.running_containers -= 1
+            RUNNING.dec()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for every call and teardown in flight (they are cancelled by the server's stop)."""
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)

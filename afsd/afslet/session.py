@@ -1,0 +1,361 @@
+"""One Execute call from its first frame to `done`, and the session directory it works in.
+
+Order of events (frames sent to the client in brackets):
+
+    start frame → validate → admission → [accepted] → session dir; image config resolved meanwhile
+    → extra files until the client half-closes → mount (image + extra dir + writable upper)
+    → user, env, bundle → runc run -d → [log ... as lines arrive] → exit or timeout kill
+    → [result] → [tar_header, tar_chunk...] → teardown → [done]
+
+Teardown (container, cgroup, mount, session dir, then the admission share) runs on every path: a
+setup error, an invalid frame after `accepted`, a client that goes away. It is shielded from
+cancellation, so a cancelled call still finishes cleaning up; `done` is sent only after it, so a
+client that saw `done` knows nothing of its call is left on the node.
+
+Session directory `<work-dir>/sessions/<id>/`: `extra/` (uploaded files + mount-point stubs, a
+read-only lower), `rootfs/` (the overlay mount point), `rw/` (`rw/upper`, `rw/work` of the overlay),
+`bundle/` (config.json, runc's log and pid file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import shlex
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from afsd.afslet import bundle as oci
+from afsd.afslet.admission import Reservation
+from afsd.afslet.container import Container
+from afsd.afslet.errors import AdmissionError, RequestError, SetupError
+from afsd.afslet.extra_files import ExtraTree, add_mount_stubs
+from afsd.afslet.metrics import EXECUTIONS, PHASE_SECONDS, TEARDOWN_FAILURES
+from afsd.afslet.outcome import EXIT_SETUP_FAILED, Outcome, command_outcome, exit_code_of, setup_outcome
+from afsd.afslet.process import ProcessPlan, plan_process, with_default
+from afsd.afslet.request import ExecuteSpec, parse_start
+from afsd.afslet.runtime import Runtime, container_id
+from afsd.afslet.upper_tar import stream_upper_tar
+from afsd.afslet.users import resolve_user
+from afsd.api import afslet_pb2 as pb
+from afsd.api import discovery_pb2 as dpb
+from afsd.cluster.discovery_client import DiscoveryUnavailableError
+from afsd.node.records import mounted_paths
+
+log = logging.getLogger(__name__)
+
+STDOUT_SOURCE = "runc:stdout"   # the reference's source names, kept for its users' log filters
+STDERR_SOURCE = "runc:stderr"
+TIMING_PREFIX = "__AFS_AFSLET_TIMING__"
+TAR_NAME = "writable-upper.tar.gz"
+
+Send = Callable[[pb.ExecuteResponse], Awaitable[None]]
+
+
+def log_frame(source: str, message: str) -> pb.ExecuteResponse:
+    return pb.ExecuteResponse(log=pb.LogMessage(source=source, message=message))
+
+
+@dataclass(frozen=True)
+class SessionPaths:
+    root: Path
+
+    @property
+    def extra(self) -> Path:
+        return self.root / "extra"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.root / "rootfs"
+
+    @property
+    def rw(self) -> Path:
+        return self.root / "rw"
+
+    @property
+    def upper(self) -> Path:
+        return self.root / "rw" / "upper"
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle"
+
+    def create(self) -> None:
+        self.root.mkdir(parents=True)
+        for directory in (self.extra, self.rootfs, self.rw, self.bundle):
+            directory.mkdir()
+
+
+def new_session_id() -> str:
+    return f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
+
+
+def remove_session_dir(root: Path) -> bool:
+    """rm -rf the session, unless something is still mounted inside (then it would reach into the mount)."""
+    prefix = str(root) + "/"
+    if any(point == str(root) or point.startswith(prefix) for point in mounted_paths()):
+        return False
+    shutil.rmtree(root, ignore_errors=True)
+    return not root.exists()
+
+
+class ExecuteCall:
+    def __init__(self, runtime: Runtime, frames: AsyncIterator[pb.ExecuteRequest], send: Send) -> None:
+        self.runtime = runtime
+        self.frames = frames
+        self._send = send
+        self.session_id = new_session_id()
+        self.paths = SessionPaths(runtime.config.sessions_dir / self.session_id)
+        self._reservation: Reservation | None = None
+        self._container: Container | None = None
+        self._mount_task: asyncio.Future[object] | None = None
+        self._teardown_task: asyncio.Future[None] | None = None
+        self._rootfs_release: asyncio.Future[None] | None = None
+        self._created = False
+        self._outcome_label = "cancelled"
+        self._started = time.monotonic()
+
+    # -- frames ---------------------------------------------------------------------------------
+
+    async def send_log(self, source: str, message: str) -> None:
+        await self._send(log_frame(source, message))
+
+    async def _phase(self, name: str, started: float) -> float:
+        seconds = time.monotonic() - started
+        PHASE_SECONDS.labels(name).observe(seconds)
+        await self.send_log("timing", f"{TIMING_PREFIX} phase={name} ms={seconds * 1000:.1f}")
+        return seconds
+
+    # -- the call -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            start = await self._first_frame()
+            spec = parse_start(start, self.runtime.config.timeouts)
+        except RequestError:
+            EXECUTIONS.labels("invalid").inc()
+            raise
+        try:
+            self._reservation = self.runtime.admission.reserve(spec.cpu_cores, spec.memory_mb)
+        except AdmissionError:
+            EXECUTIONS.labels("rejected").inc()
+            raise
+        try:
+            await self._admitted(spec)
+        except RequestError:
+            self._outcome_label = "invalid"
+            raise
+        finally:
+            EXECUTIONS.labels(self._outcome_label).inc()
+            await self._teardown_once()
+
+    async def _first_frame(self) -> pb.StartRequest:
+        try:
+            frame = await anext(aiter(self.frames))
+        except StopAsyncIteration:
+            raise RequestError("missing start request: the stream ended before its first frame") from None
+        kind = frame.WhichOneof("payload")
+        if kind != "start":
+            raise RequestError(f"first request must be start, got {kind or 'an empty frame'}")
+        return frame.start
+
+    async def _admitted(self, spec: ExecuteSpec) -> None:
+        await self._send(pb.ExecuteResponse(accepted=pb.Accepted(accepted=True)))
+        await self._phase("admission", self._started)
+        await asyncio.to_thread(self.paths.create)
+        self._created = True
+        await self.send_log("session", f"session {self.session_id}, container {container_id(self.session_id)}, "
+                                       f"directory {self.paths.root}")
+        outcome = await self._prepare_and_run(spec)
+        await self._send(pb.ExecuteResponse(result=pb.Result(success=outcome.success, exit_code=outcome.exit_code,
+                                                             error=outcome.error)))
+        self._outcome_label = outcome.kind
+        started = time.monotonic()
+        await self._send(pb.ExecuteResponse(tar_header=pb.TarHeader(name=TAR_NAME)))
+        async for chunk in stream_upper_tar(self.paths.upper, self.runtime.config.tar_chunk):
+            await self._send(pb.ExecuteResponse(tar_chunk=pb.TarChunk(data=chunk)))
+        await self._phase("upload", started)
+        started = time.monotonic()
+        await self._teardown_once()
+        await self._phase("teardown", started)
+        await self._phase("total", self._started)
+        await self._send(pb.ExecuteResponse(done=pb.Done()))
+
+    async def _prepare_and_run(self, spec: ExecuteSpec) -> Outcome:
+        resolving = asyncio.ensure_future(self._resolve_image(spec))
+        try:
+            started = time.monotonic()
+            tree = ExtraTree(str(self.paths.extra))
+            try:
+                await self._receive_files(tree)
+            finally:
+                tree.close()
+            await self._phase("receive", started)
+            try:
+                resolved = await resolving
+                plan = plan_process(spec, resolved.runtime_config)
+                return await self._mount_and_run(spec, resolved, plan, tree)
+            except SetupError as error:
+                await self.send_log("afslet", f"setup failed: {error}")
+                return setup_outcome(error.status, str(error))
+            except OSError as error:
+                log.exception("session %s: setup failed", self.session_id)
+                return setup_outcome(EXIT_SETUP_FAILED, f"setup failed on the node: {error}")
+        finally:
+            if not resolving.done():
+                resolving.cancel()
+                with contextlib.suppress(BaseException):
+                    await resolving
+
+    async def _receive_files(self, tree: ExtraTree) -> None:
+        async for frame in self.frames:
+            kind = frame.WhichOneof("payload")
+            if kind == "file_begin":
+                await tree.begin(frame.file_begin)
+            elif kind == "file_chunk":
+                await tree.chunk(frame.file_chunk)
+            elif kind == "file_end":
+                await tree.end()
+            elif kind == "start":
+                raise RequestError("duplicate start: only the first frame may be start")
+            else:
+                raise RequestError("empty request frame (no payload set)")
+        await tree.complete()
+
+    async def _resolve_image(self, spec: ExecuteSpec) -> dpb.ResolveImageResponse:
+        started = time.monotonic()
+        request = dpb.ResolveImageRequest(image=str(spec.reference), platform_os=spec.platform.os,
+                                          platform_arch=spec.platform.architecture,
+                                          platform_variant=spec.platform.variant)
+        try:
+            resolved = await self.runtime.discovery.resolve_image(request)
+        except grpc.aio.AioRpcError as error:
+            raise SetupError(f"cannot resolve image {spec.reference} ({spec.platform}): "
+                             f"{error.details() or error.code().name}") from None
+        except DiscoveryUnavailableError as error:
+            raise SetupError(f"cannot resolve image {spec.reference}: {error}") from None
+        await self._phase("resolve", started)
+        config = resolved.runtime_config
+        await self.send_log("image", f"{spec.reference} ({spec.platform}) is {resolved.manifest_digest}: "
+                                     f"entrypoint={list(config.entrypoint)} cmd={list(config.cmd)} "
+                                     f"env={len(config.env)} entries working_dir={config.working_dir or '/'} "
+                                     f"user={config.user or 'root'}")
+        return resolved
+
+    async def _mount_and_run(self, spec: ExecuteSpec, resolved: dpb.ResolveImageResponse, plan: ProcessPlan,
+                             tree: ExtraTree) -> Outcome:
+        config = self.runtime.config
+        host_resolv = config.resolv_conf if config.resolv_conf and "etc/resolv.conf" not in tree.paths else None
+        await asyncio.to_thread(add_mount_stubs, str(self.paths.extra), resolv_conf=host_resolv is not None)
+        if host_resolv is not None and not await asyncio.to_thread(host_resolv.is_file):
+            host_resolv = None
+
+        # Pin the mount to the manifest the runtime config came from: a tag that moves in between cannot
+        # give us one image's layers with another's entrypoint.
+        image = str(spec.reference.with_digest(resolved.manifest_digest)) if resolved.manifest_digest \
+            else str(spec.reference)
+        started = time.monotonic()
+        self._mount_task = asyncio.ensure_future(self.runtime.mounts.mount(
+            image, str(spec.platform), self.paths.rootfs, self.paths.rw, self.paths.extra))
+        info = await asyncio.shield(self._mount_task)
+        await self._phase("mount", started)
+        await self.send_log("mount", f"{info.image} at {info.target}: {len(info.layers)} layers, backend "
+                                     f"{info.backend}, {info.bytes_cached} of {info.bytes_total} bytes on this node")
+
+        user = await asyncio.to_thread(resolve_user, self.paths.rootfs, plan.user)
+        env = with_default(list(plan.env), "HOME", user.home)
+        limits = oci.ContainerLimits(spec.cpu_cores, spec.memory_mb, config.pids_limit)
+        cgroup_path = self.runtime.cgroup_path(self.session_id)
+        document = oci.oci_config(rootfs=self.paths.rootfs, args=list(plan.args), env=env, cwd=plan.cwd, user=user,
+                                  cgroups_path=cgroup_path, limits=limits,
+                                  private_network=config.network == "none", resolv_conf=host_resolv)
+        await asyncio.to_thread(oci.write_bundle, self.paths.bundle, document)
+        timeout_note = " (server default)" if spec.timeout_is_default else ""
+        await self.send_log("request", f"args={shlex.join(plan.args)} cwd={plan.cwd} user={user.uid}:{user.gid}"
+                                       f"{' (' + user.name + ')' if user.name else ''} cpu_cores={spec.cpu_cores} "
+                                       f"memory_mb={spec.memory_mb} pids={config.pids_limit} "
+                                       f"timeout_ms={spec.timeout_ms}{timeout_note} network={config.network}")
+        return await self._run_container(spec, cgroup_path)
+
+    async def _run_container(self, spec: ExecuteSpec, cgroup_path: str) -> Outcome:
+        self._container = container = Container(self.runtime.runc, container_id(self.session_id), self.paths.bundle,
+                                                cgroup_path)
+
+        async def stdout(line: str) -> None:
+            await self.send_log(STDOUT_SOURCE, line)
+
+        async def stderr(line: str) -> None:
+            await self.send_log(STDERR_SOURCE, line)
+
+        with self.runtime.container_running():
+            exit_ = await container.run(spec.timeout_ms / 1000, stdout, stderr)
+        self._release_rootfs()
+        run_seconds = exit_.run_seconds
+        for phase, seconds in (("start", exit_.start_seconds), ("run", run_seconds)):
+            PHASE_SECONDS.labels(phase).observe(seconds)
+            await self.send_log("timing", f"{TIMING_PREFIX} phase={phase} ms={seconds * 1000:.1f}")
+        code = exit_code_of(exit_.wait_status) if exit_.wait_status >= 0 else 255
+        usage = exit_.usage
+        await self.send_log("resource", f"cpu_ms={usage.cpu_ns / 1e6:.1f} wall_ms={run_seconds * 1000:.1f} "
+                                        f"peak_memory_mb={usage.peak_memory_bytes / 2**20:.1f} "
+                                        f"oom_kills={usage.oom_kills}")
+        outcome = command_outcome(code, timed_out_ms=spec.timeout_ms if exit_.timed_out else None,
+                                  oom_kills=usage.oom_kills, memory_mb=spec.memory_mb)
+        await self.send_log("runc", outcome.error or "command exited with code 0")
+        return outcome
+
+    # -- teardown -------------------------------------------------------------------------------
+
+    async def _teardown_once(self) -> None:
+        if self._teardown_task is None:
+            self._teardown_task = asyncio.ensure_future(self._teardown())
+            self.runtime.track(self._teardown_task)
+        await asyncio.shield(self._teardown_task)
+
+    def _release_rootfs(self) -> asyncio.Future[None]:
+        """Remove the container, then unmount the rootfs it ran in (started once, awaited by teardown).
+
+        Started as soon as the command has exited, so that it overlaps sending the result and the tar
+        (which reads the upper directory, not the mount).
+        """
+        if self._rootfs_release is None:
+            self._rootfs_release = asyncio.ensure_future(self._remove_container_and_mount())
+            self.runtime.track(self._rootfs_release)
+        return self._rootfs_release
+
+    async def _remove_container_and_mount(self) -> None:
+        try:
+            if self._container is not None:
+                leftovers = await self._container.destroy()
+                if leftovers:
+                    TEARDOWN_FAILURES.labels("cgroup").inc()
+                    log.error("session %s: cgroup directories remain: %s", self.session_id, ", ".join(leftovers))
+            if self._mount_task is not None:
+                await asyncio.wait([self._mount_task])
+                mounted = not self._mount_task.cancelled() and self._mount_task.exception() is None
+                still_mounted = mounted or str(self.paths.rootfs) in await asyncio.to_thread(mounted_paths)
+                if still_mounted and not await self.runtime.mounts.unmount(self.paths.rootfs):
+                    TEARDOWN_FAILURES.labels("mount").inc()
+        except Exception:
+            log.exception("session %s: removing the container or its mount failed", self.session_id)
+            TEARDOWN_FAILURES.labels("error").inc()
+
+    async def _teardown(self) -> None:
+        try:
+            await self._release_rootfs()
+            if self._created and not await asyncio.to_thread(remove_session_dir, self.paths.root):
+                TEARDOWN_FAILURES.labels("session_dir").inc()
+                log.error("session %s: %s kept: something is still mounted inside", self.session_id, self.paths.root)
+        except Exception:
+            log.exception("session %s: teardown failed", self.session_id)
+            TEARDOWN_FAILURES.labels("error").inc()
+        finally:
+            if self._reservation is not None:
+                self._reservation.release()

@@ -1,0 +1,88 @@
+"""`FanotifyBackend`: the fanotify pre-content backend behind the common on-demand interface
+(afsd.ondemand.base.Backend), for the node daemon.
+
+attach = `prepare_blob` (sparse file + verified metadata, through the in-process RangeSource) +
+register with the supervisor (which marks the blob and serves its misses through fetch workers built
+from the source configuration); mount = file-backed erofs (base class); detach = unregister.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from afsd.ondemand.base import Backend, BlobSource
+from afsd.ondemand.fanotify import _sys
+from afsd.ondemand.fanotify.client import FanotifyBackendError, SupervisorClient, prepare_blob
+from afsd.ondemand.fanotify.settings import Settings
+from afsd.ondemand.spec import BlobSpec
+
+
+class FanotifyBackend(Backend):
+    name = "fanotify"
+
+    def __init__(self, state_dir: Path, settings: Settings | None = None, *, metrics_listen: str | None = None,
+                 prefetch: bool = False) -> None:
+        self.client = SupervisorClient(state_dir, settings, metrics_listen=metrics_listen)
+        self.prefetch = prefetch
+        self._last_status: dict[str, Any] = {}
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if os.geteuid() != 0:
+            return "the fanotify backend needs root (fanotify permission events need CAP_SYS_ADMIN)"
+        try:
+            group = _sys.new_pre_content_group()
+        except OSError as e:
+            if e.errno == errno.EPERM:
+                return "the fanotify backend needs CAP_SYS_ADMIN"
+            return ("this kernel has no fanotify pre-content events (FAN_CLASS_PRE_CONTENT): it needs "
+                    "Linux 6.14+ with CONFIG_FANOTIFY_ACCESS_PERMISSIONS")
+        try:
+            with tempfile.NamedTemporaryFile(dir="/var/tmp", prefix=".afsd-fanotify-probe-") as probe:
+                try:
+                    _sys.mark_pre_access(group, probe.fileno())
+                except OSError as e:
+                    if e.errno == errno.EINVAL:
+                        return ("this kernel refuses FAN_PRE_ACCESS marks: it needs Linux 6.14+ with "
+                                "CONFIG_FANOTIFY_ACCESS_PERMISSIONS")
+                    # EOPNOTSUPP: /var/tmp is on a filesystem without marks; the layer cache may differ.
+        finally:
+            os.close(group)
+        return None
+
+    async def start(self) -> None:
+        await self.client.ensure_running()
+
+    async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource) -> None:
+        await prepare_blob(spec, blob_path, source.source)
+        await self.client.register(spec, blob_path, source.config, prefetch=self.prefetch)
+
+    async def detach(self, spec: BlobSpec, blob_path: Path) -> None:
+        try:
+            await self.client.unregister(spec.name)
+        except FanotifyBackendError as e:
+            if "is not registered" not in str(e):
+                raise
+
+    async def is_complete(self, spec: BlobSpec, blob_path: Path) -> bool:
+        blob = await self.client.blob_status(spec.name)
+        if blob is not None:
+            return blob["state"] == "complete"
+        return await super().is_complete(spec, blob_path)
+
+    async def refresh(self) -> dict[str, Any]:
+        """Fetch the supervisor's status (what `counters` reports from then on)."""
+        self._last_status = await self.client.status()
+        return self._last_status
+
+    def counters(self) -> dict[str, float]:
+        status = self._last_status
+        if not status:
+            return {}
+        return {**{k: float(v) for k, v in status["counters"].items()},
+                "supervisor_restarts": float(status["supervisor_restarts"]),
+                "pending_events": float(status["pending_events"])}

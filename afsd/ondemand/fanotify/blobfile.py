@@ -1,0 +1,169 @@
+"""The blob file of the fanotify backend: making it (sparse, metadata present) and checking it before
+it is marked.
+
+Data flow: node daemon -> `prepare_blob` (file of the blob's size; every byte outside the data map
+fetched through a RangeSource, verified, written) -> supervisor `check_blob_file` (right filesystem,
+right size, metadata present) -> mark -> mount. erofs reads metadata through the page cache without
+raising fanotify events, so a metadata hole would read as zeros: that is why both ends check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from pathlib import Path
+
+from afsd.errors import AfsdError
+from afsd.ondemand.fanotify import _sys
+from afsd.ondemand.spec import BlobSpec, Priority, RangeSource
+
+PREFILL_REQUEST = 8 << 20
+
+
+class BlobFileError(AfsdError):
+    """A blob file the fanotify backend cannot serve as it is."""
+
+
+async def prepare_blob(spec: BlobSpec, blob_path: Path, source: RangeSource, *,
+                       whole_chunks: bool = False) -> bool:
+    """Create `blob_path` as a sparse file of the blob's size with every metadata byte present (fetched
+    through `source`, verified), so erofs can mount it and only file data is left to fill on demand.
+    With `whole_chunks`, the fetched chunks are written whole (more bytes present, fewer events later).
+
+    A file already there with the right size and its metadata present is kept (it may be partly filled
+    from an earlier run, and may be registered: it is not written to). Returns True when it created
+    the file.
+    """
+    if await asyncio.to_thread(_prepared, spec, blob_path):
+        return False
+    partial = blob_path.with_name(f".{blob_path.name}.{os.getpid()}.partial")
+    fd = await asyncio.to_thread(_create_sparse, partial, spec.size)
+    try:
+        for start, length in metadata_requests(spec):
+            fetched = await source.fetch(start, length, Priority.DEMAND)
+            end = fetched.offset + len(fetched.data)
+            ranges = [(fetched.offset, len(fetched.data))] if whole_chunks else _clip(spec.metadata_ranges(), fetched.offset, end)
+            await asyncio.to_thread(_write_ranges, fd, fetched.offset, fetched.data, ranges)
+        await asyncio.to_thread(os.fsync, fd)
+        await asyncio.to_thread(os.replace, partial, blob_path)
+    except BaseException:
+        await asyncio.to_thread(partial.unlink, missing_ok=True)
+        raise
+    finally:
+        await asyncio.to_thread(os.close, fd)
+    return True
+
+
+def check_blob_file(spec: BlobSpec, path: str, fd: int) -> tuple[tuple[int, int], bool]:
+    """Check the open blob file `fd` before marking it; returns its (st_dev, st_ino) and whether it is
+    complete already. Raises BlobFileError naming the file and the fix."""
+    _, fs_name = _sys.filesystem_type(fd)
+    if fs_name not in _sys.MARKABLE_FILESYSTEMS.values():
+        raise BlobFileError(f"blob {path} is on {fs_name}, where fanotify pre-content marks are refused: keep "
+                            "blobs on ext4, xfs or btrfs")
+    st = os.fstat(fd)
+    if st.st_size != spec.size:
+        raise BlobFileError(f"blob {path} is {st.st_size} bytes, its spec says {spec.size}: create it with "
+                            "prepare_blob")
+    for offset, length in spec.metadata_ranges():
+        hole = _sys.first_hole(fd, offset, offset + length)
+        if hole is not None:
+            raise BlobFileError(f"blob {path} has a hole at byte {hole} in its metadata (erofs reads metadata "
+                                "without raising events, so it must be present before mounting): prefill it "
+                                "with prepare_blob")
+    return (st.st_dev, st.st_ino), _sys.first_hole(fd, 0, spec.size) is None
+
+
+def present_bytes(fd: int, size: int) -> int:
+    return size - sum(length for _, length in _sys.holes(fd, 0, size))
+
+
+def mounts_of(path: str) -> list[str]:
+    """Mount points whose source is the file `path` (a file-backed erofs names its image file)."""
+    wanted = os.fsencode(path)
+    found = []
+    try:
+        with open("/proc/self/mountinfo", "rb") as handle:
+            for line in handle:
+                fields = line.split()
+                source = fields[fields.index(b"-") + 2]
+                if _unescape(source) == wanted:
+                    found.append(os.fsdecode(_unescape(fields[4])))
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+def write_at(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """pwrite all of `data` at `offset` (short writes continued); returns its length."""
+    view = memoryview(data)
+    position = offset
+    while view:
+        count = os.pwrite(fd, view, position)
+        view, position = view[count:], position + count
+    return len(data)
+
+
+def metadata_requests(spec: BlobSpec) -> list[tuple[int, int]]:
+    """Whole-chunk requests covering every metadata range, merged, each at most PREFILL_REQUEST bytes."""
+    size = spec.chunk_size
+    chunks = sorted({c for offset, length in spec.metadata_ranges() if length > 0
+                     for c in range(offset // size, (offset + length - 1) // size + 1)})
+    requests: list[tuple[int, int]] = []
+    for chunk in chunks:
+        start = chunk * size
+        end = min(spec.size, start + size)
+        if requests and requests[-1][0] + requests[-1][1] == start and requests[-1][1] < PREFILL_REQUEST:
+            requests[-1] = (requests[-1][0], end - requests[-1][0])
+        else:
+            requests.append((start, end - start))
+    return requests
+
+
+def _unescape(field: bytes) -> bytes:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def _prepared(spec: BlobSpec, path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        if os.fstat(fd).st_size != spec.size:
+            return False
+        return all(_sys.first_hole(fd, offset, offset + length) is None for offset, length in spec.metadata_ranges())
+    finally:
+        os.close(fd)
+
+
+def _create_sparse(path: Path, size: int) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _, fs_name = _sys.filesystem_type(fd)
+        if fs_name not in _sys.MARKABLE_FILESYSTEMS.values():
+            raise BlobFileError(f"{path.parent} is on {fs_name}, where fanotify pre-content marks are refused: "
+                                "keep the layer cache on ext4, xfs or btrfs")
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    return fd
+
+
+def _clip(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    out = []
+    for offset, length in ranges:
+        low, high = max(offset, start), min(offset + length, end)
+        if low < high:
+            out.append((low, high - low))
+    return out
+
+
+def _write_ranges(fd: int, base: int, data: bytes, ranges: list[tuple[int, int]]) -> None:
+    view = memoryview(data)
+    for offset, length in ranges:
+        write_at(fd, view[offset - base:offset - base + length], offset)
