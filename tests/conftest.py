@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.support.registries",
     "tests.support.images",
     "tests.support.cluster",
+    "tests.support.afslet",
+    "tests.support.fanotify",
 ]

@@ -15,11 +15,12 @@ from tests.support.afslet import (
     AfsletCluster,
     file_entry,
     module_cluster,
-    nothing_left_behind,  # noqa: F401 - autouse: checks the node after each test
     sdk_execute,
     sdk_execute_call,
     sdk_raw,
 )
+
+pytestmark = pytest.mark.usefixtures("nothing_left_behind")
 
 afslet_cluster = module_cluster("afslet-execute", with_debian=True)
 
@@ -29,6 +30,7 @@ DEBIAN_SCRIPT = ("echo hello from $(cat /etc/debian_version | cut -d. -f1 | sed 
 
 
 def test_echo_in_debian_streams_output_and_returns_what_it_wrote(afslet_cluster: AfsletCluster) -> None:
+    assert afslet_cluster.debian_source == "debootstrap", f"no real Debian image: {afslet_cluster.debian_source}"
     image = afslet_cluster.images["debian"]
     call = sdk_execute(afslet_cluster.afslet, image=image, command=["/bin/bash", "-c", DEBIAN_SCRIPT],
                        timeout_ms=60_000)

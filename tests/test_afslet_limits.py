@@ -4,14 +4,17 @@ GetRuntimeStatus while calls run and after they end. Driven with the published a
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support.afslet import (
     AfsletCluster,
     module_cluster,
-    nothing_left_behind,  # noqa: F401 - autouse: checks the node after each test
     sdk_execute,
     sdk_execute_call,
     sdk_status,
 )
+
+pytestmark = pytest.mark.usefixtures("nothing_left_behind")
 
 # Two busy loops for three seconds, then the CPU time they got (clock ticks, USER_HZ = 100) and the wall time.
 CPU_PROBE = """

@@ -10,6 +10,8 @@ import socket
 import threading
 import urllib.request
 
+import pytest
+
 from afsd.afslet import cgroups
 from afsd.lab.daemons import metrics_address
 from tests.support.afslet import (
@@ -17,12 +19,13 @@ from tests.support.afslet import (
     assert_nothing_left,
     leftovers,
     module_cluster,
-    nothing_left_behind,  # noqa: F401 - autouse: checks the node after each test
     processes_in_cgroup_tree,
     sdk_execute,
     sdk_execute_call,
     sdk_raw,
 )
+
+pytestmark = pytest.mark.usefixtures("nothing_left_behind")
 
 afslet_cluster = module_cluster("afslet-protocol",
                                 afslet_args=["--default-timeout-ms", "2000", "--max-timeout-ms", "600000"])

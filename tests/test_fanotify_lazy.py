@@ -13,8 +13,6 @@ from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.fanotify.settings import Settings
 from tests.support.fanotify_lab import FanotifyLab, data_files
 
-pytest_plugins = ["tests.support.fanotify"]
-
 
 def present_bytes(path: os.PathLike[str], size: int) -> int:
     fd = os.open(path, os.O_RDONLY)

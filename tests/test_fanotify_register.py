@@ -22,8 +22,6 @@ from afsd.ondemand.fanotify.settings import Settings
 from afsd.ondemand.fanotify.sources import LocalFileSource
 from tests.support.fanotify_lab import FanotifyLab, data_files
 
-pytest_plugins = ["tests.support.fanotify"]
-
 
 def file_source(lab: FanotifyLab) -> dict:
     return {"kind": "file", "path": str(lab.blob.full)}

@@ -23,8 +23,6 @@ from afsd.ondemand.fanotify.settings import Settings
 from tests.support import fanotify_sources
 from tests.support.fanotify_lab import FanotifyLab, data_files
 
-pytest_plugins = ["tests.support.fanotify"]
-
 
 def slow_source(lab: FanotifyLab, delay: float) -> dict:
     return fanotify_sources.config("slow", path=str(lab.blob.full), delay=delay, markers=str(lab.markers))

@@ -17,8 +17,6 @@ from afsd.ondemand.fanotify.settings import Settings
 from tests.support import fanotify_sources
 from tests.support.fanotify_lab import FanotifyLab, data_files
 
-pytest_plugins = ["tests.support.fanotify"]
-
 KILLS = 20
 
 

@@ -118,7 +118,7 @@ class Container:
                     self._started = True
             if not self._started:
                 await self._drain(OUTPUT_DRAIN)
-                message = runc_error(log_file, "\n".join(held_stderr or []))
+                message = await asyncio.to_thread(runc_error, log_file, "\n".join(held_stderr or []))
                 raise SetupError(f"runc could not start the command: {message}", start_failure_status(message))
         finally:
             self._runc_pid = None

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from afsd.afslet.outcome import EXIT_SETUP_FAILED
 from afsd.errors import AfsdError
 
 
@@ -24,8 +25,6 @@ class AdmissionError(AfsdError):
 class SetupError(AfsdError):
     """Preparing the container failed; `status` is the exit code reported for it."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
-        from afsd.afslet.outcome import EXIT_SETUP_FAILED
-
+    def __init__(self, message: str, status: int = EXIT_SETUP_FAILED) -> None:
         super().__init__(message)
-        self.status = EXIT_SETUP_FAILED if status is None else status
+        self.status = status

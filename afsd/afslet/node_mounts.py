@@ -52,7 +52,7 @@ class NodeMounts:
         try:
             await self._stub.Unmount(pb.UnmountRequest(target=str(target)), timeout=UNMOUNT_TIMEOUT)
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.FAILED_PRECONDITION and "no afsd mount" in (error.details() or ""):
+            if error.code() == grpc.StatusCode.NOT_FOUND:
                 return True
             log.error("%s", self._explain(error, f"unmounting {target}"))
             return False

@@ -17,6 +17,7 @@ exited 0, and otherwise says in one line what happened ("timed out after 1000 ms
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 
@@ -39,8 +40,6 @@ class Outcome:
 
 def exit_code_of(wait_status: int) -> int:
     """A waitpid status as a shell reports it: the exit code, or 128 + the signal number."""
-    import os
-
     code = os.waitstatus_to_exitcode(wait_status)
     return code if code >= 0 else 128 - code
 

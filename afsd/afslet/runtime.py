@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +65,7 @@ class Runtime:
         task.add_done_callback(self._tasks.discard)
 
     @contextlib.contextmanager
-    def container_running(self):  # type: ignore[no-untyped-def]
+    def container_running(self) -> Iterator[None]:
         self.running_containers += 1
         RUNNING.inc()
         try:

@@ -20,7 +20,6 @@ read-only lower), `rootfs/` (the overlay mount point), `rw/` (`rw/upper`, `rw/wo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import shlex
@@ -209,10 +208,12 @@ class ExecuteCall:
                 log.exception("session %s: setup failed", self.session_id)
                 return setup_outcome(EXIT_SETUP_FAILED, f"setup failed on the node: {error}")
         finally:
-            if not resolving.done():
-                resolving.cancel()
-                with contextlib.suppress(BaseException):
-                    await resolving
+            # An upload that failed leaves the resolution unneeded: stop it, and take its outcome so that
+            # asyncio does not report an exception nobody retrieved.
+            resolving.cancel()
+            await asyncio.wait([resolving])
+            if not resolving.cancelled():
+                resolving.exception()
 
     async def _receive_files(self, tree: ExtraTree) -> None:
         async for frame in self.frames:

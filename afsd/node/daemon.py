@@ -49,7 +49,11 @@ SPREAD_PERIOD = 2.0
 
 
 class MountRequestError(AfsdError):
-    """A mount request that cannot be satisfied as asked (bad target, unknown mount, ...)."""
+    """A mount request that cannot be satisfied as asked (bad target, busy mount point, ...)."""
+
+
+class UnknownMountError(MountRequestError):
+    """No mount of this daemon has that target or id."""
 
 
 @dataclass
@@ -225,7 +229,7 @@ class NodeDaemon:
         for record in self._records.values():
             if record.mount_id == target_or_id or record.target == wanted:
                 return record
-        raise MountRequestError(f"no afsd mount at {target_or_id}")
+        raise UnknownMountError(f"no afsd mount at {target_or_id}")
 
     async def _teardown(self, record: MountRecord) -> None:
         """Unmount the overlay, its tmpfs upper and (when unused) its layers; forget the record."""

@@ -8,6 +8,7 @@ The result is one `BlobSpec` per layer, bottom first, with the providers that ho
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -54,13 +55,31 @@ def _grpc_to_error(error: grpc.aio.AioRpcError, what: str) -> AfsdError:
 
 class ImageLocator:
     def __init__(self, discovery: DiscoveryClient, channels: ChannelPool, *, local_layerstore: str | None = None,
-                 node_id: str = "") -> None:
+                 node_id: str = "", pinned_ttl: float = 60.0) -> None:
         self.discovery = discovery
         self.channels = channels
         self.local_layerstore = local_layerstore
         self.node_id = node_id
+        self.pinned_ttl = pinned_ttl
+        self._pinned: dict[str, tuple[float, ResolvedMount]] = {}
 
     async def locate(self, reference: ImageReference, platform: Platform) -> ResolvedMount:
+        """The image's layers as mountable blobs. A digest-pinned image's answer is reused for
+        `pinned_ttl` seconds (its layers cannot change; providers are only a hint, which the range
+        fetchers refresh from discovery themselves): repeated executions skip the round trips."""
+        if not reference.digest:
+            return await self._locate(reference, platform)
+        key = image_key(reference, platform)
+        cached = self._pinned.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self.pinned_ttl:
+            return cached[1]
+        located = await self._locate(reference, platform)
+        self._pinned[key] = (time.monotonic(), located)
+        if len(self._pinned) > 512:
+            self._pinned.pop(next(iter(self._pinned)))
+        return located
+
+    async def _locate(self, reference: ImageReference, platform: Platform) -> ResolvedMount:
         request = dpb.ResolveImageRequest(image=str(reference), platform_os=platform.os,
                                           platform_arch=platform.architecture, platform_variant=platform.variant)
         try:

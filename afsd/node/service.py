@@ -10,13 +10,14 @@ import grpc
 from afsd.api import node_pb2 as pb
 from afsd.api import node_pb2_grpc as pb_grpc
 from afsd.errors import AfsdError, InvalidReferenceError, NotFoundError
-from afsd.node.daemon import MountOptions, MountRequestError, NodeDaemon
+from afsd.node.daemon import MountOptions, MountRequestError, NodeDaemon, UnknownMountError
 from afsd.node.images import ImageUnavailableError
 from afsd.node.records import MountRecord
 from afsd.ondemand.base import BackendUnavailableError
 from afsd.rpc import status_for
 
 _STATUS = [
+    (UnknownMountError, grpc.StatusCode.NOT_FOUND),
     (MountRequestError, grpc.StatusCode.FAILED_PRECONDITION),
     (BackendUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidReferenceError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -4,7 +4,9 @@
 layerstore, a node daemon (`afsd node`, mounts with the eager backend) and an afslet (`afsd let`,
 runc under cgroup limits); it pushes the test images: `tools` and `appuser` (busybox with users,
 groups, files to change and a runtime config) and `debian` (the realistic bookworm image, built once
-into the image cache). One cluster serves a whole test module.
+into the image cache; `debian_source` says whether it is the real one). One cluster serves a whole test
+module: `afslet_cluster = module_cluster("name", ...)` in the module, plus the fixture
+`nothing_left_behind` (used by the whole module), which checks after every test that every afslet is idle and the node clean.
 
 Calls go through `tests/support/sdk_client.py` in a separate Python process (afs-sdk's protos clash with
 afsd's): `sdk_execute(...)` runs one call to the end, `SdkCall` watches one in progress and can kill it
@@ -75,6 +77,7 @@ class AfsletCluster:
     afslet: Daemon
     node: Daemon
     images: dict[str, str] = field(default_factory=dict)
+    debian_source: str = ""  # "debootstrap", or why a busybox stand-in was built instead
     extra_afslets: list[Daemon] = field(default_factory=list)
 
     @property
@@ -166,6 +169,8 @@ def start_afslet_cluster(workdir: Path, *, afslet_args: list[str] = (), limit_cp
             shutil.rmtree(scratch)
         if with_debian:
             cached = debian_layout()
+            cluster.debian_source = cached.source if cached.source == "debootstrap" else \
+                f"{cached.source}: {cached.fallback_reason}"
             cluster.images["debian"] = push_layout(cached.layout, registry.address, "afsd-test/debian",
                                                    "bookworm").reference
         return cluster
@@ -415,9 +420,10 @@ def module_cluster(name: str, **options: object) -> Callable[..., Iterator[Afsle
     return afslet_cluster
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def nothing_left_behind(afslet_cluster: AfsletCluster) -> Iterator[None]:
-    """After every test (import it into the module): every afslet idle, and nothing left on the node."""
+    """After every test of a module that uses it (`pytestmark = pytest.mark.usefixtures("nothing_left_behind")`):
+    every afslet idle, and nothing left on the node."""
     yield
     for afslet in [afslet_cluster.afslet, *afslet_cluster.extra_afslets]:
         assert_nothing_left(afslet_cluster, afslet)

@@ -1,0 +1,94 @@
+"""`FscacheBackend`: erofs blobs mounted in fscache mode, their misses served by afsd's cachefiles
+daemon, behind the common on-demand interface (afsd.ondemand.base.Backend), for the node daemon.
+
+attach = register the blob (spec + source configuration) with the supervisor; mount = `mount -t erofs
+none TARGET -o fsid=<blob name>[,domain_id=D]` from a node daemon thread; detach = unregister. The blob's
+bytes live in the cachefiles cache directory (not at `blob_path`, which this backend never writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from afsd.errors import AfsdError
+from afsd.ondemand.base import Backend, BackendUnavailableError, BlobSource
+from afsd.ondemand.cachefiles.client import FscacheBackendError, FscacheClient
+from afsd.ondemand.cachefiles.device import kernel_problem
+from afsd.ondemand.cachefiles.mount import mount_fscache
+from afsd.ondemand.cachefiles.settings import Settings
+from afsd.ondemand.spec import BlobSpec
+
+log = logging.getLogger(__name__)
+
+
+class FscacheBackend(Backend):
+    name = "fscache"
+
+    def __init__(self, state_dir: Path, *, cache_dir: Path | None = None, domain_id: str = "",
+                 prefetch: bool = True, settings: Settings | None = None, metrics_listen: str | None = None) -> None:
+        """`state_dir` holds the supervisor's socket, log and (by default) the cache directory, which must be
+        on ext4, xfs or btrfs. With `domain_id`, every mount joins that erofs share domain (one fscache volume
+        for all blobs; a blob used as a `device=` by several images is then opened and cached once)."""
+        self.client = FscacheClient(state_dir, cache_dir=cache_dir, settings=settings, metrics_listen=metrics_listen)
+        self.domain_id = domain_id
+        self.prefetch = prefetch
+        self._start_error: str | None = None
+        self._last_status: dict[str, Any] = {}
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if os.geteuid() != 0:
+            return "the fscache backend needs root (/dev/cachefiles and erofs mounts need CAP_SYS_ADMIN)"
+        return kernel_problem()
+
+    async def start(self) -> None:
+        """Start (or find) the supervisor. A failure (device busy, unsuitable cache directory) is logged and
+        reported by each later attach, so the node daemon keeps serving its other backends."""
+        try:
+            await self.client.ensure_running()
+            self._start_error = None
+        except AfsdError as e:
+            self._start_error = str(e)
+            log.error("the fscache backend cannot run: %s", e)
+
+    async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource) -> None:
+        try:
+            await self.client.ensure_running()
+        except AfsdError as e:
+            raise BackendUnavailableError(f"backend fscache cannot serve layer {spec.layer_digest}: {e}") from None
+        await self.client.register(spec, source.config, prefetch=self.prefetch)
+
+    async def mount(self, spec: BlobSpec, blob_path: Path, target: Path) -> None:
+        # In a thread: mount(2) waits for the worker to answer the blob's OPEN.
+        await asyncio.to_thread(mount_fscache, spec.name, target, domain_id=self.domain_id)
+
+    async def detach(self, spec: BlobSpec, blob_path: Path) -> None:
+        try:
+            await self.client.unregister(spec.name)
+        except FscacheBackendError as e:
+            if "is not registered" not in str(e):
+                raise
+
+    async def is_complete(self, spec: BlobSpec, blob_path: Path) -> bool:
+        """Whether the cache file holds the whole blob (the supervisor's worker checks with SEEK_HOLE)."""
+        blob = await self.client.blob_status(spec.name)
+        return bool(blob and blob["complete"])
+
+    async def refresh(self) -> dict[str, Any]:
+        """Fetch the supervisor's status (what `counters` reports from then on)."""
+        try:
+            self._last_status = await self.client.status()
+        except FscacheBackendError as e:
+            log.warning("no status from the fscache supervisor: %s", e)
+        return self._last_status
+
+    def counters(self) -> dict[str, float]:
+        status = self._last_status
+        if not status:
+            return {}
+        return {**{name: float(value) for name, value in status["counters"].items()},
+                "open_objects": float(status["worker"]["open_objects"])}

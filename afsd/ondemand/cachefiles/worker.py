@@ -1,0 +1,527 @@
+"""The fscache worker: answers the kernel's cachefiles requests for erofs blobs mounted in fscache mode.
+
+Where it sits: kernel -> /dev/cachefiles (fd inherited from the supervisor) -> this request loop:
+    OPEN  (volume "erofs,<domain or fsid>", cookie = the blob's name, an anon fd)
+          -> ask the supervisor for the blob's registration -> `copen <id>,<exact size>` (or -ENOENT)
+          -> if the cache file is not whole yet and prefetch is on: fill it in the background
+    READ  (object, offset, length) -> widen to aligned units (settings.read_unit, whole chunks, never past
+          the blob's end) -> RangeSource.fetch (verified against the blob's chunk digests; the cluster's
+          RangeFetcher fails over between layerstores) -> pwrite through the anon fd (C shim, no GIL, in a
+          writer thread) -> CACHEFILES_IOC_READ_COMPLETE, ALWAYS: without data only when every source
+          failed (the reader then gets EIO, never a hang)
+    CLOSE -> close the object's anon fd (once no fetch or write still uses it)
+The loop only reads requests and starts tasks: fetches run concurrently on the event loop, writes in
+threads. When the worker is told to stop (SIGTERM: an upgrade) or dies, it answers nothing more; the
+supervisor starts a successor that writes `restore`, so the kernel hands it whatever was unanswered.
+
+Messages on the supervisor's socket (framed JSON, afsd.ondemand.fanotify._wire):
+    -> hello {role: "worker"}   stats {counters} every `heartbeat` s   complete {name}
+    -> lookup {id, name}        <- reply {id, blob: registration | null}
+    <- report {id}              -> reply {id, counters, blobs, open_objects, in_flight}
+    <- forget {name}            the blob was unregistered: drop its source once its objects close
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import errno
+import logging
+import os
+import resource
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from afsd.ondemand.cachefiles import _shim
+from afsd.ondemand.cachefiles.settings import Settings, add_arguments, from_namespace
+from afsd.ondemand.cachefiles.counters import WORKER_COUNTERS
+from afsd.ondemand.fanotify import _daemon, _sys
+from afsd.ondemand.fanotify._wire import AsyncChannel
+from afsd.ondemand.fanotify.sources import SourceFactory
+from afsd.ondemand.spec import BlobSpec, Priority, RangeSource
+
+log = logging.getLogger("afsd.fscache.worker")
+
+PAGE = 4096
+LOOKUP_TIMEOUT = 30.0
+ATTACH_WAIT = 10.0          # seconds to retry ENOBUFS right after copen (the backing file is being attached)
+DRAIN_BATCH = 64            # requests taken per wake-up before other work gets a turn
+
+
+def round_up(value: int, unit: int = PAGE) -> int:
+    return -(-value // unit) * unit
+
+
+@dataclass(eq=False)
+class ServedBlob:
+    name: str
+    spec: BlobSpec
+    config: dict[str, Any]
+    prefetch: bool
+    complete: bool = False
+    source: RangeSource | None = None
+    objects: set[OpenObject] = field(default_factory=set)
+    prefetcher: asyncio.Task[None] | None = None
+    unit: int = 0           # bytes one miss is widened to: settings.read_unit in whole chunks
+    forgotten: bool = False
+    filled_bytes: int = 0
+
+
+@dataclass(eq=False)
+class OpenObject:
+    object_id: int
+    fd: int
+    blob: ServedBlob
+    users: int = 0          # fetches/writes/completions that still need fd
+    closed: bool = False    # CLOSE arrived (or the worker stops): fd goes when users reach 0
+
+
+class CacheWorker:
+    def __init__(self, device_fd: int, socket_path: str, settings: Settings, *, restore: bool) -> None:
+        self.device_fd = device_fd
+        self.socket_path = socket_path
+        self.settings = settings
+        self.restore = restore
+        self.reader = _shim.RequestReader(device_fd)
+        self.objects: dict[int, OpenObject] = {}
+        self.blobs: dict[str, ServedBlob] = {}
+        self.factory = SourceFactory()
+        self.writer = concurrent.futures.ThreadPoolExecutor(settings.writer_threads, thread_name_prefix="cache-write")
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.counters: dict[str, int] = dict.fromkeys(WORKER_COUNTERS, 0)
+        self.lookups: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.next_id = 1
+        self.stopping = asyncio.Event()
+        self.channel: AsyncChannel | None = None
+
+    # == lifecycle ==================================================================================
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        self.channel = await AsyncChannel.connect(self.socket_path)
+        await self.channel.send({"op": "hello", "role": "worker"})
+        helpers = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeats())]
+        if self.restore:
+            # Requests our predecessor read but did not answer are delivered again (Linux 6.8+).
+            os.write(self.device_fd, b"restore")
+            self.counters["restores"] += 1
+            log.info("restored the requests a previous worker left unanswered")
+        loop.add_reader(self.device_fd, self._on_device_readable)
+        try:
+            await self.stopping.wait()
+        finally:
+            loop.remove_reader(self.device_fd)
+            await self._stop(helpers)
+
+    async def _stop(self, helpers: list[asyncio.Task[None]]) -> None:
+        """Leave unanswered requests to the successor: cancelled READs are not completed."""
+        for task in [*self.tasks, *helpers]:
+            task.cancel()
+        await asyncio.gather(*self.tasks, *helpers, return_exceptions=True)
+        await asyncio.to_thread(self.writer.shutdown, wait=True)
+        for obj in self.objects.values():
+            if obj.fd >= 0:
+                os.close(obj.fd)
+                obj.fd = -1
+        for blob in self.blobs.values():
+            if blob.source is not None:
+                try:
+                    await asyncio.wait_for(blob.source.close(), 5.0)
+                except Exception as e:  # noqa: BLE001 - best effort at exit
+                    log.warning("closing the source of blob %s: %s", blob.name, e)
+        try:
+            await asyncio.wait_for(self.factory.close(), 5.0)
+        except Exception as e:  # noqa: BLE001 - best effort at exit
+            log.warning("closing the source channels: %s", e)
+        if self.channel is not None:
+            self.channel.close()
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request task failed: %r", task.exception(), exc_info=task.exception())
+
+    # == the request loop ============================================================================
+
+    def _on_device_readable(self) -> None:
+        for _ in range(DRAIN_BATCH):
+            try:
+                request = self.reader.next()
+            except OSError as e:
+                log.error("%s", e)
+                if e.errno == errno.EIO:   # the cache is dead (its backing filesystem failed): nothing to serve
+                    self.stopping.set()
+                return
+            if request is None:
+                return     # drained (not EOF: the device never ends)
+            self._dispatch(request)
+
+    def _dispatch(self, request: _shim.Request) -> None:
+        counter = f"requests_{_shim.OPCODE_NAMES.get(request.opcode, 'other')}"
+        self.counters[counter] = self.counters.get(counter, 0) + 1
+        if request.opcode == _shim.OP_OPEN:
+            self._spawn(self._open(request))
+        elif request.opcode == _shim.OP_READ:
+            obj = self.objects.get(request.object_id)
+            if obj is None:
+                # Cannot be answered (the ioctl needs the object's anon fd). Only happens if anon fds crossed
+                # process boundaries, which we never do; a re-OPEN precedes reads of objects we do not hold.
+                self.counters["reads_orphaned"] += 1
+                log.error("READ %d for object %d, which this worker never opened", request.msg_id, request.object_id)
+                return
+            obj.users += 1
+            self._spawn(self._read(obj, request))
+        elif request.opcode == _shim.OP_CLOSE:
+            obj = self.objects.pop(request.object_id, None)
+            if obj is not None:
+                self._close(obj)
+        else:
+            log.error("unknown request opcode %d (message %d)", request.opcode, request.msg_id)
+
+    # -- OPEN --------------------------------------------------------------------------------------
+
+    async def _open(self, request: _shim.Request) -> None:
+        name = request.cookie_key.decode("ascii", errors="replace")
+        try:
+            blob = await self._blob(name)
+        except Exception as e:  # noqa: BLE001 - the OPEN fails; the mount says so
+            log.error("OPEN of %s: cannot look the blob up: %s", name, e)
+            blob = None
+        if blob is None:
+            self.counters["opens_unknown"] += 1
+            log.error("OPEN of %s (volume %s): no such blob is registered: failing it with ENOENT", name,
+                      request.volume_key.decode("ascii", errors="replace"))
+            os.close(request.anon_fd)
+            self._copen(request.msg_id, -errno.ENOENT)
+            return
+        obj = OpenObject(request.object_id, request.anon_fd, blob)
+        self.objects[obj.object_id] = obj
+        blob.objects.add(obj)
+        if not self._copen(request.msg_id, blob.spec.size):
+            self.counters["opens_failed"] += 1
+            self.objects.pop(obj.object_id, None)
+            self._close(obj)
+            return
+        log.info("opened blob %s as object %d (%d bytes)", name, obj.object_id, blob.spec.size)
+        obj.users += 1
+        try:
+            await self._after_open(obj)
+        finally:
+            self._release(obj)
+
+    def _copen(self, msg_id: int, size: int) -> bool:
+        try:
+            os.write(self.device_fd, f"copen {msg_id},{size}".encode())
+            return True
+        except OSError as e:
+            log.error("copen %d,%d failed: %s", msg_id, size, e.strerror)
+            return False
+
+    async def _blob(self, name: str) -> ServedBlob | None:
+        """The blob registered as `name`, as the supervisor knows it (it holds the registrations)."""
+        known = self.blobs.get(name)
+        if known is not None and not known.forgotten:
+            return known
+        registration = (await self._ask({"op": "lookup", "name": name})).get("blob")
+        if registration is None:
+            return None
+        spec = BlobSpec.from_json(registration["spec"])
+        if known is not None and known.spec.blob_digest == spec.blob_digest:   # unregistered, then again
+            known.forgotten = False
+            known.config, known.prefetch = registration.get("source") or {}, bool(registration.get("prefetch"))
+            return known
+        blob = self.blobs[name] = ServedBlob(
+            name, spec, registration.get("source") or {}, bool(registration.get("prefetch")),
+            complete=bool(registration.get("complete")),
+            unit=max(spec.chunk_size, round_up(self.settings.read_unit, spec.chunk_size)))
+        return blob
+
+    async def _after_open(self, obj: OpenObject) -> None:
+        blob = obj.blob
+        whole = await self._until_attached(lambda: first_hole(obj.fd, 0, blob.spec.size) is None, obj)
+        if whole:
+            self._mark_complete(blob)
+        elif blob.prefetch and blob.prefetcher is None:
+            blob.prefetcher = self._spawn(self._prefetch(blob))
+
+    async def _until_attached(self, probe: Any, obj: OpenObject) -> Any:
+        """Run `probe` in a thread, retrying ENOBUFS: right after copen the kernel may still be attaching
+        the object's backing file (cachefiles-ondemand.md §3.1)."""
+        deadline = asyncio.get_running_loop().time() + ATTACH_WAIT
+        while True:
+            try:
+                return await asyncio.to_thread(probe)
+            except OSError as e:
+                if e.errno != errno.ENOBUFS or obj.closed or asyncio.get_running_loop().time() > deadline:
+                    raise
+            await asyncio.sleep(0.05)
+
+    # -- READ --------------------------------------------------------------------------------------
+
+    async def _read(self, obj: OpenObject, request: _shim.Request) -> None:
+        """Fill the missed range and ALWAYS complete the request (unless this worker is stopping)."""
+        blob = obj.blob
+        start = request.offset - request.offset % PAGE
+        end = min(round_up(request.offset + request.length), round_up(blob.spec.size))
+        try:
+            try:
+                if start >= blob.spec.size:
+                    raise ValueError(f"READ at {request.offset} is past the end of the blob ({blob.spec.size} bytes)")
+                await self._fill(obj, start, end, Priority.DEMAND)
+            except asyncio.CancelledError:
+                raise   # this worker is stopping: the request stays for its successor (restore)
+            except Exception as e:  # noqa: BLE001 - answered without data: the reader gets EIO
+                self.counters["reads_failed"] += 1
+                log.error("READ %d of blob %s bytes %d-%d failed, the reader gets EIO: %s", request.msg_id,
+                          blob.name, start, end, e)
+            try:
+                _shim.read_complete(obj.fd, request.msg_id)
+            except OSError as e:
+                log.error("%s (blob %s)", e, blob.name)
+        finally:
+            self._release(obj)
+
+    async def _fill(self, obj: OpenObject, start: int, end: int, priority: Priority) -> int:
+        """Fetch [start, end) widened to whole units and write it into the cache file; bytes written."""
+        blob = obj.blob
+        unit, size = blob.unit, blob.spec.size
+        first, last = start - start % unit, min(size, round_up(end, unit))
+        if blob.source is None:
+            blob.source = self.factory.make(blob.spec, blob.config)
+        fetched = await blob.source.fetch(first, last - first, priority)
+        if fetched.offset > start or fetched.offset + len(fetched.data) < min(end, size):
+            raise ValueError(f"the source returned bytes {fetched.offset}-{fetched.offset + len(fetched.data)}, "
+                             f"not covering {start}-{min(end, size)}")
+        if fetched.offset % PAGE:
+            raise ValueError(f"the source returned a range at {fetched.offset}, not on a page boundary")
+        written, whole = await self._write(obj, fetched.data, fetched.offset)
+        blob.filled_bytes += written
+        self.counters["bytes_demand" if priority == Priority.DEMAND else "bytes_prefetch"] += written
+        if whole:
+            self._mark_complete(blob)
+        return written
+
+    async def _write(self, obj: OpenObject, data: bytes, offset: int) -> tuple[int, bool]:
+        # The fd must stay open until the thread is done, even if the awaiting task is cancelled meanwhile:
+        # the thread's completion, not the task, releases it.
+        obj.users += 1
+        loop = asyncio.get_running_loop()
+        future = self.writer.submit(write_and_check, obj.fd, data, offset, obj.blob.spec.size)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, obj))
+        return await asyncio.wrap_future(future)
+
+    # -- prefetch ----------------------------------------------------------------------------------
+
+    async def _prefetch(self, blob: ServedBlob) -> None:
+        """Fill the blob's holes unit by unit at PREFETCH priority (demand reads go first at the source)."""
+        slots = asyncio.Semaphore(max(1, self.settings.prefetch_inflight))
+        running: set[asyncio.Task[int]] = set()
+        failed: list[BaseException] = []
+        position, size = 0, blob.spec.size
+        try:
+            while position < size and not blob.complete and not failed:
+                await slots.acquire()   # before looking: a slot may free up after demand reads filled more
+                obj = next((o for o in blob.objects if not o.closed), None)
+                if obj is None:
+                    return
+                hole = await self._until_attached(lambda fd=obj.fd, at=position: first_hole(fd, at, size), obj)
+                if hole is None:
+                    slots.release()
+                    break
+                start = hole - hole % blob.unit
+                obj.users += 1
+                task = asyncio.create_task(self._fill(obj, start, min(size, start + blob.unit), Priority.PREFETCH))
+                running.add(task)
+
+                def landed(task: asyncio.Task[int], obj: OpenObject = obj) -> None:
+                    running.discard(task)
+                    slots.release()
+                    self._release(obj)
+                    if not task.cancelled() and task.exception() is not None:
+                        failed.append(task.exception())
+
+                task.add_done_callback(landed)
+                position = start + blob.unit
+            await asyncio.gather(*running, return_exceptions=True)
+            if failed:
+                log.warning("prefetch of blob %s stopped (it resumes at its next OPEN): %s", blob.name, failed[0])
+            elif not blob.complete and blob.objects:
+                obj = next(iter(blob.objects))
+                if await asyncio.to_thread(first_hole, obj.fd, 0, size) is None:
+                    self._mark_complete(blob)
+        finally:
+            for task in running:
+                task.cancel()
+            blob.prefetcher = None
+
+    def _mark_complete(self, blob: ServedBlob) -> None:
+        if blob.complete:
+            return
+        blob.complete = True
+        self.counters["blobs_completed"] += 1
+        log.info("blob %s is complete in the cache", blob.name)
+        self._spawn(self._send({"op": "complete", "name": blob.name}))
+
+    # -- CLOSE -------------------------------------------------------------------------------------
+
+    def _close(self, obj: OpenObject) -> None:
+        obj.closed = True
+        blob = obj.blob
+        blob.objects.discard(obj)
+        if not blob.objects:
+            if blob.prefetcher is not None:
+                blob.prefetcher.cancel()
+            if blob.forgotten:
+                self._drop(blob)
+        self._release(obj, 0)
+
+    def _release(self, obj: OpenObject, count: int = 1) -> None:
+        obj.users -= count
+        if obj.closed and obj.users == 0 and obj.fd >= 0:
+            os.close(obj.fd)
+            obj.fd = -1
+
+    def _drop(self, blob: ServedBlob) -> None:
+        if self.blobs.get(blob.name) is blob:
+            del self.blobs[blob.name]
+        if blob.source is not None:
+            self._spawn(close_quietly(blob.source, blob.name))
+            blob.source = None
+
+    # == the supervisor link =========================================================================
+
+    async def _receive(self) -> None:
+        assert self.channel is not None
+        try:
+            while (item := await self.channel.receive()) is not None:
+                message, _ = item
+                op = message.get("op")
+                if op == "reply":
+                    future = self.lookups.pop(int(message.get("id", 0)), None)
+                    if future is not None and not future.done():
+                        future.set_result(message)
+                elif op == "report":
+                    await self._send({"op": "reply", "id": message.get("id"), **self.report()})
+                elif op == "forget":
+                    blob = self.blobs.get(str(message.get("name")))
+                    if blob is not None:
+                        blob.forgotten = True
+                        if not blob.objects:
+                            self._drop(blob)
+        finally:
+            log.info("the supervisor closed our link: stopping")
+            self.stopping.set()
+
+    async def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        request_id, self.next_id = self.next_id, self.next_id + 1
+        future = self.lookups[request_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self._send({**message, "id": request_id})
+            return await asyncio.wait_for(future, LOOKUP_TIMEOUT)
+        finally:
+            self.lookups.pop(request_id, None)
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        assert self.channel is not None
+        try:
+            await self.channel.send(message)
+        except OSError:
+            self.stopping.set()
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await self._send({"op": "stats", "counters": dict(self.counters)})
+            await asyncio.sleep(self.settings.heartbeat)
+
+    def report(self) -> dict[str, Any]:
+        blobs = {}
+        for name, blob in self.blobs.items():
+            info: dict[str, Any] = {"open_objects": len(blob.objects), "complete": blob.complete,
+                                    "filled_bytes": blob.filled_bytes}
+            obj = next(iter(blob.objects), None)
+            if obj is not None and obj.fd >= 0 and not blob.complete:
+                try:
+                    info["present_bytes"] = present_bytes(obj.fd, blob.spec.size)
+                except OSError:
+                    pass
+            stats = getattr(blob.source, "stats", None)
+            if callable(stats):
+                info["fetcher"] = stats()
+            blobs[name] = info
+        return {"counters": dict(self.counters), "blobs": blobs, "open_objects": len(self.objects),
+                "in_flight": len(self.tasks)}
+
+
+# == helpers that run in writer threads ===============================================================
+
+def write_and_check(fd: int, data: bytes, offset: int, size: int) -> tuple[int, bool]:
+    """Write `data` at `offset` into an object's cache file; (bytes written, whether it is now whole)."""
+    written = _shim.pwrite_aligned(fd, data, offset)
+    return written, first_hole(fd, 0, size) is None
+
+
+def first_hole(fd: int, start: int, size: int) -> int | None:
+    """The first offset in [start, size) the cache file lacks, or None (lseek SEEK_HOLE on the anon fd)."""
+    if start >= size:
+        return None
+    try:
+        hole = os.lseek(fd, start, os.SEEK_HOLE)
+    except OSError as e:
+        if e.errno == errno.ENXIO:   # start is past the file's end: nothing there
+            return start
+        raise
+    return hole if hole < size else None
+
+
+def present_bytes(fd: int, size: int) -> int:
+    total, position = 0, 0
+    while position < size:
+        try:
+            start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        total += min(end, size) - min(start, size)
+        position = end
+    return total
+
+
+async def close_quietly(source: RangeSource, name: str) -> None:
+    try:
+        await asyncio.wait_for(source.close(), 5.0)
+    except Exception as e:  # noqa: BLE001 - best effort
+        log.warning("closing the source of blob %s: %s", name, e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m afsd.ondemand.cachefiles.worker")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--device-fd", type=int, required=True)
+    parser.add_argument("--restore", action="store_true", help="re-deliver what a previous worker left (restore)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    parent = os.getppid()
+    _sys.set_parent_death_signal(signal.SIGKILL)   # the cache dies with the supervisor: so do we
+    if os.getppid() != parent:
+        return 0
+    _daemon.setup_logging("fscache-worker")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))   # one anon fd per open blob
+    asyncio.run(CacheWorker(args.device_fd, args.socket, from_namespace(args), restore=args.restore).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
