@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from afsd.errors import NotFoundError, RegistryError, RegistryUnreachableError
+from afsd.errors import AfsdError, NotFoundError, RegistryError, RegistryUnreachableError
 from afsd.lab.registry import free_port, start_registry
 from afsd.oci.client import ResolvedImage
 from afsd.oci.config import RegistryConfig
@@ -130,6 +130,15 @@ async def test_service_unavailable_twice_then_success(flaky: FaultProxy, image: 
     resolved = await pull_image(config_for(flaky.address), via(flaky, image), tmp_path)
     assert_pulled(resolved, image, tmp_path)
     assert len(flaky.requests_to("/manifests/v1")) == 3
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+async def test_client_errors_are_not_retried(flaky: FaultProxy, image: PushedImage, tmp_path: Path,
+                                             status: int) -> None:
+    flaky.fail("/manifests/v1", status=status, times=1)
+    with pytest.raises(AfsdError):
+        await pull_image(config_for(flaky.address), via(flaky, image), tmp_path)
+    assert len(flaky.requests_to("/manifests/v1")) == 1  # the shared policy (afsd.retry) never retries a 4xx
 
 
 async def test_too_many_requests_with_retry_after(flaky: FaultProxy, image: PushedImage, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import grpc
 
 from afsd.api import discovery_pb2 as pb
 from afsd.api import discovery_pb2_grpc as pb_grpc
+from afsd.retry import grpc_permanent
 from afsd.rpc import ChannelPool
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,7 @@ class DiscoveryClient:
             try:
                 return await call(self._stub(endpoint))
             except grpc.aio.AioRpcError as error:
-                if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                                    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION):
+                if grpc_permanent(error.code()):
                     raise  # the same answer from every replica
                 errors.append(f"{endpoint}: {error.code().name} {error.details()}")
         raise DiscoveryUnavailableError("no discovery replica answered: " + "; ".join(errors or ["none configured"]))

@@ -47,6 +47,7 @@ from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableE
 from afsd.cluster.peers import LayerStorePeer
 from afsd.errors import DigestMismatchError, FetchError
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority
+from afsd.retry import grpc_permanent
 from afsd.rpc import ChannelPool
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,6 @@ PIECE_BYTES = 4 << 20
 PROVIDER_COOLDOWN = 30.0
 RELEASE_TIMEOUT = 2.0
 
-# Errors worth one more try after a discovery refresh (the connection, not the answer, went wrong).
-_TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
-                              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN,
-                              grpc.StatusCode.INTERNAL})
 # AcquireLayerLease answers that mean "do not read from this one": it lacks the layer or is unreachable.
 _UNREACHABLE_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE,
                                 grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -92,8 +89,11 @@ def _rpc_failure(error: grpc.aio.AioRpcError, what: str, timeout: float) -> _Pro
     if code == grpc.StatusCode.NOT_FOUND:
         return _ProviderFailure(f"does not hold the layer ({error.details()})", retry=False)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        # Unlike the shared policy (afsd.retry), a provider that stalled is not given a second round:
+        # a reader in the kernel is waiting, and another stall would double its wait.
         return _ProviderFailure(f"{what} did not finish within {timeout:g} s", retry=False)
-    return _ProviderFailure(f"{what} failed: {code.name} {error.details()}", retry=code in _TRANSIENT_CODES)
+    # Worth one more round after a discovery refresh unless any provider would answer the same.
+    return _ProviderFailure(f"{what} failed: {code.name} {error.details()}", retry=not grpc_permanent(code))
 
 
 @dataclass

@@ -24,6 +24,7 @@ from afsd.errors import AfsdError, NotFoundError, RegistryError
 from afsd.oci.platform import Platform
 from afsd.oci.reference import ImageReference
 from afsd.ondemand.spec import BlobSpec
+from afsd.retry import grpc_permanent
 from afsd.rpc import ChannelPool
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ class ImageLocator:
                 log.info("asking layerstore %s to pull %s", endpoint, reference)
                 return endpoint, await LayerStorePeer(endpoint, self.channels).stub.PullImage(request, timeout=PULL_TIMEOUT)
             except grpc.aio.AioRpcError as error:
-                if _is_about_the_image(error.code()):  # the image itself is the problem: no use asking others
+                if grpc_permanent(error.code()):  # the image itself is the problem: no use asking others
                     raise _grpc_to_error(error, f"cannot pull {reference}") from None
                 failures.append(f"{endpoint}: {error.code().name} {error.details()}")
         raise ImageUnavailableError(f"no layerstore could pull {reference}: " + "; ".join(failures))
@@ -162,8 +163,3 @@ class ImageLocator:
             return blob_spec_from_stat(stat, tuple(providers))
         raise ImageUnavailableError(f"no provider of layer {digest} answered StatLayer: " + "; ".join(errors))
 
-
-def _is_about_the_image(code: grpc.StatusCode) -> bool:
-    """Whether a PullImage failure is about the image (same answer everywhere) rather than the node."""
-    return code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
-                    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS)

@@ -1,18 +1,16 @@
 """Retrying registry requests, and turning transport failures into one-line user errors.
 
 Used by the registry client and the token fetcher: an operation (one HTTP exchange, or one whole
-blob download) is retried with exponential backoff and jitter when the server says "later" (429,
-honouring Retry-After up to a cap), fails on its side (5xx), or the connection drops mid-way.
-A refused connection or a failed TLS handshake is not retried: the caller falls back to the next
-mirror at once, and the user gets an error naming host and port.
+blob download) is retried under the shared policy (afsd.retry: exponential backoff with jitter) when
+the server says "later" (429, honouring Retry-After up to a cap), fails on its side (5xx), or the
+connection drops mid-way. A refused connection or a failed TLS handshake is not retried: the caller
+falls back to the next mirror at once, and the user gets an error naming host and port.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import os
-import random
 import socket
 import ssl
 import time
@@ -22,15 +20,14 @@ from typing import TypeVar
 import httpx
 
 from afsd.errors import RegistryError, RegistryUnreachableError
+from afsd.retry import RetryPolicy, http_retryable
 
 T = TypeVar("T")
 
 MAX_RETRY_AFTER = 30.0
-MAX_BACKOFF = 10.0
 # The connection broke after it was made: worth another try.
 _TRANSIENT = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.ReadTimeout,
               httpx.WriteTimeout, httpx.PoolTimeout)
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 class RetryableStatus(Exception):
@@ -43,7 +40,7 @@ class RetryableStatus(Exception):
 
 
 def should_retry(status: int) -> bool:
-    return status in _RETRY_STATUSES
+    return http_retryable(status)
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -60,12 +57,6 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
             return None
         seconds = when.timestamp() - (time.time() if now is None else now)
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
-
-
-def backoff_delay(attempt: int, base: float) -> float:
-    """Exponential backoff with jitter for retry number `attempt` (1, 2, ...)."""
-    ceiling = min(MAX_BACKOFF, base * 2 ** (attempt - 1))
-    return random.uniform(ceiling / 2, ceiling)
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -107,23 +98,18 @@ def unreachable(exc: httpx.TransportError, host: str, what: str) -> RegistryUnre
 async def with_retries(operation: Callable[[], Awaitable[T]], *, host: str, what: str,
                        attempts: int, backoff_base: float) -> T:
     """Run `operation`, retrying transient failures; `what` and `host` name the server in errors."""
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return await operation()
-        except RetryableStatus as exc:
-            if attempt >= attempts:
-                raise RegistryError(f"{what} {host} answered {exc}; gave up after {attempts} attempts") from None
-            delay = exc.retry_after if exc.retry_after is not None else backoff_delay(attempt, backoff_base)
-        except _TRANSIENT as exc:
-            if attempt >= attempts:
-                raise RegistryUnreachableError(
-                    f"connection to {what} {host} failed ({exc or type(exc).__name__}); "
-                    f"gave up after {attempts} attempts") from None
-            delay = backoff_delay(attempt, backoff_base)
-        except httpx.TransportError as exc:  # refused, unresolvable, TLS: not worth retrying
-            raise unreachable(exc, host, what) from None
-        except httpx.RequestError as exc:  # too many redirects, undecodable body, ...
-            raise RegistryError(f"request to {what} {host} failed: {exc or type(exc).__name__}") from None
-        await asyncio.sleep(delay)
+    policy = RetryPolicy(attempts=attempts, base=backoff_base)
+    try:
+        return await policy.run(
+            operation, retryable=lambda error: isinstance(error, (RetryableStatus, *_TRANSIENT)),
+            delay_for=lambda error, _: error.retry_after if isinstance(error, RetryableStatus) else None)
+    except RetryableStatus as exc:
+        raise RegistryError(f"{what} {host} answered {exc}; gave up after {attempts} attempts") from None
+    except _TRANSIENT as exc:
+        raise RegistryUnreachableError(
+            f"connection to {what} {host} failed ({exc or type(exc).__name__}); "
+            f"gave up after {attempts} attempts") from None
+    except httpx.TransportError as exc:  # refused, unresolvable, TLS: not worth retrying
+        raise unreachable(exc, host, what) from None
+    except httpx.RequestError as exc:  # too many redirects, undecodable body, ...
+        raise RegistryError(f"request to {what} {host} failed: {exc or type(exc).__name__}") from None

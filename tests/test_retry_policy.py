@@ -1,0 +1,78 @@
+"""The shared retry policy (afsd.retry): what it retries and what it gives up on at once, over real gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from afsd.api import discovery_pb2 as pb
+from afsd.api import discovery_pb2_grpc as pb_grpc
+from afsd.retry import RetryPolicy, grpc_permanent, grpc_retryable, http_retryable
+
+
+class ScriptedDiscovery(pb_grpc.ServiceDiscoveryServicer):
+    """Answers FindProvider with the next status of a script (None = success), counting calls."""
+
+    def __init__(self) -> None:
+        self.script: list[grpc.StatusCode | None] = []
+        self.calls = 0
+
+    async def FindProvider(self, request: pb.FindProviderRequest, context: grpc.aio.ServicerContext) -> pb.FindProviderResponse:
+        self.calls += 1
+        code = self.script.pop(0) if self.script else None
+        if code is not None:
+            await context.abort(code, f"scripted {code.name}")
+        return pb.FindProviderResponse(layer_digest=request.layer_digest)
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[ScriptedDiscovery, pb_grpc.ServiceDiscoveryStub]]:
+    servicer = ScriptedDiscovery()
+    server = grpc.aio.server()
+    pb_grpc.add_ServiceDiscoveryServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield servicer, pb_grpc.ServiceDiscoveryStub(channel)
+    await server.stop(0)
+
+
+FAST = RetryPolicy(attempts=4, base=0.01, cap=0.05)
+
+
+async def test_unavailable_is_retried_until_it_succeeds(scripted) -> None:
+    servicer, stub = scripted
+    servicer.script = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED]
+    response = await FAST.run(lambda: stub.FindProvider(pb.FindProviderRequest(layer_digest="x")))
+    assert response.layer_digest == "x" and servicer.calls == 3
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                                  grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION])
+async def test_client_errors_are_never_retried(scripted, code: grpc.StatusCode) -> None:
+    servicer, stub = scripted
+    servicer.script = [code]
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await FAST.run(lambda: stub.FindProvider(pb.FindProviderRequest()))
+    assert failure.value.code() == code and servicer.calls == 1
+
+
+async def test_retries_stop_after_the_last_attempt_with_the_last_error(scripted) -> None:
+    servicer, stub = scripted
+    servicer.script = [grpc.StatusCode.UNAVAILABLE] * 10
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await FAST.run(lambda: stub.FindProvider(pb.FindProviderRequest()))
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE and servicer.calls == FAST.attempts
+
+
+def test_classification_and_backoff() -> None:
+    assert grpc_retryable(grpc.StatusCode.UNAVAILABLE) and not grpc_retryable(grpc.StatusCode.INVALID_ARGUMENT)
+    assert grpc_permanent(grpc.StatusCode.NOT_FOUND) and not grpc_permanent(grpc.StatusCode.UNAVAILABLE)
+    assert http_retryable(503) and http_retryable(429) and not http_retryable(404) and not http_retryable(401)
+    policy = RetryPolicy(base=1.0, cap=5.0)
+    for attempt, ceiling in ((1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (9, 5.0)):
+        waits = [policy.delay(attempt) for _ in range(50)]
+        assert all(ceiling / 2 <= w <= ceiling for w in waits)
+        assert len(set(waits)) > 1  # jittered
