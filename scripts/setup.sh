@@ -10,6 +10,7 @@ APT_PACKAGES=(
   docker-registry skopeo umoci                      # a real registry, an independent client and unpacker
   runc debootstrap busybox-static                   # containers and realistic test images
   apache2-utils zstd iproute2 util-linux kmod ca-certificates
+  dnsmasq-base                                      # a real DNS server for the proxy's tests
   # the lab kernel with cachefiles on-demand mode (scripts/kernel-setup.sh build) and its VM
   linux-source-6.12 bc flex bison libelf-dev libssl-dev build-essential cpio xz-utils qemu-system-x86 e2fsprogs
 )
@@ -35,9 +36,9 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv" >&2
   "$PYTHON" -m venv .venv
 fi
-# Reinstall only when the project's metadata changed.
+# Reinstall only when the project's metadata or the C shim changed.
 stamp=.venv/.afsd-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py c_ext/* 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c 'import afsd' 2>/dev/null; then
   echo "setup: installing afsd and its Python dependencies into .venv" >&2
   .venv/bin/pip install -q --upgrade pip

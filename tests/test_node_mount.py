@@ -8,24 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from afsd.lab import catalogue
-from afsd.lab.oci_layout import write_oci_layout
-from afsd.lab.skopeo import PushedImage, push_layout
 from afsd.node.records import mounted_paths
 from tests.support.cluster import LocalCluster, small_image
 from tests.support.treecompare import compare_trees, format_differences, snapshot
 from tests.support.umoci import umoci_rootfs
 
 BACKENDS = ["eager", "fanotify"]
-
-
-async def push_features(cluster: LocalCluster) -> PushedImage:
-    def build() -> PushedImage:
-        spec, media_types, facts = catalogue.features_image("oci-mixed", large_file_size=8 << 20)
-        layout = write_oci_layout(cluster.workdir / "layouts" / "features", "features", spec)
-        return push_layout(layout, cluster.registry.address, "test/features", "v1", media_types=media_types,
-                           facts={spec.platform: facts})
-    return await asyncio.to_thread(build)
 
 
 def mounts_under(root: Path) -> list[str]:
@@ -46,7 +34,7 @@ async def test_a_mounted_image_is_the_tree_umoci_unpacks(cluster: LocalCluster, 
     await cluster.start_discovery(1)
     (layerstore,) = await cluster.start_layerstores(1)
     node = await cluster.start_node(layerstore)
-    image = await push_features(cluster)
+    image = await cluster.push_features()
     target = cluster.workdir / "rootfs"
     target.mkdir()
 

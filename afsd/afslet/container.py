@@ -7,8 +7,11 @@ runc passes its stdout/stderr pipes through to the container, so what arrives on
 has exited is runc's own complaint if the start fails, and the container's otherwise: it is held back
 until runc's exit says which.
 
+Stopping a running command (its timeout, `afsd stop`, afslet's shutdown, a client gone) is the
+staged abort of stopping.py: `abort` starts it once; `run` reports which stage ended the command.
+
 `destroy` is idempotent and is what every path ends with (success, failure, timeout, cancellation):
-kill runc's process group if it still runs, `runc kill KILL`, wait for the init, `runc delete
+kill runc's process group if it still runs, the staged abort if the init still runs, `runc delete
 --force`, and kill and remove whatever is left in the cgroup.
 """
 
@@ -22,22 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from afsd.afslet import cgroups
-from afsd.afslet.errors import SetupError
+from afsd.afslet.errors import ContainerStuckError, SetupError
 from afsd.afslet.outcome import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED
 from afsd.afslet.output import LineSink, open_pipe_reader, pump_lines
 from afsd.afslet.runc import Runc, kill_group, runc_error
+from afsd.afslet.stopping import Note, StopPolicy, StopReason, StopResult, staged_stop
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
-KILL_WAIT = 10.0
 OUTPUT_DRAIN = 5.0
 
 
 @dataclass
 class ContainerExit:
     wait_status: int
-    timed_out: bool
+    stop: StopResult | None  # why and how afslet stopped it, if it did
     usage: cgroups.CgroupUsage
     start_seconds: float  # from `runc run` to the container running
     run_seconds: float    # from then to its exit
@@ -59,18 +62,79 @@ class Container:
     container_id: str
     bundle: Path
     cgroup_path: str
+    stop_policy: StopPolicy = field(default_factory=StopPolicy)
+    interrupt_on_stop: bool = False      # the workload asked for the SIGINT stage
+    note: Note = lambda line: None       # progress of a staged abort, as it happens
     _runc_pid: int | None = None
+    _init_pid: int | None = None
     _init_exit: asyncio.Future[int] | None = None
     _started: bool = False
     _pumps: list[asyncio.Task[int]] = field(default_factory=list)
     _removal: asyncio.Future[list[str]] | None = None
+    _stop_reason: StopReason | None = None
+    _stopping: asyncio.Future[StopResult] | None = None
+    _gave_up: asyncio.Future[None] | None = None    # resolved if even the last resort did not end the init
+    final_usage: cgroups.CgroupUsage | None = None  # read once the init has exited
 
     @property
     def started(self) -> bool:
         return self._started
 
+    @property
+    def running(self) -> bool:
+        return self._init_exit is not None and not self._init_exit.done()
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        return self._stop_reason
+
+    @property
+    def exit_status(self) -> int | None:
+        """The init's wait status once it has exited (-1: it was not ours to wait for)."""
+        if self._init_exit is None or not self._init_exit.done() or self._init_exit.cancelled():
+            return None
+        return self._init_exit.result()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None and not self._stopping.done()
+
+    def abort(self, reason: StopReason) -> None:
+        """Stop the command with the staged abort (once; the first reason counts). Before the container
+        has started this only records the wish: `run` stops it as soon as it runs."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        if self.running and self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._staged_stop(self._stop_reason))
+
+    async def stopped(self) -> StopResult | None:
+        """The staged abort's result once it has finished; None if there was none."""
+        if self._stopping is None:
+            return None
+        return await asyncio.shield(self._stopping)
+
+    async def _staged_stop(self, reason: StopReason) -> StopResult:
+        assert self._init_exit is not None
+
+        def send(sig: int) -> None:
+            # The init is our child and not yet reaped while its exit future is pending (the reaper
+            # resolves it from the same event loop), so its pid cannot have been reused.
+            if self._init_pid is not None and not self._init_exit.done():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._init_pid, sig)
+
+        try:
+            return await staged_stop(reason=reason, policy=self.stop_policy, interrupt=self.interrupt_on_stop,
+                                     exited=self._init_exit, send=send,
+                                     kill_everything=lambda: asyncio.to_thread(cgroups.kill_all, self.cgroup_path),
+                                     note=self.note)
+        except TimeoutError:
+            if self._gave_up is not None and not self._gave_up.done():
+                self._gave_up.set_result(None)
+            raise
+
     async def run(self, timeout_s: float, stdout: LineSink, stderr: LineSink) -> ContainerExit:
-        """Start the container and wait for it to exit (killing it at `timeout_s` after the start)."""
+        """Start the container and wait for it to exit (stopping it, staged, at `timeout_s` after the start)."""
         loop = asyncio.get_running_loop()
         log_file = self.bundle / "runc.log"
         pid_file = self.bundle / "init.pid"
@@ -115,6 +179,7 @@ class Container:
                 if returncode == 0:
                     init_pid = int((await asyncio.to_thread(pid_file.read_text)).strip())
                     self._init_exit = reaper.claim(init_pid)
+                    self._init_pid = init_pid
                     self._started = True
             if not self._started:
                 await self._drain(OUTPUT_DRAIN)
@@ -128,27 +193,29 @@ class Container:
         held_stderr = None
 
         assert self._init_exit is not None
-        timed_out = False
+        if self._stop_reason is not None:  # asked to stop while it was starting
+            self.abort(self._stop_reason)
+        self._gave_up = loop.create_future()
+        timer = loop.call_later(timeout_s, self.abort, StopReason.TIMEOUT)
         try:
-            status = await asyncio.wait_for(asyncio.shield(self._init_exit), timeout_s)
-        except TimeoutError:
-            timed_out = True
-            status = await self._kill_and_wait()
+            await asyncio.wait([self._init_exit, self._gave_up], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+        if not self._init_exit.done():
+            raise ContainerStuckError(f"container {self.container_id}: its command survived SIGKILL and the killing "
+                                      f"of its cgroup {self.cgroup_path} (a process stuck in the kernel?)")
+        status = self._init_exit.result()
         exited_at = loop.time()
-        usage = await asyncio.to_thread(cgroups.usage, self.cgroup_path)
+        stop = await self.stopped()
+        usage = await self._read_final_usage()
         await self._drain(OUTPUT_DRAIN)
-        return ContainerExit(status, timed_out, usage, started_at - spawned_at, exited_at - started_at)
+        return ContainerExit(status, stop, usage, started_at - spawned_at, exited_at - started_at)
 
-    async def _kill_and_wait(self) -> int:
-        assert self._init_exit is not None
-        await self.runc.kill(self.container_id)
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._init_exit), KILL_WAIT)
-        except TimeoutError:
-            # runc could not kill it: kill everything in its cgroup directly.
-            log.warning("container %s survived runc kill; killing its cgroup", self.container_id)
-            await asyncio.to_thread(cgroups.remove, self.cgroup_path)
-            return await asyncio.wait_for(asyncio.shield(self._init_exit), KILL_WAIT)
+    async def _read_final_usage(self) -> cgroups.CgroupUsage:
+        """What the cgroup counted, read after the init's exit and before `runc delete` removes it."""
+        if self.final_usage is None:
+            self.final_usage = await asyncio.to_thread(cgroups.usage, self.cgroup_path)
+        return self.final_usage
 
     async def _drain(self, timeout: float) -> None:
         """Let the output pumps reach EOF (every writer gone), then stop them."""
@@ -173,9 +240,15 @@ class Container:
     async def _destroy(self) -> list[str]:
         if self._runc_pid is not None:
             kill_group(self._runc_pid)
-        if self._init_exit is not None and not self._init_exit.done():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await self._kill_and_wait()
+        if self.running:
+            self.abort(StopReason.CANCELLED)  # the call ended without waiting for its command
+        if self._stopping is not None:
+            try:
+                await asyncio.shield(self._stopping)
+            except TimeoutError:
+                log.error("container %s: its init survived the staged abort", self.container_id)
+            if self._init_exit is not None and self._init_exit.done():
+                await self._read_final_usage()
         elif self._init_exit is None:
             await self.runc.kill(self.container_id)  # never seen running: it may be half created
         await self.runc.delete(self.container_id)  # --force kills whatever might still run in it

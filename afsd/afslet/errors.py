@@ -2,6 +2,7 @@
 
 - `RequestError`: the client sent something malformed → the call ends with INVALID_ARGUMENT.
 - `AdmissionError`: not enough CPU/memory share free → RESOURCE_EXHAUSTED, with the numbers.
+- `ShuttingDownError`: afslet is draining (SIGTERM) → UNAVAILABLE, so the client retries elsewhere.
 - `SetupError`: the request was fine but running it failed before the command ran (image, mount, user,
   runc) → a `result` frame with a setup exit code (see outcome.py) and the message in `error`.
 """
@@ -20,6 +21,14 @@ class RequestError(AfsdError):
 
 class AdmissionError(AfsdError):
     """The requested CPU cores or memory do not fit in what this afslet has free."""
+
+
+class ShuttingDownError(AfsdError):
+    """afslet is shutting down: it admits no new executions."""
+
+
+class ContainerStuckError(AfsdError):
+    """A container's command outlived every stage of the staged abort and the killing of its cgroup."""
 
 
 class SetupError(AfsdError):

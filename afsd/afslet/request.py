@@ -34,6 +34,7 @@ class ExecuteSpec:
     memory_mb: int
     timeout_ms: int
     timeout_is_default: bool
+    gpus: int = 0
 
 
 def _check_strings(values: list[str], field: str) -> None:
@@ -55,6 +56,8 @@ def parse_start(start: pb.StartRequest, timeouts: TimeoutPolicy) -> ExecuteSpec:
         raise RequestError(f"start.cpu_cores must be a whole number > 0 (got {start.cpu_cores})")
     if start.memory_mb <= 0:
         raise RequestError(f"start.memory_mb must be > 0 (got {start.memory_mb})")
+    if start.gpus < 0:
+        raise RequestError(f"start.gpus must be >= 0 (got {start.gpus})")
     if start.timeout_ms < 0:
         raise RequestError(f"start.timeout_ms must be >= 0 (got {start.timeout_ms}; 0 means the server default "
                            f"of {timeouts.default_ms} ms)")
@@ -73,4 +76,4 @@ def parse_start(start: pb.StartRequest, timeouts: TimeoutPolicy) -> ExecuteSpec:
     timeout_ms = start.timeout_ms or timeouts.default_ms
     return ExecuteSpec(reference=reference, platform=platform, command=tuple(command), env=tuple(env),
                        cpu_cores=start.cpu_cores, memory_mb=start.memory_mb, timeout_ms=timeout_ms,
-                       timeout_is_default=start.timeout_ms == 0)
+                       timeout_is_default=start.timeout_ms == 0, gpus=start.gpus)

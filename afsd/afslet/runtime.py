@@ -1,5 +1,6 @@
 """What every Execute call of one afslet shares: its configuration, the admission ledger, runc, the
-node daemon and discovery clients, the subreaper, and the calls in flight (so shutdown can wait)."""
+node daemon and discovery clients, the subreaper, the executions (for execution management), and the
+calls in flight (so shutdown can wait for them)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from afsd.afslet.admission import Admission
+from afsd.afslet.executions import ExecutionTable
 from afsd.afslet.metrics import RUNNING
 from afsd.afslet.node_mounts import NodeMounts
 from afsd.afslet.reaper import Subreaper
 from afsd.afslet.request import TimeoutPolicy
 from afsd.afslet.runc import Runc
+from afsd.afslet.stopping import StopPolicy, StopReason
 from afsd.cluster.discovery_client import DiscoveryClient
 
 
@@ -24,6 +27,10 @@ class AfsletConfig:
     limit_cpu_cores: int
     limit_memory_mb: int
     timeouts: TimeoutPolicy
+    limit_gpus: int = 0
+    stop_policy: StopPolicy = field(default_factory=StopPolicy)
+    node_id: str = ""                  # this afslet's node, in execution management
+    endpoint: str = ""                 # where clients reach this afslet (its advertised gRPC address)
     network: str = "host"              # "host" or "none"
     tar_chunk: int = 256 * 1024
     pids_limit: int = 4096
@@ -53,8 +60,15 @@ class Runtime:
     runc: Runc
     mounts: NodeMounts
     discovery: DiscoveryClient
+    executions: ExecutionTable = field(default_factory=ExecutionTable)
     running_containers: int = 0
+    draining: bool = False
     _tasks: set[asyncio.Future[object]] = field(default_factory=set)
+
+    def begin_drain(self) -> int:
+        """Admit nothing new; stop every execution in progress with the staged abort. Returns how many."""
+        self.draining = True
+        return self.executions.stop_all(StopReason.SHUTDOWN)
 
     def cgroup_path(self, session_id: str) -> str:
         return f"/{self.config.cgroup_parent.strip('/')}/{container_id(session_id)}"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from afsd.afslet.errors import AdmissionError, RequestError
+from afsd.afslet.errors import AdmissionError, RequestError, ShuttingDownError
 from afsd.afslet.runtime import Runtime
 from afsd.afslet.session import ExecuteCall
 from afsd.api import afslet_pb2 as pb
@@ -40,6 +40,8 @@ def _status(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, AdmissionError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, ShuttingDownError):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, AfsdError):
         return status_for(error), str(error)
     return grpc.StatusCode.INTERNAL, f"internal error in afslet: {type(error).__name__}: {error}"
@@ -66,6 +68,10 @@ class AfsletService(pb_grpc.AfsletServicer):
 
         task = asyncio.ensure_future(run())
         self.runtime.track(task)
+        # The handler itself counts as in flight until its last frame is handed to gRPC: a drain that
+        # only waited for the call's task would stop the server while `done` is still in the outbox.
+        handler_done = asyncio.get_running_loop().create_future()
+        self.runtime.track(handler_done)
         try:
             while True:
                 item = await outbox.get()
@@ -82,6 +88,7 @@ class AfsletService(pb_grpc.AfsletServicer):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+            handler_done.set_result(None)
 
     async def GetRuntimeStatus(self, request: pb.GetRuntimeStatusRequest,
                                context: grpc.aio.ServicerContext) -> pb.GetRuntimeStatusResponse:
@@ -90,4 +97,6 @@ class AfsletService(pb_grpc.AfsletServicer):
             running_containers=self.runtime.running_containers,
             limit_cpu_cores=usage.limit_cpu_cores, limit_memory_mb=usage.limit_memory_mb,
             used_cpu_cores=usage.used_cpu_cores, used_memory_mb=usage.used_memory_mb,
-            available_cpu_cores=usage.available_cpu_cores, available_memory_mb=usage.available_memory_mb)
+            available_cpu_cores=usage.available_cpu_cores, available_memory_mb=usage.available_memory_mb,
+            limit_gpus=usage.limit_gpus, used_gpus=usage.used_gpus, available_gpus=usage.available_gpus,
+            draining=self.runtime.draining)

@@ -2,10 +2,15 @@
 
 Order of events (frames sent to the client in brackets):
 
-    start frame → validate → admission → [accepted] → session dir; image config resolved meanwhile
-    → extra files until the client half-closes → mount (image + extra dir + writable upper)
-    → user, env, bundle → runc run -d → [log ... as lines arrive] → exit or timeout kill
-    → [result] → [tar_header, tar_chunk...] → teardown → [done]
+    start frame → validate → admission → [accepted] → [log execution] → session dir; image config resolved
+    meanwhile → extra files until the client half-closes → mount (image + extra dir + writable upper)
+    → user, env, bundle → runc run -d → [log ... as lines arrive] → exit, or the staged abort (timeout,
+    `afsd stop`, shutdown) → [log stop ..., log resource] → [result] → [tar_header, tar_chunk...]
+    → teardown → [done]
+
+The call registers its execution (executions.py) right after admission: execution management lists it,
+reads its log tail (every log frame sent is kept there too) and can stop it. The execution id is the
+session id; it reaches the client in `accepted.execution_id` and in the `execution` log frame.
 
 Teardown (container, cgroup, mount, session dir, then the admission share) runs on every path: a
 setup error, an invalid frame after `accepted`, a client that goes away. It is shielded from
@@ -20,8 +25,8 @@ read-only lower), `rootfs/` (the overlay mount point), `rw/` (`rw/upper`, `rw/wo
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import secrets
 import shlex
 import shutil
 import time
@@ -32,15 +37,26 @@ from pathlib import Path
 import grpc
 
 from afsd.afslet import bundle as oci
+from afsd.afslet import resources
 from afsd.afslet.admission import Reservation
+from afsd.afslet.cgroups import CgroupUsage
 from afsd.afslet.container import Container
-from afsd.afslet.errors import AdmissionError, RequestError, SetupError
+from afsd.afslet.errors import AdmissionError, RequestError, SetupError, ShuttingDownError
+from afsd.afslet.executions import Execution, new_execution_id
 from afsd.afslet.extra_files import ExtraTree, add_mount_stubs
-from afsd.afslet.metrics import EXECUTIONS, PHASE_SECONDS, TEARDOWN_FAILURES
-from afsd.afslet.outcome import EXIT_SETUP_FAILED, Outcome, command_outcome, exit_code_of, setup_outcome
+from afsd.afslet.metrics import EXECUTIONS, PHASE_SECONDS, STOPS, TEARDOWN_FAILURES
+from afsd.afslet.outcome import (
+    EXIT_SETUP_FAILED,
+    Outcome,
+    command_outcome,
+    exit_code_of,
+    not_started_outcome,
+    setup_outcome,
+)
 from afsd.afslet.process import ProcessPlan, plan_process, with_default
 from afsd.afslet.request import ExecuteSpec, parse_start
 from afsd.afslet.runtime import Runtime, container_id
+from afsd.afslet.stopping import wants_interrupt, wire_stop
 from afsd.afslet.upper_tar import stream_upper_tar
 from afsd.afslet.users import resolve_user
 from afsd.api import afslet_pb2 as pb
@@ -92,8 +108,10 @@ class SessionPaths:
             directory.mkdir()
 
 
-def new_session_id() -> str:
-    return f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
+def shutting_down(runtime: Runtime) -> ShuttingDownError:
+    where = f" on {runtime.config.node_id}" if runtime.config.node_id else ""
+    return ShuttingDownError(f"afslet{where} is shutting down and admits no new executions; retry on another "
+                             "afslet or once it is back")
 
 
 def remove_session_dir(root: Path) -> bool:
@@ -110,8 +128,10 @@ class ExecuteCall:
         self.runtime = runtime
         self.frames = frames
         self._send = send
-        self.session_id = new_session_id()
+        self.session_id = new_execution_id()  # the execution's id too
         self.paths = SessionPaths(runtime.config.sessions_dir / self.session_id)
+        self.execution: Execution | None = None
+        self._stop_lines: list[str] = []
         self._reservation: Reservation | None = None
         self._container: Container | None = None
         self._mount_task: asyncio.Future[object] | None = None
@@ -124,7 +144,16 @@ class ExecuteCall:
     # -- frames ---------------------------------------------------------------------------------
 
     async def send_log(self, source: str, message: str) -> None:
+        if self.execution is not None:
+            self.execution.logs.append(source, message)
         await self._send(log_frame(source, message))
+
+    def _note_stop(self, line: str) -> None:
+        """Progress of a staged abort: into the log tail at once (`afsd logs -f` shows it live), and to the
+        client as `stop` frames once the command has ended (the abort cannot wait for a slow client)."""
+        if self.execution is not None:
+            self.execution.logs.append("stop", line)
+        self._stop_lines.append(line)
 
     async def _phase(self, name: str, started: float) -> float:
         seconds = time.monotonic() - started
@@ -135,21 +164,31 @@ class ExecuteCall:
     # -- the call -------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        if self.runtime.draining:
+            EXECUTIONS.labels("draining").inc()
+            raise shutting_down(self.runtime)
         try:
             start = await self._first_frame()
             spec = parse_start(start, self.runtime.config.timeouts)
         except RequestError:
             EXECUTIONS.labels("invalid").inc()
             raise
+        if self.runtime.draining:
+            EXECUTIONS.labels("draining").inc()
+            raise shutting_down(self.runtime)
         try:
-            self._reservation = self.runtime.admission.reserve(spec.cpu_cores, spec.memory_mb)
+            self._reservation = self.runtime.admission.reserve(spec.cpu_cores, spec.memory_mb, spec.gpus)
         except AdmissionError:
             EXECUTIONS.labels("rejected").inc()
             raise
+        self.execution = self.runtime.executions.register(
+            self.session_id, image=str(spec.reference), command=spec.command, cpu_cores=spec.cpu_cores,
+            memory_mb=spec.memory_mb, gpus=spec.gpus, timeout_ms=spec.timeout_ms)
         try:
             await self._admitted(spec)
-        except RequestError:
+        except RequestError as error:
             self._outcome_label = "invalid"
+            self.execution.finish(Outcome(EXIT_SETUP_FAILED, f"invalid request: {error}", "invalid"), None)
             raise
         finally:
             EXECUTIONS.labels(self._outcome_label).inc()
@@ -166,15 +205,22 @@ class ExecuteCall:
         return frame.start
 
     async def _admitted(self, spec: ExecuteSpec) -> None:
-        await self._send(pb.ExecuteResponse(accepted=pb.Accepted(accepted=True)))
+        config = self.runtime.config
+        await self._send(pb.ExecuteResponse(accepted=pb.Accepted(accepted=True, execution_id=self.session_id)))
+        await self.send_log("execution", json.dumps({"id": self.session_id, "node_id": config.node_id,
+                                                     "endpoint": config.endpoint}))
         await self._phase("admission", self._started)
         await asyncio.to_thread(self.paths.create)
         self._created = True
         await self.send_log("session", f"session {self.session_id}, container {container_id(self.session_id)}, "
                                        f"directory {self.paths.root}")
         outcome = await self._prepare_and_run(spec)
-        await self._send(pb.ExecuteResponse(result=pb.Result(success=outcome.success, exit_code=outcome.exit_code,
-                                                             error=outcome.error)))
+        assert self.execution is not None
+        self.execution.finish(outcome, self._container.final_usage if self._container else None)
+        stop_stage, stop_reason = wire_stop(outcome.stop)
+        await self._send(pb.ExecuteResponse(result=pb.Result(
+            success=outcome.success, exit_code=outcome.exit_code, error=outcome.error, execution_id=self.session_id,
+            stop_stage=stop_stage, stop_reason=stop_reason)))
         self._outcome_label = outcome.kind
         started = time.monotonic()
         await self._send(pb.ExecuteResponse(tar_header=pb.TarHeader(name=TAR_NAME)))
@@ -278,16 +324,30 @@ class ExecuteCall:
                                   cgroups_path=cgroup_path, limits=limits,
                                   private_network=config.network == "none", resolv_conf=host_resolv)
         await asyncio.to_thread(oci.write_bundle, self.paths.bundle, document)
+        interrupt = wants_interrupt(env)
         timeout_note = " (server default)" if spec.timeout_is_default else ""
+        policy = config.stop_policy
         await self.send_log("request", f"args={shlex.join(plan.args)} cwd={plan.cwd} user={user.uid}:{user.gid}"
                                        f"{' (' + user.name + ')' if user.name else ''} cpu_cores={spec.cpu_cores} "
-                                       f"memory_mb={spec.memory_mb} pids={config.pids_limit} "
-                                       f"timeout_ms={spec.timeout_ms}{timeout_note} network={config.network}")
-        return await self._run_container(spec, cgroup_path)
+                                       f"memory_mb={spec.memory_mb} gpus={spec.gpus} pids={config.pids_limit} "
+                                       f"timeout_ms={spec.timeout_ms}{timeout_note} network={config.network} "
+                                       f"stop=SIGTERM:{policy.term_timeout:g}s"
+                                       f"{f',SIGINT:{policy.interrupt_timeout:g}s' if interrupt else ''}"
+                                       f",SIGKILL:{policy.kill_timeout:g}s")
+        assert self.execution is not None
+        self.execution.command = plan.args
+        return await self._run_container(spec, cgroup_path, interrupt)
 
-    async def _run_container(self, spec: ExecuteSpec, cgroup_path: str) -> Outcome:
-        self._container = container = Container(self.runtime.runc, container_id(self.session_id), self.paths.bundle,
-                                                cgroup_path)
+    async def _run_container(self, spec: ExecuteSpec, cgroup_path: str, interrupt: bool) -> Outcome:
+        assert self.execution is not None
+        if self.execution.stop_reason is not None:  # stopped while it was being prepared
+            outcome = not_started_outcome(self.execution.stop_reason)
+            await self.send_log("runc", outcome.error)
+            return outcome
+        self._container = container = Container(
+            self.runtime.runc, container_id(self.session_id), self.paths.bundle, cgroup_path,
+            stop_policy=self.runtime.config.stop_policy, interrupt_on_stop=interrupt, note=self._note_stop)
+        self.execution.container_started(container)
 
         async def stdout(line: str) -> None:
             await self.send_log(STDOUT_SOURCE, line)
@@ -297,20 +357,29 @@ class ExecuteCall:
 
         with self.runtime.container_running():
             exit_ = await container.run(spec.timeout_ms / 1000, stdout, stderr)
+        self.execution.run_ended = time.monotonic()
         self._release_rootfs()
         run_seconds = exit_.run_seconds
         for phase, seconds in (("start", exit_.start_seconds), ("run", run_seconds)):
             PHASE_SECONDS.labels(phase).observe(seconds)
             await self.send_log("timing", f"{TIMING_PREFIX} phase={phase} ms={seconds * 1000:.1f}")
+        for line in self._stop_lines:  # already in the log tail
+            await self._send(log_frame("stop", line))
         code = exit_code_of(exit_.wait_status) if exit_.wait_status >= 0 else 255
         usage = exit_.usage
-        await self.send_log("resource", f"cpu_ms={usage.cpu_ns / 1e6:.1f} wall_ms={run_seconds * 1000:.1f} "
-                                        f"peak_memory_mb={usage.peak_memory_bytes / 2**20:.1f} "
-                                        f"oom_kills={usage.oom_kills}")
-        outcome = command_outcome(code, timed_out_ms=spec.timeout_ms if exit_.timed_out else None,
-                                  oom_kills=usage.oom_kills, memory_mb=spec.memory_mb)
+        await self.send_log("resource", resources.summary_json(self.session_id, usage, run_seconds))
+        outcome = command_outcome(code, stop=exit_.stop, timeout_ms=spec.timeout_ms, oom_kills=usage.oom_kills,
+                                  memory_mb=spec.memory_mb)
+        self._account(outcome, usage)
         await self.send_log("runc", outcome.error or "command exited with code 0")
         return outcome
+
+    @staticmethod
+    def _account(outcome: Outcome, usage: CgroupUsage) -> None:
+        """Metrics of a command that ran: its resource use, and the stage that ended it if afslet stopped it."""
+        resources.observe(outcome.kind, usage)
+        if outcome.stop is not None:
+            STOPS.labels(outcome.stop.reason.value, outcome.stop.stage.value).inc()
 
     # -- teardown -------------------------------------------------------------------------------
 
@@ -358,5 +427,27 @@ class ExecuteCall:
             log.exception("session %s: teardown failed", self.session_id)
             TEARDOWN_FAILURES.labels("error").inc()
         finally:
+            if self.execution is not None:
+                self.runtime.executions.retire(self.execution, await self._unfinished_outcome())
             if self._reservation is not None:
                 self._reservation.release()
+
+    async def _unfinished_outcome(self) -> Outcome:
+        """How a call that ended before its result (client gone, afslet stopped, invalid frame) ended, for
+        execution management; the staged abort its container got is counted here."""
+        container = self._container
+        if self.execution is None or self.execution.outcome is not None:
+            return Outcome(EXIT_SETUP_FAILED, "", self._outcome_label)
+        if container is None or not container.started:
+            return Outcome(EXIT_SETUP_FAILED, "the call ended before the command started", self._outcome_label)
+        try:
+            stop = await container.stopped()
+        except TimeoutError:
+            stop = None
+        status = container.exit_status
+        code = exit_code_of(status) if status is not None and status >= 0 else 255
+        outcome = command_outcome(code, stop=stop, timeout_ms=self.execution.timeout_ms)
+        if outcome.kind == "ok":  # it had ended on its own just before the call did
+            outcome = Outcome(code, "the call ended before its result was sent", self._outcome_label)
+        self._account(outcome, container.final_usage or CgroupUsage())
+        return outcome

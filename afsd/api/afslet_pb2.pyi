@@ -12,9 +12,33 @@ class FileType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FILE_TYPE_DIR: _ClassVar[FileType]
     FILE_TYPE_FILE: _ClassVar[FileType]
     FILE_TYPE_SYMLINK: _ClassVar[FileType]
+
+class StopStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_STAGE_NONE: _ClassVar[StopStage]
+    STOP_STAGE_TERM: _ClassVar[StopStage]
+    STOP_STAGE_INTERRUPT: _ClassVar[StopStage]
+    STOP_STAGE_KILL: _ClassVar[StopStage]
+
+class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_REASON_NONE: _ClassVar[StopReason]
+    STOP_REASON_TIMEOUT: _ClassVar[StopReason]
+    STOP_REASON_REQUEST: _ClassVar[StopReason]
+    STOP_REASON_SHUTDOWN: _ClassVar[StopReason]
+    STOP_REASON_CANCELLED: _ClassVar[StopReason]
 FILE_TYPE_DIR: FileType
 FILE_TYPE_FILE: FileType
 FILE_TYPE_SYMLINK: FileType
+STOP_STAGE_NONE: StopStage
+STOP_STAGE_TERM: StopStage
+STOP_STAGE_INTERRUPT: StopStage
+STOP_STAGE_KILL: StopStage
+STOP_REASON_NONE: StopReason
+STOP_REASON_TIMEOUT: StopReason
+STOP_REASON_REQUEST: StopReason
+STOP_REASON_SHUTDOWN: StopReason
+STOP_REASON_CANCELLED: StopReason
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("start", "file_begin", "file_chunk", "file_end")
@@ -29,7 +53,7 @@ class ExecuteRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[StartRequest, _Mapping]] = ..., file_begin: _Optional[_Union[FileEntryBegin, _Mapping]] = ..., file_chunk: _Optional[_Union[FileChunk, _Mapping]] = ..., file_end: _Optional[_Union[FileEntryEnd, _Mapping]] = ...) -> None: ...
 
 class StartRequest(_message.Message):
-    __slots__ = ("image", "tag", "command", "cpu_cores", "memory_mb", "timeout_ms", "discovery_addr", "force_local_fetch", "node_id", "platform_os", "platform_arch", "platform_variant", "proxy_dispatch_max_retries", "proxy_dispatch_backoff_ms", "env", "fuse_max_read_ahead_bytes")
+    __slots__ = ("image", "tag", "command", "cpu_cores", "memory_mb", "timeout_ms", "discovery_addr", "force_local_fetch", "node_id", "platform_os", "platform_arch", "platform_variant", "proxy_dispatch_max_retries", "proxy_dispatch_backoff_ms", "env", "fuse_max_read_ahead_bytes", "gpus")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +70,7 @@ class StartRequest(_message.Message):
     PROXY_DISPATCH_BACKOFF_MS_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     FUSE_MAX_READ_AHEAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
     image: str
     tag: str
     command: _containers.RepeatedScalarFieldContainer[str]
@@ -62,7 +87,8 @@ class StartRequest(_message.Message):
     proxy_dispatch_backoff_ms: int
     env: _containers.RepeatedScalarFieldContainer[str]
     fuse_max_read_ahead_bytes: int
-    def __init__(self, image: _Optional[str] = ..., tag: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., cpu_cores: _Optional[int] = ..., memory_mb: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., discovery_addr: _Optional[str] = ..., force_local_fetch: bool = ..., node_id: _Optional[str] = ..., platform_os: _Optional[str] = ..., platform_arch: _Optional[str] = ..., platform_variant: _Optional[str] = ..., proxy_dispatch_max_retries: _Optional[int] = ..., proxy_dispatch_backoff_ms: _Optional[int] = ..., env: _Optional[_Iterable[str]] = ..., fuse_max_read_ahead_bytes: _Optional[int] = ...) -> None: ...
+    gpus: int
+    def __init__(self, image: _Optional[str] = ..., tag: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., cpu_cores: _Optional[int] = ..., memory_mb: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., discovery_addr: _Optional[str] = ..., force_local_fetch: bool = ..., node_id: _Optional[str] = ..., platform_os: _Optional[str] = ..., platform_arch: _Optional[str] = ..., platform_variant: _Optional[str] = ..., proxy_dispatch_max_retries: _Optional[int] = ..., proxy_dispatch_backoff_ms: _Optional[int] = ..., env: _Optional[_Iterable[str]] = ..., fuse_max_read_ahead_bytes: _Optional[int] = ..., gpus: _Optional[int] = ...) -> None: ...
 
 class FileEntryBegin(_message.Message):
     __slots__ = ("path", "type", "mode", "uid", "gid", "mtime_unix", "symlink_target")
@@ -109,10 +135,12 @@ class ExecuteResponse(_message.Message):
     def __init__(self, log: _Optional[_Union[LogMessage, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., tar_header: _Optional[_Union[TarHeader, _Mapping]] = ..., tar_chunk: _Optional[_Union[TarChunk, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ...) -> None: ...
 
 class Accepted(_message.Message):
-    __slots__ = ("accepted",)
+    __slots__ = ("accepted", "execution_id")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
-    def __init__(self, accepted: bool = ...) -> None: ...
+    execution_id: str
+    def __init__(self, accepted: bool = ..., execution_id: _Optional[str] = ...) -> None: ...
 
 class LogMessage(_message.Message):
     __slots__ = ("source", "message")
@@ -123,14 +151,20 @@ class LogMessage(_message.Message):
     def __init__(self, source: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("success", "exit_code", "error")
+    __slots__ = ("success", "exit_code", "error", "execution_id", "stop_stage", "stop_reason")
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
+    STOP_STAGE_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     success: bool
     exit_code: int
     error: str
-    def __init__(self, success: bool = ..., exit_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    execution_id: str
+    stop_stage: StopStage
+    stop_reason: StopReason
+    def __init__(self, success: bool = ..., exit_code: _Optional[int] = ..., error: _Optional[str] = ..., execution_id: _Optional[str] = ..., stop_stage: _Optional[_Union[StopStage, str]] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ...) -> None: ...
 
 class TarHeader(_message.Message):
     __slots__ = ("name",)
@@ -153,7 +187,7 @@ class GetRuntimeStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetRuntimeStatusResponse(_message.Message):
-    __slots__ = ("running_containers", "limit_cpu_cores", "limit_memory_mb", "used_cpu_cores", "used_memory_mb", "available_cpu_cores", "available_memory_mb")
+    __slots__ = ("running_containers", "limit_cpu_cores", "limit_memory_mb", "used_cpu_cores", "used_memory_mb", "available_cpu_cores", "available_memory_mb", "limit_gpus", "used_gpus", "available_gpus", "draining")
     RUNNING_CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_CPU_CORES_FIELD_NUMBER: _ClassVar[int]
     LIMIT_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +195,10 @@ class GetRuntimeStatusResponse(_message.Message):
     USED_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_CPU_CORES_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_GPUS_FIELD_NUMBER: _ClassVar[int]
+    USED_GPUS_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_GPUS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     running_containers: int
     limit_cpu_cores: int
     limit_memory_mb: int
@@ -168,4 +206,8 @@ class GetRuntimeStatusResponse(_message.Message):
     used_memory_mb: int
     available_cpu_cores: int
     available_memory_mb: int
-    def __init__(self, running_containers: _Optional[int] = ..., limit_cpu_cores: _Optional[int] = ..., limit_memory_mb: _Optional[int] = ..., used_cpu_cores: _Optional[int] = ..., used_memory_mb: _Optional[int] = ..., available_cpu_cores: _Optional[int] = ..., available_memory_mb: _Optional[int] = ...) -> None: ...
+    limit_gpus: int
+    used_gpus: int
+    available_gpus: int
+    draining: bool
+    def __init__(self, running_containers: _Optional[int] = ..., limit_cpu_cores: _Optional[int] = ..., limit_memory_mb: _Optional[int] = ..., used_cpu_cores: _Optional[int] = ..., used_memory_mb: _Optional[int] = ..., available_cpu_cores: _Optional[int] = ..., available_memory_mb: _Optional[int] = ..., limit_gpus: _Optional[int] = ..., used_gpus: _Optional[int] = ..., available_gpus: _Optional[int] = ..., draining: bool = ...) -> None: ...

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import os
 import shutil
-import signal
+import socket
 from pathlib import Path
 
 from afsd.errors import MissingToolError, UsageError
-
-log = logging.getLogger("afsd.let")
 
 MAX_TAR_CHUNK = 4 * 1024 * 1024 - 64 * 1024  # under the 4 MiB gRPC message limit, with room for framing
 
@@ -34,6 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="CPU cores Execute calls may reserve in total (default %(default)s)")
     parser.add_argument("--limit-memory-mb", type=int, default=256, metavar="M",
                         help="memory (MB) Execute calls may reserve in total (default %(default)s)")
+    parser.add_argument("--limit-gpus", type=int, default=0, metavar="N",
+                        help="GPU slots Execute calls may reserve in total: an opaque count, admitted and "
+                             "accounted, not assigned to devices (default %(default)s)")
+    parser.add_argument("--node-id", default=socket.gethostname(),
+                        help="this afslet's node in execution management (default: host name)")
+    parser.add_argument("--advertise", metavar="HOST:PORT",
+                        help="the address clients reach this afslet at, shown by `afsd ps` (default: --listen, "
+                             "with the host name for a wildcard host)")
     parser.add_argument("--work-dir", type=Path, default=Path("/var/lib/afsd/let"),
                         help="session directories and runc state; not on overlayfs (default %(default)s)")
     parser.add_argument("--network", choices=["host", "none"], default="host",
@@ -53,8 +57,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="absolute cgroup path containers are created under (default %(default)s)")
     parser.add_argument("--mount-backend", default="auto", help="node daemon backend for mounts (default auto)")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    stop = parser.add_argument_group(
+        "staged abort", "how a command is stopped (timeout, `afsd stop`, shutdown, client gone): SIGTERM to its "
+                        "init; SIGINT if its environment has AFSD_STOP_INTERRUPT=1; SIGKILL. Each stage waits "
+                        "its own timeout for the command to exit.")
+    stop.add_argument("--stop-term-timeout", type=float, default=10.0, metavar="S",
+                      help="seconds after SIGTERM (default %(default)s)")
+    stop.add_argument("--stop-interrupt-timeout", type=float, default=5.0, metavar="S",
+                      help="seconds after SIGINT, for workloads that asked for it (default %(default)s)")
+    stop.add_argument("--stop-kill-timeout", type=float, default=5.0, metavar="S",
+                      help="seconds after SIGKILL before every process of the cgroup is killed directly "
+                           "(default %(default)s)")
     parser.add_argument("--graceful-timeout", type=float, default=10.0, metavar="S",
-                        help="on SIGTERM, seconds running calls get before they are cancelled (default %(default)s)")
+                        help="on SIGTERM, after the running executions' staged aborts: seconds their calls get "
+                             "to deliver results and tars before they are cancelled (default %(default)s)")
+    parser.add_argument("--keep-finished", type=int, default=50, metavar="N",
+                        help="finished executions kept for `afsd ps -a` / `afsd logs` (default %(default)s)")
+    parser.add_argument("--log-tail-lines", type=int, default=1000, metavar="N",
+                        help="log frames kept per execution for `afsd logs` (default %(default)s)")
     parser.set_defaults(handler=run)
 
 
@@ -67,6 +87,12 @@ def _check(args: argparse.Namespace) -> str:
         raise UsageError(f"--tar-chunk must be between 1024 and {MAX_TAR_CHUNK} bytes")
     if args.pids_limit <= 0:
         raise UsageError("--pids-limit must be > 0")
+    if args.limit_gpus < 0:
+        raise UsageError("--limit-gpus must be >= 0")
+    if min(args.stop_term_timeout, args.stop_interrupt_timeout, args.stop_kill_timeout, args.graceful_timeout) < 0:
+        raise UsageError("--stop-*-timeout and --graceful-timeout must be >= 0")
+    if args.keep_finished < 0 or args.log_tail_lines <= 0:
+        raise UsageError("--keep-finished must be >= 0 and --log-tail-lines > 0")
     if not args.cgroup_parent.startswith("/"):
         raise UsageError(f"--cgroup-parent {args.cgroup_parent!r} must be an absolute cgroup path")
     if os.geteuid() != 0:
@@ -77,64 +103,32 @@ def _check(args: argparse.Namespace) -> str:
     return runc
 
 
+def _advertised(listen: str, advertise: str | None) -> str:
+    if advertise:
+        return advertise
+    host, _, port = listen.rpartition(":")
+    if host.strip("[]") in ("", "0.0.0.0", "::"):
+        return f"{socket.gethostname()}:{port}"
+    return listen
+
+
 async def run(args: argparse.Namespace) -> int:
-    from afsd.afslet import cgroups
-    from afsd.afslet.admission import Admission
-    from afsd.afslet.node_mounts import NodeMounts
-    from afsd.afslet.reaper import Subreaper
-    from afsd.afslet.recovery import recover
+    from afsd.afslet.daemon import DaemonOptions, serve
+    from afsd.afslet.executions import ExecutionTable
     from afsd.afslet.request import TimeoutPolicy
-    from afsd.afslet.runc import Runc
-    from afsd.afslet.runtime import AfsletConfig, Runtime
-    from afsd.afslet.service import AfsletService
-    from afsd.api import afslet_pb2_grpc
-    from afsd.cluster.discovery_client import DiscoveryClient
-    from afsd.metrics import serve_metrics
-    from afsd.rpc import ChannelPool, new_server
+    from afsd.afslet.runtime import AfsletConfig
+    from afsd.afslet.stopping import StopPolicy
 
     runc_binary = _check(args)
-    work_dir = args.work_dir.absolute()
     config = AfsletConfig(
-        work_dir=work_dir, limit_cpu_cores=args.limit_cpu, limit_memory_mb=args.limit_memory_mb,
-        timeouts=TimeoutPolicy(args.default_timeout_ms, args.max_timeout_ms), network=args.network,
+        work_dir=args.work_dir.absolute(), limit_cpu_cores=args.limit_cpu, limit_memory_mb=args.limit_memory_mb,
+        limit_gpus=args.limit_gpus, timeouts=TimeoutPolicy(args.default_timeout_ms, args.max_timeout_ms),
+        stop_policy=StopPolicy(args.stop_term_timeout, args.stop_interrupt_timeout, args.stop_kill_timeout),
+        node_id=args.node_id, endpoint=_advertised(args.listen, args.advertise), network=args.network,
         tar_chunk=args.tar_chunk, pids_limit=args.pids_limit, runc_binary=runc_binary,
         runc_root=args.runc_root.absolute() if args.runc_root else None, cgroup_parent=args.cgroup_parent)
-    await asyncio.to_thread(config.sessions_dir.mkdir, parents=True, exist_ok=True)
-    await asyncio.to_thread(config.runc_state.mkdir, parents=True, exist_ok=True)
-    if args.metrics_listen:
-        serve_metrics(args.metrics_listen)
-
-    reaper = Subreaper()
-    reaper.install()
-    channels = ChannelPool()
-    mounts = NodeMounts(args.node_socket, args.mount_backend)
-    runtime = Runtime(config=config, admission=Admission(args.limit_cpu, args.limit_memory_mb), reaper=reaper,
-                      runc=Runc(runc_binary, config.runc_state, reaper), mounts=mounts,
-                      discovery=DiscoveryClient(args.discovery_addr, channels))
-    removed = await recover(runtime)
-    if removed:
-        log.warning("removed %d containers/sessions left by an earlier run", removed)
-
-    server = new_server()
-    afslet_pb2_grpc.add_AfsletServicer_to_server(AfsletService(runtime), server)
-    if server.add_insecure_port(args.listen) == 0:
-        raise UsageError(f"cannot listen on {args.listen}")
-    await server.start()
-    log.warning("afslet listening on %s: limits cpu=%d memory_mb=%d, network %s, work dir %s, node socket %s",
-                args.listen, args.limit_cpu, args.limit_memory_mb, args.network, work_dir, args.node_socket)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        log.warning("afslet shutting down (grace %.1fs)", args.graceful_timeout)
-        await server.stop(args.graceful_timeout)
-        await runtime.drain(timeout=60.0)
-        await reaper.close()
-        await mounts.close()
-        await channels.close()
-        await asyncio.to_thread(cgroups.remove_if_empty, config.cgroup_parent)
-    return 0
+    options = DaemonOptions(listen=args.listen, node_socket=args.node_socket, discovery=args.discovery_addr,
+                            mount_backend=args.mount_backend, metrics_listen=args.metrics_listen,
+                            graceful_timeout=args.graceful_timeout)
+    executions = ExecutionTable(keep_finished=args.keep_finished, tail_lines=args.log_tail_lines)
+    return await serve(config, options, executions)

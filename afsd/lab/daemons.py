@@ -126,8 +126,18 @@ class Daemon:
 def with_hosts_file(hosts: Path) -> list[str]:
     """A `Daemon.prefix` that runs the daemon in a private mount namespace where `hosts` is /etc/hosts:
     the daemon's name lookups see those entries, nothing else on the machine does."""
+    return _with_file_over(hosts, "/etc/hosts")
+
+
+def with_resolv_conf(resolv_conf: Path) -> list[str]:
+    """A `Daemon.prefix` that runs the daemon in a private mount namespace where `resolv_conf` is
+    /etc/resolv.conf: its DNS lookups go to the name servers listed there (e.g. a test's dnsmasq)."""
+    return _with_file_over(resolv_conf, "/etc/resolv.conf")
+
+
+def _with_file_over(source: Path, target: str) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-            'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts)]
+            f'mount --bind "$0" {target} && exec "$@"', str(source)]
 
 
 def start_all(daemons: list[Daemon], timeout: float = 30.0) -> None:
@@ -189,12 +199,13 @@ def metrics_address(daemon: Daemon) -> str | None:
 
 def afslet_daemon(workdir: Path, name: str, node: Daemon, discovery: list[str], *, limit_cpu: int = 2,
                   limit_memory_mb: int = 1024, extra_args: list[str] = (), metrics: bool = True,
-                  host: str = "127.0.0.1") -> Daemon:
+                  host: str = "127.0.0.1", port: int | None = None) -> Daemon:
     """`afsd let` mounting through `node` (an `afsd node` daemon), with its work dir under `workdir/name`
     and its containers under the cgroup `/afsd-let-<name>-<hash of workdir>` (so that two runs, or two
-    afslets, never see each other's containers)."""
+    afslets, never see each other's containers). `port`: a given one (afslets behind a proxy share one
+    port on distinct addresses), else a free one."""
     assert node.socket_path is not None, "afslet needs a node daemon with a control socket"
-    port = free_port(host)
+    port = port or free_port(host)
     work = workdir / name
     cgroup_parent = f"/afsd-let-{name}-{hashlib.sha256(str(work.absolute()).encode()).hexdigest()[:8]}"
     args = ["let", "--listen", f"{host}:{port}", "--node-socket", str(node.socket_path),
@@ -205,3 +216,39 @@ def afslet_daemon(workdir: Path, name: str, node: Daemon, discovery: list[str], 
     if metrics:
         args += ["--metrics-listen", f"{host}:{free_port(host)}"]
     return Daemon(name, args, host, port, workdir / f"{name}.log")
+
+
+def free_port_on_all(hosts: list[str]) -> int:
+    """A TCP port free on every one of `hosts` (for daemons sharing a port on distinct addresses)."""
+    for _ in range(100):
+        port = free_port(hosts[0])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as sock:
+                    sock.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise DaemonError(f"found no port free on all of {hosts}")
+
+
+def http_address(daemon: Daemon) -> str:
+    """A proxy's `--http-listen` address."""
+    return daemon.args[daemon.args.index("--http-listen") + 1]
+
+
+def proxy_daemon(workdir: Path, name: str, afslet_target: str, *, host: str = "127.0.0.1", port: int | None = None,
+                 http_port: int | None = None, discovery_target: str = "", peers_target: str = "",
+                 resolv_conf: Path | None = None, extra_args: list[str] = ()) -> Daemon:
+    """`afsd proxy` on `host` (gRPC and HTTP); with `resolv_conf`, in a mount namespace whose
+    /etc/resolv.conf it is, so that its DNS names resolve through the name server listed there."""
+    port = port or free_port(host)
+    http_port = http_port or free_port(host)
+    args = ["proxy", "--listen", f"{host}:{port}", "--http-listen", f"{host}:{http_port}",
+            "--afslet-target", afslet_target, "--node-id", name, *extra_args]
+    if discovery_target:
+        args += ["--discovery-target", discovery_target]
+    if peers_target:
+        args += ["--proxy-peers-target", peers_target]
+    prefix = with_resolv_conf(resolv_conf) if resolv_conf is not None else []
+    return Daemon(name, args, host, port, workdir / f"{name}.log", prefix=prefix)

@@ -14,10 +14,12 @@ from afsd.rpc import ChannelPool
 
 
 def build_backends(state_dir: Path, enabled: Sequence[str] | None, *, prefetch: bool = True) -> dict[str, Backend]:
+    from afsd.ondemand.cachefiles.backend import FscacheBackend
     from afsd.ondemand.fanotify.backend import FanotifyBackend
 
     available: dict[str, Callable[[], Backend]] = {
         "fanotify": lambda: FanotifyBackend(state_dir / "fanotify", prefetch=prefetch),
+        "fscache": lambda: FscacheBackend(state_dir / "fscache", prefetch=prefetch),
         "eager": EagerBackend,
     }
     names = list(enabled) if enabled else list(available)

@@ -12,6 +12,10 @@ Calls go through `tests/support/sdk_client.py` in a separate Python process (afs
 afsd's): `sdk_execute(...)` runs one call to the end, `SdkCall` watches one in progress and can kill it
 (a client that disconnects). `leftovers(cluster)` lists anything a call left on the node: runc
 containers, cgroups, mounts, session directories, processes, children of afslet.
+
+What afs-sdk cannot see or send (execution ids in `accepted`, `Result.stop_stage`, `StartRequest.gpus`,
+GetRuntimeStatus' GPU and draining fields) is reached with afsd's own protos: `direct_execute(...)`
+(`DirectCall`), `list_executions(...)`; the `afsd` command line itself with `afsd_cli(...)`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import grpc
 import pytest
 
 from afsd.afslet import cgroups
-from afsd.api import afslet_pb2, afslet_pb2_grpc
+from afsd.api import afslet_pb2, afslet_pb2_grpc, executions_pb2, executions_pb2_grpc
 from afsd.lab.catalogue import busybox_layers
 from afsd.lab.daemons import Daemon, afslet_daemon, discovery_daemon, layerstore_daemon, node_daemon, start_all
 from afsd.lab.debian import debian_layout
@@ -239,11 +243,30 @@ class CallResult:
             return {m.name.rstrip("/"): m for m in archive.getmembers()}
 
 
-class SdkCall:
-    """One sdk_client.py process; its events are collected by a thread as they arrive."""
+def _next_matching(items: queue.Queue, seen: list, predicate: Callable[[object], bool], timeout: float,
+                   why_ended: Callable[[], str]) -> object:
+    """The next item from `items` (a reader thread's, None when its stream ended) matching `predicate`;
+    every item taken is appended to `seen`. AssertionError if the stream ends or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            item = items.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"nothing matching within {timeout}s; got {seen}") from None
+        if item is None:
+            items.put(None)  # the end stays visible to the next caller
+            raise AssertionError(f"the call ended without a matching item: {seen}; {why_ended()}")
+        seen.append(item)
+        if predicate(item):
+            return item
 
-    def __init__(self, request: dict) -> None:
-        self.process = subprocess.Popen([sys.executable, str(SDK_CLIENT)], stdin=subprocess.PIPE,
+
+class SdkCall:
+    """One sdk_client.py process (or another script speaking its protocol); its events are collected by
+    a thread as they arrive."""
+
+    def __init__(self, request: dict, script: Path = SDK_CLIENT) -> None:
+        self.process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps(request))
@@ -261,21 +284,15 @@ class SdkCall:
 
     def wait_for(self, predicate: Callable[[dict], bool], timeout: float = 120.0) -> dict:
         """The first event (from now on) matching `predicate`; AssertionError if the call ends first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                event = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no matching event within {timeout}s; got {self.events}") from None
-            if event is None:
-                raise AssertionError(f"the call ended without a matching event: {self.events}; "
-                                     f"stderr: {self.stderr()}")
-            self.events.append(event)
-            if predicate(event):
-                return event
+        return _next_matching(self._queue, self.events, predicate, timeout,  # type: ignore[return-value]
+                              lambda: f"stderr: {self.stderr()}")
 
     def finish(self, timeout: float = 300.0) -> CallResult:
-        self.process.wait(timeout=timeout)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()  # a hung client must not outlive the test
+            raise AssertionError(f"sdk_client.py did not finish within {timeout}s; got {self.events}") from None
         self._reader.join(timeout=10)
         while True:
             event = self._queue.get_nowait() if not self._queue.empty() else None
@@ -315,6 +332,96 @@ def sdk_raw(afslet: Daemon, frames: list[dict]) -> CallResult:
 def sdk_status(afslet: Daemon) -> dict:
     (status,) = SdkCall({"address": afslet.address, "op": "status"}).finish().of("status")
     return status
+
+
+# -- afsd's own protos and command line ---------------------------------------------------------------
+
+
+class DirectCall:
+    """One Execute with afsd's protos (a thread reads the responses as they arrive)."""
+
+    def __init__(self, address: str, start: afslet_pb2.StartRequest, hold: threading.Event | None = None) -> None:
+        """`hold`: keep the upload open (no half-close) until it is set, so the execution stays preparing."""
+        self._channel = grpc.insecure_channel(address)
+        stub = afslet_pb2_grpc.AfsletStub(self._channel)
+
+        def frames() -> Iterator[afslet_pb2.ExecuteRequest]:
+            yield afslet_pb2.ExecuteRequest(start=start)
+            if hold is not None:
+                hold.wait()
+
+        self._call = stub.Execute(frames())
+        self.responses: list[afslet_pb2.ExecuteResponse] = []
+        self.error: grpc.RpcError | None = None
+        self._queue: queue.Queue[afslet_pb2.ExecuteResponse | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self._queue.put(response)
+        except grpc.RpcError as error:
+            self.error = error
+        finally:
+            self._queue.put(None)
+
+    def wait_for(self, predicate: Callable[[afslet_pb2.ExecuteResponse], bool],
+                 timeout: float = 120.0) -> afslet_pb2.ExecuteResponse:
+        """The first response (from now on) matching `predicate`; AssertionError if the call ends first."""
+        return _next_matching(self._queue, self.responses, predicate, timeout,  # type: ignore[return-value]
+                              lambda: f"error: {self.error}")
+
+    def wait_for_line(self, message: str, timeout: float = 120.0) -> None:
+        self.wait_for(lambda r: r.WhichOneof("payload") == "log" and r.log.message == message, timeout)
+
+    @property
+    def execution_id(self) -> str:
+        accepted = next(r.accepted for r in self.responses if r.WhichOneof("payload") == "accepted")
+        return accepted.execution_id
+
+    def finish(self, timeout: float = 300.0) -> DirectCall:
+        self._reader.join(timeout)
+        assert not self._reader.is_alive(), "the call did not end"
+        while (response := self._queue.get_nowait()) is not None:
+            self.responses.append(response)
+        self._channel.close()
+        return self
+
+    def of(self, kind: str) -> list:
+        return [getattr(r, kind) for r in self.responses if r.WhichOneof("payload") == kind]
+
+    @property
+    def result(self) -> afslet_pb2.Result:
+        (result,) = self.of("result")
+        return result
+
+    def lines(self, source: str) -> list[str]:
+        return [log.message for log in self.of("log") if log.source == source]
+
+    def cancel(self) -> None:
+        self._call.cancel()
+        self._reader.join(30)
+        self._channel.close()
+
+
+def direct_execute(afslet: Daemon, *, hold: threading.Event | None = None, **fields: object) -> DirectCall:
+    """Start one Execute with afsd's protos; `fields` are StartRequest's (defaults: 1 core, 64 MB, 60 s)."""
+    start = afslet_pb2.StartRequest(**{"cpu_cores": 1, "memory_mb": 64, "timeout_ms": 60_000, **fields})
+    return DirectCall(afslet.address, start, hold)
+
+
+def list_executions(afslet: Daemon, include_finished: bool = False) -> list[executions_pb2.Execution]:
+    with grpc.insecure_channel(afslet.address) as channel:
+        response = executions_pb2_grpc.ExecutionsStub(channel).List(
+            executions_pb2.ListRequest(include_finished=include_finished), timeout=30)
+    return list(response.executions)
+
+
+def afsd_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """The `afsd` command line, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "afsd", *args], capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 # -- what a call may leave behind ---------------------------------------------------------------------

@@ -25,6 +25,7 @@ from afsd.api import discovery_pb2_grpc as dgrpc
 from afsd.api import layerstore_pb2 as lpb
 from afsd.api import layerstore_pb2_grpc as lgrpc
 from afsd.erofs.mount import unmount
+from afsd.lab import catalogue
 from afsd.lab.catalogue import seeded_bytes
 from afsd.lab.daemons import Daemon, discovery_daemon, layerstore_daemon, node_daemon, start_all
 from afsd.lab.layers import Entry, LayerSpec
@@ -90,6 +91,16 @@ class LocalCluster:
             layout = write_oci_layout(self.workdir / "layouts" / name, tag, ImageSpec(layers))
             return push_layout(layout, self.registry.address, f"test/{name}", tag)
         return await asyncio.to_thread(build_and_push)
+
+    async def push_features(self, large_file_size: int = 8 << 20) -> PushedImage:
+        """The catalogue's features image (every tar feature a converter must get right), with a large
+        file of `large_file_size` bytes (smaller in the VM, where every MiB is slow)."""
+        def build() -> PushedImage:
+            spec, media_types, facts = catalogue.features_image("oci-mixed", large_file_size=large_file_size)
+            layout = write_oci_layout(self.workdir / "layouts" / "features", "features", spec)
+            return push_layout(layout, self.registry.address, "test/features", "v1", media_types=media_types,
+                               facts={spec.platform: facts})
+        return await asyncio.to_thread(build)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)

@@ -36,7 +36,6 @@ class FscacheBackend(Backend):
         self.client = FscacheClient(state_dir, cache_dir=cache_dir, settings=settings, metrics_listen=metrics_listen)
         self.domain_id = domain_id
         self.prefetch = prefetch
-        self._start_error: str | None = None
         self._last_status: dict[str, Any] = {}
 
     @classmethod
@@ -50,9 +49,7 @@ class FscacheBackend(Backend):
         reported by each later attach, so the node daemon keeps serving its other backends."""
         try:
             await self.client.ensure_running()
-            self._start_error = None
         except AfsdError as e:
-            self._start_error = str(e)
             log.error("the fscache backend cannot run: %s", e)
 
     async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource) -> None:

@@ -86,7 +86,7 @@ class Supervisor:
         self.restarts = dict.fromkeys(SUPERVISOR_COUNTERS, 0)
         self.started = time.time()
         self.stopped = asyncio.Event()
-        self.restart_requested = asyncio.Event()
+        self.stopping = False
         self.next_request_id = 1
         self.status_snapshot: dict[str, Any] = {}
 
@@ -104,10 +104,11 @@ class Supervisor:
         try:
             await self.stopped.wait()
         finally:
+            self.stopping = True
+            await self._stop_worker("shutting down")
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self._stop_worker("shutting down")
             listener.close()
             self.paths.socket.unlink(missing_ok=True)
             os.close(self.bound.fd)   # with the last anon fd gone, the kernel withdraws the cache
@@ -127,6 +128,8 @@ class Supervisor:
             for future in worker.replies.values():
                 if not future.done():
                     future.set_exception(RequestError("the worker went away"))
+            if self.stopping:
+                return
             self.restarts["worker_restarts"] += 1
             if worker.stop_reason == "upgrade":
                 self.restarts["worker_upgrades"] += 1
@@ -150,7 +153,7 @@ class Supervisor:
     async def _start_worker(self, restore: bool) -> WorkerProcess:
         command = [sys.executable, "-m", "afsd.ondemand.cachefiles.worker", "--socket", str(self.paths.socket),
                    "--device-fd", str(self.bound.fd), *to_arguments(self.settings)]
-        if restore:
+        if restore and self.bound.failover:
             command.append("--restore")
         process = await asyncio.create_subprocess_exec(*command, pass_fds=(self.bound.fd,),
                                                        stdin=asyncio.subprocess.DEVNULL)
@@ -326,6 +329,8 @@ class Supervisor:
     async def status(self) -> dict[str, Any]:
         worker = self.worker
         report = await self._ask_worker({"op": "report"}) or {}
+        if worker is not None and report.get("counters"):
+            worker.counters = report["counters"]
         current = report.get("counters") or (worker.counters if worker else {})
         counters = {name: self.totals[name] + current.get(name, 0) for name in WORKER_COUNTERS}
         counters.update(self.restarts)
@@ -344,7 +349,7 @@ class Supervisor:
             "tag": self.bound.tag, "failover": self.bound.failover, "settings": dataclasses.asdict(self.settings),
             "worker": {"pid": worker.process.pid if worker else 0,
                        "state": "ready" if worker and worker.channel else "starting" if worker else "none",
-                       "open_objects": report.get("open_objects", 0), "requests_in_flight": report.get("in_flight", 0)},
+                       "open_objects": report.get("open_objects", 0), "reads_in_flight": report.get("reads_in_flight", 0)},
             "counters": counters, "blobs": blobs}
         return self.status_snapshot
 

@@ -17,7 +17,7 @@ supervisor starts a successor that writes `restore`, so the kernel hands it what
 Messages on the supervisor's socket (framed JSON, afsd.ondemand.fanotify._wire):
     -> hello {role: "worker"}   stats {counters} every `heartbeat` s   complete {name}
     -> lookup {id, name}        <- reply {id, blob: registration | null}
-    <- report {id}              -> reply {id, counters, blobs, open_objects, in_flight}
+    <- report {id}              -> reply {id, counters, blobs, open_objects, reads_in_flight}
     <- forget {name}            the blob was unregistered: drop its source once its objects close
 """
 
@@ -35,9 +35,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from afsd.errors import AfsdError
 from afsd.ondemand.cachefiles import _shim
-from afsd.ondemand.cachefiles.settings import Settings, add_arguments, from_namespace
 from afsd.ondemand.cachefiles.counters import WORKER_COUNTERS
+from afsd.ondemand.cachefiles.settings import Settings, add_arguments, from_namespace
 from afsd.ondemand.fanotify import _daemon, _sys
 from afsd.ondemand.fanotify._wire import AsyncChannel
 from afsd.ondemand.fanotify.sources import SourceFactory
@@ -92,6 +93,7 @@ class CacheWorker:
         self.writer = concurrent.futures.ThreadPoolExecutor(settings.writer_threads, thread_name_prefix="cache-write")
         self.tasks: set[asyncio.Task[None]] = set()
         self.counters: dict[str, int] = dict.fromkeys(WORKER_COUNTERS, 0)
+        self.reads_in_flight = 0
         self.lookups: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.next_id = 1
         self.stopping = asyncio.Event()
@@ -101,7 +103,7 @@ class CacheWorker:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self.channel = await AsyncChannel.connect(self.socket_path)
         await self.channel.send({"op": "hello", "role": "worker"})
         helpers = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeats())]
@@ -116,6 +118,10 @@ class CacheWorker:
         finally:
             loop.remove_reader(self.device_fd)
             await self._stop(helpers)
+
+    def _on_sigterm(self) -> None:
+        log.info("asked to stop: unanswered requests are left to the next worker")
+        self.stopping.set()
 
     async def _stop(self, helpers: list[asyncio.Task[None]]) -> None:
         """Leave unanswered requests to the successor: cancelled READs are not completed."""
@@ -180,6 +186,7 @@ class CacheWorker:
                 log.error("READ %d for object %d, which this worker never opened", request.msg_id, request.object_id)
                 return
             obj.users += 1
+            self.reads_in_flight += 1
             self._spawn(self._read(obj, request))
         elif request.opcode == _shim.OP_CLOSE:
             obj = self.objects.pop(request.object_id, None)
@@ -242,13 +249,16 @@ class CacheWorker:
             return known
         blob = self.blobs[name] = ServedBlob(
             name, spec, registration.get("source") or {}, bool(registration.get("prefetch")),
-            complete=bool(registration.get("complete")),
             unit=max(spec.chunk_size, round_up(self.settings.read_unit, spec.chunk_size)))
         return blob
 
     async def _after_open(self, obj: OpenObject) -> None:
         blob = obj.blob
-        whole = await self._until_attached(lambda: first_hole(obj.fd, 0, blob.spec.size) is None, obj)
+        try:
+            whole = await self._until_attached(lambda: first_hole(obj.fd, 0, blob.spec.size) is None, obj)
+        except OSError as e:   # READs still work; only prefetch and the completeness check wait
+            log.warning("blob %s: cannot inspect its cache file after OPEN: %s", blob.name, e)
+            return
         if whole:
             self._mark_complete(blob)
         elif blob.prefetch and blob.prefetcher is None:
@@ -289,6 +299,7 @@ class CacheWorker:
             except OSError as e:
                 log.error("%s (blob %s)", e, blob.name)
         finally:
+            self.reads_in_flight -= 1
             self._release(obj)
 
     async def _fill(self, obj: OpenObject, start: int, end: int, priority: Priority) -> int:
@@ -354,11 +365,13 @@ class CacheWorker:
                 position = start + blob.unit
             await asyncio.gather(*running, return_exceptions=True)
             if failed:
-                log.warning("prefetch of blob %s stopped (it resumes at its next OPEN): %s", blob.name, failed[0])
-            elif not blob.complete and blob.objects:
-                obj = next(iter(blob.objects))
-                if await asyncio.to_thread(first_hole, obj.fd, 0, size) is None:
-                    self._mark_complete(blob)
+                raise failed[0]
+            obj = next((o for o in blob.objects if not o.closed), None)
+            if not blob.complete and obj is not None and await asyncio.to_thread(first_hole, obj.fd, 0, size) is None:
+                self._mark_complete(blob)
+        except (OSError, AfsdError, ValueError) as e:
+            if blob.objects:   # (once its last object closed, failing writes are expected)
+                log.warning("prefetch of blob %s stopped (it resumes at its next OPEN): %s", blob.name, e)
         finally:
             for task in running:
                 task.cancel()
@@ -402,25 +415,25 @@ class CacheWorker:
 
     async def _receive(self) -> None:
         assert self.channel is not None
-        try:
-            while (item := await self.channel.receive()) is not None:
-                message, _ = item
-                op = message.get("op")
-                if op == "reply":
-                    future = self.lookups.pop(int(message.get("id", 0)), None)
-                    if future is not None and not future.done():
-                        future.set_result(message)
-                elif op == "report":
-                    await self._send({"op": "reply", "id": message.get("id"), **self.report()})
-                elif op == "forget":
-                    blob = self.blobs.get(str(message.get("name")))
-                    if blob is not None:
-                        blob.forgotten = True
-                        if not blob.objects:
-                            self._drop(blob)
-        finally:
-            log.info("the supervisor closed our link: stopping")
-            self.stopping.set()
+        while (item := await self.channel.receive()) is not None:
+            self._on_message(item[0])
+        log.info("the supervisor closed our link: stopping")
+        self.stopping.set()
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "reply":
+            future = self.lookups.pop(int(message.get("id", 0)), None)
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif op == "report":
+            self._spawn(self._send({"op": "reply", "id": message.get("id"), **self.report()}))
+        elif op == "forget":
+            blob = self.blobs.get(str(message.get("name")))
+            if blob is not None:
+                blob.forgotten = True
+                if not blob.objects:
+                    self._drop(blob)
 
     async def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
         request_id, self.next_id = self.next_id, self.next_id + 1
@@ -459,7 +472,7 @@ class CacheWorker:
                 info["fetcher"] = stats()
             blobs[name] = info
         return {"counters": dict(self.counters), "blobs": blobs, "open_objects": len(self.objects),
-                "in_flight": len(self.tasks)}
+                "reads_in_flight": self.reads_in_flight}
 
 
 # == helpers that run in writer threads ===============================================================
@@ -517,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != parent:
         return 0
     _daemon.setup_logging("fscache-worker")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))   # one anon fd per open blob
     asyncio.run(CacheWorker(args.device_fd, args.socket, from_namespace(args), restore=args.restore).run())
     return 0

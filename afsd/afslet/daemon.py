@@ -1,0 +1,106 @@
+"""afslet's life as a daemon, in order: start, serve, drain, stop. `afsd let` (afsd/cli/let.py) parses the
+flags and calls `serve`.
+
+    start   work dirs; become the subreaper; remove what a crashed predecessor left (recovery.py);
+            gRPC server with afsletpb.Afslet (service.py) and afsd.executions.v1.Executions (management.py)
+    serve   until SIGTERM or SIGINT
+    drain   new Execute calls are refused with UNAVAILABLE (GetRuntimeStatus says `draining`); every
+            execution in progress gets the staged abort (stopping.py), or never starts its command if it
+            has not yet; the calls deliver their results and tars and tear down. Bounded by the stop
+            policy's stages plus --graceful-timeout.
+    stop    cancel the calls still going (their teardown still runs, shielded), stop the server, close
+            the clients, remove the empty cgroup parent; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from afsd.afslet import cgroups
+from afsd.afslet.admission import Admission
+from afsd.afslet.executions import ExecutionTable
+from afsd.afslet.management import ExecutionsService
+from afsd.afslet.node_mounts import NodeMounts
+from afsd.afslet.reaper import Subreaper
+from afsd.afslet.recovery import recover
+from afsd.afslet.runc import Runc
+from afsd.afslet.runtime import AfsletConfig, Runtime
+from afsd.afslet.service import AfsletService
+from afsd.api import afslet_pb2_grpc, executions_pb2_grpc
+from afsd.cluster.discovery_client import DiscoveryClient
+from afsd.errors import UsageError
+from afsd.rpc import ChannelPool, new_server
+
+log = logging.getLogger("afsd.let")
+
+TEARDOWN_WAIT = 60.0  # for the teardown of calls cancelled at the very end
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    listen: str
+    node_socket: Path
+    discovery: list[str]
+    mount_backend: str = "auto"
+    metrics_listen: str | None = None
+    graceful_timeout: float = 10.0  # after the staged aborts, for results, tars and teardown
+
+
+async def serve(config: AfsletConfig, options: DaemonOptions, executions: ExecutionTable | None = None) -> int:
+    from afsd.metrics import serve_metrics
+
+    await asyncio.to_thread(config.sessions_dir.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(config.runc_state.mkdir, parents=True, exist_ok=True)
+    if options.metrics_listen:
+        serve_metrics(options.metrics_listen)
+
+    reaper = Subreaper()
+    reaper.install()
+    channels = ChannelPool()
+    mounts = NodeMounts(options.node_socket, options.mount_backend)
+    runtime = Runtime(config=config,
+                      admission=Admission(config.limit_cpu_cores, config.limit_memory_mb, config.limit_gpus),
+                      reaper=reaper, runc=Runc(config.runc_binary, config.runc_state, reaper), mounts=mounts,
+                      discovery=DiscoveryClient(options.discovery, channels),
+                      executions=executions or ExecutionTable())
+    removed = await recover(runtime)
+    if removed:
+        log.warning("removed %d containers/sessions left by an earlier run", removed)
+
+    server = new_server()
+    afslet_pb2_grpc.add_AfsletServicer_to_server(AfsletService(runtime), server)
+    executions_pb2_grpc.add_ExecutionsServicer_to_server(ExecutionsService(runtime), server)
+    if server.add_insecure_port(options.listen) == 0:
+        raise UsageError(f"cannot listen on {options.listen}")
+    await server.start()
+    log.warning("afslet %s listening on %s (advertised %s): limits cpu=%d memory_mb=%d gpus=%d, network %s, "
+                "work dir %s, node socket %s", config.node_id, options.listen, config.endpoint,
+                config.limit_cpu_cores, config.limit_memory_mb, config.limit_gpus, config.network, config.work_dir,
+                options.node_socket)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        policy = config.stop_policy
+        stopping = runtime.begin_drain()
+        log.warning("afslet draining: admitting nothing new, stopping %d execution(s) (SIGTERM %gs, SIGINT %gs "
+                    "where asked for, SIGKILL %gs)", stopping, policy.term_timeout, policy.interrupt_timeout,
+                    policy.kill_timeout)
+        await runtime.drain(timeout=policy.longest + options.graceful_timeout)
+        await server.stop(1.0)  # cancels what is still going; its teardown is shielded and tracked
+        await runtime.drain(timeout=TEARDOWN_WAIT)
+        await reaper.close()
+        await mounts.close()
+        await channels.close()
+        await asyncio.to_thread(cgroups.remove_if_empty, config.cgroup_parent)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    return 0
