@@ -1,17 +1,21 @@
 """`afsd demo`: the whole system on one machine, on loopback, with real parts.
 
-A local registry (Debian's docker-registry) gets a small runnable image (busybox); a cluster of one
-discovery replica and two layerstores (separate processes) pulls it: the first node from the registry,
-the second from its peer; then the image's rootfs is mounted from the second node's erofs blobs
-(overlayfs over file-backed erofs) and a command runs inside it with chroot. Each step prints what
-happened and how long it took. Everything started is stopped and unmounted at the end.
+A local registry (Debian's docker-registry) gets a small runnable image (busybox). Two nodes run:
+node-a has only a layerstore; node-b has a layerstore, the node daemon (`afsd node`, kernel mounts)
+and afslet, with the proxy in front. node-a pulls the image from the registry and converts its layers
+to erofs; then a command runs through the proxy on node-b, whose mount reads the layers lazily from
+node-a; `afsd mount` shows the same image as a plain rootfs; finally node-b, having read the image,
+is listed by discovery as a provider of its layers. Each step prints what happened and how long it
+took. Everything started is stopped and unmounted at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,11 +24,13 @@ from pathlib import Path
 
 import grpc
 
+from afsd.api import discovery_pb2 as dpb
+from afsd.api import discovery_pb2_grpc as dgrpc
 from afsd.api import layerstore_pb2 as lpb
 from afsd.api import layerstore_pb2_grpc as lgrpc
-from afsd.erofs.stack import StackLayer, mount_image_stack
 from afsd.lab.catalogue import busybox_layers
-from afsd.lab.daemons import Daemon, discovery_daemon, layerstore_daemon, start_all
+from afsd.lab.daemons import (Daemon, afslet_daemon, discovery_daemon, layerstore_daemon, node_daemon, proxy_daemon,
+                              start_all)
 from afsd.lab.oci_layout import ImageSpec, write_oci_layout
 from afsd.lab.registry import RegistryProcess, start_registry
 from afsd.lab.skopeo import push_layout
@@ -42,6 +48,11 @@ class _Steps:
         print(f"    done in {time.monotonic() - begun:.2f}s", flush=True)
 
 
+def _say(text: str) -> None:
+    for line in text.rstrip().splitlines():
+        print(f"    | {line}", flush=True)
+
+
 def _blob_gets(registry: RegistryProcess) -> int:
     return sum(1 for e in registry.access_log() if e.method == "GET" and "/blobs/" in e.uri and e.status == 200)
 
@@ -51,9 +62,15 @@ async def _pull(daemon: Daemon, reference: str) -> lpb.PullImageResponse:
         return await lgrpc.LayerStoreStub(channel).PullImage(lpb.PullImageRequest(image=reference), timeout=600)
 
 
-async def _stat(daemon: Daemon, digest: str) -> lpb.StatLayerResponse:
-    async with grpc.aio.insecure_channel(daemon.address) as channel:
-        return await lgrpc.LayerStoreStub(channel).StatLayer(lpb.StatLayerRequest(digest=digest))
+async def _providers(discovery: Daemon, digests: list[str]) -> dict[str, list[str]]:
+    async with grpc.aio.insecure_channel(discovery.address) as channel:
+        stub = dgrpc.ServiceDiscoveryStub(channel)
+        return {d: sorted(s.node_id for s in (await stub.FindProvider(dpb.FindProviderRequest(layer_digest=d))).services)
+                for d in digests}
+
+
+def _afsd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "afsd", *args], capture_output=True, text=True, timeout=600)
 
 
 def run_demo(workdir: Path | None = None, *, keep: bool = False) -> int:
@@ -70,60 +87,109 @@ def run_demo(workdir: Path | None = None, *, keep: bool = False) -> int:
 
         with steps.step("build a busybox image and push it with skopeo"):
             scratch = Path(tempfile.mkdtemp(dir=workdir))
-            layout = write_oci_layout(workdir / "layout", "1", ImageSpec(busybox_layers(scratch), cmd=("/srv/app/run.sh",)))
+            layout = write_oci_layout(workdir / "layout", "1",
+                                      ImageSpec(busybox_layers(scratch), cmd=("/srv/app/run.sh",)))
             shutil.rmtree(scratch)
             image = push_layout(layout, registry.address, "demo/busybox", "1")
             print(f"    {image.reference} ({len(image.manifests[0].layers)} layers, {image.digest[:19]})")
 
         registry_args = ["--insecure-registry", registry.address]
-        with steps.step("start discovery and a first layerstore, node-a (separate processes)"):
+        with steps.step("start discovery and node-a's layerstore (separate processes)"):
             discovery = discovery_daemon(workdir, "discovery", registry_args=registry_args)
-            start_all([discovery])
+            store_a = layerstore_daemon(workdir, "node-a", [discovery.address], heartbeat_period=1.0,
+                                        registry_args=registry_args)
+            start_all([discovery, store_a])
             cleanup.callback(discovery.stop)
-            nodes = [layerstore_daemon(workdir, f"node-{name}", [discovery.address], heartbeat_period=1.0,
-                                       registry_args=registry_args) for name in ("a", "b")]
-            start_all([nodes[0]])
-            cleanup.callback(nodes[0].stop)
-            for daemon in (discovery, *nodes[:1]):
-                print(f"    {daemon.name:<10} {daemon.address}   log {daemon.log_path}")
+            cleanup.callback(store_a.stop)
+            for daemon in (discovery, store_a):
+                print(f"    {daemon.name:<10} {daemon.address:<18} log {daemon.log_path}")
 
-        with steps.step("node-a pulls the image (from the registry) and converts its layers to erofs"):
+        with steps.step("node-a pulls the image from the registry and converts its layers to erofs"):
             before = _blob_gets(registry)
-            pulled = asyncio.run(_pull(nodes[0], image.reference))
+            pulled = asyncio.run(_pull(store_a, image.reference))
             print(f"    {len(pulled.layers)} layers, {sum(l.afs_size for l in pulled.layers):,} bytes of erofs; "
                   f"registry blob downloads (config + layers): {_blob_gets(registry) - before}")
 
-        with steps.step("node-b joins and pulls the same image (copied from node-a, chunk-verified)"):
-            start_all([nodes[1]])
-            cleanup.callback(nodes[1].stop)
-            time.sleep(1.5)  # one heartbeat period: discovery learns node-b
-            before = _blob_gets(registry)
-            copied = asyncio.run(_pull(nodes[1], image.reference))
-            print(f"    {len(copied.layers)} layers present on node-b; registry blob downloads: "
-                  f"{_blob_gets(registry) - before}")
+        with steps.step("start node-b: layerstore, node daemon (kernel mounts), afslet; and the proxy"):
+            store_b = layerstore_daemon(workdir, "node-b", [discovery.address], heartbeat_period=1.0,
+                                        registry_args=registry_args)
+            start_all([store_b])
+            cleanup.callback(store_b.stop)
+            node_b = node_daemon(workdir, "node-b-mounts", [discovery.address], layerstore=store_b)
+            start_all([node_b])
+            # Mounts, and the backend processes serving them, outlive the node daemon by design:
+            # stopping the demo unmounts them explicitly.
+            cleanup.callback(_stop_node, node_b, workdir)
+            afslet = afslet_daemon(workdir, "afslet-b", node_b, [discovery.address])
+            proxy = proxy_daemon(workdir, "proxy", afslet.address)
+            start_all([afslet, proxy])
+            cleanup.callback(proxy.stop)
+            cleanup.callback(afslet.stop)
+            for daemon in (store_b, afslet, proxy):
+                print(f"    {daemon.name:<10} {daemon.address:<18} log {daemon.log_path}")
+            print(f"    node daemon socket {node_b.socket_path}")
 
-        with steps.step("mount the rootfs from node-b's blobs (erofs + overlayfs) and run a command in it"):
-            stats = [asyncio.run(_stat(nodes[1], layer.digest)) for layer in copied.layers]
+        with steps.step("run the image's command through the proxy (afsd run): node-b mounts it lazily"):
+            before = _blob_gets(registry)
+            ran = _afsd("run", "--target", proxy.address, "--cpu", "1", "--memory-mb", "64", image.reference)
+            _say(ran.stdout + ran.stderr)
+            print(f"    exit code {ran.returncode}; registry blob downloads: {_blob_gets(registry) - before}")
+            if ran.returncode != 0:
+                return 1
+
+        with steps.step("mount the same image with `afsd mount` and look inside"):
             target = workdir / "rootfs"
             target.mkdir(exist_ok=True)
-            layers = [StackLayer(Path(layer.cache_path), list(stat.implicit_dirs))
-                      for layer, stat in zip(copied.layers, stats)]
-            with mount_image_stack(layers, target, scratch=workdir / "stack"):
-                output = subprocess.run(["chroot", str(target), "/bin/sh", "-c", "cat /etc/motd; /srv/app/run.sh"],
-                                        capture_output=True, text=True, timeout=60)
-                for line in (output.stdout + output.stderr).splitlines():
-                    print(f"    | {line}")
-                if output.returncode != 0:
-                    print(f"    command failed with exit code {output.returncode}")
-                    return 1
-                if keep:
-                    print(f"    rootfs mounted at {target}; press Ctrl-C to stop everything")
-                    try:
-                        while True:
-                            time.sleep(3600)
-                    except KeyboardInterrupt:
-                        pass
+            mounted = _afsd("mount", "--socket", str(node_b.socket_path), image.reference, str(target))
+            _say(mounted.stdout + mounted.stderr)
+            if mounted.returncode != 0:
+                return 1
+            listing = subprocess.run(["chroot", str(target), "/bin/sh", "-c", "cat /etc/motd; ls /"],
+                                     capture_output=True, text=True, timeout=60)
+            _say(listing.stdout + listing.stderr)
+            _say(_afsd("mounts", "--socket", str(node_b.socket_path)).stdout)
+
+        with steps.step("node-b has read the whole image: discovery lists it as a provider too"):
+            digests = [layer.digest for layer in pulled.layers]
+            deadline = time.monotonic() + 60
+            providers = asyncio.run(_providers(discovery, digests))
+            while time.monotonic() < deadline and not all("node-b" in p for p in providers.values()):
+                time.sleep(1)
+                providers = asyncio.run(_providers(discovery, digests))
+            for digest, nodes in providers.items():
+                print(f"    {digest[:19]}  held by {', '.join(nodes)}")
+
+        if keep:
+            print(f"    everything is running; rootfs at {target}; press Ctrl-C to stop")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
     print(f"afsd demo: finished in {time.monotonic() - steps.started:.1f}s; everything stopped and unmounted")
     if own_workdir and not keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _stop_node(node: Daemon, workdir: Path) -> None:
+    """Unmount what the node daemon mounted, stop it, then the backend supervisors it started."""
+    listed = _afsd("mounts", "--socket", str(node.socket_path), "--json")
+    if listed.returncode == 0:
+        for mount in json.loads(listed.stdout).get("mounts", []):
+            _afsd("umount", "--socket", str(node.socket_path), mount["target"])
+    node.stop()
+    state = Path(node.args[node.args.index("--state-dir") + 1])
+    for backend in ("fanotify", "fscache"):
+        _shutdown_supervisor(state / backend, backend)
+
+
+def _shutdown_supervisor(state: Path, backend: str) -> None:
+    if not state.exists():
+        return
+    if backend == "fanotify":
+        from afsd.ondemand.fanotify.client import SupervisorClient
+        asyncio.run(SupervisorClient(state).shutdown(force=True))
+    else:
+        from afsd.ondemand.cachefiles.client import FscacheClient
+        asyncio.run(FscacheClient(state).shutdown(force=True))

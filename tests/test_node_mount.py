@@ -77,6 +77,10 @@ async def test_bad_mount_requests_get_one_clear_line_and_leave_nothing_mounted(c
     assert (await cluster.afsd(node, "mount", image.reference, str(target))).returncode == 0
     assert "in use" in one_line(await cluster.afsd(node, "mount", image.reference, str(target)))
     assert "no afsd mount" in one_line(await cluster.afsd(node, "umount", str(cluster.workdir)))
+    other = cluster.workdir / "other"
+    other.mkdir()
+    forced = one_line(await cluster.afsd(node, "mount", "--backend", "fscache", image.reference, str(other)))
+    assert "backend fscache is not available on this node" in forced and "kernel-setup.sh" in forced
     assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
     assert mounts_under(cluster.workdir) == []
 

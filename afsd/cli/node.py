@@ -179,7 +179,14 @@ async def run_mounts(args: argparse.Namespace) -> int:
     for mount in response.mounts:
         print(f"{mount.mount_id:<13} {mount.backend:<9} {_size(mount.bytes_cached):>10} {_size(mount.bytes_total):>10}  "
               f"{mount.target:<30} {mount.image}")
-    print("backends: " + ", ".join(f"{n} ({r})" for n, r in sorted(response.backends.items())))
-    if response.counters:
-        print("counters: " + ", ".join(f"{k}={v:g}" for k, v in sorted(response.counters.items())))
+    for name, reason in sorted(response.backends.items()):
+        summary = ", ".join(f"{label} {response.counters[f'{name}.{key}']:g}" for key, label in _HEADLINE_COUNTERS
+                            if f"{name}.{key}" in response.counters)
+        print(f"backend {name}: {reason}" + (f"; {summary}" if summary else ""))
     return 0
+
+
+# The counters worth a glance (all of them: `afsd mounts --json`).
+_HEADLINE_COUNTERS = (("events_total", "events"), ("requests_total", "requests"),
+                      ("events_redispatched", "re-dispatched"), ("worker_restarts", "worker restarts"),
+                      ("supervisor_restarts", "supervisor restarts"), ("bytes_filled", "bytes filled"))
