@@ -12,7 +12,6 @@ took. Everything started is stopped and unmounted at the end.
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import subprocess
 import sys
@@ -29,8 +28,16 @@ from afsd.api import discovery_pb2_grpc as dgrpc
 from afsd.api import layerstore_pb2 as lpb
 from afsd.api import layerstore_pb2_grpc as lgrpc
 from afsd.lab.catalogue import busybox_layers
-from afsd.lab.daemons import (Daemon, afslet_daemon, discovery_daemon, layerstore_daemon, node_daemon, proxy_daemon,
-                              start_all)
+from afsd.lab.daemons import (
+    Daemon,
+    afslet_daemon,
+    discovery_daemon,
+    layerstore_daemon,
+    node_daemon,
+    proxy_daemon,
+    start_all,
+    stop_node_daemon,
+)
 from afsd.lab.oci_layout import ImageSpec, write_oci_layout
 from afsd.lab.registry import RegistryProcess, start_registry
 from afsd.lab.skopeo import push_layout
@@ -119,7 +126,7 @@ def run_demo(workdir: Path | None = None, *, keep: bool = False) -> int:
             start_all([node_b])
             # Mounts, and the backend processes serving them, outlive the node daemon by design:
             # stopping the demo unmounts them explicitly.
-            cleanup.callback(_stop_node, node_b, workdir)
+            cleanup.callback(stop_node_daemon, node_b)
             afslet = afslet_daemon(workdir, "afslet-b", node_b, [discovery.address])
             proxy = proxy_daemon(workdir, "proxy", afslet.address)
             start_all([afslet, proxy])
@@ -171,25 +178,3 @@ def run_demo(workdir: Path | None = None, *, keep: bool = False) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
-
-def _stop_node(node: Daemon, workdir: Path) -> None:
-    """Unmount what the node daemon mounted, stop it, then the backend supervisors it started."""
-    listed = _afsd("mounts", "--socket", str(node.socket_path), "--json")
-    if listed.returncode == 0:
-        for mount in json.loads(listed.stdout).get("mounts", []):
-            _afsd("umount", "--socket", str(node.socket_path), mount["target"])
-    node.stop()
-    state = Path(node.args[node.args.index("--state-dir") + 1])
-    for backend in ("fanotify", "fscache"):
-        _shutdown_supervisor(state / backend, backend)
-
-
-def _shutdown_supervisor(state: Path, backend: str) -> None:
-    if not state.exists():
-        return
-    if backend == "fanotify":
-        from afsd.ondemand.fanotify.client import SupervisorClient
-        asyncio.run(SupervisorClient(state).shutdown(force=True))
-    else:
-        from afsd.ondemand.cachefiles.client import FscacheClient
-        asyncio.run(FscacheClient(state).shutdown(force=True))

@@ -61,7 +61,8 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """The wait after failed call number `attempt` (1, 2, ...): exponential, jittered into [½, 1]."""
-        ceiling = min(self.cap, self.base * 2 ** (attempt - 1))
+        # the exponent is capped: past ~1000 attempts 2**n no longer converts to a float
+        ceiling = min(self.cap, self.base * 2 ** min(attempt - 1, 60))
         return random.uniform(ceiling / 2, ceiling)
 
     async def run(self, operation: Callable[[], Awaitable[T]], *,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -29,13 +28,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (MIB, exit_on_sigterm, machine_facts, median, print_table, push_single_file_image,
-                     write_json, write_random_file)
+from _common import (
+    MIB,
+    exit_on_sigterm,
+    machine_facts,
+    median,
+    print_table,
+    push_single_file_image,
+    write_json,
+    write_random_file,
+)
 
 from afsd.api import layerstore_pb2 as lpb
 from afsd.api import layerstore_pb2_grpc as lgrpc
 from afsd.erofs.mount import mount_erofs, unmount
-from afsd.lab.daemons import Daemon, discovery_daemon, layerstore_daemon, node_daemon, start_all
+from afsd.lab.daemons import Daemon, discovery_daemon, layerstore_daemon, node_daemon, start_all, stop_node_daemon
 from afsd.lab.registry import start_registry
 
 
@@ -67,18 +74,6 @@ async def pull(daemon: Daemon, reference: str) -> lpb.PullImageResponse:
 def grpc_channel(address: str):
     import grpc
     return grpc.aio.insecure_channel(address)
-
-
-def stop_node(node: Daemon) -> None:
-    listed = subprocess.run([sys.executable, "-m", "afsd", "mounts", "--socket", str(node.socket_path), "--json"],
-                            capture_output=True, text=True)
-    if listed.returncode == 0:
-        for mount in json.loads(listed.stdout).get("mounts", []):
-            subprocess.run([sys.executable, "-m", "afsd", "umount", "--socket", str(node.socket_path),
-                            mount["target"]], capture_output=True)
-    node.stop()
-    from afsd.ondemand.fanotify.client import SupervisorClient
-    asyncio.run(SupervisorClient(Path(node.args[node.args.index("--state-dir") + 1]) / "fanotify").shutdown(force=True))
 
 
 def main() -> int:
@@ -131,7 +126,7 @@ def main() -> int:
                 with open(target / "data/big.bin", "rb") as handle:
                     handle.read(1)
                 ttfb[backend].append(time.perf_counter() - started)
-                stop_node(node)
+                stop_node_daemon(node)
                 nodes.remove(node)
 
         # Lazy sequential read (fanotify, nothing read yet) vs a local mount of the complete blob.
@@ -148,7 +143,7 @@ def main() -> int:
             cold.append(size / seconds)
             seconds, size = read_all(target / "data/big.bin")
             warm.append(size / seconds)
-            stop_node(node)
+            stop_node_daemon(node)
             nodes.remove(node)
             local = work / f"local-{index}"
             local.mkdir()
@@ -181,7 +176,7 @@ def main() -> int:
         return 0
     finally:
         for node in nodes:
-            stop_node(node)
+            stop_node_daemon(node)
         for daemon in daemons:
             daemon.stop()
         if registry is not None:

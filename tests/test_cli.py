@@ -13,7 +13,8 @@ import pytest
 from afsd.lab.skopeo import PushedImage
 from tests.support.registries import LabRegistry
 
-SUBCOMMANDS = ["convert", "discovery", "layerstore", "demo"]
+SUBCOMMANDS = ["convert", "discovery", "layerstore", "demo", "proxy", "let", "node", "mount", "umount", "mounts", "run",
+               "ps", "logs", "stop"]
 
 
 def afsd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

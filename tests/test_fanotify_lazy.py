@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
 
-from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.fanotify.settings import Settings
+from afsd.ondemand.sparse import present_bytes_at as present_bytes
 from tests.support.fanotify_lab import FanotifyLab, data_files
-
-
-def present_bytes(path: os.PathLike[str], size: int) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return size - sum(length for _, length in _sys.holes(fd, 0, size))
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("fill_ahead", [0, 2])

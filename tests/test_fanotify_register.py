@@ -19,7 +19,7 @@ from afsd.ondemand.fanotify.backend import FanotifyBackend
 from afsd.ondemand.fanotify.blobfile import BlobFileError, prepare_blob
 from afsd.ondemand.fanotify.client import FanotifyBackendError
 from afsd.ondemand.fanotify.settings import Settings
-from afsd.ondemand.fanotify.sources import LocalFileSource
+from afsd.ondemand.sources import LocalFileSource
 from tests.support.fanotify_lab import FanotifyLab, data_files
 
 
@@ -122,7 +122,7 @@ _NODE_DAEMON = r"""
 import asyncio, json, sys
 from pathlib import Path
 from afsd.ondemand.fanotify import Settings, SupervisorClient, prepare_blob
-from afsd.ondemand.fanotify.sources import LocalFileSource
+from afsd.ondemand.sources import LocalFileSource
 from afsd.ondemand.spec import BlobSpec
 
 async def main():

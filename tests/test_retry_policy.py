@@ -72,7 +72,7 @@ def test_classification_and_backoff() -> None:
     assert grpc_permanent(grpc.StatusCode.NOT_FOUND) and not grpc_permanent(grpc.StatusCode.UNAVAILABLE)
     assert http_retryable(503) and http_retryable(429) and not http_retryable(404) and not http_retryable(401)
     policy = RetryPolicy(base=1.0, cap=5.0)
-    for attempt, ceiling in ((1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (9, 5.0)):
+    for attempt, ceiling in ((1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (9, 5.0), (5000, 5.0)):  # no overflow
         waits = [policy.delay(attempt) for _ in range(50)]
         assert all(ceiling / 2 <= w <= ceiling for w in waits)
         assert len(set(waits)) > 1  # jittered

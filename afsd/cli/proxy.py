@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "ReconcileImageReplica)")
     parser.add_argument("--proxy-peers-target", default="", metavar="NAME:PORT",
                         help="DNS name of every proxy's --http-listen, for the cluster-wide count in /status")
-    parser.add_argument("--strategy", default="p2c", choices=["p2c", "best-fit", "local-first"],
+    parser.add_argument("--strategy", default="p2c", metavar="p2c|best-fit|local-first",
                         help="how a call's afslet is picked among those with room: p2c, the less loaded of two "
                              "drawn at random (spreads); best-fit, the one left with the least room (packs); "
                              "local-first, the --prefer afslets while one has room, else the others "
@@ -85,7 +85,10 @@ def _config(args: argparse.Namespace) -> ProxyConfig:
         raise UsageError("--dispatch-backoff-ms must be > 0 and at most --dispatch-max-backoff-ms")
     if args.dispatch_max_retries < 0:
         raise UsageError("--dispatch-max-retries must be >= 0")
-    strategy = Strategy(args.strategy)
+    try:
+        strategy = Strategy(args.strategy)
+    except ValueError:
+        raise UsageError(f"--strategy must be one of {', '.join(Strategy)} (got {args.strategy!r})") from None
     if strategy is Strategy.LOCAL_FIRST and not args.prefer:
         raise UsageError("--strategy local-first needs the preferred afslets: --prefer HOST[:PORT] (repeatable)")
     if args.prefer and strategy is not Strategy.LOCAL_FIRST:

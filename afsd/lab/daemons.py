@@ -7,12 +7,15 @@ operator would.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +90,7 @@ class Daemon:
         else:
             wait_for_port(self.host, self.port, self.process, timeout, self.log_path)
 
-    def start(self, timeout: float = 30.0) -> "Daemon":
+    def start(self, timeout: float = 30.0) -> Daemon:
         self.spawn()
         self.wait_ready(timeout)
         return self
@@ -191,26 +194,87 @@ def node_daemon(workdir: Path, name: str, discovery: list[str], *, layerstore: D
     return Daemon(name, args, host, 0, workdir / f"{name}.log", socket_path=socket_path)
 
 
+def stop_node_daemon(node: Daemon) -> None:
+    """Stop an `afsd node` daemon and what outlives it by design: unmount what it mounted (while it
+    still answers), stop it, then shut down the backend supervisors it started (their keepers and
+    workers with them). Without the last step every stopped node leaves its fanotify processes behind."""
+    if node.running() and node.socket_path is not None:
+        listed = _afsd("mounts", "--socket", str(node.socket_path), "--json")
+        if listed.returncode == 0:
+            for mount in json.loads(listed.stdout).get("mounts", []):
+                _afsd("umount", "--socket", str(node.socket_path), mount["target"])
+    node.stop()
+    state = Path(node.args[node.args.index("--state-dir") + 1])
+    _in_fresh_thread(lambda: asyncio.run(_shutdown_supervisors(state)))
+
+
+def stop_daemon(daemon: Daemon) -> None:
+    """`stop_node_daemon` for an `afsd node` daemon, a plain stop for the others."""
+    if daemon.args[:1] == ["node"]:
+        stop_node_daemon(daemon)
+    else:
+        daemon.stop()
+
+
+async def _shutdown_supervisors(state: Path) -> None:
+    from afsd.ondemand.cachefiles.client import FscacheClient
+    from afsd.ondemand.fanotify.client import SupervisorClient
+    if (state / "fanotify").exists():
+        await SupervisorClient(state / "fanotify").shutdown(force=True)
+    if (state / "fscache").exists():
+        await FscacheClient(state / "fscache").shutdown(force=True)
+
+
+def _afsd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "afsd", *args], capture_output=True, text=True, timeout=120)
+
+
+def _in_fresh_thread(work) -> None:
+    """Run `work` in a thread of its own, so callers inside a running event loop can use asyncio.run."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as error:  # re-raised in the caller's thread
+            failure.append(error)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
 def metrics_address(daemon: Daemon) -> str | None:
     if "--metrics-listen" in daemon.args:
         return daemon.args[daemon.args.index("--metrics-listen") + 1]
     return None
 
 
+# The staged abort's stages (term, interrupt, kill) the test helpers give their afslets: seconds, not
+# afsd let's defaults (10, 5, 5), so a test whose command ignores SIGTERM is not held up for 10 s.
+SHORT_STOP_TIMEOUTS = (1.0, 1.0, 2.0)
+
+
 def afslet_daemon(workdir: Path, name: str, node: Daemon, discovery: list[str], *, limit_cpu: int = 2,
                   limit_memory_mb: int = 1024, extra_args: list[str] = (), metrics: bool = True,
-                  host: str = "127.0.0.1", port: int | None = None) -> Daemon:
+                  host: str = "127.0.0.1", port: int | None = None,
+                  stop_timeouts: tuple[float, float, float] | None = None) -> Daemon:
     """`afsd let` mounting through `node` (an `afsd node` daemon), with its work dir under `workdir/name`
     and its containers under the cgroup `/afsd-let-<name>-<hash of workdir>` (so that two runs, or two
     afslets, never see each other's containers). `port`: a given one (afslets behind a proxy share one
-    port on distinct addresses), else a free one."""
+    port on distinct addresses), else a free one. `stop_timeouts`: --stop-term/interrupt/kill-timeout
+    (None: afsd let's defaults); `--stop-*` flags in `extra_args` come later and win."""
     assert node.socket_path is not None, "afslet needs a node daemon with a control socket"
     port = port or free_port(host)
     work = workdir / name
     cgroup_parent = f"/afsd-let-{name}-{hashlib.sha256(str(work.absolute()).encode()).hexdigest()[:8]}"
+    stages = [] if stop_timeouts is None else [
+        arg for flag, seconds in zip(("--stop-term-timeout", "--stop-interrupt-timeout", "--stop-kill-timeout"),
+                                     stop_timeouts) for arg in (flag, f"{seconds:g}")]
     args = ["let", "--listen", f"{host}:{port}", "--node-socket", str(node.socket_path),
             "--work-dir", str(work), "--limit-cpu", str(limit_cpu),
-            "--limit-memory-mb", str(limit_memory_mb), "--cgroup-parent", cgroup_parent, *extra_args]
+            "--limit-memory-mb", str(limit_memory_mb), "--cgroup-parent", cgroup_parent, *stages, *extra_args]
     for endpoint in discovery:
         args += ["--discovery-addr", endpoint]
     if metrics:

@@ -34,7 +34,7 @@ from afsd.node.images import ImageLocator
 from afsd.node.records import MountRecord, StateDir, mounted_paths
 from afsd.oci.platform import parse_platform
 from afsd.oci.reference import parse_reference
-from afsd.ondemand.base import Backend, BackendUnavailableError, BlobSource, present_bytes
+from afsd.ondemand.base import Backend, BackendUnavailableError, BlobSource
 from afsd.ondemand.spec import BlobSpec
 
 log = logging.getLogger(__name__)
@@ -253,11 +253,11 @@ class NodeDaemon:
         return sorted(self._records.values(), key=lambda r: r.created_unix)
 
     def layer_state(self, spec: BlobSpec) -> tuple[int, str]:
-        """(bytes of the blob present on this node, backend that attached it)."""
+        """(bytes of the blob present on this node, backend that attached it). Blocking: run it in a thread."""
         use = self._layers.get(spec.layer_digest)
         if use is None:
             return 0, ""
-        return present_bytes(use.blob_path, spec.size), use.backend.name
+        return use.backend.present_bytes(spec, use.blob_path), use.backend.name
 
     # -- shared layers --------------------------------------------------------------------------
 

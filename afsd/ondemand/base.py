@@ -10,7 +10,6 @@ outside afsd/ondemand/ knows which backend runs (see STYLE.md: small interfaces 
 from __future__ import annotations
 
 import asyncio
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, ClassVar
 
 from afsd.erofs.mount import mount_erofs
 from afsd.errors import AfsdError
+from afsd.ondemand.sparse import present_bytes_at
 from afsd.ondemand.spec import BlobSpec, RangeSource
 
 
@@ -61,7 +61,13 @@ class Backend(ABC):
 
     async def is_complete(self, spec: BlobSpec, blob_path: Path) -> bool:
         """Whether every byte of the blob is on this node (then it can be served to peers)."""
-        return await asyncio.to_thread(present_bytes, blob_path, spec.size) >= spec.size
+        return await asyncio.to_thread(self.present_bytes, spec, blob_path) >= spec.size
+
+    def present_bytes(self, spec: BlobSpec, blob_path: Path) -> int:
+        """How many bytes of the attached blob are on this node (for `afsd mounts`). Blocking: call it
+        from a thread. By default the bytes of `blob_path` that are not holes; a backend that keeps them
+        elsewhere (fscache: in the cachefiles cache) asks where they are."""
+        return present_bytes_at(blob_path, spec.size)
 
     async def refresh(self) -> object:
         """Update what `counters` reports (e.g. ask a supervisor process for its status)."""
@@ -71,23 +77,3 @@ class Backend(ABC):
         """Backend-specific counters for `afsd mounts` and metrics, as of the last `refresh`."""
         return {}
 
-
-def present_bytes(path: Path, size: int) -> int:
-    """Bytes of `path` that are not holes (SEEK_DATA/SEEK_HOLE), capped at `size`."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return 0
-    try:
-        total, position = 0, 0
-        while position < size:
-            try:
-                start = os.lseek(fd, position, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after position
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            total += min(end, size) - min(start, size)
-            position = end
-        return total
-    finally:
-        os.close(fd)

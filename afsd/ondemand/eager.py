@@ -11,6 +11,7 @@ from pathlib import Path
 
 from afsd.errors import DigestMismatchError
 from afsd.ondemand.base import Backend, BlobSource
+from afsd.ondemand.sparse import write_at
 from afsd.ondemand.spec import BlobSpec, Priority
 
 # Bytes per request to the source: large, so a whole-blob fetch is a few dozen round trips.
@@ -48,12 +49,9 @@ class EagerBackend(Backend):
         await asyncio.to_thread(os.replace, partial, blob_path)
 
 
-def _write_at(fd: int, data: bytes, offset: int, whole: "hashlib._Hash") -> None:
+def _write_at(fd: int, data: bytes, offset: int, whole: hashlib._Hash) -> None:
     whole.update(data)
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+    write_at(fd, data, offset)
 
 
 def _close_and_remove(fd: int, path: Path) -> None:

@@ -45,8 +45,8 @@ def with_default_port(value: str, port: int) -> str:
     Raises ValueError for an empty host or a port that is not a number."""
     text = value.strip()
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest and not rest.startswith(":"):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
             raise ValueError(f"invalid address {value!r}: expected HOST, HOST:PORT or [IPv6]:PORT")
         text_port = rest[1:] if rest else str(port)
     elif text.count(":") == 1:

@@ -7,6 +7,8 @@ groups, files to change and a runtime config) and `debian` (the realistic bookwo
 into the image cache; `debian_source` says whether it is the real one). One cluster serves a whole test
 module: `afslet_cluster = module_cluster("name", ...)` in the module, plus the fixture
 `nothing_left_behind` (used by the whole module), which checks after every test that every afslet is idle and the node clean.
+Afslets started here stop commands with short staged-abort stages (`SHORT_STOP_TIMEOUTS`: 1, 1 and 2 s);
+a test that needs others passes its own `--stop-*-timeout` flags, which win.
 
 Calls go through `tests/support/sdk_client.py` in a separate Python process (afs-sdk's protos clash with
 afsd's): `sdk_execute(...)` runs one call to the end, `SdkCall` watches one in progress and can kill it
@@ -41,7 +43,16 @@ import pytest
 from afsd.afslet import cgroups
 from afsd.api import afslet_pb2, afslet_pb2_grpc, executions_pb2, executions_pb2_grpc
 from afsd.lab.catalogue import busybox_layers
-from afsd.lab.daemons import Daemon, afslet_daemon, discovery_daemon, layerstore_daemon, node_daemon, start_all
+from afsd.lab.daemons import (
+    SHORT_STOP_TIMEOUTS,
+    Daemon,
+    afslet_daemon,
+    discovery_daemon,
+    layerstore_daemon,
+    node_daemon,
+    start_all,
+    stop_daemon,
+)
 from afsd.lab.debian import debian_layout
 from afsd.lab.layers import Entry, LayerSpec
 from afsd.lab.oci_layout import ImageSpec, write_oci_layout
@@ -92,7 +103,7 @@ class AfsletCluster:
                      limit_memory_mb: int = 1024) -> Daemon:
         """Another afslet on the same node daemon (stopped with the cluster)."""
         daemon = afslet_daemon(self.workdir, name, self.node, [self.discovery.address], limit_cpu=limit_cpu,
-                               limit_memory_mb=limit_memory_mb,
+                               limit_memory_mb=limit_memory_mb, stop_timeouts=SHORT_STOP_TIMEOUTS,
                                extra_args=["--mount-backend", "eager", *extra_args])
         self.extra_afslets.append(daemon)
         daemon.start()
@@ -126,7 +137,7 @@ class AfsletCluster:
         for daemon in afslets:  # an afslet a failed test left killed did not clean up after itself
             sweep_afslet(daemon)
         for daemon in reversed(self.daemons):
-            daemon.stop()
+            stop_daemon(daemon)
         self.registry.stop()
         unmount_everything_under(self.workdir)
 
@@ -153,7 +164,7 @@ def start_afslet_cluster(workdir: Path, *, afslet_args: list[str] = (), limit_cp
         daemons.append(node)
         node.start()
         afslet = afslet_daemon(workdir, "afslet0", node, [discovery.address], limit_cpu=limit_cpu,
-                               limit_memory_mb=limit_memory_mb,
+                               limit_memory_mb=limit_memory_mb, stop_timeouts=SHORT_STOP_TIMEOUTS,
                                extra_args=["--mount-backend", "eager", *afslet_args])
         afslet.start()
         cluster = AfsletCluster(workdir, registry, daemons, afslet, node)
@@ -180,7 +191,7 @@ def start_afslet_cluster(workdir: Path, *, afslet_args: list[str] = (), limit_cp
         return cluster
     except BaseException:
         for daemon in [*([afslet] if afslet else []), *reversed(daemons)]:
-            daemon.stop()
+            stop_daemon(daemon)
         registry.stop()
         unmount_everything_under(workdir)
         raise

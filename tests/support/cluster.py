@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,13 +26,12 @@ from afsd.api import layerstore_pb2_grpc as lgrpc
 from afsd.erofs.mount import unmount
 from afsd.lab import catalogue
 from afsd.lab.catalogue import seeded_bytes
-from afsd.lab.daemons import Daemon, discovery_daemon, layerstore_daemon, node_daemon, start_all
+from afsd.lab.daemons import Daemon, discovery_daemon, layerstore_daemon, node_daemon, start_all, stop_node_daemon
 from afsd.lab.layers import Entry, LayerSpec
 from afsd.lab.oci_layout import ImageSpec, write_oci_layout
 from afsd.lab.registry import RegistryProcess, start_registry
 from afsd.lab.skopeo import PushedImage, push_layout
 from afsd.node.records import mounted_paths
-from afsd.ondemand.fanotify.client import SupervisorClient
 
 
 @dataclass
@@ -114,7 +112,7 @@ class LocalCluster:
     def discovery(self, daemon: Daemon) -> dgrpc.ServiceDiscoveryStub:
         return dgrpc.ServiceDiscoveryStub(self.channel(daemon.address))
 
-    async def wait_until(self, predicate: Callable[[], "asyncio.Future[bool] | bool"], timeout: float,
+    async def wait_until(self, predicate: Callable[[], asyncio.Future[bool] | bool], timeout: float,
                          what: str) -> float:
         """Poll `predicate` (sync or async) until true; return the seconds it took."""
         started = time.monotonic()
@@ -161,14 +159,13 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop every daemon and the registry, then what outlives node daemons by design: their
-        mounts and the fanotify supervisors serving them. Callable from any thread without a running loop."""
-        for daemon in self.nodes + self.layerstores + self.discoveries:
+        mounts and the supervisors serving them. Callable from any thread without a running loop."""
+        for node in self.nodes:
+            stop_node_daemon(node)
+        for daemon in self.layerstores + self.discoveries:
             daemon.stop()
         self.registry.stop()
         unmount_everything_under(self.workdir)
-        for node in self.nodes:
-            state = Path(node.args[node.args.index("--state-dir") + 1])
-            _in_fresh_thread(lambda: asyncio.run(SupervisorClient(state / "fanotify").shutdown(force=True)))
 
 
 @pytest.fixture
@@ -180,12 +177,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     finally:
         await local.close()
         await asyncio.to_thread(local.stop)
-
-
-def _in_fresh_thread(work: Callable[[], object]) -> None:
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join()
 
 
 def unmount_everything_under(root: Path) -> list[str]:

@@ -32,7 +32,7 @@ from afsd.erofs.mount import mount_erofs, unmount
 from afsd.ondemand.fanotify.blobfile import prepare_blob
 from afsd.ondemand.fanotify.client import SupervisorClient
 from afsd.ondemand.fanotify.settings import Settings
-from afsd.ondemand.fanotify.sources import LocalFileSource
+from afsd.ondemand.sources import LocalFileSource
 from afsd.ondemand.spec import BlobSpec
 from tests.support.fanotify_lab import markable_temp_root
 from tests.support.tars import Layer

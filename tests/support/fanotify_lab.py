@@ -31,7 +31,7 @@ from afsd.erofs.mount import mount_erofs, unmount
 from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.fanotify.client import SupervisorClient, prepare_blob
 from afsd.ondemand.fanotify.settings import Settings
-from afsd.ondemand.fanotify.sources import LocalFileSource
+from afsd.ondemand.sources import LocalFileSource
 from afsd.ondemand.spec import BlobSpec
 from tests.support.tars import Layer
 

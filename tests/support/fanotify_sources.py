@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from afsd.errors import FetchError
-from afsd.ondemand.fanotify.sources import LocalFileSource
+from afsd.ondemand.sources import LocalFileSource
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])

@@ -15,10 +15,6 @@ Clients are the published afs-sdk in a separate process (`sdk_proxy_client.py`),
 from __future__ import annotations
 
 import json
-import queue
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -28,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from afsd.lab.daemons import (
+    SHORT_STOP_TIMEOUTS,
     Daemon,
     afslet_daemon,
     free_port_on_all,
@@ -59,22 +56,29 @@ class ProxyCluster:
     def afslet_target(self) -> str:
         return f"{AFSLETS}:{self.afslet_port}"
 
-    def start_afslets(self, hosts: list[str], *, limit_cpu: int = 2, limit_memory_mb: int = 1024) -> list[Daemon]:
+    def start_afslets(self, hosts: list[str], *, limit_cpu: int = 2, limit_memory_mb: int = 1024,
+                      extra_args: list[str] = ()) -> list[Daemon]:
+        """Afslets on `hosts`, all on `afslet_port` (so one DNS name with a record per host reaches them);
+        each gets `--node-id afslet-HOST`."""
         daemons = [afslet_daemon(self.workdir, f"afslet-{host}", self.base.node, [self.base.discovery.address],
                                  limit_cpu=limit_cpu, limit_memory_mb=limit_memory_mb, host=host,
-                                 port=self.afslet_port, extra_args=["--mount-backend", "eager"]) for host in hosts]
+                                 port=self.afslet_port, stop_timeouts=SHORT_STOP_TIMEOUTS,
+                                 extra_args=["--mount-backend", "eager", "--node-id", f"afslet-{host}", *extra_args])
+                   for host in hosts]
         self.base.extra_afslets += daemons  # stopped, swept and checked with the afslet cluster's
         start_all(daemons)
         self.afslets.update(zip(hosts, daemons))
         return daemons
 
-    def publish_afslets(self, hosts: list[str]) -> None:
-        """`afslets.afsd.test` resolves to `hosts` from now on."""
-        self.dns.set(AFSLETS, hosts)
+    def publish_afslets(self, hosts: list[str], name: str = AFSLETS) -> None:
+        """`name` (by default `afslets.afsd.test`, the proxies' afslet target) resolves to `hosts` from now on."""
+        self.dns.set(name, hosts)
 
     def start_proxy(self, name: str, *, host: str = "127.0.0.1", http_port: int | None = None,
-                    discovery_target: str = "", peers_target: str = "", extra_args: list[str] = ()) -> Daemon:
-        proxy = proxy_daemon(self.workdir, name, self.afslet_target, host=host, http_port=http_port,
+                    discovery_target: str = "", peers_target: str = "", afslets_name: str = AFSLETS,
+                    extra_args: list[str] = ()) -> Daemon:
+        """A proxy whose afslets are what `afslets_name` resolves to (on `afslet_port`)."""
+        proxy = proxy_daemon(self.workdir, name, f"{afslets_name}:{self.afslet_port}", host=host, http_port=http_port,
                              discovery_target=discovery_target, peers_target=peers_target,
                              resolv_conf=self.dns.resolv_conf, extra_args=list(extra_args))
         self.proxies.append(proxy)
@@ -93,12 +97,14 @@ class ProxyCluster:
         self.base.stop()
 
 
-def start_proxy_cluster(workdir: Path, afslet_hosts: list[str], **afslet_options: int) -> ProxyCluster:
+def start_proxy_cluster(workdir: Path, afslet_hosts: list[str], *, spare_hosts: list[str] = (),
+                        **afslet_options: int) -> ProxyCluster:
+    """`spare_hosts`: addresses where a test may start more afslets later (the shared port is free there too)."""
     base = start_afslet_cluster(workdir)
     dns = None
     try:
         dns = DnsServer(workdir / "dns")
-        cluster = ProxyCluster(base, dns, free_port_on_all(afslet_hosts))
+        cluster = ProxyCluster(base, dns, free_port_on_all([*afslet_hosts, *spare_hosts]))
         cluster.start_afslets(afslet_hosts, **afslet_options)
         cluster.publish_afslets(afslet_hosts)
         return cluster
@@ -109,12 +115,14 @@ def start_proxy_cluster(workdir: Path, afslet_hosts: list[str], **afslet_options
         raise
 
 
-def module_proxy_cluster(name: str, afslet_hosts: list[str], **afslet_options: int) -> Callable[..., Iterator[ProxyCluster]]:
+def module_proxy_cluster(name: str, afslet_hosts: list[str], *, spare_hosts: list[str] = (),
+                         **afslet_options: int) -> Callable[..., Iterator[ProxyCluster]]:
     """A module-scoped `proxy_cluster` fixture (assign it in the test module)."""
 
     @pytest.fixture(scope="module")
     def proxy_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyCluster]:
-        cluster = start_proxy_cluster(tmp_path_factory.mktemp(name), afslet_hosts, **afslet_options)
+        cluster = start_proxy_cluster(tmp_path_factory.mktemp(name), afslet_hosts, spare_hosts=spare_hosts,
+                                      **afslet_options)
         try:
             yield cluster
         finally:
@@ -151,15 +159,7 @@ class ProxySdkCall(SdkCall):
     """One sdk_proxy_client.py process: the afslet support's SdkCall, running the proxy's script."""
 
     def __init__(self, request: dict) -> None:
-        self.process = subprocess.Popen([sys.executable, str(SDK_PROXY_CLIENT)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps(request))
-        self.process.stdin.close()
-        self.events: list[dict] = []
-        self._queue: queue.Queue[dict | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(request, script=SDK_PROXY_CLIENT)
 
 
 def execute_call(proxy: Daemon, **fields: object) -> ProxySdkCall:

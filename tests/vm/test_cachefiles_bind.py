@@ -18,7 +18,7 @@ import pytest
 from afsd.ondemand.base import BackendUnavailableError, BlobSource
 from afsd.ondemand.cachefiles import FscacheBackendError, FscacheClient
 from afsd.ondemand.cachefiles.backend import FscacheBackend
-from afsd.ondemand.fanotify.sources import LocalFileSource
+from afsd.ondemand.sources import LocalFileSource
 from tests.vm.test_cachefiles_helpers import spec_for_file
 
 HOLD_DEVICE = "import os, time; fd = os.open('/dev/cachefiles', os.O_RDWR); print('holding', flush=True); time.sleep(600)"
@@ -32,9 +32,9 @@ def one_line(error: pytest.ExceptionInfo[BaseException]) -> str:
 
 
 def assert_nothing_left(client: FscacheClient) -> None:
-    with open(client.paths.lock, "rb") as lock:   # no supervisor lives on
+    with open(client.paths.supervisor_lock, "rb") as lock:   # no supervisor lives on
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    assert not client.paths.socket.exists()
+    assert not client.paths.supervisor_socket.exists()
 
 
 @pytest.fixture

@@ -130,7 +130,8 @@ class FscacheLab:
             await asyncio.sleep(0.1)
 
     def log(self) -> str:
-        return self.client.paths.log.read_text(errors="replace") if self.client.paths.log.exists() else ""
+        log = self.client.paths.supervisor_log
+        return log.read_text(errors="replace") if log.exists() else ""
 
     async def close(self) -> None:
         """Unmount what is left, stop the supervisor, and check its log shows no unexpected exception."""

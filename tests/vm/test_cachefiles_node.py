@@ -45,6 +45,9 @@ async def test_afsd_mount_with_the_fscache_backend_is_the_tree_umoci_unpacks(clu
         assert "fanotify" in listed["backends"] and listed["backends"]["fscache"] == "available"
         assert float(listed["counters"]["fscache.requests_open"]) >= layers + 2
         assert float(listed["counters"]["fscache.requests_read"]) > 0
+        # The layers' bytes live in the cachefiles cache: `afsd mounts` counts them there.
+        for mount in listed["mounts"]:
+            assert 0 < int(mount["bytes_cached"]) <= int(mount["bytes_total"]), mount
 
         for mountpoint in (auto_target, target):
             unmounted = await cluster.afsd(node, "umount", str(mountpoint))

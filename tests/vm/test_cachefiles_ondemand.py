@@ -180,19 +180,25 @@ def mount_and_read(daemon_blobs: dict[str, Path], fsid: str, cache_dir: Path, mo
     return files, daemon
 
 
+def smoke_layer(directory: Path) -> tuple[dict[str, bytes], Path, Path, Path]:
+    """The test tree's files, its erofs image (mkfs.erofs), an empty cache directory and a mount point."""
+    tree = directory / "tree"
+    files = make_tree(tree)
+    image = directory / "layer.erofs"
+    subprocess.run(["mkfs.erofs", "--quiet", str(image), str(tree)], check=True)
+    cache_dir = directory / "cache"
+    cache_dir.mkdir()
+    mountpoint = directory / "mnt"
+    mountpoint.mkdir()
+    return files, image, cache_dir, mountpoint
+
+
 def test_dev_cachefiles_is_a_character_device() -> None:
     assert stat.S_ISCHR(os.stat("/dev/cachefiles").st_mode)
 
 
 def test_erofs_fscache_mount_reads_files_served_by_a_cachefiles_daemon(disk_tmp_path: Path) -> None:
-    tree = disk_tmp_path / "tree"
-    files = make_tree(tree)
-    image = disk_tmp_path / "layer.erofs"
-    subprocess.run(["mkfs.erofs", "--quiet", str(image), str(tree)], check=True)
-    cache_dir = disk_tmp_path / "cache"
-    cache_dir.mkdir()
-    mountpoint = disk_tmp_path / "mnt"
-    mountpoint.mkdir()
+    files, image, cache_dir, mountpoint = smoke_layer(disk_tmp_path)
 
     got, daemon = mount_and_read({"afsd-smoke-layer": image}, "afsd-smoke-layer", cache_dir, mountpoint)
 
@@ -203,14 +209,7 @@ def test_erofs_fscache_mount_reads_files_served_by_a_cachefiles_daemon(disk_tmp_
 
 
 def test_remount_reads_from_the_filled_cache_without_asking_the_daemon(disk_tmp_path: Path) -> None:
-    tree = disk_tmp_path / "tree"
-    files = make_tree(tree)
-    image = disk_tmp_path / "layer.erofs"
-    subprocess.run(["mkfs.erofs", "--quiet", str(image), str(tree)], check=True)
-    cache_dir = disk_tmp_path / "cache"
-    cache_dir.mkdir()
-    mountpoint = disk_tmp_path / "mnt"
-    mountpoint.mkdir()
+    files, image, cache_dir, mountpoint = smoke_layer(disk_tmp_path)
     mount_and_read({"afsd-smoke-layer": image}, "afsd-smoke-layer", cache_dir, mountpoint)
 
     # A new daemon on the same cache directory: the blob is already cached in full, so only the OPEN comes.

@@ -1,5 +1,5 @@
 """A RangeSource for the fscache worker tests (loaded by the worker through an "import" source config,
-see afsd/ondemand/fanotify/sources.py); no tests here.
+see afsd/ondemand/sources.py); no tests here.
 
 `GatedFileSource` serves a complete local blob like the "file" source, but every fetch after the first
 `open_fetches` (counted per worker process) waits until the file `gate` exists: a test can thus be sure a
@@ -12,7 +12,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from afsd.ondemand.fanotify.sources import LocalFileSource
+from afsd.ondemand.sources import LocalFileSource
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority
 
 

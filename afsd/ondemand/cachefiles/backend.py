@@ -3,7 +3,8 @@ daemon, behind the common on-demand interface (afsd.ondemand.base.Backend), for 
 
 attach = register the blob (spec + source configuration) with the supervisor; mount = `mount -t erofs
 none TARGET -o fsid=<blob name>[,domain_id=D]` from a node daemon thread; detach = unregister. The blob's
-bytes live in the cachefiles cache directory (not at `blob_path`, which this backend never writes).
+bytes live in the cachefiles cache directory (not at `blob_path`, which this backend never writes), so
+`present_bytes` and `is_complete` ask the supervisor.
 """
 
 from __future__ import annotations
@@ -64,16 +65,22 @@ class FscacheBackend(Backend):
         await asyncio.to_thread(mount_fscache, spec.name, target, domain_id=self.domain_id)
 
     async def detach(self, spec: BlobSpec, blob_path: Path) -> None:
-        try:
-            await self.client.unregister(spec.name)
-        except FscacheBackendError as e:
-            if "is not registered" not in str(e):
-                raise
+        await self.client.unregister(spec.name, missing_ok=True)
 
     async def is_complete(self, spec: BlobSpec, blob_path: Path) -> bool:
         """Whether the cache file holds the whole blob (the supervisor's worker checks with SEEK_HOLE)."""
         blob = await self.client.blob_status(spec.name)
         return bool(blob and blob["complete"])
+
+    def present_bytes(self, spec: BlobSpec, blob_path: Path) -> int:
+        """The blob's bytes in its cache file, as the supervisor's status counts them (its worker walks the
+        object's anon fd with SEEK_DATA); 0 when the supervisor cannot say."""
+        try:
+            blob = self.client.blob_status_blocking(spec.name)
+        except FscacheBackendError as e:
+            log.warning("no status from the fscache supervisor: %s", e)
+            return 0
+        return int(blob.get("present_bytes") or 0) if blob else 0
 
     async def refresh(self) -> dict[str, Any]:
         """Fetch the supervisor's status (what `counters` reports from then on)."""

@@ -4,59 +4,25 @@
     DIR/supervisor.lock   held by the live supervisor
     DIR/supervisor.log    the supervisor's and its workers' log
     DIR/cache/            the cachefiles cache directory by default (must be on ext4, xfs or btrfs)
+
+The supervisor's three are common to both supervised backends (afsd/ondemand/supervised/paths.py).
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from afsd.errors import AfsdError
+from afsd.ondemand.supervised.paths import StateDirError, SupervisorPaths
 
-_SUN_PATH_MAX = 107
-
-
-class StateDirError(AfsdError):
-    """The fscache backend's state directory cannot be used."""
+__all__ = ["StateDirError", "StatePaths"]
 
 
 @dataclass(frozen=True)
-class StatePaths:
-    root: Path
-
-    @property
-    def socket(self) -> Path:
-        return self.root / "supervisor.sock"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / "supervisor.lock"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "supervisor.log"
+class StatePaths(SupervisorPaths):
+    backend: ClassVar[str] = "fscache"
 
     @property
     def default_cache_dir(self) -> Path:
         return self.root / "cache"
-
-    def ensure(self) -> None:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if len(os.fsencode(self.socket)) > _SUN_PATH_MAX:
-            raise StateDirError(f"fscache state directory {self.root} is too long for a unix socket path "
-                                f"(max {_SUN_PATH_MAX - len('/supervisor.sock')} bytes): choose a shorter one")
-
-    def listen(self) -> socket.socket:
-        """The control socket, only root can connect (created 0600, no window)."""
-        self.socket.unlink(missing_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(os.fspath(self.socket))
-        finally:
-            os.umask(old_umask)
-        sock.listen(64)
-        sock.setblocking(False)
-        return sock

@@ -13,7 +13,7 @@ predecessor had read are delivered again; reads of objects whose anon fds died r
 If this process dies, the cache dies with it (the kernel fails every pending read): mounts must be
 made again. It is small and protected from the OOM killer for that reason.
 
-Control protocol on DIR/supervisor.sock (framed JSON, afsd.ondemand.fanotify._wire; root only), one
+Control protocol on DIR/supervisor.sock (framed JSON, afsd/ondemand/_wire.py; root only), one
 reply per request: register {spec, source, prefetch}  unregister {name, force}  status
 restart-worker  shutdown {force}. The worker connects to the same socket: see worker.py.
 """
@@ -34,14 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from afsd.errors import AfsdError
+from afsd.ondemand import _daemon
+from afsd.ondemand._wire import AsyncChannel, peer_pid
 from afsd.ondemand.cachefiles.counters import SUPERVISOR_COUNTERS, WORKER_COUNTERS
 from afsd.ondemand.cachefiles.device import BoundCache, CachefilesError, bind_ondemand
 from afsd.ondemand.cachefiles.mount import fscache_mounts
 from afsd.ondemand.cachefiles.paths import StatePaths
-from afsd.ondemand.cachefiles.settings import Settings, add_arguments, from_namespace, to_arguments
-from afsd.ondemand.fanotify import _daemon
-from afsd.ondemand.fanotify._wire import AsyncChannel, peer_pid
+from afsd.ondemand.cachefiles.settings import SUPERVISOR_MODULE, Settings
 from afsd.ondemand.spec import BlobSpec
+from afsd.ondemand.supervised.settings import supervisor_parser
 
 REPORT_TIMEOUT = 5.0
 KEY_BYTES_MAX = 200    # the kernel BUG()s on cookie keys over 252 bytes; keep well below
@@ -57,6 +58,7 @@ class Registration:
     source: dict[str, Any]
     prefetch: bool
     complete: bool = False   # a worker found (or made) the cache file whole
+    present_bytes: int | None = None   # as a worker last counted them (None: not yet; the cache file keeps them)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.spec.name, "spec": self.spec.to_json(), "source": self.source,
@@ -110,7 +112,7 @@ class Supervisor:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             listener.close()
-            self.paths.socket.unlink(missing_ok=True)
+            self.paths.supervisor_socket.unlink(missing_ok=True)
             os.close(self.bound.fd)   # with the last anon fd gone, the kernel withdraws the cache
             self.log.info("stopped")
 
@@ -151,8 +153,8 @@ class Supervisor:
             await asyncio.sleep(period)
 
     async def _start_worker(self, restore: bool) -> WorkerProcess:
-        command = [sys.executable, "-m", "afsd.ondemand.cachefiles.worker", "--socket", str(self.paths.socket),
-                   "--device-fd", str(self.bound.fd), *to_arguments(self.settings)]
+        command = [sys.executable, "-m", "afsd.ondemand.cachefiles.worker", "--socket",
+                   str(self.paths.supervisor_socket), "--device-fd", str(self.bound.fd), *self.settings.to_arguments()]
         if restore and self.bound.failover:
             command.append("--restore")
         process = await asyncio.create_subprocess_exec(*command, pass_fds=(self.bound.fd,),
@@ -339,10 +341,12 @@ class Supervisor:
         for name, registration in self.blobs.items():
             seen = in_worker.get(name, {})
             complete = registration.complete or bool(seen.get("complete"))
+            if seen.get("present_bytes") is not None:   # a worker counts only blobs it holds open
+                registration.present_bytes = seen["present_bytes"]
             blobs.append({"name": name, "size": registration.spec.size, "prefetch": registration.prefetch,
                           "source": registration.source.get("kind", ""), "complete": complete,
                           "open_objects": seen.get("open_objects", 0),
-                          "present_bytes": registration.spec.size if complete else seen.get("present_bytes"),
+                          "present_bytes": registration.spec.size if complete else registration.present_bytes,
                           "fetcher": seen.get("fetcher", {})})
         self.status_snapshot = {
             "pid": os.getpid(), "uptime": time.time() - self.started, "cache_dir": str(self.bound.cache_dir),
@@ -355,16 +359,12 @@ class Supervisor:
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
-    parser = argparse.ArgumentParser(prog="python -m afsd.ondemand.cachefiles.supervisor",
-                                     description="Hold /dev/cachefiles in on-demand mode and run the worker that "
-                                                 "serves erofs blobs mounted with -o fsid=NAME.")
-    parser.add_argument("--state-dir", required=True, type=Path)
+    parser = supervisor_parser(SUPERVISOR_MODULE, "Hold /dev/cachefiles in on-demand mode and run the worker that "
+                               "serves erofs blobs mounted with -o fsid=NAME.", Settings,
+                               daemon_help="detach once the cache is bound")
     parser.add_argument("--cache-dir", type=Path, help="cachefiles cache directory (default STATE_DIR/cache)")
-    add_arguments(parser)
-    parser.add_argument("--metrics-listen", help="HOST:PORT for a Prometheus /metrics endpoint")
-    parser.add_argument("--daemon", action="store_true", help="detach once the cache is bound")
     args = parser.parse_args(argv)
-    return args, from_namespace(args)
+    return args, Settings.from_namespace(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     except (AfsdError, OSError) as e:
         print(f"afsd fscache: cannot use the state directory {paths.root}: {e}", file=sys.stderr)
         return 1
-    lock = _daemon.try_lock(paths.lock)
+    lock = _daemon.try_lock(paths.supervisor_lock)
     if lock is None:
         print(f"an fscache supervisor already runs for {paths.root}", file=sys.stderr)
         return 0    # the caller wanted one running: there is one
@@ -385,13 +385,15 @@ def main(argv: list[str] | None = None) -> int:
     except CachefilesError as e:
         print(f"afsd fscache: {e}", file=sys.stderr)
         return 1
-    announce = _daemon.detach(paths.log) if args.daemon else (lambda ready: None)
+    announce = _daemon.detach_if(args.daemon, paths.supervisor_log)
     _daemon.protect_from_oom_killer()
     supervisor = Supervisor(paths, settings, bound)
-    listener = paths.listen()   # before announcing: a launcher that saw us start can connect at once
+    # Before announcing: a launcher that saw us start can connect at once.
+    listener = paths.listen(paths.supervisor_socket)
     if args.metrics_listen:
-        from afsd.ondemand.cachefiles.metrics import serve_status_metrics
-        serve_status_metrics(args.metrics_listen, lambda: supervisor.status_snapshot)
+        from afsd.ondemand.cachefiles.metrics import StatusCollector
+        from afsd.ondemand.supervised.metrics import serve_status_metrics
+        serve_status_metrics(args.metrics_listen, StatusCollector(lambda: supervisor.status_snapshot))
     announce(True)
     asyncio.run(supervisor.run(listener, snapshot_period=1.0 if args.metrics_listen else 0.0))
     return 0

@@ -14,7 +14,7 @@ The loop only reads requests and starts tasks: fetches run concurrently on the e
 threads. When the worker is told to stop (SIGTERM: an upgrade) or dies, it answers nothing more; the
 supervisor starts a successor that writes `restore`, so the kernel hands it whatever was unanswered.
 
-Messages on the supervisor's socket (framed JSON, afsd.ondemand.fanotify._wire):
+Messages on the supervisor's socket (framed JSON, afsd/ondemand/_wire.py):
     -> hello {role: "worker"}   stats {counters} every `heartbeat` s   complete {name}
     -> lookup {id, name}        <- reply {id, blob: registration | null}
     <- report {id}              -> reply {id, counters, blobs, open_objects, reads_in_flight}
@@ -29,19 +29,19 @@ import concurrent.futures
 import errno
 import logging
 import os
-import resource
 import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from afsd.errors import AfsdError
+from afsd.ondemand import _daemon
+from afsd.ondemand._wire import AsyncChannel
 from afsd.ondemand.cachefiles import _shim
 from afsd.ondemand.cachefiles.counters import WORKER_COUNTERS
-from afsd.ondemand.cachefiles.settings import Settings, add_arguments, from_namespace
-from afsd.ondemand.fanotify import _daemon, _sys
-from afsd.ondemand.fanotify._wire import AsyncChannel
-from afsd.ondemand.fanotify.sources import SourceFactory
+from afsd.ondemand.cachefiles.settings import Settings
+from afsd.ondemand.sources import SourceFactory
+from afsd.ondemand.sparse import first_hole, present_bytes
 from afsd.ondemand.spec import BlobSpec, Priority, RangeSource
 
 log = logging.getLogger("afsd.fscache.worker")
@@ -483,34 +483,6 @@ def write_and_check(fd: int, data: bytes, offset: int, size: int) -> tuple[int, 
     return written, first_hole(fd, 0, size) is None
 
 
-def first_hole(fd: int, start: int, size: int) -> int | None:
-    """The first offset in [start, size) the cache file lacks, or None (lseek SEEK_HOLE on the anon fd)."""
-    if start >= size:
-        return None
-    try:
-        hole = os.lseek(fd, start, os.SEEK_HOLE)
-    except OSError as e:
-        if e.errno == errno.ENXIO:   # start is past the file's end: nothing there
-            return start
-        raise
-    return hole if hole < size else None
-
-
-def present_bytes(fd: int, size: int) -> int:
-    total, position = 0, 0
-    while position < size:
-        try:
-            start = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break
-            raise
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        total += min(end, size) - min(start, size)
-        position = end
-    return total
-
-
 async def close_quietly(source: RangeSource, name: str) -> None:
     try:
         await asyncio.wait_for(source.close(), 5.0)
@@ -523,16 +495,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--device-fd", type=int, required=True)
     parser.add_argument("--restore", action="store_true", help="re-deliver what a previous worker left (restore)")
-    add_arguments(parser)
+    Settings.add_arguments(parser)
     args = parser.parse_args(argv)
-    parent = os.getppid()
-    _sys.set_parent_death_signal(signal.SIGKILL)   # the cache dies with the supervisor: so do we
-    if os.getppid() != parent:
+    if not _daemon.die_with_parent():   # the cache dies with the supervisor: so do we
         return 0
     _daemon.setup_logging("fscache-worker")
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))   # one anon fd per open blob
-    asyncio.run(CacheWorker(args.device_fd, args.socket, from_namespace(args), restore=args.restore).run())
+    _daemon.set_fd_limit()   # as many open blobs (one anon fd each) as this process may have
+    asyncio.run(CacheWorker(args.device_fd, args.socket, Settings.from_namespace(args), restore=args.restore).run())
     return 0
 
 

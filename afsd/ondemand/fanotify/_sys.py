@@ -74,7 +74,6 @@ _libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
 _libc.fanotify_init.restype = ctypes.c_int
 _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
 _libc.fanotify_mark.restype = ctypes.c_int
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 
 class _StatFs(ctypes.Structure):
@@ -190,45 +189,6 @@ def filesystem_type(fd: int) -> tuple[int, str]:
     magic = buf.f_type & 0xFFFFFFFF
     return magic, MARKABLE_FILESYSTEMS.get(magic, {0x01021994: "tmpfs", 0x794C7630: "overlayfs",
                                                    0x9FA0: "procfs"}.get(magic, hex(magic)))
-
-
-def set_parent_death_signal(signal_number: int) -> None:
-    """prctl(PR_SET_PDEATHSIG): the kernel sends `signal_number` to us when our parent dies."""
-    _check(_libc.prctl(1, signal_number, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
-
-
-def first_hole(fd: int, start: int, end: int) -> int | None:
-    """Offset of the first hole in [start, end) of the file `fd`, or None when it is all data.
-    lseek(SEEK_HOLE) raises no fanotify event, so this is safe on a marked file."""
-    if start >= end:
-        return None
-    try:
-        hole = os.lseek(fd, start, os.SEEK_HOLE)
-    except OSError as e:
-        if e.errno == errno.ENXIO:  # start is at or past EOF: nothing there is data
-            return start
-        raise
-    return hole if hole < end else None
-
-
-def holes(fd: int, start: int, end: int) -> list[tuple[int, int]]:
-    """The holes within [start, end) as (offset, length) pairs, in order."""
-    found = []
-    position = start
-    while position < end:
-        hole = first_hole(fd, position, end)
-        if hole is None:
-            break
-        try:
-            data = os.lseek(fd, hole, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            data = end
-        data = min(data, end)
-        found.append((hole, data - hole))
-        position = data
-    return found
 
 
 def sweep_unanswered(group_fd: int, limit: int, skip: frozenset[int] | set[int] = frozenset()) -> list[int]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from afsd.ondemand.base import Backend, BlobSource
 from afsd.ondemand.fanotify import _sys
-from afsd.ondemand.fanotify.client import FanotifyBackendError, SupervisorClient, prepare_blob
+from afsd.ondemand.fanotify.client import SupervisorClient, prepare_blob
 from afsd.ondemand.fanotify.settings import Settings
 from afsd.ondemand.spec import BlobSpec
 
@@ -62,11 +62,7 @@ class FanotifyBackend(Backend):
         await self.client.register(spec, blob_path, source.config, prefetch=self.prefetch)
 
     async def detach(self, spec: BlobSpec, blob_path: Path) -> None:
-        try:
-            await self.client.unregister(spec.name)
-        except FanotifyBackendError as e:
-            if "is not registered" not in str(e):
-                raise
+        await self.client.unregister(spec.name, missing_ok=True)
 
     async def is_complete(self, spec: BlobSpec, blob_path: Path) -> bool:
         blob = await self.client.blob_status(spec.name)

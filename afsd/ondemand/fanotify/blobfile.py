@@ -16,6 +16,7 @@ from pathlib import Path
 
 from afsd.errors import AfsdError
 from afsd.ondemand.fanotify import _sys
+from afsd.ondemand.sparse import first_hole, write_at
 from afsd.ondemand.spec import BlobSpec, Priority, RangeSource
 
 PREFILL_REQUEST = 8 << 20
@@ -67,16 +68,12 @@ def check_blob_file(spec: BlobSpec, path: str, fd: int) -> tuple[tuple[int, int]
         raise BlobFileError(f"blob {path} is {st.st_size} bytes, its spec says {spec.size}: create it with "
                             "prepare_blob")
     for offset, length in spec.metadata_ranges():
-        hole = _sys.first_hole(fd, offset, offset + length)
+        hole = first_hole(fd, offset, offset + length)
         if hole is not None:
             raise BlobFileError(f"blob {path} has a hole at byte {hole} in its metadata (erofs reads metadata "
                                 "without raising events, so it must be present before mounting): prefill it "
                                 "with prepare_blob")
-    return (st.st_dev, st.st_ino), _sys.first_hole(fd, 0, spec.size) is None
-
-
-def present_bytes(fd: int, size: int) -> int:
-    return size - sum(length for _, length in _sys.holes(fd, 0, size))
+    return (st.st_dev, st.st_ino), first_hole(fd, 0, spec.size) is None
 
 
 def mounts_of(path: str) -> list[str]:
@@ -93,16 +90,6 @@ def mounts_of(path: str) -> list[str]:
     except (OSError, ValueError, IndexError):
         pass
     return found
-
-
-def write_at(fd: int, data: bytes | memoryview, offset: int) -> int:
-    """pwrite all of `data` at `offset` (short writes continued); returns its length."""
-    view = memoryview(data)
-    position = offset
-    while view:
-        count = os.pwrite(fd, view, position)
-        view, position = view[count:], position + count
-    return len(data)
 
 
 def metadata_requests(spec: BlobSpec) -> list[tuple[int, int]]:
@@ -134,7 +121,7 @@ def _prepared(spec: BlobSpec, path: Path) -> bool:
     try:
         if os.fstat(fd).st_size != spec.size:
             return False
-        return all(_sys.first_hole(fd, offset, offset + length) is None for offset, length in spec.metadata_ranges())
+        return all(first_hole(fd, offset, offset + length) is None for offset, length in spec.metadata_ranges())
     finally:
         os.close(fd)
 

@@ -16,9 +16,10 @@ answers every event itself with FAN_DENY|EIO (readers fail loudly instead of han
 If the keeper dies, the supervisor starts a new one and hands the fds over again; only when both die
 at once does the kernel release the group.
 
-Messages (framed JSON, _wire.py) from the supervisor ("holder"): `hello {argv, env}` -> `held {group,
-blobs, respawns, ...}` with the fds; `hold_group` (+fd), `hold_blob {name}` (+fd), `drop_blob {name}`,
-`bye` (orderly shutdown: exit without restarting the supervisor). Anyone may ask `status`.
+Messages (framed JSON, afsd/ondemand/_wire.py) from the supervisor ("holder"): `hello {argv, env}` ->
+`held {group, blobs, respawns, ...}` with the fds; `hold_group` (+fd), `hold_blob {name}` (+fd),
+`drop_blob {name}`, `bye` (orderly shutdown: exit without restarting the supervisor). Anyone may ask
+`status`.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from afsd.ondemand.fanotify import _daemon, _sys
-from afsd.ondemand.fanotify._wire import MAX_FDS_PER_FRAME, Connection, peer_pid
+from afsd.ondemand import _daemon
+from afsd.ondemand._wire import MAX_FDS_PER_FRAME, Connection, peer_pid
+from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.fanotify.journal import slot_count
 from afsd.ondemand.fanotify.paths import StatePaths
 
@@ -108,15 +110,12 @@ class Keeper:
         self.selector.register(sock, selectors.EVENT_READ, lambda _s, m, c=connection: self._on_io(c, m))
 
     def _on_io(self, connection: Connection, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
-            connection.flush()
-        if mask & selectors.EVENT_READ:
-            messages = connection.read()
-            if messages is None:
-                self._drop(connection)
-                return
-            for message, fds in messages:
-                self._handle(connection, message, fds)
+        messages = connection.on_ready(mask)
+        if messages is None:
+            self._drop(connection)
+            return
+        for message, fds in messages:
+            self._handle(connection, message, fds)
         self._update_interest(connection)
 
     def _update_interest(self, connection: Connection) -> None:
@@ -267,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     paths = StatePaths(args.state_dir)
     paths.ensure()
-    announce = _daemon.detach(paths.keeper_log) if args.daemon else (lambda ready: None)
+    announce = _daemon.detach_if(args.daemon, paths.keeper_log)
     lock = _daemon.try_lock(paths.keeper_lock)
     if lock is None:
         print(f"a keeper already runs for {paths.root}", file=sys.stderr)

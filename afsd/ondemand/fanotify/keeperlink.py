@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from afsd.ondemand.fanotify._wire import Connection, FrameDecoder, peer_pid, receive, send_blocking
+from afsd.ondemand._wire import Connection, FrameDecoder, peer_pid, receive, send_blocking
 from afsd.ondemand.fanotify.paths import StatePaths
 
 CONNECT_TIMEOUT = 15.0

@@ -1,20 +1,14 @@
-"""Prometheus metrics of the fanotify backend, made from the supervisor's status reply.
-
-The supervisor keeps plain counters and answers `status` with them; this module turns such a status
-into metric families. Either the supervisor serves them itself (`--metrics-listen HOST:PORT`, a
-background thread reading a snapshot the loop refreshes every second), or the node daemon registers a
-`StatusCollector` fed by `SupervisorClient.status()` into its own registry.
-"""
+"""Prometheus metrics of the fanotify backend, made from the supervisor's status reply (how they are
+collected and served: afsd/ondemand/supervised/metrics.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.core import HistogramMetricFamily
 
-from afsd.metrics import parse_listen
+from afsd.ondemand.supervised.metrics import SupervisorStatusCollector, blob_gauge, counter, gauge
 
 _COUNTER_HELP = {
     "events_total": "pre-content events received",
@@ -41,24 +35,13 @@ _COUNTER_HELP = {
 }
 
 
-class StatusCollector(Collector):
-    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
-        self._status = status
-
-    def collect(self) -> Iterator[Any]:
-        status = self._status()
-        if not status:
-            return
+class StatusCollector(SupervisorStatusCollector):
+    def families(self, status: dict[str, Any]) -> Iterator[Any]:
         for name, value in status.get("counters", {}).items():
-            family = CounterMetricFamily(f"afsd_fanotify_{name}", _COUNTER_HELP.get(name, name))
-            family.add_metric([], value)
-            yield family
-        restarts = CounterMetricFamily("afsd_fanotify_supervisor_restarts", "supervisors the keeper restarted")
-        restarts.add_metric([], status.get("supervisor_restarts", 0))
-        yield restarts
-        pending = GaugeMetricFamily("afsd_fanotify_pending_events", "events waiting for a fill")
-        pending.add_metric([], status.get("pending_events", 0))
-        yield pending
+            yield counter(f"afsd_fanotify_{name}", _COUNTER_HELP.get(name, name), value)
+        yield counter("afsd_fanotify_supervisor_restarts", "supervisors the keeper restarted",
+                      status.get("supervisor_restarts", 0))
+        yield gauge("afsd_fanotify_pending_events", "events waiting for a fill", status.get("pending_events", 0))
         latency = status.get("latency")
         if latency:
             family = HistogramMetricFamily("afsd_fanotify_event_seconds",
@@ -71,21 +54,6 @@ class StatusCollector(Collector):
                     buckets.append((bound, cumulative))
                 family.add_metric([outcome], buckets, latency[outcome]["sum"])
             yield family
-        present = GaugeMetricFamily("afsd_fanotify_blob_present_bytes", "bytes of a blob on this node",
-                                    labels=["blob"])
-        size = GaugeMetricFamily("afsd_fanotify_blob_size_bytes", "size of a served blob", labels=["blob"])
-        for blob in status.get("blobs", []):
-            present.add_metric([blob["name"]], blob["present_bytes"])
-            size.add_metric([blob["name"]], blob["size"])
-        yield present
-        yield size
-
-
-def serve_status_metrics(address: str, status: Callable[[], dict[str, Any]]) -> None:
-    """Serve /metrics at `address` (HOST:PORT) from a background thread."""
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    registry = CollectorRegistry()
-    registry.register(StatusCollector(status))
-    host, port = parse_listen(address)
-    start_http_server(port, addr=host, registry=registry)
+        blobs = status.get("blobs", [])
+        yield blob_gauge("afsd_fanotify_blob_present_bytes", "bytes of a blob on this node", blobs, "present_bytes")
+        yield blob_gauge("afsd_fanotify_blob_size_bytes", "size of a served blob", blobs, "size")

@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-from afsd.ondemand.fanotify._wire import Connection
+from afsd.ondemand._wire import Connection
 from afsd.ondemand.spec import BlobSpec, Priority
 
 

@@ -1,31 +1,19 @@
-"""The supervisor's settings and its command line, in one place: the client starts it with these
-options, and the keeper restarts it with the very same ones."""
+"""The fanotify supervisor's settings and its command line, in one place: the client starts it with these
+options, and the keeper restarts it with the very same ones (the mechanics: afsd/ondemand/supervised/settings.py)."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-_HELP = {
-    "workers": "fetch worker processes",
-    "fetch_deadline": "seconds a reader may wait for a fill before its read fails with EIO",
-    "worker_timeout": "seconds without a heartbeat before a fetch worker is killed and replaced",
-    "heartbeat": "seconds between worker heartbeats",
-    "task_chunks": "most chunks one fill task covers",
-    "fill_ahead": "chunks filled beyond a demand miss",
-    "prefetch_inflight": "background fill tasks in flight per blob",
-    "orphan_deadline": "seconds the keeper waits for a supervisor to come back before failing events (EIO)",
-    "fd_limit": "RLIMIT_NOFILE of the supervisor, and the journal's slot count",
-    "failure_memory": "seconds a range whose fill failed or timed out fails further reads at once (a reader's "
-                      "retry of the same page would otherwise wait for the whole deadline again)",
-}
+from afsd.ondemand.supervised.settings import SupervisorSettings, daemon_command
+
+SUPERVISOR_MODULE = "afsd.ondemand.fanotify.supervisor"
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(SupervisorSettings):
     workers: int = 2
     fetch_deadline: float = 30.0
     worker_timeout: float = 5.0
@@ -37,24 +25,21 @@ class Settings:
     fd_limit: int = 65536
     failure_memory: float = 5.0
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for item in dataclasses.fields(Settings):
-        parser.add_argument("--" + item.name.replace("_", "-"), type=type(item.default), default=item.default,
-                            help=_HELP[item.name])
-
-
-def from_namespace(args: argparse.Namespace) -> Settings:
-    return Settings(**{item.name: getattr(args, item.name) for item in dataclasses.fields(Settings)})
+    HELP: ClassVar[dict[str, str]] = {
+        "workers": "fetch worker processes",
+        "fetch_deadline": "seconds a reader may wait for a fill before its read fails with EIO",
+        "worker_timeout": "seconds without a heartbeat before a fetch worker is killed and replaced",
+        "heartbeat": "seconds between worker heartbeats",
+        "task_chunks": "most chunks one fill task covers",
+        "fill_ahead": "chunks filled beyond a demand miss",
+        "prefetch_inflight": "background fill tasks in flight per blob",
+        "orphan_deadline": "seconds the keeper waits for a supervisor to come back before failing events (EIO)",
+        "fd_limit": "RLIMIT_NOFILE of the supervisor, and the journal's slot count",
+        "failure_memory": "seconds a range whose fill failed or timed out fails further reads at once (a reader's "
+                          "retry of the same page would otherwise wait for the whole deadline again)",
+    }
 
 
 def command_line(state_dir: Path, settings: Settings, *, metrics_listen: str | None = None,
                  daemon: bool = False) -> list[str]:
-    command = [sys.executable, "-m", "afsd.ondemand.fanotify.supervisor", "--state-dir", str(state_dir)]
-    for item in dataclasses.fields(Settings):
-        command += ["--" + item.name.replace("_", "-"), str(getattr(settings, item.name))]
-    if metrics_listen:
-        command += ["--metrics-listen", metrics_listen]
-    if daemon:
-        command.append("--daemon")
-    return command
+    return daemon_command(SUPERVISOR_MODULE, state_dir, settings, metrics_listen=metrics_listen, daemon=daemon)

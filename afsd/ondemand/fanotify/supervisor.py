@@ -15,7 +15,8 @@ dispatched again, so the readers they were for still get the right bytes. The ke
 holds duplicates of the group fd and the fill fds: if the supervisor itself dies, the group survives,
 the keeper starts a new supervisor, and that one answers what its predecessor left (journal.py).
 
-Control protocol on DIR/supervisor.sock (framed JSON, _wire.py; root only), one reply per request:
+Control protocol on DIR/supervisor.sock (framed JSON, afsd/ondemand/_wire.py; root only), one reply per
+request:
     register {name, path, spec, source, prefetch}   unregister {name, force}   status
     watch (then a stream of {"op": "event", "event": "complete", "name": ...})
     shutdown {force} (everything stops)   restart (exit; the keeper starts a new supervisor)
@@ -35,19 +36,21 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from afsd.fsutil import write_json_atomically
-from afsd.ondemand.fanotify import _daemon, _sys
-from afsd.ondemand.fanotify._wire import Connection, peer_pid
-from afsd.ondemand.fanotify.blobfile import BlobFileError, check_blob_file, mounts_of, present_bytes
+from afsd.ondemand import _daemon
+from afsd.ondemand._wire import Connection, peer_pid
+from afsd.ondemand.fanotify import _sys
+from afsd.ondemand.fanotify.blobfile import BlobFileError, check_blob_file, mounts_of
 from afsd.ondemand.fanotify.journal import Journal, JournaledEvent, reserve_fd_numbers
 from afsd.ondemand.fanotify.keeperlink import KeeperLink, KeeperUnavailableError, launch_keeper
 from afsd.ondemand.fanotify.model import Blob, PendingEvent, Task, Worker, chunk_runs
 from afsd.ondemand.fanotify.paths import StatePaths
-from afsd.ondemand.fanotify.settings import Settings, add_arguments, command_line, from_namespace
+from afsd.ondemand.fanotify.settings import SUPERVISOR_MODULE, Settings, command_line
+from afsd.ondemand.sparse import first_hole, holes, present_bytes
 from afsd.ondemand.spec import BlobSpec, Priority
+from afsd.ondemand.supervised.settings import supervisor_parser
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0, 60.0)
@@ -298,7 +301,7 @@ class Supervisor:
         size = blob.spec.size
         start = min(raw.offset if raw.offset is not None else 0, size)
         end = size if raw.count is None else min(size, start + raw.count)
-        if blob.complete or blob.fill_fd is None or _sys.first_hole(blob.fill_fd, start, end) is None:
+        if blob.complete or blob.fill_fd is None or first_hole(blob.fill_fd, start, end) is None:
             self.counters["events_allowed_present"] += 1
             _sys.respond(self.group_fd, raw.fd, True)
             os.close(raw.fd)
@@ -316,7 +319,7 @@ class Supervisor:
         with a hole in it. The only way to FAN_ALLOW a pending event."""
         blob = event.blob
         assert blob.fill_fd is not None or blob.complete
-        gaps = [] if blob.complete or blob.fill_fd is None else _sys.holes(blob.fill_fd, event.start, event.end)
+        gaps = [] if blob.complete or blob.fill_fd is None else holes(blob.fill_fd, event.start, event.end)
         if not gaps:
             self._answer(event, allow=True)
             return
@@ -374,7 +377,7 @@ class Supervisor:
     def _chunk_filled(self, blob: Blob, chunk: int) -> bool:
         assert blob.fill_fd is not None
         start = chunk * blob.spec.chunk_size
-        return _sys.first_hole(blob.fill_fd, start, min(blob.spec.size, start + blob.spec.chunk_size)) is None
+        return first_hole(blob.fill_fd, start, min(blob.spec.size, start + blob.spec.chunk_size)) is None
 
     def _answer(self, event: PendingEvent, *, allow: bool, timed_out: bool = False) -> None:
         if event.answered:
@@ -526,7 +529,7 @@ class Supervisor:
         for _ in range(64):
             if blob.prefetch_inflight >= self.settings.prefetch_inflight:
                 return
-            hole = _sys.first_hole(blob.fill_fd, blob.prefetch_cursor, size)
+            hole = first_hole(blob.fill_fd, blob.prefetch_cursor, size)
             if hole is None:
                 if wrapped or blob.prefetch_cursor == 0:
                     return
@@ -646,13 +649,11 @@ class Supervisor:
         connection = worker.connection
         if connection is None:
             return
-        if mask & selectors.EVENT_WRITE:
-            connection.flush()
-        if mask & selectors.EVENT_READ:
-            messages = connection.read()
-            if messages is None:
-                self._kill(worker, "its connection closed")
-                return
+        messages = connection.on_ready(mask)
+        if messages is None:
+            self._kill(worker, "its connection closed")
+            return
+        if mask & selectors.EVENT_READ:   # bytes arrived (maybe not a whole message yet): it is alive
             self._worker_messages(worker, messages)
         if worker.connection is not None:
             self._update_interest(worker.connection)
@@ -675,23 +676,20 @@ class Supervisor:
         if link is None:
             return
         connection = link.connection
-        if mask & selectors.EVENT_WRITE:
-            connection.flush()
-        if mask & selectors.EVENT_READ:
-            messages = connection.read()
-            if messages is None:
-                self.selector.unregister(connection.sock)
-                link.close()
-                self.keeper = None
-                if not self.stopping:
-                    self.counters["keeper_restarts"] += 1
-                    self.log.error("the keeper died: starting a new one (until then, if this supervisor "
-                                   "dies too, readers of unfilled ranges see zeros)")
-                    self._maintain_keeper()
-                return
-            for _message, fds in messages:
-                for fd in fds:
-                    os.close(fd)
+        messages = connection.on_ready(mask)
+        if messages is None:
+            self.selector.unregister(connection.sock)
+            link.close()
+            self.keeper = None
+            if not self.stopping:
+                self.counters["keeper_restarts"] += 1
+                self.log.error("the keeper died: starting a new one (until then, if this supervisor "
+                               "dies too, readers of unfilled ranges see zeros)")
+                self._maintain_keeper()
+            return
+        for _message, fds in messages:
+            for fd in fds:
+                os.close(fd)
         self._update_interest(connection)
 
     def _maintain_keeper(self) -> None:
@@ -732,22 +730,19 @@ class Supervisor:
                                    lambda _s, m, c=connection: self._on_control_io(c, m))
 
     def _on_control_io(self, connection: Connection, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
-            connection.flush()
-        if mask & selectors.EVENT_READ:
-            messages = connection.read()
-            if messages is None:
-                self._close_connection(connection)
+        messages = connection.on_ready(mask)
+        if messages is None:
+            self._close_connection(connection)
+            return
+        for index, (message, fds) in enumerate(messages):
+            for fd in fds:
+                os.close(fd)
+            if message.get("op") == "hello" and message.get("role") == "worker":
+                worker = self._worker_hello(connection, peer_pid(connection.sock))
+                if worker is not None:
+                    self._worker_messages(worker, messages[index + 1:])
                 return
-            for index, (message, fds) in enumerate(messages):
-                for fd in fds:
-                    os.close(fd)
-                if message.get("op") == "hello" and message.get("role") == "worker":
-                    worker = self._worker_hello(connection, peer_pid(connection.sock))
-                    if worker is not None:
-                        self._worker_messages(worker, messages[index + 1:])
-                    return
-                self._control(connection, message)
+            self._control(connection, message)
         if not connection.closed:
             self._update_interest(connection)
 
@@ -879,7 +874,7 @@ class Supervisor:
                 self._update_interest(worker.connection)
 
     def _check_complete(self, blob: Blob) -> None:
-        if blob.complete or blob.fill_fd is None or _sys.first_hole(blob.fill_fd, 0, blob.spec.size) is not None:
+        if blob.complete or blob.fill_fd is None or first_hole(blob.fill_fd, 0, blob.spec.size) is not None:
             return
         for event in list(blob.pending):
             self._plan(event)   # all filled: each is allowed
@@ -984,14 +979,10 @@ class Supervisor:
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
-    parser = argparse.ArgumentParser(prog="python -m afsd.ondemand.fanotify.supervisor",
-                                     description="Serve fanotify pre-content events for lazily filled erofs blobs.")
-    parser.add_argument("--state-dir", required=True, type=Path)
-    add_arguments(parser)
-    parser.add_argument("--metrics-listen", help="HOST:PORT for a Prometheus /metrics endpoint")
-    parser.add_argument("--daemon", action="store_true", help="detach; exit once serving")
+    parser = supervisor_parser(SUPERVISOR_MODULE, "Serve fanotify pre-content events for lazily filled erofs blobs.",
+                               Settings, daemon_help="detach; exit once serving")
     args = parser.parse_args(argv)
-    return args, from_namespace(args)
+    return args, Settings.from_namespace(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1007,7 +998,7 @@ def main(argv: list[str] | None = None) -> int:
     journal = Journal(paths.journal, fd_limit)
     leftovers = journal.pending()
     placeholders = reserve_fd_numbers({entry.fd for entry in leftovers})
-    announce = _daemon.detach(paths.supervisor_log) if args.daemon else (lambda ready: None)
+    announce = _daemon.detach_if(args.daemon, paths.supervisor_log)
     _daemon.protect_from_oom_killer()
     # What the keeper runs to replace us: the same options, in the foreground (in its own session).
     respawn = command_line(paths.root, settings, metrics_listen=args.metrics_listen)
@@ -1019,10 +1010,11 @@ def main(argv: list[str] | None = None) -> int:
         announce(False)
         return 1
     if args.metrics_listen:
-        from afsd.ondemand.fanotify.metrics import serve_status_metrics
+        from afsd.ondemand.fanotify.metrics import StatusCollector
+        from afsd.ondemand.supervised.metrics import serve_status_metrics
         supervisor.metrics_enabled = True
         supervisor.status_snapshot = supervisor.status()
-        serve_status_metrics(args.metrics_listen, lambda: supervisor.status_snapshot)
+        serve_status_metrics(args.metrics_listen, StatusCollector(lambda: supervisor.status_snapshot))
     announce(True)
     return supervisor.serve()
 

@@ -5,7 +5,7 @@ worker --(pwrite through the fill fd)--> blob file; worker --(done / failed)--> 
 answers the kernel. Workers hold no kernel state the readers depend on: the supervisor may kill one at
 any moment (it stopped heartbeating, or died) and give its tasks to another.
 
-Protocol (framed JSON, _wire.py) on the supervisor's socket:
+Protocol (framed JSON, afsd/ondemand/_wire.py) on the supervisor's socket:
     -> hello {role: "worker"}          then every `heartbeat` seconds: heartbeat {tasks}
     <- blob {name, path, spec, source} + the blob's fill fd (opened before the blob was marked, so its
        writes raise no fanotify events; a worker must never write the blob through any other fd)
@@ -22,15 +22,14 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from afsd.ondemand.fanotify import _daemon, _sys
-from afsd.ondemand.fanotify._wire import AsyncChannel
-from afsd.ondemand.fanotify.blobfile import write_at
-from afsd.ondemand.fanotify.sources import SourceFactory
+from afsd.ondemand import _daemon
+from afsd.ondemand._wire import AsyncChannel
+from afsd.ondemand.sources import SourceFactory
+from afsd.ondemand.sparse import holes, write_at
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
 
 log = logging.getLogger("afsd.fanotify.worker")
@@ -170,7 +169,7 @@ def write_holes(fd: int, offset: int, data: bytes, size: int) -> int:
     end = min(size, offset + len(data))
     view = memoryview(data)
     return sum(write_at(fd, view[hole - offset:hole - offset + length], hole)
-               for hole, length in _sys.holes(fd, offset, end))
+               for hole, length in holes(fd, offset, end))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--heartbeat", type=float, default=0.5)
     args = parser.parse_args(argv)
-    parent = os.getppid()
-    _sys.set_parent_death_signal(signal.SIGKILL)   # never outlive the supervisor
-    if os.getppid() != parent:
+    if not _daemon.die_with_parent():   # never outlive the supervisor
         return 0
     _daemon.setup_logging("worker")
     asyncio.run(FetchWorker(args.socket, args.heartbeat).run())

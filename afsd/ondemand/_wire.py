@@ -1,14 +1,17 @@
-"""The message format between the fanotify backend's processes: framed JSON over unix stream sockets,
-with file descriptors passed alongside (SCM_RIGHTS).
+"""The message format between the on-demand backends' processes: framed JSON over unix stream sockets,
+with file descriptors passed alongside (SCM_RIGHTS). Written once for both supervised backends: the
+fanotify supervisor, keeper and fetch workers, the fscache supervisor and worker, and the node daemon's
+clients of either.
 
 A frame is a 4-byte big-endian length followed by a UTF-8 JSON object. A frame that carries fds says
 how many in its "nfds" field; they are sent in the same sendmsg() as the frame's first byte, so the
 kernel delivers them with those bytes, and a receiver that queues fds in arrival order can hand each
 frame exactly its own (the kernel never delivers a later message's fds before an earlier one's bytes).
 
-`Connection` is the synchronous, non-blocking side used by the supervisor and the keeper (selector
-loops that must never block on a slow peer); `AsyncChannel` is the asyncio side used by fetch workers
-and the node daemon's client.
+`Connection` is the synchronous, non-blocking side used by the fanotify supervisor and keeper (selector
+loops that must never block on a slow peer); `AsyncChannel` is the asyncio side used by fetch workers,
+the fscache supervisor and the node daemon's clients; `request_blocking` is one request and its reply
+from a plain thread.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import collections
 import json
 import os
+import selectors
 import socket
 import struct
 from typing import Any
@@ -148,6 +152,13 @@ class Connection:
                 return
             self._out.popleft()
 
+    def on_ready(self, mask: int) -> list[tuple[dict[str, Any], list[int]]] | None:
+        """A selector found the socket ready (`mask`: selectors.EVENT_*): send what waits if writable,
+        and return what arrived if readable ([] if not); None at EOF or on a broken peer."""
+        if mask & selectors.EVENT_WRITE:
+            self.flush()
+        return self.read() if mask & selectors.EVENT_READ else []
+
     def read(self) -> list[tuple[dict[str, Any], list[int]]] | None:
         """Messages that arrived; None at EOF or on a broken peer."""
         try:
@@ -237,6 +248,33 @@ class AsyncChannel:
                 os.close(fd)
         self._inbox.clear()
         self.sock.close()
+
+
+def request_blocking(path: str, message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    """Send `message` on a fresh connection to `path` and wait for the first frame back (its fds are
+    closed); None if the peer closed without answering. Raises OSError (TimeoutError after `timeout`
+    seconds of silence) or ProtocolError."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    decoder = FrameDecoder()
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        send_blocking(sock, message)
+        while True:
+            data, fds = receive(sock)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                return None
+            frames = decoder.feed(data, fds)
+            for _, frame_fds in frames:
+                for fd in frame_fds:
+                    os.close(fd)
+            if frames:
+                return frames[0][0]
+    finally:
+        decoder.close()
+        sock.close()
 
 
 def peer_pid(sock: socket.socket) -> int:

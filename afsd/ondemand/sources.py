@@ -1,7 +1,8 @@
-"""Building a RangeSource from plain JSON settings, in a fetch worker.
+"""Building a RangeSource from plain JSON settings, in a fetch worker of either supervised backend.
 
-The node daemon registers a blob with a `source` configuration (JSON, it crosses process boundaries);
-each fetch worker turns it into a `RangeSource` with `SourceFactory.make`:
+The node daemon registers a blob with a `source` configuration (JSON, it crosses process boundaries:
+`BlobSource.config`); each fetch worker (fanotify/worker.py, cachefiles/worker.py) turns it into a
+`RangeSource` with `SourceFactory.make`:
 
     {"kind": "cluster", "discovery": ["host:port", ...], "local_endpoint": "host:port" | null,
      "node_id": "...", "options": {<RangeFetcher keyword arguments: call_timeout, min_request, ...>}}

@@ -1,14 +1,22 @@
-"""Process plumbing shared by the supervisor and the keeper: detaching, logging, readiness, locks."""
+"""Process plumbing shared by the on-demand backends' daemons (the fanotify supervisor, keeper and fetch
+workers; the fscache supervisor and worker): detaching, logging, readiness, locks, limits, and dying
+with the parent."""
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
 import resource
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 
 def detach(log_path: Path) -> Callable[[bool], None]:
@@ -33,6 +41,11 @@ def detach(log_path: Path) -> Callable[[bool], None]:
     return announce
 
 
+def detach_if(daemon: bool, log_path: Path) -> Callable[[bool], None]:
+    """`detach(log_path)` for a daemon; in the foreground, an announce function that does nothing."""
+    return detach(log_path) if daemon else (lambda ready: None)
+
+
 def redirect_stdio(log_path: Path) -> None:
     null = os.open(os.devnull, os.O_RDONLY)
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -46,7 +59,7 @@ def redirect_stdio(log_path: Path) -> None:
 def setup_logging(role: str, level: str = "INFO") -> logging.Logger:
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
                         format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
-    return logging.getLogger(f"afsd.fanotify.{role}")
+    return logging.getLogger(f"afsd.ondemand.{role}")
 
 
 def try_lock(path: Path) -> int | None:
@@ -62,18 +75,38 @@ def try_lock(path: Path) -> int | None:
 
 
 def protect_from_oom_killer() -> None:
-    """The group's holders must be the last processes the OOM killer picks: if both die, readers of
-    unfilled ranges see zeros (docs/fanotify-backend.md)."""
+    """Holders of kernel state readers depend on must be the last processes the OOM killer picks: if the
+    fanotify group's holders both die, readers of unfilled ranges see zeros (docs/fanotify-backend.md); if
+    the fscache supervisor dies, its mounts lose their cache (docs/cachefiles-backend.md)."""
     try:
         Path("/proc/self/oom_score_adj").write_text("-1000")
     except OSError:
         pass
 
 
-def set_fd_limit(wanted: int) -> int:
-    """Set RLIMIT_NOFILE's soft limit to `wanted` (capped by the hard limit) and return it: each pending
-    event holds an fd, and the journal needs a bound on fd numbers (see journal.py)."""
+def set_fd_limit(wanted: int | None = None) -> int:
+    """Set RLIMIT_NOFILE's soft limit to `wanted` (capped by the hard limit; None: the hard limit) and
+    return it. The fanotify supervisor holds an fd per pending event and its journal needs a bound on fd
+    numbers (fanotify/journal.py); the fscache worker holds an anon fd per open blob."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if wanted is None:
+        target = hard
+    else:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return target
+
+
+def set_parent_death_signal(signal_number: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): the kernel sends `signal_number` to us when our parent dies."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal_number, 0, 0, 0) < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"prctl(PR_SET_PDEATHSIG): {os.strerror(code)}")
+
+
+def die_with_parent() -> bool:
+    """Have the kernel SIGKILL this process when its parent dies (a worker must never outlive the
+    supervisor whose kernel state it serves). False when the parent is gone already: exit at once."""
+    parent = os.getppid()
+    set_parent_death_signal(signal.SIGKILL)
+    return os.getppid() == parent

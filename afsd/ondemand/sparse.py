@@ -1,0 +1,84 @@
+"""Which bytes of a partly filled blob file are there, and writing bytes into one: written once for every
+backend (the fanotify blob file, the fscache cache file behind an anon fd, the eager backend's copy, and
+the default `Backend.present_bytes`).
+
+Presence is asked with lseek(SEEK_HOLE / SEEK_DATA): it reads no data, so it raises no fanotify event on
+a marked blob and needs no aligned buffer on a cachefiles anon fd.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+
+def first_hole(fd: int, start: int, end: int) -> int | None:
+    """Offset of the first hole in [start, end) of the file `fd`, or None when it is all data."""
+    if start >= end:
+        return None
+    try:
+        hole = os.lseek(fd, start, os.SEEK_HOLE)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # start is at or past EOF: nothing there is data
+            return start
+        raise
+    return hole if hole < end else None
+
+
+def holes(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The holes within [start, end) as (offset, length) pairs, in order."""
+    found = []
+    position = start
+    while position < end:
+        hole = first_hole(fd, position, end)
+        if hole is None:
+            break
+        try:
+            data = os.lseek(fd, hole, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            data = end
+        data = min(data, end)
+        found.append((hole, data - hole))
+        position = data
+    return found
+
+
+def present_bytes(fd: int, size: int) -> int:
+    """Bytes of [0, size) of the file `fd` that are data, not holes."""
+    total, position = 0, 0
+    while position < size:
+        try:
+            start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:   # no data after position
+                break
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        total += min(end, size) - min(start, size)
+        position = end
+    return total
+
+
+def present_bytes_at(path: Path, size: int) -> int:
+    """`present_bytes` of the file at `path`; 0 when there is no such file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    try:
+        return present_bytes(fd, size)
+    finally:
+        os.close(fd)
+
+
+def write_at(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """pwrite all of `data` at `offset` (short writes continued); returns its length."""
+    view = memoryview(data)
+    position = offset
+    while view:
+        count = os.pwrite(fd, view, position)
+        view, position = view[count:], position + count
+    return len(data)

@@ -1,0 +1,159 @@
+"""The node daemon's side of a supervised backend: start (or find) the detached supervisor of a state
+directory, send it requests, wait for it to stop. Written once for both backends; each subclass says how
+its supervisor is started and adds its own requests (fanotify/client.py, cachefiles/client.py).
+
+The supervisor outlives the node daemon: a restarted node daemon makes a new client on the same state
+directory and finds it still serving; `ensure_running` starts one only when nothing answers. One request
+is one connection to DIR/supervisor.sock carrying one framed JSON request and one reply (_wire.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from afsd.errors import AfsdError
+from afsd.ondemand._wire import AsyncChannel, ProtocolError, request_blocking
+from afsd.ondemand.supervised.paths import SupervisorPaths
+
+
+class SupervisorClientBase(ABC):
+    error: ClassVar[type[AfsdError]]                   # what every failure here raises
+    starting_ops: ClassVar[frozenset[str]] = frozenset({"register"})   # requests that start a missing supervisor
+
+    def __init__(self, paths: SupervisorPaths, *, start_timeout: float) -> None:
+        self.paths = paths
+        self.start_timeout = start_timeout
+        self._starting = asyncio.Lock()
+
+    @property
+    def _name(self) -> str:
+        return f"the {self.paths.backend} supervisor"
+
+    @abstractmethod
+    def _command(self) -> list[str]:
+        """The command that starts the supervisor detached: it exits 0 once the daemon serves."""
+
+    def _start_failure(self, stderr: str) -> str:
+        """The error line when the launcher exited non-zero (`stderr`: what it wrote)."""
+        return f"{self._name} for {self.paths.root} did not start: see {self.paths.supervisor_log}"
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def ensure_running(self) -> None:
+        """Make sure a supervisor serves this state directory, starting one (detached) if needed."""
+        async with self._starting:
+            if await self._answers():
+                return
+            await asyncio.to_thread(self.paths.ensure)
+            process = await asyncio.create_subprocess_exec(
+                *self._command(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE)
+            try:
+                _, stderr = await asyncio.wait_for(process.communicate(), self.start_timeout)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+                raise self.error(f"{self._name} for {self.paths.root} did not start within {self.start_timeout:g} s: "
+                                 f"see {self.paths.supervisor_log}") from None
+            if process.returncode != 0:
+                raise self.error(self._start_failure(stderr.decode(errors="replace")))
+            deadline = asyncio.get_running_loop().time() + self.start_timeout
+            while not await self._answers():   # e.g. one the fanotify keeper restarted may still be starting
+                if asyncio.get_running_loop().time() > deadline:
+                    raise self.error(f"{self._name} for {self.paths.root} does not answer: "
+                                     f"see {self.paths.supervisor_log}")
+                await asyncio.sleep(0.05)
+
+    async def _answers(self) -> bool:
+        try:
+            channel = await AsyncChannel.connect(os.fspath(self.paths.supervisor_socket), timeout=2.0)
+        except (TimeoutError, OSError):
+            return False
+        channel.close()
+        return True
+
+    async def shutdown(self, *, force: bool = False, timeout: float = 60.0) -> None:
+        """Stop the supervisor and every process it runs (refused while mounts still need it, unless
+        `force`). Returns once all of them are gone."""
+        if not await self._answers():
+            return
+        await self._request({"op": "shutdown", "force": force})
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await asyncio.to_thread(self._stopped):
+            if asyncio.get_running_loop().time() > deadline:
+                raise self.error(f"{self._name} for {self.paths.root} did not stop within {timeout:g} s")
+            await asyncio.sleep(0.05)
+
+    def _stopped(self) -> bool:
+        for lock in self.paths.daemon_locks():
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            finally:
+                os.close(fd)
+        return True
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    async def unregister(self, name: str, *, force: bool = False, missing_ok: bool = False) -> None:
+        """Stop serving blob `name` (refused while it is still mounted and needs the supervisor, unless
+        `force`). With `missing_ok`, a blob the supervisor does not know is not an error."""
+        try:
+            await self._request({"op": "unregister", "name": name, "force": force})
+        except AfsdError as e:
+            if not (missing_ok and "is not registered" in str(e)):
+                raise
+
+    async def status(self) -> dict[str, Any]:
+        return (await self._request({"op": "status"}))["status"]
+
+    async def blob_status(self, name: str) -> dict[str, Any] | None:
+        return _find_blob(await self.status(), name)
+
+    def blob_status_blocking(self, name: str, timeout: float = 10.0) -> dict[str, Any] | None:
+        """`blob_status` for a plain thread (no event loop); never starts a supervisor."""
+        path = os.fspath(self.paths.supervisor_socket)
+        try:
+            reply = request_blocking(path, {"op": "status", "id": 1}, timeout)
+        except (OSError, ProtocolError) as e:
+            raise self.error(f"cannot reach {self._name} at {path}: {e}") from None
+        return _find_blob(self._check("status", reply)["status"], name)
+
+    async def _request(self, message: dict[str, Any]) -> dict[str, Any]:
+        path = os.fspath(self.paths.supervisor_socket)
+        try:
+            channel = await AsyncChannel.connect(path)
+        except (TimeoutError, OSError) as e:
+            if message["op"] not in self.starting_ops:
+                raise self.error(f"cannot reach {self._name} at {path}: {e}") from None
+            await self.ensure_running()   # not running (or, for fanotify, being restarted by its keeper)
+            try:
+                channel = await AsyncChannel.connect(path)
+            except (TimeoutError, OSError) as e:
+                raise self.error(f"cannot reach {self._name} at {path}: {e}") from None
+        try:
+            await channel.send({**message, "id": 1})
+            item = await channel.receive()
+        finally:
+            channel.close()
+        return self._check(message["op"], item[0] if item is not None else None)
+
+    def _check(self, op: str, reply: dict[str, Any] | None) -> dict[str, Any]:
+        if reply is None:
+            raise self.error(f"{self._name} closed the connection during {op}")
+        if not reply.get("ok"):
+            raise self.error(reply.get("error", f"{op} failed"))
+        return reply
+
+
+def _find_blob(status: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((blob for blob in status["blobs"] if blob["name"] == name), None)
