@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -35,6 +35,12 @@ PERMANENT_GRPC = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NO
 def grpc_retryable(code: grpc.StatusCode | None) -> bool:
     """Worth calling the same server again after a wait."""
     return code in RETRYABLE_GRPC
+
+
+def grpc_retry_soon(code: grpc.StatusCode | None) -> bool:
+    """Retryable and failed fast (refused, restarting, aborted): worth another round over all servers.
+    A DEADLINE_EXCEEDED already cost its caller a whole timeout; rounds do not repeat those."""
+    return code in RETRYABLE_GRPC and code != grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def grpc_permanent(code: grpc.StatusCode | None) -> bool:
@@ -64,6 +70,15 @@ class RetryPolicy:
         # the exponent is capped: past ~1000 attempts 2**n no longer converts to a float
         ceiling = min(self.cap, self.base * 2 ** min(attempt - 1, 60))
         return random.uniform(ceiling / 2, ceiling)
+
+    async def rounds(self) -> AsyncIterator[int]:
+        """Round numbers 1 .. `attempts`, with the policy's wait before each one after the first: for
+        callers that try several servers per round (discovery replicas, providers) and back off only
+        once every one of them failed."""
+        for attempt in range(1, self.attempts + 1):
+            if attempt > 1:
+                await asyncio.sleep(self.delay(attempt - 1))
+            yield attempt
 
     async def run(self, operation: Callable[[], Awaitable[T]], *,
                   retryable: Callable[[BaseException], bool] = is_retryable,

@@ -48,6 +48,8 @@ def test_a_command_allocating_past_its_memory_limit_is_oom_killed(afslet_cluster
                       command=["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"])
     assert (hog.result["success"], hog.result["exit_code"]) == (False, 137)  # SIGKILL, from the OOM killer
     assert "out of memory" in hog.result["error"] and "32 MB" in hog.result["error"]
+    (resource,) = hog.lines("resource")           # the cgroup's own count, in the final resource summary
+    assert json.loads(resource)["oom_kills"] >= 1, resource
 
 
 def test_the_cpu_quota_holds(afslet_cluster: AfsletCluster) -> None:
@@ -105,3 +107,21 @@ def test_admission_runs_two_one_core_calls_and_refuses_a_third(afslet_cluster: A
     status = afslet_cluster.wait_idle()
     assert (status.used_cpu_cores, status.used_memory_mb, status.available_cpu_cores,
             status.available_memory_mb) == (0, 0, 2, 1024)
+
+
+def test_three_one_core_calls_at_the_same_moment_admit_exactly_two(afslet_cluster: AfsletCluster) -> None:
+    afslet, tools = afslet_cluster.afslet, afslet_cluster.images["tools"]
+    calls = [sdk_execute_call(afslet, image=tools, cpu_cores=1, memory_mb=128, timeout_ms=600_000,
+                              command=["/bin/sh", "-c", "echo started; sleep 600"]) for _ in range(3)]
+    try:
+        outcomes = [call.wait_for(lambda e: e.get("message") == "started" or e["event"] == "error")
+                    for call in calls]
+        refused = [o for o in outcomes if o["event"] == "error"]
+        assert len(refused) == 1 and refused[0]["status"] == "RESOURCE_EXHAUSTED", outcomes
+        status = sdk_status(afslet)
+        assert (status["running_containers"], status["used_cpu_cores"], status["available_cpu_cores"]) == (2, 2, 0)
+    finally:
+        for call in calls:
+            call.kill()
+    afslet_cluster.wait_idle()
+

@@ -93,3 +93,20 @@ def test_daemons_refuse_unusable_options(tmp_path: Path) -> None:
     assert_one_clear_line(afsd("layerstore", "--listen", "localhost:7000", "--node-id", "n", "--cache-dir", str(tmp_path)),
                           "literal IP:PORT")
     assert_one_clear_line(afsd("discovery", "--listen", "127.0.0.1:1", "--ttl", "0"), "--ttl")
+
+
+def test_convert_rejects_a_corrupted_blob_and_writes_nothing(open_registry: LabRegistry, features_image: PushedImage,
+                                                             fault_proxy, tmp_path: Path) -> None:
+    proxy = fault_proxy(open_registry.address)
+    layer = features_image.manifests[0].layers[-1]
+    proxy.corrupt(f"/blobs/{layer.digest}")
+    reference = features_image.reference.replace(open_registry.address, proxy.address, 1)
+    out = tmp_path / "out"
+    result = afsd("convert", "--insecure-registry", proxy.address, reference, str(out))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]       # after the per-layer progress lines
+    assert layer.digest in last and "does not match its digest" in last, last
+    blobs = list(out.glob("*.erofs"))
+    assert len(blobs) < len(features_image.manifests[0].layers), blobs          # the bad layer: not converted
+    assert not (out / "image.json").exists()                                   # no image described
+    assert not [path for path in out.rglob("*") if path.is_file() and path.suffix not in (".erofs", ".json")]

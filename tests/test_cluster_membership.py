@@ -102,7 +102,14 @@ async def test_daemons_serve_prometheus_metrics(cluster: LocalCluster) -> None:
     (node,) = await cluster.start_layerstores(1)
     image = await cluster.push("metrics", small_image("metrics", 1 << 20))
     await cluster.pull(node, image)
-    await cluster.read_all(node, (await cluster.pull(node, image)).layers[0].digest)
+    layer = (await cluster.pull(node, image)).layers[0].digest
+    await cluster.read_all(node, layer)
+    found = await cluster.discovery(discovery).FindImage(dpb.FindImageRequest(image_key=image.reference,
+                                                                              layer_digest=layer))
+    assert [s.node_id for s in found.services] == ["node0"]
+    with pytest.raises(grpc.aio.AioRpcError) as failed:   # an error, to be counted by its code
+        await cluster.layerstore(node).StatLayer(lpb.StatLayerRequest(digest="sha256:nothex"))
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     async with httpx.AsyncClient() as http:
         discovery_text = (await http.get(f"http://{metrics_address(discovery)}/metrics")).text
         node_text = (await http.get(f"http://{metrics_address(node)}/metrics")).text
@@ -112,8 +119,12 @@ async def test_daemons_serve_prometheus_metrics(cluster: LocalCluster) -> None:
                  "afsd_layerstore_bytes_served_total", "afsd_layerstore_registry_bytes_total",
                  "afsd_layerstore_peer_bytes_total", 'method="/layerstore.v1.LayerStore/PullImage"'):
         assert name in node_text, name
-    served = next(line for line in node_text.splitlines() if line.startswith("afsd_layerstore_bytes_served_total "))
-    assert float(served.split()[1]) > 0
+    assert 'afsd_rpc_requests_total{code="INVALID_ARGUMENT",method="/layerstore.v1.LayerStore/StatLayer"} 1.0' \
+        in node_text
+    assert 'afsd_rpc_requests_total{code="OK",method="/discovery.v1.ServiceDiscovery/FindImage"} 1.0' in discovery_text
+    for name in ("afsd_layerstore_bytes_served_total", "afsd_layerstore_registry_bytes_total"):
+        value = next(line for line in node_text.splitlines() if line.startswith(name + " "))
+        assert float(value.split()[1]) > 0, value
 
 
 async def _has(nodes, name: str) -> bool:

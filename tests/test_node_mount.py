@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from afsd.lab.catalogue import seeded_bytes
 from afsd.node.records import mounted_paths
 from tests.support.cluster import LocalCluster, small_image
 from tests.support.treecompare import compare_trees, format_differences, snapshot
@@ -110,7 +116,8 @@ async def test_mounts_survive_the_node_daemon_and_are_adopted_by_its_successor(c
     assert mounts_under(cluster.workdir) == []
 
 
-async def test_a_mounting_node_becomes_a_provider_of_what_it_read(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize("backend", ["fanotify", "eager"])
+async def test_a_mounting_node_becomes_a_provider_of_what_it_read(cluster: LocalCluster, backend: str) -> None:
     (discovery,) = await cluster.start_discovery(1)
     store_a, store_b, store_c = await cluster.start_layerstores(3)
     image = await cluster.push("spread", small_image("spread", 3 << 20))
@@ -118,7 +125,8 @@ async def test_a_mounting_node_becomes_a_provider_of_what_it_read(cluster: Local
     node_b = await cluster.start_node(store_b)
     target_b = cluster.workdir / "on-b"
     target_b.mkdir()
-    assert (await cluster.afsd(node_b, "mount", image.reference, str(target_b), "--backend", "eager")).returncode == 0
+    mounted = await cluster.afsd(node_b, "mount", image.reference, str(target_b), "--backend", backend)
+    assert mounted.returncode == 0, mounted.stderr
     for path in sorted(target_b.rglob("*")):
         if path.is_file():
             path.read_bytes()
@@ -128,12 +136,15 @@ async def test_a_mounting_node_becomes_a_provider_of_what_it_read(cluster: Local
     await cluster.wait_until(b_provides_everything, 20, "node b to advertise the layers it assembled")
 
     store_a.stop()
+    registry_gets = len(cluster.registry.access_log())
     node_c = await cluster.start_node(store_c)
     target_c = cluster.workdir / "on-c"
     target_c.mkdir()
     mounted = await cluster.afsd(node_c, "mount", image.reference, str(target_c), "--backend", "eager")
     assert mounted.returncode == 0, mounted.stderr
     assert (target_c / "data/spread-1.bin").read_bytes() == (target_b / "data/spread-1.bin").read_bytes()
+    blob_gets = [e for e in cluster.registry.access_log()[registry_gets:] if "/blobs/" in e.uri]
+    assert blob_gets == [], "node c's bytes came from node b, not from the registry"
 
 
 async def test_a_fanotify_mount_fetches_only_what_is_read(cluster: LocalCluster) -> None:
@@ -205,3 +216,61 @@ async def _serving(cluster: LocalCluster, layerstores):
             line = next(l for l in text.splitlines() if l.startswith("afsd_layerstore_bytes_served_total "))
             served[daemon.name] = (float(line.split()[1]), daemon)
     return max(served.values(), key=lambda item: item[0])[1]
+
+
+async def test_afsd_mounts_reports_fanotify_worker_restarts_and_redispatched_events(cluster: LocalCluster) -> None:
+    """Hung fetch workers (SIGSTOP) under a real mount: the supervisor replaces them, the reader's event
+    is re-dispatched and answered with the right bytes, and `afsd mounts` says so."""
+    await cluster.start_discovery(1)
+    (layerstore,) = await cluster.start_layerstores(1)
+    node = await cluster.start_node(layerstore, extra_args=["--no-prefetch"])
+    image = await cluster.push("hung", small_image("hung", 4 << 20, layers=1))
+    target = cluster.workdir / "rootfs"
+    target.mkdir()
+    mounted = await cluster.afsd(node, "mount", image.reference, str(target), "--backend", "fanotify")
+    assert mounted.returncode == 0, mounted.stderr
+    state = Path(node.args[node.args.index("--state-dir") + 1]) / "fanotify"
+    found = await asyncio.to_thread(subprocess.run, ["pgrep", "-f", f"fanotify.worker --socket {state}/supervisor.sock"],
+                                    capture_output=True, text=True, check=True)
+    hung = [int(pid) for pid in found.stdout.split()]
+    assert hung
+    try:
+        for pid in hung:
+            os.kill(pid, signal.SIGSTOP)
+        data = await asyncio.to_thread((target / "data/hung-0.bin").read_bytes)
+        assert data == seeded_bytes("hung0", 4 << 20)
+    finally:
+        for pid in hung:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    counters = json.loads((await cluster.afsd(node, "mounts", "--json")).stdout)["counters"]
+    assert counters["fanotify.worker_restarts"] >= 1 and counters["fanotify.events_redispatched"] >= 1, counters
+    listed = (await cluster.afsd(node, "mounts")).stdout
+    assert "worker restarts" in listed and "re-dispatched" in listed, listed
+
+
+async def test_a_writable_upper_dir_and_an_extra_dir_stack_above_the_image(cluster: LocalCluster) -> None:
+    await cluster.start_discovery(1)
+    (layerstore,) = await cluster.start_layerstores(1)
+    node = await cluster.start_node(layerstore)
+    image = await cluster.push("stack", small_image("stack", 1 << 20))
+    extra, upper, target = (cluster.workdir / name for name in ("extra", "writable", "rootfs"))
+    (extra / "etc").mkdir(parents=True)
+    upper.mkdir()                                                        # must exist: the mount does not invent it
+    (extra / "etc/stack-1.txt").write_text("from the extra dir\n")      # shadows the image's file
+    (extra / "etc/only-extra.txt").write_text("extra\n")
+    target.mkdir()
+    mounted = await cluster.afsd(node, "mount", image.reference, str(target), "--backend", "eager",
+                                 "--upper", str(upper), "--extra-dir", str(extra))
+    assert mounted.returncode == 0, mounted.stderr
+    assert (target / "etc/stack-0.txt").read_text() == "stack layer 0\n"
+    assert (target / "etc/stack-1.txt").read_text() == "from the extra dir\n"
+    assert (target / "etc/only-extra.txt").read_text() == "extra\n"
+    (target / "etc/new.txt").write_text("written in the container\n")
+    (target / "etc/stack-0.txt").unlink()
+    assert not (extra / "etc/new.txt").exists()                             # the extra dir stays read-only
+    assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
+    assert not os.path.ismount(target) and list(target.iterdir()) == []
+    assert (upper / "upper/etc/new.txt").read_text() == "written in the container\n"   # kept after umount
+    whiteout = os.lstat(upper / "upper/etc/stack-0.txt")
+    assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0           # deletion recorded as a whiteout

@@ -9,6 +9,7 @@ import pytest
 
 from afsd.api import discovery_pb2 as pb
 from afsd.api import discovery_pb2_grpc as pb_grpc
+from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
 from afsd.retry import RetryPolicy, grpc_permanent, grpc_retryable, http_retryable
 
 
@@ -18,6 +19,7 @@ class ScriptedDiscovery(pb_grpc.ServiceDiscoveryServicer):
     def __init__(self) -> None:
         self.script: list[grpc.StatusCode | None] = []
         self.calls = 0
+        self.address = ""
 
     async def FindProvider(self, request: pb.FindProviderRequest, context: grpc.aio.ServicerContext) -> pb.FindProviderResponse:
         self.calls += 1
@@ -34,7 +36,8 @@ async def scripted() -> AsyncIterator[tuple[ScriptedDiscovery, pb_grpc.ServiceDi
     pb_grpc.add_ServiceDiscoveryServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    servicer.address = f"127.0.0.1:{port}"
+    async with grpc.aio.insecure_channel(servicer.address) as channel:
         yield servicer, pb_grpc.ServiceDiscoveryStub(channel)
     await server.stop(0)
 
@@ -76,3 +79,20 @@ def test_classification_and_backoff() -> None:
         waits = [policy.delay(attempt) for _ in range(50)]
         assert all(ceiling / 2 <= w <= ceiling for w in waits)
         assert len(set(waits)) > 1  # jittered
+
+
+async def test_discovery_client_backs_off_and_retries_unavailable_but_not_not_found(scripted) -> None:
+    """An internal client on the shared policy: every replica failing with UNAVAILABLE is asked again
+    after a backoff; NOT_FOUND is an answer, not retried."""
+    servicer, _ = scripted
+    client = DiscoveryClient([servicer.address], retry=FAST)
+    servicer.script = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+    assert await client.find_provider("x") == [] and servicer.calls == 3
+    servicer.calls, servicer.script = 0, [grpc.StatusCode.NOT_FOUND]
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await client.find_provider("x")
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND and servicer.calls == 1
+    servicer.calls, servicer.script = 0, [grpc.StatusCode.UNAVAILABLE] * 10
+    with pytest.raises(DiscoveryUnavailableError, match="UNAVAILABLE"):
+        await client.find_provider("x")
+    assert servicer.calls == FAST.attempts

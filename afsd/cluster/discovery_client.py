@@ -18,7 +18,7 @@ import grpc
 
 from afsd.api import discovery_pb2 as pb
 from afsd.api import discovery_pb2_grpc as pb_grpc
-from afsd.retry import grpc_permanent
+from afsd.retry import RetryPolicy, grpc_permanent, grpc_retry_soon
 from afsd.rpc import ChannelPool
 
 log = logging.getLogger(__name__)
@@ -52,30 +52,42 @@ async def expand_endpoint(endpoint: str) -> list[str]:
     try:
         infos = await asyncio.wait_for(
             loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), DNS_TIMEOUT)
-    except (OSError, asyncio.TimeoutError) as error:
+    except (TimeoutError, OSError) as error:
         log.warning("cannot resolve discovery endpoint %s: %s", endpoint, error)
         return []
     return sorted({join_host_port(info[4][0], port) for info in infos})
 
 
+# Queries go to each replica in turn; when every replica failed retryably, wait and go round again.
+QUERY_RETRY = RetryPolicy(attempts=3, base=0.2, cap=2.0)
+
+
 class DiscoveryClient:
-    def __init__(self, endpoints: Sequence[str], channels: ChannelPool | None = None) -> None:
+    def __init__(self, endpoints: Sequence[str], channels: ChannelPool | None = None,
+                 retry: RetryPolicy = QUERY_RETRY) -> None:
         self.endpoints = list(endpoints)
         self._channels = channels or ChannelPool()
+        self._retry = retry
 
     def _stub(self, address: str) -> pb_grpc.ServiceDiscoveryStub:
         return pb_grpc.ServiceDiscoveryStub(self._channels.get(address))
 
     async def _first(self, call: Callable[[pb_grpc.ServiceDiscoveryStub], Awaitable[T]]) -> T:
-        errors = []
-        for endpoint in self.endpoints:
-            try:
-                return await call(self._stub(endpoint))
-            except grpc.aio.AioRpcError as error:
-                if grpc_permanent(error.code()):
-                    raise  # the same answer from every replica
-                errors.append(f"{endpoint}: {error.code().name} {error.details()}")
-        raise DiscoveryUnavailableError("no discovery replica answered: " + "; ".join(errors or ["none configured"]))
+        errors: dict[str, str] = {}
+        async for _ in self._retry.rounds():
+            worth_another_round = False
+            for endpoint in self.endpoints:
+                try:
+                    return await call(self._stub(endpoint))
+                except grpc.aio.AioRpcError as error:
+                    if grpc_permanent(error.code()):
+                        raise  # the same answer from every replica
+                    errors[endpoint] = f"{error.code().name} {error.details()}"
+                    worth_another_round |= grpc_retry_soon(error.code())
+            if not worth_another_round:
+                break
+        raise DiscoveryUnavailableError("no discovery replica answered: " + "; ".join(
+            [f"{endpoint}: {reason}" for endpoint, reason in errors.items()] or ["none configured"]))
 
     async def find_provider(self, digest: str = "", *, include_pulling: bool = False) -> list[pb.ServiceInstance]:
         response = await self._first(lambda stub: stub.FindProvider(

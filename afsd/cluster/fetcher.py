@@ -47,7 +47,7 @@ from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableE
 from afsd.cluster.peers import LayerStorePeer
 from afsd.errors import DigestMismatchError, FetchError
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority
-from afsd.retry import grpc_permanent
+from afsd.retry import RetryPolicy, grpc_permanent
 from afsd.rpc import ChannelPool
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ FETCH_ERRORS = Counter("afsd_fetch_errors_total", "Fetches that failed on every 
 PIECE_BYTES = 4 << 20
 # A provider that failed is tried after all others for this long.
 PROVIDER_COOLDOWN = 30.0
+# A read goes over every provider; when all failed, it waits (the shared policy's jittered backoff),
+# asks discovery again and makes one more round.
+READ_RETRY = RetryPolicy(attempts=2, base=0.2, cap=1.0)
 RELEASE_TIMEOUT = 2.0
 
 # AcquireLayerLease answers that mean "do not read from this one": it lacks the layer or is unreachable.
@@ -189,7 +192,8 @@ class RangeFetcher:
 
     `fetch` returns whole chunks covering the request (at least `min_request` bytes, clipped to the
     blob) or raises FetchError naming the layer, the range and every provider's failure. Each ReadLayer
-    call is abandoned after `call_timeout` seconds; a fetch makes at most two rounds over the providers.
+    call is abandoned after `call_timeout` seconds; a fetch makes at most `READ_RETRY.attempts` rounds over
+    the providers, backing off between them.
     """
 
     def __init__(self, spec: BlobSpec, *, discovery: DiscoveryClient | None, channels: ChannelPool,
@@ -348,8 +352,8 @@ class RangeFetcher:
     async def _read_with_failover(self, start: int, end: int) -> tuple[bytes, _Provider]:
         errors: dict[str, str] = {}
         definitive: set[str] = set()   # not worth another try within this read
-        for round_ in range(2):
-            if round_:
+        async for round_ in READ_RETRY.rounds():
+            if round_ > 1:
                 await self._refresh_now()  # every known provider failed: ask discovery, then once more
             tried = set(definitive)
             while (provider := await self._choose(tried, errors, definitive)) is not None:

@@ -24,12 +24,14 @@ from afsd.errors import AfsdError, NotFoundError, RegistryError
 from afsd.oci.platform import Platform
 from afsd.oci.reference import ImageReference
 from afsd.ondemand.spec import BlobSpec
-from afsd.retry import grpc_permanent
+from afsd.retry import RetryPolicy, grpc_permanent, grpc_retry_soon
 from afsd.rpc import ChannelPool
 
 log = logging.getLogger(__name__)
 
 PULL_TIMEOUT = 20 * 60.0
+# When every candidate layerstore failed retryably (UNAVAILABLE: restarting, say), wait and ask them again.
+PULL_RETRY = RetryPolicy(attempts=3, base=0.5, cap=5.0)
 
 
 class ImageUnavailableError(AfsdError):
@@ -123,16 +125,23 @@ class ImageLocator:
             raise ImageUnavailableError(f"no layerstore is registered in discovery to pull {reference}")
         request = lpb.PullImageRequest(image=str(reference), platform_os=platform.os,
                                        platform_arch=platform.architecture, platform_variant=platform.variant)
-        failures = []
-        for endpoint in candidates:
-            try:
-                log.info("asking layerstore %s to pull %s", endpoint, reference)
-                return endpoint, await LayerStorePeer(endpoint, self.channels).stub.PullImage(request, timeout=PULL_TIMEOUT)
-            except grpc.aio.AioRpcError as error:
-                if grpc_permanent(error.code()):  # the image itself is the problem: no use asking others
-                    raise _grpc_to_error(error, f"cannot pull {reference}") from None
-                failures.append(f"{endpoint}: {error.code().name} {error.details()}")
-        raise ImageUnavailableError(f"no layerstore could pull {reference}: " + "; ".join(failures))
+        failures: dict[str, str] = {}
+        async for _ in PULL_RETRY.rounds():
+            worth_another_round = False
+            for endpoint in candidates:
+                try:
+                    log.info("asking layerstore %s to pull %s", endpoint, reference)
+                    stub = LayerStorePeer(endpoint, self.channels).stub
+                    return endpoint, await stub.PullImage(request, timeout=PULL_TIMEOUT)
+                except grpc.aio.AioRpcError as error:
+                    if grpc_permanent(error.code()):  # the image itself is the problem: no use asking others
+                        raise _grpc_to_error(error, f"cannot pull {reference}") from None
+                    failures[endpoint] = f"{error.code().name} {error.details()}"
+                    worth_another_round |= grpc_retry_soon(error.code())
+            if not worth_another_round:
+                break
+        raise ImageUnavailableError(f"no layerstore could pull {reference}: " + "; ".join(
+            f"{endpoint}: {reason}" for endpoint, reason in failures.items()))
 
     async def _spec(self, digest: str, holders: list[dpb.ServiceInstance], reference: ImageReference) -> BlobSpec:
         if not holders:

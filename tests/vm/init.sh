@@ -25,6 +25,11 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /run
+# The guest gets fresh /tmp and /var/tmp; the host's stay reachable, for a checkout that lives there.
+HOST_DIRS=/run/afsd-vm/host
+mkdir -p "$HOST_DIRS/tmp" "$HOST_DIRS/var-tmp"
+mount --bind /tmp "$HOST_DIRS/tmp"
+mount --bind /var/tmp "$HOST_DIRS/var-tmp"
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 
@@ -44,6 +49,14 @@ hostname afsd-vm
 export HOME=/tmp/home LANG=C.UTF-8 TMPDIR="$SCRATCH/tmp"
 export AFSD_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 AFSD_VM_REPORT="$RESULTS/report.jsonl"
 mkdir -p "$HOME"
+case "$AFSD_VM_CHECKOUT" in   # a checkout under the host's /tmp or /var/tmp: put it back where it was
+  /tmp/*) hidden="$HOST_DIRS/tmp/${AFSD_VM_CHECKOUT#/tmp/}" ;;
+  /var/tmp/*) hidden="$HOST_DIRS/var-tmp/${AFSD_VM_CHECKOUT#/var/tmp/}" ;;
+  *) hidden= ;;
+esac
+if [ -n "$hidden" ] && [ -d "$hidden" ]; then
+  mkdir -p "$AFSD_VM_CHECKOUT" && mount --bind "$hidden" "$AFSD_VM_CHECKOUT"
+fi
 cd "$AFSD_VM_CHECKOUT" || fail "checkout $AFSD_VM_CHECKOUT not visible in the guest"
 echo "vm-init: kernel $(uname -r) up after $(cut -d' ' -f1 /proc/uptime) s; running pytest ${AFSD_VM_PYTEST_ARGS[*]}"
 
@@ -53,5 +66,6 @@ echo "vm-init: kernel $(uname -r) up after $(cut -d' ' -f1 /proc/uptime) s; runn
 code=$?
 echo "$code" >"$RESULTS/exit-code.partial" && mv "$RESULTS/exit-code.partial" "$RESULTS/exit-code"
 echo "vm-init: pytest exited $code after $(cut -d' ' -f1 /proc/uptime) s of uptime"
+[ -n "$hidden" ] && umount "$AFSD_VM_CHECKOUT"
 umount /var/tmp "$SCRATCH" "$RESULTS"
 stop_vm 0

@@ -33,6 +33,7 @@ class Blob:
     prefetch_paused_until: float = 0.0
     filled_bytes: int = 0
     failed_until: dict[int, float] = field(default_factory=dict)  # chunk -> until when reads of it fail at once
+    read_end: int = 0                          # where the last read event ended (sequential detection)
 
     @property
     def chunks(self) -> int:

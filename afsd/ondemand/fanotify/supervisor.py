@@ -306,6 +306,7 @@ class Supervisor:
             _sys.respond(self.group_fd, raw.fd, True)
             os.close(raw.fd)
             self._observe("present", time.monotonic() - received)
+            self._read_ahead(blob, start, end, missed=False)
             return
         self.journal.record(raw.fd, st.st_dev, st.st_ino, start, end - start)
         event = PendingEvent(fd=raw.fd, blob=blob, start=start, end=end, received=received,
@@ -313,6 +314,7 @@ class Supervisor:
         blob.pending.add(event)
         self.pending.add(event)
         self._plan(event)
+        self._read_ahead(blob, start, end, missed=True)
 
     def _plan(self, event: PendingEvent) -> None:
         """Allow the event if its range is filled; otherwise make sure a task is filling every chunk
@@ -349,19 +351,22 @@ class Supervisor:
             task.events.add(event)
             event.tasks.add(task)
             self._dispatch(task)
-        if missing and self.settings.fill_ahead:
-            self._fill_ahead(blob, missing[-1] + 1)
 
-    def _fill_ahead(self, blob: Blob, first: int) -> None:
-        """Start filling the chunks after a miss (a sequential reader will want them next), in small
-        tasks of their own so that the reader's own chunk is not held up by them."""
-        ahead = []
-        for chunk in range(first, min(blob.chunks, first + self.settings.fill_ahead)):
-            if chunk in blob.inflight or self._chunk_filled(blob, chunk):
-                break
-            ahead.append(chunk)
-        for start, count in chunk_runs(ahead, FILL_AHEAD_TASK_CHUNKS):
-            self._dispatch(self._new_task(blob, start, count, Priority.DEMAND))
+    def _read_ahead(self, blob: Blob, start: int, end: int, *, missed: bool) -> None:
+        """Keep the `fill_ahead` chunks after a read being filled, in small tasks of their own so that a
+        reader's own chunk is not held up by them. After a miss always (a reader will likely want the
+        next bytes); after a read of filled bytes only when it continues the last read (a sequential
+        reader): the window slides along with it, so it rarely waits on the network."""
+        size = blob.spec.chunk_size
+        sequential = blob.read_end - size <= start <= blob.read_end + size
+        blob.read_end = end
+        if not self.settings.fill_ahead or blob.complete or blob.fill_fd is None or not (missed or sequential):
+            return
+        first = -(-end // size)
+        ahead = [chunk for chunk in range(first, min(blob.chunks, first + self.settings.fill_ahead))
+                 if chunk not in blob.inflight and not self._chunk_filled(blob, chunk)]
+        for run_start, count in chunk_runs(ahead, FILL_AHEAD_TASK_CHUNKS):
+            self._dispatch(self._new_task(blob, run_start, count, Priority.DEMAND))
 
     def _recently_failed(self, blob: Blob, chunks: list[int]) -> bool:
         now = time.monotonic()
