@@ -28,22 +28,13 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from _common import exit_on_sigterm, machine_facts, print_table, require, write_json
+from _common import exit_on_sigterm, machine_facts, percentile, print_table, require, write_json
 
 from afsd.lab.daemons import Daemon, http_address
 from tests.support.afslet import SdkCall
 from tests.support.proxy import ProxySdkCall, metric, start_proxy_cluster
 
 WARM_UP_CALLS = 5
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    """Linear interpolation between the closest ranks."""
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * fraction
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def run_calls(target: Daemon, count: int, image: str, *, through_proxy: bool) -> list[float]:

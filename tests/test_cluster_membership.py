@@ -138,3 +138,21 @@ async def _lacks(nodes, name: str) -> bool:
 async def _all_nodes(cluster: LocalCluster, discovery) -> set[str]:
     response = await cluster.discovery(discovery).FindProvider(dpb.FindProviderRequest())
     return {s.node_id for s in response.services}
+
+
+async def test_a_layerstore_heartbeats_at_once_after_a_new_layer_and_after_an_eviction(cluster: LocalCluster) -> None:
+    """With a 60 s heartbeat period, discovery still learns of a pulled image and of an eviction within
+    seconds: the layerstore beats right after its cache changes, not at its next period."""
+    (discovery,) = await cluster.start_discovery(1, ttl=120)
+    (node,) = await cluster.start_layerstores(1, heartbeat_period=60)
+    await cluster.wait_registered(1)
+    image = await cluster.push("prompt", small_image("prompt", 1 << 20, layers=1))
+    (layer,) = (await cluster.pull(node, image)).layers
+    waited = await cluster.wait_until(lambda: _has(cluster.nodes_for_layer(discovery, layer.digest), "node0"), 10,
+                                      "discovery to list the new layer")
+    print(f"new layer listed after {waited:.2f} s")
+    pruned = await cluster.layerstore(node).PruneCache(lpb.PruneCacheRequest(percent=100))
+    assert pruned.evicted_layers == 1
+    waited = await cluster.wait_until(lambda: _lacks(cluster.nodes_for_layer(discovery, layer.digest), "node0"), 10,
+                                      "discovery to drop the evicted layer")
+    print(f"evicted layer dropped after {waited:.2f} s")

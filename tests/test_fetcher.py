@@ -373,7 +373,9 @@ async def test_a_provider_that_joins_later_is_used_and_leases_follow_the_reader(
         result = await fetcher.fetch(0, 1)
         assert result.source == f"peer:{holder.address}"
         assert result.data == (await cluster.read_all(holder, spec.layer_digest))[:len(result.data)]
-        assert fetcher.stats()["refreshes"] == 2
+        # each failed round asked discovery again (how many rounds joined the first, background refresh
+        # depends on timing)
+        assert fetcher.stats()["refreshes"] >= 2
 
 
 async def test_a_read_survives_the_serving_provider_being_killed(shared: Shared) -> None:

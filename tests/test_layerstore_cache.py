@@ -86,3 +86,25 @@ async def test_prune_cache_reclaims_the_requested_share(cluster: LocalCluster) -
         with pytest.raises(grpc.aio.AioRpcError) as bad:
             await stub.PruneCache(lpb.PruneCacheRequest(percent=percent))
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_concurrent_pulls_never_overcommit_the_cache(cluster: LocalCluster) -> None:
+    """Three pulls at once into a cache with room for two: reservations are taken before downloading,
+    so the cache never goes over its limit; what cannot fit while the others are in progress is refused
+    (RESOURCE_EXHAUSTED) without evicting anything, and the same pull works once they are done."""
+    (node,) = await cluster.start_layerstores(1, cache_max_bytes=LIMIT)
+    images = [await cluster.push(f"burst-{name}", small_image(f"burst-{name}", 4 * MIB, compression="none"))
+              for name in "xyz"]
+    outcomes = await asyncio.gather(*(cluster.pull(node, image) for image in images), return_exceptions=True)
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert all(o.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for o in refused), outcomes
+    assert not [o for o in outcomes if isinstance(o, BaseException) and o not in refused], outcomes
+    assert len(refused) <= 1
+    status = await cluster.layerstore(node).PruneCache(lpb.PruneCacheRequest(percent=1))  # reports the totals
+    assert status.before_bytes <= LIMIT, status
+    # (A pull that finished first may already have been evicted, least recently used, by a later one.)
+    assert any([await _present(cluster, node, image) for image in images])
+    for image, outcome in zip(images, outcomes):
+        if outcome in refused:           # nothing in progress any more: the refused pull now fits
+            await cluster.pull(node, image)
+            assert await _present(cluster, node, image)

@@ -11,9 +11,11 @@ import stat
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from afsd.lab.catalogue import seeded_bytes
+from afsd.lab.daemons import metrics_address
 from afsd.node.records import mounted_paths
 from tests.support.cluster import LocalCluster, small_image
 from tests.support.treecompare import compare_trees, format_differences, snapshot
@@ -162,6 +164,12 @@ async def test_a_fanotify_mount_fetches_only_what_is_read(cluster: LocalCluster)
     cached, total = int(mount["bytes_cached"]), int(mount["bytes_total"])
     assert total > 96 << 20
     assert cached < total * 0.05, f"reading one small file brought {cached} of {total} bytes"
+    # The node's /metrics says the same: bytes filled (from its own layerstore) are a small fraction.
+    await cluster.wait_until(lambda: _metric(node, "afsd_fanotify_bytes_filled_local_total"), 15,
+                             "the node's /metrics to report the fanotify fills")
+    filled = await _metric(node, "afsd_fanotify_bytes_filled_local_total")
+    assert 0 < filled < total * 0.05, filled
+    assert await _metric(node, 'afsd_node_mounts{backend="fanotify"}') == 1
 
     expected = (await asyncio.to_thread(umoci_rootfs, image, image.platforms[0], cluster.workdir / "umoci"))
     assert (target / "data/large-0.bin").read_bytes() == (expected / "data/large-0.bin").read_bytes()
@@ -247,6 +255,8 @@ async def test_afsd_mounts_reports_fanotify_worker_restarts_and_redispatched_eve
     assert counters["fanotify.worker_restarts"] >= 1 and counters["fanotify.events_redispatched"] >= 1, counters
     listed = (await cluster.afsd(node, "mounts")).stdout
     assert "worker restarts" in listed and "re-dispatched" in listed, listed
+    await cluster.wait_until(lambda: _metric(node, "afsd_fanotify_worker_restarts_total"), 15,
+                             "the node's /metrics to count the worker restart")
 
 
 async def test_a_writable_upper_dir_and_an_extra_dir_stack_above_the_image(cluster: LocalCluster) -> None:
@@ -260,9 +270,10 @@ async def test_a_writable_upper_dir_and_an_extra_dir_stack_above_the_image(clust
     (extra / "etc/stack-1.txt").write_text("from the extra dir\n")      # shadows the image's file
     (extra / "etc/only-extra.txt").write_text("extra\n")
     target.mkdir()
-    mounted = await cluster.afsd(node, "mount", image.reference, str(target), "--backend", "eager",
+    mounted = await cluster.afsd(node, "mount", image.reference, str(target),   # --backend auto, the default
                                  "--upper", str(upper), "--extra-dir", str(extra))
     assert mounted.returncode == 0, mounted.stderr
+    assert "with backend fanotify" in mounted.stdout     # the best this kernel supports, and it says so
     assert (target / "etc/stack-0.txt").read_text() == "stack layer 0\n"
     assert (target / "etc/stack-1.txt").read_text() == "from the extra dir\n"
     assert (target / "etc/only-extra.txt").read_text() == "extra\n"
@@ -274,3 +285,47 @@ async def test_a_writable_upper_dir_and_an_extra_dir_stack_above_the_image(clust
     assert (upper / "upper/etc/new.txt").read_text() == "written in the container\n"   # kept after umount
     whiteout = os.lstat(upper / "upper/etc/stack-0.txt")
     assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0           # deletion recorded as a whiteout
+
+
+async def _metric(daemon, sample: str) -> float:
+    """The value of one sample (name plus labels, as printed) on a daemon's /metrics; 0 when absent."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://{metrics_address(daemon)}/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_a_lingering_layer_keeps_filling_and_spreads_after_a_short_task(cluster: LocalCluster) -> None:
+    """With --layer-linger, a task that reads one file and unmounts at once still leaves its node a
+    provider: the layers stay attached a while, their background fill completes, the local layerstore
+    adopts them; then they are released and nothing stays mounted."""
+    (discovery,) = await cluster.start_discovery(1)
+    store_a, store_b = await cluster.start_layerstores(2)
+    image = await cluster.push("linger", small_image("linger", 4 << 20))
+    layers = (await cluster.pull(store_a, image)).layers
+    node = await cluster.start_node(store_b, extra_args=["--layer-linger", "5"])
+    state = node.args[node.args.index("--state-dir") + 1]
+    target = cluster.workdir / "task"
+    target.mkdir()
+    mounted = await cluster.afsd(node, "mount", image.reference, str(target), "--backend", "fanotify")
+    assert mounted.returncode == 0, mounted.stderr
+    assert (target / "etc/linger-0.txt").read_text() == "linger layer 0\n"
+    assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
+    assert not os.path.ismount(target)
+
+    def node_mounts() -> list[str]:
+        return [point for point in mounted_paths() if point.startswith(state + "/")]
+    assert node_mounts(), "the layers linger after the image is unmounted"
+
+    async def b_provides_everything() -> bool:
+        return all(["node1" in await cluster.nodes_for_layer(discovery, layer.digest) for layer in layers])
+    await cluster.wait_until(b_provides_everything, 20, "the lingering layers to complete and spread")
+    await cluster.wait_until(lambda: not node_mounts(), 20, "the lingering layers to be released")
+    # A node daemon stopped (SIGTERM) while layers linger releases them: they have no mount to outlive.
+    assert (await cluster.afsd(node, "mount", image.reference, str(target))).returncode == 0
+    assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
+    assert node_mounts()
+    await asyncio.to_thread(node.stop)
+    assert not node_mounts()

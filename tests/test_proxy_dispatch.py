@@ -7,13 +7,14 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Self
 
 import pytest
 
 from afsd.lab.catalogue import seeded_bytes
 from afsd.lab.daemons import Daemon
-from tests.support.afslet import file_entry, sdk_raw
+from tests.support.afslet import direct_execute, file_entry, sdk_raw
 from tests.support.proxy import (  # noqa: F401 - fixtures
     ProxyCluster,
     afslet_cluster,
@@ -66,6 +67,32 @@ def test_an_execute_through_the_proxy_is_relayed_both_ways(proxy_cluster: ProxyC
     assert call.files()["root/copy.bin"] == payload
     assert call.kinds[:2] == ["accepted", "log"] and call.kinds[-1] == "done"
     assert afslet_host(call.lines("proxy")) in HOSTS
+
+
+def test_a_large_writable_layer_streams_through_the_proxy_without_being_held_whole(
+        proxy_cluster: ProxyCluster, proxy: Daemon) -> None:
+    """~100 MB of incompressible output crosses the proxy frame by frame: its peak memory grows by a
+    small fraction of that (flow control holds the afslet back while the client reads)."""
+    assert proxy.process is not None
+    before = _peak_rss_bytes(proxy.process.pid)
+    size = 100_000_000
+    call = direct_execute(proxy, image=proxy_cluster.base.images["tools"], cpu_cores=1, memory_mb=512,
+                          timeout_ms=300_000,
+                          command=["/bin/sh", "-c", f"head -c {size} /dev/urandom > /root/big.bin"]).finish()
+    assert call.error is None and call.result.exit_code == 0, (call.error, call.responses[-3:])
+    relayed = sum(len(chunk.data) for chunk in call.of("tar_chunk"))
+    assert relayed > size                                     # gzip cannot shrink random bytes
+    grown = _peak_rss_bytes(proxy.process.pid) - before
+    print(f"relayed {relayed / 1e6:.0f} MB; the proxy's peak RSS grew by {grown / 1e6:.1f} MB")
+    assert grown < relayed / 4, grown
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    """VmHWM: the process's peak resident set so far."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
 
 
 @pytest.mark.usefixtures("every_afslet_published")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -96,3 +97,24 @@ async def test_discovery_client_backs_off_and_retries_unavailable_but_not_not_fo
     with pytest.raises(DiscoveryUnavailableError, match="UNAVAILABLE"):
         await client.find_provider("x")
     assert servicer.calls == FAST.attempts
+
+
+INTERNAL_CLIENTS = {   # module -> the call it makes to another afsd daemon or a registry
+    "afsd/oci/_retry.py": "layerstore -> registry",
+    "afsd/cluster/discovery_client.py": "everyone -> discovery",
+    "afsd/node/images.py": "mount -> layerstore (PullImage)",
+    "afsd/cluster/fetcher.py": "mount -> layerstore (ReadLayer)",
+    "afsd/proxy/retry.py": "proxy -> afslet",
+}
+
+
+def test_every_internal_client_takes_its_retry_policy_from_the_one_module() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for module, call in INTERNAL_CLIENTS.items():
+        source = (root / module).read_text()
+        uses_it = "from afsd.retry import" in source or "from afsd import retry" in source
+        assert uses_it and "RetryPolicy" in source, f"{module} ({call}) does not use afsd.retry"
+    # No other module computes a jittered backoff of its own.
+    for path in (root / "afsd").rglob("*.py"):
+        if path.name != "retry.py" and "api" not in path.parts:
+            assert "random.uniform" not in path.read_text(), path

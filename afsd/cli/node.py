@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from afsd.errors import AfsdError
+from afsd.errors import AfsdError, UsageError
 
 log = logging.getLogger("afsd.node")
 
@@ -39,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="enable only these backends (repeatable; default: every one this build has)")
     node.add_argument("--no-prefetch", action="store_true",
                       help="fetch only what readers touch (default: also fill whole blobs in the background)")
+    node.add_argument("--layer-linger", type=float, default=0.0, metavar="SECONDS",
+                      help="keep a layer attached and mounted this long after its last image mount is gone: "
+                           "the next mount sharing it starts at once, its background fill goes on and a "
+                           "complete blob still reaches the local layerstore (for nodes running many short "
+                           "tasks; default 0: release at once, `afsd umount` leaves no mount behind)")
     node.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     node.set_defaults(handler=run_node)
 
@@ -86,18 +91,25 @@ async def run_node(args: argparse.Namespace) -> int:
     from afsd.node.service import NodeService
     from afsd.rpc import ChannelPool, run_until_signalled, start_unix_server
 
+    if args.layer_linger < 0:
+        raise UsageError(f"--layer-linger {args.layer_linger:g}: give seconds >= 0")
     if args.metrics_listen:
         serve_metrics(args.metrics_listen)
     channels = ChannelPool()
     discovery = DiscoveryClient(args.discovery_endpoint, channels)
-    backends = build_backends(args.state_dir, args.backends, prefetch=not args.no_prefetch)
+    backends = build_backends(args.state_dir, args.backends, prefetch=not args.no_prefetch,
+                              spreads=args.layerstore_admin_socket is not None)
     daemon = NodeDaemon(
         args.state_dir, locator=ImageLocator(discovery, channels, local_layerstore=args.layerstore, node_id=args.node_id),
         backends=backends,
         source_factory=source_factory(discovery, channels, discovery_endpoints=args.discovery_endpoint,
                                       local_endpoint=args.layerstore, node_id=args.node_id),
-        layerstore_admin_socket=args.layerstore_admin_socket)
+        layerstore_admin_socket=args.layerstore_admin_socket, layer_linger=args.layer_linger)
     await daemon.start()
+    if args.metrics_listen:
+        from prometheus_client import REGISTRY
+        for collector in daemon.metrics_collectors():
+            REGISTRY.register(collector)
     server = await start_unix_server(args.socket, lambda s: node_pb2_grpc.add_NodeServicer_to_server(NodeService(daemon), s))
     log.warning("node daemon %s: socket %s, state %s, backends %s", args.node_id, args.socket, args.state_dir,
                 ", ".join(f"{n}={r}" for n, r in daemon.backend_availability().items()))

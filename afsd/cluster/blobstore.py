@@ -103,6 +103,7 @@ class BlobStore:
         self._reservations: list[Reservation] = []
         self._leases: dict[str, Lease] = {}
         self._lease_ids = itertools.count(1)
+        self._reserving = asyncio.Lock()   # check-evict-reserve is one step: no two pulls get the same room
         self.evictions = 0
 
     # -- startup --------------------------------------------------------------------------------
@@ -223,13 +224,10 @@ class BlobStore:
     async def evict(self, need: int, protected: Iterable[str] = ()) -> list[str]:
         """Remove least recently used layers until `need` bytes are freed (or nothing is left to
         remove); never leased or `protected` ones. Returns the evicted digests."""
-        keep = self.pinned() | set(protected) | {d for r in self._reservations for d in r.protected}
         freed, evicted = 0, []
-        for layer in sorted(self._layers.values(), key=lambda l: l.last_used):
+        for layer in self._evictable(protected):
             if freed >= need:
                 break
-            if layer.digest in keep:
-                continue
             self._layers.pop(layer.digest, None)
             freed += layer.blob.size
             evicted.append(layer.digest)
@@ -238,6 +236,12 @@ class BlobStore:
                      time.time() - layer.last_used)
         self.evictions += len(evicted)
         return evicted
+
+    def _evictable(self, protected: Iterable[str] = ()) -> list[StoredLayer]:
+        """Layers eviction may remove, least recently used first: not leased, not `protected`, not
+        wanted by a pull in progress."""
+        keep = self.pinned() | set(protected) | {d for r in self._reservations for d in r.protected}
+        return sorted((l for l in self._layers.values() if l.digest not in keep), key=lambda l: l.last_used)
 
     async def reserve(self, amount: int, protected: Iterable[str], what: str) -> tuple[Reservation, list[str]]:
         """Promise `amount` bytes to a pull of `what`, evicting LRU layers if needed.
@@ -249,17 +253,20 @@ class BlobStore:
         if amount > self.limit:
             raise CacheFullError(f"{what} needs about {amount:,} bytes but the cache limit is "
                                  f"{self.limit:,} bytes; raise --cache-max-bytes")
-        evicted: list[str] = []
-        shortfall = amount - self.available()
-        if shortfall > 0:
-            evicted = await self.evict(shortfall, protected)
-            if amount > self.available():
-                raise CacheFullError(
-                    f"insufficient cache space for {what}: need {amount:,} bytes, available "
-                    f"{max(0, self.available()):,} of {self.limit:,} (the rest is leased or being pulled)")
-        reservation = Reservation(amount, protected)
-        self._reservations.append(reservation)
-        return reservation, evicted
+        async with self._reserving:
+            evicted: list[str] = []
+            shortfall = amount - self.available()
+            if shortfall > 0:
+                # Evict nothing unless eviction can make enough room: a refused pull must not cost the
+                # cache the layers it would have displaced.
+                if sum(layer.blob.size for layer in self._evictable(protected)) < shortfall:
+                    raise CacheFullError(
+                        f"insufficient cache space for {what}: need {amount:,} bytes, available "
+                        f"{max(0, self.available()):,} of {self.limit:,} (the rest is leased or being pulled)")
+                evicted = await self.evict(shortfall, protected)
+            reservation = Reservation(amount, protected)
+            self._reservations.append(reservation)
+            return reservation, evicted
 
     def release(self, reservation: Reservation) -> None:
         if reservation in self._reservations:

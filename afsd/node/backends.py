@@ -13,13 +13,16 @@ from afsd.ondemand.spec import BlobSpec
 from afsd.rpc import ChannelPool
 
 
-def build_backends(state_dir: Path, enabled: Sequence[str] | None, *, prefetch: bool = True) -> dict[str, Backend]:
+def build_backends(state_dir: Path, enabled: Sequence[str] | None, *, prefetch: bool = True,
+                   spreads: bool = False) -> dict[str, Backend]:
+    """`spreads`: the node hands complete blobs to a local layerstore (then fscache keeps a plain copy
+    of each blob beside its cache file, which costs the blob's size on disk a second time)."""
     from afsd.ondemand.cachefiles.backend import FscacheBackend
     from afsd.ondemand.fanotify.backend import FanotifyBackend
 
     available: dict[str, Callable[[], Backend]] = {
         "fanotify": lambda: FanotifyBackend(state_dir / "fanotify", prefetch=prefetch),
-        "fscache": lambda: FscacheBackend(state_dir / "fscache", prefetch=prefetch),
+        "fscache": lambda: FscacheBackend(state_dir / "fscache", prefetch=prefetch, copy_blobs=spreads),
         "eager": EagerBackend,
     }
     names = list(enabled) if enabled else list(available)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 from prometheus_client import Counter, Gauge
+from prometheus_client.registry import Collector
 
 from afsd.api import layerstore_pb2 as lpb
 from afsd.api import layerstore_pb2_grpc as lgrpc
@@ -46,6 +47,7 @@ LAYERS_IMPORTED = Counter("afsd_node_layers_imported_total", "Complete blobs han
 
 BACKEND_PREFERENCE = ("fanotify", "fscache", "eager")
 SPREAD_PERIOD = 2.0
+BACKEND_STATUS_PERIOD = 5.0   # how fresh the backends' own metrics on the node's /metrics are
 
 
 class MountRequestError(AfsdError):
@@ -78,6 +80,7 @@ class LayerUse:
     refs: int = 0
     imported: bool = False
     import_retry_at: float = 0.0
+    lingering: asyncio.Task[None] | None = None   # released by its last mount, kept for `layer_linger` s
 
 
 SourceFactory = Callable[[BlobSpec], BlobSource]
@@ -85,8 +88,13 @@ SourceFactory = Callable[[BlobSpec], BlobSource]
 
 class NodeDaemon:
     def __init__(self, state_dir: Path, *, locator: ImageLocator, backends: dict[str, Backend],
-                 source_factory: SourceFactory, layerstore_admin_socket: Path | None = None) -> None:
+                 source_factory: SourceFactory, layerstore_admin_socket: Path | None = None,
+                 layer_linger: float = 0.0) -> None:
+        """`layer_linger`: seconds a layer stays attached and mounted after its last image mount is gone,
+        so the next mount of an image sharing it starts at once, its background fill goes on and, once
+        complete, it is handed to the local layerstore (nodes that only run short tasks still spread)."""
         self.state = StateDir(state_dir)
+        self.layer_linger = layer_linger
         self.locator = locator
         self.backends = backends
         self.source_factory = source_factory
@@ -95,6 +103,8 @@ class NodeDaemon:
         self._layers: dict[str, LayerUse] = {}
         self._layer_locks: dict[str, asyncio.Lock] = {}
         self._spreader: asyncio.Task[None] | None = None
+        self._status_poller: asyncio.Task[None] | None = None
+        self._closing = False
         self._unavailable: dict[str, str | None] = {}  # backend -> why it cannot run (probed once)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -107,11 +117,17 @@ class NodeDaemon:
                 await backend.start()
         await self._restore()
         self._spreader = asyncio.create_task(self._spread_complete_layers())
+        self._status_poller = asyncio.create_task(self._poll_backend_status())
 
     async def close(self) -> None:
         """Stop serving requests. Mounts stay: they outlive the daemon and are adopted at restart."""
-        if self._spreader:
-            self._spreader.cancel()
+        self._closing = True
+        for task in (self._spreader, self._status_poller):
+            if task:
+                task.cancel()
+        for use in [u for u in self._layers.values() if u.lingering is not None]:
+            use.lingering.cancel()     # lingering layers have no mount record: release them now
+            await self._drop_layer(use)
         for name, backend in self.backends.items():
             if self._unavailable.get(name) is None:
                 await backend.close()
@@ -269,6 +285,9 @@ class NodeDaemon:
                 use = LayerUse(spec, backend, self.state.blob_path(spec), self.state.layer_mountpoint(spec))
                 await self._attach_and_mount(use)
                 self._layers[spec.layer_digest] = use
+            if use.lingering is not None:   # wanted again before its linger ran out
+                use.lingering.cancel()
+                use.lingering = None
             use.refs += 1
             return use
 
@@ -294,12 +313,29 @@ class NodeDaemon:
             use.refs -= 1
             if use.refs > 0:
                 return
-            del self._layers[digest]
-            if str(use.mountpoint) in await asyncio.to_thread(mounted_paths):
-                await asyncio.to_thread(unmount, use.mountpoint, detach=True)
-            await use.backend.detach(use.spec, use.blob_path)
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(use.mountpoint.rmdir)
+            if self.layer_linger > 0 and not self._closing:
+                use.lingering = asyncio.create_task(self._linger(digest, use))
+                return
+            await self._drop_layer(use)
+
+    async def _linger(self, digest: str, use: LayerUse) -> None:
+        await asyncio.sleep(self.layer_linger)
+        async with self._layer_locks.setdefault(digest, asyncio.Lock()):
+            if self._layers.get(digest) is not use or use.refs > 0:
+                return
+            use.lingering = None
+            if not use.imported and self.layerstore_admin_socket is not None:
+                await self._import_if_complete(use)   # last chance to spread it before it goes
+            await self._drop_layer(use)
+
+    async def _drop_layer(self, use: LayerUse) -> None:
+        """Unmount and detach a layer no mount uses any more (its blob file stays in the state dir)."""
+        self._layers.pop(use.spec.layer_digest, None)
+        if str(use.mountpoint) in await asyncio.to_thread(mounted_paths):
+            await asyncio.to_thread(unmount, use.mountpoint, detach=True)
+        await use.backend.detach(use.spec, use.blob_path)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(use.mountpoint.rmdir)
 
     # -- restart --------------------------------------------------------------------------------
 
@@ -337,6 +373,22 @@ class NodeDaemon:
 
     # -- spreading ------------------------------------------------------------------------------
 
+    def metrics_collectors(self) -> list[Collector]:
+        """The running backends' own metrics (supervisor counters), to register with /metrics."""
+        return [collector for name, backend in self.backends.items()
+                if self.available(name) and (collector := backend.metrics_collector()) is not None]
+
+    async def _poll_backend_status(self) -> None:
+        """Keep what the backends' collectors report fresh (`afsd mounts` refreshes on its own)."""
+        while True:
+            for name, backend in self.backends.items():
+                if self.available(name):
+                    try:
+                        await backend.refresh()
+                    except (AfsdError, OSError) as error:
+                        log.warning("no status from backend %s: %s", name, error)
+            await asyncio.sleep(BACKEND_STATUS_PERIOD)
+
     async def _spread_complete_layers(self) -> None:
         """Hand blobs that became complete here to the local layerstore, so peers can read them."""
         if self.layerstore_admin_socket is None:
@@ -344,15 +396,16 @@ class NodeDaemon:
         while True:
             await asyncio.sleep(SPREAD_PERIOD)
             for use in list(self._layers.values()):
-                if use.imported or time.monotonic() < use.import_retry_at:
-                    continue
-                try:
-                    if await use.backend.is_complete(use.spec, use.blob_path):
-                        await self._import(use)
-                except (AfsdError, OSError, grpc.aio.AioRpcError) as error:
-                    log.warning("could not hand %s to the local layerstore (will retry): %s",
-                                use.spec.layer_digest, error)
-                    use.import_retry_at = time.monotonic() + 30.0
+                if not use.imported and time.monotonic() >= use.import_retry_at:
+                    await self._import_if_complete(use)
+
+    async def _import_if_complete(self, use: LayerUse) -> None:
+        try:
+            if await use.backend.is_complete(use.spec, use.blob_path):
+                await self._import(use)
+        except (AfsdError, OSError, grpc.aio.AioRpcError) as error:
+            log.warning("could not hand %s to the local layerstore (will retry): %s", use.spec.layer_digest, error)
+            use.import_retry_at = time.monotonic() + 30.0
 
     async def _import(self, use: LayerUse) -> None:
         spec = use.spec

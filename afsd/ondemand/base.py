@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from prometheus_client.registry import Collector
+
 from afsd.erofs.mount import mount_erofs
 from afsd.errors import AfsdError
 from afsd.ondemand.sparse import present_bytes_at
@@ -76,4 +78,9 @@ class Backend(ABC):
     def counters(self) -> dict[str, float]:
         """Backend-specific counters for `afsd mounts` and metrics, as of the last `refresh`."""
         return {}
+
+    def metrics_collector(self) -> Collector | None:
+        """Prometheus metrics of the processes this backend runs (its supervisor's counters, fed by
+        `refresh`), for the node daemon's /metrics; None when there are none."""
+        return None
 

@@ -1,6 +1,6 @@
 """Which bytes of a partly filled blob file are there, and writing bytes into one: written once for every
-backend (the fanotify blob file, the fscache cache file behind an anon fd, the eager backend's copy, and
-the default `Backend.present_bytes`).
+backend (the fanotify blob file, the fscache cache file behind an anon fd and the copy the fscache worker
+tees into, the eager backend's copy, and the default `Backend.present_bytes`).
 
 Presence is asked with lseek(SEEK_HOLE / SEEK_DATA): it reads no data, so it raises no fanotify event on
 a marked blob and needs no aligned buffer on a cachefiles anon fd.
@@ -72,6 +72,19 @@ def present_bytes_at(path: Path, size: int) -> int:
         return present_bytes(fd, size)
     finally:
         os.close(fd)
+
+
+def open_sized(path: Path | str, size: int) -> int:
+    """Open the file at `path` read-write (created if missing, mode 0600), sized exactly `size` bytes: the
+    bytes already there stay, a new file (or the part it grows by) is one hole. Returns the fd."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def write_at(fd: int, data: bytes | memoryview, offset: int) -> int:

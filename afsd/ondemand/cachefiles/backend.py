@@ -1,10 +1,12 @@
 """`FscacheBackend`: erofs blobs mounted in fscache mode, their misses served by afsd's cachefiles
 daemon, behind the common on-demand interface (afsd.ondemand.base.Backend), for the node daemon.
 
-attach = register the blob (spec + source configuration) with the supervisor; mount = `mount -t erofs
-none TARGET -o fsid=<blob name>[,domain_id=D]` from a node daemon thread; detach = unregister. The blob's
-bytes live in the cachefiles cache directory (not at `blob_path`, which this backend never writes), so
-`present_bytes` and `is_complete` ask the supervisor.
+attach = register the blob (spec + source configuration + `blob_path` as its copy) with the supervisor;
+mount = `mount -t erofs none TARGET -o fsid=<blob name>[,domain_id=D]` from a node daemon thread; detach =
+unregister and remove the copy. The blob's bytes live in the cachefiles cache directory, which only the
+kernel can read; the worker also writes each verified byte into a plain sparse file at `blob_path` (the
+copy), which is what the node daemon hands to its local layerstore once `is_complete` says so.
+`present_bytes` counts the cache's bytes (it asks the supervisor).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from afsd.errors import AfsdError
 from afsd.ondemand.base import Backend, BackendUnavailableError, BlobSource
 from afsd.ondemand.cachefiles.client import FscacheBackendError, FscacheClient
 from afsd.ondemand.cachefiles.device import kernel_problem
+from afsd.ondemand.cachefiles.metrics import StatusCollector
 from afsd.ondemand.cachefiles.mount import mount_fscache
 from afsd.ondemand.cachefiles.settings import Settings
+from afsd.ondemand.sparse import present_bytes_at
 from afsd.ondemand.spec import BlobSpec
 
 log = logging.getLogger(__name__)
@@ -30,13 +34,18 @@ class FscacheBackend(Backend):
     name = "fscache"
 
     def __init__(self, state_dir: Path, *, cache_dir: Path | None = None, domain_id: str = "",
-                 prefetch: bool = True, settings: Settings | None = None, metrics_listen: str | None = None) -> None:
+                 prefetch: bool = True, copy_blobs: bool = False, settings: Settings | None = None,
+                 metrics_listen: str | None = None) -> None:
         """`state_dir` holds the supervisor's socket, log and (by default) the cache directory, which must be
         on ext4, xfs or btrfs. With `domain_id`, every mount joins that erofs share domain (one fscache volume
-        for all blobs; a blob used as a `device=` by several images is then opened and cached once)."""
+        for all blobs; a blob used as a `device=` by several images is then opened and cached once).
+        With `copy_blobs`, every blob is also kept as a plain file at its `blob_path`, so a node with a
+        local layerstore can hand complete blobs to it (the node daemon turns it on only then: it costs
+        the blob's size on disk a second time). Without it, `is_complete` means the cache alone."""
         self.client = FscacheClient(state_dir, cache_dir=cache_dir, settings=settings, metrics_listen=metrics_listen)
         self.domain_id = domain_id
         self.prefetch = prefetch
+        self.copy_blobs = copy_blobs
         self._last_status: dict[str, Any] = {}
 
     @classmethod
@@ -58,7 +67,19 @@ class FscacheBackend(Backend):
             await self.client.ensure_running()
         except AfsdError as e:
             raise BackendUnavailableError(f"backend fscache cannot serve layer {spec.layer_digest}: {e}") from None
-        await self.client.register(spec, source.config, prefetch=self.prefetch)
+        await self.client.register(spec, source.config, prefetch=self.prefetch,
+                                   copy_path=await asyncio.to_thread(self._copy_path, spec, blob_path))
+
+    def _copy_path(self, spec: BlobSpec, blob_path: Path) -> Path | None:
+        """Where the worker keeps the blob's copy: `blob_path` when its directory exists (the node daemon's
+        state directory always has it); else none, said here once instead of at every write that fails."""
+        if not self.copy_blobs:
+            return None
+        if not blob_path.parent.is_dir():
+            log.warning("layer %s: keeping no copy of its blob (%s does not exist): this node cannot hand it to "
+                        "its layerstore", spec.layer_digest, blob_path.parent)
+            return None
+        return blob_path
 
     async def mount(self, spec: BlobSpec, blob_path: Path, target: Path) -> None:
         # In a thread: mount(2) waits for the worker to answer the blob's OPEN.
@@ -66,11 +87,18 @@ class FscacheBackend(Backend):
 
     async def detach(self, spec: BlobSpec, blob_path: Path) -> None:
         await self.client.unregister(spec.name, missing_ok=True)
+        if self.copy_blobs:   # (a layerstore that imported it keeps its own link)
+            await asyncio.to_thread(blob_path.unlink, missing_ok=True)
 
     async def is_complete(self, spec: BlobSpec, blob_path: Path) -> bool:
-        """Whether the cache file holds the whole blob (the supervisor's worker checks with SEEK_HOLE)."""
+        """Whether the cache file holds the whole blob (the supervisor's worker checks with SEEK_HOLE) and,
+        when the blob is registered with a copy, so does the copy (no hole left: the node daemon may import
+        it; the layerstore verifies it then)."""
         blob = await self.client.blob_status(spec.name)
-        return bool(blob and blob["complete"])
+        if not (blob and blob["complete"]):
+            return False
+        copy = blob.get("copy_path")
+        return not copy or await asyncio.to_thread(present_bytes_at, Path(copy), spec.size) >= spec.size
 
     def present_bytes(self, spec: BlobSpec, blob_path: Path) -> int:
         """The blob's bytes in its cache file, as the supervisor's status counts them (its worker walks the
@@ -89,6 +117,9 @@ class FscacheBackend(Backend):
         except FscacheBackendError as e:
             log.warning("no status from the fscache supervisor: %s", e)
         return self._last_status
+
+    def metrics_collector(self) -> StatusCollector:
+        return StatusCollector(lambda: self._last_status)
 
     def counters(self) -> dict[str, float]:
         status = self._last_status

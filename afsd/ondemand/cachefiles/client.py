@@ -54,9 +54,14 @@ class FscacheClient(SupervisorClientBase):
         """Replace the worker (an upgrade): requests in flight are re-delivered to the new one."""
         await self._request({"op": "restart-worker"})
 
-    async def register(self, spec: BlobSpec, source_config: dict[str, Any], *, prefetch: bool = True) -> dict[str, Any]:
+    async def register(self, spec: BlobSpec, source_config: dict[str, Any], *, prefetch: bool = True,
+                       copy_path: Path | None = None) -> dict[str, Any]:
         """Serve `spec` (OPENs of cookie key `spec.name`) from `source_config` (see afsd.ondemand.sources).
-        Idempotent for the same blob; mount it afterwards."""
+        Idempotent for the same blob; mount it afterwards. With `copy_path`, the worker also writes every
+        verified byte it caches into a plain file there (sparse, the blob's size; its directory must exist),
+        and fills the rest from the source once the cache file is whole: a readable copy of the blob.
+        Removing that file is the caller's job."""
+        copy = str(Path(copy_path).absolute()) if copy_path else ""
         reply = await self._request({"op": "register", "spec": spec.to_json(), "source": source_config,
-                                     "prefetch": prefetch})
+                                     "prefetch": prefetch, "copy_path": copy})
         return reply["blob"]

@@ -14,8 +14,9 @@ If this process dies, the cache dies with it (the kernel fails every pending rea
 made again. It is small and protected from the OOM killer for that reason.
 
 Control protocol on DIR/supervisor.sock (framed JSON, afsd/ondemand/_wire.py; root only), one
-reply per request: register {spec, source, prefetch}  unregister {name, force}  status
-restart-worker  shutdown {force}. The worker connects to the same socket: see worker.py.
+reply per request: register {spec, source, prefetch, copy_path}  unregister {name, force}  status
+restart-worker  shutdown {force}. `copy_path` (optional, "" for none) is a plain file the worker keeps
+a copy of the blob's verified bytes in (see worker.py). The worker connects to the same socket.
 """
 
 from __future__ import annotations
@@ -57,12 +58,13 @@ class Registration:
     spec: BlobSpec
     source: dict[str, Any]
     prefetch: bool
+    copy_path: str = ""      # where the worker also writes the blob's bytes ("": nowhere)
     complete: bool = False   # a worker found (or made) the cache file whole
     present_bytes: int | None = None   # as a worker last counted them (None: not yet; the cache file keeps them)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.spec.name, "spec": self.spec.to_json(), "source": self.source,
-                "prefetch": self.prefetch, "complete": self.complete}
+                "prefetch": self.prefetch, "copy_path": self.copy_path, "complete": self.complete}
 
 
 @dataclass(eq=False)
@@ -274,7 +276,7 @@ class Supervisor:
         try:
             if op == "register":
                 reply["blob"] = self._register(BlobSpec.from_json(message["spec"]), message.get("source") or {},
-                                               bool(message.get("prefetch")))
+                                               bool(message.get("prefetch")), str(message.get("copy_path") or ""))
             elif op == "unregister":
                 await self._unregister(str(message["name"]), force=bool(message.get("force")))
             elif op == "status":
@@ -291,7 +293,7 @@ class Supervisor:
             reply.update(ok=False, error=f"malformed {op} request: {e!r}")
         return reply
 
-    def _register(self, spec: BlobSpec, source: dict[str, Any], prefetch: bool) -> dict[str, Any]:
+    def _register(self, spec: BlobSpec, source: dict[str, Any], prefetch: bool, copy_path: str) -> dict[str, Any]:
         name = spec.name
         if not name or len(name.encode()) > KEY_BYTES_MAX or not all(0x21 <= ord(c) < 0x7F and c != "/" for c in name):
             raise RequestError(f"blob name {name!r} cannot be an fscache key: use up to {KEY_BYTES_MAX} printable "
@@ -301,11 +303,12 @@ class Supervisor:
             if existing.spec.size != spec.size or existing.spec.blob_digest != spec.blob_digest:
                 raise RequestError(f"blob {name} is already registered with other contents "
                                    f"({existing.spec.blob_digest}, {existing.spec.size} bytes)")
-            existing.source, existing.prefetch = source, prefetch   # the newer settings serve later OPENs
+            # The newer settings serve later OPENs (a worker holding the blob open keeps its own).
+            existing.source, existing.prefetch, existing.copy_path = source, prefetch, copy_path
             return existing.to_json()
-        registration = self.blobs[name] = Registration(spec, source, prefetch)
-        self.log.info("registered blob %s (%d bytes, source %s, prefetch %s)", name, spec.size,
-                      source.get("kind", "?"), prefetch)
+        registration = self.blobs[name] = Registration(spec, source, prefetch, copy_path)
+        self.log.info("registered blob %s (%d bytes, source %s, prefetch %s, copy %s)", name, spec.size,
+                      source.get("kind", "?"), prefetch, copy_path or "none")
         return registration.to_json()
 
     async def _unregister(self, name: str, *, force: bool) -> None:
@@ -345,7 +348,8 @@ class Supervisor:
                 registration.present_bytes = seen["present_bytes"]
             blobs.append({"name": name, "size": registration.spec.size, "prefetch": registration.prefetch,
                           "source": registration.source.get("kind", ""), "complete": complete,
-                          "open_objects": seen.get("open_objects", 0),
+                          "open_objects": seen.get("open_objects", 0), "copy_path": registration.copy_path,
+                          "copy_error": seen.get("copy_error", ""),
                           "present_bytes": registration.spec.size if complete else registration.present_bytes,
                           "fetcher": seen.get("fetcher", {})})
         self.status_snapshot = {

@@ -10,15 +10,26 @@ Where it sits: kernel -> /dev/cachefiles (fd inherited from the supervisor) -> t
           writer thread) -> CACHEFILES_IOC_READ_COMPLETE, ALWAYS: without data only when every source
           failed (the reader then gets EIO, never a hang)
     CLOSE -> close the object's anon fd (once no fetch or write still uses it)
+The copy: a blob registered with a `copy_path` (the node daemon's blob file, which it hands to its local
+layerstore once complete) gets every verified range written there too, in the same writer thread and
+before the cache write, at the same offset, into a sparse file of the blob's exact size. The cache file
+itself cannot be read back (the anon fd only writes), so this is the only way its bytes leave the cache.
+Bytes the cache held before the copy was asked for (a cache kept from an earlier mount) never pass
+through here again: once the cache file is whole, the copy's remaining holes are fetched from the
+blob's source at prefetch priority, so a whole cache always ends in a whole copy.
 The loop only reads requests and starts tasks: fetches run concurrently on the event loop, writes in
 threads. When the worker is told to stop (SIGTERM: an upgrade) or dies, it answers nothing more; the
 supervisor starts a successor that writes `restore`, so the kernel hands it whatever was unanswered.
 
 Messages on the supervisor's socket (framed JSON, afsd/ondemand/_wire.py):
     -> hello {role: "worker"}   stats {counters} every `heartbeat` s   complete {name}
-    -> lookup {id, name}        <- reply {id, blob: registration | null}
+    -> lookup {id, name}        <- reply {id, blob: registration {name, spec, source, prefetch, copy_path,
+                                   complete} | null}   (copy_path "": no copy)
     <- report {id}              -> reply {id, counters, blobs, open_objects, reads_in_flight}
-    <- forget {name}            the blob was unregistered: drop its source once its objects close
+                                   (per blob: open_objects, complete, filled_bytes, present_bytes,
+                                   copy_path, copy_error, fetcher)
+    <- forget {name}            the blob was unregistered: stop writing its copy; drop its source once
+                                its objects close
 """
 
 from __future__ import annotations
@@ -31,8 +42,10 @@ import logging
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from afsd.errors import AfsdError
 from afsd.ondemand import _daemon
@@ -41,8 +54,8 @@ from afsd.ondemand.cachefiles import _shim
 from afsd.ondemand.cachefiles.counters import WORKER_COUNTERS
 from afsd.ondemand.cachefiles.settings import Settings
 from afsd.ondemand.sources import SourceFactory
-from afsd.ondemand.sparse import first_hole, present_bytes
-from afsd.ondemand.spec import BlobSpec, Priority, RangeSource
+from afsd.ondemand.sparse import first_hole, holes, open_sized, present_bytes, write_at
+from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
 
 log = logging.getLogger("afsd.fscache.worker")
 
@@ -51,9 +64,57 @@ LOOKUP_TIMEOUT = 30.0
 ATTACH_WAIT = 10.0          # seconds to retry ENOBUFS right after copen (the backing file is being attached)
 DRAIN_BATCH = 64            # requests taken per wake-up before other work gets a turn
 
+T = TypeVar("T")
+
 
 def round_up(value: int, unit: int = PAGE) -> int:
     return -(-value // unit) * unit
+
+
+@dataclass(eq=False)
+class BlobCopy:
+    """The plain file a blob's verified bytes are teed into (the registration's copy_path). Its fd is
+    opened once, by the first writer thread that needs it; `users` (counted on the event loop) keeps it
+    open while writer threads use it."""
+
+    path: str
+    size: int
+    fd: int = -1
+    users: int = 0
+    retired: bool = False   # no longer the blob's copy (unregistered): fd goes when users reach 0
+    error: str = ""         # why the last write into it failed ("" once a fill succeeded)
+    opening: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- in writer threads --
+
+    def write(self, data: bytes, offset: int) -> None:
+        write_at(self._fd(), memoryview(data)[:max(0, self.size - offset)], offset)
+
+    def tee(self, data: bytes, offset: int) -> None:
+        """`write`, never raising: a copy that cannot be written must not fail the reader's READ."""
+        try:
+            self.write(data, offset)
+        except OSError as e:
+            if not self.error:
+                log.warning("cannot write the copy %s (bytes %d-%d): %s; its holes are fetched again once "
+                            "the cache file is whole", self.path, offset, offset + len(data), reason(e))
+            self.error = f"{self.path}: {reason(e)}"
+
+    def holes(self) -> list[tuple[int, int]]:
+        return holes(self._fd(), 0, self.size)
+
+    def _fd(self) -> int:
+        with self.opening:
+            if self.fd < 0:
+                self.fd = open_sized(self.path, self.size)
+            return self.fd
+
+    # -- on the event loop --
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass(eq=False)
@@ -69,6 +130,8 @@ class ServedBlob:
     unit: int = 0           # bytes one miss is widened to: settings.read_unit in whole chunks
     forgotten: bool = False
     filled_bytes: int = 0
+    copy: BlobCopy | None = None
+    copier: asyncio.Task[None] | None = None   # filling the copy's holes from the source
 
 
 @dataclass(eq=False)
@@ -134,6 +197,8 @@ class CacheWorker:
                 os.close(obj.fd)
                 obj.fd = -1
         for blob in self.blobs.values():
+            if blob.copy is not None:
+                blob.copy.close()
             if blob.source is not None:
                 try:
                     await asyncio.wait_for(blob.source.close(), 5.0)
@@ -243,13 +308,16 @@ class CacheWorker:
         if registration is None:
             return None
         spec = BlobSpec.from_json(registration["spec"])
+        copy_path = str(registration.get("copy_path") or "")
         if known is not None and known.spec.blob_digest == spec.blob_digest:   # unregistered, then again
             known.forgotten = False
             known.config, known.prefetch = registration.get("source") or {}, bool(registration.get("prefetch"))
+            known.copy = BlobCopy(copy_path, spec.size) if copy_path else None   # (forget retired the old one)
             return known
         blob = self.blobs[name] = ServedBlob(
             name, spec, registration.get("source") or {}, bool(registration.get("prefetch")),
-            unit=max(spec.chunk_size, round_up(self.settings.read_unit, spec.chunk_size)))
+            unit=max(spec.chunk_size, round_up(self.settings.read_unit, spec.chunk_size)),
+            copy=BlobCopy(copy_path, spec.size) if copy_path else None)
         return blob
 
     async def _after_open(self, obj: OpenObject) -> None:
@@ -261,6 +329,7 @@ class CacheWorker:
             return
         if whole:
             self._mark_complete(blob)
+            self._complete_copy_soon(blob)   # (already complete in this worker: the copy may be new)
         elif blob.prefetch and blob.prefetcher is None:
             blob.prefetcher = self._spawn(self._prefetch(blob))
 
@@ -307,14 +376,10 @@ class CacheWorker:
         blob = obj.blob
         unit, size = blob.unit, blob.spec.size
         first, last = start - start % unit, min(size, round_up(end, unit))
-        if blob.source is None:
-            blob.source = self.factory.make(blob.spec, blob.config)
-        fetched = await blob.source.fetch(first, last - first, priority)
+        fetched = await self._fetch(blob, first, last, priority)
         if fetched.offset > start or fetched.offset + len(fetched.data) < min(end, size):
             raise ValueError(f"the source returned bytes {fetched.offset}-{fetched.offset + len(fetched.data)}, "
                              f"not covering {start}-{min(end, size)}")
-        if fetched.offset % PAGE:
-            raise ValueError(f"the source returned a range at {fetched.offset}, not on a page boundary")
         written, whole = await self._write(obj, fetched.data, fetched.offset)
         blob.filled_bytes += written
         self.counters["bytes_demand" if priority == Priority.DEMAND else "bytes_prefetch"] += written
@@ -322,13 +387,39 @@ class CacheWorker:
             self._mark_complete(blob)
         return written
 
+    async def _fetch(self, blob: ServedBlob, start: int, end: int, priority: Priority) -> FetchedRange:
+        """[start, end) of the blob from its source (verified there), starting on a page boundary."""
+        if blob.source is None:
+            blob.source = self.factory.make(blob.spec, blob.config)
+        fetched = await blob.source.fetch(start, end - start, priority)
+        if fetched.offset % PAGE:
+            raise ValueError(f"the source returned a range at {fetched.offset}, not on a page boundary")
+        return fetched
+
     async def _write(self, obj: OpenObject, data: bytes, offset: int) -> tuple[int, bool]:
-        # The fd must stay open until the thread is done, even if the awaiting task is cancelled meanwhile:
-        # the thread's completion, not the task, releases it.
+        """Write verified bytes into the object's cache file (and the blob's copy, if it has one)."""
+        # The fds must stay open until the thread is done, even if the awaiting task is cancelled meanwhile:
+        # the thread's completion, not the task, releases them.
         obj.users += 1
+        copy = obj.blob.copy
+        if copy is not None:
+            copy.users += 1
         loop = asyncio.get_running_loop()
-        future = self.writer.submit(write_and_check, obj.fd, data, offset, obj.blob.spec.size)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, obj))
+        future = self.writer.submit(write_and_check, obj.fd, data, offset, obj.blob.spec.size, copy)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._written, obj, copy))
+        return await asyncio.wrap_future(future)
+
+    def _written(self, obj: OpenObject, copy: BlobCopy | None) -> None:
+        self._release(obj)
+        if copy is not None:
+            self._release_copy(copy)
+
+    async def _in_copy(self, copy: BlobCopy, work: Callable[..., T], *args: Any) -> T:
+        """Run `work(*args)` (a BlobCopy method) in a writer thread, keeping the copy's fd open meanwhile."""
+        copy.users += 1
+        loop = asyncio.get_running_loop()
+        future = self.writer.submit(work, *args)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release_copy, copy))
         return await asyncio.wrap_future(future)
 
     # -- prefetch ----------------------------------------------------------------------------------
@@ -384,6 +475,60 @@ class CacheWorker:
         self.counters["blobs_completed"] += 1
         log.info("blob %s is complete in the cache", blob.name)
         self._spawn(self._send({"op": "complete", "name": blob.name}))
+        self._complete_copy_soon(blob)
+
+    # -- the copy ----------------------------------------------------------------------------------
+
+    def _complete_copy_soon(self, blob: ServedBlob) -> None:
+        """Once the cache file is whole, make sure the copy is too (in the background)."""
+        if blob.complete and blob.copy is not None and blob.copier is None and blob.objects:
+            blob.copier = self._spawn(self._complete_copy(blob, blob.copy))
+
+    async def _complete_copy(self, blob: ServedBlob, copy: BlobCopy) -> None:
+        """Fetch the copy's holes from the blob's source at PREFETCH priority. Usually there are none (every
+        byte this worker writes into the cache went into the copy first); there are when the cache held
+        bytes before the copy was asked for, or when a write into the copy failed."""
+        try:
+            missing = await self._in_copy(copy, copy.holes)
+            if missing:
+                log.info("blob %s is whole in the cache but its copy %s lacks %d bytes: fetching them", blob.name,
+                         copy.path, sum(length for _, length in missing))
+            for hole, length in missing:
+                position = hole - hole % blob.unit
+                while position < hole + length:
+                    end = min(blob.spec.size, position + blob.unit)
+                    fetched = await self._fetch(blob, position, end, Priority.PREFETCH)
+                    if fetched.offset > position or fetched.offset + len(fetched.data) < end:
+                        raise ValueError(f"the source returned bytes {fetched.offset}-"
+                                         f"{fetched.offset + len(fetched.data)}, not covering {position}-{end}")
+                    await self._in_copy(copy, copy.write, fetched.data, fetched.offset)
+                    position = end
+            if missing:
+                log.info("the copy %s of blob %s is complete", copy.path, blob.name)
+            copy.error = ""
+        except (OSError, AfsdError, ValueError) as e:
+            copy.error = f"{copy.path}: {reason(e)}"
+            if not copy.retired:
+                log.warning("the copy %s of blob %s stays incomplete (tried again at the blob's next OPEN): %s",
+                            copy.path, blob.name, reason(e))
+        finally:
+            if blob.copier is asyncio.current_task():
+                blob.copier = None
+
+    def _retire_copy(self, blob: ServedBlob) -> None:
+        """Stop writing the blob's copy (unregistered: the backend removes the file); close it once unused."""
+        if blob.copier is not None:
+            blob.copier.cancel()
+            blob.copier = None
+        copy, blob.copy = blob.copy, None
+        if copy is not None:
+            copy.retired = True
+            self._release_copy(copy, 0)
+
+    def _release_copy(self, copy: BlobCopy, count: int = 1) -> None:
+        copy.users -= count
+        if copy.retired and copy.users == 0:
+            copy.close()
 
     # -- CLOSE -------------------------------------------------------------------------------------
 
@@ -394,6 +539,9 @@ class CacheWorker:
         if not blob.objects:
             if blob.prefetcher is not None:
                 blob.prefetcher.cancel()
+            if blob.copier is not None:
+                blob.copier.cancel()
+                blob.copier = None
             if blob.forgotten:
                 self._drop(blob)
         self._release(obj, 0)
@@ -432,6 +580,7 @@ class CacheWorker:
             blob = self.blobs.get(str(message.get("name")))
             if blob is not None:
                 blob.forgotten = True
+                self._retire_copy(blob)
                 if not blob.objects:
                     self._drop(blob)
 
@@ -461,6 +610,8 @@ class CacheWorker:
         for name, blob in self.blobs.items():
             info: dict[str, Any] = {"open_objects": len(blob.objects), "complete": blob.complete,
                                     "filled_bytes": blob.filled_bytes}
+            if blob.copy is not None:
+                info.update(copy_path=blob.copy.path, copy_error=blob.copy.error)
             obj = next(iter(blob.objects), None)
             if obj is not None and obj.fd >= 0 and not blob.complete:
                 try:
@@ -477,10 +628,20 @@ class CacheWorker:
 
 # == helpers that run in writer threads ===============================================================
 
-def write_and_check(fd: int, data: bytes, offset: int, size: int) -> tuple[int, bool]:
-    """Write `data` at `offset` into an object's cache file; (bytes written, whether it is now whole)."""
+def write_and_check(fd: int, data: bytes, offset: int, size: int, copy: BlobCopy | None = None) -> tuple[int, bool]:
+    """Write `data` at `offset` into an object's cache file, and first into the blob's `copy`; (bytes
+    written, whether the cache file is now whole)."""
+    if copy is not None:
+        # Copy first: then a whole cache file means every byte this worker put there is in the copy too
+        # (unless a copy write failed, which the completion fill repairs).
+        copy.tee(data, offset)
     written = _shim.pwrite_aligned(fd, data, offset)
     return written, first_hole(fd, 0, size) is None
+
+
+def reason(error: BaseException) -> str:
+    """What went wrong, without an OSError's file name (the caller names the file)."""
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 async def close_quietly(source: RangeSource, name: str) -> None:

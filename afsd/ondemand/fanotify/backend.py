@@ -17,6 +17,7 @@ from typing import Any
 from afsd.ondemand.base import Backend, BlobSource
 from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.fanotify.client import SupervisorClient, prepare_blob
+from afsd.ondemand.fanotify.metrics import StatusCollector
 from afsd.ondemand.fanotify.settings import Settings
 from afsd.ondemand.spec import BlobSpec
 
@@ -74,6 +75,9 @@ class FanotifyBackend(Backend):
         """Fetch the supervisor's status (what `counters` reports from then on)."""
         self._last_status = await self.client.status()
         return self._last_status
+
+    def metrics_collector(self) -> StatusCollector:
+        return StatusCollector(lambda: self._last_status)
 
     def counters(self) -> dict[str, float]:
         status = self._last_status

@@ -32,6 +32,11 @@ _COUNTER_HELP = {
     "worker_hangs": "fetch workers killed for missing heartbeats",
     "keeper_restarts": "keepers replaced after dying",
     "blobs_completed": "blobs that became complete (mark removed)",
+    "bytes_filled_local": "bytes filled from this node's own layerstore",
+    "bytes_filled_peer": "bytes filled from peer layerstores",
+    "bytes_filled_other": "bytes filled from other sources (tests, benchmarks)",
+    "fetch_failovers": "reads that abandoned a provider after it failed (in the fetch workers)",
+    "fetch_verification_failures": "fetched ranges that did not match the blob's chunk digests",
 }
 
 

@@ -59,6 +59,15 @@ PREFETCH_RETRY = 10.0         # seconds before prefetch of a blob whose prefetch
 FILL_AHEAD_TASK_CHUNKS = 2    # fill-ahead goes in tasks this small, spread over the workers
 
 
+def source_kind(source: str) -> str:
+    """"local", "peer" or "other" for a fill's source label ("local", "peer:HOST:PORT", "local+peer:...",
+    a lab source's own name): where the bytes came from, for the per-source byte counters."""
+    kinds = {part.split(":", 1)[0] for part in source.split("+") if part}
+    if "peer" in kinds:
+        return "peer"
+    return "local" if kinds == {"local"} else "other"
+
+
 class RegistrationError(Exception):
     """A register/unregister request that cannot be carried out; the message goes to the caller."""
 
@@ -100,7 +109,8 @@ class Supervisor:
             "events_denied_timeout", "events_denied_unknown", "events_recovered", "events_swept",
             "events_redispatched", "tasks_dispatched", "tasks_done", "tasks_failed", "tasks_redispatched",
             "tasks_cancelled", "bytes_filled", "bytes_prefetched", "worker_restarts", "worker_deaths",
-            "worker_hangs", "keeper_restarts", "blobs_completed")}
+            "worker_hangs", "keeper_restarts", "blobs_completed", "bytes_filled_local", "bytes_filled_peer",
+            "bytes_filled_other", "fetch_failovers", "fetch_verification_failures")}
         self.latency = {"present": [0] * (len(LATENCY_BUCKETS) + 1), "filled": [0] * (len(LATENCY_BUCKETS) + 1)}
         self.latency_sum = {"present": 0.0, "filled": 0.0}
         self.status_snapshot: dict[str, Any] = {}
@@ -500,6 +510,7 @@ class Supervisor:
             written = int(message.get("written", 0))
             blob.filled_bytes += written
             self.counters["bytes_filled"] += written
+            self.counters[f"bytes_filled_{source_kind(str(message.get('source', '')))}"] += written
             if task.priority == Priority.PREFETCH:
                 self.counters["bytes_prefetched"] += written
         else:
@@ -673,6 +684,9 @@ class Supervisor:
                 task = worker.tasks.get(int(message["task"]))
                 if task is not None:
                     self._task_finished(task, op == "done", message)
+            elif op == "heartbeat":   # carries what the worker's fetchers counted since its last one
+                for name in ("fetch_failovers", "fetch_verification_failures"):
+                    self.counters[name] += int(message.get(name, 0))
 
     # == the keeper ================================================================================
 

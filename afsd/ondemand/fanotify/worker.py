@@ -6,7 +6,8 @@ answers the kernel. Workers hold no kernel state the readers depend on: the supe
 any moment (it stopped heartbeating, or died) and give its tasks to another.
 
 Protocol (framed JSON, afsd/ondemand/_wire.py) on the supervisor's socket:
-    -> hello {role: "worker"}          then every `heartbeat` seconds: heartbeat {tasks}
+    -> hello {role: "worker"}          then every `heartbeat` seconds: heartbeat {tasks, fetch_failovers,
+                                       fetch_verification_failures} (counts since the previous heartbeat)
     <- blob {name, path, spec, source} + the blob's fill fd (opened before the blob was marked, so its
        writes raise no fanotify events; a worker must never write the blob through any other fd)
     <- forget {name}                   the blob is complete or unregistered: drop it
@@ -35,6 +36,10 @@ from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
 log = logging.getLogger("afsd.fanotify.worker")
 
 
+# RangeFetcher.stats() keys -> the names the supervisor counts them under (sent with each heartbeat).
+FETCH_COUNTERS = {"failovers": "fetch_failovers", "verification_failures": "fetch_verification_failures"}
+
+
 @dataclass(eq=False)
 class WorkerBlob:
     name: str
@@ -42,6 +47,7 @@ class WorkerBlob:
     fill_fd: int
     config: dict[str, Any]
     source: RangeSource | None = None
+    counted: dict[str, int] = field(default_factory=dict)   # the source's fetch counters already reported
     writes_in_flight: int = 0
     forgotten: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -56,6 +62,7 @@ class FetchWorker:
         self.factory = SourceFactory()
         self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fill")
         self.channel: AsyncChannel | None = None
+        self.unreported: dict[str, int] = dict.fromkeys(FETCH_COUNTERS.values(), 0)
 
     async def run(self) -> None:
         self.channel = await AsyncChannel.connect(self.socket_path)
@@ -77,8 +84,21 @@ class FetchWorker:
     async def _heartbeats(self) -> None:
         assert self.channel is not None
         while True:
-            await self.channel.send({"op": "heartbeat", "tasks": len(self.tasks)})
+            for blob in self.blobs.values():
+                self._count_fetches(blob)
+            counts, self.unreported = self.unreported, dict.fromkeys(FETCH_COUNTERS.values(), 0)
+            await self.channel.send({"op": "heartbeat", "tasks": len(self.tasks), **counts})
             await asyncio.sleep(self.heartbeat)
+
+    def _count_fetches(self, blob: WorkerBlob) -> None:
+        """Add what `blob`'s fetcher counted since last time to what the next heartbeat reports."""
+        stats = getattr(blob.source, "stats", None)
+        if stats is None:
+            return
+        now = stats()
+        for key, name in FETCH_COUNTERS.items():
+            self.unreported[name] += int(now.get(key, 0)) - blob.counted.get(key, 0)
+            blob.counted[key] = int(now.get(key, 0))
 
     def _handle(self, message: dict[str, Any], fds: list[int]) -> None:
         op = message.get("op")
@@ -146,6 +166,7 @@ class FetchWorker:
 
     async def _forget(self, blob: WorkerBlob) -> None:
         blob.forgotten = True
+        self._count_fetches(blob)
         for task in list(blob.tasks):
             task.cancel()
         if blob.writes_in_flight == 0:
