@@ -192,10 +192,14 @@ async def run_mounts(args: argparse.Namespace) -> int:
         print(f"{mount.mount_id:<13} {mount.backend:<9} {_size(mount.bytes_cached):>10} {_size(mount.bytes_total):>10}  "
               f"{mount.target:<30} {mount.image}")
     for name, reason in sorted(response.backends.items()):
-        summary = ", ".join(f"{label} {response.counters[f'{name}.{key}']:g}" for key, label in _HEADLINE_COUNTERS
-                            if f"{name}.{key}" in response.counters)
+        summary = ", ".join(f"{label} {_counter(key, response.counters[f'{name}.{key}'])}"
+                            for key, label in _HEADLINE_COUNTERS if f"{name}.{key}" in response.counters)
         print(f"backend {name}: {reason}" + (f"; {summary}" if summary else ""))
     return 0
+
+
+def _counter(key: str, value: float) -> str:
+    return _size(int(value)) if key.startswith("bytes") else f"{int(value)}"
 
 
 # The counters worth a glance (all of them: `afsd mounts --json`).
