@@ -7,6 +7,7 @@ service method and status code only, so their cardinality stays bounded whatever
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -77,12 +78,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 unary_unary, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
 
-        def wrap_stream(inner: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        def wrap_stream(inner: Callable[..., AsyncIterator[Any]]) -> Callable[..., Awaitable[None]]:
+            # A coroutine handler writing with context.write, not an async generator: gRPC consumes a
+            # generator handler with a plain loop and never closes it when the client goes away
+            # (grpc/grpc#42295), so the handler's `finally` (cancel the afslet's call, stop the command,
+            # release its share) would wait for the garbage collector. Here a cancelled write raises in
+            # this coroutine and `aclosing` runs the handler's cleanup at once.
+            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> None:
                 started = time.perf_counter()
                 try:
-                    async for response in inner(request, context):
-                        yield response
+                    async with contextlib.aclosing(inner(request, context)) as responses:
+                        async for response in responses:
+                            await context.write(response)
                 except BaseException as error:
                     finish(context, started, error)
                     raise

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
+import grpc
 import pytest
 
+from afsd.api import afslet_pb2, afslet_pb2_grpc
 from afsd.lab.catalogue import seeded_bytes
 from afsd.lab.daemons import Daemon
 from tests.support.afslet import direct_execute, file_entry, sdk_raw
@@ -270,6 +273,29 @@ def test_a_client_that_goes_away_cancels_the_call_on_the_afslet(proxy_cluster: P
     proxy_cluster.base.wait_idle(afslet)  # the container was stopped and removed long before its 600 s
     cancelled = metric(afslet_metrics(afslet), "afsd_let_executions_total", outcome="cancelled")
     assert cancelled - metric(before, "afsd_let_executions_total", outcome="cancelled") == 1
+
+
+def test_a_client_that_stops_reading_then_goes_away_stops_the_command_at_once(
+        proxy_cluster: ProxyCluster, proxy: Daemon) -> None:
+    """The command floods output; the client reads none of it, so the proxy and the afslet are both
+    blocked handing messages on when the client goes away. That must still cancel the afslet's call at
+    once (gRPC never closes a generator handler blocked in a write: grpc/grpc#42295)."""
+    start = afslet_pb2.StartRequest(image=proxy_cluster.base.images["tools"], cpu_cores=1, memory_mb=64,
+                                    timeout_ms=600_000, command=["yes", "a line of output nobody reads"])
+    with grpc.insecure_channel(proxy.address) as channel:
+        call = afslet_pb2_grpc.AfsletStub(channel).Execute(iter([afslet_pb2.ExecuteRequest(start=start)]))
+        afslets = list(proxy_cluster.afslets.values())
+
+        def running() -> int:
+            return sum(proxy_cluster.base.runtime_status(afslet).running_containers for afslet in afslets)
+        deadline = time.monotonic() + 60
+        while running() == 0:
+            assert time.monotonic() < deadline, "the command never started"
+            time.sleep(0.1)
+        time.sleep(2)        # every buffer between `yes` and this client fills up
+        call.cancel()
+    for afslet in afslets:
+        proxy_cluster.base.wait_idle(afslet, timeout=30)   # stopped long before its 600 s
 
 
 def test_the_afslets_own_refusals_reach_the_client_unretried(proxy_cluster: ProxyCluster, proxy: Daemon) -> None:
