@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from afsd.afslet import cgroups
 from tests.support.afslet import (
     AfsletCluster,
     file_entry,
@@ -194,3 +195,25 @@ def test_the_tar_keeps_modes_symlinks_and_opaque_directories(afslet_cluster: Afs
     assert "srv/data/old-dir/inside.txt" not in members
     assert {"srv/data/old-dir/new.txt", "srv/data/modify-me.txt", "srv/made/sub/f"} <= set(members)
     assert "srv/data/keep.txt" not in members  # untouched files are not in the writable layer
+
+
+def test_the_container_sees_the_hosts_resolv_conf(afslet_cluster: AfsletCluster) -> None:
+    call = sdk_execute(afslet_cluster.afslet, image=afslet_cluster.images["tools"], timeout_ms=30_000,
+                       command=["cat", "/etc/resolv.conf"])
+    assert call.result["exit_code"] == 0, call.result
+    with open("/etc/resolv.conf") as host:
+        assert call.stdout == [line.rstrip("\n") for line in host if line.strip()]
+
+
+def test_the_containers_cgroup_has_a_pids_limit(afslet_cluster: AfsletCluster) -> None:
+    afslet = afslet_cluster.afslet
+    parent = afslet.args[afslet.args.index("--cgroup-parent") + 1]
+    call = sdk_execute_call(afslet, image=afslet_cluster.images["tools"], timeout_ms=60_000,
+                            command=["/bin/sh", "-c", "echo started; sleep 60"])
+    try:
+        call.wait_for(lambda e: e.get("message") == "started")
+        (container,) = cgroups.children(parent)    # in every hierarchy: v1 pids controller or cgroup2
+        limits = {d.read_text().strip() for d in (p / "pids.max" for p in cgroups.directories(container)) if d.exists()}
+        assert limits == {"4096"}, limits          # afsd let's default: a fork bomb stops there
+    finally:
+        call.kill()
