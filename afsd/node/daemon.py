@@ -117,7 +117,6 @@ class NodeDaemon:
                 await backend.start()
         await self._restore()
         self._spreader = asyncio.create_task(self._spread_complete_layers())
-        self._status_poller = asyncio.create_task(self._poll_backend_status())
 
     async def close(self) -> None:
         """Stop serving requests. Mounts stay: they outlive the daemon and are adopted at restart."""
@@ -374,9 +373,13 @@ class NodeDaemon:
     # -- spreading ------------------------------------------------------------------------------
 
     def metrics_collectors(self) -> list[Collector]:
-        """The running backends' own metrics (supervisor counters), to register with /metrics."""
-        return [collector for name, backend in self.backends.items()
-                if self.available(name) and (collector := backend.metrics_collector()) is not None]
+        """The running backends' own metrics (supervisor counters), to register with /metrics; from
+        now on their status is polled to keep them fresh (nobody needs the polling without them)."""
+        collectors = [collector for name, backend in self.backends.items()
+                      if self.available(name) and (collector := backend.metrics_collector()) is not None]
+        if collectors and self._status_poller is None:
+            self._status_poller = asyncio.create_task(self._poll_backend_status())
+        return collectors
 
     async def _poll_backend_status(self) -> None:
         """Keep what the backends' collectors report fresh (`afsd mounts` refreshes on its own)."""
