@@ -11,13 +11,12 @@ import stat
 import subprocess
 from pathlib import Path
 
-import httpx
 import pytest
 
 from afsd.lab.catalogue import seeded_bytes
-from afsd.lab.daemons import metrics_address
 from afsd.node.records import mounted_paths
 from tests.support.cluster import LocalCluster, small_image
+from tests.support.metrics import daemon_metrics, metric
 from tests.support.treecompare import compare_trees, format_differences, snapshot
 from tests.support.umoci import umoci_rootfs
 
@@ -169,7 +168,7 @@ async def test_a_fanotify_mount_fetches_only_what_is_read(cluster: LocalCluster)
                              "the node's /metrics to report the fanotify fills")
     filled = await _metric(node, "afsd_fanotify_bytes_filled_local_total")
     assert 0 < filled < total * 0.05, filled
-    assert await _metric(node, 'afsd_node_mounts{backend="fanotify"}') == 1
+    assert await _metric(node, "afsd_node_mounts", backend="fanotify") == 1
 
     expected = (await asyncio.to_thread(umoci_rootfs, image, image.platforms[0], cluster.workdir / "umoci"))
     assert (target / "data/large-0.bin").read_bytes() == (expected / "data/large-0.bin").read_bytes()
@@ -213,17 +212,8 @@ async def _held_by(cluster: LocalCluster, discovery, digest: str, names: set[str
 
 async def _serving(cluster: LocalCluster, layerstores):
     """The layerstore that has served the most blob bytes so far (from its /metrics)."""
-    import httpx
-
-    from afsd.lab.daemons import metrics_address
-
-    served = {}
-    async with httpx.AsyncClient() as http:
-        for daemon in layerstores:
-            text = (await http.get(f"http://{metrics_address(daemon)}/metrics")).text
-            line = next(l for l in text.splitlines() if l.startswith("afsd_layerstore_bytes_served_total "))
-            served[daemon.name] = (float(line.split()[1]), daemon)
-    return max(served.values(), key=lambda item: item[0])[1]
+    served = [(await _metric(daemon, "afsd_layerstore_bytes_served_total"), daemon) for daemon in layerstores]
+    return max(served, key=lambda item: item[0])[1]
 
 
 async def test_afsd_mounts_reports_fanotify_worker_restarts_and_redispatched_events(cluster: LocalCluster) -> None:
@@ -287,14 +277,8 @@ async def test_a_writable_upper_dir_and_an_extra_dir_stack_above_the_image(clust
     assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0           # deletion recorded as a whiteout
 
 
-async def _metric(daemon, sample: str) -> float:
-    """The value of one sample (name plus labels, as printed) on a daemon's /metrics; 0 when absent."""
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(f"http://{metrics_address(daemon)}/metrics")).text
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
+async def _metric(daemon, name: str, **labels: str) -> float:
+    return metric(await asyncio.to_thread(daemon_metrics, daemon), name, **labels)
 
 
 async def test_a_lingering_layer_keeps_filling_and_spreads_after_a_short_task(cluster: LocalCluster) -> None:

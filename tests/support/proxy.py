@@ -29,12 +29,12 @@ from afsd.lab.daemons import (
     afslet_daemon,
     free_port_on_all,
     http_address,
-    metrics_address,
     proxy_daemon,
     start_all,
 )
 from tests.support.afslet import AfsletCluster, CallResult, SdkCall, start_afslet_cluster
 from tests.support.dns import DnsServer
+from tests.support.metrics import daemon_metrics, metric, scrape  # noqa: F401 - metric: for the proxy tests
 
 SDK_PROXY_CLIENT = Path(__file__).with_name("sdk_proxy_client.py")
 AFSLETS = "afslets.afsd.test"
@@ -211,31 +211,11 @@ def proxy_status(proxy: Daemon, *, include_cluster: bool | None = None) -> dict:
         return json.loads(response.read())
 
 
-def scrape(address: str) -> str:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=30) as response:
-        return response.read().decode()
-
-
 def proxy_metrics(proxy: Daemon) -> str:
     return scrape(http_address(proxy))
 
 
-def afslet_metrics(afslet: Daemon) -> str:
-    address = metrics_address(afslet)
-    assert address is not None
-    return scrape(address)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        series, value = line.rsplit(" ", 1)
-        if all(f'{key}="{wanted}"' in series for key, wanted in labels.items()):
-            total += float(value)
-    return total
+afslet_metrics = daemon_metrics   # the name the proxy tests know it by
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

@@ -13,18 +13,17 @@ import json
 import time
 from pathlib import Path
 
-import httpx
-
 from afsd.api import layerstore_pb2 as lpb
 from afsd.cluster.peers import blob_spec_from_stat
 from afsd.lab.catalogue import seeded_bytes
-from afsd.lab.daemons import Daemon, metrics_address
+from afsd.lab.daemons import Daemon
 from afsd.ondemand.base import BlobSource
 from afsd.ondemand.cachefiles import FscacheClient, fscache_mounts
 from afsd.ondemand.cachefiles.backend import FscacheBackend
 from afsd.ondemand.sources import LocalFileSource
 from afsd.ondemand.spec import BlobSpec
 from tests.support.cluster import LocalCluster, small_image, unmount_everything_under
+from tests.support.metrics import daemon_metrics, metric
 from tests.support.treecompare import compare_trees, format_differences, snapshot
 from tests.support.umoci import umoci_rootfs
 from tests.vm.test_cachefiles_helpers import MIB, FscacheLab, build_blob, renamed, tree_digests
@@ -132,10 +131,8 @@ async def test_a_node_that_read_an_image_through_fscache_becomes_a_provider_of_i
         await assert_serves_blobs(cluster, store_b, blob_digests)
         # The node's own /metrics carries the fscache supervisor's counters (refreshed every few seconds).
         async def node_metrics_count_reads() -> bool:
-            async with httpx.AsyncClient() as http:
-                text = (await http.get(f"http://{metrics_address(node_b)}/metrics")).text
-            return any(line.startswith('afsd_fscache_requests_total{opcode="read"}') and float(line.split()[-1]) > 0
-                       for line in text.splitlines())
+            text = await asyncio.to_thread(daemon_metrics, node_b)
+            return metric(text, "afsd_fscache_requests_total", opcode="read") > 0
         await cluster.wait_until(node_metrics_count_reads, 30, "node b's /metrics to count fscache READs")
 
         store_a.stop()
