@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from afsd.api import layerstore_pb2_grpc as lgrpc
 from afsd.lab.catalogue import busybox_layers
 from afsd.lab.daemons import (
     Daemon,
+    afsd_command,
     afslet_daemon,
     discovery_daemon,
     layerstore_daemon,
@@ -74,10 +74,6 @@ async def _providers(discovery: Daemon, digests: list[str]) -> dict[str, list[st
         stub = dgrpc.ServiceDiscoveryStub(channel)
         return {d: sorted(s.node_id for s in (await stub.FindProvider(dpb.FindProviderRequest(layer_digest=d))).services)
                 for d in digests}
-
-
-def _afsd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "afsd", *args], capture_output=True, text=True, timeout=600)
 
 
 def run_demo(workdir: Path | None = None, *, keep: bool = False) -> int:
@@ -138,7 +134,7 @@ def run_demo(workdir: Path | None = None, *, keep: bool = False) -> int:
 
         with steps.step("run the image's command through the proxy (afsd run): node-b mounts it lazily"):
             before = _blob_gets(registry)
-            ran = _afsd("run", "--target", proxy.address, "--cpu", "1", "--memory-mb", "64", image.reference)
+            ran = afsd_command("run", "--target", proxy.address, "--cpu", "1", "--memory-mb", "64", image.reference)
             _say(ran.stdout + ran.stderr)
             print(f"    exit code {ran.returncode}; registry blob downloads: {_blob_gets(registry) - before}")
             if ran.returncode != 0:
@@ -147,14 +143,14 @@ def run_demo(workdir: Path | None = None, *, keep: bool = False) -> int:
         with steps.step("mount the same image with `afsd mount` and look inside"):
             target = workdir / "rootfs"
             target.mkdir(exist_ok=True)
-            mounted = _afsd("mount", "--socket", str(node_b.socket_path), image.reference, str(target))
+            mounted = afsd_command("mount", "--socket", str(node_b.socket_path), image.reference, str(target))
             _say(mounted.stdout + mounted.stderr)
             if mounted.returncode != 0:
                 return 1
             listing = subprocess.run(["chroot", str(target), "/bin/sh", "-c", "cat /etc/motd; ls /"],
                                      capture_output=True, text=True, timeout=60)
             _say(listing.stdout + listing.stderr)
-            _say(_afsd("mounts", "--socket", str(node_b.socket_path)).stdout)
+            _say(afsd_command("mounts", "--socket", str(node_b.socket_path)).stdout)
 
         with steps.step("node-b has read the whole image: discovery lists it as a provider too"):
             digests = [layer.digest for layer in pulled.layers]

@@ -199,10 +199,10 @@ def stop_node_daemon(node: Daemon) -> None:
     still answers), stop it, then shut down the backend supervisors it started (their keepers and
     workers with them). Without the last step every stopped node leaves its fanotify processes behind."""
     if node.running() and node.socket_path is not None:
-        listed = _afsd("mounts", "--socket", str(node.socket_path), "--json")
+        listed = afsd_command("mounts", "--socket", str(node.socket_path), "--json", timeout=120)
         if listed.returncode == 0:
             for mount in json.loads(listed.stdout).get("mounts", []):
-                _afsd("umount", "--socket", str(node.socket_path), mount["target"])
+                afsd_command("umount", "--socket", str(node.socket_path), mount["target"], timeout=120)
     node.stop()
     state = Path(node.args[node.args.index("--state-dir") + 1])
     _in_fresh_thread(lambda: asyncio.run(_shutdown_supervisors(state)))
@@ -225,8 +225,9 @@ async def _shutdown_supervisors(state: Path) -> None:
         await FscacheClient(state / "fscache").shutdown(force=True)
 
 
-def _afsd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "afsd", *args], capture_output=True, text=True, timeout=120)
+def afsd_command(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`afsd ARGS...` as a user runs it (this Python, output captured, the exit code left to the caller)."""
+    return subprocess.run([sys.executable, "-m", "afsd", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def _in_fresh_thread(work) -> None:
