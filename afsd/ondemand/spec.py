@@ -87,6 +87,12 @@ class FetchedRange:
     source: str = ""           # who served it: "local", "peer:<endpoint>", ...
     stats: dict[str, float] = field(default_factory=dict)
 
+    def require_covers(self, start: int, end: int) -> None:
+        """ValueError unless these bytes include [start, end): a source that returned less is broken."""
+        if self.offset > start or self.offset + len(self.data) < end:
+            raise ValueError(f"the source returned bytes {self.offset}-{self.offset + len(self.data)}, "
+                             f"not covering {start}-{end}")
+
 
 class RangeSource(Protocol):
     async def fetch(self, offset: int, length: int, priority: Priority = Priority.DEMAND) -> FetchedRange:

@@ -377,9 +377,7 @@ class CacheWorker:
         unit, size = blob.unit, blob.spec.size
         first, last = start - start % unit, min(size, round_up(end, unit))
         fetched = await self._fetch(blob, first, last, priority)
-        if fetched.offset > start or fetched.offset + len(fetched.data) < min(end, size):
-            raise ValueError(f"the source returned bytes {fetched.offset}-{fetched.offset + len(fetched.data)}, "
-                             f"not covering {start}-{min(end, size)}")
+        fetched.require_covers(start, min(end, size))
         written, whole = await self._write(obj, fetched.data, fetched.offset)
         blob.filled_bytes += written
         self.counters["bytes_demand" if priority == Priority.DEMAND else "bytes_prefetch"] += written
@@ -498,9 +496,7 @@ class CacheWorker:
                 while position < hole + length:
                     end = min(blob.spec.size, position + blob.unit)
                     fetched = await self._fetch(blob, position, end, Priority.PREFETCH)
-                    if fetched.offset > position or fetched.offset + len(fetched.data) < end:
-                        raise ValueError(f"the source returned bytes {fetched.offset}-"
-                                         f"{fetched.offset + len(fetched.data)}, not covering {position}-{end}")
+                    fetched.require_covers(position, end)
                     await self._in_copy(copy, copy.write, fetched.data, fetched.offset)
                     position = end
             if missing:

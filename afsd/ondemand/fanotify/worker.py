@@ -136,9 +136,7 @@ class FetchWorker:
             if blob.source is None:
                 blob.source = self.factory.make(blob.spec, blob.config)
             fetched = await blob.source.fetch(offset, length, priority)
-            if fetched.offset > offset or fetched.offset + len(fetched.data) < offset + length:
-                raise ValueError(f"the source returned bytes {fetched.offset}-{fetched.offset + len(fetched.data)}, "
-                                 f"not covering {offset}-{offset + length}")
+            fetched.require_covers(offset, offset + length)
             written = await self._write_holes(blob, fetched)
         except asyncio.CancelledError:
             raise
