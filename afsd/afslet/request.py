@@ -37,6 +37,18 @@ class ExecuteSpec:
     gpus: int = 0
 
 
+def resource_problem(start: pb.StartRequest) -> str | None:
+    """What is wrong with the resources a start frame asks for, or None (checked by the proxy too,
+    before it places the call)."""
+    if start.cpu_cores <= 0:
+        return f"start.cpu_cores must be a whole number > 0 (got {start.cpu_cores})"
+    if start.memory_mb <= 0:
+        return f"start.memory_mb must be > 0 (got {start.memory_mb})"
+    if start.gpus < 0:
+        return f"start.gpus must be >= 0 (got {start.gpus})"
+    return None
+
+
 def _check_strings(values: list[str], field: str) -> None:
     for value in values:
         if "\x00" in value:
@@ -52,12 +64,8 @@ def parse_start(start: pb.StartRequest, timeouts: TimeoutPolicy) -> ExecuteSpec:
                                   variant=start.platform_variant)
     except InvalidReferenceError as error:
         raise RequestError(str(error)) from None
-    if start.cpu_cores <= 0:
-        raise RequestError(f"start.cpu_cores must be a whole number > 0 (got {start.cpu_cores})")
-    if start.memory_mb <= 0:
-        raise RequestError(f"start.memory_mb must be > 0 (got {start.memory_mb})")
-    if start.gpus < 0:
-        raise RequestError(f"start.gpus must be >= 0 (got {start.gpus})")
+    if problem := resource_problem(start):
+        raise RequestError(problem)
     if start.timeout_ms < 0:
         raise RequestError(f"start.timeout_ms must be >= 0 (got {start.timeout_ms}; 0 means the server default "
                            f"of {timeouts.default_ms} ms)")

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from afsd.afslet.request import resource_problem
 from afsd.api import afslet_pb2 as pb
 from afsd.api import afslet_pb2_grpc as pb_grpc
 from afsd.proxy.backends import BackendChannels, probe_all, total
@@ -39,12 +40,8 @@ async def read_start(requests: AsyncIterator[pb.ExecuteRequest]) -> pb.ExecuteRe
     start = frame.start
     if not start.image.strip():
         raise _invalid("start.image is required")
-    if start.cpu_cores <= 0:
-        raise _invalid(f"start.cpu_cores must be a whole number > 0 (got {start.cpu_cores})")
-    if start.memory_mb <= 0:
-        raise _invalid(f"start.memory_mb must be > 0 (got {start.memory_mb})")
-    if start.gpus < 0:
-        raise _invalid(f"start.gpus must be >= 0 (got {start.gpus})")
+    if problem := resource_problem(start):
+        raise _invalid(problem)
     if start.proxy_dispatch_max_retries < 0:
         raise _invalid(f"start.proxy_dispatch_max_retries must be >= 0 (got {start.proxy_dispatch_max_retries}; "
                        "0 means the proxy's default)")
