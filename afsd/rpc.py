@@ -117,13 +117,15 @@ async def _socket_answers(path: Path) -> bool:
 class ChannelPool:
     """One insecure channel per peer address, reused across calls (gRPC multiplexes on it)."""
 
+    channel_options: list[tuple[str, int]] = CHANNEL_OPTIONS   # a subclass may tune them
+
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=self.channel_options)
             self._channels[address] = channel
         return channel
 

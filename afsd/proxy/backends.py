@@ -31,12 +31,7 @@ BACKEND_CHANNEL_OPTIONS = [
 class BackendChannels(ChannelPool):
     """A channel per afslet address, shared by every call to it (gRPC multiplexes them)."""
 
-    def get(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=BACKEND_CHANNEL_OPTIONS)
-            self._channels[address] = channel
-        return channel
+    channel_options = BACKEND_CHANNEL_OPTIONS
 
     def stub(self, address: str) -> pb_grpc.AfsletStub:
         return pb_grpc.AfsletStub(self.get(address))
