@@ -54,8 +54,14 @@ async def abort_for(context: grpc.aio.ServicerContext, error: errors.AfsdError) 
     await context.abort(status_for(error), str(error))
 
 
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(interceptors=[MetricsInterceptor()], options=CHANNEL_OPTIONS)
+# Calls a server runs at once; more are refused at once with RESOURCE_EXHAUSTED (a flood of idle streams
+# cannot exhaust a daemon's memory or tasks).
+MAX_CONCURRENT_RPCS = 1024
+
+
+def new_server(*, maximum_concurrent_rpcs: int = MAX_CONCURRENT_RPCS) -> grpc.aio.Server:
+    return grpc.aio.server(interceptors=[MetricsInterceptor()], options=CHANNEL_OPTIONS,
+                           maximum_concurrent_rpcs=maximum_concurrent_rpcs)
 
 
 async def run_until_signalled(server: grpc.aio.Server, *, grace: float = 5.0,

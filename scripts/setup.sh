@@ -10,6 +10,7 @@ APT_PACKAGES=(
   docker-registry skopeo umoci                      # a real registry, an independent client and unpacker
   runc debootstrap busybox-static                   # containers and realistic test images
   apache2-utils zstd iproute2 util-linux kmod ca-certificates
+  nftables                                          # afslet --network bridge: NAT and the host-closing rules
   dnsmasq-base                                      # a real DNS server for the proxy's tests
   # the lab kernel with cachefiles on-demand mode (scripts/kernel-setup.sh build) and its VM
   linux-source-6.12 bc flex bison libelf-dev libssl-dev build-essential cpio xz-utils qemu-system-x86 e2fsprogs

@@ -88,9 +88,7 @@ def test_a_command_that_cannot_start_gets_dockers_codes(afslet_cluster: AfsletCl
 
 
 def test_output_is_streamed_line_by_line_while_the_command_runs(afslet_cluster: AfsletCluster) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = 7777
     # The command blocks in `nc -l` until the test connects: "second" cannot exist before that.
     script = f"echo first; echo warning >&2; nc -l -p {port}; echo second; printf 'no newline at the end'"
     call = sdk_execute_call(afslet_cluster.afslet, image=afslet_cluster.images["tools"],
@@ -98,11 +96,14 @@ def test_output_is_streamed_line_by_line_while_the_command_runs(afslet_cluster: 
     call.wait_for(lambda e: e["event"] == "log" and e["source"] == "runc:stdout")
     assert [e["message"] for e in call.events if e.get("source") == "runc:stdout"] == ["first"]
     assert not any(e["event"] == "result" for e in call.events)
+    # The container is on afslet's bridge (the default network); the host reaches its address there.
+    (network,) = [e["message"] for e in call.events if e.get("source") == "network"]
+    address = network.split()[1].split("/")[0]
 
     deadline = time.monotonic() + 30
-    while True:  # the container shares the host's network: its listener is on our loopback
+    while True:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
+            with socket.create_connection((address, port), timeout=1) as connection:
                 connection.sendall(b"over the network\n")
             break
         except OSError:

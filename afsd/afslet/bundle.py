@@ -2,17 +2,22 @@
 
 Terminal off (stdout/stderr are pipes to afslet), an absolute `linux.cgroupsPath` (runc 1.1 on this
 host's hybrid cgroups needs it), CPU quota = cores x 100 ms per 100 ms period, a memory limit, a pids
-limit, Docker's default capability set, masked and read-only /proc paths, and the host's
-/etc/resolv.conf bind-mounted read-only. Namespaces: mount, pid, ipc, uts; the network namespace is
-the host's unless the afslet runs with `--network none` (then a private one with only loopback).
+limit, and Docker's isolation: its default capability set less CAP_NET_RAW (unless the afslet keeps it),
+`noNewPrivileges`, its default seccomp profile (seccomp.py), its masked and read-only paths; a
+resolv.conf bind-mounted read-only. Namespaces: mount, pid, ipc, uts; network: the host's (`--network
+host`) or a new one runc creates (`none`: loopback only; `bridge`: afslet attaches it to its bridge
+between `runc create` and `runc start`); user: with `--userns`, container ids 0..size-1 are host ids
+start..start+size-1.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from afsd.afslet.seccomp import runtime_seccomp
 from afsd.afslet.users import ExecUser
 
 CPU_PERIOD_US = 100_000
@@ -24,11 +29,45 @@ DEFAULT_CAPABILITIES = [
     "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ]
+# Docker's (moby daemon/pkg/oci/defaults.go), including the per-CPU thermal_throttle directories it adds.
 MASKED_PATHS = [
-    "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-    "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+    "/proc/acpi", "/proc/asound", "/proc/interrupts", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/sched_debug", "/proc/scsi", "/proc/timer_list", "/proc/timer_stats", "/sys/devices/virtual/powercap",
+    "/sys/firmware",
 ]
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+
+
+def masked_paths() -> list[str]:
+    return MASKED_PATHS + sorted(glob.glob("/sys/devices/system/cpu/cpu[0-9]*/thermal_throttle"))
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """A user namespace's mapping: container ids 0..size-1 are host ids host_start..host_start+size-1."""
+
+    host_start: int
+    size: int
+
+    def to_host(self, container_id: int) -> int:
+        return self.host_start + container_id
+
+    def to_container(self, host_id: int) -> int | None:
+        offset = host_id - self.host_start
+        return offset if 0 <= offset < self.size else None
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """What the afslet's flags make of every container: its network namespace, user namespace, NET_RAW."""
+
+    own_network: bool = True           # False: the host's network namespace (`--network host`)
+    id_map: IdMap | None = None        # `--userns`
+    net_raw: bool = False              # keep CAP_NET_RAW (`--allow-net-raw`)
+
+    @property
+    def capabilities(self) -> list[str]:
+        return [cap for cap in DEFAULT_CAPABILITIES if self.net_raw or cap != "CAP_NET_RAW"]
 
 
 @dataclass(frozen=True)
@@ -39,8 +78,8 @@ class ContainerLimits:
 
 
 def oci_config(*, rootfs: Path, args: list[str], env: list[str], cwd: str, user: ExecUser, cgroups_path: str,
-               limits: ContainerLimits, private_network: bool, resolv_conf: Path | None) -> dict[str, object]:
-    capabilities = list(DEFAULT_CAPABILITIES)
+               limits: ContainerLimits, isolation: Isolation, resolv_conf: Path | None) -> dict[str, object]:
+    capabilities = isolation.capabilities
     mounts: list[dict[str, object]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -56,8 +95,13 @@ def oci_config(*, rootfs: Path, args: list[str], env: list[str], cwd: str, user:
         mounts.append({"destination": "/etc/resolv.conf", "type": "bind", "source": str(resolv_conf),
                        "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
     namespaces = [{"type": "mount"}, {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}]
-    if private_network:
+    if isolation.own_network:
         namespaces.append({"type": "network"})
+    id_mappings: dict[str, object] = {}
+    if isolation.id_map is not None:
+        namespaces.append({"type": "user"})
+        mapping = [{"containerID": 0, "hostID": isolation.id_map.host_start, "size": isolation.id_map.size}]
+        id_mappings = {"uidMappings": mapping, "gidMappings": mapping}
     process: dict[str, object] = {
         "terminal": False,
         "user": {"uid": user.uid, "gid": user.gid,
@@ -66,7 +110,7 @@ def oci_config(*, rootfs: Path, args: list[str], env: list[str], cwd: str, user:
         "env": env,
         "cwd": cwd,
         "capabilities": {key: capabilities for key in ("bounding", "effective", "permitted")},
-        "noNewPrivileges": False,
+        "noNewPrivileges": True,
     }
     return {
         "ociVersion": "1.0.2",
@@ -83,8 +127,10 @@ def oci_config(*, rootfs: Path, args: list[str], env: list[str], cwd: str, user:
                 "devices": [{"allow": False, "access": "rwm"}],
             },
             "namespaces": namespaces,
-            "maskedPaths": MASKED_PATHS,
+            **id_mappings,
+            "maskedPaths": masked_paths(),
             "readonlyPaths": READONLY_PATHS,
+            "seccomp": runtime_seccomp(capabilities),
         },
     }
 

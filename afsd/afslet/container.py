@@ -1,7 +1,9 @@
 """One container's life: `runc run --detach`, its output, its exit, and its removal.
 
 `runc run --detach` starts the container and exits; the container's init is then re-parented to
-afslet (a child subreaper), which waits for it directly. This gives the command's real wait status,
+afslet (a child subreaper), which waits for it directly. When the container's namespaces need work
+before its command runs (`before_start`: attaching its network namespace to the bridge), it is
+`runc create` instead, then that work with the init's pid, then `runc start`. This gives the command's real wait status,
 keeps the cgroup (and its OOM counter and CPU time) until afslet has read it, and splits start from run.
 runc passes its stdout/stderr pipes through to the container, so what arrives on stderr before runc
 has exited is runc's own complaint if the start fails, and the container's otherwise: it is held back
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,8 +136,10 @@ class Container:
                 self._gave_up.set_result(None)
             raise
 
-    async def run(self, timeout_s: float, stdout: LineSink, stderr: LineSink) -> ContainerExit:
-        """Start the container and wait for it to exit (stopping it, staged, at `timeout_s` after the start)."""
+    async def run(self, timeout_s: float, stdout: LineSink, stderr: LineSink,
+                  before_start: Callable[[int], Awaitable[None]] | None = None) -> ContainerExit:
+        """Start the container and wait for it to exit (stopping it, staged, at `timeout_s` after the start).
+        `before_start(init_pid)` runs between `runc create` and `runc start`; SetupError if it fails."""
         loop = asyncio.get_running_loop()
         log_file = self.bundle / "runc.log"
         pid_file = self.bundle / "init.pid"
@@ -162,9 +167,10 @@ class Container:
         spawned_at = loop.time()
         try:
             with reaper.holding():
+                verb = ("run", "--detach") if before_start is None else ("create",)
                 try:
                     process = await reaper.spawn(
-                        *self.runc.argv("run", "--detach", "--pid-file", str(pid_file), "--bundle", str(self.bundle),
+                        *self.runc.argv(*verb, "--pid-file", str(pid_file), "--bundle", str(self.bundle),
                                         self.container_id, log_file=log_file),
                         stdin=asyncio.subprocess.DEVNULL, stdout=out_write, stderr=err_write, start_new_session=True)
                 finally:
@@ -180,6 +186,8 @@ class Container:
                     init_pid = int((await asyncio.to_thread(pid_file.read_text)).strip())
                     self._init_exit = reaper.claim(init_pid)
                     self._init_pid = init_pid
+                    if before_start is not None:
+                        await self._start_created(init_pid, before_start)
                     self._started = True
             if not self._started:
                 await self._drain(OUTPUT_DRAIN)
@@ -210,6 +218,16 @@ class Container:
         usage = await self._read_final_usage()
         await self._drain(OUTPUT_DRAIN)
         return ContainerExit(status, stop, usage, started_at - spawned_at, exited_at - started_at)
+
+    async def _start_created(self, init_pid: int, before_start: Callable[[int], Awaitable[None]]) -> None:
+        """`before_start`, then `runc start`: the created container's init runs the command from here."""
+        try:
+            await before_start(init_pid)
+        except OSError as error:
+            raise SetupError(f"preparing container {self.container_id}: {error}") from None
+        result = await self.runc.call("start", self.container_id, timeout=START_TIMEOUT)
+        if result.returncode != 0:
+            raise SetupError(f"runc could not start the command: {result.stderr.strip() or result.stdout.strip()}")
 
     async def _read_final_usage(self) -> cgroups.CgroupUsage:
         """What the cgroup counted, read after the init's exit and before `runc delete` removes it."""

@@ -2,6 +2,9 @@
 
 - `RequestError`: the client sent something malformed → the call ends with INVALID_ARGUMENT.
 - `AdmissionError`: not enough CPU/memory share free → RESOURCE_EXHAUSTED, with the numbers.
+- `LimitError`: the call went over one of this afslet's bounds (extra files, writable layer) →
+  RESOURCE_EXHAUSTED naming the limit and its flag.
+- `DeadlineError`: the client took too long to send its start frame or its upload → DEADLINE_EXCEEDED.
 - `ShuttingDownError`: afslet is draining (SIGTERM) → UNAVAILABLE, so the client retries elsewhere.
 - `SetupError`: the request was fine but running it failed before the command ran (image, mount, user,
   runc) → a `result` frame with a setup exit code (see outcome.py) and the message in `error`.
@@ -21,6 +24,14 @@ class RequestError(AfsdError):
 
 class AdmissionError(AfsdError):
     """The requested CPU cores or memory do not fit in what this afslet has free."""
+
+
+class LimitError(AfsdError):
+    """The call went over a size bound of this afslet."""
+
+
+class DeadlineError(AfsdError):
+    """The client did not send its start frame, or finish its upload, in time."""
 
 
 class ShuttingDownError(AfsdError):

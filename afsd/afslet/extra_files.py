@@ -19,7 +19,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from afsd.afslet.errors import RequestError
+from afsd.afslet.errors import LimitError, RequestError
 from afsd.api import afslet_pb2 as pb
 
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -61,6 +61,8 @@ class ExtraTree:
     """Writes one call's extra entries under `root` (an existing, empty directory)."""
 
     root: str
+    max_bytes: int = 1 << 62       # file bytes in all (afsd let --max-extra-bytes)
+    max_entries: int = 1 << 62     # entries in all (afsd let --max-extra-entries)
     entries: int = 0
     bytes_written: int = 0
     paths: set[str] = field(default_factory=set)
@@ -82,6 +84,9 @@ class ExtraTree:
             raise RequestError(f"file_begin {begin.path!r}: a symlink needs symlink_target")
         if "\x00" in begin.symlink_target:
             raise RequestError(f"file_begin {begin.path!r}: symlink_target contains a NUL byte")
+        if self.entries >= self.max_entries:
+            raise LimitError(f"extra files: more than this afslet's limit of {self.max_entries} entries "
+                             "(afsd let --max-extra-entries)")
         self._open = await asyncio.to_thread(self._begin, begin, parts)
         self.entries += 1
         self.paths.add("/".join(parts))
@@ -94,6 +99,9 @@ class ExtraTree:
             raise RequestError("file_chunk without a preceding file_begin")
         if entry.fd < 0:
             raise RequestError(f"file_chunk for {entry.display!r}, which is not a regular file")
+        if self.bytes_written + len(chunk.data) > self.max_bytes:
+            raise LimitError(f"extra files: more than this afslet's limit of {self.max_bytes} bytes "
+                             "(afsd let --max-extra-bytes)")
         await asyncio.to_thread(self._write_all, entry, chunk.data)
         self.bytes_written += len(chunk.data)
 

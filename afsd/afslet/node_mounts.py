@@ -38,9 +38,12 @@ class NodeMounts:
                     "start it with `afsd node`")
         return f"{what}: {error.details() or error.code().name}"
 
-    async def mount(self, image: str, platform: str, target: Path, upper_dir: Path, extra_dir: Path) -> pb.MountInfo:
+    async def mount(self, image: str, platform: str, target: Path, upper_dir: Path | None,
+                    extra_dir: Path) -> pb.MountInfo:
+        """The image at `target`, with a writable upper in `upper_dir` (None: read-only)."""
         request = pb.MountRequest(image=image, target=str(target), backend=self.backend, platform=platform,
-                                  upper_dir=str(upper_dir), extra_dir=str(extra_dir))
+                                  upper_dir=str(upper_dir) if upper_dir is not None else "",
+                                  extra_dir=str(extra_dir))
         try:
             response = await self._stub.Mount(request, timeout=MOUNT_TIMEOUT)
         except grpc.aio.AioRpcError as error:

@@ -1,8 +1,9 @@
 """At startup: remove what an earlier afslet with the same work dir left behind when it died.
 
 Its containers are in afslet's own runc root (every one of them is afslet's: kill and delete them),
-its sessions in `<work-dir>/sessions/<id>` (unmount each rootfs through the node daemon, remove the
-container's cgroup, remove the directory). Nothing belonging to another afslet is touched: cgroups are
+its sessions in `<work-dir>/sessions/<id>` (unmount each rootfs: afslet's own idmapped overlay, and
+the node daemon's mount; remove the container's cgroup, remove the directory). Its bridge, veths and nft
+table are replaced by the network's own start (network.py), which comes before. Nothing belonging to another afslet is touched: cgroups are
 named after this work dir's sessions only.
 """
 
@@ -12,9 +13,9 @@ import asyncio
 import logging
 
 from afsd.afslet import cgroups
+from afsd.afslet.rootfs import SessionRootfs
 from afsd.afslet.runtime import Runtime, container_id
-from afsd.afslet.session import SessionPaths, remove_session_dir
-from afsd.node.records import mounted_paths
+from afsd.afslet.session import remove_session_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,10 @@ async def recover(runtime: Runtime) -> int:
     if not await asyncio.to_thread(sessions.is_dir):
         return removed
     for root in sorted(await asyncio.to_thread(lambda: list(sessions.iterdir()))):
-        paths = SessionPaths(root)
         log.warning("removing session %s left by an earlier afslet", root.name)
         await asyncio.to_thread(cgroups.remove, runtime.cgroup_path(root.name))
-        if str(paths.rootfs) in await asyncio.to_thread(mounted_paths):
-            await runtime.mounts.unmount(paths.rootfs)
+        rootfs = await asyncio.to_thread(SessionRootfs.leftover, runtime.mounts, root)
+        await rootfs.unmount()
         if not await asyncio.to_thread(remove_session_dir, root):
             log.error("cannot remove %s: something is still mounted inside", root)
         removed += 1

@@ -25,6 +25,17 @@ class TimeoutPolicy:
 
 
 @dataclass(frozen=True)
+class RequestBounds:
+    """How long and how big one Execute call may be (`afsd let --first-frame-timeout` ...)."""
+
+    first_frame_timeout: float = 30.0      # seconds from the call's start to its start frame
+    upload_timeout: float = 600.0          # seconds from `accepted` to the client's half-close
+    max_extra_bytes: int = 1 << 30         # bytes of extra files in one call
+    max_extra_entries: int = 100_000       # extra-file entries in one call
+    max_upper_bytes: int = 1 << 30         # bytes the writable layer's files may hold to be returned
+
+
+@dataclass(frozen=True)
 class ExecuteSpec:
     reference: ImageReference
     platform: Platform

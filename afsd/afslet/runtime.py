@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from afsd.afslet.admission import Admission
+from afsd.afslet.bundle import IdMap, Isolation
 from afsd.afslet.executions import ExecutionTable
 from afsd.afslet.metrics import RUNNING
+from afsd.afslet.network import ContainerNetwork, NetworkOptions
 from afsd.afslet.node_mounts import NodeMounts
 from afsd.afslet.reaper import Subreaper
-from afsd.afslet.request import TimeoutPolicy
+from afsd.afslet.request import RequestBounds, TimeoutPolicy
 from afsd.afslet.runc import Runc
 from afsd.afslet.stopping import StopPolicy, StopReason
 from afsd.cluster.discovery_client import DiscoveryClient
@@ -31,7 +33,10 @@ class AfsletConfig:
     stop_policy: StopPolicy = field(default_factory=StopPolicy)
     node_id: str = ""                  # this afslet's node, in execution management
     endpoint: str = ""                 # where clients reach this afslet (its advertised gRPC address)
-    network: str = "host"              # "host" or "none"
+    network: NetworkOptions = field(default_factory=NetworkOptions)
+    id_map: IdMap | None = None        # --userns: container ids 0..size-1 are these host ids
+    net_raw: bool = False              # keep CAP_NET_RAW
+    bounds: RequestBounds = field(default_factory=RequestBounds)
     tar_chunk: int = 256 * 1024
     pids_limit: int = 4096
     runc_binary: str = "runc"
@@ -47,6 +52,10 @@ class AfsletConfig:
     def runc_state(self) -> Path:
         return self.runc_root or self.work_dir / "runc"
 
+    @property
+    def isolation(self) -> Isolation:
+        return Isolation(own_network=self.network.mode != "host", id_map=self.id_map, net_raw=self.net_raw)
+
 
 def container_id(session_id: str) -> str:
     return f"afslet-{session_id}"
@@ -60,7 +69,9 @@ class Runtime:
     runc: Runc
     mounts: NodeMounts
     discovery: DiscoveryClient
+    network: ContainerNetwork
     executions: ExecutionTable = field(default_factory=ExecutionTable)
+    userns_fd: int = -1                # a user namespace carrying config.id_map (for idmapped mounts)
     running_containers: int = 0
     draining: bool = False
     _tasks: set[asyncio.Future[object]] = field(default_factory=set)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from afsd.afslet.errors import AdmissionError, RequestError, ShuttingDownError
+from afsd.afslet.errors import AdmissionError, DeadlineError, LimitError, RequestError, ShuttingDownError
 from afsd.afslet.runtime import Runtime
 from afsd.afslet.session import ExecuteCall
 from afsd.api import afslet_pb2 as pb
@@ -38,8 +38,10 @@ class _End:
 def _status(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, AdmissionError):
+    if isinstance(error, (AdmissionError, LimitError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, DeadlineError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
     if isinstance(error, ShuttingDownError):
         return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, AfsdError):

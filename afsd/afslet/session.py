@@ -17,9 +17,15 @@ setup error, an invalid frame after `accepted`, a client that goes away. It is s
 cancellation, so a cancelled call still finishes cleaning up; `done` is sent only after it, so a
 client that saw `done` knows nothing of its call is left on the node.
 
-Session directory `<work-dir>/sessions/<id>/`: `extra/` (uploaded files + mount-point stubs, a
-read-only lower), `rootfs/` (the overlay mount point), `rw/` (`rw/upper`, `rw/work` of the overlay),
-`bundle/` (config.json, runc's log and pid file).
+Session directory `<work-dir>/sessions/<id>/`, mode 0700 (owned by the containers' root with
+`--userns`, so that runc's init can reach the rootfs; nobody else can): `extra/` (uploaded files +
+mount-point stubs, a read-only lower), `rootfs/` (the overlay mount point, rootfs.py), `image/` (with
+`--userns`: the node daemon's read-only image), `rw/` (`rw/upper`, `rw/work` of the overlay), `bundle/`
+(config.json, runc's log and pid file).
+
+Bounds (request.RequestBounds): the start frame must come within `first_frame_timeout` and the upload
+end within `upload_timeout` of `accepted` (DEADLINE_EXCEEDED, share released); extra files are capped in
+bytes and entries, the writable layer in bytes (RESOURCE_EXHAUSTED naming the limit, after `result`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shlex
 import shutil
 import time
@@ -41,7 +48,7 @@ from afsd.afslet import resources
 from afsd.afslet.admission import Reservation
 from afsd.afslet.cgroups import CgroupUsage
 from afsd.afslet.container import Container
-from afsd.afslet.errors import AdmissionError, RequestError, SetupError, ShuttingDownError
+from afsd.afslet.errors import AdmissionError, DeadlineError, LimitError, RequestError, SetupError, ShuttingDownError
 from afsd.afslet.executions import Execution, new_execution_id
 from afsd.afslet.extra_files import ExtraTree, add_mount_stubs
 from afsd.afslet.metrics import EXECUTIONS, PHASE_SECONDS, STOPS, TEARDOWN_FAILURES
@@ -55,9 +62,10 @@ from afsd.afslet.outcome import (
 )
 from afsd.afslet.process import ProcessPlan, plan_process, with_default
 from afsd.afslet.request import ExecuteSpec, parse_start
+from afsd.afslet.rootfs import SessionRootfs
 from afsd.afslet.runtime import Runtime, container_id
 from afsd.afslet.stopping import wants_interrupt, wire_stop
-from afsd.afslet.upper_tar import stream_upper_tar
+from afsd.afslet.upper_tar import stream_upper_tar, upper_size
 from afsd.afslet.users import resolve_user
 from afsd.api import afslet_pb2 as pb
 from afsd.api import discovery_pb2 as dpb
@@ -102,8 +110,12 @@ class SessionPaths:
     def bundle(self) -> Path:
         return self.root / "bundle"
 
-    def create(self) -> None:
-        self.root.mkdir(parents=True)
+    def create(self, owner: int = 0) -> None:
+        """The session's directories; the session's own is 0700 and belongs to `owner` (a host uid)."""
+        self.root.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700)
+        if owner:
+            os.chown(self.root, owner, owner)
         for directory in (self.extra, self.rootfs, self.rw, self.bundle):
             directory.mkdir()
 
@@ -135,6 +147,8 @@ class ExecuteCall:
         self._reservation: Reservation | None = None
         self._container: Container | None = None
         self._mount_task: asyncio.Future[object] | None = None
+        self._rootfs = SessionRootfs(runtime.mounts, self.paths.root, runtime.config.id_map, runtime.userns_fd)
+        self._attachment: object | None = None
         self._teardown_task: asyncio.Future[None] | None = None
         self._rootfs_release: asyncio.Future[None] | None = None
         self._created = False
@@ -195,10 +209,13 @@ class ExecuteCall:
             await self._teardown_once()
 
     async def _first_frame(self) -> pb.StartRequest:
+        timeout = self.runtime.config.bounds.first_frame_timeout
         try:
-            frame = await anext(aiter(self.frames))
+            frame = await asyncio.wait_for(anext(aiter(self.frames)), timeout)
         except StopAsyncIteration:
             raise RequestError("missing start request: the stream ended before its first frame") from None
+        except TimeoutError:
+            raise DeadlineError(f"no start frame within {timeout:g} s (afsd let --first-frame-timeout)") from None
         kind = frame.WhichOneof("payload")
         if kind != "start":
             raise RequestError(f"first request must be start, got {kind or 'an empty frame'}")
@@ -210,7 +227,8 @@ class ExecuteCall:
         await self.send_log("execution", json.dumps({"id": self.session_id, "node_id": config.node_id,
                                                      "endpoint": config.endpoint}))
         await self._phase("admission", self._started)
-        await asyncio.to_thread(self.paths.create)
+        owner = config.id_map.host_start if config.id_map is not None else 0
+        await asyncio.to_thread(self.paths.create, owner)
         self._created = True
         await self.send_log("session", f"session {self.session_id}, container {container_id(self.session_id)}, "
                                        f"directory {self.paths.root}")
@@ -223,8 +241,12 @@ class ExecuteCall:
             stop_stage=stop_stage, stop_reason=stop_reason)))
         self._outcome_label = outcome.kind
         started = time.monotonic()
+        limit = config.bounds.max_upper_bytes
+        if (size := await asyncio.to_thread(upper_size, self.paths.upper)) > limit:
+            raise LimitError(f"the writable layer holds {size} bytes, over this afslet's limit of {limit} bytes "
+                             "(afsd let --max-upper-bytes); it is not returned")
         await self._send(pb.ExecuteResponse(tar_header=pb.TarHeader(name=TAR_NAME)))
-        async for chunk in stream_upper_tar(self.paths.upper, self.runtime.config.tar_chunk):
+        async for chunk in stream_upper_tar(self.paths.upper, config.tar_chunk, config.id_map):
             await self._send(pb.ExecuteResponse(tar_chunk=pb.TarChunk(data=chunk)))
         await self._phase("upload", started)
         started = time.monotonic()
@@ -237,9 +259,14 @@ class ExecuteCall:
         resolving = asyncio.ensure_future(self._resolve_image(spec))
         try:
             started = time.monotonic()
-            tree = ExtraTree(str(self.paths.extra))
+            bounds = self.runtime.config.bounds
+            tree = ExtraTree(str(self.paths.extra), max_bytes=bounds.max_extra_bytes,
+                             max_entries=bounds.max_extra_entries)
             try:
-                await self._receive_files(tree)
+                await asyncio.wait_for(self._receive_files(tree), bounds.upload_timeout)
+            except TimeoutError:
+                raise DeadlineError(f"the upload of extra files did not end within {bounds.upload_timeout:g} s "
+                                    "(afsd let --upload-timeout)") from None
             finally:
                 tree.close()
             await self._phase("receive", started)
@@ -299,7 +326,8 @@ class ExecuteCall:
     async def _mount_and_run(self, spec: ExecuteSpec, resolved: dpb.ResolveImageResponse, plan: ProcessPlan,
                              tree: ExtraTree) -> Outcome:
         config = self.runtime.config
-        host_resolv = config.resolv_conf if config.resolv_conf and "etc/resolv.conf" not in tree.paths else None
+        resolv = self.runtime.network.resolv_conf  # the host's, or (bridge) its version for the bridge
+        host_resolv = resolv if resolv and "etc/resolv.conf" not in tree.paths else None
         await asyncio.to_thread(add_mount_stubs, str(self.paths.extra), resolv_conf=host_resolv is not None)
         if host_resolv is not None and not await asyncio.to_thread(host_resolv.is_file):
             host_resolv = None
@@ -309,8 +337,7 @@ class ExecuteCall:
         image = str(spec.reference.with_digest(resolved.manifest_digest)) if resolved.manifest_digest \
             else str(spec.reference)
         started = time.monotonic()
-        self._mount_task = asyncio.ensure_future(self.runtime.mounts.mount(
-            image, str(spec.platform), self.paths.rootfs, self.paths.rw, self.paths.extra))
+        self._mount_task = asyncio.ensure_future(self._rootfs.mount(image, str(spec.platform), self.paths.extra))
         info = await asyncio.shield(self._mount_task)
         await self._phase("mount", started)
         await self.send_log("mount", f"{info.image} at {info.target}: {len(info.layers)} layers, backend "
@@ -321,8 +348,8 @@ class ExecuteCall:
         limits = oci.ContainerLimits(spec.cpu_cores, spec.memory_mb, config.pids_limit)
         cgroup_path = self.runtime.cgroup_path(self.session_id)
         document = oci.oci_config(rootfs=self.paths.rootfs, args=list(plan.args), env=env, cwd=plan.cwd, user=user,
-                                  cgroups_path=cgroup_path, limits=limits,
-                                  private_network=config.network == "none", resolv_conf=host_resolv)
+                                  cgroups_path=cgroup_path, limits=limits, isolation=config.isolation,
+                                  resolv_conf=host_resolv)
         await asyncio.to_thread(oci.write_bundle, self.paths.bundle, document)
         interrupt = wants_interrupt(env)
         timeout_note = " (server default)" if spec.timeout_is_default else ""
@@ -330,7 +357,7 @@ class ExecuteCall:
         await self.send_log("request", f"args={shlex.join(plan.args)} cwd={plan.cwd} user={user.uid}:{user.gid}"
                                        f"{' (' + user.name + ')' if user.name else ''} cpu_cores={spec.cpu_cores} "
                                        f"memory_mb={spec.memory_mb} gpus={spec.gpus} pids={config.pids_limit} "
-                                       f"timeout_ms={spec.timeout_ms}{timeout_note} network={config.network} "
+                                       f"timeout_ms={spec.timeout_ms}{timeout_note} network={config.network.mode} "
                                        f"stop=SIGTERM:{policy.term_timeout:g}s"
                                        f"{f',SIGINT:{policy.interrupt_timeout:g}s' if interrupt else ''}"
                                        f",SIGKILL:{policy.kill_timeout:g}s")
@@ -355,8 +382,14 @@ class ExecuteCall:
         async def stderr(line: str) -> None:
             await self.send_log(STDERR_SOURCE, line)
 
+        async def attach_network(init_pid: int) -> None:
+            self._attachment = attachment = await self.runtime.network.attach(init_pid)
+            if attachment is not None:
+                await self.send_log("network", self.runtime.network.describe(attachment))
+
+        before_start = attach_network if self.runtime.network.bridge is not None else None
         with self.runtime.container_running():
-            exit_ = await container.run(spec.timeout_ms / 1000, stdout, stderr)
+            exit_ = await container.run(spec.timeout_ms / 1000, stdout, stderr, before_start)
         self.execution.run_ended = time.monotonic()
         self._release_rootfs()
         run_seconds = exit_.run_seconds
@@ -407,11 +440,11 @@ class ExecuteCall:
                 if leftovers:
                     TEARDOWN_FAILURES.labels("cgroup").inc()
                     log.error("session %s: cgroup directories remain: %s", self.session_id, ", ".join(leftovers))
+            attachment, self._attachment = self._attachment, None
+            await self.runtime.network.detach(attachment)  # type: ignore[arg-type]
             if self._mount_task is not None:
                 await asyncio.wait([self._mount_task])
-                mounted = not self._mount_task.cancelled() and self._mount_task.exception() is None
-                still_mounted = mounted or str(self.paths.rootfs) in await asyncio.to_thread(mounted_paths)
-                if still_mounted and not await self.runtime.mounts.unmount(self.paths.rootfs):
+                if not await self._rootfs.unmount():
                     TEARDOWN_FAILURES.labels("mount").inc()
         except Exception:
             log.exception("session %s: removing the container or its mount failed", self.session_id)

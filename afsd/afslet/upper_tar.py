@@ -7,6 +7,12 @@ like the reference. A directory the command replaced wholesale is marked opaque 
 `SCHILY.xattrs.trusted.overlay.opaque=y` on the directory entry (tar readers that do not know it,
 the SDK's included, ignore it). Owner names are left empty: the host's names mean nothing in the image.
 
+With `--userns` the upper holds host ids (the container's root is host uid `start`): they are shifted
+back to the container's (`IdMap.to_container`; an id outside the map becomes 65534, nobody).
+
+`upper_size` is what the tar would hold (file bytes plus a 512-byte header per entry), checked against
+`--max-upper-bytes` before anything is sent.
+
 The archive is built in a thread; a small queue between it and the event loop gives backpressure,
 so a slow client slows the reader down instead of the archive piling up in memory.
 """
@@ -18,14 +24,19 @@ import contextlib
 import gzip
 import os
 import queue
+import stat
 import tarfile
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from afsd.afslet.bundle import IdMap
+
 OPAQUE_XATTR = "trusted.overlay.opaque"
 OPAQUE_PAX = "SCHILY.xattrs." + OPAQUE_XATTR
 QUEUE_DEPTH = 4
+NOBODY = 65534
+TAR_BLOCK = 512
 
 
 class _Cancelled(Exception):
@@ -68,11 +79,27 @@ class _ChunkWriter:
                 continue
 
 
-def _tarinfo(archive: tarfile.TarFile, path: Path, name: str) -> tarfile.TarInfo | None:
+def upper_size(upper: Path) -> int:
+    """File bytes plus a tar header for every entry under `upper` (0 if it does not exist)."""
+    total = 0
+    for directory, dirnames, filenames in os.walk(upper):
+        for name in dirnames + filenames:
+            total += TAR_BLOCK
+            with contextlib.suppress(OSError):
+                status = os.lstat(os.path.join(directory, name))
+                if stat.S_ISREG(status.st_mode):
+                    total += status.st_size
+    return total
+
+
+def _tarinfo(archive: tarfile.TarFile, path: Path, name: str, id_map: IdMap | None) -> tarfile.TarInfo | None:
     info = archive.gettarinfo(str(path), arcname=name)
     if info is None:  # sockets cannot be archived
         return None
     info.uname = info.gname = ""
+    if id_map is not None:
+        info.uid, info.gid = (NOBODY if (mapped := id_map.to_container(host_id)) is None else mapped
+                              for host_id in (info.uid, info.gid))
     if info.isdir():
         with contextlib.suppress(OSError):
             if os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y":
@@ -80,7 +107,7 @@ def _tarinfo(archive: tarfile.TarFile, path: Path, name: str) -> tarfile.TarInfo
     return info
 
 
-def write_upper_tar(upper: Path, out: _ChunkWriter) -> None:
+def write_upper_tar(upper: Path, out: _ChunkWriter, id_map: IdMap | None = None) -> None:
     gz = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0)  # type: ignore[arg-type]
     with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as archive:
         if upper.is_dir():
@@ -90,7 +117,7 @@ def write_upper_tar(upper: Path, out: _ChunkWriter) -> None:
                 for entry in sorted(dirnames) + sorted(filenames):
                     path = base / entry
                     name = str(path.relative_to(upper))
-                    info = _tarinfo(archive, path, name)
+                    info = _tarinfo(archive, path, name, id_map)
                     if info is None:
                         continue
                     if info.isreg():
@@ -103,7 +130,7 @@ def write_upper_tar(upper: Path, out: _ChunkWriter) -> None:
     out.finish()
 
 
-async def stream_upper_tar(upper: Path, chunk_size: int) -> AsyncIterator[bytes]:
+async def stream_upper_tar(upper: Path, chunk_size: int, id_map: IdMap | None = None) -> AsyncIterator[bytes]:
     """Chunks of the gzip tar of `upper` (an empty archive if it does not exist)."""
     chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=QUEUE_DEPTH)
     stop = threading.Event()
@@ -111,7 +138,7 @@ async def stream_upper_tar(upper: Path, chunk_size: int) -> AsyncIterator[bytes]
 
     def produce() -> None:
         try:
-            write_upper_tar(upper, writer)
+            write_upper_tar(upper, writer, id_map)
         except _Cancelled:
             return
         except Exception as error:  # noqa: BLE001 - handed to the consumer, which raises it

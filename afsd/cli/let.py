@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import shutil
 import socket
@@ -40,8 +41,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "with the host name for a wildcard host)")
     parser.add_argument("--work-dir", type=Path, default=Path("/var/lib/afsd/let"),
                         help="session directories and runc state; not on overlayfs (default %(default)s)")
-    parser.add_argument("--network", choices=["host", "none"], default="host",
-                        help="containers share the host's network (default), or get their own with loopback only")
+    sandbox = parser.add_argument_group(
+        "sandbox", "how containers are isolated (docs/afslet.md: what each mode gives and what it does not)")
+    sandbox.add_argument("--network", choices=["bridge", "none", "host"], default="bridge",
+                         help="bridge (default): own network namespace on this afslet's bridge, masqueraded to "
+                              "the outside, the node's own services unreachable; none: loopback only; host: the "
+                              "host's network, every service of the node reachable")
+    sandbox.add_argument("--bridge-pool", default="10.213.0.0/16", metavar="CIDR",
+                         help="the bridge's /24 is the first of this pool no host route overlaps (default "
+                              "%(default)s)")
+    sandbox.add_argument("--bridge-subnet", metavar="CIDR", help="this subnet for the bridge instead")
+    sandbox.add_argument("--bridge-deny", action="append", metavar="CIDR",
+                         help="a network containers may not reach (repeatable; default 169.254.0.0/16, the "
+                              "metadata service; give the cluster's networks here)")
+    sandbox.add_argument("--userns", action="store_true",
+                         help="run containers in a user namespace: their root is an unprivileged host uid")
+    sandbox.add_argument("--userns-range", default="1000000000:65536", metavar="START:SIZE",
+                         help="host uids/gids container ids 0..SIZE-1 map to (default %(default)s)")
+    sandbox.add_argument("--allow-net-raw", action="store_true",
+                         help="keep CAP_NET_RAW (raw sockets, ping) in containers; dropped by default")
+    bounds = parser.add_argument_group("bounds", "limits of one Execute call")
+    bounds.add_argument("--first-frame-timeout", type=float, default=30.0, metavar="S",
+                        help="seconds a call may take to send its start frame (default %(default)s)")
+    bounds.add_argument("--upload-timeout", type=float, default=600.0, metavar="S",
+                        help="seconds from `accepted` to the end of the extra-file upload (default %(default)s)")
+    bounds.add_argument("--max-extra-bytes", type=int, default=1 << 30, metavar="BYTES",
+                        help="bytes of extra files per call (default %(default)s)")
+    bounds.add_argument("--max-extra-entries", type=int, default=100_000, metavar="N",
+                        help="extra-file entries per call (default %(default)s)")
+    bounds.add_argument("--max-upper-bytes", type=int, default=1 << 30, metavar="BYTES",
+                        help="largest writable layer returned, file bytes plus 512 per entry (default %(default)s)")
+    bounds.add_argument("--max-concurrent-rpcs", type=int, default=256, metavar="N",
+                        help="gRPC calls served at once; more get RESOURCE_EXHAUSTED (default %(default)s)")
     parser.add_argument("--default-timeout-ms", type=int, default=60_000, metavar="MS",
                         help="command timeout when a request says timeout_ms=0 (default %(default)s)")
     parser.add_argument("--max-timeout-ms", type=int, default=3_600_000, metavar="MS",
@@ -93,6 +124,11 @@ def _check(args: argparse.Namespace) -> str:
         raise UsageError("--stop-*-timeout and --graceful-timeout must be >= 0")
     if args.keep_finished < 0 or args.log_tail_lines <= 0:
         raise UsageError("--keep-finished must be >= 0 and --log-tail-lines > 0")
+    if min(args.first_frame_timeout, args.upload_timeout) <= 0:
+        raise UsageError("--first-frame-timeout and --upload-timeout must be > 0")
+    if min(args.max_extra_bytes, args.max_extra_entries, args.max_upper_bytes, args.max_concurrent_rpcs) <= 0:
+        raise UsageError("--max-extra-bytes, --max-extra-entries, --max-upper-bytes and --max-concurrent-rpcs "
+                         "must be > 0")
     if not args.cgroup_parent.startswith("/"):
         raise UsageError(f"--cgroup-parent {args.cgroup_parent!r} must be an absolute cgroup path")
     if os.geteuid() != 0:
@@ -101,6 +137,23 @@ def _check(args: argparse.Namespace) -> str:
     if runc is None:
         raise MissingToolError(f"runc not found ({args.runc}); install it (Debian package runc) or pass --runc PATH")
     return runc
+
+
+def _network(text: str, flag: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(text)
+    except ValueError as error:
+        raise UsageError(f"{flag} {text!r}: not an IPv4 network ({error})") from None
+
+
+def _id_range(text: str):
+    from afsd.afslet.bundle import IdMap
+    start, sep, size = text.partition(":")
+    if not sep or not start.isdigit() or not size.isdigit() or int(start) <= 0 or int(size) <= 0:
+        raise UsageError(f"--userns-range {text!r}: expected START:SIZE, both whole numbers > 0")
+    if int(start) + int(size) > 2**32 - 1:
+        raise UsageError(f"--userns-range {text!r} goes past the largest uid")
+    return IdMap(int(start), int(size))
 
 
 def _advertised(listen: str, advertise: str | None) -> str:
@@ -115,7 +168,8 @@ def _advertised(listen: str, advertise: str | None) -> str:
 async def run(args: argparse.Namespace) -> int:
     from afsd.afslet.daemon import DaemonOptions, serve
     from afsd.afslet.executions import ExecutionTable
-    from afsd.afslet.request import TimeoutPolicy
+    from afsd.afslet.network import DEFAULT_DENY, NetworkOptions
+    from afsd.afslet.request import RequestBounds, TimeoutPolicy
     from afsd.afslet.runtime import AfsletConfig
     from afsd.afslet.stopping import StopPolicy
 
@@ -124,11 +178,19 @@ async def run(args: argparse.Namespace) -> int:
         work_dir=args.work_dir.absolute(), limit_cpu_cores=args.limit_cpu, limit_memory_mb=args.limit_memory_mb,
         limit_gpus=args.limit_gpus, timeouts=TimeoutPolicy(args.default_timeout_ms, args.max_timeout_ms),
         stop_policy=StopPolicy(args.stop_term_timeout, args.stop_interrupt_timeout, args.stop_kill_timeout),
-        node_id=args.node_id, endpoint=_advertised(args.listen, args.advertise), network=args.network,
+        node_id=args.node_id, endpoint=_advertised(args.listen, args.advertise),
+        network=NetworkOptions(mode=args.network, pool=_network(args.bridge_pool, "--bridge-pool"),
+                               subnet=_network(args.bridge_subnet, "--bridge-subnet") if args.bridge_subnet else None,
+                               deny=tuple(_network(d, "--bridge-deny") for d in args.bridge_deny) if args.bridge_deny
+                               else DEFAULT_DENY),
+        id_map=_id_range(args.userns_range) if args.userns else None, net_raw=args.allow_net_raw,
+        bounds=RequestBounds(first_frame_timeout=args.first_frame_timeout, upload_timeout=args.upload_timeout,
+                             max_extra_bytes=args.max_extra_bytes, max_extra_entries=args.max_extra_entries,
+                             max_upper_bytes=args.max_upper_bytes),
         tar_chunk=args.tar_chunk, pids_limit=args.pids_limit, runc_binary=runc_binary,
         runc_root=args.runc_root.absolute() if args.runc_root else None, cgroup_parent=args.cgroup_parent)
     options = DaemonOptions(listen=args.listen, node_socket=args.node_socket, discovery=args.discovery_addr,
                             mount_backend=args.mount_backend, metrics_listen=args.metrics_listen,
-                            graceful_timeout=args.graceful_timeout)
+                            graceful_timeout=args.graceful_timeout, max_concurrent_rpcs=args.max_concurrent_rpcs)
     executions = ExecutionTable(keep_finished=args.keep_finished, tail_lines=args.log_tail_lines)
     return await serve(config, options, executions)
