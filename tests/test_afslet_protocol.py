@@ -127,6 +127,7 @@ def test_a_client_that_disconnects_leaves_nothing_behind(afslet_cluster: AfsletC
 
 def test_network_none_leaves_the_container_only_loopback(afslet_cluster: AfsletCluster) -> None:
     isolated = afslet_cluster.start_afslet("afslet-isolated", extra_args=["--network", "none"])
+    shared = afslet_cluster.start_afslet("afslet-host-network", extra_args=["--network", "host"])
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -143,11 +144,13 @@ def test_network_none_leaves_the_container_only_loopback(afslet_cluster: AfsletC
         threading.Thread(target=answer, daemon=True).start()
         probe = f"cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' '; nc 127.0.0.1 {port} </dev/null && echo reached"
         tools = afslet_cluster.images["tools"]
-        host = sdk_execute(afslet_cluster.afslet, image=tools, command=["/bin/sh", "-c", probe], timeout_ms=20_000)
+        host = sdk_execute(shared, image=tools, command=["/bin/sh", "-c", probe], timeout_ms=20_000)
         none = sdk_execute(isolated, image=tools, command=["/bin/sh", "-c", probe], timeout_ms=20_000)
+        bridge = sdk_execute(afslet_cluster.afslet, image=tools, command=["/bin/sh", "-c", probe], timeout_ms=20_000)
         listener.shutdown(socket.SHUT_RDWR)
     assert "reached" in host.stdout and "lo" in host.stdout and len(host.stdout) > 2  # the host's interfaces
     assert none.stdout == ["lo"]  # no other interface, and the host's listener is out of reach
+    assert sorted(bridge.stdout) == ["eth0", "lo"]  # the default: its own veth, the host's loopback out of reach
     assert none.result["exit_code"] != 0
 
 

@@ -58,6 +58,15 @@ class IdMap:
 
 
 @dataclass(frozen=True)
+class BindMount:
+    """A host directory every container of the afslet sees (`afsd let --bind SRC:DST[:ro]`)."""
+
+    source: Path
+    destination: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class Isolation:
     """What the afslet's flags make of every container: its network namespace, user namespace, NET_RAW."""
 
@@ -78,7 +87,8 @@ class ContainerLimits:
 
 
 def oci_config(*, rootfs: Path, args: list[str], env: list[str], cwd: str, user: ExecUser, cgroups_path: str,
-               limits: ContainerLimits, isolation: Isolation, resolv_conf: Path | None) -> dict[str, object]:
+               limits: ContainerLimits, isolation: Isolation, resolv_conf: Path | None,
+               binds: tuple[BindMount, ...] = ()) -> dict[str, object]:
     capabilities = isolation.capabilities
     mounts: list[dict[str, object]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -94,6 +104,9 @@ def oci_config(*, rootfs: Path, args: list[str], env: list[str], cwd: str, user:
     if resolv_conf is not None:
         mounts.append({"destination": "/etc/resolv.conf", "type": "bind", "source": str(resolv_conf),
                        "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
+    for bind in binds:
+        mounts.append({"destination": bind.destination, "type": "bind", "source": str(bind.source),
+                       "options": ["rbind", "nosuid", "nodev", *(["ro"] if bind.read_only else [])]})
     namespaces = [{"type": "mount"}, {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}]
     if isolation.own_network:
         namespaces.append({"type": "network"})

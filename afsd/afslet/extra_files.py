@@ -257,17 +257,22 @@ def _chown(call) -> None:
         pass  # not root: keep our own ownership, as the reference did
 
 
-def add_mount_stubs(root: str, *, resolv_conf: bool) -> None:
+def add_mount_stubs(root: str, *, resolv_conf: bool, directories: list[str] = ()) -> None:
     """Mount points runc needs, created in the extra dir (a read-only lower) rather than letting runc
     create them in the writable upper, where they would show up in the returned tar.
 
     Nothing is created where the client uploaded something; `resolv_conf` adds an empty
-    etc/resolv.conf for the host's file to be bind-mounted onto.
+    etc/resolv.conf for the host's file to be bind-mounted onto; `directories` (absolute container
+    paths, the operator's --bind destinations) are created with their parents.
     """
     for name in ("proc", "sys", "dev"):
         path = os.path.join(root, name)
         if not os.path.lexists(path):
             os.mkdir(path, 0o755)
+    for directory in directories:
+        path = os.path.join(root, directory.strip("/"))
+        if not os.path.lexists(path):
+            os.makedirs(path, 0o755, exist_ok=True)
     if resolv_conf:
         etc = os.path.join(root, "etc")
         if not os.path.lexists(etc):

@@ -49,6 +49,18 @@ def instance_token(work_dir: Path) -> str:
     return hashlib.sha256(str(work_dir.absolute()).encode()).hexdigest()[:8]
 
 
+def instance_names(work_dir: Path) -> BridgeSpec:
+    """The bridge, nft table and veth prefix of the afslet with this work dir (its subnet is a placeholder)."""
+    token = instance_token(work_dir)
+    return BridgeSpec(bridge=f"afsb{token}", subnet=IPv4Network("10.0.0.0/30"), table=f"afsd-let-{token}",
+                      veth_prefix=f"afv{token}")
+
+
+def remove_instance_network(work_dir: Path) -> None:
+    """Remove the bridge, nft table and veths an afslet with this work dir left (nothing if none)."""
+    BridgeNetwork(instance_names(work_dir)).remove_leftovers()
+
+
 def container_resolv_conf(host_text: str, local: set[IPv4Address], gateway: IPv4Address
                           ) -> tuple[str, IPv4Address | None]:
     """The resolv.conf containers on the bridge get, and the host-local resolver the gateway stands in for.
@@ -110,19 +122,17 @@ class ContainerNetwork:
         return await asyncio.to_thread(self._start_bridge)
 
     def _start_bridge(self) -> str:
-        token = self.token
         host_text = self.host_resolv_conf.read_text() if self.host_resolv_conf and self.host_resolv_conf.is_file() \
             else ""
         with host_network_lock():
-            leftover = BridgeSpec(bridge=f"afsb{token}", subnet=IPv4Network("10.0.0.0/30"),
-                                  table=f"afsd-let-{token}", veth_prefix=f"afv{token}")
+            leftover = instance_names(self.work_dir)
             BridgeNetwork(leftover).remove_leftovers()
             with open_links() as host:
                 taken = host.ipv4_networks()
                 local = set(host.ipv4_addresses())
                 uplinks = tuple(sorted(set(host.default_route_interfaces())))
             subnet = self.options.subnet or pick_subnet(self.options.pool, SUBNET_PREFIX, taken,
-                                                        int(token, 16))
+                                                        int(self.token, 16))
             gateway = subnet.network_address + 1
             resolv_text, dns_target = container_resolv_conf(host_text, local, gateway)
             spec = BridgeSpec(bridge=leftover.bridge, subnet=subnet, table=leftover.table,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from afsd.afslet.admission import Admission
-from afsd.afslet.bundle import IdMap, Isolation
+from afsd.afslet.bundle import BindMount, IdMap, Isolation
 from afsd.afslet.executions import ExecutionTable
 from afsd.afslet.metrics import RUNNING
 from afsd.afslet.network import ContainerNetwork, NetworkOptions
@@ -36,6 +36,7 @@ class AfsletConfig:
     network: NetworkOptions = field(default_factory=NetworkOptions)
     id_map: IdMap | None = None        # --userns: container ids 0..size-1 are these host ids
     net_raw: bool = False              # keep CAP_NET_RAW
+    binds: tuple[BindMount, ...] = ()  # host directories every container sees
     bounds: RequestBounds = field(default_factory=RequestBounds)
     tar_chunk: int = 256 * 1024
     pids_limit: int = 4096

@@ -328,7 +328,8 @@ class ExecuteCall:
         config = self.runtime.config
         resolv = self.runtime.network.resolv_conf  # the host's, or (bridge) its version for the bridge
         host_resolv = resolv if resolv and "etc/resolv.conf" not in tree.paths else None
-        await asyncio.to_thread(add_mount_stubs, str(self.paths.extra), resolv_conf=host_resolv is not None)
+        await asyncio.to_thread(add_mount_stubs, str(self.paths.extra), resolv_conf=host_resolv is not None,
+                                directories=[bind.destination for bind in config.binds])
         if host_resolv is not None and not await asyncio.to_thread(host_resolv.is_file):
             host_resolv = None
 
@@ -349,7 +350,7 @@ class ExecuteCall:
         cgroup_path = self.runtime.cgroup_path(self.session_id)
         document = oci.oci_config(rootfs=self.paths.rootfs, args=list(plan.args), env=env, cwd=plan.cwd, user=user,
                                   cgroups_path=cgroup_path, limits=limits, isolation=config.isolation,
-                                  resolv_conf=host_resolv)
+                                  resolv_conf=host_resolv, binds=config.binds)
         await asyncio.to_thread(oci.write_bundle, self.paths.bundle, document)
         interrupt = wants_interrupt(env)
         timeout_note = " (server default)" if spec.timeout_is_default else ""

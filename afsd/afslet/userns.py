@@ -40,9 +40,17 @@ def prepare_userns(id_map: IdMap, work_dir: Path) -> tuple[int, str]:
     """The user namespace's fd and the start-up line; UsageError if idmapped mounts are not possible."""
     if id_map.host_start <= 0 or id_map.size <= 0:
         raise UsageError(f"--userns range {id_map.host_start}:{id_map.size}: start and size must be > 0")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for directory in (work_dir, work_dir / "sessions"):
+        directory.mkdir(exist_ok=True)
+        directory.chmod(0o711)
+    for ancestor in work_dir.absolute().parents:
+        if not ancestor.stat().st_mode & 0o001:
+            raise UsageError(f"--userns: container root (host uid {id_map.host_start}) must be able to reach "
+                             f"{work_dir}, but {ancestor} is mode {ancestor.stat().st_mode & 0o777:o}: make it "
+                             "0711 or use another --work-dir")
     fd = user_namespace_fd(id_map)
     try:
-        work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="userns-probe-", dir=work_dir) as scratch_name:
             scratch = Path(scratch_name)
             (scratch / "tree").mkdir()

@@ -58,6 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="run containers in a user namespace: their root is an unprivileged host uid")
     sandbox.add_argument("--userns-range", default="1000000000:65536", metavar="START:SIZE",
                          help="host uids/gids container ids 0..SIZE-1 map to (default %(default)s)")
+    sandbox.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"), metavar="PATH",
+                         help="the name servers containers use (default %(default)s; with --network bridge, local "
+                              "ones are reached through the gateway)")
+    sandbox.add_argument("--bind", action="append", default=[], metavar="SRC:DST[:ro]",
+                         help="a host directory every container sees at DST (repeatable; shared by all "
+                              "containers of this afslet: give them nothing secret)")
     sandbox.add_argument("--allow-net-raw", action="store_true",
                          help="keep CAP_NET_RAW (raw sockets, ping) in containers; dropped by default")
     bounds = parser.add_argument_group("bounds", "limits of one Execute call")
@@ -146,6 +152,18 @@ def _network(text: str, flag: str) -> ipaddress.IPv4Network:
         raise UsageError(f"{flag} {text!r}: not an IPv4 network ({error})") from None
 
 
+def _bind(text: str):
+    from afsd.afslet.bundle import BindMount
+    parts = text.split(":")
+    read_only = len(parts) == 3 and parts[2] == "ro"
+    if len(parts) not in (2, 3) or (len(parts) == 3 and not read_only) or not parts[1].startswith("/"):
+        raise UsageError(f"--bind {text!r}: expected SRC:DST or SRC:DST:ro with an absolute DST")
+    source = Path(parts[0]).absolute()
+    if not source.is_dir():
+        raise UsageError(f"--bind {text!r}: {source} is not a directory")
+    return BindMount(source, parts[1], read_only)
+
+
 def _id_range(text: str):
     from afsd.afslet.bundle import IdMap
     start, sep, size = text.partition(":")
@@ -184,6 +202,7 @@ async def run(args: argparse.Namespace) -> int:
                                deny=tuple(_network(d, "--bridge-deny") for d in args.bridge_deny) if args.bridge_deny
                                else DEFAULT_DENY),
         id_map=_id_range(args.userns_range) if args.userns else None, net_raw=args.allow_net_raw,
+        binds=tuple(_bind(b) for b in args.bind), resolv_conf=args.resolv_conf,
         bounds=RequestBounds(first_frame_timeout=args.first_frame_timeout, upload_timeout=args.upload_timeout,
                              max_extra_bytes=args.max_extra_bytes, max_extra_entries=args.max_extra_entries,
                              max_upper_bytes=args.max_upper_bytes),

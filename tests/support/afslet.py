@@ -41,6 +41,7 @@ import grpc
 import pytest
 
 from afsd.afslet import cgroups
+from afsd.afslet.network import instance_names, remove_instance_network
 from afsd.api import afslet_pb2, afslet_pb2_grpc, executions_pb2, executions_pb2_grpc
 from afsd.lab.catalogue import busybox_layers
 from afsd.lab.daemons import (
@@ -58,6 +59,7 @@ from afsd.lab.layers import Entry, LayerSpec
 from afsd.lab.oci_layout import ImageSpec, write_oci_layout
 from afsd.lab.registry import RegistryProcess, start_registry
 from afsd.lab.skopeo import push_layout
+from afsd.net.links import open_links
 from afsd.node.records import mounted_paths
 from tests.support.cluster import unmount_everything_under
 
@@ -94,17 +96,19 @@ class AfsletCluster:
     images: dict[str, str] = field(default_factory=dict)
     debian_source: str = ""  # "debootstrap", or why a busybox stand-in was built instead
     extra_afslets: list[Daemon] = field(default_factory=list)
+    host: str = "127.0.0.1"  # where every daemon listens
 
     @property
     def discovery(self) -> Daemon:
         return self.daemons[0]
 
     def start_afslet(self, name: str, *, extra_args: list[str] = (), limit_cpu: int = 2,
-                     limit_memory_mb: int = 1024) -> Daemon:
-        """Another afslet on the same node daemon (stopped with the cluster)."""
-        daemon = afslet_daemon(self.workdir, name, self.node, [self.discovery.address], limit_cpu=limit_cpu,
-                               limit_memory_mb=limit_memory_mb, stop_timeouts=SHORT_STOP_TIMEOUTS,
-                               extra_args=["--mount-backend", "eager", *extra_args])
+                     limit_memory_mb: int = 1024, workdir: Path | None = None) -> Daemon:
+        """Another afslet on the same node daemon (stopped with the cluster); its work dir under `workdir`
+        (default: the cluster's)."""
+        daemon = afslet_daemon(workdir or self.workdir, name, self.node, [self.discovery.address],
+                               limit_cpu=limit_cpu, limit_memory_mb=limit_memory_mb, host=self.host,
+                               stop_timeouts=SHORT_STOP_TIMEOUTS, extra_args=["--mount-backend", "eager", *extra_args])
         self.extra_afslets.append(daemon)
         daemon.start()
         return daemon
@@ -148,26 +152,30 @@ def _push(workdir: Path, registry: str, name: str, spec: ImageSpec, tag: str = "
 
 
 def start_afslet_cluster(workdir: Path, *, afslet_args: list[str] = (), limit_cpu: int = 2,
-                         limit_memory_mb: int = 1024, with_debian: bool = False) -> AfsletCluster:
+                         limit_memory_mb: int = 1024, with_debian: bool = False,
+                         host: str = "127.0.0.1") -> AfsletCluster:
+    """`host`: where the daemons listen (0.0.0.0: on every address of the host)."""
     registry = start_registry(workdir / "registry")
     registry_args = ["--insecure-registry", registry.address]
-    discovery = discovery_daemon(workdir, "discovery0", registry_args=registry_args)
+    discovery = discovery_daemon(workdir, "discovery0", registry_args=registry_args, host=host)
     daemons: list[Daemon] = [discovery]
     afslet: Daemon | None = None
     try:
         start_all([discovery])
         layerstore = layerstore_daemon(workdir, "store0", [discovery.address], heartbeat_period=1.0,
-                                       registry_args=registry_args)
+                                       registry_args=registry_args, host=host)
+        if host == "0.0.0.0":  # a layerstore advertises where peers reach it, which a wildcard is not
+            layerstore.args += ["--advertise", f"127.0.0.1:{layerstore.port}"]
         daemons.append(layerstore)
         start_all([layerstore])
-        node = node_daemon(workdir, "node0", [discovery.address], layerstore=layerstore)
+        node = node_daemon(workdir, "node0", [discovery.address], layerstore=layerstore, host=host)
         daemons.append(node)
         node.start()
         afslet = afslet_daemon(workdir, "afslet0", node, [discovery.address], limit_cpu=limit_cpu,
-                               limit_memory_mb=limit_memory_mb, stop_timeouts=SHORT_STOP_TIMEOUTS,
+                               limit_memory_mb=limit_memory_mb, stop_timeouts=SHORT_STOP_TIMEOUTS, host=host,
                                extra_args=["--mount-backend", "eager", *afslet_args])
         afslet.start()
-        cluster = AfsletCluster(workdir, registry, daemons, afslet, node)
+        cluster = AfsletCluster(workdir, registry, daemons, afslet, node, host=host)
 
         scratch = workdir / "busybox-scratch"
         scratch.mkdir()
@@ -482,6 +490,7 @@ def sweep_afslet(afslet: Daemon) -> None:
     for child in cgroups.children(parent):
         cgroups.remove(child)
     cgroups.remove_if_empty(parent)
+    remove_instance_network(Path(_afslet_arg(afslet, "--work-dir")))
 
 
 def leftovers(cluster: AfsletCluster, afslet: Daemon | None = None) -> list[str]:
@@ -498,6 +507,8 @@ def leftovers(cluster: AfsletCluster, afslet: Daemon | None = None) -> list[str]
     found += [f"mount {m}" for m in mounted_paths() if m.startswith(str(work) + "/")]
     sessions = work / "sessions"
     found += [f"session dir {s}" for s in (sessions.iterdir() if sessions.exists() else [])]
+    with open_links() as host:
+        found += [f"veth {name}" for name in host.names(instance_names(work).veth_prefix)]
     assert afslet.process is not None
     found += [f"afslet child process {p} ({Path(f'/proc/{p}/comm').read_text().strip()})"
               for p in child_pids(afslet.process.pid) if os.path.exists(f"/proc/{p}")]
