@@ -24,8 +24,17 @@ import pytest
 
 from afsd.api import afslet_pb2, afslet_pb2_grpc
 from afsd.lab.daemons import Daemon, metrics_address
+from afsd.afslet.network import instance_names
 from afsd.net.links import open_links
-from tests.support.afslet import AfsletCluster, direct_execute, file_entry, module_cluster, sdk_execute
+from afsd.net.nft import NftTable
+from tests.support.afslet import (
+    AfsletCluster,
+    direct_execute,
+    file_entry,
+    module_cluster,
+    sdk_execute,
+    sdk_execute_call,
+)
 from tests.support.dns import DnsServer
 from tests.support.internet import BODY, Internet
 from tests.support.sandbox import parse_probe, probe_entry
@@ -239,6 +248,17 @@ def _status(afslet: Daemon) -> afslet_pb2.GetRuntimeStatusResponse:
         return afslet_pb2_grpc.AfsletStub(channel).GetRuntimeStatus(afslet_pb2.GetRuntimeStatusRequest(), timeout=10)
 
 
+def _wait_until_served(afslet: Daemon, timeout: float = 20.0) -> afslet_pb2.GetRuntimeStatusResponse:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _status(afslet)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_silent_clients_are_ended_at_their_deadlines_and_release_what_they_held(
         afslet_cluster: AfsletCluster) -> None:
     afslet = afslet_cluster.start_afslet("afslet-deadlines", extra_args=[
@@ -257,7 +277,7 @@ def test_silent_clients_are_ended_at_their_deadlines_and_release_what_they_held(
             assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
             assert "no start frame within 3 s (afsd let --first-frame-timeout)" in error.details()
         assert 3 <= time.monotonic() - started < 30
-        assert _status(afslet).used_cpu_cores == 0  # the slots are free again
+        _wait_until_served(afslet)  # the slots are free again
 
         # Admitted (its share held), then the upload never ends: the share comes back at the deadline.
         hold = threading.Event()
@@ -294,3 +314,33 @@ def test_oversized_uploads_and_writable_layers_get_resource_exhausted_naming_the
     ok = sdk_execute(afslet, image=tools, command=["/bin/sh", "-c", "echo fine > /small; cat /small"],
                      extra_entries=[file_entry("small.txt", b"y" * 1000)])
     assert ok.error is None and ok.stdout == ["fine"] and ok.files()["small"] == b"fine\n"
+
+
+def test_an_afslets_network_goes_at_sigterm_and_a_killed_ones_is_replaced_at_its_next_start(
+        afslet_cluster: AfsletCluster) -> None:
+    afslet = afslet_cluster.start_afslet("afslet-crash")
+    names = instance_names(Path(afslet.args[afslet.args.index("--work-dir") + 1]))
+    tools = afslet_cluster.images["tools"]
+
+    def present() -> tuple[bool, list[str], bool]:
+        with open_links() as host:
+            return (host.index(names.bridge) is not None, host.names(names.veth_prefix),
+                    NftTable("inet", names.table).exists())
+
+    call = sdk_execute_call(afslet, image=tools, command=["sleep", "300"], timeout_ms=300_000)
+    call.wait_for(lambda e: e["event"] == "log" and e["source"] == "network")
+    bridge, veths, table = present()
+    assert bridge and len(veths) == 1 and table
+    afslet.kill()  # SIGKILL: nothing of it is cleaned up
+    call.kill()
+    bridge, veths, table = present()
+    assert bridge and table
+
+    afslet.start()  # its successor removes the container (its veth goes with its namespace) and the old bridge
+    ok = sdk_execute(afslet, image=tools, command=["echo", "after the crash"])
+    assert ok.stdout == ["after the crash"] and len(ok.lines("network")) == 1
+    bridge, veths, table = present()
+    assert bridge and veths == [] and table
+    assert afslet.stop() == 0
+    afslet_cluster.extra_afslets.remove(afslet)
+    assert present() == (False, [], False)  # SIGTERM: the bridge, its veths and its rules are gone

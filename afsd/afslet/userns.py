@@ -25,7 +25,7 @@ from afsd.errors import MountError, UsageError
 
 
 def _probe(source: Path, scratch: Path, userns_fd: int, what: str) -> None:
-    target = scratch / f"idmapped-{what}"
+    target = scratch / f"idmapped-{source.name}"
     target.mkdir()
     try:
         idmapped_clone(source, target, userns_fd)
