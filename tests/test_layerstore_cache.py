@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
 
 from afsd.api import layerstore_pb2 as lpb
+from afsd.cluster.blobstore import MAX_LEASE_TTL
 from tests.support.cluster import LocalCluster, small_image
 
 MIB = 1 << 20
-# Three images of ~4 MiB of erofs each; a pull reserves ~6.4 MiB up front. 13 MiB holds two images.
+# Three images of ~4 MiB of erofs each; a layer's download reserves ~6.4 MiB. 13 MiB holds two images.
 LIMIT = 13 * MIB
 
 
@@ -86,6 +88,32 @@ async def test_prune_cache_reclaims_the_requested_share(cluster: LocalCluster) -
         with pytest.raises(grpc.aio.AioRpcError) as bad:
             await stub.PruneCache(lpb.PruneCacheRequest(percent=percent))
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_pulls_waiting_for_a_download_slot_hold_no_cache_space(cluster: LocalCluster) -> None:
+    """Three pulls at once, one download slot, a cache with room for two: a pull reserves its space only
+    once it has the slot, so the two queued behind it are not refused for space they do not use yet;
+    all three land (the third evicting the least recently used) and the cache never goes over."""
+    (node,) = await cluster.start_layerstores(1, cache_max_bytes=LIMIT, extra_args=["--fetch-concurrency", "1"])
+    images = [await cluster.push(f"queued-{name}", small_image(f"queued-{name}", 4 * MIB, compression="none"))
+              for name in "xyz"]
+    outcomes = await asyncio.gather(*(cluster.pull(node, image) for image in images), return_exceptions=True)
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+    status = await cluster.layerstore(node).PruneCache(lpb.PruneCacheRequest(percent=1))  # reports the totals
+    assert status.before_bytes <= LIMIT, status
+
+
+async def test_a_lease_asked_for_a_year_is_capped(cluster: LocalCluster) -> None:
+    (node,) = await cluster.start_layerstores(1)
+    image = await cluster.push("capped", small_image("capped", MIB))
+    digests = [l.digest for l in (await cluster.pull(node, image)).layers]
+    year_ms = 365 * 24 * 3600 * 1000
+    lease = await cluster.layerstore(node).AcquireLayerLease(lpb.AcquireLayerLeaseRequest(digests=digests,
+                                                                                          ttl_ms=year_ms))
+    assert lease.expires_at_unix_ms <= (time.time() + MAX_LEASE_TTL + 5) * 1000
+    renewed = await cluster.layerstore(node).RenewLayerLease(lpb.RenewLayerLeaseRequest(lease_id=lease.lease_id,
+                                                                                        ttl_ms=year_ms))
+    assert renewed.expires_at_unix_ms <= (time.time() + MAX_LEASE_TTL + 5) * 1000
 
 
 async def test_concurrent_pulls_never_overcommit_the_cache(cluster: LocalCluster) -> None:

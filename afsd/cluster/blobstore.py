@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 TIB = 1 << 40
 DEFAULT_LEASE_TTL = 120.0
+MAX_LEASE_TTL = 600.0  # a peer asking for more gets this: a lease is renewed, never a way to pin forever
 
 
 @dataclass
@@ -243,6 +244,12 @@ class BlobStore:
         keep = self.pinned() | set(protected) | {d for r in self._reservations for d in r.protected}
         return sorted((l for l in self._layers.values() if l.digest not in keep), key=lambda l: l.last_used)
 
+    def check_fits(self, amount: int, what: str) -> None:
+        """CacheFullError if `amount` bytes could never fit under the limit."""
+        if amount > self.limit:
+            raise CacheFullError(f"{what} needs about {amount:,} bytes but the cache limit is "
+                                 f"{self.limit:,} bytes; raise --cache-max-bytes")
+
     async def reserve(self, amount: int, protected: Iterable[str], what: str) -> tuple[Reservation, list[str]]:
         """Promise `amount` bytes to a pull of `what`, evicting LRU layers if needed.
 
@@ -250,9 +257,7 @@ class BlobStore:
         evicted (everything else is leased or in use). Returns the reservation and what was evicted.
         """
         protected = frozenset(protected)
-        if amount > self.limit:
-            raise CacheFullError(f"{what} needs about {amount:,} bytes but the cache limit is "
-                                 f"{self.limit:,} bytes; raise --cache-max-bytes")
+        self.check_fits(amount, what)
         async with self._reserving:
             evicted: list[str] = []
             shortfall = amount - self.available()
@@ -297,7 +302,8 @@ class BlobStore:
         for digest in wanted:
             if digest not in self._layers:
                 raise KeyError(digest)
-        lease = Lease(f"lease-{time.time_ns()}-{next(self._lease_ids)}", wanted, time.time() + ttl)
+        lease = Lease(f"lease-{time.time_ns()}-{next(self._lease_ids)}", wanted,
+                      time.time() + min(ttl, MAX_LEASE_TTL))
         self._leases[lease.lease_id] = lease
         return lease
 
@@ -305,7 +311,7 @@ class BlobStore:
         self._expire_leases()
         lease = self._leases.get(lease_id)
         if lease is not None:
-            lease.expires_at = time.time() + ttl
+            lease.expires_at = time.time() + min(ttl, MAX_LEASE_TTL)
         return lease
 
     def release_lease(self, lease_id: str) -> bool:

@@ -19,12 +19,13 @@ pull returns only when the layers are in this node's cache and verified.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -297,20 +298,22 @@ class LayerStoreNode:
         """Make `wants` present (reserving space for the missing ones first); return them in order."""
         unique = list({w.digest: w for w in wants}.values())
         missing = [w for w in unique if self.store.get(w.digest) is None]
-        protected = [w.digest for w in unique]
+        protected = frozenset(w.digest for w in unique)
         if missing:
-            reservation, evicted = await self.store.reserve(
-                sum(w.estimate() for w in missing), protected,
-                what or f"{len(missing)} layers of {reference}")
-            self.record_evictions(evicted)
+            # Space is reserved per layer once its download or copy has a slot (_reserved): pulls
+            # queued behind the slots hold no cache space. Only an image that can never fit fails here.
+            # A zero-byte reservation keeps the image's layers from eviction until the pull is over.
+            what = what or f"{len(missing)} layers of {reference}"
+            self.store.check_fits(sum(w.estimate() for w in missing), what)
+            pulling, _ = await self.store.reserve(0, protected, what)
             try:
                 async with asyncio.TaskGroup() as group:
                     for want in missing:
-                        group.create_task(self._ensure_one(reference, want, reservation, delegated))
+                        group.create_task(self._ensure_one(reference, want, protected, delegated))
             except BaseExceptionGroup as failure:
                 raise failure.exceptions[0] from None
             finally:
-                self.store.release(reservation)
+                self.store.release(pulling)
             self.record_evictions(await self.store.enforce_limit(protected))
         result = []
         for want in wants:
@@ -327,24 +330,34 @@ class LayerStoreNode:
             EVICTIONS.inc(len(evicted))
             self._changed()
 
-    async def _ensure_one(self, reference: ImageReference, want: LayerWant, reservation: Reservation,
+    async def _ensure_one(self, reference: ImageReference, want: LayerWant, protected: frozenset[str],
                           delegated: bool) -> StoredLayer:
         existing = self.store.get(want.digest)
         if existing is not None:
             return existing
         return await self._layer_flights.run(
-            want.digest, lambda: self._fetch(reference, want, reservation, delegated))
+            want.digest, lambda: self._fetch(reference, want, protected, delegated))
 
-    async def _fetch(self, reference: ImageReference, want: LayerWant, reservation: Reservation,
+    @contextlib.asynccontextmanager
+    async def _reserved(self, want: LayerWant, protected: frozenset[str]) -> AsyncIterator[Reservation]:
+        """Cache space for one layer, held while it is fetched (taken inside a download/copy slot)."""
+        reservation, evicted = await self.store.reserve(want.estimate(), protected, f"layer {want.digest}")
+        self.record_evictions(evicted)
+        try:
+            yield reservation
+        finally:
+            self.store.release(reservation)
+
+    async def _fetch(self, reference: ImageReference, want: LayerWant, protected: frozenset[str],
                      delegated: bool) -> StoredLayer:
-        layer = await self._fetch_from_peers(reference, want, reservation, delegated)
+        layer = await self._fetch_from_peers(reference, want, protected, delegated)
         if layer is None:
-            async with self._registry_slots:
+            async with self._registry_slots, self._reserved(want, protected) as reservation:
                 layer = await self._fetch_from_registry(reference, want, reservation)
         self._changed()
         return layer
 
-    async def _fetch_from_peers(self, reference: ImageReference, want: LayerWant, reservation: Reservation,
+    async def _fetch_from_peers(self, reference: ImageReference, want: LayerWant, protected: frozenset[str],
                                 delegated: bool) -> StoredLayer | None:
         if self.discovery is None or not self.discovery.endpoints:
             return None
@@ -358,12 +371,12 @@ class LayerStoreNode:
         pullers = [n for n in nodes if want.digest in n.pulling_layers and want.digest not in n.layer_digests
                    and n.endpoint not in tried]
         for node in rendezvous_order(want.digest, holders):
-            layer = await self._copy_from(node.endpoint, want, reservation)
+            layer = await self._copy_from(node.endpoint, want, protected)
             tried.add(node.endpoint)
             if layer is not None:
                 return layer
         for node in rendezvous_order(want.digest, pullers):
-            layer = await self._delegate(node.endpoint, reference, want, reservation)
+            layer = await self._delegate(node.endpoint, reference, want, protected)
             tried.add(node.endpoint)
             if layer is not None:
                 return layer
@@ -377,13 +390,13 @@ class LayerStoreNode:
         designated = next((n for n in order if n.endpoint not in tried or n.endpoint == self.endpoint), None)
         if designated is None or designated.endpoint == self.endpoint:
             return None
-        return await self._delegate(designated.endpoint, reference, want, reservation)
+        return await self._delegate(designated.endpoint, reference, want, protected)
 
     def _self_instance(self) -> discovery_pb2.ServiceInstance:
         return discovery_pb2.ServiceInstance(node_id=self.node_id, endpoint=self.endpoint)
 
     async def _delegate(self, endpoint: str, reference: ImageReference, want: LayerWant,
-                        reservation: Reservation) -> StoredLayer | None:
+                        protected: frozenset[str]) -> StoredLayer | None:
         """Ask `endpoint` to get the layer (from a holder or the registry), then copy it from there."""
         peer = LayerStorePeer(endpoint, self.channels)
         log.info("asking %s to fetch %s for us", endpoint, want.digest)
@@ -397,9 +410,9 @@ class LayerStoreNode:
         except grpc.aio.AioRpcError as error:
             log.warning("peer %s could not fetch %s: %s %s", endpoint, want.digest, error.code().name, error.details())
             return None
-        return await self._copy_from(endpoint, want, reservation)
+        return await self._copy_from(endpoint, want, protected)
 
-    async def _copy_from(self, endpoint: str, want: LayerWant, reservation: Reservation) -> StoredLayer | None:
+    async def _copy_from(self, endpoint: str, want: LayerWant, protected: frozenset[str]) -> StoredLayer | None:
         peer = LayerStorePeer(endpoint, self.channels)
         partial = self.store.new_partial(want.digest)
         try:
@@ -408,19 +421,19 @@ class LayerStoreNode:
             if problem:
                 log.warning("not copying %s from %s: %s", want.digest, endpoint, problem)
                 return None
-            async with self._copy_slots:
+            async with self._copy_slots, self._reserved(want, protected) as reservation:
                 copied = await copy_layer(peer, layer, partial)
+                PEER_BYTES.inc(copied)
+                LAYERS_FETCHED.labels("peer").inc()
+                log.info("copied %s (%d bytes) from %s", want.digest, copied, endpoint)
+                return await self.store.commit(want.digest, want.media_type, want.size, layer.blob, partial,
+                                               reservation, want.estimate())
         except grpc.aio.AioRpcError as error:
             log.warning("copying %s from %s failed: %s %s", want.digest, endpoint, error.code().name, error.details())
             return None
         except DigestMismatchError as error:
             log.error("corrupt data from peer: %s", error)
             return None
-        PEER_BYTES.inc(copied)
-        LAYERS_FETCHED.labels("peer").inc()
-        log.info("copied %s (%d bytes) from %s", want.digest, copied, endpoint)
-        return await self.store.commit(want.digest, want.media_type, want.size, layer.blob, partial,
-                                       reservation, want.estimate())
 
     def _unusable(self, layer: PeerLayer, want: LayerWant) -> str:
         if layer.blob.converter != self.converter:

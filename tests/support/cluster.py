@@ -56,13 +56,14 @@ class LocalCluster:
 
     async def start_layerstores(self, count: int = 1, *, cache_max_bytes: int = 0, heartbeat_period: float = 1.0,
                                 discovery_endpoints: list[str] | None = None,
-                                prefix: list[str] | None = None) -> list[Daemon]:
+                                prefix: list[str] | None = None, extra_args: list[str] = ()) -> list[Daemon]:
         endpoints = discovery_endpoints if discovery_endpoints is not None else [d.address for d in self.discoveries]
         daemons = [layerstore_daemon(self.workdir, f"node{len(self.layerstores) + i}", endpoints,
                                      cache_max_bytes=cache_max_bytes, heartbeat_period=heartbeat_period,
                                      registry_args=self.registry_args) for i in range(count)]
         for daemon in daemons:
             daemon.prefix = list(prefix or [])
+            daemon.args += list(extra_args)
         self.layerstores += daemons
         await asyncio.to_thread(start_all, daemons)
         return daemons
