@@ -22,6 +22,12 @@ auto). Every test image is a busybox root filesystem, an application layer and a
    end it checks that the node's own layerstore holds none of these images (it would, had the node
    had it pull one from the registry instead of reading from the peer).
 
+4. With `--modes bridge,none,host,userns`: warm Executes of `/bin/true` on one more afslet per sandbox
+   mode (`userns` = bridge + `--userns`), alternating with a baseline afslet in `--rounds` blocks; ratio
+   = mode / baseline at p50 and p95. The baseline is today's afslet: with `--baseline-ref REF` the afslet
+   of that git ref (`git archive REF`, run with PYTHONPATH pointing at it; its defaults: host network, no
+   seccomp, no no_new_privs), otherwise this code's `--network host`.
+
 Phase timings (mount, start, run, teardown ...) come from the afslet's `timing` log frames. Execute
 calls use afsd's own protos from this process (start frame, half-close, read until `done`), one at a
 time. The machine has 2 cores shared by every daemon and the client, and other work may be running:
@@ -231,7 +237,7 @@ class RuncFloor:
         config = bundle.oci_config(
             rootfs=self.rootfs, args=COMMAND, env=[*ImageSpec(()).env, f"HOME={user.home}"], cwd="/", user=user,
             cgroups_path=f"{self.cgroup_parent}/{container}",
-            limits=bundle.ContainerLimits(CPU_CORES, MEMORY_MB, PIDS_LIMIT), private_network=False,
+            limits=bundle.ContainerLimits(CPU_CORES, MEMORY_MB, PIDS_LIMIT), isolation=bundle.Isolation(own_network=False),
             resolv_conf=Path("/etc/resolv.conf"))
         bundle.write_bundle(self.bundle, config)
         argv = ["runc", "--root", str(self.runc_root), "--log", str(self.work / "runc.log"), "--log-format", "json",
@@ -286,6 +292,36 @@ def alternate(rounds: int, runs: int, *blocks: Callable[[int], None]) -> None:
         progress(f"warm round {round_index + 1}/{rounds} done")
 
 
+MODES = {"bridge": ["--network", "bridge"], "none": ["--network", "none"], "host": ["--network", "host"],
+         "userns": ["--network", "bridge", "--userns"]}
+
+
+def baseline_tree(ref: str, into: Path) -> Path:
+    """The source tree of git `ref` of this checkout, unpacked into `into`."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(Path(__file__).parent), "archive", ref], capture_output=True,
+                             check=False)
+    if archive.returncode != 0:
+        raise RuntimeError(f"git archive {ref}: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def mode_afslets(work: Path, node: Daemon, discovery: Daemon, modes: list[str], backend: str,
+                 baseline_ref: str | None) -> dict[str, Daemon]:
+    """One afslet per mode plus the baseline, not yet started (the work dir is made traversable for userns)."""
+    work.chmod(0o711)
+    afslets: dict[str, Daemon] = {}
+    for mode in ["baseline", *modes]:
+        flags = MODES.get(mode, [] if baseline_ref else MODES["host"])
+        afslets[mode] = afslet_daemon(work, f"afslet-{mode}", node, [discovery.address], limit_cpu=2,
+                                      limit_memory_mb=1024, stop_timeouts=SHORT_STOP_TIMEOUTS,
+                                      extra_args=["--mount-backend", backend, *flags])
+    if baseline_ref:
+        afslets["baseline"].env = {"PYTHONPATH": str(baseline_tree(baseline_ref, work / "baseline-src"))}
+    return afslets
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=50, help="floor runs and warm Executes (default %(default)s)")
@@ -298,7 +334,14 @@ def main() -> int:
                         help="the node daemon's --layer-linger (default %(default)s: layers released at once)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep-logs", type=Path, help="copy the daemons' logs here before clean-up")
+    parser.add_argument("--modes", default="", help="also time warm Executes per sandbox mode, comma-separated "
+                                                    f"from {','.join(MODES)} (default: none)")
+    parser.add_argument("--baseline-ref", metavar="REF", help="git ref whose afslet is the --modes baseline "
+                                                              "(default: this code's --network host)")
     args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if any(m not in MODES for m in modes):
+        parser.error(f"--modes: choose from {', '.join(MODES)}")
     if args.runs < 1 or not 1 <= args.rounds <= args.runs or args.cold_images < 1 or args.data_mib < 0:
         parser.error("--runs, --cold-images >= 1; 1 <= --rounds <= --runs; --data-mib >= 0")
     require("runc", "docker-registry", "skopeo", "mkfs.erofs", "busybox")
@@ -308,6 +351,8 @@ def main() -> int:
     registry: RegistryProcess | None = None
     daemons: list[Daemon] = []   # stopped in reverse order
     afslet: Daemon | None = None
+    by_mode: dict[str, Daemon] = {}
+    mode_ms: dict[str, list[float]] = {}
     floor: RuncFloor | None = None
     floor_ms: list[float] = []
     warm: list[ExecuteTiming] = []
@@ -371,6 +416,24 @@ def main() -> int:
 
             alternate(args.rounds, args.runs, floor_block, warm_block)
 
+            if modes:
+                by_mode = mode_afslets(work, node, discovery, modes, args.backend, args.baseline_ref)
+                start_all(list(by_mode.values()), timeout=120)
+                mode_channels = {mode: grpc.insecure_channel(d.address) for mode, d in by_mode.items()}
+                stubs = {mode: afslet_pb2_grpc.AfsletStub(c) for mode, c in mode_channels.items()}
+                for mode, mode_stub in stubs.items():
+                    mode_ms[mode] = []
+                    for _ in range(WARM_UP_CALLS):
+                        execute_true(mode_stub, references["warm"])
+
+                def mode_block(mode: str) -> Callable[[int], None]:
+                    return lambda count: mode_ms[mode].extend(
+                        execute_true(stubs[mode], references["warm"]).milliseconds for _ in range(count))
+
+                alternate(args.rounds, args.runs, *(mode_block(mode) for mode in stubs))
+                for mode_channel in mode_channels.values():
+                    mode_channel.close()
+
             for name in cold_names:
                 # Never seen by this node: its own layerstore must not hold the image before the Execute
                 # (afterwards it may: with --layer-linger the node spreads what it assembled).
@@ -386,6 +449,10 @@ def main() -> int:
         # Each step runs even if an earlier one failed: the node daemon's stop unmounts what is left.
         if floor is not None:
             cleanup_step("floor", floor.cleanup)
+        for mode_afslet in by_mode.values():
+            cleanup_step(mode_afslet.name, mode_afslet.stop)
+            cleanup_step(f"{mode_afslet.name} containers", lambda d=mode_afslet: sweep_containers(
+                Path(d.args[d.args.index("--work-dir") + 1]) / "runc", d.args[d.args.index("--cgroup-parent") + 1]))
         if afslet is not None:
             cleanup_step("afslet", afslet.stop)
             cleanup_step("afslet containers", lambda: sweep_containers(
@@ -427,6 +494,18 @@ def main() -> int:
     print("\nafslet phases (its timing frames), p50 ms")
     print_table(["phase", "warm", "cold"], [[phase, phase_p50(warm, phase), phase_p50(cold, phase)]
                                            for phase in PHASES])
+    mode_rows = {}
+    if mode_ms:
+        base = (p50(mode_ms["baseline"]), p95(mode_ms["baseline"]))
+        what = f"the afslet of {args.baseline_ref}" if args.baseline_ref else "this afslet with --network host"
+        print(f"\nsandbox modes: warm Execute of /bin/true, {args.runs} runs each in {args.rounds} alternating "
+              f"rounds; baseline (today's): {what}")
+        for mode, values in mode_ms.items():
+            mode_rows[mode] = {"p50": p50(values), "p95": p95(values), "ratio_p50": p50(values) / base[0],
+                               "ratio_p95": p95(values) / base[1], "runs": values}
+        print_table(["afslet", "runs", "p50 ms", "p95 ms", "÷ baseline p50", "÷ baseline p95"],
+                    [[mode, len(mode_ms[mode]), r["p50"], r["p95"], r["ratio_p50"], r["ratio_p95"]]
+                     for mode, r in mode_rows.items()])
     on_node = [f"{t.bytes_on_node_at_mount / MIB:.1f}/{t.bytes_total / MIB:.1f}" for t in cold]
     print(f"\ncold mounts, MiB of the image's blobs on the node when the mount returned: {', '.join(on_node)}")
     if own_pulls:
@@ -444,7 +523,8 @@ def main() -> int:
         "cold_ratio": {"to_warm_p50": cold_p50 / warm_p[0], "to_pull_p50": cold_p50 / pull_p50},
         "phases_ms": {"warm": [t.phases for t in warm], "cold": [t.phases for t in cold]},
         "cold_bytes_on_node_at_mount": [[t.bytes_on_node_at_mount, t.bytes_total] for t in cold],
-        "cold_images_pulled_by_the_node_itself": own_pulls})
+        "cold_images_pulled_by_the_node_itself": own_pulls,
+        "modes_ms": mode_rows, "baseline_ref": args.baseline_ref})
     return 0
 
 
