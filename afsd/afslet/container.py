@@ -107,7 +107,7 @@ class Container:
         has started this only records the wish: `run` stops it as soon as it runs."""
         if self._stop_reason is None:
             self._stop_reason = reason
-        if self.running and self._stopping is None:
+        if self.running and self._started and self._stopping is None:
             self._stopping = asyncio.ensure_future(self._staged_stop(self._stop_reason))
 
     async def stopped(self) -> StopResult | None:
@@ -258,8 +258,9 @@ class Container:
     async def _destroy(self) -> list[str]:
         if self._runc_pid is not None:
             kill_group(self._runc_pid)
-        if self.running:
+        if self.running and self._started:
             self.abort(StopReason.CANCELLED)  # the call ended without waiting for its command
+        # (created but never started: `runc delete --force` below kills its waiting init)
         if self._stopping is not None:
             try:
                 await asyncio.shield(self._stopping)
