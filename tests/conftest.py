@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.support.cluster",
     "tests.support.afslet",
     "tests.support.fanotify",
+    "tests.support.internet",
 ]

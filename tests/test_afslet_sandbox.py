@@ -47,14 +47,6 @@ NAME = "internet.afsd.test"
 EPERM = "errno 1 "
 
 
-@pytest.fixture(scope="module")
-def internet() -> Iterator[Internet]:
-    net = Internet().start()
-    try:
-        yield net
-    finally:
-        net.stop()
-
 
 @pytest.fixture(scope="module")
 def dns(internet: Internet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsServer]:

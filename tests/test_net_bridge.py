@@ -7,7 +7,6 @@ from __future__ import annotations
 import secrets
 import socket
 import urllib.request
-from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -50,14 +49,6 @@ def test_local_name_servers_are_reached_through_the_gateway() -> None:
     resolv, target = container_resolv_conf("nameserver 9.9.9.9\n", set(), IPv4Address("10.213.9.1"))
     assert (resolv, target) == ("nameserver 9.9.9.9\n", None)
 
-
-@pytest.fixture
-def internet() -> Iterator[Internet]:
-    net = Internet().start()
-    try:
-        yield net
-    finally:
-        net.stop()
 
 
 def _connect(namespace, address: str, port: int) -> str:

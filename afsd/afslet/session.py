@@ -70,6 +70,7 @@ from afsd.afslet.users import resolve_user
 from afsd.api import afslet_pb2 as pb
 from afsd.api import discovery_pb2 as dpb
 from afsd.cluster.discovery_client import DiscoveryUnavailableError
+from afsd.net.bridge import Attachment
 from afsd.node.records import mounted_paths
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class ExecuteCall:
         self._container: Container | None = None
         self._mount_task: asyncio.Future[object] | None = None
         self._rootfs = SessionRootfs(runtime.mounts, self.paths.root, runtime.config.id_map, runtime.userns_fd)
-        self._attachment: object | None = None
+        self._attachment: Attachment | None = None
         self._teardown_task: asyncio.Future[None] | None = None
         self._rootfs_release: asyncio.Future[None] | None = None
         self._created = False
@@ -442,7 +443,7 @@ class ExecuteCall:
                     TEARDOWN_FAILURES.labels("cgroup").inc()
                     log.error("session %s: cgroup directories remain: %s", self.session_id, ", ".join(leftovers))
             attachment, self._attachment = self._attachment, None
-            await self.runtime.network.detach(attachment)  # type: ignore[arg-type]
+            await self.runtime.network.detach(attachment)
             if self._mount_task is not None:
                 await asyncio.wait([self._mount_task])
                 if not await self._rootfs.unmount():

@@ -23,14 +23,13 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
-from afsd.net.links import Links, check_ifname, open_links, read_sysctl, write_sysctl
+from afsd.net.links import check_ifname, open_links, read_sysctl, write_sysctl
 from afsd.net.namespaces import Namespace
 from afsd.net.nft import NftTable
 

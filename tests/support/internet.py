@@ -3,7 +3,8 @@ not the host's, reached from the host through a veth pair (the host side is an u
 
 `Internet.start()` picks a free /30 (under the same host-wide lock `afsd.net` uses for bridges), creates
 the namespace `afsd-inet-<token>` and the veth `ai<token>`, and serves `BODY` on port 80 from a thread
-of this process whose listening socket lives in that namespace. `stop()` removes everything.
+of this process whose listening socket lives in that namespace. `stop()` removes everything. The
+fixture `internet` (module-scoped) does both around a test module.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import http.server
 import secrets
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
+
+import pytest
 
 from afsd.net.bridge import host_network_lock, pick_subnet
 from afsd.net.links import open_links, write_sysctl
@@ -81,3 +85,12 @@ class Internet:
         with open_links() as host:
             host.delete(self.veth)
         delete_namespace(f"afsd-inet-{self.token}")
+
+
+@pytest.fixture(scope="module")
+def internet() -> Iterator[Internet]:
+    net = Internet().start()
+    try:
+        yield net
+    finally:
+        net.stop()
