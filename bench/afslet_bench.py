@@ -237,7 +237,8 @@ class RuncFloor:
         config = bundle.oci_config(
             rootfs=self.rootfs, args=COMMAND, env=[*ImageSpec(()).env, f"HOME={user.home}"], cwd="/", user=user,
             cgroups_path=f"{self.cgroup_parent}/{container}",
-            limits=bundle.ContainerLimits(CPU_CORES, MEMORY_MB, PIDS_LIMIT), isolation=bundle.Isolation(own_network=False),
+            limits=bundle.ContainerLimits(CPU_CORES, MEMORY_MB, PIDS_LIMIT),
+            isolation=bundle.Isolation(own_network=False),
             resolv_conf=Path("/etc/resolv.conf"))
         bundle.write_bundle(self.bundle, config)
         argv = ["runc", "--root", str(self.runc_root), "--log", str(self.work / "runc.log"), "--log-format", "json",

@@ -1,10 +1,11 @@
 """One container's life: `runc run --detach`, its output, its exit, and its removal.
 
 `runc run --detach` starts the container and exits; the container's init is then re-parented to
-afslet (a child subreaper), which waits for it directly. When the container's namespaces need work
-before its command runs (`before_start`: attaching its network namespace to the bridge), it is
-`runc create` instead, then that work with the init's pid, then `runc start`. This gives the command's real wait status,
+afslet (a child subreaper), which waits for it directly. This gives the command's real wait status,
 keeps the cgroup (and its OOM counter and CPU time) until afslet has read it, and splits start from run.
+When the container's namespaces need work before its command runs (`before_start`: attaching its
+network namespace to the bridge), it is `runc create` instead, then that work with the init's pid, then
+`runc start`.
 runc passes its stdout/stderr pipes through to the container, so what arrives on stderr before runc
 has exited is runc's own complaint if the start fails, and the container's otherwise: it is held back
 until runc's exit says which.

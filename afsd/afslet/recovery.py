@@ -3,8 +3,8 @@
 Its containers are in afslet's own runc root (every one of them is afslet's: kill and delete them),
 its sessions in `<work-dir>/sessions/<id>` (unmount each rootfs: afslet's own idmapped overlay, and
 the node daemon's mount; remove the container's cgroup, remove the directory). Its bridge, veths and nft
-table are replaced by the network's own start (network.py), which comes before. Nothing belonging to another afslet is touched: cgroups are
-named after this work dir's sessions only.
+table are replaced by the network's start (network.py), which comes right after. Nothing belonging to
+another afslet is touched: cgroups are named after this work dir's sessions only.
 """
 
 from __future__ import annotations

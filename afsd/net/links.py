@@ -117,7 +117,8 @@ class Links:
             if dst and route["dst_len"] > 0:
                 found.add(ip_network(f"{dst}/{route['dst_len']}", strict=False))  # type: ignore[arg-type]
         for address in self.call("listing addresses", "get_addr", family=socket.AF_INET):  # type: ignore[union-attr]
-            found.add(ip_network(f"{address.get_attr('IFA_ADDRESS')}/{address['prefixlen']}", strict=False))  # type: ignore[arg-type]
+            cidr = f"{address.get_attr('IFA_ADDRESS')}/{address['prefixlen']}"
+            found.add(ip_network(cidr, strict=False))  # type: ignore[arg-type]
         return sorted(found)  # type: ignore[type-var]
 
     def default_route_interfaces(self) -> list[str]:
