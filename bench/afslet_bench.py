@@ -285,11 +285,12 @@ def cleanup_step(what: str, step: Callable[[], object]) -> None:
 
 
 def alternate(rounds: int, runs: int, *blocks: Callable[[int], None]) -> None:
-    """Run each block `rounds` times in turn, splitting `runs` calls over the rounds."""
+    """Run each block `rounds` times in turn, splitting `runs` calls over the rounds; the order rotates
+    each round, so that no block always comes first."""
     for round_index in range(rounds):
         share = runs // rounds + (1 if round_index < runs % rounds else 0)
-        for block in blocks:
-            block(share)
+        for position in range(len(blocks)):
+            blocks[(position + round_index) % len(blocks)](share)
         progress(f"warm round {round_index + 1}/{rounds} done")
 
 
@@ -353,7 +354,7 @@ def main() -> int:
     daemons: list[Daemon] = []   # stopped in reverse order
     afslet: Daemon | None = None
     by_mode: dict[str, Daemon] = {}
-    mode_ms: dict[str, list[float]] = {}
+    mode_runs: dict[str, list[ExecuteTiming]] = {}
     floor: RuncFloor | None = None
     floor_ms: list[float] = []
     warm: list[ExecuteTiming] = []
@@ -423,13 +424,13 @@ def main() -> int:
                 mode_channels = {mode: grpc.insecure_channel(d.address) for mode, d in by_mode.items()}
                 stubs = {mode: afslet_pb2_grpc.AfsletStub(c) for mode, c in mode_channels.items()}
                 for mode, mode_stub in stubs.items():
-                    mode_ms[mode] = []
+                    mode_runs[mode] = []
                     for _ in range(WARM_UP_CALLS):
                         execute_true(mode_stub, references["warm"])
 
                 def mode_block(mode: str) -> Callable[[int], None]:
-                    return lambda count: mode_ms[mode].extend(
-                        execute_true(stubs[mode], references["warm"]).milliseconds for _ in range(count))
+                    return lambda count: mode_runs[mode].extend(
+                        execute_true(stubs[mode], references["warm"]) for _ in range(count))
 
                 alternate(args.rounds, args.runs, *(mode_block(mode) for mode in stubs))
                 for mode_channel in mode_channels.values():
@@ -496,6 +497,7 @@ def main() -> int:
     print_table(["phase", "warm", "cold"], [[phase, phase_p50(warm, phase), phase_p50(cold, phase)]
                                            for phase in PHASES])
     mode_rows = {}
+    mode_ms = {mode: [t.milliseconds for t in runs] for mode, runs in mode_runs.items()}
     if mode_ms:
         base = (p50(mode_ms["baseline"]), p95(mode_ms["baseline"]))
         what = f"the afslet of {args.baseline_ref}" if args.baseline_ref else "this afslet with --network host"
@@ -507,6 +509,9 @@ def main() -> int:
         print_table(["afslet", "runs", "p50 ms", "p95 ms", "÷ baseline p50", "÷ baseline p95"],
                     [[mode, len(mode_ms[mode]), r["p50"], r["p95"], r["ratio_p50"], r["ratio_p95"]]
                      for mode, r in mode_rows.items()])
+        print("\nsandbox modes: afslet phases (its timing frames), p50 ms")
+        print_table(["phase", *mode_runs], [[phase, *(phase_p50(runs, phase) for runs in mode_runs.values())]
+                                            for phase in PHASES])
     on_node = [f"{t.bytes_on_node_at_mount / MIB:.1f}/{t.bytes_total / MIB:.1f}" for t in cold]
     print(f"\ncold mounts, MiB of the image's blobs on the node when the mount returned: {', '.join(on_node)}")
     if own_pulls:

@@ -95,6 +95,19 @@ def test_daemons_refuse_unusable_options(tmp_path: Path) -> None:
     assert_one_clear_line(afsd("discovery", "--listen", "127.0.0.1:1", "--ttl", "0"), "--ttl")
 
 
+def test_afslet_refuses_unusable_sandbox_options(tmp_path: Path) -> None:
+    base = ["let", "--listen", "127.0.0.1:1", "--discovery-addr", "127.0.0.1:2", "--work-dir", str(tmp_path / "w")]
+    assert_one_clear_line(afsd(*base, "--bind", f"{tmp_path}/missing:/data"), "--bind", "is not a directory")
+    assert_one_clear_line(afsd(*base, "--bind", f"{tmp_path}:data"), "--bind", "absolute DST")
+    assert_one_clear_line(afsd(*base, "--userns", "--userns-range", "0:10"), "--userns-range", "> 0")
+    assert_one_clear_line(afsd(*base, "--bridge-subnet", "10.1.2.0/33"), "--bridge-subnet", "not an IPv4 network")
+    assert_one_clear_line(afsd(*base, "--first-frame-timeout", "0"), "--first-frame-timeout")
+    assert_one_clear_line(afsd(*base, "--max-extra-bytes", "-1"), "--max-extra-bytes")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    assert_one_clear_line(afsd(*base[:-1], str(private / "w"), "--userns"), "--userns", "0711")
+
+
 def test_convert_rejects_a_corrupted_blob_and_writes_nothing(open_registry: LabRegistry, features_image: PushedImage,
                                                              fault_proxy, tmp_path: Path) -> None:
     proxy = fault_proxy(open_registry.address)
