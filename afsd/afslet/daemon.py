@@ -85,7 +85,8 @@ async def serve(config: AfsletConfig, options: DaemonOptions, executions: Execut
         try:
             log.warning("%s", await network.start())
         except (OSError, RuntimeError) as error:
-            raise UsageError(f"cannot set up the containers' network ({config.network.mode}): {error}") from None
+            raise UsageError(f"cannot set up the containers' network ({config.network.mode}): {error}; "
+                             "--network none runs containers without one") from None
         server = new_server(maximum_concurrent_rpcs=options.max_concurrent_rpcs)
         afslet_pb2_grpc.add_AfsletServicer_to_server(AfsletService(runtime), server)
         executions_pb2_grpc.add_ExecutionsServicer_to_server(ExecutionsService(runtime), server)
