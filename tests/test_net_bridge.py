@@ -83,10 +83,20 @@ def test_an_attached_namespace_reaches_the_internet_but_no_host_address(internet
         assert spec.gateway.ip.exploded in host_addresses
         body = run_in(namespace, lambda: urllib.request.urlopen(internet.url, timeout=10).read())
         assert body == BODY
+        # A second attached namespace: its own service is out of the first one's reach (isolated ports).
+        neighbour = create_namespace(f"afsd-test-{token}-2")
+        other = network.attach(neighbour, 3)
+        service = run_in(neighbour, lambda: socket.create_server((str(other.address.ip), 8080)))
+        try:
+            assert _connect(namespace, str(other.address.ip), 8080) != "connected"
+        finally:
+            service.close()
+        network.detach(other)
         network.detach(attachment)
     finally:
         listener.close()
         delete_namespace(f"afsd-test-{token}")
+        delete_namespace(f"afsd-test-{token}-2")
         network.down()
     with open_links() as host:
         assert host.names(f"afvt{token}") == [] and host.index(spec.bridge) is None
