@@ -67,13 +67,15 @@ def userns_afslet(afslet_cluster: AfsletCluster) -> Iterator[tuple[Daemon, Path]
     shared = base / "shared"
     shared.mkdir()
     os.chown(shared, USERNS_START, USERNS_START)  # the operator gives it to the containers' root
-    daemon = afslet_cluster.start_afslet("afslet-userns", workdir=base, extra_args=[
-        "--userns", "--userns-range", f"{USERNS_START}:65536", "--bind", f"{shared}:/shared"])
     try:
-        yield daemon, shared
+        daemon = afslet_cluster.start_afslet("afslet-userns", workdir=base, extra_args=[
+            "--userns", "--userns-range", f"{USERNS_START}:65536", "--bind", f"{shared}:/shared"])
+        try:
+            yield daemon, shared
+        finally:
+            daemon.stop()
+            afslet_cluster.extra_afslets.remove(daemon)
     finally:
-        daemon.stop()
-        afslet_cluster.extra_afslets.remove(daemon)
         shutil.rmtree(base, ignore_errors=True)
 
 
