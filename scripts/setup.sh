@@ -9,6 +9,7 @@ APT_PACKAGES=(
   erofs-utils                                       # mkfs.erofs / fsck.erofs / dump.erofs
   docker-registry skopeo umoci                      # a real registry, an independent client and unpacker
   runc debootstrap busybox-static                   # containers and realistic test images
+  containerd                                        # CRI + shims: the afsd snapshotter's tests (docs/containerd.md)
   apache2-utils zstd iproute2 util-linux kmod ca-certificates
   nftables                                          # afslet --network bridge: NAT and the host-closing rules
   dnsmasq-base                                      # a real DNS server for the proxy's tests

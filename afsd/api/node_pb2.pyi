@@ -117,3 +117,75 @@ class ListMountsResponse(_message.Message):
     backends: _containers.ScalarMap[str, str]
     counters: _containers.ScalarMap[str, float]
     def __init__(self, mounts: _Optional[_Iterable[_Union[MountInfo, _Mapping]]] = ..., backends: _Optional[_Mapping[str, str]] = ..., counters: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class AttachLayerRequest(_message.Message):
+    __slots__ = ("lease_id", "image", "manifest_digest", "layer_digest", "backend", "platform")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    LAYER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    image: str
+    manifest_digest: str
+    layer_digest: str
+    backend: str
+    platform: str
+    def __init__(self, lease_id: _Optional[str] = ..., image: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., layer_digest: _Optional[str] = ..., backend: _Optional[str] = ..., platform: _Optional[str] = ...) -> None: ...
+
+class LayerLease(_message.Message):
+    __slots__ = ("lease_id", "layer_digest", "image", "manifest_digest", "mountpoint", "implicit_dirs", "backend", "size", "cached_bytes", "created_unix", "attached")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MOUNTPOINT_FIELD_NUMBER: _ClassVar[int]
+    IMPLICIT_DIRS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    layer_digest: str
+    image: str
+    manifest_digest: str
+    mountpoint: str
+    implicit_dirs: _containers.RepeatedScalarFieldContainer[str]
+    backend: str
+    size: int
+    cached_bytes: int
+    created_unix: int
+    attached: bool
+    def __init__(self, lease_id: _Optional[str] = ..., layer_digest: _Optional[str] = ..., image: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., mountpoint: _Optional[str] = ..., implicit_dirs: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., size: _Optional[int] = ..., cached_bytes: _Optional[int] = ..., created_unix: _Optional[int] = ..., attached: bool = ...) -> None: ...
+
+class AttachLayerResponse(_message.Message):
+    __slots__ = ("lease",)
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    lease: LayerLease
+    def __init__(self, lease: _Optional[_Union[LayerLease, _Mapping]] = ...) -> None: ...
+
+class ReleaseLayerRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseLayerResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: bool = ...) -> None: ...
+
+class ListLayerLeasesRequest(_message.Message):
+    __slots__ = ("prefix",)
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    def __init__(self, prefix: _Optional[str] = ...) -> None: ...
+
+class ListLayerLeasesResponse(_message.Message):
+    __slots__ = ("leases",)
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    leases: _containers.RepeatedCompositeFieldContainer[LayerLease]
+    def __init__(self, leases: _Optional[_Iterable[_Union[LayerLease, _Mapping]]] = ...) -> None: ...

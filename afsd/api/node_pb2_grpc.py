@@ -49,6 +49,21 @@ class NodeStub(object):
                 request_serializer=afsd_dot_api_dot_node__pb2.ListMountsRequest.SerializeToString,
                 response_deserializer=afsd_dot_api_dot_node__pb2.ListMountsResponse.FromString,
                 _registered_method=True)
+        self.AttachLayer = channel.unary_unary(
+                '/afsd.node.v1.Node/AttachLayer',
+                request_serializer=afsd_dot_api_dot_node__pb2.AttachLayerRequest.SerializeToString,
+                response_deserializer=afsd_dot_api_dot_node__pb2.AttachLayerResponse.FromString,
+                _registered_method=True)
+        self.ReleaseLayer = channel.unary_unary(
+                '/afsd.node.v1.Node/ReleaseLayer',
+                request_serializer=afsd_dot_api_dot_node__pb2.ReleaseLayerRequest.SerializeToString,
+                response_deserializer=afsd_dot_api_dot_node__pb2.ReleaseLayerResponse.FromString,
+                _registered_method=True)
+        self.ListLayerLeases = channel.unary_unary(
+                '/afsd.node.v1.Node/ListLayerLeases',
+                request_serializer=afsd_dot_api_dot_node__pb2.ListLayerLeasesRequest.SerializeToString,
+                response_deserializer=afsd_dot_api_dot_node__pb2.ListLayerLeasesResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServicer(object):
@@ -74,6 +89,30 @@ class NodeServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachLayer(self, request, context):
+        """For clients that stack layers themselves (`afsd snapshotter`, for containerd): attach ONE layer
+        of an image, lazily like Mount's layers and shared with them, as a read-only erofs mount, held by
+        a lease the client names. Attaching again under the same lease id returns the same lease (and
+        re-attaches its layer if it is no longer mounted, e.g. after a reboot). Leases survive restarts
+        of the daemon and of its client.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLayer(self, request, context):
+        """Drop a lease; the layer is detached when nothing else uses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLayerLeases(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +130,21 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.ListMounts,
                     request_deserializer=afsd_dot_api_dot_node__pb2.ListMountsRequest.FromString,
                     response_serializer=afsd_dot_api_dot_node__pb2.ListMountsResponse.SerializeToString,
+            ),
+            'AttachLayer': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachLayer,
+                    request_deserializer=afsd_dot_api_dot_node__pb2.AttachLayerRequest.FromString,
+                    response_serializer=afsd_dot_api_dot_node__pb2.AttachLayerResponse.SerializeToString,
+            ),
+            'ReleaseLayer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLayer,
+                    request_deserializer=afsd_dot_api_dot_node__pb2.ReleaseLayerRequest.FromString,
+                    response_serializer=afsd_dot_api_dot_node__pb2.ReleaseLayerResponse.SerializeToString,
+            ),
+            'ListLayerLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLayerLeases,
+                    request_deserializer=afsd_dot_api_dot_node__pb2.ListLayerLeasesRequest.FromString,
+                    response_serializer=afsd_dot_api_dot_node__pb2.ListLayerLeasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +228,87 @@ class Node(object):
             '/afsd.node.v1.Node/ListMounts',
             afsd_dot_api_dot_node__pb2.ListMountsRequest.SerializeToString,
             afsd_dot_api_dot_node__pb2.ListMountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachLayer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/afsd.node.v1.Node/AttachLayer',
+            afsd_dot_api_dot_node__pb2.AttachLayerRequest.SerializeToString,
+            afsd_dot_api_dot_node__pb2.AttachLayerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLayer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/afsd.node.v1.Node/ReleaseLayer',
+            afsd_dot_api_dot_node__pb2.ReleaseLayerRequest.SerializeToString,
+            afsd_dot_api_dot_node__pb2.ReleaseLayerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLayerLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/afsd.node.v1.Node/ListLayerLeases',
+            afsd_dot_api_dot_node__pb2.ListLayerLeasesRequest.SerializeToString,
+            afsd_dot_api_dot_node__pb2.ListLayerLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

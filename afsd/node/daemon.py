@@ -17,8 +17,9 @@ import os
 import shutil
 import time
 import uuid
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -30,9 +31,11 @@ from afsd.api import layerstore_pb2_grpc as lgrpc
 from afsd.cluster.peers import stat_from_blob_spec
 from afsd.erofs.mount import mount_tmpfs, unmount
 from afsd.erofs.stack import LayerTree, remove_stack_scratch, stack_layer_trees
-from afsd.errors import AfsdError
+from afsd.errors import AfsdError, NotFoundError
 from afsd.node.images import ImageLocator
+from afsd.node.leases import LeaseBook, LeaseRecord, LeaseRequestError, check_lease_id
 from afsd.node.records import MountRecord, StateDir, mounted_paths
+from afsd.oci.digest import parse_digest
 from afsd.oci.platform import parse_platform
 from afsd.oci.reference import parse_reference
 from afsd.ondemand.base import Backend, BackendUnavailableError, BlobSource
@@ -44,6 +47,7 @@ MOUNTS = Gauge("afsd_node_mounts", "Image mounts held by the node daemon", ["bac
 MOUNT_SECONDS = Counter("afsd_node_mount_seconds_total", "Time spent mounting images")
 MOUNT_FAILURES = Counter("afsd_node_mount_failures_total", "Mount requests that failed")
 LAYERS_IMPORTED = Counter("afsd_node_layers_imported_total", "Complete blobs handed to the local layerstore")
+LAYER_LEASES = Gauge("afsd_node_layer_leases", "Single layers held for clients that stack them (afsd snapshotter)")
 
 BACKEND_PREFERENCE = ("fanotify", "fscache", "eager")
 SPREAD_PERIOD = 2.0
@@ -69,6 +73,18 @@ class MountOptions:
     tmpfs_upper: bool = False
     tmpfs_upper_bytes: int = 0
     extra_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class LayerAttach:
+    """One layer of an image to keep attached under a lease (see afsd.node.leases)."""
+
+    lease_id: str
+    image: str
+    layer_digest: str
+    manifest_digest: str = ""
+    backend: str = "auto"
+    platform: str = ""
 
 
 @dataclass
@@ -106,11 +122,16 @@ class NodeDaemon:
         self._status_poller: asyncio.Task[None] | None = None
         self._closing = False
         self._unavailable: dict[str, str | None] = {}  # backend -> why it cannot run (probed once)
+        self.lease_book = LeaseBook(state_dir)
+        self._leases: dict[str, LeaseRecord] = {}
+        self._live_leases: set[str] = set()            # leases holding a reference on their layer
+        self._lease_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         await asyncio.to_thread(self.state.create)
+        await asyncio.to_thread(self.lease_book.create)
         for name, backend in self.backends.items():
             self._unavailable[name] = await asyncio.to_thread(backend.unavailable_reason)
             if self._unavailable[name] is None:
@@ -348,18 +369,14 @@ class NodeDaemon:
                       and all(record.layer_backends.get(s.layer_digest) in self.backends for s in record.layers))
             if intact:
                 for spec in record.layers:
-                    use = self._layers.get(spec.layer_digest)
-                    if use is None:
-                        backend = self.backends[record.layer_backends[spec.layer_digest]]
-                        use = self._layers[spec.layer_digest] = LayerUse(
-                            spec, backend, self.state.blob_path(spec), self.state.layer_mountpoint(spec))
-                    use.refs += 1
+                    self._adopt_layer(spec, self.backends[record.layer_backends[spec.layer_digest]])
                 self._records[record.mount_id] = record
                 MOUNTS.labels(record.backend).inc()
                 log.info("adopted the mount of %s at %s", record.image, record.target)
             else:
                 log.warning("cleaning up the unfinished or broken mount of %s at %s", record.image, record.target)
                 await self._teardown(record)
+        await self._restore_leases(mounted)
         # Layer mounts no record uses (a crash between mounting a layer and saving its record).
         used = {str(use.mountpoint) for use in self._layers.values()}
         for point in sorted(await asyncio.to_thread(lambda: list(self.state.layers.iterdir()))):
@@ -369,6 +386,95 @@ class NodeDaemon:
                 await asyncio.to_thread(unmount, point, detach=True)
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(point.rmdir)
+
+    def _adopt_layer(self, spec: BlobSpec, backend: Backend) -> None:
+        """Count one more user of a layer an earlier run left mounted."""
+        use = self._layers.get(spec.layer_digest)
+        if use is None:
+            use = self._layers[spec.layer_digest] = LayerUse(
+                spec, backend, self.state.blob_path(spec), self.state.layer_mountpoint(spec))
+        use.refs += 1
+
+    async def _restore_leases(self, mounted: set[str]) -> None:
+        """Adopt the layers of recorded leases that are still mounted; the others stay recorded and are
+        attached again by their client's next AttachLayer (after a reboot, say)."""
+        for record in await asyncio.to_thread(self.lease_book.records):
+            self._leases[record.lease_id] = record
+            if str(self.state.layer_mountpoint(record.layer)) in mounted and record.backend in self.backends:
+                self._adopt_layer(record.layer, self.backends[record.backend])
+                self._live_leases.add(record.lease_id)
+            else:
+                log.warning("lease %s: layer %s is no longer mounted; attaching it again under this lease "
+                            "brings it back", record.lease_id, record.layer.layer_digest)
+        LAYER_LEASES.set(len(self._leases))
+
+    # -- layer leases (afsd snapshotter) ----------------------------------------------------------
+
+    async def attach_layer(self, attach: LayerAttach) -> LeaseRecord:
+        """Keep one layer of an image attached and mounted under `attach.lease_id` (idempotent)."""
+        lease_id = check_lease_id(attach.lease_id)
+        digest = parse_digest(attach.layer_digest)
+        async with self._lease_lock(lease_id):
+            record = self._leases.get(lease_id)
+            if record is not None:
+                if record.layer.layer_digest != digest:
+                    raise LeaseRequestError(f"lease {lease_id} holds layer {record.layer.layer_digest}, not {digest}")
+                if lease_id not in self._live_leases:
+                    await self._acquire_layer(record.layer, self.choose_backend(record.backend))
+                    self._live_leases.add(lease_id)
+                return record
+            reference = parse_reference(attach.image)
+            if attach.manifest_digest:
+                reference = replace(reference, digest=parse_digest(attach.manifest_digest))
+            backend = self.choose_backend(attach.backend)
+            resolved = await self.locator.locate(reference, parse_platform(attach.platform or None))
+            spec = next((layer for layer in resolved.layers if layer.layer_digest == digest), None)
+            if spec is None:
+                raise NotFoundError(f"{digest} is not a layer of {reference}")
+            use = await self._acquire_layer(spec, backend)
+            record = LeaseRecord(lease_id=lease_id, image=str(reference), manifest_digest=resolved.manifest_digest,
+                                 layer=spec, backend=use.backend.name, created_unix=int(time.time()))
+            try:
+                await asyncio.to_thread(self.lease_book.save, record)
+            except BaseException:
+                await self._release_layer(digest)
+                raise
+            self._leases[lease_id] = record
+            self._live_leases.add(lease_id)
+            LAYER_LEASES.set(len(self._leases))
+            log.info("lease %s: layer %s of %s attached (%s)", lease_id, digest, reference, use.backend.name)
+            return record
+
+    async def release_lease(self, lease_id: str) -> bool:
+        """Drop a lease (False if there is none); its layer goes when nothing else uses it."""
+        check_lease_id(lease_id)
+        async with self._lease_lock(lease_id):
+            record = self._leases.pop(lease_id, None)
+            if record is None:
+                return False
+            # Forget first: a crash in between leaves an unused layer mount, which a restart unmounts.
+            await asyncio.to_thread(self.lease_book.forget, lease_id)
+            LAYER_LEASES.set(len(self._leases))
+            if lease_id in self._live_leases:
+                self._live_leases.discard(lease_id)
+                await self._release_layer(record.layer.layer_digest)
+            log.info("lease %s released (layer %s)", lease_id, record.layer.layer_digest)
+            return True
+
+    def _lease_lock(self, lease_id: str) -> asyncio.Lock:
+        lock = self._lease_locks.get(lease_id)
+        if lock is None:
+            lock = self._lease_locks[lease_id] = asyncio.Lock()
+        return lock
+
+    def layer_leases(self, prefix: str = "") -> list[tuple[LeaseRecord, bool]]:
+        """(record, attached) of every lease whose id starts with `prefix`, oldest first."""
+        chosen = [record for lease_id, record in self._leases.items() if lease_id.startswith(prefix)]
+        return [(record, record.lease_id in self._live_leases)
+                for record in sorted(chosen, key=lambda r: (r.created_unix, r.lease_id))]
+
+    def layer_mountpoint(self, spec: BlobSpec) -> Path:
+        return self.state.layer_mountpoint(spec)
 
     # -- spreading ------------------------------------------------------------------------------
 

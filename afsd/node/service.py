@@ -10,8 +10,9 @@ import grpc
 from afsd.api import node_pb2 as pb
 from afsd.api import node_pb2_grpc as pb_grpc
 from afsd.errors import AfsdError, InvalidReferenceError, NotFoundError
-from afsd.node.daemon import MountOptions, MountRequestError, NodeDaemon, UnknownMountError
+from afsd.node.daemon import LayerAttach, MountOptions, MountRequestError, NodeDaemon, UnknownMountError
 from afsd.node.images import ImageUnavailableError
+from afsd.node.leases import LeaseRecord, LeaseRequestError
 from afsd.node.records import MountRecord
 from afsd.ondemand.base import BackendUnavailableError
 from afsd.rpc import status_for
@@ -19,6 +20,7 @@ from afsd.rpc import status_for
 _STATUS = [
     (UnknownMountError, grpc.StatusCode.NOT_FOUND),
     (MountRequestError, grpc.StatusCode.FAILED_PRECONDITION),
+    (LeaseRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (BackendUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidReferenceError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
@@ -82,3 +84,41 @@ class NodeService(pb_grpc.NodeServicer):
             counters.update({f"{name}.{key}": value for key, value in backend.counters().items()})
         return pb.ListMountsResponse(mounts=[await self._info(r) for r in self.daemon.mounts()],
                                      backends=self.daemon.backend_availability(), counters=counters)
+
+    async def _lease(self, record: LeaseRecord, attached: bool) -> pb.LayerLease:
+        spec = record.layer
+        cached = (await asyncio.to_thread(self.daemon.layer_state, spec))[0] if attached else 0
+        return pb.LayerLease(
+            lease_id=record.lease_id, layer_digest=spec.layer_digest, image=record.image,
+            manifest_digest=record.manifest_digest, mountpoint=str(self.daemon.layer_mountpoint(spec)),
+            implicit_dirs=list(spec.implicit_dirs), backend=record.backend, size=spec.size, cached_bytes=cached,
+            created_unix=record.created_unix, attached=attached)
+
+    async def AttachLayer(self, request: pb.AttachLayerRequest,
+                          context: grpc.aio.ServicerContext) -> pb.AttachLayerResponse:
+        if not request.lease_id or not request.image or not request.layer_digest:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attaching a layer needs a lease id, an image "
+                                                                  "and a layer digest")
+        attach = LayerAttach(lease_id=request.lease_id, image=request.image, layer_digest=request.layer_digest,
+                             manifest_digest=request.manifest_digest, backend=request.backend or "auto",
+                             platform=request.platform)
+        try:
+            record = await self.daemon.attach_layer(attach)
+        except AfsdError as error:
+            await _abort(context, error)
+            raise
+        return pb.AttachLayerResponse(lease=await self._lease(record, True))
+
+    async def ReleaseLayer(self, request: pb.ReleaseLayerRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ReleaseLayerResponse:
+        try:
+            released = await self.daemon.release_lease(request.lease_id)
+        except AfsdError as error:
+            await _abort(context, error)
+            raise
+        return pb.ReleaseLayerResponse(released=released)
+
+    async def ListLayerLeases(self, request: pb.ListLayerLeasesRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ListLayerLeasesResponse:
+        return pb.ListLayerLeasesResponse(
+            leases=[await self._lease(record, attached) for record, attached in self.daemon.layer_leases(request.prefix)])

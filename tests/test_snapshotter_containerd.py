@@ -1,0 +1,273 @@
+"""`afsd snapshotter` under a real containerd (Debian's 1.6): pods start from lazily attached layers.
+
+Each test runs, as separate processes: the lab registry, discovery, a peer layerstore that has pulled
+the test images, this node's `afsd node` (fanotify, --no-prefetch: only what is read is fetched),
+`afsd snapshotter` and containerd (CRI plugin, the afsd snapshotter as a proxy plugin). The CRI calls
+are the ones a kubelet makes, over the CRI runtime.v1 protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from afsd.api import cri_runtime_pb2 as cri
+from afsd.api import node_pb2 as npb
+from afsd.api import node_pb2_grpc as npb_grpc
+from afsd.lab.catalogue import busybox_rootfs, seeded_bytes
+from afsd.lab.daemons import Daemon, stop_node_daemon
+from afsd.lab.layers import Entry, LayerSpec, entries_from_directory
+from afsd.lab.oci_layout import ImageSpec, write_oci_layout
+from afsd.lab.skopeo import PushedImage, push_layout
+from afsd.node.records import mounted_paths
+from afsd.snapshotter.lazy import LAZY_LAYER_LABEL
+from tests.support.cluster import LocalCluster
+from tests.support.containerd import (
+    Containerd,
+    CriClient,
+    SnapshotsClient,
+    snapshotter_daemon,
+    snapshotter_root,
+    start_containerd,
+)
+from tests.support.metrics import daemon_metrics, metric
+from tests.support.treecompare import compare_trees, format_differences, snapshot
+from tests.support.umoci import umoci_rootfs
+
+DEADLINE = 120.0
+UNREAD_BYTES = 32 << 20   # a file in the app layer nobody reads (a read miss also fills a few MiB ahead)
+# What the container runtime puts into every container, not the image: mounts runc and the CRI
+# plugin make (their mount points are created in the writable layer when the image lacks them).
+RUNTIME_PATHS = ("/proc", "/sys", "/dev", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf")
+APP_SCRIPT = ("cat /srv/app/hello.txt /srv/app/extra.txt; stat -c '%a %u:%g' /srv/app; "
+              "test -e /usr/share/doc/busybox/README || echo README whited out; echo ready; "
+              "while true; do sleep 1; cat /srv/app/hello.txt > /dev/null || echo read failed; done")
+EXPECTED_OUTPUT = ["hello from a lazily attached layer", "written by a layer that does not list /srv/app",
+                   "750 1234:5678", "README whited out", "ready"]
+
+
+@dataclass
+class Images:
+    app: PushedImage
+    pause: PushedImage
+
+    def layer_digests(self) -> set[str]:
+        return {layer.digest for image in (self.app, self.pause) for record in image.manifests
+                for layer in record.layers}
+
+
+def _push_images(cluster: LocalCluster) -> Images:
+    """A busybox base layer, an application layer and a top layer that writes into /srv/app without
+    listing it (the fixup must give /srv/app the app layer's owner, mode and xattr) and whites out a
+    file; and a pause image (the pod sandbox's) sharing the base layer."""
+    rootfs = cluster.workdir / "busybox-rootfs"
+    rootfs.mkdir()
+    busybox_rootfs(rootfs)
+    base = LayerSpec(tuple(entries_from_directory(rootfs)))
+    app = LayerSpec((Entry.dir("srv/app", mode=0o750, uid=1234, gid=5678, xattrs={"user.from": b"app layer"}),
+                     Entry.file("srv/app/hello.txt", b"hello from a lazily attached layer\n"),
+                     Entry.file("srv/data/unread.bin", seeded_bytes("unread", UNREAD_BYTES))), "zstd")
+    top = LayerSpec((Entry.file("srv/app/extra.txt", b"written by a layer that does not list /srv/app\n"),
+                     Entry.whiteout("usr/share/doc/busybox/README")), "gzip", add_parents=False)
+    layouts = cluster.workdir / "layouts"
+    app_layout = write_oci_layout(layouts, "app", ImageSpec((base, app, top), cmd=("/bin/sh",)))
+    pause_layout = write_oci_layout(layouts, "pause", ImageSpec((base,), entrypoint=("/bin/sleep", "2147483647"),
+                                                               cmd=()))
+    registry = cluster.registry.address
+    return Images(app=push_layout(app_layout, registry, "test/app", "v1"),
+                  pause=push_layout(pause_layout, registry, "test/pause", "v1"))
+
+
+@dataclass
+class Node:
+    """This node: the node daemon, the snapshotter and containerd."""
+
+    cluster: LocalCluster
+    images: Images
+    node: Daemon
+    snapshotter: Daemon
+    containerd: Containerd
+    cri: CriClient
+
+
+@pytest.fixture
+async def node(cluster: LocalCluster) -> AsyncIterator[Node]:
+    await cluster.start_discovery(1)
+    (peer,) = await cluster.start_layerstores(1)
+    images = await asyncio.to_thread(_push_images, cluster)
+    for image in (images.app, images.pause):
+        await cluster.pull(peer, image)
+    node_daemon = await cluster.start_node(None, extra_args=["--no-prefetch", "--backend", "fanotify"])
+    snapshotter = snapshotter_daemon(cluster.workdir, "snapshotter", node_daemon)
+    containerd = None
+    cri_client = None
+    try:
+        await asyncio.to_thread(snapshotter.start)
+        containerd = await asyncio.to_thread(
+            start_containerd, snapshotter_socket=snapshotter.socket_path, registry=cluster.registry.address,
+            sandbox_image=images.pause.reference)
+        cri_client = CriClient(containerd)
+        yield Node(cluster, images, node_daemon, snapshotter, containerd, cri_client)
+    finally:
+        if cri_client is not None:
+            await cri_client.close()
+        if containerd is not None:   # what a test leaves running (it failed) is removed by force
+            await asyncio.to_thread(containerd.stop)
+        snapshotter.stop()
+        await asyncio.to_thread(stop_node_daemon, node_daemon)
+
+
+def _pod_config(node: Node, name: str) -> cri.PodSandboxConfig:
+    logs = node.cluster.workdir / "pod-logs" / name
+    logs.mkdir(parents=True, exist_ok=True)
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=name, uid=f"{name}-{node.containerd.token}", namespace="default"),
+        log_directory=str(logs),   # no hostname: a host-network pod has the node's (kubelet sends none)
+        linux=cri.LinuxPodSandboxConfig(
+            cgroup_parent=node.containerd.cgroup_parent,
+            security_context=cri.LinuxSandboxSecurityContext(
+                namespace_options=cri.NamespaceOption(network=cri.NODE))))
+
+
+async def _start_container(node: Node, pod_id: str, pod: cri.PodSandboxConfig, name: str,
+                           image: str, script: str) -> str:
+    config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=image),
+                                 command=["/bin/sh", "-c", script], log_path=f"{name}.log",
+                                 linux=cri.LinuxContainerConfig())
+    created = await node.cri.runtime.CreateContainer(
+        cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod), timeout=DEADLINE)
+    await node.cri.runtime.StartContainer(cri.StartContainerRequest(container_id=created.container_id),
+                                          timeout=DEADLINE)
+    return created.container_id
+
+
+def _log_lines(pod: cri.PodSandboxConfig, name: str) -> list[str]:
+    """The container's output from its CRI log file (`<time> <stream> <tag> <line>`), as kubectl logs shows it."""
+    path = Path(pod.log_directory) / f"{name}.log"
+    if not path.exists():
+        return []
+    return [line.split(" ", 3)[3] for line in path.read_text().splitlines() if line.count(" ") >= 3]
+
+
+async def _wait_for(predicate, what: str, timeout: float = DEADLINE):
+    started = time.monotonic()
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def _container_pid(node: Node, container_id: str) -> int:
+    status = await node.cri.runtime.ContainerStatus(
+        cri.ContainerStatusRequest(container_id=container_id, verbose=True), timeout=DEADLINE)
+    assert status.status.state == cri.CONTAINER_RUNNING, status.status
+    return int(json.loads(status.info["info"])["pid"])
+
+
+async def _node_leases(node: Node) -> list[npb.LayerLease]:
+    async with grpc.aio.insecure_channel(f"unix:{node.node.socket_path}") as channel:
+        return list((await npb_grpc.NodeStub(channel).ListLayerLeases(npb.ListLayerLeasesRequest())).leases)
+
+
+def _image_tree(root: Path | str) -> dict:
+    """A snapshot of a root filesystem without what the runtime adds to every container."""
+    tree = snapshot(root)
+    return {path: node for path, node in tree.items()
+            if not any(path == p or path.startswith(p + "/") for p in RUNTIME_PATHS)}
+
+
+async def test_a_pod_starts_from_lazily_attached_layers_as_a_kubelet_drives_it(node: Node) -> None:
+    cluster, images = node.cluster, node.images
+    blob_gets_before = len(cluster.registry.access_log())
+
+    pulled = await node.cri.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images.app.reference)),
+                                             timeout=DEADLINE)
+    assert pulled.image_ref.startswith("sha256:")
+    pod = _pod_config(node, "lazy-pod")
+    sandbox = await node.cri.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod), timeout=DEADLINE)
+    app_id = await _start_container(node, sandbox.pod_sandbox_id, pod, "app", images.app.reference, APP_SCRIPT)
+    await _wait_for(lambda: "ready" in _log_lines(pod, "app"), "the container to print its output")
+    assert _log_lines(pod, "app")[:len(EXPECTED_OUTPUT)] == EXPECTED_OUTPUT
+
+    # No layer came from the registry: every layer snapshot is one afsd attached.
+    layer_gets = [e for e in cluster.registry.access_log()[blob_gets_before:]
+                  if "/blobs/" in e.uri and e.uri.rsplit("/", 1)[-1] in images.layer_digests()]
+    assert layer_gets == [], f"containerd downloaded layers: {layer_gets}"
+    listed = node.containerd.ctr("snapshots", "--snapshotter", "afsd", "ls")
+    committed = [line for line in listed.stdout.splitlines()[1:] if "Committed" in line]
+    assert len(committed) == 3, listed.stdout   # base, app, top (the pause image shares the base)
+    snapshots = SnapshotsClient(node.snapshotter)
+    try:
+        lazy = [info for info in await snapshots.list("kind==committed") if LAZY_LAYER_LABEL in info.labels]
+        assert len(lazy) == 3, lazy
+
+        # The node read only what the container touched: the unread 8 MiB stayed behind.
+        async def filled_from_peer() -> float:
+            return metric(await asyncio.to_thread(daemon_metrics, node.node), "afsd_fanotify_bytes_filled_peer_total")
+        filled = await _wait_for(filled_from_peer, "the node's /metrics to count the bytes read from the peer")
+        leases = await _node_leases(node)
+        total = sum(lease.size for lease in leases)
+        assert len(leases) == 3 and filled < total - UNREAD_BYTES / 2, \
+            f"{filled:.0f} of {total} bytes read from the peer"
+
+        # The container's root filesystem is the image as umoci unpacks it.
+        pid = await _container_pid(node, app_id)
+        expected = await asyncio.to_thread(umoci_rootfs, images.app, images.app.platforms[0],
+                                           cluster.workdir / "umoci")
+        differences = compare_trees(await asyncio.to_thread(_image_tree, f"/proc/{pid}/root/"),
+                                    await asyncio.to_thread(_image_tree, expected),
+                                    labels=("container", "umoci"))
+        assert differences == [], format_differences(differences, ("container", "umoci"))
+
+        # A snapshotter that crashes and comes back leaves the running container alone, and serves
+        # containerd again: a second container of the pod starts from the same lazy layers.
+        node.snapshotter.kill()
+        await asyncio.to_thread(node.snapshotter.start)
+        assert (await _container_pid(node, app_id)) == pid
+        # containerd redials a proxy plugin with a backoff of up to 3 s (a kubelet would retry meanwhile).
+        await _wait_for(lambda: node.containerd.ctr("snapshots", "--snapshotter", "afsd", "ls").returncode == 0,
+                        "containerd to reach the restarted snapshotter")
+        later_id = await _start_container(node, sandbox.pod_sandbox_id, pod, "later", images.app.reference,
+                                          "cat /srv/app/extra.txt")
+        await _wait_for(lambda: _log_lines(pod, "later"), "the second container's output")
+        assert _log_lines(pod, "later") == ["written by a layer that does not list /srv/app"]
+        assert "read failed" not in _log_lines(pod, "app")
+        assert (await _container_pid(node, app_id)) == pid
+
+        # Removing the pod and its images, then Cleanup, leaves no snapshot, mount or lease behind.
+        runtime = node.cri.runtime
+        for container_id in (app_id, later_id):   # a kubelet stops a container before removing it
+            await runtime.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0),
+                                        timeout=DEADLINE)
+            await runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id), timeout=DEADLINE)
+        await runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=sandbox.pod_sandbox_id),
+                                     timeout=DEADLINE)
+        await runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox.pod_sandbox_id),
+                                       timeout=DEADLINE)
+        for image in (images.app, images.pause):
+            await node.cri.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=image.reference)),
+                                              timeout=DEADLINE)
+        await snapshots.cleanup()
+        assert await snapshots.list() == []
+        listed = node.containerd.ctr("snapshots", "--snapshotter", "afsd", "ls")
+        assert listed.returncode == 0 and listed.stdout.splitlines()[1:] == [], listed.stdout
+        assert await _node_leases(node) == []
+        await _wait_for(lambda: node.containerd.leftovers() == [], "the pod's shim, mounts and cgroups to go")
+        assert [p for p in mounted_paths() if p.startswith(f"{cluster.workdir}/")] == []
+        assert list((snapshotter_root(node.snapshotter) / "snapshots").iterdir()) == []
+    finally:
+        await snapshots.close()
