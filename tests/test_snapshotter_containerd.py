@@ -9,6 +9,7 @@ are the ones a kubelet makes, over the CRI runtime.v1 protocol.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -99,13 +100,15 @@ class Node:
     cri: CriClient
 
 
-@pytest.fixture
-async def node(cluster: LocalCluster) -> AsyncIterator[Node]:
+@contextlib.asynccontextmanager
+async def _node_stack(cluster: LocalCluster, *, peer_cache_bytes: int = 0,
+                      preload: tuple[str, ...] = ("app", "pause")) -> AsyncIterator[Node]:
+    """The peer layerstore (holding the `preload` images), then this node's daemons."""
     await cluster.start_discovery(1)
-    (peer,) = await cluster.start_layerstores(1)
+    (peer,) = await cluster.start_layerstores(1, cache_max_bytes=peer_cache_bytes)
     images = await asyncio.to_thread(_push_images, cluster)
-    for image in (images.app, images.pause):
-        await cluster.pull(peer, image)
+    for name in preload:
+        await cluster.pull(peer, getattr(images, name))
     node_daemon = await cluster.start_node(None, extra_args=["--no-prefetch", "--backend", "fanotify"])
     snapshotter = snapshotter_daemon(cluster.workdir, "snapshotter", node_daemon)
     containerd = None
@@ -124,6 +127,12 @@ async def node(cluster: LocalCluster) -> AsyncIterator[Node]:
             await asyncio.to_thread(containerd.stop)
         snapshotter.stop()
         await asyncio.to_thread(stop_node_daemon, node_daemon)
+
+
+@pytest.fixture
+async def node(cluster: LocalCluster) -> AsyncIterator[Node]:
+    async with _node_stack(cluster) as stack:
+        yield stack
 
 
 def _pod_config(node: Node, name: str) -> cri.PodSandboxConfig:
@@ -271,3 +280,72 @@ async def test_a_pod_starts_from_lazily_attached_layers_as_a_kubelet_drives_it(n
         assert list((snapshotter_root(node.snapshotter) / "snapshots").iterdir()) == []
     finally:
         await snapshots.close()
+
+
+async def test_ctr_pull_and_run_without_cri_labels_take_containerds_own_unpack_path(node: Node) -> None:
+    containerd, image = node.containerd, node.images.app
+    namespace = f"afsd-test-{containerd.token}"
+    registry_entries = len(node.cluster.registry.access_log())
+    pulled = await asyncio.to_thread(containerd.ctr, "image", "pull", "--plain-http", "--snapshotter", "afsd",
+                                     image.reference, namespace=namespace)
+    assert pulled.returncode == 0, pulled.stderr
+    # Without the CRI's labels afsd cannot tell which image a layer belongs to: containerd downloads
+    # every layer and unpacks it into a plain snapshot of the afsd snapshotter.
+    layer_gets = {e.uri.rsplit("/", 1)[-1] for e in node.cluster.registry.access_log()[registry_entries:]
+                  if "/blobs/" in e.uri and e.method == "GET"}
+    assert {layer.digest for layer in image.manifests[0].layers} <= layer_gets
+    snapshots = SnapshotsClient(node.snapshotter)
+    try:
+        committed = await snapshots.list("kind==committed")
+        assert len(committed) == 3 and not any(LAZY_LAYER_LABEL in info.labels for info in committed), committed
+        assert await _node_leases(node) == []
+
+        ran = await asyncio.to_thread(
+            containerd.ctr, "run", "--rm", "--snapshotter", "afsd", "--runc-root", str(containerd.runc_root / namespace),
+            "--fifo-dir", str(containerd.fifo_dir), "--cgroup", f"{containerd.cgroup_parent}/ctr-run",
+            image.reference, "ctr-run", "/bin/sh", "-c", APP_SCRIPT.split("; while")[0], namespace=namespace)
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.splitlines() == EXPECTED_OUTPUT
+
+        removed = await asyncio.to_thread(containerd.ctr, "image", "rm", "--sync", image.reference,
+                                          namespace=namespace)
+        assert removed.returncode == 0, removed.stderr
+        await snapshots.cleanup()
+        assert await snapshots.list() == []
+        assert list((snapshotter_root(node.snapshotter) / "snapshots").iterdir()) == []
+        await _wait_for(lambda: containerd.leftovers() == [], "the container's shim, mounts and cgroups to go")
+    finally:
+        await snapshots.close()
+
+
+async def test_layers_afsd_cannot_serve_are_unpacked_by_containerd_above_the_lazy_ones(cluster: LocalCluster) -> None:
+    # The peer's cache holds the pause image (the shared base layer) but cannot take the app layer:
+    # nobody can serve the app image's upper layers, so containerd downloads and unpacks them on top
+    # of the lazily attached base.
+    async with _node_stack(cluster, peer_cache_bytes=UNREAD_BYTES // 2, preload=("pause",)) as node:
+        images = node.images
+        base, *uppers = [layer.digest for layer in images.app.manifests[0].layers]
+        registry_entries = len(cluster.registry.access_log())
+        await node.cri.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images.app.reference)),
+                                        timeout=DEADLINE)
+        pod = _pod_config(node, "mixed-pod")
+        sandbox = await node.cri.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod), timeout=DEADLINE)
+        app_id = await _start_container(node, sandbox.pod_sandbox_id, pod, "app", images.app.reference, APP_SCRIPT)
+        await _wait_for(lambda: "ready" in _log_lines(pod, "app"), "the container to print its output")
+        assert _log_lines(pod, "app")[:len(EXPECTED_OUTPUT)] == EXPECTED_OUTPUT
+
+        fetched = {e.uri.rsplit("/", 1)[-1] for e in cluster.registry.access_log()[registry_entries:]
+                   if "/blobs/" in e.uri and e.method == "GET"}
+        assert base not in fetched and set(uppers) <= fetched, fetched
+        snapshots = SnapshotsClient(node.snapshotter)
+        try:
+            committed = await snapshots.list("kind==committed")
+        finally:
+            await snapshots.close()
+        assert sorted(info.labels.get(LAZY_LAYER_LABEL, "plain") for info in committed) == sorted([base, "plain", "plain"])
+
+        pid = await _container_pid(node, app_id)
+        expected = await asyncio.to_thread(umoci_rootfs, images.app, images.app.platforms[0], cluster.workdir / "umoci")
+        differences = compare_trees(await asyncio.to_thread(_image_tree, f"/proc/{pid}/root/"),
+                                    await asyncio.to_thread(_image_tree, expected), labels=("container", "umoci"))
+        assert differences == [], format_differences(differences, ("container", "umoci"))

@@ -31,7 +31,7 @@ from afsd.api import layerstore_pb2_grpc as lgrpc
 from afsd.cluster.peers import stat_from_blob_spec
 from afsd.erofs.mount import mount_tmpfs, unmount
 from afsd.erofs.stack import LayerTree, remove_stack_scratch, stack_layer_trees
-from afsd.errors import AfsdError, NotFoundError
+from afsd.errors import AfsdError
 from afsd.node.images import ImageLocator
 from afsd.node.leases import LeaseBook, LeaseRecord, LeaseRequestError, check_lease_id
 from afsd.node.records import MountRecord, StateDir, mounted_paths
@@ -427,12 +427,10 @@ class NodeDaemon:
             if attach.manifest_digest:
                 reference = replace(reference, digest=parse_digest(attach.manifest_digest))
             backend = self.choose_backend(attach.backend)
-            resolved = await self.locator.locate(reference, parse_platform(attach.platform or None))
-            spec = next((layer for layer in resolved.layers if layer.layer_digest == digest), None)
-            if spec is None:
-                raise NotFoundError(f"{digest} is not a layer of {reference}")
+            manifest_digest, spec = await self.locator.locate_layer(reference, parse_platform(attach.platform or None),
+                                                                    digest)
             use = await self._acquire_layer(spec, backend)
-            record = LeaseRecord(lease_id=lease_id, image=str(reference), manifest_digest=resolved.manifest_digest,
+            record = LeaseRecord(lease_id=lease_id, image=str(reference), manifest_digest=manifest_digest,
                                  layer=spec, backend=use.backend.name, created_unix=int(time.time()))
             try:
                 await asyncio.to_thread(self.lease_book.save, record)

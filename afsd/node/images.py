@@ -82,15 +82,30 @@ class ImageLocator:
             self._pinned.pop(next(iter(self._pinned)))
         return located
 
-    async def _locate(self, reference: ImageReference, platform: Platform) -> ResolvedMount:
+    async def _resolve(self, reference: ImageReference, platform: Platform) -> dpb.ResolveImageResponse:
         request = dpb.ResolveImageRequest(image=str(reference), platform_os=platform.os,
                                           platform_arch=platform.architecture, platform_variant=platform.variant)
         try:
-            resolved = await self.discovery.resolve_image(request)
+            return await self.discovery.resolve_image(request)
         except grpc.aio.AioRpcError as error:
             raise _grpc_to_error(error, f"cannot resolve {reference}") from None
         except DiscoveryUnavailableError as error:
             raise ImageUnavailableError(f"cannot resolve {reference}: {error}") from None
+
+    async def locate_layer(self, reference: ImageReference, platform: Platform, digest: str) -> tuple[str, BlobSpec]:
+        """(manifest digest, blob) of one layer of the image, for a client that stacks layers itself: only
+        this layer needs a provider (a layerstore pulls the image when none holds it)."""
+        resolved = await self._resolve(reference, platform)
+        if digest not in [layer.digest for layer in resolved.layers]:
+            raise NotFoundError(f"{digest} is not a layer of {reference}")
+        holders = await self._holders(digest)
+        if not holders:
+            puller, _ = await self._pull_somewhere(reference, platform)
+            holders = [dpb.ServiceInstance(endpoint=puller, layer_digests=[digest])]
+        return resolved.manifest_digest, await self._spec(digest, holders, reference)
+
+    async def _locate(self, reference: ImageReference, platform: Platform) -> ResolvedMount:
+        resolved = await self._resolve(reference, platform)
         digests = [layer.digest for layer in resolved.layers]
         holders = {digest: await self._holders(digest) for digest in digests}
         if any(not nodes for nodes in holders.values()):
