@@ -110,7 +110,7 @@ async def _node_stack(cluster: LocalCluster, *, peer_cache_bytes: int = 0,
     for name in preload:
         await cluster.pull(peer, getattr(images, name))
     node_daemon = await cluster.start_node(None, extra_args=["--no-prefetch", "--backend", "fanotify"])
-    snapshotter = snapshotter_daemon(cluster.workdir, "snapshotter", node_daemon)
+    snapshotter = snapshotter_daemon(cluster.workdir, "snapshotter", node_daemon.socket_path)
     containerd = None
     cri_client = None
     try:
@@ -223,6 +223,9 @@ async def test_a_pod_starts_from_lazily_attached_layers_as_a_kubelet_drives_it(n
     try:
         lazy = [info for info in await snapshots.list("kind==committed") if LAZY_LAYER_LABEL in info.labels]
         assert len(lazy) == 3, lazy
+        snapshotter_metrics = await asyncio.to_thread(daemon_metrics, node.snapshotter)
+        assert metric(snapshotter_metrics, "afsd_snapshotter_layers_total", path="lazy") == 3
+        assert metric(snapshotter_metrics, "afsd_snapshotter_layers_total", path="fallback") == 0
 
         # The node read only what the container touched: the unread 8 MiB stayed behind.
         async def filled_from_peer() -> float:

@@ -73,10 +73,7 @@ class Snapshotter:
     async def start(self) -> None:
         await asyncio.to_thread(self.layout.create)
         self.store = await asyncio.to_thread(MetaStore, self.layout.db_path)
-        try:
-            await self.cleanup()
-        except NodeLayerError as error:   # the node daemon may start later: the next Cleanup retries
-            log.warning("leases not reconciled at start: %s", error)
+        await self.cleanup()
 
     async def close(self) -> None:
         if self.store is not None:
@@ -220,17 +217,21 @@ class Snapshotter:
             log.warning("lease %s stays until the next Cleanup: %s", lease_id, error)
 
     async def cleanup(self) -> None:
-        """Remove directories and node leases that no snapshot records (left by crashes)."""
+        """Remove directories and node leases that no snapshot records (left by crashes). Leases wait
+        for a Cleanup that finds the node daemon answering."""
         ids = await asyncio.to_thread(self._store.ids)
         for orphan in sorted(await asyncio.to_thread(self.layout.directory_ids) - ids):
             log.info("cleanup: removing the directory of unknown snapshot %d", orphan)
             await asyncio.to_thread(self.layout.remove, orphan)
         known = await asyncio.to_thread(self._store.lease_ids)
-        for lease in await self.node.leases():
-            if lease.lease_id not in known:
-                log.info("cleanup: releasing lease %s (layer %s) that no snapshot records", lease.lease_id,
-                         lease.layer_digest)
-                await self.node.release(lease.lease_id)
+        try:
+            for lease in await self.node.leases():
+                if lease.lease_id not in known:
+                    log.info("cleanup: releasing lease %s (layer %s) that no snapshot records", lease.lease_id,
+                             lease.layer_digest)
+                    await self.node.release(lease.lease_id)
+        except NodeLayerError as error:
+            log.warning("cleanup: leases not reconciled: %s", error)
 
     # -- reading ----------------------------------------------------------------------------------
 

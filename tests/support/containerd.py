@@ -30,7 +30,7 @@ from afsd.afslet import cgroups
 from afsd.api import containerd_snapshots_pb2 as spb
 from afsd.api import containerd_snapshots_pb2_grpc as spb_grpc
 from afsd.api import cri_runtime_pb2_grpc as cri_grpc
-from afsd.lab.daemons import Daemon, metrics_address
+from afsd.lab.daemons import Daemon
 from afsd.lab.registry import free_port
 from afsd.node.records import mounted_paths
 
@@ -39,13 +39,13 @@ CRI_NAMESPACE = "k8s.io"
 START_TIMEOUT = 60.0
 
 
-def snapshotter_daemon(workdir: Path, name: str, node: Daemon, *, host: str = "127.0.0.1") -> Daemon:
-    """`afsd snapshotter` with its socket and root under `workdir/name`, attaching layers through `node`."""
-    assert node.socket_path is not None
+def snapshotter_daemon(workdir: Path, name: str, node_socket: Path, *, host: str = "127.0.0.1") -> Daemon:
+    """`afsd snapshotter` with its socket and root under `workdir/name`, attaching layers through the
+    node daemon on `node_socket`."""
     home = workdir / name
     socket_path = home / "snapshotter.sock"
     args = ["snapshotter", "--address", str(socket_path), "--root", str(home / "root"),
-            "--node-socket", str(node.socket_path), "--metrics-listen", f"{host}:{free_port(host)}"]
+            "--node-socket", str(node_socket), "--metrics-listen", f"{host}:{free_port(host)}"]
     return Daemon(name, args, host, 0, workdir / f"{name}.log", socket_path=socket_path)
 
 
@@ -254,6 +254,3 @@ class SnapshotsClient:
     async def close(self) -> None:
         await self.channel.close()
 
-
-__all__ = ["CRI_NAMESPACE", "Containerd", "CriClient", "SNAPSHOTTER", "SnapshotsClient", "metrics_address",
-           "snapshotter_daemon", "snapshotter_root", "start_containerd"]
