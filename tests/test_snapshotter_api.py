@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -86,7 +87,8 @@ async def test_snapshots_follow_containerds_rules(snapshotter: tuple[Daemon, Sna
         (stub.Mounts(pb.MountsRequest(key="base")), grpc.StatusCode.FAILED_PRECONDITION),
         (stub.Prepare(pb.PrepareSnapshotRequest(key="")), grpc.StatusCode.INVALID_ARGUMENT),
         (stub.Prepare(pb.PrepareSnapshotRequest(key="nul\0key")), grpc.StatusCode.INVALID_ARGUMENT),
-        (stub.Prepare(pb.PrepareSnapshotRequest(key="big", labels={"k": "v" * 5000})), grpc.StatusCode.INVALID_ARGUMENT),
+        (stub.Prepare(pb.PrepareSnapshotRequest(key="big", labels={"k": "v" * 5000})),
+         grpc.StatusCode.INVALID_ARGUMENT),
         (stub.Update(pb.UpdateSnapshotRequest(info=pb.Info(name="base", parent="other"),
                                               update_mask=field_mask_pb2.FieldMask(paths=["parent"]))),
          grpc.StatusCode.INVALID_ARGUMENT),
@@ -146,3 +148,12 @@ async def test_snapshots_survive_a_restart_and_cleanup_removes_only_what_nothing
     await stub.Remove(pb.RemoveSnapshotRequest(key="rootfs"))
     await stub.Remove(pb.RemoveSnapshotRequest(key="layer"))
     assert list(snapshots.iterdir()) == []
+
+
+def test_a_root_overlayfs_cannot_use_is_refused_with_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "afsd", "snapshotter", "--root", str(tmp_path / "a:b"),
+                             "--address", str(tmp_path / "s.sock"), "--node-socket", str(tmp_path / "n.sock")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "cannot be an overlayfs layer path" in line and not (tmp_path / "s.sock").exists()

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -304,7 +302,8 @@ async def test_ctr_pull_and_run_without_cri_labels_take_containerds_own_unpack_p
         assert await _node_leases(node) == []
 
         ran = await asyncio.to_thread(
-            containerd.ctr, "run", "--rm", "--snapshotter", "afsd", "--runc-root", str(containerd.runc_root / namespace),
+            containerd.ctr, "run", "--rm", "--snapshotter", "afsd",
+            "--runc-root", str(containerd.runc_root / namespace),
             "--fifo-dir", str(containerd.fifo_dir), "--cgroup", f"{containerd.cgroup_parent}/ctr-run",
             image.reference, "ctr-run", "/bin/sh", "-c", APP_SCRIPT.split("; while")[0], namespace=namespace)
         assert ran.returncode == 0, ran.stderr
@@ -345,7 +344,8 @@ async def test_layers_afsd_cannot_serve_are_unpacked_by_containerd_above_the_laz
             committed = await snapshots.list("kind==committed")
         finally:
             await snapshots.close()
-        assert sorted(info.labels.get(LAZY_LAYER_LABEL, "plain") for info in committed) == sorted([base, "plain", "plain"])
+        kinds = sorted(info.labels.get(LAZY_LAYER_LABEL, "plain") for info in committed)
+        assert kinds == sorted([base, "plain", "plain"]), kinds
 
         pid = await _container_pid(node, app_id)
         expected = await asyncio.to_thread(umoci_rootfs, images.app, images.app.platforms[0], cluster.workdir / "umoci")

@@ -420,7 +420,8 @@ class NodeDaemon:
                 if record.layer.layer_digest != digest:
                     raise LeaseRequestError(f"lease {lease_id} holds layer {record.layer.layer_digest}, not {digest}")
                 if lease_id not in self._live_leases:
-                    await self._acquire_layer(record.layer, self.choose_backend(record.backend))
+                    backend = record.backend if self.available(record.backend) else attach.backend
+                    await self._acquire_layer(record.layer, self.choose_backend(backend))
                     self._live_leases.add(lease_id)
                 return record
             reference = parse_reference(attach.image)

@@ -120,5 +120,5 @@ class NodeService(pb_grpc.NodeServicer):
 
     async def ListLayerLeases(self, request: pb.ListLayerLeasesRequest,
                               context: grpc.aio.ServicerContext) -> pb.ListLayerLeasesResponse:
-        return pb.ListLayerLeasesResponse(
-            leases=[await self._lease(record, attached) for record, attached in self.daemon.layer_leases(request.prefix)])
+        leases = self.daemon.layer_leases(request.prefix)
+        return pb.ListLayerLeasesResponse(leases=[await self._lease(record, attached) for record, attached in leases])

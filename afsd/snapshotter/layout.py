@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from afsd.erofs.stack import LayerTree, build_fixup
+from afsd.snapshotter.store import SnapshotArgumentError
 
 _OVERLAY_INDEX_PARAMETER = Path("/sys/module/overlay/parameters/index")
 
@@ -40,9 +41,17 @@ class MountSpec:
     options: tuple[str, ...]
 
 
+def check_lower_path(path: str) -> str:
+    """`path` if it can stand in overlayfs' lowerdir list (absolute; no ':', ',' or newline, which
+    containerd's mount options cannot escape); SnapshotArgumentError otherwise."""
+    if not path.startswith("/") or any(c in path for c in ":,\n"):
+        raise SnapshotArgumentError(f"{path[:200]!r} cannot be an overlayfs layer path (absolute, without : or ,)")
+    return path
+
+
 class Layout:
     def __init__(self, root: Path) -> None:
-        self.root = root
+        self.root = Path(check_lower_path(str(root)))
         self.snapshots = root / "snapshots"
         self.db_path = root / "metadata.db"
         self.empty = root / "empty"

@@ -32,6 +32,8 @@ from afsd.api import node_pb2 as pb
 from afsd.api import node_pb2_grpc as pb_grpc
 from afsd.errors import AfsdError
 from afsd.rpc import CHANNEL_OPTIONS
+from afsd.snapshotter.layout import check_lower_path
+from afsd.snapshotter.store import SnapshotArgumentError
 
 TARGET_LABEL = "containerd.io/snapshot.ref"
 IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
@@ -88,7 +90,13 @@ class NodeLayers:
         request = pb.AttachLayerRequest(lease_id=lease_id, image=source.image, manifest_digest=source.manifest_digest,
                                         layer_digest=source.layer_digest, backend=self.backend)
         response = await self._call("AttachLayer", request, ATTACH_TIMEOUT, f"attach layer {source.layer_digest}")
-        return response.lease
+        lease = response.lease
+        try:
+            check_lower_path(lease.mountpoint)
+        except SnapshotArgumentError as error:
+            raise NodeLayerError(f"the node daemon attached {source.layer_digest} where overlayfs cannot use it: "
+                                 f"{error}") from None
+        return lease
 
     async def release(self, lease_id: str) -> bool:
         response = await self._call("ReleaseLayer", pb.ReleaseLayerRequest(lease_id=lease_id), CALL_TIMEOUT,

@@ -219,13 +219,17 @@ class Snapshotter:
     async def cleanup(self) -> None:
         """Remove directories and node leases that no snapshot records (left by crashes). Leases wait
         for a Cleanup that finds the node daemon answering."""
+        # Listed before the records are read: a snapshot is recorded before its directory is made and
+        # before its lease is asked for, so whatever is listed but not recorded is left over.
+        directories = await asyncio.to_thread(self.layout.directory_ids)
         ids = await asyncio.to_thread(self._store.ids)
-        for orphan in sorted(await asyncio.to_thread(self.layout.directory_ids) - ids):
+        for orphan in sorted(directories - ids):
             log.info("cleanup: removing the directory of unknown snapshot %d", orphan)
             await asyncio.to_thread(self.layout.remove, orphan)
-        known = await asyncio.to_thread(self._store.lease_ids)
         try:
-            for lease in await self.node.leases():
+            leases = await self.node.leases()
+            known = await asyncio.to_thread(self._store.lease_ids)
+            for lease in leases:
                 if lease.lease_id not in known:
                     log.info("cleanup: releasing lease %s (layer %s) that no snapshot records", lease.lease_id,
                              lease.layer_digest)

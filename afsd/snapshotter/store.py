@@ -193,9 +193,8 @@ class MetaStore:
             if self._find(db, key) is not None:
                 raise SnapshotExistsError(f"snapshot {key!r} already exists")
             now = time.time_ns()
-            cursor = db.execute(
-                "INSERT INTO snapshots (name, parent_id, kind, created_ns, updated_ns, labels) VALUES (?, ?, ?, ?, ?, ?)",
-                (key, parent_id, kind.value, now, now, json.dumps(labels)))
+            cursor = db.execute("INSERT INTO snapshots (name, parent_id, kind, created_ns, updated_ns, labels) "
+                                "VALUES (?, ?, ?, ?, ?, ?)", (key, parent_id, kind.value, now, now, json.dumps(labels)))
             if lazy is not None:
                 self._put_lazy(db, cursor.lastrowid, lazy)
             return self._get(db, key)
