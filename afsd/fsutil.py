@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from afsd.errors import AfsdError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def fsync_directory(directory: Path) -> None:
@@ -30,3 +37,15 @@ def write_json_atomically(path: Path, document: Any, *, indent: int | None = Non
         partial.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def load_json_records(directory: Path, parse: Callable[[Any], T], what: str) -> list[T]:
+    """Every `*.json` file of `directory` (written with `write_json_atomically`) through `parse`, in name
+    order. One that cannot be read or parsed is logged as an unreadable `what` and skipped."""
+    found = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            found.append(parse(json.loads(path.read_text())))
+        except (OSError, ValueError, KeyError, TypeError, AfsdError) as error:
+            log.warning("ignoring unreadable %s %s: %s", what, path, error)
+    return found

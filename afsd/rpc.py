@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import grpc
@@ -42,16 +42,20 @@ _STATUS_FOR_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
 ]
 
 
-def status_for(error: BaseException) -> grpc.StatusCode:
-    for kind, code in _STATUS_FOR_ERROR:
+# A service's own errors and their status codes, looked up before the common ones.
+StatusTable = Sequence[tuple[type[BaseException], grpc.StatusCode]]
+
+
+def status_for(error: BaseException, specific: StatusTable = ()) -> grpc.StatusCode:
+    for kind, code in [*specific, *_STATUS_FOR_ERROR]:
         if isinstance(error, kind):
             return code
     return grpc.StatusCode.INTERNAL
 
 
-async def abort_for(context: grpc.aio.ServicerContext, error: errors.AfsdError) -> None:
+async def abort_for(context: grpc.aio.ServicerContext, error: errors.AfsdError, specific: StatusTable = ()) -> None:
     """End the call with the status that fits `error` and its one-line message."""
-    await context.abort(status_for(error), str(error))
+    await context.abort(status_for(error, specific), str(error))
 
 
 # Calls a server runs at once; more are refused at once with RESOURCE_EXHAUSTED (a flood of idle streams

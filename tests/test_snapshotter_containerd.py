@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,19 +164,6 @@ def _log_lines(pod: cri.PodSandboxConfig, name: str) -> list[str]:
     return [line.split(" ", 3)[3] for line in path.read_text().splitlines() if line.count(" ") >= 3]
 
 
-async def _wait_for(predicate, what: str, timeout: float = DEADLINE):
-    started = time.monotonic()
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.2)
-
-
 async def _container_pid(node: Node, container_id: str) -> int:
     status = await node.cri.runtime.ContainerStatus(
         cri.ContainerStatusRequest(container_id=container_id, verbose=True), timeout=DEADLINE)
@@ -207,7 +193,7 @@ async def test_a_pod_starts_from_lazily_attached_layers_as_a_kubelet_drives_it(n
     pod = _pod_config(node, "lazy-pod")
     sandbox = await node.cri.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod), timeout=DEADLINE)
     app_id = await _start_container(node, sandbox.pod_sandbox_id, pod, "app", images.app.reference, APP_SCRIPT)
-    await _wait_for(lambda: "ready" in _log_lines(pod, "app"), "the container to print its output")
+    await cluster.wait_until(lambda: "ready" in _log_lines(pod, "app"), DEADLINE, "the container to print its output")
     assert _log_lines(pod, "app")[:len(EXPECTED_OUTPUT)] == EXPECTED_OUTPUT
 
     # No layer came from the registry: every layer snapshot is one afsd attached.
@@ -228,7 +214,8 @@ async def test_a_pod_starts_from_lazily_attached_layers_as_a_kubelet_drives_it(n
         # The node read only what the container touched: the unread 8 MiB stayed behind.
         async def filled_from_peer() -> float:
             return metric(await asyncio.to_thread(daemon_metrics, node.node), "afsd_fanotify_bytes_filled_peer_total")
-        filled = await _wait_for(filled_from_peer, "the node's /metrics to count the bytes read from the peer")
+        await cluster.wait_until(filled_from_peer, DEADLINE, "the node's /metrics to count bytes read from the peer")
+        filled = await filled_from_peer()
         leases = await _node_leases(node)
         total = sum(lease.size for lease in leases)
         assert len(leases) == 3 and filled < total - UNREAD_BYTES / 2, \
@@ -249,11 +236,12 @@ async def test_a_pod_starts_from_lazily_attached_layers_as_a_kubelet_drives_it(n
         await asyncio.to_thread(node.snapshotter.start)
         assert (await _container_pid(node, app_id)) == pid
         # containerd redials a proxy plugin with a backoff of up to 3 s (a kubelet would retry meanwhile).
-        await _wait_for(lambda: node.containerd.ctr("snapshots", "--snapshotter", "afsd", "ls").returncode == 0,
-                        "containerd to reach the restarted snapshotter")
+        def reaches_the_snapshotter() -> bool:
+            return node.containerd.ctr("snapshots", "--snapshotter", "afsd", "ls").returncode == 0
+        await cluster.wait_until(reaches_the_snapshotter, DEADLINE, "containerd to reach the restarted snapshotter")
         later_id = await _start_container(node, sandbox.pod_sandbox_id, pod, "later", images.app.reference,
                                           "cat /srv/app/extra.txt")
-        await _wait_for(lambda: _log_lines(pod, "later"), "the second container's output")
+        await cluster.wait_until(lambda: _log_lines(pod, "later"), DEADLINE, "the second container's output")
         assert _log_lines(pod, "later") == ["written by a layer that does not list /srv/app"]
         assert "read failed" not in _log_lines(pod, "app")
         assert (await _container_pid(node, app_id)) == pid
@@ -276,7 +264,8 @@ async def test_a_pod_starts_from_lazily_attached_layers_as_a_kubelet_drives_it(n
         listed = node.containerd.ctr("snapshots", "--snapshotter", "afsd", "ls")
         assert listed.returncode == 0 and listed.stdout.splitlines()[1:] == [], listed.stdout
         assert await _node_leases(node) == []
-        await _wait_for(lambda: node.containerd.leftovers() == [], "the pod's shim, mounts and cgroups to go")
+        await cluster.wait_until(lambda: node.containerd.leftovers() == [], DEADLINE,
+                                 "the pod's shim, mounts and cgroups to go")
         assert [p for p in mounted_paths() if p.startswith(f"{cluster.workdir}/")] == []
         assert list((snapshotter_root(node.snapshotter) / "snapshots").iterdir()) == []
     finally:
@@ -315,7 +304,8 @@ async def test_ctr_pull_and_run_without_cri_labels_take_containerds_own_unpack_p
         await snapshots.cleanup()
         assert await snapshots.list() == []
         assert list((snapshotter_root(node.snapshotter) / "snapshots").iterdir()) == []
-        await _wait_for(lambda: containerd.leftovers() == [], "the container's shim, mounts and cgroups to go")
+        await node.cluster.wait_until(lambda: containerd.leftovers() == [], DEADLINE,
+                                      "the container's shim, mounts and cgroups to go")
     finally:
         await snapshots.close()
 
@@ -333,7 +323,8 @@ async def test_layers_afsd_cannot_serve_are_unpacked_by_containerd_above_the_laz
         pod = _pod_config(node, "mixed-pod")
         sandbox = await node.cri.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod), timeout=DEADLINE)
         app_id = await _start_container(node, sandbox.pod_sandbox_id, pod, "app", images.app.reference, APP_SCRIPT)
-        await _wait_for(lambda: "ready" in _log_lines(pod, "app"), "the container to print its output")
+        await cluster.wait_until(lambda: "ready" in _log_lines(pod, "app"), DEADLINE,
+                                 "the container to print its output")
         assert _log_lines(pod, "app")[:len(EXPECTED_OUTPUT)] == EXPECTED_OUTPUT
 
         fetched = {e.uri.rsplit("/", 1)[-1] for e in cluster.registry.access_log()[registry_entries:]

@@ -14,18 +14,14 @@ about after a crash by their id prefix.
 
 from __future__ import annotations
 
-import json
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from afsd.errors import AfsdError
-from afsd.fsutil import write_json_atomically
+from afsd.fsutil import load_json_records, write_json_atomically
 from afsd.ondemand.spec import BlobSpec
-
-log = logging.getLogger(__name__)
 
 _LEASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
@@ -78,10 +74,4 @@ class LeaseBook:
         (self.directory / f"{check_lease_id(lease_id)}.json").unlink(missing_ok=True)
 
     def records(self) -> list[LeaseRecord]:
-        found = []
-        for path in sorted(self.directory.glob("*.json")):
-            try:
-                found.append(LeaseRecord.from_json(json.loads(path.read_text())))
-            except (OSError, ValueError, KeyError, TypeError, AfsdError) as error:
-                log.warning("ignoring unreadable lease record %s: %s", path, error)
-        return found
+        return load_json_records(self.directory, LeaseRecord.from_json, "lease record")

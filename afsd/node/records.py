@@ -9,17 +9,13 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from afsd.fsutil import write_json_atomically
+from afsd.fsutil import load_json_records, write_json_atomically
 from afsd.ondemand.spec import BlobSpec
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,13 +76,7 @@ class StateDir:
         (self.mounts / f"{record.mount_id}.json").unlink(missing_ok=True)
 
     def records(self) -> list[MountRecord]:
-        found = []
-        for path in sorted(self.mounts.glob("*.json")):
-            try:
-                found.append(MountRecord.from_json(json.loads(path.read_text())))
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                log.warning("ignoring unreadable mount record %s: %s", path, error)
-        return found
+        return load_json_records(self.mounts, MountRecord.from_json, "mount record")
 
 
 def mounted_paths() -> set[str]:

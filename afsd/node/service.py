@@ -15,9 +15,9 @@ from afsd.node.images import ImageUnavailableError
 from afsd.node.leases import LeaseRecord, LeaseRequestError
 from afsd.node.records import MountRecord
 from afsd.ondemand.base import BackendUnavailableError
-from afsd.rpc import status_for
+from afsd.rpc import StatusTable, abort_for
 
-_STATUS = [
+_STATUS: StatusTable = [
     (UnknownMountError, grpc.StatusCode.NOT_FOUND),
     (MountRequestError, grpc.StatusCode.FAILED_PRECONDITION),
     (LeaseRequestError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -29,8 +29,7 @@ _STATUS = [
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: AfsdError) -> None:
-    code = next((c for kind, c in _STATUS if isinstance(error, kind)), None) or status_for(error)
-    await context.abort(code, str(error))
+    await abort_for(context, error, _STATUS)
 
 
 class NodeService(pb_grpc.NodeServicer):

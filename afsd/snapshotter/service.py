@@ -8,7 +8,9 @@ bounded size, labels bounded as containerd bounds them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -17,7 +19,7 @@ from afsd.api import containerd_mount_pb2 as mpb
 from afsd.api import containerd_snapshots_pb2 as pb
 from afsd.api import containerd_snapshots_pb2_grpc as pb_grpc
 from afsd.errors import AfsdError
-from afsd.rpc import status_for
+from afsd.rpc import StatusTable, abort_for
 from afsd.snapshotter.filters import FilterSyntaxError
 from afsd.snapshotter.layout import MountSpec
 from afsd.snapshotter.lazy import NodeLayerError
@@ -34,7 +36,7 @@ from afsd.snapshotter.store import (
 MAX_NAME_BYTES = 4096
 LIST_BATCH = 100
 
-_STATUS = [
+_STATUS: StatusTable = [
     (SnapshotNotFoundError, grpc.StatusCode.NOT_FOUND),
     (SnapshotExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (SnapshotStateError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -67,74 +69,57 @@ def _info(snapshot: Snapshot) -> pb.Info:
                    labels=dict(snapshot.labels))
 
 
+def _translating_errors(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A unary handler whose AfsdErrors end the call with their status code and one-line message."""
+    @functools.wraps(handler)
+    async def translated(self: SnapshotsService, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except AfsdError as error:
+            await abort_for(context, error, _STATUS)
+    return translated
+
+
 class SnapshotsService(pb_grpc.SnapshotsServicer):
     def __init__(self, snapshotter: Snapshotter) -> None:
         self.snapshotter = snapshotter
 
-    async def _abort(self, context: grpc.aio.ServicerContext, error: AfsdError) -> None:
-        code = next((c for kind, c in _STATUS if isinstance(error, kind)), None) or status_for(error)
-        await context.abort(code, str(error))
-
+    @_translating_errors
     async def Prepare(self, request: pb.PrepareSnapshotRequest,
                       context: grpc.aio.ServicerContext) -> pb.PrepareSnapshotResponse:
-        try:
-            mounts = await self.snapshotter.prepare(_name(request.key, "key"),
-                                                    _name(request.parent, "parent", required=False),
-                                                    dict(request.labels))
-        except AfsdError as error:
-            await self._abort(context, error)
-            raise
+        mounts = await self.snapshotter.prepare(_name(request.key, "key"),
+                                                _name(request.parent, "parent", required=False), dict(request.labels))
         return pb.PrepareSnapshotResponse(mounts=_mounts(mounts))
 
+    @_translating_errors
     async def View(self, request: pb.ViewSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.ViewSnapshotResponse:
-        try:
-            mounts = await self.snapshotter.view(_name(request.key, "key"),
-                                                 _name(request.parent, "parent", required=False), dict(request.labels))
-        except AfsdError as error:
-            await self._abort(context, error)
-            raise
+        mounts = await self.snapshotter.view(_name(request.key, "key"), _name(request.parent, "parent", required=False),
+                                             dict(request.labels))
         return pb.ViewSnapshotResponse(mounts=_mounts(mounts))
 
+    @_translating_errors
     async def Mounts(self, request: pb.MountsRequest, context: grpc.aio.ServicerContext) -> pb.MountsResponse:
-        try:
-            mounts = await self.snapshotter.mounts(_name(request.key, "key"))
-        except AfsdError as error:
-            await self._abort(context, error)
-            raise
-        return pb.MountsResponse(mounts=_mounts(mounts))
+        return pb.MountsResponse(mounts=_mounts(await self.snapshotter.mounts(_name(request.key, "key"))))
 
+    @_translating_errors
     async def Commit(self, request: pb.CommitSnapshotRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        try:
-            await self.snapshotter.commit(_name(request.name, "name"), _name(request.key, "key"), dict(request.labels))
-        except AfsdError as error:
-            await self._abort(context, error)
-            raise
+        await self.snapshotter.commit(_name(request.name, "name"), _name(request.key, "key"), dict(request.labels))
         return empty_pb2.Empty()
 
+    @_translating_errors
     async def Remove(self, request: pb.RemoveSnapshotRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        try:
-            await self.snapshotter.remove(_name(request.key, "key"))
-        except AfsdError as error:
-            await self._abort(context, error)
-            raise
+        await self.snapshotter.remove(_name(request.key, "key"))
         return empty_pb2.Empty()
 
+    @_translating_errors
     async def Stat(self, request: pb.StatSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.StatSnapshotResponse:
-        try:
-            snapshot = await self.snapshotter.stat(_name(request.key, "key"))
-        except AfsdError as error:
-            await self._abort(context, error)
-            raise
-        return pb.StatSnapshotResponse(info=_info(snapshot))
+        return pb.StatSnapshotResponse(info=_info(await self.snapshotter.stat(_name(request.key, "key"))))
 
+    @_translating_errors
     async def Update(self, request: pb.UpdateSnapshotRequest,
                      context: grpc.aio.ServicerContext) -> pb.UpdateSnapshotResponse:
-        try:
-            snapshot = await self.snapshotter.update(_name(request.info.name, "name"), dict(request.info.labels),
-                                                     list(request.update_mask.paths))
-        except AfsdError as error:
-            await self._abort(context, error)
-            raise
+        snapshot = await self.snapshotter.update(_name(request.info.name, "name"), dict(request.info.labels),
+                                                 list(request.update_mask.paths))
         return pb.UpdateSnapshotResponse(info=_info(snapshot))
 
     async def List(self, request: pb.ListSnapshotsRequest,
@@ -142,23 +127,17 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         try:
             snapshots = await self.snapshotter.list(list(request.filters))
         except AfsdError as error:
-            await self._abort(context, error)
-            raise
+            await abort_for(context, error, _STATUS)
+            return
         for start in range(0, len(snapshots), LIST_BATCH):
             yield pb.ListSnapshotsResponse(info=[_info(s) for s in snapshots[start:start + LIST_BATCH]])
 
+    @_translating_errors
     async def Usage(self, request: pb.UsageRequest, context: grpc.aio.ServicerContext) -> pb.UsageResponse:
-        try:
-            size, inodes = await self.snapshotter.usage(_name(request.key, "key"))
-        except AfsdError as error:
-            await self._abort(context, error)
-            raise
+        size, inodes = await self.snapshotter.usage(_name(request.key, "key"))
         return pb.UsageResponse(size=size, inodes=inodes)
 
+    @_translating_errors
     async def Cleanup(self, request: pb.CleanupRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        try:
-            await self.snapshotter.cleanup()
-        except AfsdError as error:
-            await self._abort(context, error)
-            raise
+        await self.snapshotter.cleanup()
         return empty_pb2.Empty()
