@@ -264,6 +264,9 @@ async def test_a_pod_starts_from_lazily_attached_layers_as_a_kubelet_drives_it(n
         listed = node.containerd.ctr("snapshots", "--snapshotter", "afsd", "ls")
         assert listed.returncode == 0 and listed.stdout.splitlines()[1:] == [], listed.stdout
         assert await _node_leases(node) == []
+        containerd_leases = node.containerd.ctr("leases", "ls")
+        assert containerd_leases.returncode == 0 and containerd_leases.stdout.splitlines()[1:] == [], \
+            containerd_leases.stdout
         await cluster.wait_until(lambda: node.containerd.leftovers() == [], DEADLINE,
                                  "the pod's shim, mounts and cgroups to go")
         assert [p for p in mounted_paths() if p.startswith(f"{cluster.workdir}/")] == []
@@ -343,3 +346,7 @@ async def test_layers_afsd_cannot_serve_are_unpacked_by_containerd_above_the_laz
         differences = compare_trees(await asyncio.to_thread(_image_tree, f"/proc/{pid}/root/"),
                                     await asyncio.to_thread(_image_tree, expected), labels=("container", "umoci"))
         assert differences == [], format_differences(differences, ("container", "umoci"))
+        await node.cri.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=sandbox.pod_sandbox_id),
+                                              timeout=DEADLINE)
+        await node.cri.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox.pod_sandbox_id),
+                                                timeout=DEADLINE)

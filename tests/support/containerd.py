@@ -14,6 +14,7 @@ containerd socket. `SnapshotsClient` talks to the afsd snapshotter directly (wha
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
@@ -134,9 +135,10 @@ class Containerd:
     def stop(self) -> None:
         """Stop containerd and remove by force what it leaves behind by design (shims, containers,
         rootfs and shm mounts, cgroups), then its home."""
-        for pid in self._shims():
+        for pid, argv in self._shims().items():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+            _shim_socket(argv).unlink(missing_ok=True)   # a shim removes it itself only when it exits
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -164,9 +166,9 @@ class Containerd:
     def _mounts(self) -> list[str]:
         return sorted((p for p in mounted_paths() if p.startswith(f"{self.home}/")), key=len, reverse=True)
 
-    def _shims(self) -> list[int]:
-        """containerd-shim-runc-v2 processes of this containerd (they outlive it by design)."""
-        found = []
+    def _shims(self) -> dict[int, list[bytes]]:
+        """containerd-shim-runc-v2 processes of this containerd (they outlive it by design): pid -> argv."""
+        found = {}
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
@@ -175,8 +177,17 @@ class Containerd:
             except OSError:
                 continue
             if argv and argv[0].endswith(b"containerd-shim-runc-v2") and os.fsencode(self.address) in argv:
-                found.append(int(proc.name))
+                found[int(proc.name)] = argv
         return found
+
+
+def _shim_socket(argv: list[bytes]) -> Path:
+    """Where a shim listens: /run/containerd/s/<sha256 of address/namespace/id> (containerd's
+    runtime/v2/shim.SocketAddress)."""
+    def flag(name: bytes) -> str:
+        return os.fsdecode(argv[argv.index(name) + 1]) if name in argv else ""
+    key = os.path.join(flag(b"-address"), flag(b"-namespace"), flag(b"-id"))
+    return Path("/run/containerd/s") / hashlib.sha256(key.encode()).hexdigest()
 
 
 def start_containerd(*, snapshotter_socket: Path, registry: str, sandbox_image: str) -> Containerd:
