@@ -19,7 +19,8 @@ from afsd.api import containerd_snapshots_pb2 as pb
 from afsd.lab.daemons import Daemon
 from afsd.node.records import mounted_paths
 from afsd.snapshotter.lazy import IMAGE_REF_LABEL, LAYER_DIGEST_LABEL, TARGET_LABEL
-from tests.support.containerd import SNAPSHOTTER, SnapshotsClient, snapshotter_daemon, snapshotter_root
+from afsd.lab.containerd import SNAPSHOTTER, snapshotter_daemon, snapshotter_root
+from tests.support.containerd import SnapshotsClient
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,14 @@ from afsd.api import cri_runtime_pb2 as cri
 from afsd.api import node_pb2 as npb
 from afsd.api import node_pb2_grpc as npb_grpc
 from afsd.lab.catalogue import busybox_rootfs, seeded_bytes
+from afsd.lab.containerd import (
+    Containerd,
+    CriClient,
+    container_output,
+    snapshotter_daemon,
+    snapshotter_root,
+    start_containerd,
+)
 from afsd.lab.daemons import Daemon, stop_node_daemon
 from afsd.lab.layers import Entry, LayerSpec, entries_from_directory
 from afsd.lab.oci_layout import ImageSpec, write_oci_layout
@@ -29,14 +36,7 @@ from afsd.lab.skopeo import PushedImage, push_layout
 from afsd.node.records import mounted_paths
 from afsd.snapshotter.lazy import LAZY_LAYER_LABEL
 from tests.support.cluster import LocalCluster
-from tests.support.containerd import (
-    Containerd,
-    CriClient,
-    SnapshotsClient,
-    snapshotter_daemon,
-    snapshotter_root,
-    start_containerd,
-)
+from tests.support.containerd import SnapshotsClient
 from tests.support.metrics import daemon_metrics, metric
 from tests.support.treecompare import compare_trees, format_differences, snapshot
 from tests.support.umoci import umoci_rootfs
@@ -132,43 +132,12 @@ async def node(cluster: LocalCluster) -> AsyncIterator[Node]:
         yield stack
 
 
-def _pod_config(node: Node, name: str) -> cri.PodSandboxConfig:
-    logs = node.cluster.workdir / "pod-logs" / name
-    logs.mkdir(parents=True, exist_ok=True)
-    return cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name=name, uid=f"{name}-{node.containerd.token}", namespace="default"),
-        log_directory=str(logs),   # no hostname: a host-network pod has the node's (kubelet sends none)
-        linux=cri.LinuxPodSandboxConfig(
-            cgroup_parent=node.containerd.cgroup_parent,
-            security_context=cri.LinuxSandboxSecurityContext(
-                namespace_options=cri.NamespaceOption(network=cri.NODE))))
+def _pod(node: Node, name: str) -> cri.PodSandboxConfig:
+    return node.cri.pod_config(name, node.cluster.workdir / "pod-logs" / name)
 
 
-async def _start_container(node: Node, pod_id: str, pod: cri.PodSandboxConfig, name: str,
-                           image: str, script: str) -> str:
-    config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=image),
-                                 command=["/bin/sh", "-c", script], log_path=f"{name}.log",
-                                 linux=cri.LinuxContainerConfig())
-    created = await node.cri.runtime.CreateContainer(
-        cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod), timeout=DEADLINE)
-    await node.cri.runtime.StartContainer(cri.StartContainerRequest(container_id=created.container_id),
-                                          timeout=DEADLINE)
-    return created.container_id
-
-
-def _log_lines(pod: cri.PodSandboxConfig, name: str) -> list[str]:
-    """The container's output from its CRI log file (`<time> <stream> <tag> <line>`), as kubectl logs shows it."""
-    path = Path(pod.log_directory) / f"{name}.log"
-    if not path.exists():
-        return []
-    return [line.split(" ", 3)[3] for line in path.read_text().splitlines() if line.count(" ") >= 3]
-
-
-async def _container_pid(node: Node, container_id: str) -> int:
-    status = await node.cri.runtime.ContainerStatus(
-        cri.ContainerStatusRequest(container_id=container_id, verbose=True), timeout=DEADLINE)
-    assert status.status.state == cri.CONTAINER_RUNNING, status.status
-    return int(json.loads(status.info["info"])["pid"])
+def _app_command(script: str = APP_SCRIPT) -> list[str]:
+    return ["/bin/sh", "-c", script]
 
 
 async def _node_leases(node: Node) -> list[npb.LayerLease]:
@@ -183,18 +152,28 @@ def _image_tree(root: Path | str) -> dict:
             if not any(path == p or path.startswith(p + "/") for p in RUNTIME_PATHS)}
 
 
+async def _check_rootfs_is_umocis(node: Node, pid: int) -> None:
+    """The container's root filesystem (seen through its init's /proc/PID/root) is the app image as
+    `umoci unpack` makes it."""
+    image = node.images.app
+    expected = await asyncio.to_thread(umoci_rootfs, image, image.platforms[0], node.cluster.workdir / "umoci")
+    differences = compare_trees(await asyncio.to_thread(_image_tree, f"/proc/{pid}/root/"),   # the slash: the
+                                await asyncio.to_thread(_image_tree, expected),              # root, not the link
+                                labels=("container", "umoci"))
+    assert differences == [], format_differences(differences, ("container", "umoci"))
+
+
 async def test_a_pod_starts_from_lazily_attached_layers_as_a_kubelet_drives_it(node: Node) -> None:
     cluster, images = node.cluster, node.images
     blob_gets_before = len(cluster.registry.access_log())
 
-    pulled = await node.cri.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images.app.reference)),
-                                             timeout=DEADLINE)
-    assert pulled.image_ref.startswith("sha256:")
-    pod = _pod_config(node, "lazy-pod")
-    sandbox = await node.cri.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod), timeout=DEADLINE)
-    app_id = await _start_container(node, sandbox.pod_sandbox_id, pod, "app", images.app.reference, APP_SCRIPT)
-    await cluster.wait_until(lambda: "ready" in _log_lines(pod, "app"), DEADLINE, "the container to print its output")
-    assert _log_lines(pod, "app")[:len(EXPECTED_OUTPUT)] == EXPECTED_OUTPUT
+    assert (await node.cri.pull(images.app.reference)).startswith("sha256:")
+    pod = _pod(node, "lazy-pod")
+    pod_id = await node.cri.run_pod(pod)
+    app_id = await node.cri.start_container(pod_id, pod, "app", images.app.reference, _app_command())
+    await cluster.wait_until(lambda: "ready" in container_output(pod, "app"), DEADLINE,
+                             "the container to print its output")
+    assert container_output(pod, "app")[:len(EXPECTED_OUTPUT)] == EXPECTED_OUTPUT
 
     # No layer came from the registry: every layer snapshot is one afsd attached.
     layer_gets = [e for e in cluster.registry.access_log()[blob_gets_before:]
@@ -221,44 +200,29 @@ async def test_a_pod_starts_from_lazily_attached_layers_as_a_kubelet_drives_it(n
         assert len(leases) == 3 and filled < total - UNREAD_BYTES / 2, \
             f"{filled:.0f} of {total} bytes read from the peer"
 
-        # The container's root filesystem is the image as umoci unpacks it.
-        pid = await _container_pid(node, app_id)
-        expected = await asyncio.to_thread(umoci_rootfs, images.app, images.app.platforms[0],
-                                           cluster.workdir / "umoci")
-        differences = compare_trees(await asyncio.to_thread(_image_tree, f"/proc/{pid}/root/"),
-                                    await asyncio.to_thread(_image_tree, expected),
-                                    labels=("container", "umoci"))
-        assert differences == [], format_differences(differences, ("container", "umoci"))
+        pid = await node.cri.running_pid(app_id)
+        await _check_rootfs_is_umocis(node, pid)
 
         # A snapshotter that crashes and comes back leaves the running container alone, and serves
         # containerd again: a second container of the pod starts from the same lazy layers.
         node.snapshotter.kill()
         await asyncio.to_thread(node.snapshotter.start)
-        assert (await _container_pid(node, app_id)) == pid
+        assert (await node.cri.running_pid(app_id)) == pid
         # containerd redials a proxy plugin with a backoff of up to 3 s (a kubelet would retry meanwhile).
         def reaches_the_snapshotter() -> bool:
             return node.containerd.ctr("snapshots", "--snapshotter", "afsd", "ls").returncode == 0
         await cluster.wait_until(reaches_the_snapshotter, DEADLINE, "containerd to reach the restarted snapshotter")
-        later_id = await _start_container(node, sandbox.pod_sandbox_id, pod, "later", images.app.reference,
-                                          "cat /srv/app/extra.txt")
-        await cluster.wait_until(lambda: _log_lines(pod, "later"), DEADLINE, "the second container's output")
-        assert _log_lines(pod, "later") == ["written by a layer that does not list /srv/app"]
-        assert "read failed" not in _log_lines(pod, "app")
-        assert (await _container_pid(node, app_id)) == pid
+        later_id = await node.cri.start_container(pod_id, pod, "later", images.app.reference,
+                                                  _app_command("cat /srv/app/extra.txt"))
+        await cluster.wait_until(lambda: container_output(pod, "later"), DEADLINE, "the second container's output")
+        assert container_output(pod, "later") == ["written by a layer that does not list /srv/app"]
+        assert "read failed" not in container_output(pod, "app")
+        assert (await node.cri.running_pid(app_id)) == pid
 
         # Removing the pod and its images, then Cleanup, leaves no snapshot, mount or lease behind.
-        runtime = node.cri.runtime
-        for container_id in (app_id, later_id):   # a kubelet stops a container before removing it
-            await runtime.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0),
-                                        timeout=DEADLINE)
-            await runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id), timeout=DEADLINE)
-        await runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=sandbox.pod_sandbox_id),
-                                     timeout=DEADLINE)
-        await runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox.pod_sandbox_id),
-                                       timeout=DEADLINE)
+        await node.cri.remove_pod(pod_id, [app_id, later_id])
         for image in (images.app, images.pause):
-            await node.cri.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=image.reference)),
-                                              timeout=DEADLINE)
+            await node.cri.remove_image(image.reference)
         await snapshots.cleanup()
         assert await snapshots.list() == []
         listed = node.containerd.ctr("snapshots", "--snapshotter", "afsd", "ls")
@@ -321,14 +285,13 @@ async def test_layers_afsd_cannot_serve_are_unpacked_by_containerd_above_the_laz
         images = node.images
         base, *uppers = [layer.digest for layer in images.app.manifests[0].layers]
         registry_entries = len(cluster.registry.access_log())
-        await node.cri.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=images.app.reference)),
-                                        timeout=DEADLINE)
-        pod = _pod_config(node, "mixed-pod")
-        sandbox = await node.cri.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod), timeout=DEADLINE)
-        app_id = await _start_container(node, sandbox.pod_sandbox_id, pod, "app", images.app.reference, APP_SCRIPT)
-        await cluster.wait_until(lambda: "ready" in _log_lines(pod, "app"), DEADLINE,
+        await node.cri.pull(images.app.reference)
+        pod = _pod(node, "mixed-pod")
+        pod_id = await node.cri.run_pod(pod)
+        app_id = await node.cri.start_container(pod_id, pod, "app", images.app.reference, _app_command())
+        await cluster.wait_until(lambda: "ready" in container_output(pod, "app"), DEADLINE,
                                  "the container to print its output")
-        assert _log_lines(pod, "app")[:len(EXPECTED_OUTPUT)] == EXPECTED_OUTPUT
+        assert container_output(pod, "app")[:len(EXPECTED_OUTPUT)] == EXPECTED_OUTPUT
 
         fetched = {e.uri.rsplit("/", 1)[-1] for e in cluster.registry.access_log()[registry_entries:]
                    if "/blobs/" in e.uri and e.method == "GET"}
@@ -341,12 +304,5 @@ async def test_layers_afsd_cannot_serve_are_unpacked_by_containerd_above_the_laz
         kinds = sorted(info.labels.get(LAZY_LAYER_LABEL, "plain") for info in committed)
         assert kinds == sorted([base, "plain", "plain"]), kinds
 
-        pid = await _container_pid(node, app_id)
-        expected = await asyncio.to_thread(umoci_rootfs, images.app, images.app.platforms[0], cluster.workdir / "umoci")
-        differences = compare_trees(await asyncio.to_thread(_image_tree, f"/proc/{pid}/root/"),
-                                    await asyncio.to_thread(_image_tree, expected), labels=("container", "umoci"))
-        assert differences == [], format_differences(differences, ("container", "umoci"))
-        await node.cri.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=sandbox.pod_sandbox_id),
-                                              timeout=DEADLINE)
-        await node.cri.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox.pod_sandbox_id),
-                                                timeout=DEADLINE)
+        await _check_rootfs_is_umocis(node, await node.cri.running_pid(app_id))
+        await node.cri.remove_pod(pod_id, [app_id])
