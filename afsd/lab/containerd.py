@@ -15,6 +15,7 @@ containerd socket. `snapshotter_daemon` launches `afsd snapshotter` like the oth
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -300,14 +301,32 @@ class CriClient:
         return int(json.loads(status.info["info"])["pid"])
 
     async def remove_pod(self, pod_id: str, container_ids: list[str]) -> None:
-        """Stop and remove the containers, then the pod, in a kubelet's order."""
+        """Stop and remove the containers, then the pod, in a kubelet's order: a container is removed
+        once its status says it exited (the CRI plugin learns of an exit asynchronously)."""
         for container_id in container_ids:
-            await self.runtime.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0),
-                                             timeout=CALL_TIMEOUT)
+            deadline = time.monotonic() + CALL_TIMEOUT
+            while (state := await self._state(container_id)) != cri.CONTAINER_EXITED:
+                try:
+                    if state == cri.CONTAINER_RUNNING:
+                        await self.runtime.StopContainer(
+                            cri.StopContainerRequest(container_id=container_id, timeout=0), timeout=CALL_TIMEOUT)
+                except grpc.aio.AioRpcError:
+                    # A container that exits as it is stopped can make the kill fail ("ttrpc: closed");
+                    # a kubelet tries again on its next sync, and so do we, until the deadline.
+                    if time.monotonic() > deadline:
+                        raise
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"container {container_id} did not exit within {CALL_TIMEOUT:g}s")
+                await asyncio.sleep(0.1)
             await self.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id),
                                                timeout=CALL_TIMEOUT)
         await self.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=CALL_TIMEOUT)
         await self.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=CALL_TIMEOUT)
+
+    async def _state(self, container_id: str) -> int:
+        status = await self.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id),
+                                                    timeout=CALL_TIMEOUT)
+        return status.status.state
 
     async def remove_image(self, image: str) -> None:
         await self.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=image)), timeout=CALL_TIMEOUT)
