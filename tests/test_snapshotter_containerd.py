@@ -132,12 +132,21 @@ async def node(cluster: LocalCluster) -> AsyncIterator[Node]:
         yield stack
 
 
-def _pod(node: Node, name: str) -> cri.PodSandboxConfig:
-    return node.cri.pod_config(name, node.cluster.workdir / "pod-logs" / name)
-
-
 def _app_command(script: str = APP_SCRIPT) -> list[str]:
     return ["/bin/sh", "-c", script]
+
+
+async def _run_app_pod(node: Node, name: str) -> tuple[cri.PodSandboxConfig, str, str]:
+    """Pull the app image, run a pod and the app container, as a kubelet does, and check its output:
+    (pod config, pod id, app container id)."""
+    assert (await node.cri.pull(node.images.app.reference)).startswith("sha256:")
+    pod = node.cri.pod_config(name, node.cluster.workdir / "pod-logs" / name)
+    pod_id = await node.cri.run_pod(pod)
+    app_id = await node.cri.start_container(pod_id, pod, "app", node.images.app.reference, _app_command())
+    await node.cluster.wait_until(lambda: "ready" in container_output(pod, "app"), DEADLINE,
+                                  "the container to print its output")
+    assert container_output(pod, "app")[:len(EXPECTED_OUTPUT)] == EXPECTED_OUTPUT
+    return pod, pod_id, app_id
 
 
 async def _node_leases(node: Node) -> list[npb.LayerLease]:
@@ -167,13 +176,7 @@ async def test_a_pod_starts_from_lazily_attached_layers_as_a_kubelet_drives_it(n
     cluster, images = node.cluster, node.images
     blob_gets_before = len(cluster.registry.access_log())
 
-    assert (await node.cri.pull(images.app.reference)).startswith("sha256:")
-    pod = _pod(node, "lazy-pod")
-    pod_id = await node.cri.run_pod(pod)
-    app_id = await node.cri.start_container(pod_id, pod, "app", images.app.reference, _app_command())
-    await cluster.wait_until(lambda: "ready" in container_output(pod, "app"), DEADLINE,
-                             "the container to print its output")
-    assert container_output(pod, "app")[:len(EXPECTED_OUTPUT)] == EXPECTED_OUTPUT
+    pod, pod_id, app_id = await _run_app_pod(node, "lazy-pod")
 
     # No layer came from the registry: every layer snapshot is one afsd attached.
     layer_gets = [e for e in cluster.registry.access_log()[blob_gets_before:]
@@ -285,13 +288,7 @@ async def test_layers_afsd_cannot_serve_are_unpacked_by_containerd_above_the_laz
         images = node.images
         base, *uppers = [layer.digest for layer in images.app.manifests[0].layers]
         registry_entries = len(cluster.registry.access_log())
-        await node.cri.pull(images.app.reference)
-        pod = _pod(node, "mixed-pod")
-        pod_id = await node.cri.run_pod(pod)
-        app_id = await node.cri.start_container(pod_id, pod, "app", images.app.reference, _app_command())
-        await cluster.wait_until(lambda: "ready" in container_output(pod, "app"), DEADLINE,
-                                 "the container to print its output")
-        assert container_output(pod, "app")[:len(EXPECTED_OUTPUT)] == EXPECTED_OUTPUT
+        _, pod_id, app_id = await _run_app_pod(node, "mixed-pod")
 
         fetched = {e.uri.rsplit("/", 1)[-1] for e in cluster.registry.access_log()[registry_entries:]
                    if "/blobs/" in e.uri and e.method == "GET"}
