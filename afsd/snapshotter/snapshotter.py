@@ -93,6 +93,9 @@ class Snapshotter:
                 snapshot = await self._prepare_lazily(key, parent, labels, target, source)
                 return await self._mounts(snapshot, new=True)
         if target:
+            if source is None:
+                log.info("layer %s comes without the CRI plugin's image labels (not a CRI pull, or containerd's "
+                         "disable_snapshot_annotations is true): containerd unpacks it", target)
             LAYERS_PREPARED.labels("fallback").inc()
         snapshot = await self._create(Kind.ACTIVE, key, parent, labels)
         return await self._mounts(snapshot, new=True)
@@ -120,8 +123,8 @@ class Snapshotter:
         try:
             lease = await self.node.attach(lazy.lease_id, source)
         except NodeLayerError as error:
-            log.info("layer %s of %s is not served lazily (%s): containerd unpacks it", source.layer_digest,
-                     source.image, error)
+            log.warning("layer %s of %s is not served lazily (%s): containerd unpacks it", source.layer_digest,
+                        source.image, error)
             await asyncio.to_thread(self._store.drop_lazy, snapshot.id)
             await self._release_quietly(lazy.lease_id)   # the attach may have completed after all
             LAYERS_PREPARED.labels("fallback").inc()
