@@ -14,6 +14,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -104,11 +105,19 @@ def push_single_file_image(registry_address: str, workdir: Path, name: str, cont
 
     The OCI layout is written under `workdir` and removed after the push (the registry keeps a copy).
     """
+    return push_files_image(registry_address, workdir, name, {f"data/{name}.bin": content}, compression)
+
+
+def push_files_image(registry_address: str, workdir: Path, name: str, files: dict[str, Path],
+                     compression: str = "none") -> tuple[str, int]:
+    """Push an image of one layer holding `files` (path in the image -> file with its content) as
+    `bench/<name>:v1`; returns (reference, layer bytes)."""
     from afsd.lab.layers import Entry, LayerSpec
     from afsd.lab.oci_layout import ImageSpec, write_oci_layout
     from afsd.lab.skopeo import push_layout
 
-    layer = LayerSpec((Entry(f"data/{name}.bin", "file", source=content),), compression)  # type: ignore[arg-type]
+    entries = tuple(Entry(path, "file", source=source) for path, source in files.items())  # type: ignore[arg-type]
+    layer = LayerSpec(entries, compression)  # type: ignore[arg-type]
     layout_dir = workdir / f"layout-{name}"
     try:
         layout = write_oci_layout(layout_dir, "v1", ImageSpec((layer,)))
@@ -117,6 +126,22 @@ def push_single_file_image(registry_address: str, workdir: Path, name: str, cont
     finally:
         shutil.rmtree(layout_dir, ignore_errors=True)
     return pushed.reference, layer_size
+
+
+def drop_caches() -> None:
+    """Write back dirty pages and drop the page cache (root): the next read of any file comes from disk
+    or, on a lazily filled mount, from its providers."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def read_all(path: Path, block: int = 4 * MIB) -> tuple[float, int]:
+    """(seconds, bytes) of reading `path` start to end in `block`-sized reads."""
+    started, total = time.perf_counter(), 0
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(block):
+            total += len(chunk)
+    return time.perf_counter() - started, total
 
 
 def run_quiet(argv: Sequence[str]) -> None:

@@ -43,23 +43,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from _common import MIB, exit_on_sigterm, machine_facts, percentile, print_table, require, write_json
+from _execute import ExecuteTiming, execute
 
 from afsd.afslet import bundle, cgroups
 from afsd.afslet.extra_files import add_mount_stubs
 from afsd.afslet.users import resolve_user
-from afsd.api import afslet_pb2, afslet_pb2_grpc
+from afsd.api import afslet_pb2_grpc
 from afsd.api import discovery_pb2 as dpb
 from afsd.api import discovery_pb2_grpc as dgrpc
 from afsd.api import layerstore_pb2 as lpb
@@ -85,8 +84,6 @@ from tests.support.cluster import unmount_everything_under
 COMMAND = ["/bin/true"]
 CPU_CORES, MEMORY_MB, PIDS_LIMIT = 1, 256, 4096   # the request's share; afsd let's default pids limit
 WARM_UP_CALLS = 5
-TIMING_LINE = re.compile(r"phase=(\w+) ms=([0-9.]+)")
-MOUNT_LINE = re.compile(r"backend (\w+), (\d+) of (\d+) bytes on this node")
 PHASES = ("admission", "receive", "resolve", "mount", "start", "run", "upload", "teardown", "total")
 PROVIDER_TIMEOUT = 60.0
 
@@ -149,37 +146,9 @@ def wait_for_provider(discovery: Daemon, node_id: str, digests: Sequence[str], t
 # -- Execute through the afslet -----------------------------------------------------------------------
 
 
-@dataclass
-class ExecuteTiming:
-    milliseconds: float                       # first frame sent to `done` received, client side
-    phases: dict[str, float] = field(default_factory=dict)   # the afslet's timing frames, ms
-    backend: str = ""
-    bytes_on_node_at_mount: int = 0
-    bytes_total: int = 0
-
-
 def execute_true(stub: afslet_pb2_grpc.AfsletStub, image: str) -> ExecuteTiming:
     """One Execute of /bin/true: start frame, half-close, read until `done`; RuntimeError unless exit 0."""
-    start = afslet_pb2.StartRequest(image=image, command=COMMAND, cpu_cores=CPU_CORES, memory_mb=MEMORY_MB,
-                                    timeout_ms=60_000)
-    timing = ExecuteTiming(0.0)
-    result: afslet_pb2.Result | None = None
-    started = time.perf_counter()
-    for response in stub.Execute(iter([afslet_pb2.ExecuteRequest(start=start)]), timeout=600):
-        kind = response.WhichOneof("payload")
-        if kind == "done":
-            timing.milliseconds = (time.perf_counter() - started) * 1000
-        elif kind == "result":
-            result = response.result
-        elif kind == "log" and response.log.source == "timing":
-            if match := TIMING_LINE.search(response.log.message):
-                timing.phases[match[1]] = float(match[2])
-        elif kind == "log" and response.log.source == "mount" and (match := MOUNT_LINE.search(response.log.message)):
-            timing.backend = match[1]
-            timing.bytes_on_node_at_mount, timing.bytes_total = int(match[2]), int(match[3])
-    if result is None or result.exit_code != 0 or not timing.milliseconds:
-        raise RuntimeError(f"Execute of /bin/true in {image} did not succeed: {result}")
-    return timing
+    return execute(stub, image, COMMAND, cpu_cores=CPU_CORES, memory_mb=MEMORY_MB)
 
 
 # -- the floor: runc run of the same rootfs, mounted once ---------------------------------------------

@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -56,6 +58,8 @@ MIB = 1 << 20
 PAGE = 4096
 DEFAULT_SIZE_MIB = 256
 DEFAULT_RUNS = 3
+QUICK_SIZE_MIB = 64
+QUICK_RUNS = 2
 RANDOM_READS = 1500
 
 
@@ -239,11 +243,20 @@ def run(size_mib: int, runs: int, work_root: Path | None = None) -> dict[str, An
     return report
 
 
-def test_fscache_benchmark(tmp_path: Path) -> None:
-    """The VM's entry point (scripts/vm-test.sh bench/fscache_bench.py -s): the defaults, on its ext4 disk."""
-    report = run(DEFAULT_SIZE_MIB, DEFAULT_RUNS, tmp_path)
-    assert report["sequential"]["read_requests_when_warm"] == [0] * DEFAULT_RUNS
+@pytest.mark.parametrize("size_mib, runs", [pytest.param(DEFAULT_SIZE_MIB, DEFAULT_RUNS, id="full"),
+                                             pytest.param(QUICK_SIZE_MIB, QUICK_RUNS, id="quick")])
+def test_fscache_benchmark(tmp_path: Path, size_mib: int, runs: int) -> None:
+    """The VM's entry points (scripts/vm-test.sh 'bench/fscache_bench.py::test_fscache_benchmark[full]' -s), on
+    its ext4 disk: `full` the defaults, `quick` a smaller run (bench/datapath's --quick)."""
+    report = run(size_mib, runs, tmp_path)
+    assert report["sequential"]["read_requests_when_warm"] == [0] * runs
     assert all(case["requests"] == case["reads"] for name, case in report["random"].items() if "fscache" in name)
+
+
+def vm_pytest_args(case: str) -> list[str]:
+    """What scripts/vm-test.sh runs in the VM for one case of `test_fscache_benchmark` (full or quick)."""
+    return [f"bench/fscache_bench.py::test_fscache_benchmark[{case}]", "-q", "-s", "-p", "no:cacheprovider",
+            "--color=no"]
 
 
 def main() -> int:
@@ -255,8 +268,7 @@ def main() -> int:
     if not os.path.exists("/dev/cachefiles"):
         if (args.size_mib, args.runs, args.json) != (DEFAULT_SIZE_MIB, DEFAULT_RUNS, None):
             sys.exit("this kernel has no /dev/cachefiles: run without options to benchmark the defaults in the lab VM")
-        os.execv(str(REPO / "scripts" / "vm-test.sh"), [str(REPO / "scripts" / "vm-test.sh"), "bench/fscache_bench.py",
-                                                        "-q", "-s", "-p", "no:cacheprovider", "--color=no"])
+        os.execv(str(REPO / "scripts" / "vm-test.sh"), [str(REPO / "scripts" / "vm-test.sh"), *vm_pytest_args("full")])
     report = run(args.size_mib, args.runs)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

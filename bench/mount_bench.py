@@ -30,11 +30,13 @@ from pathlib import Path
 
 from _common import (
     MIB,
+    drop_caches,
     exit_on_sigterm,
     machine_facts,
     median,
     print_table,
     push_single_file_image,
+    read_all,
     write_json,
     write_random_file,
 )
@@ -44,19 +46,6 @@ from afsd.api import layerstore_pb2_grpc as lgrpc
 from afsd.erofs.mount import mount_erofs, unmount
 from afsd.lab.daemons import Daemon, discovery_daemon, layerstore_daemon, node_daemon, start_all, stop_node_daemon
 from afsd.lab.registry import start_registry
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def read_all(path: Path) -> tuple[float, int]:
-    started, total = time.perf_counter(), 0
-    with open(path, "rb", buffering=0) as handle:
-        while chunk := handle.read(4 * MIB):
-            total += len(chunk)
-    return time.perf_counter() - started, total
 
 
 def afsd(*args: str) -> subprocess.CompletedProcess[str]:

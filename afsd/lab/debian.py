@@ -53,11 +53,12 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _debootstrap(rootfs: Path, suite: str, variant: str, mirror: str) -> None:
+def _debootstrap(rootfs: Path, suite: str, variant: str, mirror: str, include: tuple[str, ...] = ()) -> None:
     binary = shutil.which("debootstrap")
     if binary is None:
         raise MissingToolError("debootstrap is not installed; run scripts/setup.sh (Debian package debootstrap)")
-    result = subprocess.run([binary, f"--variant={variant}", suite, str(rootfs), mirror],
+    packages = [f"--include={','.join(include)}"] if include else []
+    result = subprocess.run([binary, f"--variant={variant}", *packages, suite, str(rootfs), mirror],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False)
     if result.returncode != 0:
         tail = result.stdout.decode(errors="replace").strip().splitlines()[-3:]
@@ -143,8 +144,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def debian_layout(cache_root: Path | None = None, *, suite: str = "bookworm", variant: str = "minbase",
-                  mirror: str = DEBIAN_MIRROR, allow_fallback: bool = True) -> CachedImage:
+                  mirror: str = DEBIAN_MIRROR, allow_fallback: bool = True,
+                  include: tuple[str, ...] = ()) -> CachedImage:
     """The Debian test image as an OCI layout, built on first use and cached.
+
+    `include`: extra packages debootstrap installs (e.g. `("python3",)` for a realistic task image);
+    each set of packages is a cache entry of its own, and is never replaced by the busybox fallback.
 
     The cache entry is `<cache_root>/<key>` where the key hashes suite, variant, mirror and
     `DEBIAN_BUILDER_VERSION`; it is built in a `.partial-<key>-<pid>` directory and renamed into
@@ -153,7 +158,10 @@ def debian_layout(cache_root: Path | None = None, *, suite: str = "bookworm", va
     is set, a busybox-static root filesystem stands in (`CachedImage.source` says which).
     """
     cache_root = cache_root or image_cache_root()
-    key_doc = {"suite": suite, "variant": variant, "mirror": mirror, "builder": DEBIAN_BUILDER_VERSION}
+    key_doc: dict[str, object] = {"suite": suite, "variant": variant, "mirror": mirror,
+                                  "builder": DEBIAN_BUILDER_VERSION}
+    if include:
+        key_doc["include"] = sorted(include)   # absent otherwise: the plain image keeps its cache key
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:32]
     final = cache_root / key
     if (final / "image.json").exists():
@@ -173,9 +181,9 @@ def debian_layout(cache_root: Path | None = None, *, suite: str = "bookworm", va
         rootfs = work / "rootfs"
         source, reason = "debootstrap", ""
         try:
-            _debootstrap(rootfs, suite, variant, mirror)
+            _debootstrap(rootfs, suite, variant, mirror, tuple(sorted(include)))
         except ImageBuildError as error:
-            if not allow_fallback:
+            if not allow_fallback or include:
                 raise
             source, reason = "busybox-static", str(error)
             remove_tree(rootfs)
