@@ -180,7 +180,8 @@ def _tls_context_pair() -> tuple[ssl.SSLContext, ssl.SSLContext] | None:
 
 def _raw_tcp(path: Path, size: int, *, verify: BlobSpec | None, streams: int = 1, tls: bool = False) -> Sample:
     """`streams` connections each carrying an equal share of the file (whole chunks), sent with sendfile
-    (TLS: pread + sendall), received with recv_into; with `verify`, every chunk hashed as it completes."""
+    (TLS: pread + sendall), received with recv_into into one reusable buffer; with `verify`, every chunk
+    hashed as it completes."""
     chunk = verify.chunk_size if verify else MIB
     chunks = -(-size // chunk)
     bounds = [(i * chunks // streams * chunk, min(size, (i + 1) * chunks // streams * chunk)) for i in range(streams)]
@@ -189,14 +190,13 @@ def _raw_tcp(path: Path, size: int, *, verify: BlobSpec | None, streams: int = 1
     port = listener.getsockname()[1]
 
     def serve() -> None:
-        with open(path, "rb") as source:
-            threads = []
-            for start, end in bounds:
-                conn, _ = listener.accept()
-                threads.append(threading.Thread(target=_send, args=(conn, source, start, end, contexts)))
-                threads[-1].start()
-            for thread in threads:
-                thread.join()
+        threads = []
+        for _ in bounds:
+            conn, _ = listener.accept()
+            threads.append(threading.Thread(target=_send, args=(conn, path, contexts)))
+            threads[-1].start()
+        for thread in threads:
+            thread.join()
 
     server = threading.Thread(target=serve)
     server.start()
@@ -216,18 +216,26 @@ def _raw_tcp(path: Path, size: int, *, verify: BlobSpec | None, streams: int = 1
     return Sample(seconds, cpu)
 
 
-def _send(conn: socket.socket, source: Any, start: int, end: int,
-          contexts: tuple[ssl.SSLContext, ssl.SSLContext] | None) -> None:
-    with conn:
+def _send(conn: socket.socket, path: Path, contexts: tuple[ssl.SSLContext, ssl.SSLContext] | None) -> None:
+    """Serve one connection: it names its range first (two u64), then gets those bytes."""
+    with conn, open(path, "rb") as source:
+        stream = contexts[0].wrap_socket(conn, server_side=True) if contexts is not None else conn
+        header = b""
+        while len(header) < 16:
+            more = stream.recv(16 - len(header))
+            if not more:
+                return
+            header += more
+        start, end = int.from_bytes(header[:8], "big"), int.from_bytes(header[8:], "big")
         if contexts is None:
-            conn.sendfile(source, start, end - start)
+            stream.sendfile(source, start, end - start)
             return
-        with contexts[0].wrap_socket(conn, server_side=True) as secure:
-            position = start
-            while position < end:
-                data = os.pread(source.fileno(), min(BUFFER, end - position), position)
-                secure.sendall(data)
-                position += len(data)
+        position = start
+        while position < end:
+            data = os.pread(source.fileno(), min(BUFFER, end - position), position)
+            stream.sendall(data)
+            position += len(data)
+        stream.close()
 
 
 def _receive(port: int, start: int, end: int, verify: BlobSpec | None,
@@ -238,6 +246,7 @@ def _receive(port: int, start: int, end: int, verify: BlobSpec | None,
     chunk = verify.chunk_size if verify else BUFFER
     buffer = memoryview(bytearray(chunk))
     position = start
+    sock.sendall(start.to_bytes(8, "big") + end.to_bytes(8, "big"))
     with sock:
         while position < end:
             want, filled = min(chunk, end - position), 0
