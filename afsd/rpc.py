@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -125,9 +126,14 @@ async def _socket_answers(path: Path) -> bool:
 
 
 class ChannelPool:
-    """One insecure channel per peer address, reused across calls (gRPC multiplexes on it)."""
+    """One insecure channel per peer address, reused across calls (gRPC multiplexes on it).
+
+    `data_tls`: the TLS settings for byte-stream data connections to layerstores whose data listener
+    speaks TLS (afsd/cluster/bytestream_client.py; None: such listeners are read with ReadLayer instead).
+    """
 
     channel_options: list[tuple[str, int]] = CHANNEL_OPTIONS   # a subclass may tune them
+    data_tls: ssl.SSLContext | None = None
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}

@@ -134,13 +134,14 @@ def node_at(shared: Shared, endpoint: str | None) -> Daemon:
     return next(node for node in shared.cluster.layerstores if node.address == endpoint)
 
 
-async def read_layer_calls(node: Daemon) -> float:
-    """ReadLayer calls the layerstore process has served (its own /metrics)."""
+async def range_reads(node: Daemon) -> float:
+    """Range reads the layerstore process has served, ReadLayer calls and byte-stream ranges (its /metrics)."""
     async with httpx.AsyncClient() as client:
         text = (await client.get(f"http://{metrics_address(node)}/metrics")).text
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "afsd_rpc_requests_total"
-               and sample.labels.get("method") == "/layerstore.v1.LayerStore/ReadLayer")
+               if (sample.name == "afsd_rpc_requests_total"
+                   and sample.labels.get("method") == "/layerstore.v1.LayerStore/ReadLayer")
+               or sample.name == "afsd_layerstore_stream_ranges_served_total")
 
 
 async def prune_all(shared: Shared, node: Daemon) -> int:
@@ -200,16 +201,16 @@ async def test_concurrent_fetches_of_the_same_chunks_share_one_read(shared: Shar
     node0 = shared.nodes[0]
     blob = await asyncio.to_thread(exact.blob, node0)
     async with shared.fetcher(exact.spec) as fetcher:
-        before = await read_layer_calls(node0)
+        before = await range_reads(node0)
         results = await asyncio.gather(*(fetcher.fetch(2 * MIB + 5, 10) for _ in range(8)))
         assert {r.data for r in results} == {blob[2 * MIB:3 * MIB]}
-        assert await read_layer_calls(node0) == before + 1
+        assert await range_reads(node0) == before + 1
         assert fetcher.stats()["shared_fetches"] == 7
 
         # Overlapping requests: the second joins the first's read of chunks 0-2 and reads chunk 3 itself.
         first, second = await asyncio.gather(fetcher.fetch(0, 3 * MIB), fetcher.fetch(MIB, 3 * MIB))
         assert first.data == blob[:3 * MIB] and second.data == blob[MIB:4 * MIB]
-        assert await read_layer_calls(node0) == before + 3
+        assert await range_reads(node0) == before + 3
 
         # A waiter that gives up does not cancel the read the other waiter needs.
         leaving = asyncio.create_task(fetcher.fetch(5 * MIB, 1))
@@ -218,7 +219,7 @@ async def test_concurrent_fetches_of_the_same_chunks_share_one_read(shared: Shar
         leaving.cancel()
         assert (await staying).data == blob[5 * MIB:6 * MIB]
         assert leaving.cancelled()
-        assert await read_layer_calls(node0) == before + 4
+        assert await range_reads(node0) == before + 4
 
 
 async def test_demand_fetches_are_served_before_prefetch(shared: Shared, exact: HeldLayer) -> None:

@@ -211,8 +211,9 @@ async def _held_by(cluster: LocalCluster, discovery, digest: str, names: set[str
 
 
 async def _serving(cluster: LocalCluster, layerstores):
-    """The layerstore that has served the most blob bytes so far (from its /metrics)."""
-    served = [(await _metric(daemon, "afsd_layerstore_bytes_served_total"), daemon) for daemon in layerstores]
+    """The layerstore that has served the most blob bytes so far, by ReadLayer or byte stream (its /metrics)."""
+    served = [(await _metric(daemon, "afsd_layerstore_bytes_served_total")
+               + await _metric(daemon, "afsd_layerstore_stream_bytes_served_total"), daemon) for daemon in layerstores]
     return max(served, key=lambda item: item[0])[1]
 
 

@@ -164,6 +164,30 @@ class ReadLayerResponse(_message.Message):
     eof: bool
     def __init__(self, digest: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., eof: bool = ...) -> None: ...
 
+class OpenByteStreamRequest(_message.Message):
+    __slots__ = ("digest", "streams")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    streams: int
+    def __init__(self, digest: _Optional[str] = ..., streams: _Optional[int] = ...) -> None: ...
+
+class OpenByteStreamResponse(_message.Message):
+    __slots__ = ("host", "port", "tickets", "ticket_ttl_ms", "tls", "afs_size")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKETS_FIELD_NUMBER: _ClassVar[int]
+    TICKET_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    AFS_SIZE_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    port: int
+    tickets: _containers.RepeatedScalarFieldContainer[bytes]
+    ticket_ttl_ms: int
+    tls: bool
+    afs_size: int
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., tickets: _Optional[_Iterable[bytes]] = ..., ticket_ttl_ms: _Optional[int] = ..., tls: bool = ..., afs_size: _Optional[int] = ...) -> None: ...
+
 class HasLayerRequest(_message.Message):
     __slots__ = ("digest",)
     DIGEST_FIELD_NUMBER: _ClassVar[int]

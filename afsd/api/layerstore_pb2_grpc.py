@@ -89,6 +89,11 @@ class LayerStoreStub(object):
                 request_serializer=afsd_dot_api_dot_layerstore__pb2.PruneCacheRequest.SerializeToString,
                 response_deserializer=afsd_dot_api_dot_layerstore__pb2.PruneCacheResponse.FromString,
                 _registered_method=True)
+        self.OpenByteStream = channel.unary_unary(
+                '/layerstore.v1.LayerStore/OpenByteStream',
+                request_serializer=afsd_dot_api_dot_layerstore__pb2.OpenByteStreamRequest.SerializeToString,
+                response_deserializer=afsd_dot_api_dot_layerstore__pb2.OpenByteStreamResponse.FromString,
+                _registered_method=True)
 
 
 class LayerStoreServicer(object):
@@ -162,6 +167,15 @@ class LayerStoreServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenByteStream(self, request, context):
+        """afsd addition: the bulk byte path. Grants one-time tickets for connections to the layerstore's data
+        listener, which sends ranges of the layer's blob as raw bytes (sendfile); docs/data-path.md.
+        UNIMPLEMENTED from a layerstore without a data listener: read with ReadLayer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LayerStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +233,11 @@ def add_LayerStoreServicer_to_server(servicer, server):
                     servicer.PruneCache,
                     request_deserializer=afsd_dot_api_dot_layerstore__pb2.PruneCacheRequest.FromString,
                     response_serializer=afsd_dot_api_dot_layerstore__pb2.PruneCacheResponse.SerializeToString,
+            ),
+            'OpenByteStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenByteStream,
+                    request_deserializer=afsd_dot_api_dot_layerstore__pb2.OpenByteStreamRequest.FromString,
+                    response_serializer=afsd_dot_api_dot_layerstore__pb2.OpenByteStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -518,6 +537,33 @@ class LayerStore(object):
             '/layerstore.v1.LayerStore/PruneCache',
             afsd_dot_api_dot_layerstore__pb2.PruneCacheRequest.SerializeToString,
             afsd_dot_api_dot_layerstore__pb2.PruneCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenByteStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerstore.v1.LayerStore/OpenByteStream',
+            afsd_dot_api_dot_layerstore__pb2.OpenByteStreamRequest.SerializeToString,
+            afsd_dot_api_dot_layerstore__pb2.OpenByteStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

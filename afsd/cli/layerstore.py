@@ -7,9 +7,14 @@ import asyncio
 import ipaddress
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from afsd.cli._options import add_registry_options, registry_config
 from afsd.errors import UsageError
+
+if TYPE_CHECKING:
+    from afsd.cluster.blobstore import BlobStore
+    from afsd.cluster.bytestream_server import ByteStreamServer
 
 log = logging.getLogger("afsd.layerstore")
 
@@ -40,9 +45,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--admin-socket", type=Path, default=Path("/run/afsd/layerstore.sock"),
                         help="unix socket (root only) for local requests such as importing blobs assembled by "
                              "this node's mounts (default %(default)s)")
+    parser.add_argument("--data-listen", metavar="IP:PORT",
+                        help="the byte-stream data listener (raw blob ranges sent with sendfile to readers holding "
+                             "a ticket from OpenByteStream; docs/data-path.md). Default: --listen's IP on any free "
+                             "port; 'none': no listener, readers use ReadLayer")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     add_registry_options(parser)
     parser.set_defaults(handler=run)
+
+
+def _data_listen(args: argparse.Namespace) -> tuple[str, int] | None:
+    """(host, port) of the data listener, or None for 'none'."""
+    from afsd.cluster.discovery_client import split_host_port
+
+    value = args.data_listen or f"{split_host_port(args.listen)[0]}:0"
+    if value == "none":
+        return None
+    try:
+        host, port = split_host_port(value)
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(f"--data-listen {value!r}: expected a literal IP:PORT or 'none'") from None
+    return host, port
 
 
 def _check_listen(listen: str) -> None:
@@ -61,6 +85,7 @@ def _check_listen(listen: str) -> None:
 async def run(args: argparse.Namespace) -> int:
     from afsd.api import layerstore_pb2_grpc
     from afsd.cluster.blobstore import BlobStore
+    from afsd.cluster.discovery_client import split_host_port
     from afsd.cluster.discovery_client import DiscoveryClient
     from afsd.cluster.heartbeat import heartbeat_forever
     from afsd.cluster.layerstore import LayerStoreNode
@@ -83,8 +108,12 @@ async def run(args: argparse.Namespace) -> int:
                               registry=registry, discovery=discovery, channels=channels,
                               fetch_concurrency=args.fetch_concurrency)
         await node.start()
+        byte_streams = _start_byte_streams(args, store, asyncio.get_running_loop())
         server = new_server()
-        layerstore_pb2_grpc.add_LayerStoreServicer_to_server(LayerStoreService(node), server)
+        data_host = ""
+        if byte_streams is not None and byte_streams.host != split_host_port(args.listen)[0]:
+            data_host = byte_streams.host   # readers dial the gRPC endpoint's host unless told otherwise
+        layerstore_pb2_grpc.add_LayerStoreServicer_to_server(LayerStoreService(node, byte_streams, data_host), server)
         if server.add_insecure_port(args.listen) == 0:
             raise UsageError(f"cannot listen on {args.listen}")
         admin = await start_unix_server(args.admin_socket, lambda s: layerstore_pb2_grpc.add_LocalLayerStoreServicer_to_server(LocalLayerStoreService(node), s))
@@ -97,5 +126,32 @@ async def run(args: argparse.Namespace) -> int:
         finally:
             if beats:
                 beats.cancel()
+            if byte_streams is not None:
+                await asyncio.to_thread(byte_streams.close)
             await channels.close()
     return 0
+
+
+def _start_byte_streams(args: argparse.Namespace, store: BlobStore,
+                        loop: asyncio.AbstractEventLoop) -> ByteStreamServer | None:
+    """The data listener serving `store`'s blobs, started; None with --data-listen none."""
+    from afsd.cluster.bytestream_server import ByteStreamServer
+
+    address = _data_listen(args)
+    if address is None:
+        return None
+
+    def lookup(digest: str) -> tuple[str, int] | None:
+        layer = store.get(digest)
+        return (str(layer.path), layer.blob.size) if layer is not None else None
+
+    def served(digest: str, count: int) -> None:
+        loop.call_soon_threadsafe(store.touch, digest)   # LRU: the store lives on the event loop
+
+    server = ByteStreamServer(*address, lookup, on_served=served)
+    try:
+        server.start()
+    except OSError as error:
+        raise UsageError(f"--data-listen {address[0]}:{address[1]}: cannot listen: {error.strerror or error}") from None
+    log.info("byte-stream data listener on %s:%d", address[0], server.port)
+    return server

@@ -26,6 +26,9 @@ How (the reference's DiscoveryBackedReaderAt, kept and tightened):
 - At most `max_concurrency` calls run at once; DEMAND pieces get a free slot before PREFETCH ones,
   and a waiting PREFETCH piece that a DEMAND request joins is promoted.
 - Chunks are hashed in a worker thread (about 1 ms per MiB here), off the event loop.
+- A piece is read over the provider's byte stream when it offers one (bytestream_client.py: raw bytes,
+  sendfile on the other side, each chunk verified as it arrives), else with ReadLayer; `byte_stream=False`
+  reads everything with ReadLayer.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from afsd.api import layerstore_pb2 as pb
+from afsd.cluster.bytestream_client import BlobByteStreams, ByteStreamError, ByteStreamUnavailable
 from afsd.cluster.chunks import ChunkTable
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
 from afsd.cluster.peers import LayerStorePeer
@@ -199,7 +203,7 @@ class RangeFetcher:
     def __init__(self, spec: BlobSpec, *, discovery: DiscoveryClient | None, channels: ChannelPool,
                  local_endpoint: str | None = None, node_id: str = "", call_timeout: float = 10.0,
                  min_request: int = 1 << 20, max_concurrency: int = 8, refresh_period: float = 30.0,
-                 lease_ttl: float = 120.0, use_leases: bool = True) -> None:
+                 lease_ttl: float = 120.0, use_leases: bool = True, byte_stream: bool = True) -> None:
         if max_concurrency < 1 or call_timeout <= 0 or lease_ttl <= 0:
             raise ValueError("max_concurrency, call_timeout and lease_ttl must be positive")
         self.spec = spec
@@ -211,6 +215,8 @@ class RangeFetcher:
         self.refresh_period = refresh_period
         self.lease_ttl = lease_ttl
         self.use_leases = use_leases
+        self.byte_stream = byte_stream
+        self._streams: dict[str, BlobByteStreams] = {}   # provider endpoint -> its byte stream of this blob
         self._table = ChunkTable(spec.size, spec.chunk_size, spec.chunk_digests)
         chunk = spec.chunk_size
         self._min_request = max(chunk, -(-min_request // chunk) * chunk)
@@ -273,7 +279,8 @@ class RangeFetcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._drop_current()
-        await asyncio.gather(*self._releases, return_exceptions=True)
+        await asyncio.gather(*self._releases, *(streams.close() for streams in self._streams.values()),
+                             return_exceptions=True)
 
     def stats(self) -> dict[str, Any]:
         """Counters and the provider table, for status output and tests."""
@@ -365,7 +372,12 @@ class RangeFetcher:
         raise FetchError(self._failure_message(start, end, errors))
 
     async def _read_once(self, provider: _Provider, start: int, end: int) -> bytes:
-        """One ReadLayer call for [start, end), checked against the chunk table."""
+        """[start, end) from `provider`, checked against the chunk table: over its byte stream when it offers
+        one, else with one ReadLayer call."""
+        streamed = await self._read_streamed(provider, start, end)
+        if streamed is not None:
+            self._count_bytes(provider, len(streamed))
+            return streamed
         length = end - start
         self._counts["read_calls"] += 1
         self._calls_in_flight += 1
@@ -401,11 +413,40 @@ class RangeFetcher:
             self._counts["verification_failures"] += 1
             FETCH_VERIFICATION_FAILURES.inc()
             raise _ProviderFailure(str(error), retry=False) from None
+        self._count_bytes(provider, length)
+        return data
+
+    async def _read_streamed(self, provider: _Provider, start: int, end: int) -> bytes | None:
+        """[start, end) over `provider`'s byte stream, verified; None when it offers no usable one."""
+        streams = self._streams.get(provider.endpoint)
+        if streams is None and self.byte_stream:
+            streams = self._streams[provider.endpoint] = BlobByteStreams(
+                provider.endpoint, provider.peer.stub, self.spec.layer_digest, self._table, tls=self.channels.data_tls)
+        if streams is None or not streams.usable:
+            return None
+        self._counts["read_calls"] += 1
+        self._calls_in_flight += 1
+        try:
+            return await streams.read(start, end, self.call_timeout)
+        except ByteStreamUnavailable:
+            self._counts["read_calls"] -= 1   # nothing was read: the ReadLayer call that follows counts
+            return None
+        except DigestMismatchError as error:
+            self._counts["verification_failures"] += 1
+            FETCH_VERIFICATION_FAILURES.inc()
+            raise _ProviderFailure(str(error), retry=False) from None
+        except ByteStreamError as error:
+            raise _ProviderFailure(str(error), retry=False) from None
+        except grpc.aio.AioRpcError as error:
+            raise _rpc_failure(error, "OpenByteStream", self.call_timeout) from None
+        finally:
+            self._calls_in_flight -= 1
+
+    def _count_bytes(self, provider: _Provider, length: int) -> None:
         kind = "local" if provider.local else "peer"
         self._bytes_by_provider[provider.endpoint] = self._bytes_by_provider.get(provider.endpoint, 0) + length
         self._bytes[kind] += length
         FETCH_BYTES.labels(kind).inc(length)
-        return data
 
     def _join_and_check(self, parts: list[bytes], start: int, source: str) -> bytes:
         data = parts[0] if len(parts) == 1 else b"".join(parts)

@@ -14,6 +14,7 @@ from prometheus_client import Counter
 from afsd.api import layerstore_pb2 as pb
 from afsd.api import layerstore_pb2_grpc as pb_grpc
 from afsd.cluster.blobstore import StoredLayer
+from afsd.cluster.bytestream_server import ByteStreamServer, caller_address
 from afsd.cluster.layerstore import ImageRecord, LayerStoreNode, LayerWant
 from afsd.cluster.peers import MAX_READ_MESSAGE, stat_to_peer_layer
 from afsd.errors import AfsdError
@@ -22,6 +23,8 @@ from afsd.oci.reference import ImageReference, parse_reference
 from afsd.rpc import abort_for
 
 BYTES_SERVED = Counter("afsd_layerstore_bytes_served_total", "Blob bytes sent to readers by ReadLayer")
+# Tickets granted per OpenByteStream call, at most (one per data connection the reader opens).
+MAX_TICKETS = 8
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -42,8 +45,15 @@ def _stat_message(layer: StoredLayer) -> pb.StatLayerResponse:
 
 
 class LayerStoreService(pb_grpc.LayerStoreServicer):
-    def __init__(self, node: LayerStoreNode) -> None:
+    """`byte_streams`: the data listener OpenByteStream grants tickets for (None: the RPC answers
+    UNIMPLEMENTED and readers use ReadLayer); `byte_stream_host`: the address readers dial for it, when not
+    the one they reached this service at."""
+
+    def __init__(self, node: LayerStoreNode, byte_streams: ByteStreamServer | None = None,
+                 byte_stream_host: str = "") -> None:
         self.node = node
+        self.byte_streams = byte_streams
+        self.byte_stream_host = byte_stream_host
 
     async def _digest(self, text: str, context: grpc.aio.ServicerContext) -> str:
         digest = text.strip().lower()
@@ -153,6 +163,22 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
         self.node.store.touch(digest)
 
     ReadLayerStream = ReadLayer
+
+    async def OpenByteStream(self, request: pb.OpenByteStreamRequest,
+                             context: grpc.aio.ServicerContext) -> pb.OpenByteStreamResponse:
+        if self.byte_streams is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this layerstore has no byte-stream listener; "
+                                "use ReadLayer")
+        digest = await self._digest(request.digest, context)
+        layer = await self._stored(digest, context)
+        caller = caller_address(context.peer())
+        if caller is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"byte streams are granted to TCP callers only, not {context.peer()}; use ReadLayer")
+        tickets = self.byte_streams.grant(digest, caller, max(1, min(MAX_TICKETS, request.streams)))
+        return pb.OpenByteStreamResponse(host=self.byte_stream_host, port=self.byte_streams.port, tickets=tickets,
+                                         ticket_ttl_ms=int(self.byte_streams.ticket_ttl * 1000),
+                                         tls=self.byte_streams.tls is not None, afs_size=layer.blob.size)
 
     async def AcquireLayerLease(self, request: pb.AcquireLayerLeaseRequest,
                                 context: grpc.aio.ServicerContext) -> pb.AcquireLayerLeaseResponse:

@@ -1,0 +1,285 @@
+"""Reading blob ranges over a layerstore's byte stream, verified as the bytes arrive.
+
+Where it sits: the range fetcher (fetcher.py) reads a piece of a blob from a provider; when the provider
+offers a byte stream (`OpenByteStream` answers), the piece comes through `BlobByteStreams.read` instead of
+a ReadLayer call. One `BlobByteStreams` serves one blob from one layerstore: it asks for tickets over gRPC
+(the control channel), keeps the connections it opened for reuse, and runs each range read in a thread
+of its own: `recv_into` one buffer, and every chunk checked against the blob's chunk table the moment it
+is complete (hashlib releases the GIL), so the event loop only sees verified bytes. Pieces of one fetch
+run at once on several connections, i.e. several streams per blob.
+
+What a caller gets: the verified bytes; `ByteStreamUnavailable` when this peer offers no usable byte
+stream (no such RPC, the data port cannot be reached, tickets refused: read with ReadLayer instead, and
+this object stops trying for `RETRY_AFTER` seconds); `ByteStreamError` or `DigestMismatchError` when the
+peer failed this read (short, stalled, malformed or wrong bytes); `grpc.aio.AioRpcError` from
+`OpenByteStream` for anything else the peer said (NOT_FOUND: it lacks the layer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from afsd.api import layerstore_pb2 as pb
+from afsd.api import layerstore_pb2_grpc as pb_grpc
+from afsd.cluster.bytestream_wire import (HELLO, MAGIC, MAX_ERROR_BYTES, REPLY, REQUEST, TICKET_BYTES, VERSION, Status,
+                                          digest_bytes)
+from afsd.cluster.chunks import ChunkTable
+from afsd.cluster.discovery_client import join_host_port, split_host_port
+
+log = logging.getLogger(__name__)
+
+# Tickets asked for at once (one per connection opened).
+TICKETS_PER_CALL = 4
+# After the byte stream proved unusable, the peer is read with ReadLayer for this long.
+RETRY_AFTER = 60.0
+# A connection idle for longer is not reused (the server closes idle ones after 120 s).
+IDLE_REUSE = 60.0
+# Tickets are used this much before the server's deadline, at the latest.
+TICKET_MARGIN = 5.0
+
+# Range reads block in recv_into and sha256: threads, shared by every blob of the process.
+_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="bytestream")
+
+
+class ByteStreamUnavailable(Exception):
+    """This peer's byte stream cannot be used now: read from it with ReadLayer."""
+
+
+class ByteStreamError(Exception):
+    """The peer failed this read over its byte stream (short, stalled, malformed)."""
+
+
+@dataclass
+class _Grant:
+    host: str
+    port: int
+    tls: bool
+    tickets: list[bytes]
+    usable_until: float
+
+
+class _Connection:
+    """One data connection bound to one blob; used by one read at a time (in a worker thread)."""
+
+    def __init__(self, sock: socket.socket, label: str) -> None:
+        self.sock = sock
+        self.label = label
+        self.last_used = time.monotonic()
+
+    @classmethod
+    def open(cls, host: str, port: int, ticket: bytes, digest: str, size: int, tls: ssl.SSLContext | None,
+             deadline: float) -> _Connection:
+        label = join_host_port(host, port)
+        try:
+            sock = socket.create_connection((host, port), timeout=_remaining(deadline))
+        except OSError as error:
+            raise ByteStreamUnavailable(f"cannot connect to the byte stream at {label}: {error}") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=host)
+            connection = cls(sock, label)
+            sock.sendall(HELLO.pack(MAGIC, VERSION, ticket, digest_bytes(digest)))
+            status, length = connection._reply(deadline)
+            if status != Status.OK:
+                raise ByteStreamUnavailable(f"the byte stream at {label} refused the ticket: "
+                                            f"{connection._error_text(length, deadline)}")
+            if length != size:
+                raise ByteStreamError(f"the byte stream at {label} says the blob has {length} bytes, not {size}")
+        except (OSError, ssl.SSLError) as error:
+            sock.close()
+            raise ByteStreamUnavailable(f"the byte stream at {label} failed its hello: {error}") from None
+        except BaseException:
+            sock.close()
+            raise
+        return connection
+
+    def read(self, table: ChunkTable, start: int, end: int, deadline: float) -> bytes:
+        """Bytes [start, end) of the blob (whole chunks), each chunk checked as soon as it is complete."""
+        length = end - start
+        self.sock.settimeout(_remaining(deadline))
+        self.sock.sendall(REQUEST.pack(start, length))
+        status, announced = self._reply(deadline)
+        if status == Status.GONE:   # worded as ReadLayer's NOT_FOUND is (fetcher.py)
+            raise ByteStreamError(f"does not hold the layer ({self._error_text(announced, deadline)})")
+        if status != Status.OK:
+            raise ByteStreamError(f"{self.label} refused bytes {start}-{end}: {self._error_text(announced, deadline)}")
+        if announced != length:
+            raise ByteStreamError(f"{self.label} announced {announced} bytes for a request of {length}")
+        buffer = bytearray(length)
+        view = memoryview(buffer)
+        received = checked = 0
+        chunk = table.chunk_size
+        while received < length:
+            self.sock.settimeout(_remaining(deadline))
+            count = self.sock.recv_into(view[received:])
+            if not count:
+                raise ByteStreamError(f"{self.label} closed the stream after {received} of {length} bytes from {start}")
+            received += count
+            ready = length if received == length else received - received % chunk
+            if ready > checked:   # every chunk completed by this receive
+                table.check(start + checked, view[checked:ready], source=f"layerstore {self.label} (byte stream)")
+                checked = ready
+        self.last_used = time.monotonic()
+        return bytes(buffer)
+
+    def _reply(self, deadline: float) -> tuple[int, int]:
+        header = bytearray()
+        while len(header) < REPLY.size:
+            self.sock.settimeout(_remaining(deadline))
+            more = self.sock.recv(REPLY.size - len(header))
+            if not more:
+                raise ByteStreamError(f"{self.label} closed the stream instead of answering")
+            header += more
+        status, length = REPLY.unpack(header)
+        if status not in Status._value2member_map_:
+            raise ByteStreamError(f"{self.label} sent a malformed reply (status {status})")
+        return status, length
+
+    def _error_text(self, length: int, deadline: float) -> str:
+        if length > MAX_ERROR_BYTES:
+            return f"(an error of {length} bytes)"
+        text = bytearray()
+        try:
+            while len(text) < length:
+                self.sock.settimeout(_remaining(deadline))
+                more = self.sock.recv(length - len(text))
+                if not more:
+                    break
+                text += more
+        except OSError:
+            pass
+        return text.decode(errors="replace") or "(no reason given)"
+
+    def abort(self) -> None:
+        """Unblock a read in progress (from another thread): the connection is not reused."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the read's deadline passed")
+    return left
+
+
+class BlobByteStreams:
+    """Byte-stream reads of one blob (`layer_digest`, checked with `table`) from the layerstore at
+    `endpoint`, over connections it opens with tickets from `stub.OpenByteStream`."""
+
+    def __init__(self, endpoint: str, stub: pb_grpc.LayerStoreStub, layer_digest: str, table: ChunkTable, *,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.endpoint = endpoint
+        self.stub = stub
+        self.layer_digest = layer_digest
+        self.table = table
+        self.tls = tls
+        self._idle: list[_Connection] = []
+        self._grant: _Grant | None = None
+        self._grant_lock = asyncio.Lock()
+        self._unusable_until = 0.0
+        self.unusable_reason = ""
+        self._closed = False
+
+    @property
+    def usable(self) -> bool:
+        return not self._closed and time.monotonic() >= self._unusable_until
+
+    async def read(self, start: int, end: int, timeout: float) -> bytes:
+        """Verified bytes [start, end) of the blob; see the module docstring for what it raises."""
+        if not self.usable:
+            raise ByteStreamUnavailable(self.unusable_reason or "closed")
+        deadline = time.monotonic() + timeout
+        try:
+            connection = self._reusable() or await self._connect(deadline)
+        except ByteStreamUnavailable as error:
+            self._unusable_until = time.monotonic() + RETRY_AFTER
+            self.unusable_reason = str(error)
+            log.info("layer %s: no byte stream from %s, reading with ReadLayer: %s", self.layer_digest,
+                     self.endpoint, error)
+            raise
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(_THREADS, connection.read, self.table, start, end, deadline)
+        except asyncio.CancelledError:
+            connection.abort()
+            connection.close()
+            raise
+        except TimeoutError:
+            connection.close()
+            raise ByteStreamError(f"{connection.label} sent bytes {start}-{end} too slowly: not done within "
+                                  f"{timeout:g} s") from None
+        except OSError as error:
+            connection.close()
+            raise ByteStreamError(f"reading bytes {start}-{end} from {connection.label} failed: {error}") from None
+        except BaseException:
+            connection.close()
+            raise
+        if self._closed:
+            connection.close()
+        else:
+            self._idle.append(connection)
+        return data
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    def _reusable(self) -> _Connection | None:
+        while self._idle:
+            connection = self._idle.pop()
+            if time.monotonic() - connection.last_used < IDLE_REUSE:
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self, deadline: float) -> _Connection:
+        grant, ticket = await self._ticket(deadline)
+        loop = asyncio.get_running_loop()
+        if grant.tls and self.tls is None:
+            raise ByteStreamUnavailable(f"{self.endpoint}'s byte stream speaks TLS and this node has no TLS "
+                                        "settings for data connections")
+        return await loop.run_in_executor(_THREADS, _Connection.open, grant.host, grant.port, ticket,
+                                          self.layer_digest, self.table.size, self.tls if grant.tls else None,
+                                          deadline)
+
+    async def _ticket(self, deadline: float) -> tuple[_Grant, bytes]:
+        async with self._grant_lock:
+            grant = self._grant
+            if grant is None or not grant.tickets or time.monotonic() >= grant.usable_until:
+                grant = self._grant = await self._open(deadline)
+            return grant, grant.tickets.pop()
+
+    async def _open(self, deadline: float) -> _Grant:
+        request = pb.OpenByteStreamRequest(digest=self.layer_digest, streams=TICKETS_PER_CALL)
+        try:
+            response = await self.stub.OpenByteStream(request, timeout=_remaining(deadline))
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise ByteStreamUnavailable(f"{self.endpoint} offers no byte stream") from None
+            raise
+        if (not response.tickets or not 0 < response.port < 65536 or response.afs_size != self.table.size
+                or any(len(ticket) != TICKET_BYTES for ticket in response.tickets)):
+            raise ByteStreamUnavailable(f"{self.endpoint} answered OpenByteStream with an unusable grant "
+                                        f"(port {response.port}, {len(response.tickets)} tickets, "
+                                        f"size {response.afs_size})")
+        host = response.host or split_host_port(self.endpoint)[0]
+        usable_for = max(0.0, response.ticket_ttl_ms / 1000 - TICKET_MARGIN)
+        return _Grant(host, response.port, response.tls, list(response.tickets), time.monotonic() + usable_for)
+

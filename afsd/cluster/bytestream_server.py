@@ -1,0 +1,306 @@
+"""The layerstore's data listener: ranges of cached blobs sent as raw bytes with `sendfile`.
+
+Where it sits: a reader calls `OpenByteStream` on the layerstore's gRPC service (the control channel,
+with whatever authentication that channel has); the service asks `grant` for one-time tickets bound to
+the layer digest and the caller's address, and answers with this listener's port. The reader connects,
+presents a ticket (bytestream_wire.HELLO) and then asks for any number of ranges of that one blob, each
+sent straight from the page cache by the kernel (`socket.sendfile`). Integrity does not rest on this
+socket: readers check every chunk against the blob's chunk digests (bytestream_client.py).
+
+Each connection is served by a thread of its own (blocking I/O with timeouts), so a slow reader never
+holds up the event loop of the gRPC server; at most `max_connections` are served at once. A connection
+opens the blob once, at the hello: the open descriptor keeps the bytes readable even if the layer is
+evicted meanwhile (as ReadLayer does). With `tls`, connections are wrapped in TLS and the bytes are sent
+with pread + sendall instead (Python's ssl module has no sendfile): docs/data-path.md gives the cost.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge
+
+from afsd.cluster.bytestream_wire import (HELLO, MAGIC, REPLY, REQUEST, TICKET_BYTES, VERSION, Status, digest_bytes,
+                                          error_reply)
+
+log = logging.getLogger(__name__)
+
+STREAM_BYTES_SERVED = Counter("afsd_layerstore_stream_bytes_served_total",
+                              "Blob bytes sent to readers over the byte-stream data listener")
+STREAM_RANGES_SERVED = Counter("afsd_layerstore_stream_ranges_served_total",
+                               "Ranges sent to readers over the byte-stream data listener")
+STREAM_CONNECTIONS = Gauge("afsd_layerstore_stream_connections", "Open byte-stream connections")
+STREAM_REFUSED = Counter("afsd_layerstore_stream_refused_total",
+                         "Byte-stream connections refused, by reason", ["reason"])
+
+TLS_SEND_UNIT = 1 << 20
+# (path, size) of a cached layer's blob, or None when the layerstore does not hold it.
+BlobLookup = Callable[[str], "tuple[str, int] | None"]
+
+
+@dataclass
+class _Ticket:
+    digest: str
+    caller: ipaddress.IPv4Address | ipaddress.IPv6Address
+    expires: float
+
+
+class _Refused(Exception):
+    def __init__(self, status: Status, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason     # the metric label: a few fixed words
+
+
+def caller_address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address in a gRPC `context.peer()` string (`ipv4:10.0.0.5:4711`, `ipv6:[::1]:4711`); None
+    for other transports (unix sockets), whose callers get no tickets."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    try:
+        return _unmapped(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class ByteStreamServer:
+    """A TCP listener serving blob ranges to holders of tickets. `start()` binds and starts accepting in a
+    thread; `close()` stops accepting, ends every connection and waits for their threads."""
+
+    def __init__(self, host: str, port: int, lookup: BlobLookup, *, on_served: Callable[[str, int], None] | None = None,
+                 tls: ssl.SSLContext | None = None, ticket_ttl: float = 30.0, max_connections: int = 64,
+                 handshake_timeout: float = 10.0, idle_timeout: float = 120.0, send_timeout: float = 30.0) -> None:
+        self.host = host
+        self.requested_port = port
+        self.lookup = lookup
+        self.on_served = on_served
+        self.tls = tls
+        self.ticket_ttl = ticket_ttl
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
+        self._tickets: dict[bytes, _Ticket] = {}
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self._closing = False
+
+    @property
+    def port(self) -> int:
+        assert self._listener is not None, "start() first"
+        return self._listener.getsockname()[1]
+
+    def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._listener = socket.create_server((self.host, self.requested_port), family=family, backlog=128)
+        self._acceptor = threading.Thread(target=self._accept_loop, name="bytestream-accept", daemon=True)
+        self._acceptor.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            connections = list(self._connections)
+        if self._listener is not None:
+            _shutdown(self._listener)
+            self._listener.close()
+        for connection in connections:
+            _shutdown(connection)
+        if self._acceptor is not None:
+            self._acceptor.join(timeout=10)
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout=10)
+
+    # -- tickets (called from the gRPC service) ---------------------------------------------------
+
+    def grant(self, digest: str, caller: ipaddress.IPv4Address | ipaddress.IPv6Address, count: int) -> list[bytes]:
+        """`count` one-time tickets for connections from `caller` reading `digest`'s blob."""
+        now = time.monotonic()
+        fresh = [secrets.token_bytes(TICKET_BYTES) for _ in range(count)]
+        with self._lock:
+            for ticket in [t for t, held in self._tickets.items() if held.expires <= now]:
+                del self._tickets[ticket]
+            for ticket in fresh:
+                self._tickets[ticket] = _Ticket(digest, _unmapped(caller), now + self.ticket_ttl)
+        return fresh
+
+    def _redeem(self, ticket: bytes, digest: bytes, caller: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+        """The layer digest a valid ticket opens; the ticket is used up whatever the outcome (one that was
+        presented wrongly may have leaked)."""
+        with self._lock:
+            held = self._tickets.pop(ticket, None)
+        if held is None:
+            raise _Refused(Status.DENIED, "unknown_ticket", "the ticket is unknown or was used already")
+        if held.expires <= time.monotonic():
+            raise _Refused(Status.DENIED, "expired_ticket", "the ticket expired")
+        if digest_bytes(held.digest) != digest:
+            raise _Refused(Status.DENIED, "wrong_blob", f"the ticket is for layer {held.digest}, not this one")
+        if _unmapped(caller) != held.caller:
+            raise _Refused(Status.DENIED, "wrong_caller", f"the ticket was granted to {held.caller}, not {caller}")
+        return held.digest
+
+    # -- connections ------------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                connection, address = self._listener.accept()
+            except OSError:
+                return   # closed
+            with self._lock:
+                if self._closing:
+                    connection.close()
+                    return
+                busy = len(self._connections) >= self.max_connections
+                if not busy:
+                    self._connections.add(connection)
+            if busy:
+                STREAM_REFUSED.labels("busy").inc()
+                _send_quietly(connection, error_reply(Status.BUSY, "too many byte-stream connections; retry"))
+                connection.close()
+                continue
+            thread = threading.Thread(target=self._serve, args=(connection, address), name="bytestream", daemon=True)
+            with self._lock:
+                self._threads.add(thread)
+            thread.start()
+
+    def _serve(self, connection: socket.socket, address: tuple) -> None:
+        STREAM_CONNECTIONS.inc()
+        stream: socket.socket = connection
+        blob_fd = -1
+        try:
+            connection.settimeout(self.handshake_timeout)
+            if self.tls is not None:
+                stream = self.tls.wrap_socket(connection, server_side=True)
+            digest, blob_fd, size = self._hello(stream, _unmapped(ipaddress.ip_address(address[0])))
+            stream.sendall(REPLY.pack(Status.OK, size))
+            with open(blob_fd, "rb", buffering=0, closefd=False) as blob:
+                while self._serve_one(stream, blob, digest, size):
+                    pass
+        except _Refused as refused:
+            STREAM_REFUSED.labels(refused.reason).inc()
+            log.info("byte stream from %s refused: %s", address[0], refused)
+            _send_quietly(stream, error_reply(refused.status, str(refused)))
+        except (OSError, ssl.SSLError, ValueError) as error:
+            log.info("byte stream from %s ended: %s", address[0], error)
+        except Exception:   # noqa: BLE001 - a bug must not kill the listener silently
+            log.exception("byte stream from %s failed", address[0])
+            _send_quietly(stream, error_reply(Status.INTERNAL, "internal error"))
+        finally:
+            if blob_fd >= 0:
+                os.close(blob_fd)
+            _shutdown(stream)
+            stream.close()
+            with self._lock:
+                self._connections.discard(connection)
+                self._threads.discard(threading.current_thread())
+            STREAM_CONNECTIONS.dec()
+
+    def _hello(self, stream: socket.socket, caller: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[str, int, int]:
+        magic, version, ticket, digest_raw = HELLO.unpack(_receive_exactly(stream, HELLO.size))
+        if magic != MAGIC or version != VERSION:
+            raise _Refused(Status.BAD_REQUEST, "bad_hello", f"not an afsd byte-stream hello (version {version})")
+        digest = self._redeem(ticket, digest_raw, caller)
+        found = self.lookup(digest)
+        if found is None:
+            raise _Refused(Status.GONE, "gone", f"layer {digest} is not in this layerstore's cache")
+        path, size = found
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise _Refused(Status.GONE, "gone", f"layer {digest} was evicted") from None
+        if os.fstat(fd).st_size != size:
+            os.close(fd)
+            raise _Refused(Status.INTERNAL, "internal", f"the blob of layer {digest} is not {size} bytes")
+        return digest, fd, size
+
+    def _still_held(self, digest: str, fd: int) -> None:
+        """The connection's open blob is still the layerstore's (not evicted, not replaced): a reader that
+        keeps a connection must not keep reading what the layerstore let go of, as ReadLayer cannot."""
+        found = self.lookup(digest)
+        try:
+            held = found is not None and os.path.samestat(os.stat(found[0]), os.fstat(fd))
+        except FileNotFoundError:
+            held = False
+        if not held:
+            raise _Refused(Status.GONE, "gone", f"layer {digest} was evicted")
+
+    def _serve_one(self, stream: socket.socket, blob, digest: str, size: int) -> bool:
+        """Answer one REQUEST; False when the reader closed the connection."""
+        stream.settimeout(self.idle_timeout)
+        header = _receive_exactly(stream, REQUEST.size, eof_ok=True)
+        if not header:
+            return False
+        offset, length = REQUEST.unpack(header)
+        if length <= 0 or offset >= size or length > size - offset:
+            raise _Refused(Status.BAD_REQUEST, "bad_range",
+                           f"range {offset}+{length} is outside the blob of {size} bytes")
+        self._still_held(digest, blob.fileno())
+        stream.settimeout(self.send_timeout)
+        stream.sendall(REPLY.pack(Status.OK, length))
+        if self.tls is None:
+            sent = stream.sendfile(blob, offset, length)
+        else:
+            sent = 0
+            while sent < length:
+                data = os.pread(blob.fileno(), min(TLS_SEND_UNIT, length - sent), offset + sent)
+                if not data:
+                    break
+                stream.sendall(data)
+                sent += len(data)
+        STREAM_BYTES_SERVED.inc(sent)
+        STREAM_RANGES_SERVED.inc()
+        if self.on_served is not None:
+            self.on_served(digest, sent)
+        if sent != length:
+            raise OSError(f"the blob of layer {digest} ended after {sent} of {length} bytes")
+        return True
+
+
+def _receive_exactly(stream: socket.socket, count: int, *, eof_ok: bool = False) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        more = stream.recv(count - len(data))
+        if not more:
+            if eof_ok and not data:
+                return b""
+            raise OSError(f"the reader closed the connection after {len(data)} of {count} header bytes")
+        data += more
+    return bytes(data)
+
+
+def _send_quietly(stream: socket.socket, data: bytes) -> None:
+    try:
+        stream.settimeout(1.0)
+        stream.sendall(data)
+    except (OSError, ValueError):
+        pass
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
