@@ -73,6 +73,7 @@ class _Connection:
         self.sock = sock
         self.label = label
         self.last_used = time.monotonic()
+        self._buffer = bytearray()   # received into, reused across reads (grown to the largest read)
 
     @classmethod
     def open(cls, host: str, port: int, ticket: bytes, digest: str, size: int, tls: ssl.SSLContext | None,
@@ -114,8 +115,9 @@ class _Connection:
             raise ByteStreamError(f"{self.label} refused bytes {start}-{end}: {self._error_text(announced, deadline)}")
         if announced != length:
             raise ByteStreamError(f"{self.label} announced {announced} bytes for a request of {length}")
-        buffer = bytearray(length)
-        view = memoryview(buffer)
+        if len(self._buffer) < length:
+            self._buffer = bytearray(length)
+        view = memoryview(self._buffer)[:length]
         received = checked = 0
         chunk = table.chunk_size
         while received < length:
@@ -129,7 +131,7 @@ class _Connection:
                 table.check(start + checked, view[checked:ready], source=f"layerstore {self.label} (byte stream)")
                 checked = ready
         self.last_used = time.monotonic()
-        return bytes(buffer)
+        return bytes(view)   # the one copy: callers keep the bytes, the buffer is reused
 
     def _reply(self, deadline: float) -> tuple[int, int]:
         header = bytearray()
