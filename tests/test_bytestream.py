@@ -416,3 +416,14 @@ async def test_byte_streams_between_two_network_namespaces(shared: Shared, tmp_p
 
 def _run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True)
+
+
+async def test_a_bad_data_listen_address_is_one_clear_line(tmp_path: Path) -> None:
+    for value, expected in (("nonsense", "expected a literal IP:PORT or 'none'"),
+                            ("192.0.2.1:1", "cannot listen")):   # an address this machine does not have
+        result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "afsd", "layerstore", "--listen", "127.0.0.1:0",
+                                 "--node-id", "x", "--cache-dir", str(tmp_path / "cache"), "--admin-socket",
+                                 str(tmp_path / "admin.sock"), "--data-listen", value],
+                                capture_output=True, text=True, timeout=120, cwd=REPO)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and expected in lines[0], result.stderr
