@@ -2,7 +2,8 @@
 against an image 16 times smaller.
 
 Two images, each one layer: a 4 KiB file `etc/small.txt` and a file of random bytes (`size_mib` and
-`size_mib / 16` MiB). The holder layerstore holds both. Each repeat, for each image in turn: a fresh
+`size_mib / 16` MiB). The holder layerstore holds both. Each repeat, for each image in turn (the order
+alternates between repeats): a fresh
 `afsd node` (new state, no prefetch), page cache dropped, then `afsd mount --backend fanotify` and
 reading the small file whole, timed together. Ratio = large ÷ small (1.0: no growth with image size).
 """
@@ -34,7 +35,7 @@ def measure(lab: BenchLab, size_mib: int, repeats: int) -> Section:
 
     seconds: dict[str, list[float]] = {name: [] for name in sizes}
     for index in range(repeats):
-        for name, reference in references.items():
+        for name, reference in sorted(references.items(), reverse=index % 2 == 1):
             node = lab.node(f"ttfb-{name}-")
             try:
                 target = lab.work / f"ttfb-mnt-{name}-{index}"
