@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -427,3 +428,43 @@ async def test_a_bad_data_listen_address_is_one_clear_line(tmp_path: Path) -> No
                                 capture_output=True, text=True, timeout=120, cwd=REPO)
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1 and expected in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_closing_the_listener_ends_idle_connections_at_once_and_busy_ones_are_refused(tmp_path: Path,
+                                                                                           tls: bool) -> None:
+    from tests.support.tls import context_pair
+
+    server_tls, client_tls = context_pair()
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(8192))
+    digest = "sha256:" + hashlib.sha256(b"layer").hexdigest()
+    server = ByteStreamServer("127.0.0.1", 0, lambda d: (str(blob), 8192), max_connections=1,
+                              tls=server_tls if tls else None)
+    server.start()
+    try:
+        first, second = server.grant(digest, ipaddress.ip_address("127.0.0.1"), 2)
+
+        def connect(ticket: bytes) -> tuple[socket.socket, int, bytes]:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            if tls:
+                sock = client_tls.wrap_socket(sock, server_hostname="localhost")
+            sock.sendall(HELLO.pack(MAGIC, VERSION, ticket, digest_bytes(digest)))
+            return sock, *_reply(sock)
+
+        idle, status, _ = await asyncio.to_thread(connect, first)
+        assert status == Status.OK
+        if tls:   # refused before any handshake
+            with pytest.raises((ssl.SSLError, OSError)):
+                await asyncio.to_thread(connect, second)
+        else:
+            busy, status, why = await asyncio.to_thread(connect, second)
+            busy.close()
+            assert status == Status.BUSY and b"too many" in why
+        started = time.monotonic()
+        await asyncio.to_thread(server.close)
+        assert time.monotonic() - started < 5
+        assert await asyncio.to_thread(idle.recv, 1) == b""   # the server ended it
+        idle.close()
+    finally:
+        await asyncio.to_thread(server.close)

@@ -176,9 +176,10 @@ class ByteStreamServer:
                 busy = len(self._connections) >= self.max_connections
                 if not busy:
                     self._connections.add(connection)
-            if busy:
+            if busy:   # said in plain text only: a TLS handshake would cost the thread this refusal avoids
                 STREAM_REFUSED.labels("busy").inc()
-                _send_quietly(connection, error_reply(Status.BUSY, "too many byte-stream connections; retry"))
+                if self.tls is None:
+                    _send_quietly(connection, error_reply(Status.BUSY, "too many byte-stream connections; retry"))
                 connection.close()
                 continue
             thread = threading.Thread(target=self._serve, args=(connection, address), name="bytestream", daemon=True)
@@ -193,7 +194,10 @@ class ByteStreamServer:
         try:
             connection.settimeout(self.handshake_timeout)
             if self.tls is not None:
-                stream = self.tls.wrap_socket(connection, server_side=True)
+                stream = self.tls.wrap_socket(connection, server_side=True)   # takes over the descriptor
+                with self._lock:
+                    self._connections.discard(connection)
+                    self._connections.add(stream)   # what close() shuts down
             digest, blob_fd, size = self._hello(stream, _unmapped(ipaddress.ip_address(address[0])))
             stream.sendall(REPLY.pack(Status.OK, size))
             with open(blob_fd, "rb", buffering=0, closefd=False) as blob:
@@ -215,6 +219,7 @@ class ByteStreamServer:
             stream.close()
             with self._lock:
                 self._connections.discard(connection)
+                self._connections.discard(stream)
                 self._threads.discard(threading.current_thread())
             STREAM_CONNECTIONS.dec()
 
