@@ -46,7 +46,7 @@ IDLE_REUSE = 60.0
 TICKET_MARGIN = 5.0
 
 # Range reads block in recv_into and sha256: threads, shared by every blob of the process.
-_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="bytestream")
+_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="bytestream")
 
 
 class ByteStreamUnavailable(Exception):
@@ -172,6 +172,11 @@ class _Connection:
         self.sock.close()
 
 
+def _close_opened(opening: concurrent.futures.Future[_Connection]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
 def _remaining(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
@@ -253,13 +258,16 @@ class BlobByteStreams:
 
     async def _connect(self, deadline: float) -> _Connection:
         grant, ticket = await self._ticket(deadline)
-        loop = asyncio.get_running_loop()
         if grant.tls and self.tls is None:
             raise ByteStreamUnavailable(f"{self.endpoint}'s byte stream speaks TLS and this node has no TLS "
                                         "settings for data connections")
-        return await loop.run_in_executor(_THREADS, _Connection.open, grant.host, grant.port, ticket,
-                                          self.layer_digest, self.table.size, self.tls if grant.tls else None,
-                                          deadline)
+        opening = _THREADS.submit(_Connection.open, grant.host, grant.port, ticket, self.layer_digest,
+                                  self.table.size, self.tls if grant.tls else None, deadline)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(opening))
+        except asyncio.CancelledError:   # the thread still finishes: close what it opens
+            opening.add_done_callback(_close_opened)
+            raise
 
     async def _ticket(self, deadline: float) -> tuple[_Grant, bytes]:
         async with self._grant_lock:
