@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +62,11 @@ def main() -> int:
             lab = BenchLab.start(work)
         for row in rows:
             load_before = os.getloadavg()
-            if row == "transport":
-                section = transport.measure(lab, **settings[row])
-            elif row == "sequential":
-                section = kernel_reads.measure(lab, **settings[row])
-            elif row == "random":
-                section = random_reads.measure(lab, **settings[row])
-            elif row == "ttfb":
-                section = ttfb.measure(lab, **settings[row])
-            elif row == "task":
-                section = task.measure(lab, **settings[row])
-            else:
-                section = vm.measure(args.quick, args.vm)
+            try:
+                section = _measure(row, lab, settings, args)
+            except Exception as error:   # noqa: BLE001 - one broken row must not cost the others
+                traceback.print_exc()
+                section = Section(row, skipped=f"failed: {type(error).__name__}: {str(error)[:300]}")
             sections.append(section)
             document["sections"][row] = {"title": section.title, "skipped": section.skipped,
                                          "load_before": load_before, "load_after": os.getloadavg(),
@@ -92,6 +86,15 @@ def main() -> int:
         print(f"  load during {row}: {section['load_before'][0]:.2f} -> {section['load_after'][0]:.2f} (1-min average)")
     write_json(args.json, document)
     return 0
+
+
+def _measure(row: str, lab: BenchLab | None, settings: dict[str, dict[str, int]], args: argparse.Namespace) -> Section:
+    if row == "vm":
+        return vm.measure(args.quick, args.vm)
+    assert lab is not None
+    measure = {"transport": transport.measure, "sequential": kernel_reads.measure, "random": random_reads.measure,
+               "ttfb": ttfb.measure, "task": task.measure}[row]
+    return measure(lab, **settings[row])
 
 
 if __name__ == "__main__":
