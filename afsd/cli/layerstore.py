@@ -85,8 +85,7 @@ def _check_listen(listen: str) -> None:
 async def run(args: argparse.Namespace) -> int:
     from afsd.api import layerstore_pb2_grpc
     from afsd.cluster.blobstore import BlobStore
-    from afsd.cluster.discovery_client import split_host_port
-    from afsd.cluster.discovery_client import DiscoveryClient
+    from afsd.cluster.discovery_client import DiscoveryClient, split_host_port
     from afsd.cluster.heartbeat import heartbeat_forever
     from afsd.cluster.layerstore import LayerStoreNode
     from afsd.cluster.layerstore_service import LayerStoreService, LocalLayerStoreService
