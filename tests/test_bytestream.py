@@ -468,3 +468,13 @@ async def test_closing_the_listener_ends_idle_connections_at_once_and_busy_ones_
         idle.close()
     finally:
         await asyncio.to_thread(server.close)
+
+
+async def test_tickets_go_to_tcp_callers_by_their_address() -> None:
+    from afsd.cluster.bytestream_server import caller_address
+
+    assert caller_address("ipv4:10.0.0.5:4711") == ipaddress.ip_address("10.0.0.5")
+    assert caller_address("ipv6:[::1]:4711") == ipaddress.ip_address("::1")
+    assert caller_address("ipv6:[::ffff:10.0.0.5]:4711") == ipaddress.ip_address("10.0.0.5")   # v4-mapped
+    assert caller_address("unix:/run/afsd/layerstore.sock") is None
+    assert caller_address("ipv4:not-an-address:1") is None
