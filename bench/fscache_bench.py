@@ -243,6 +243,7 @@ def run(size_mib: int, runs: int, work_root: Path | None = None) -> dict[str, An
     return report
 
 
+@pytest.mark.timeout(3600)   # a benchmark under TCG, on a shared machine: minutes, not the tests' 600 s
 @pytest.mark.parametrize("size_mib, runs", [pytest.param(DEFAULT_SIZE_MIB, DEFAULT_RUNS, id="full"),
                                              pytest.param(QUICK_SIZE_MIB, QUICK_RUNS, id="quick")])
 def test_fscache_benchmark(tmp_path: Path, size_mib: int, runs: int) -> None:

@@ -9,6 +9,7 @@ builds the kernel first if needed (about 6 minutes on 2 cores), "no" skips it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from typing import Any
 
@@ -30,7 +31,8 @@ def measure(quick: bool, mode: str) -> Section:
         return section
     print(f"\n{section.title}: booting the lab VM (minutes under TCG) ...", flush=True)
     result = subprocess.run([str(REPO / "scripts" / "vm-test.sh"), *vm_pytest_args("quick" if quick else "full")],
-                            capture_output=True, text=True, timeout=3600)
+                            capture_output=True, text=True, timeout=4000,
+                            env={**os.environ, "AFSD_VM_TIMEOUT": os.environ.get("AFSD_VM_TIMEOUT", "3900")})
     lines = [line for line in result.stdout.splitlines() if JSON_PREFIX in line]
     if result.returncode != 0 or not lines:
         section.skipped = f"the VM run failed ({result.returncode}): {(result.stdout + result.stderr).strip()[-400:]}"
