@@ -16,6 +16,7 @@ with pread + sendall instead (Python's ssl module has no sendfile): docs/data-pa
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import os
@@ -107,13 +108,15 @@ class ByteStreamServer:
 
     @property
     def port(self) -> int:
-        assert self._listener is not None, "start() first"
+        if self._listener is None:
+            raise RuntimeError("the byte-stream listener is not started")
         return self._listener.getsockname()[1]
 
     def start(self) -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self._listener = socket.create_server((self.host, self.requested_port), family=family, backlog=128)
-        self._acceptor = threading.Thread(target=self._accept_loop, name="bytestream-accept", daemon=True)
+        self._acceptor = threading.Thread(target=self._accept_loop, args=(self._listener,), name="bytestream-accept",
+                                          daemon=True)
         self._acceptor.start()
 
     def close(self) -> None:
@@ -162,11 +165,10 @@ class ByteStreamServer:
 
     # -- connections ------------------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
+    def _accept_loop(self, listener: socket.socket) -> None:
         while True:
             try:
-                connection, address = self._listener.accept()
+                connection, address = listener.accept()
             except OSError:
                 return   # closed
             with self._lock:
@@ -252,7 +254,7 @@ class ByteStreamServer:
         if not held:
             raise _Refused(Status.GONE, "gone", f"layer {digest} was evicted")
 
-    def _serve_one(self, stream: socket.socket, blob, digest: str, size: int) -> bool:
+    def _serve_one(self, stream: socket.socket, blob: io.FileIO, digest: str, size: int) -> bool:
         """Answer one REQUEST; False when the reader closed the connection."""
         stream.settimeout(self.idle_timeout)
         header = _receive_exactly(stream, REQUEST.size, eof_ok=True)
