@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram, make_wsgi_app
 
 RPC_REQUESTS = Counter("afsd_rpc_requests_total", "gRPC calls handled, by method and status code",
                        ["method", "code"])
@@ -30,10 +34,25 @@ def parse_listen(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes and probes are not news
+        pass
+
+
 def serve_metrics(address: str) -> None:
-    """Start the `/metrics` HTTP endpoint in a background thread (never blocks the event loop)."""
+    """Start the `/metrics` HTTP endpoint, with `/healthz` and `/readyz` (afsd/health.py), in a background
+    thread (never blocks the event loop)."""
+    from afsd.health import wsgi_app
+
     host, port = parse_listen(address)
-    start_http_server(port, addr=host)
+    server_class = type("_Server", (_MetricsServer,), {"address_family": socket.AF_INET6 if ":" in host
+                                                       else socket.AF_INET})
+    server = make_server(host, port, wsgi_app(make_wsgi_app()), server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics http", daemon=True).start()
 
 
 def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from afsd import errors
+from afsd.health import HEALTH
 from afsd.metrics import MetricsInterceptor
 
 log = logging.getLogger(__name__)
@@ -81,15 +82,18 @@ async def run_until_signalled(server: grpc.aio.Server, *, grace: float = 5.0,
         loop.add_signal_handler(signum, stop.set)
     if not started:
         await server.start()
+    HEALTH.serving()
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
+        HEALTH.draining()
         for callback in on_stop:
             result = callback()
             if asyncio.iscoroutine(result):
                 await result
         await server.stop(grace)
+        HEALTH.stopped()
 
 
 async def start_unix_server(path: Path, add_services: Callable[[grpc.aio.Server], None]) -> grpc.aio.Server:

@@ -38,6 +38,7 @@ from afsd.afslet.service import AfsletService
 from afsd.api import afslet_pb2_grpc, executions_pb2_grpc
 from afsd.cluster.discovery_client import DiscoveryClient
 from afsd.errors import UsageError
+from afsd.health import HEALTH
 from afsd.rpc import ChannelPool, new_server
 
 log = logging.getLogger("afsd.let")
@@ -105,9 +106,11 @@ async def serve(config: AfsletConfig, options: DaemonOptions, executions: Execut
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    HEALTH.serving()
     try:
         await stop.wait()
     finally:
+        HEALTH.draining()
         policy = config.stop_policy
         stopping = runtime.begin_drain()
         log.warning("afslet draining: admitting nothing new, stopping %d execution(s) (SIGTERM %gs, SIGINT %gs "
@@ -125,4 +128,5 @@ async def serve(config: AfsletConfig, options: DaemonOptions, executions: Execut
         await asyncio.to_thread(cgroups.remove_if_empty, config.cgroup_parent)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        HEALTH.stopped()
     return 0

@@ -1,5 +1,6 @@
-"""The proxy's HTTP endpoint (`--http-listen`): `GET /status` (JSON dispatch counts, see peers.py) and
-`GET /metrics` (Prometheus). A few lines of HTTP/1.1 on asyncio: one request per connection, no body."""
+"""The proxy's HTTP endpoint (`--http-listen`): `GET /status` (JSON dispatch counts, see peers.py),
+`GET /metrics` (Prometheus), `GET /healthz` and `/readyz` (afsd/health.py). A few lines of HTTP/1.1 on
+asyncio: one request per connection, no body."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from afsd import health
 
 log = logging.getLogger(__name__)
 
@@ -60,4 +63,7 @@ async def _answer(reader: asyncio.StreamReader, status: StatusHandler) -> tuple[
         return "200 OK", "application/json", json.dumps(report).encode() + b"\n"
     if target.path == "/metrics":
         return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
-    return "404 Not Found", "text/plain", b"not found: try /status or /metrics\n"
+    if target.path in health.PATHS:
+        code, body = await asyncio.to_thread(health.answer, target.path)  # it waits on this very loop
+        return ("200 OK" if code == 200 else "503 Service Unavailable"), "text/plain", body
+    return "404 Not Found", "text/plain", b"not found: try /status, /metrics, /healthz or /readyz\n"
