@@ -48,6 +48,9 @@ class BridgeSpec:
     deny: tuple[IPv4Network, ...] = DEFAULT_DENY
     dns_target: IPv4Address | None = None  # a host-local resolver, reached at the gateway's port 53
     uplinks: tuple[str, ...] = ()          # interfaces traffic leaves by: forwarding is enabled on them
+    # False: a plain network of peers (e.g. a simulated cluster's pod network): no nftables table (the
+    # host's services stay reachable, nothing is masqueraded) and ports not isolated from each other.
+    sandboxed: bool = True
 
     def __post_init__(self) -> None:
         check_ifname(self.bridge)
@@ -158,7 +161,8 @@ class BridgeNetwork:
             self._set(None, f"net/ipv4/conf/{spec.bridge}/route_localnet", "1")
         for uplink in spec.uplinks:
             self._set(None, f"net/ipv4/conf/{uplink}/forwarding", "1", note=True)
-        spec.nft_table.load(ruleset(spec))
+        if spec.sandboxed:
+            spec.nft_table.load(ruleset(spec))
 
     def _set(self, namespace: Namespace | None, key: str, value: str, *, note: bool = False) -> None:
         if read_sysctl(namespace, key) != value:
@@ -179,7 +183,7 @@ class BridgeNetwork:
             links.delete(spec.bridge)
 
     def attach(self, namespace: Namespace, index: int, *, ifname: str = "eth0") -> Attachment:
-        """Connect `namespace` to the bridge: a veth pair (host side isolated on the bridge, `ifname`
+        """Connect `namespace` to the bridge: a veth pair (host side isolated on a sandboxed bridge, `ifname`
         inside with the index-th address of the subnet), loopback up, default route via the gateway."""
         spec = self.spec
         if index not in spec.host_indexes:
@@ -189,7 +193,7 @@ class BridgeNetwork:
             host.add_veth(attachment.host_veth, ifname, namespace)
             try:
                 self._set(None, f"net/ipv6/conf/{attachment.host_veth}/disable_ipv6", "1")
-                host.attach_to_bridge(attachment.host_veth, spec.bridge, isolated=True)
+                host.attach_to_bridge(attachment.host_veth, spec.bridge, isolated=spec.sandboxed)
                 host.up(attachment.host_veth)
                 with open_links(namespace) as inside:
                     inside.up("lo")

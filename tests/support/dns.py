@@ -79,12 +79,14 @@ def _skip_name(packet: bytes, offset: int) -> int:
 class DnsServer:
     """A running dnsmasq; `stop()` ends it."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, address: str | None = None) -> None:
+        """`address`: where it listens (port 53); by default a free 127.0.53.x."""
         if shutil.which(DNSMASQ) is None:
             raise RuntimeError("dnsmasq is not installed (Debian package dnsmasq-base; scripts/setup.sh installs it)")
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.address = next((f"127.0.53.{n}" for n in range(1, 250) if _port_53_free(f"127.0.53.{n}")), None)
+        self.address = address or next((f"127.0.53.{n}" for n in range(1, 250) if _port_53_free(f"127.0.53.{n}")),
+                                       None)
         if self.address is None:
             raise RuntimeError("no 127.0.53.x address has port 53 free")
         self.hosts_path = workdir / "hosts"
