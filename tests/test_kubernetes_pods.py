@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,8 @@ def test_the_pods_serve_an_execute_through_the_proxy_and_a_mount_survives_the_no
 
         # afs-sdk's Execute through the proxy pod, placed on the node pod's afslet by DNS.
         call = ProxySdkCall({"address": f"{proxy.ip}:62051", "op": "execute", "extra_entries": [], "input": {
-            "image": image, "command": ["/bin/sh", "-c", "echo hello from $(hostname) > /root/out.txt; cat /root/out.txt"],
+            "image": image,
+            "command": ["/bin/sh", "-c", "echo hello from $(hostname) > /root/out.txt; cat /root/out.txt"],
             "cpu_cores": 1, "memory_mb": 256, "timeout_ms": 60_000}}).finish()
         assert call.result["exit_code"] == 0, call.events
         assert call.stdout == [call.stdout[0]] and call.stdout[0].startswith("hello from ")
@@ -115,7 +117,7 @@ def test_the_pods_serve_an_execute_through_the_proxy_and_a_mount_survives_the_no
 
         # Graceful termination in the kubelet's order: afslet drains and exits 0, then the sidecars.
         codes = node.stop()
-        assert codes == {"afslet": 0, "node": 0, "layerstore": 0}, {n: c for n, c in codes.items()}
+        assert codes == {"afslet": 0, "node": 0, "layerstore": 0}
     finally:
         cluster.close()
         if registry is not None:
@@ -125,7 +127,6 @@ def test_the_pods_serve_an_execute_through_the_proxy_and_a_mount_survives_the_no
 
 def wait_for_whole_blobs(mounts, timeout: float = 120.0) -> None:
     """Until every layer of every mount is on the node (the background fill completed)."""
-    import time
     deadline = time.monotonic() + timeout
     while any(m.get("bytes_cached", 0) != m.get("bytes_total", 0) for m in mounts()):
         assert time.monotonic() < deadline, mounts()
