@@ -23,6 +23,7 @@ from afsd.api import discovery_pb2 as pb
 from afsd.api import discovery_pb2_grpc as pb_grpc
 from afsd.cluster.keys import image_key, normalise_image_key
 from afsd.cluster.nodetable import NodeRecord, NodeTable
+from afsd.cluster.peer_answers import PeerAnswerError, check_heartbeat
 from afsd.cluster.resolver import ImageResolver
 from afsd.errors import AfsdError, InvalidReferenceError
 from afsd.oci.platform import parse_platform
@@ -66,20 +67,21 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
         self.resolver = resolver
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
-        node_id, endpoint = request.node_id.strip(), request.endpoint.strip()
-        if not node_id or not endpoint:
+        if not request.node_id.strip() or not request.endpoint.strip():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "heartbeat needs node_id and endpoint")
-        layers: dict[str, tuple[int, str]] = {d.strip().lower(): (0, "") for d in request.layer_digests if d.strip()}
+        try:
+            check_heartbeat(request, peer=f"heartbeat from {context.peer()}")
+        except PeerAnswerError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        layers: dict[str, tuple[int, str]] = {d: (0, "") for d in request.layer_digests}
         for stat in request.layer_stats:
-            if stat.digest.strip():
-                layers[stat.digest.strip().lower()] = (stat.afs_size, stat.blob_digest)
+            layers[stat.digest] = (stat.afs_size, stat.blob_digest)
         self.table.update(NodeRecord(
-            node_id=node_id, endpoint=endpoint, last_seen=self.table.now(),
+            node_id=request.node_id, endpoint=request.endpoint, last_seen=self.table.now(),
             last_seen_unix=int(time.time()), layers=layers,
-            cached_images=_valid_keys(list(request.cached_images), endpoint),
-            pulling_images=_valid_keys(list(request.pulling_images), endpoint),
-            pulling_layers=frozenset(d.strip().lower() for d in request.pulling_layers if d.strip()),
-            cache_max_bytes=request.cache_max_bytes))
+            cached_images=_valid_keys(list(request.cached_images), request.endpoint),
+            pulling_images=_valid_keys(list(request.pulling_images), request.endpoint),
+            pulling_layers=frozenset(request.pulling_layers), cache_max_bytes=request.cache_max_bytes))
         return pb.HeartbeatResponse(expires_in_seconds=int(self.table.ttl))
 
     async def _key(self, text: str, context: grpc.aio.ServicerContext) -> str:

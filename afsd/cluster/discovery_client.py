@@ -18,6 +18,7 @@ import grpc
 
 from afsd.api import discovery_pb2 as pb
 from afsd.api import discovery_pb2_grpc as pb_grpc
+from afsd.cluster.peer_answers import PeerAnswerError, check_resolved, check_services
 from afsd.retry import RetryPolicy, grpc_permanent, grpc_retry_soon
 from afsd.rpc import ChannelPool
 
@@ -72,13 +73,21 @@ class DiscoveryClient:
     def _stub(self, address: str) -> pb_grpc.ServiceDiscoveryStub:
         return pb_grpc.ServiceDiscoveryStub(self._channels.get(address))
 
-    async def _first(self, call: Callable[[pb_grpc.ServiceDiscoveryStub], Awaitable[T]]) -> T:
+    async def _first(self, call: Callable[[pb_grpc.ServiceDiscoveryStub], Awaitable[T]],
+                     check: Callable[[T, str], object] = lambda answer, endpoint: None) -> T:
+        """The answer of the first replica that gives one `check(answer, endpoint)` accepts; a replica
+        whose answer fails the check counts as failed (logged with its name), and the next is asked."""
         errors: dict[str, str] = {}
         async for _ in self._retry.rounds():
             worth_another_round = False
             for endpoint in self.endpoints:
                 try:
-                    return await call(self._stub(endpoint))
+                    answer = await call(self._stub(endpoint))
+                    check(answer, f"discovery {endpoint}")
+                    return answer
+                except PeerAnswerError as error:
+                    log.warning("ignoring the answer of %s", error)
+                    errors[endpoint] = error.problem
                 except grpc.aio.AioRpcError as error:
                     if grpc_permanent(error.code()):
                         raise  # the same answer from every replica
@@ -91,16 +100,19 @@ class DiscoveryClient:
 
     async def find_provider(self, digest: str = "", *, include_pulling: bool = False) -> list[pb.ServiceInstance]:
         response = await self._first(lambda stub: stub.FindProvider(
-            pb.FindProviderRequest(layer_digest=digest, include_pulling=include_pulling), timeout=QUERY_TIMEOUT))
+            pb.FindProviderRequest(layer_digest=digest, include_pulling=include_pulling), timeout=QUERY_TIMEOUT),
+            lambda answer, peer: check_services(answer.services, peer=peer))
         return list(response.services)
 
     async def find_image_provider(self, key: str, *, include_pulling: bool = False) -> list[pb.ServiceInstance]:
         response = await self._first(lambda stub: stub.FindImageProvider(
-            pb.FindImageProviderRequest(image_key=key, include_pulling=include_pulling), timeout=QUERY_TIMEOUT))
+            pb.FindImageProviderRequest(image_key=key, include_pulling=include_pulling), timeout=QUERY_TIMEOUT),
+            lambda answer, peer: check_services(answer.services, peer=peer))
         return list(response.services)
 
     async def resolve_image(self, request: pb.ResolveImageRequest, timeout: float = 60.0) -> pb.ResolveImageResponse:
-        return await self._first(lambda stub: stub.ResolveImage(request, timeout=timeout))
+        return await self._first(lambda stub: stub.ResolveImage(request, timeout=timeout),
+                                 lambda answer, peer: check_resolved(answer, peer=peer))
 
     async def heartbeat(self, request: pb.HeartbeatRequest) -> int:
         """Send `request` to every address of every replica; return how many accepted it."""

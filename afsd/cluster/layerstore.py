@@ -38,6 +38,7 @@ from afsd.api import layerstore_pb2 as pb
 from afsd.cluster.blobstore import BlobStore, Reservation, StoredLayer
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
 from afsd.cluster.keys import image_key
+from afsd.cluster.peer_answers import PeerAnswerError
 from afsd.cluster.peers import LayerStorePeer, PeerLayer, copy_layer
 from afsd.erofs.convert import convert_layer_async, converter_identity
 from afsd.errors import AfsdError, DigestMismatchError
@@ -416,7 +417,7 @@ class LayerStoreNode:
         peer = LayerStorePeer(endpoint, self.channels)
         partial = self.store.new_partial(want.digest)
         try:
-            layer = await peer.stat(want.digest)
+            layer = await peer.stat(want.digest, diff_id=want.diff_id or None)
             problem = self._unusable(layer, want)
             if problem:
                 log.warning("not copying %s from %s: %s", want.digest, endpoint, problem)
@@ -434,12 +435,13 @@ class LayerStoreNode:
         except DigestMismatchError as error:
             log.error("corrupt data from peer: %s", error)
             return None
+        except PeerAnswerError as error:
+            log.warning("not copying %s: unusable answer from %s", want.digest, error)
+            return None
 
     def _unusable(self, layer: PeerLayer, want: LayerWant) -> str:
         if layer.blob.converter != self.converter:
             return f"made by converter {layer.blob.converter!r}, this node runs {self.converter!r}"
-        if want.diff_id and layer.blob.diff_id and want.diff_id != layer.blob.diff_id:
-            return f"its diff_id {layer.blob.diff_id} is not the image's {want.diff_id}"
         return ""
 
     async def _fetch_from_registry(self, reference: ImageReference, want: LayerWant,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from afsd.api import layerstore_pb2_grpc as pb_grpc
 from afsd.cluster.blobstore import StoredLayer
 from afsd.cluster.bytestream_server import ByteStreamServer, caller_address
 from afsd.cluster.layerstore import ImageRecord, LayerStoreNode, LayerWant
+from afsd.cluster.peer_answers import DIGEST, PeerAnswerError, check_stat
 from afsd.cluster.peers import MAX_READ_MESSAGE, stat_to_peer_layer
 from afsd.errors import AfsdError
 from afsd.oci.platform import Platform, parse_platform
@@ -25,8 +25,6 @@ from afsd.rpc import abort_for
 BYTES_SERVED = Counter("afsd_layerstore_bytes_served_total", "Blob bytes sent to readers by ReadLayer")
 # Tickets granted per OpenByteStream call, at most (one per data connection the reader opens).
 MAX_TICKETS = 8
-
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def _layer_message(layer: StoredLayer) -> pb.Layer:
@@ -57,7 +55,7 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
 
     async def _digest(self, text: str, context: grpc.aio.ServicerContext) -> str:
         digest = text.strip().lower()
-        if not _DIGEST.match(digest):
+        if not DIGEST.match(digest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid layer digest {text!r}: expected sha256:<64 hex>")
         return digest
 
@@ -226,8 +224,12 @@ class LocalLayerStoreService(pb_grpc.LocalLayerStoreServicer):
         self.node = node
 
     async def ImportLayer(self, request: pb.ImportLayerRequest, context: grpc.aio.ServicerContext) -> pb.ImportLayerResponse:
-        if not _DIGEST.match(request.stat.digest) or not request.path:
+        if not DIGEST.match(request.stat.digest) or not request.path:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ImportLayer needs a path and the layer's stat")
+        try:
+            check_stat(request.stat, request.stat.digest, peer="ImportLayer")
+        except PeerAnswerError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         try:
             layer, imported = await self.node.import_layer(Path(request.path), stat_to_peer_layer(request.stat))
         except FileNotFoundError:

@@ -20,6 +20,7 @@ import grpc
 from afsd.api import layerstore_pb2 as pb
 from afsd.api import layerstore_pb2_grpc as pb_grpc
 from afsd.cluster.chunks import ChunkTable
+from afsd.cluster.peer_answers import check_stat
 from afsd.erofs.convert import BlobInfo
 from afsd.errors import DigestMismatchError
 from afsd.ondemand.spec import BlobSpec
@@ -79,8 +80,15 @@ class LayerStorePeer:
         self.endpoint = endpoint
         self.stub = pb_grpc.LayerStoreStub(channels.get(endpoint))
 
-    async def stat(self, digest: str, timeout: float = 10.0) -> PeerLayer:
-        return stat_to_peer_layer(await self.stub.StatLayer(pb.StatLayerRequest(digest=digest), timeout=timeout))
+    async def stat_layer(self, digest: str, *, diff_id: str | None = None,
+                         timeout: float = 10.0) -> pb.StatLayerResponse:
+        """The peer's description of layer `digest`'s blob, checked for form and bounds, to be about that
+        layer and (given `diff_id`) made from that tar; PeerAnswerError naming the peer otherwise."""
+        answer = await self.stub.StatLayer(pb.StatLayerRequest(digest=digest), timeout=timeout)
+        return check_stat(answer, digest, peer=f"layerstore {self.endpoint}", diff_id=diff_id)
+
+    async def stat(self, digest: str, *, diff_id: str | None = None, timeout: float = 10.0) -> PeerLayer:
+        return stat_to_peer_layer(await self.stat_layer(digest, diff_id=diff_id, timeout=timeout))
 
     async def read_stream(self, digest: str, offset: int, length: int,
                           timeout: float | None = None) -> AsyncIterator[tuple[int, bytes]]:

@@ -3,13 +3,17 @@ layerstore holds every layer (asking one to pull when nobody does), and describe
 
 The result is one `BlobSpec` per layer, bottom first, with the providers that hold exactly that blob
 (the same blob digest: nodes running another converter have other bytes and are left out).
+
+Every answer is checked where it enters (afsd.cluster.peer_answers, via the discovery client and
+`LayerStorePeer.stat_layer`): the blob description a mount uses comes from the first provider whose
+StatLayer is about the layer asked for, well formed, and made from the image config's diff_id. A
+provider that fails any check is logged by name and skipped, as if it were down.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import grpc
@@ -19,6 +23,7 @@ from afsd.api import layerstore_pb2 as lpb
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
 from afsd.cluster.keys import image_key
 from afsd.cluster.layerstore import rendezvous_order
+from afsd.cluster.peer_answers import PeerAnswerError, check_pulled
 from afsd.cluster.peers import LayerStorePeer, blob_spec_from_stat
 from afsd.errors import AfsdError, NotFoundError, RegistryError
 from afsd.oci.platform import Platform
@@ -112,13 +117,13 @@ class ImageLocator:
             puller, pulled = await self._pull_somewhere(reference, platform)
             # The puller holds every layer now, even before its next heartbeat reaches discovery.
             for layer in pulled.layers:
-                holders.setdefault(layer.digest, [])
-                if all(n.endpoint != puller for n in holders[layer.digest]):
+                if layer.digest in holders and all(n.endpoint != puller for n in holders[layer.digest]):
                     holders[layer.digest].append(dpb.ServiceInstance(
                         endpoint=puller, layer_digests=[layer.digest],
                         layer_stats=[dpb.LayerStat(digest=layer.digest, afs_size=layer.afs_size,
                                                    blob_digest=layer.blob_digest)]))
-        specs = [await self._spec(digest, holders[digest], reference) for digest in digests]
+        specs = [await self._spec(layer.digest, layer.diff_id, holders[layer.digest], reference)
+                 for layer in resolved.layers]
         return ResolvedMount(image_key(reference, platform), reference, resolved.manifest_digest, specs)
 
     async def _holders(self, digest: str) -> list[dpb.ServiceInstance]:
@@ -147,7 +152,12 @@ class ImageLocator:
                 try:
                     log.info("asking layerstore %s to pull %s", endpoint, reference)
                     stub = LayerStorePeer(endpoint, self.channels).stub
-                    return endpoint, await stub.PullImage(request, timeout=PULL_TIMEOUT)
+                    pulled = await stub.PullImage(request, timeout=PULL_TIMEOUT)
+                    check_pulled(pulled.layers, peer=f"layerstore {endpoint}")
+                    return endpoint, pulled
+                except PeerAnswerError as error:
+                    log.warning("ignoring the PullImage answer of %s", error)
+                    failures[endpoint] = error.problem
                 except grpc.aio.AioRpcError as error:
                     if grpc_permanent(error.code()):  # the image itself is the problem: no use asking others
                         raise _grpc_to_error(error, f"cannot pull {reference}") from None
@@ -158,32 +168,34 @@ class ImageLocator:
         raise ImageUnavailableError(f"no layerstore could pull {reference}: " + "; ".join(
             f"{endpoint}: {reason}" for endpoint, reason in failures.items()))
 
-    async def _spec(self, digest: str, holders: list[dpb.ServiceInstance], reference: ImageReference) -> BlobSpec:
+    async def _spec(self, digest: str, diff_id: str, holders: list[dpb.ServiceInstance],
+                    reference: ImageReference) -> BlobSpec:
+        """The blob description of the first holder whose StatLayer passes every check; the holders
+        advertising that same blob are the spec's providers."""
         if not holders:
             raise ImageUnavailableError(f"layer {digest} of {reference} is on no layerstore, even after a pull")
-        # Providers must agree on the blob; the most common blob digest wins (others ran another converter).
-        by_node = {}
-        for node in holders:
-            stat = next((s for s in node.layer_stats if s.digest == digest), None)
-            if stat is not None:
-                by_node[node.endpoint] = stat.blob_digest
-        common = Counter(by_node.values()).most_common(1)
-        blob_digest = common[0][0] if common else ""
-        providers = [n.endpoint for n in holders if by_node.get(n.endpoint, blob_digest) == blob_digest]
-        if self.local_layerstore in providers:
-            providers.remove(self.local_layerstore)
-            providers.insert(0, self.local_layerstore)
+        endpoints = list(dict.fromkeys(n.endpoint for n in holders))
+        if self.local_layerstore in endpoints:
+            endpoints.remove(self.local_layerstore)
+            endpoints.insert(0, self.local_layerstore)
         errors = []
-        for endpoint in providers:
+        for endpoint in endpoints:
             try:
-                stat = await LayerStorePeer(endpoint, self.channels).stub.StatLayer(
-                    lpb.StatLayerRequest(digest=digest), timeout=10)
+                stat = await LayerStorePeer(endpoint, self.channels).stat_layer(digest, diff_id=diff_id)
             except grpc.aio.AioRpcError as error:
                 errors.append(f"{endpoint}: {error.code().name}")
                 continue
-            if blob_digest and stat.blob_digest != blob_digest:
-                errors.append(f"{endpoint}: blob {stat.blob_digest} differs from the advertised {blob_digest}")
+            except PeerAnswerError as error:
+                log.warning("layer %s: not using the StatLayer answer of %s", digest, error)
+                errors.append(str(error))
                 continue
-            return blob_spec_from_stat(stat, tuple(providers))
-        raise ImageUnavailableError(f"no provider of layer {digest} answered StatLayer: " + "; ".join(errors))
+            advertised = {n.endpoint: _advertised_blob(n, digest) for n in holders}
+            providers = tuple(e for e in endpoints if advertised.get(e) in ("", stat.blob_digest))
+            return blob_spec_from_stat(stat, providers)
+        raise ImageUnavailableError(f"no provider of layer {digest} gave a usable StatLayer answer: "
+                                    + "; ".join(errors))
 
+
+def _advertised_blob(node: dpb.ServiceInstance, digest: str) -> str:
+    """The blob digest `node`'s heartbeat gave for layer `digest` ("" when it did not say): a hint only."""
+    return next((s.blob_digest for s in node.layer_stats if s.digest == digest), "")

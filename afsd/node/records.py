@@ -10,12 +10,21 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from afsd.errors import AfsdError
 from afsd.fsutil import load_json_records, write_json_atomically
 from afsd.ondemand.spec import BlobSpec
+
+# What may name an entry of the state directory: a layer digest's hex, a mount id.
+_ENTRY_NAME = re.compile(r"^[0-9a-f]{1,64}$")
+
+
+class StatePathError(AfsdError):
+    """A path the node would derive under its state directory would not stay inside it."""
 
 
 @dataclass
@@ -61,13 +70,22 @@ class StateDir:
         os.chmod(self.root, 0o700)
 
     def scratch(self, mount_id: str) -> Path:
-        return self.mounts / mount_id
+        return self._inside(self.mounts, mount_id)
 
     def layer_mountpoint(self, spec: BlobSpec) -> Path:
-        return self.layers / spec.name
+        return self._inside(self.layers, spec.name)
 
     def blob_path(self, spec: BlobSpec) -> Path:
-        return self.blobs / f"{spec.name}.erofs"
+        return self._inside(self.blobs, spec.name, ".erofs")
+
+    @staticmethod
+    def _inside(directory: Path, name: str, suffix: str = "") -> Path:
+        """`directory/name+suffix`, refusing any `name` that is not a plain hex name (so that no
+        answer from a peer can make it a path elsewhere: `..`, `/`, an absolute path)."""
+        path = directory / f"{name}{suffix}"
+        if not _ENTRY_NAME.match(name) or path.parent != directory:
+            raise StatePathError(f"refusing the state path {name!r}{suffix}: not a plain name inside {directory}")
+        return path
 
     def save(self, record: MountRecord) -> None:
         write_json_atomically(self.mounts / f"{record.mount_id}.json", record.to_json())

@@ -68,9 +68,11 @@ class LocalCluster:
         await asyncio.to_thread(start_all, daemons)
         return daemons
 
-    async def start_node(self, layerstore: Daemon | None = None, *, extra_args: list[str] = ()) -> Daemon:
+    async def start_node(self, layerstore: Daemon | None = None, *, extra_args: list[str] = (),
+                         discovery_endpoints: list[str] | None = None) -> Daemon:
         """An `afsd node` daemon (mounts), paired with `layerstore` as its node's own layerstore."""
-        daemon = node_daemon(self.workdir, f"mounter{len(self.nodes)}", [d.address for d in self.discoveries],
+        endpoints = discovery_endpoints if discovery_endpoints is not None else [d.address for d in self.discoveries]
+        daemon = node_daemon(self.workdir, f"mounter{len(self.nodes)}", endpoints,
                              layerstore=layerstore, extra_args=list(extra_args))
         self.nodes.append(daemon)
         await asyncio.to_thread(daemon.start)

@@ -1,0 +1,226 @@
+"""Hostile peers against a real node daemon: forged StatLayer and FindProvider answers.
+
+A fake layerstore (tests/support/hostile.py, real protos) relays a real layerstore that nobody else
+knows, forges its answers, and heartbeats to a real discovery replica as a holder of the image. For
+every forgery, `afsd mount` on a real `afsd node` either fails with one line naming the fake (when it
+is the only holder) or fails over to an honest holder and reads true bytes; nothing is written outside
+the node's state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from afsd.api import discovery_pb2 as dpb
+from afsd.api import discovery_pb2_grpc as dgrpc
+from afsd.api import layerstore_pb2 as lpb
+from afsd.api import layerstore_pb2_grpc as lgrpc
+from afsd.lab.catalogue import seeded_bytes
+from afsd.node.records import mounted_paths
+from tests.support.cluster import LocalCluster, small_image
+from tests.support.hostile import ForgingDiscovery, ForgingLayerStore, heartbeat_for, heartbeat_forever, serving
+
+pytestmark = pytest.mark.slow
+
+StatForgery = Callable[[lpb.StatLayerResponse], lpb.StatLayerResponse]
+
+
+def forgeries(token: str) -> dict[str, tuple[StatForgery, str]]:
+    """Forged StatLayer answers: name -> (forgery, a phrase the refusal must contain)."""
+    def traversal(stat: lpb.StatLayerResponse) -> lpb.StatLayerResponse:
+        stat.digest = f"sha256:../../../../../../../../../../tmp/afsd-pwned-{token}-{stat.digest[7:19]}"
+        return stat
+
+    def other_layer(stat: lpb.StatLayerResponse) -> lpb.StatLayerResponse:
+        stat.digest = "sha256:" + "0" * 64
+        return stat
+
+    def tib_chunks(stat: lpb.StatLayerResponse) -> lpb.StatLayerResponse:
+        stat.chunk_size = 1 << 40
+        del stat.chunk_digests[1:]
+        return stat
+
+    def dotdot_dirs(stat: lpb.StatLayerResponse) -> lpb.StatLayerResponse:
+        stat.implicit_dirs.append("/srv/../../etc")
+        return stat
+
+    def escaped_dotdot_dirs(stat: lpb.StatLayerResponse) -> lpb.StatLayerResponse:
+        stat.implicit_dirs.append("/srv/%2E%2E/%2E%2E/etc")
+        return stat
+
+    def other_diff_id(stat: lpb.StatLayerResponse) -> lpb.StatLayerResponse:
+        stat.diff_id = ""
+        return stat
+
+    return {
+        "traversal digest": (traversal, "not the sha256:"),
+        "mismatched digest": (other_layer, "not the sha256:"),
+        "1 TiB chunk size": (tib_chunks, "chunk size 1099511627776"),
+        "'..' implicit dir": (dotdot_dirs, "has a '.', '..' or NUL component"),
+        "escaped '..' implicit dir": (escaped_dotdot_dirs, "has a '.', '..' or NUL component"),
+        "missing diff_id": (other_diff_id, "but the image config says"),
+    }
+
+
+def host_tree(workdir: Path, own: list[Path]) -> set[tuple[str, str, int]]:
+    """What a hostile answer could have written to: the entries of /, /etc and /var/tmp, and everything
+    under the test's work dir except the daemons' own directories and logs (which change as they run)."""
+    entries: set[tuple[str, str, int]] = set()
+    for directory in ("/", "/etc", "/var/tmp"):
+        entries |= {(os.path.join(directory, name), "", 0) for name in os.listdir(directory)}
+    skip = {str(p) for p in own}
+    for root, dirs, files in os.walk(workdir):
+        dirs[:] = [d for d in dirs if os.path.join(root, d) not in skip]
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if not name.endswith(".log"):
+                info = os.lstat(path)
+                entries.add((path, oct(info.st_mode), info.st_size if not os.path.isdir(path) else 0))
+    return entries
+
+
+def pwned(token: str) -> list[str]:
+    return [os.path.join(d, n) for d in ("/", "/tmp", "/etc", "/var/tmp") for n in os.listdir(d) if token in n]
+
+
+def one_line(result) -> str:
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+async def _stats(cluster: LocalCluster, store, digests: list[str]) -> list[lpb.StatLayerResponse]:
+    return [await cluster.layerstore(store).StatLayer(lpb.StatLayerRequest(digest=d)) for d in digests]
+
+
+async def test_a_lone_hostile_holder_fails_the_mount_with_one_line_naming_it(cluster: LocalCluster) -> None:
+    (discovery,) = await cluster.start_discovery(1)
+    (origin,) = await cluster.start_layerstores(1, discovery_endpoints=[])  # known to nobody but the fake
+    image = await cluster.push("lone", small_image("lone", 2 << 20))
+    pulled = await cluster.pull(origin, image)
+    stats = await _stats(cluster, origin, [layer.digest for layer in pulled.layers])
+    node = await cluster.start_node(None)
+    token = secrets.token_hex(6)
+    fake = ForgingLayerStore(cluster.layerstore(origin))
+    async with serving(lambda server: lgrpc.add_LayerStoreServicer_to_server(fake, server)) as address:
+        beats = asyncio.create_task(heartbeat_forever(cluster.discovery(discovery),
+                                                      heartbeat_for("evil", address, stats)))
+        try:
+            await cluster.wait_until(lambda: cluster.nodes_for_layer(discovery, stats[0].digest), 20, "the fake listed")
+            own = [node.socket_path.parent, origin.log_path.with_suffix(""), cluster.workdir / "registry",
+                   cluster.workdir / discovery.name]
+            target = cluster.workdir / "rootfs"
+            target.mkdir()
+            before = await asyncio.to_thread(host_tree, cluster.workdir, own)
+            for name, (forgery, phrase) in forgeries(token).items():
+                fake.forge_stat, fake.calls[:] = forgery, []
+                line = one_line(await cluster.afsd(node, "mount", image.reference, str(target)))
+                assert address in line and phrase in line, f"{name}: {line}"
+                assert ("StatLayer", stats[0].digest) in fake.calls, f"{name}: the fake was never asked"
+                assert not any(True for _ in target.iterdir()), name
+                assert pwned(token) == [], name
+                assert [p for p in mounted_paths() if p.startswith(str(cluster.workdir))] == [], name
+                state = node.socket_path.parent / "state"
+                assert sorted(p.name for p in (state / "blobs").iterdir()) == [], name
+            after = await asyncio.to_thread(host_tree, cluster.workdir, own)
+            assert sorted(after ^ before) == []
+            assert "not using the StatLayer answer of layerstore " + address in node.log()
+        finally:
+            beats.cancel()
+
+
+async def test_a_hostile_holder_beside_an_honest_one_is_skipped_and_the_mount_reads_true_bytes(
+        cluster: LocalCluster) -> None:
+    (discovery,) = await cluster.start_discovery(1)
+    origin, = await cluster.start_layerstores(1, discovery_endpoints=[])
+    (honest,) = await cluster.start_layerstores(1)
+    image = await cluster.push("beside", small_image("beside", 2 << 20))
+    pulled = await cluster.pull(origin, image)
+    await cluster.pull(honest, image)
+    digests = [layer.digest for layer in pulled.layers]
+    stats = await _stats(cluster, origin, digests)
+    node = await cluster.start_node(None)   # no local layerstore: every mount asks the holders again
+    token = secrets.token_hex(6)
+    fake = ForgingLayerStore(cluster.layerstore(origin))
+    async with serving(lambda server: lgrpc.add_LayerStoreServicer_to_server(fake, server)) as address:
+        # "aaa-" sorts first in discovery's answers: the node asks the fake before the honest holder.
+        beats = asyncio.create_task(heartbeat_forever(cluster.discovery(discovery),
+                                                      heartbeat_for("aaa-evil", address, stats)))
+        try:
+            await cluster.wait_until(
+                lambda: _listed(cluster, discovery, digests[0], {"aaa-evil", honest.name}), 20, "both holders listed")
+            target = cluster.workdir / "rootfs"
+            target.mkdir()
+            for name, (forgery, _) in forgeries(token).items():
+                fake.forge_stat, fake.calls[:] = forgery, []
+                mounted = await cluster.afsd(node, "mount", image.reference, str(target))
+                assert mounted.returncode == 0, f"{name}: {mounted.stderr}"
+                assert ("StatLayer", digests[0]) in fake.calls, f"{name}: the fake was never asked"
+                for index in range(2):
+                    data = (target / f"data/beside-{index}.bin").read_bytes()
+                    assert data == seeded_bytes(f"beside{index}", (2 << 20) // 2), name
+                assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
+                assert pwned(token) == [], name
+            assert node.log().count("not using the StatLayer answer of layerstore " + address) >= len(forgeries(token))
+        finally:
+            beats.cancel()
+
+
+async def _listed(cluster: LocalCluster, discovery, digest: str, names: set[str]) -> bool:
+    return names <= await cluster.nodes_for_layer(discovery, digest)
+
+
+async def test_an_oversized_find_provider_answer_is_refused_and_the_next_replica_asked(cluster: LocalCluster) -> None:
+    (discovery,) = await cluster.start_discovery(1)
+    (honest,) = await cluster.start_layerstores(1)
+    image = await cluster.push("oversized", small_image("oversized", 1 << 20))
+    await cluster.pull(honest, image)
+
+    def flood(answer: dpb.FindProviderResponse) -> dpb.FindProviderResponse:
+        for index in range(5000):
+            answer.services.add(node_id=f"ghost{index}", endpoint=f"10.{index // 250}.{index % 250}.1:1")
+        return answer
+
+    fake = ForgingDiscovery(cluster.discovery(discovery), forge_find_provider=flood)
+    async with serving(lambda server: dgrpc.add_ServiceDiscoveryServicer_to_server(fake, server)) as address:
+        node = await cluster.start_node(None, discovery_endpoints=[address, discovery.address])
+        target = cluster.workdir / "rootfs"
+        target.mkdir()
+        mounted = await cluster.afsd(node, "mount", image.reference, str(target))
+        assert mounted.returncode == 0, mounted.stderr
+        assert (target / "etc/oversized-0.txt").read_text() == "oversized layer 0\n"
+        assert f"discovery {address}: listed 5001 nodes (at most 4096)" in node.log()
+        assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
+
+
+async def test_discovery_refuses_malformed_heartbeats(cluster: LocalCluster) -> None:
+    import grpc
+
+    (discovery,) = await cluster.start_discovery(1)
+    stub = cluster.discovery(discovery)
+    good = dpb.HeartbeatRequest(node_id="n1", endpoint="127.0.0.1:1",
+                                layer_stats=[dpb.LayerStat(digest="sha256:" + "a" * 64, afs_size=1,
+                                                           blob_digest="sha256:" + "b" * 64)])
+    await stub.Heartbeat(good)
+    for field, value, phrase in (("endpoint", "unix:/run/afsd/node.sock", "is not HOST:PORT"),
+                                 ("endpoint", "127.0.0.1:99999", "is not HOST:PORT"),
+                                 ("layer_digests", ["sha256:../../etc"], "is not sha256:")):
+        bad = dpb.HeartbeatRequest()
+        bad.CopyFrom(good)
+        if isinstance(value, list):
+            getattr(bad, field).extend(value)
+        else:
+            setattr(bad, field, value)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Heartbeat(bad)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and phrase in refused.value.details()
+    services = (await stub.FindProvider(dpb.FindProviderRequest())).services
+    assert [(s.node_id, s.endpoint) for s in services] == [("n1", "127.0.0.1:1")]
