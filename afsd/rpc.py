@@ -1,4 +1,5 @@
-"""gRPC plumbing shared by the daemons: running a server until SIGTERM, mapping our errors to status
+"""gRPC plumbing shared by the daemons: servers and client channels (with mutual TLS when the process
+has TLS material, see afsd/trust/tls.py), running a server until SIGTERM, mapping our errors to status
 codes, and a small cache of client channels to peers."""
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ import signal
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from afsd import errors
 from afsd.health import HEALTH
 from afsd.metrics import MetricsInterceptor
+
+if TYPE_CHECKING:
+    from afsd.trust.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +70,34 @@ async def abort_for(context: grpc.aio.ServicerContext, error: errors.AfsdError, 
 MAX_CONCURRENT_RPCS = 1024
 
 
-def new_server(*, maximum_concurrent_rpcs: int = MAX_CONCURRENT_RPCS) -> grpc.aio.Server:
-    return grpc.aio.server(interceptors=[MetricsInterceptor()], options=CHANNEL_OPTIONS,
+def new_server(tls: TlsConfig | None = None, *,
+               maximum_concurrent_rpcs: int = MAX_CONCURRENT_RPCS) -> grpc.aio.Server:
+    """A server with afsd's interceptors; with `tls`, every call is checked against the access rules
+    (afsd/trust/access.py) — bind it with `add_port(server, address, tls)`."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
+    if tls is not None:
+        from afsd.trust.access import AccessInterceptor
+        interceptors.append(AccessInterceptor())
+    return grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS,
                            maximum_concurrent_rpcs=maximum_concurrent_rpcs)
+
+
+def add_port(server: grpc.aio.Server, address: str, tls: TlsConfig | None) -> int:
+    """Listen on `address`: mutual TLS (a client certificate from the cluster CA required) with `tls`,
+    plaintext without. Returns the port; UsageError when nothing could be bound."""
+    port = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+    if port == 0:
+        raise errors.UsageError(f"cannot listen on {address}")
+    return port
+
+
+def open_channel(address: str, tls: TlsConfig | None = None,
+                 options: list[tuple[str, int]] = CHANNEL_OPTIONS) -> grpc.aio.Channel:
+    """A client channel to `address`: mutual TLS with `tls` (the server's certificate must come from the
+    cluster CA and name the host dialled), plaintext without."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
 
 
 async def run_until_signalled(server: grpc.aio.Server, *, grace: float = 5.0,
@@ -129,23 +159,37 @@ async def _socket_answers(path: Path) -> bool:
     return True
 
 
+def unreachable_hint(error: grpc.aio.AioRpcError, tls: TlsConfig | None) -> str:
+    """What to check when a call failed before reaching the server: with mutual TLS a refused handshake
+    (no certificate, another CA, a server certificate not naming the host dialled) looks like that."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    if tls is None:
+        return " (if it runs with mutual TLS, give --tls-dir with a certificate from its cluster CA)"
+    return f" (TLS as {tls.identity.name}: its certificate must come from the CA in {tls.ca_path}, and ours from its CA)"
+
+
 class ChannelPool:
-    """One insecure channel per peer address, reused across calls (gRPC multiplexes on it).
+    """One channel per peer address (mutual TLS with `tls`), reused across calls (gRPC multiplexes on it).
 
     `data_tls`: the TLS settings for byte-stream data connections to layerstores whose data listener
-    speaks TLS (afsd/cluster/bytestream_client.py; None: such listeners are read with ReadLayer instead).
+    speaks TLS (afsd/cluster/bytestream_client.py; None: such listeners are read with ReadLayer instead);
+    made from `tls` when given.
     """
 
     channel_options: list[tuple[str, int]] = CHANNEL_OPTIONS   # a subclass may tune them
     data_tls: ssl.SSLContext | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsConfig | None = None) -> None:
+        self.tls = tls
+        if tls is not None:
+            self.data_tls = tls.ssl_client_context()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self.channel_options)
+            channel = open_channel(address, self.tls, self.channel_options)
             self._channels[address] = channel
         return channel
 

@@ -14,7 +14,7 @@ from afsd.lab.skopeo import PushedImage
 from tests.support.registries import LabRegistry
 
 SUBCOMMANDS = ["convert", "discovery", "layerstore", "demo", "proxy", "let", "node", "mount", "umount", "mounts", "run",
-               "ps", "logs", "stop", "snapshotter"]
+               "ps", "logs", "stop", "snapshotter", "certs"]
 
 
 def afsd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

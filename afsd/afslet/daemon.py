@@ -22,6 +22,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from afsd.afslet import cgroups
 from afsd.afslet.admission import Admission
@@ -39,7 +40,10 @@ from afsd.api import afslet_pb2_grpc, executions_pb2_grpc
 from afsd.cluster.discovery_client import DiscoveryClient
 from afsd.errors import UsageError
 from afsd.health import HEALTH
-from afsd.rpc import ChannelPool, new_server
+from afsd.rpc import ChannelPool, add_port, new_server
+
+if TYPE_CHECKING:
+    from afsd.trust.tls import TlsConfig
 
 log = logging.getLogger("afsd.let")
 
@@ -55,6 +59,7 @@ class DaemonOptions:
     metrics_listen: str | None = None
     graceful_timeout: float = 10.0  # after the staged aborts, for results, tars and teardown
     max_concurrent_rpcs: int = 256
+    tls: TlsConfig | None = None    # mutual TLS for the Execute port and discovery; None: dev mode
 
 
 async def serve(config: AfsletConfig, options: DaemonOptions, executions: ExecutionTable | None = None) -> int:
@@ -71,7 +76,7 @@ async def serve(config: AfsletConfig, options: DaemonOptions, executions: Execut
         log.warning("%s", line)
     reaper = Subreaper()
     reaper.install()
-    channels = ChannelPool()
+    channels = ChannelPool(options.tls)
     mounts = NodeMounts(options.node_socket, options.mount_backend)
     network = ContainerNetwork(config.network, config.work_dir, config.resolv_conf)
     runtime = Runtime(config=config,
@@ -88,11 +93,10 @@ async def serve(config: AfsletConfig, options: DaemonOptions, executions: Execut
         except (OSError, RuntimeError) as error:
             raise UsageError(f"cannot set up the containers' network ({config.network.mode}): {error}; "
                              "--network none runs containers without one") from None
-        server = new_server(maximum_concurrent_rpcs=options.max_concurrent_rpcs)
+        server = new_server(options.tls, maximum_concurrent_rpcs=options.max_concurrent_rpcs)
         afslet_pb2_grpc.add_AfsletServicer_to_server(AfsletService(runtime), server)
         executions_pb2_grpc.add_ExecutionsServicer_to_server(ExecutionsService(runtime), server)
-        if server.add_insecure_port(options.listen) == 0:
-            raise UsageError(f"cannot listen on {options.listen}")
+        add_port(server, options.listen, options.tls)
         await server.start()
     except BaseException:
         await network.stop()

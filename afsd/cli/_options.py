@@ -1,14 +1,19 @@
-"""Command-line options shared by subcommands (registry access, platform, output format)."""
+"""Command-line options shared by subcommands (registry access, platform, mutual TLS, listen defaults)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from afsd.errors import UsageError
 from afsd.oci.platform import Platform, parse_platform
 
 if TYPE_CHECKING:
     from afsd.oci.config import RegistryConfig
+    from afsd.trust.tls import TlsConfig
 
 
 def add_registry_options(parser: argparse.ArgumentParser) -> None:
@@ -38,3 +43,49 @@ def add_platform_option(parser: argparse.ArgumentParser) -> None:
 
 def platform_from(args: argparse.Namespace) -> Platform:
     return parse_platform(args.platform)
+
+
+def add_tls_options(parser: argparse.ArgumentParser, *, client: bool = False) -> None:
+    """`--tls-dir DIR` or `--tls-ca/--tls-cert/--tls-key` (read by `tls_from`). `client`: for commands that
+    only call a daemon (default from $AFSD_TLS_DIR)."""
+    group = parser.add_argument_group(
+        "mutual TLS", "this process's certificate from the cluster CA (`afsd certs`, or cert-manager); without "
+                      "one, calls are plaintext and unauthenticated (dev mode)")
+    group.add_argument("--tls-dir", type=Path, metavar="DIR", default=os.environ.get("AFSD_TLS_DIR") if client else None,
+                       help="ca.crt, tls.crt and tls.key (cert-manager's secret layout)"
+                            + (" (default $AFSD_TLS_DIR)" if client else ""))
+    group.add_argument("--tls-ca", type=Path, metavar="FILE", help="the cluster CA certificate (instead of --tls-dir)")
+    group.add_argument("--tls-cert", type=Path, metavar="FILE", help="this process's certificate (chain)")
+    group.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key")
+
+
+def tls_from(args: argparse.Namespace) -> "TlsConfig | None":
+    """The TLS material the options name (loaded and checked), or None for dev mode."""
+    from afsd.trust.tls import TlsConfig
+
+    files = (args.tls_ca, args.tls_cert, args.tls_key)
+    if args.tls_dir is not None and any(files):
+        raise UsageError("give either --tls-dir or --tls-ca/--tls-cert/--tls-key, not both")
+    if args.tls_dir is not None:
+        return TlsConfig.from_dir(args.tls_dir).check()
+    if any(files) and not all(files):
+        raise UsageError("--tls-ca, --tls-cert and --tls-key go together")
+    return TlsConfig(*files).check() if all(files) else None
+
+
+def listen_address(given: str | None, port: int, tls: "TlsConfig | None") -> str:
+    """`given`, else the default: all interfaces with TLS, loopback only without (dev mode)."""
+    return given or (f"0.0.0.0:{port}" if tls is not None else f"127.0.0.1:{port}")
+
+
+def announce_security(log: logging.Logger, daemon: str, tls: "TlsConfig | None", listen: str = "") -> None:
+    """One line at start saying how this daemon authenticates, loud in dev mode."""
+    from afsd.trust.tls import DEV_MODE_WARNING
+
+    if tls is not None:
+        log.warning("%s: %s", daemon, tls.describe())
+        return
+    host = listen.rpartition(":")[0].strip("[]")
+    exposed = f"; it listens on {listen}, beyond this machine" if listen and host not in (
+        "127.0.0.1", "::1", "localhost") and not listen.startswith("unix:") else ""
+    log.warning("%s %s%s", daemon, DEV_MODE_WARNING, exposed)

@@ -14,6 +14,7 @@ import shlex
 import sys
 from typing import TYPE_CHECKING, Self
 
+from afsd.cli._options import add_tls_options, tls_from
 from afsd.errors import AfsdError
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
     from afsd.api import executions_pb2 as epb
     from afsd.api import executions_pb2_grpc as epb_grpc
+    from afsd.trust.tls import TlsConfig
 
 DEFAULT_TARGET = os.environ.get("AFSD_TARGET", "127.0.0.1:62051")
 SHORT_ID = 12
@@ -64,18 +66,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _target_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT",
                         help="afslet or proxy gRPC address (default $AFSD_TARGET or %(default)s)")
+    add_tls_options(parser, client=True)
 
 
 # -- talking to the server ----------------------------------------------------------------------------
 
 
-def _explain(error: grpc.aio.AioRpcError, target: str) -> ExecutionsError:
+def _explain(error: grpc.aio.AioRpcError, target: str, tls: TlsConfig | None = None) -> ExecutionsError:
     import grpc
+
+    from afsd.rpc import unreachable_hint
 
     code = error.code()
     if code == grpc.StatusCode.UNAVAILABLE:
         return ExecutionsError(f"cannot reach {target}: {error.details()}; is an afslet (afsd let) or a proxy "
-                               "listening there? (--target HOST:PORT)")
+                               "listening there? (--target HOST:PORT)" + unreachable_hint(error, tls))
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return ExecutionsError(f"{target} does not serve execution management (afsd.executions.v1); is it an "
                                "afslet or proxy of this afsd version?")
@@ -83,14 +88,13 @@ def _explain(error: grpc.aio.AioRpcError, target: str) -> ExecutionsError:
 
 
 class _Client:
-    def __init__(self, target: str) -> None:
-        import grpc
-
+    def __init__(self, target: str, tls: TlsConfig | None = None) -> None:
         from afsd.api import executions_pb2_grpc as epb_grpc
-        from afsd.rpc import CHANNEL_OPTIONS
+        from afsd.rpc import open_channel
 
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.tls = tls
+        self._channel = open_channel(target, tls)
         self.stub: epb_grpc.ExecutionsStub = epb_grpc.ExecutionsStub(self._channel)
 
     async def __aenter__(self) -> Self:
@@ -107,7 +111,7 @@ class _Client:
         try:
             return await self.stub.List(epb.ListRequest(include_finished=include_finished), timeout=30)
         except grpc.aio.AioRpcError as error:
-            raise _explain(error, self.target) from None
+            raise _explain(error, self.target, self.tls) from None
 
     async def resolve(self, prefix: str) -> epb.Execution:
         """The one execution whose id starts with `prefix`."""
@@ -172,7 +176,7 @@ def format_table(executions: list[epb.Execution]) -> str:
 async def run_ps(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
-    async with _Client(args.target) as client:
+    async with _Client(args.target, tls_from(args)) as client:
         listed = await client.list(include_finished=args.all)
     if args.json:
         document = json_format.MessageToDict(listed, preserving_proto_field_name=True,
@@ -196,7 +200,7 @@ async def run_logs(args: argparse.Namespace) -> int:
 
     if args.tail < 0:
         raise ExecutionsError(f"--tail must be >= 0 (got {args.tail})")
-    async with _Client(args.target) as client:
+    async with _Client(args.target, tls_from(args)) as client:
         execution = await client.resolve(args.id)
         request = epb.LogsRequest(id=execution.id, tail=args.tail, follow=args.follow, endpoint=execution.endpoint)
         try:
@@ -207,7 +211,7 @@ async def run_logs(args: argparse.Namespace) -> int:
                 for line in response.lines:
                     _print_line(line, args.all_sources)
         except grpc.aio.AioRpcError as error:
-            raise _explain(error, args.target) from None
+            raise _explain(error, args.target, client.tls) from None
     return 0
 
 
@@ -229,13 +233,13 @@ async def run_stop(args: argparse.Namespace) -> int:
     from afsd.api import afslet_pb2 as pb
     from afsd.api import executions_pb2 as epb
 
-    async with _Client(args.target) as client:
+    async with _Client(args.target, tls_from(args)) as client:
         execution = await client.resolve(args.id)
         try:
             response = await client.stub.Stop(epb.StopRequest(id=execution.id, endpoint=execution.endpoint),
                                               timeout=STOP_DEADLINE)
         except grpc.aio.AioRpcError as error:
-            raise _explain(error, args.target) from None
+            raise _explain(error, args.target, client.tls) from None
     stopped = response.execution
     stage = pb.StopStage.Name(stopped.stop_stage).removeprefix("STOP_STAGE_").lower()
     if response.already_finished:

@@ -9,12 +9,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from afsd.cli._options import add_registry_options, registry_config
+from afsd.cli._options import add_registry_options, add_tls_options, announce_security, registry_config, tls_from
 from afsd.errors import UsageError
 
 if TYPE_CHECKING:
     from afsd.cluster.blobstore import BlobStore
     from afsd.cluster.bytestream_server import ByteStreamServer
+    from afsd.trust.tls import TlsConfig
 
 log = logging.getLogger("afsd.layerstore")
 
@@ -49,8 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the byte-stream data listener (raw blob ranges sent with sendfile to readers holding "
                              "a ticket from OpenByteStream; docs/data-path.md). Default: --listen's IP on any free "
                              "port; 'none': no listener, readers use ReadLayer")
+    parser.add_argument("--data-plaintext", action="store_true",
+                        help="with TLS: the data listener sends blob bytes unencrypted (faster; readers still check "
+                             "every chunk against the signed chunk table and need a ticket from the mutual-TLS "
+                             "control channel; only confidentiality on the wire is given up)")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     add_registry_options(parser)
+    add_tls_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -82,6 +88,17 @@ def _check_listen(listen: str) -> None:
                          "listen on a reachable IP or pass --advertise HOST:PORT")
 
 
+def _check_certificate(tls: "TlsConfig", node_id: str, endpoint: str) -> None:
+    """Discovery accepts our heartbeats only if our certificate is a node's, names --node-id and covers
+    the advertised host: say so now rather than at every heartbeat."""
+    identity = tls.identity
+    host = endpoint.rpartition(":")[0]
+    if not identity.is_node or identity.name != node_id or not identity.covers_host(host):
+        raise UsageError(f"{tls.cert_path} is the certificate of {identity}, hosts "
+                         f"{', '.join(sorted(identity.hosts)) or 'none'}: a layerstore needs a node certificate for "
+                         f"--node-id {node_id} covering {host} (`afsd certs issue {node_id} --host {host}`)")
+
+
 async def run(args: argparse.Namespace) -> int:
     from afsd.api import layerstore_pb2_grpc
     from afsd.cluster.blobstore import BlobStore
@@ -91,33 +108,37 @@ async def run(args: argparse.Namespace) -> int:
     from afsd.cluster.layerstore_service import LayerStoreService, LocalLayerStoreService
     from afsd.metrics import serve_metrics
     from afsd.oci.client import RegistryClient
-    from afsd.rpc import ChannelPool, new_server, run_until_signalled, start_unix_server
+    from afsd.rpc import ChannelPool, add_port, new_server, run_until_signalled, start_unix_server
+    from afsd.trust.descriptors import BlobTrust
 
     if not args.advertise:
         _check_listen(args.listen)
     if args.cache_max_bytes < 0:
         raise UsageError("--cache-max-bytes must be >= 0")
+    tls = tls_from(args)
+    if tls is not None:
+        _check_certificate(tls, args.node_id, args.advertise or args.listen)
     if args.metrics_listen:
         serve_metrics(args.metrics_listen)
-    channels = ChannelPool()
+    channels = ChannelPool(tls)
     discovery = DiscoveryClient(args.discovery_endpoint, channels)
     async with RegistryClient(registry_config(args)) as registry:
         store = BlobStore(args.cache_dir, args.cache_max_bytes or None)
         node = LayerStoreNode(store, node_id=args.node_id, endpoint=args.advertise or args.listen,
                               registry=registry, discovery=discovery, channels=channels,
-                              fetch_concurrency=args.fetch_concurrency)
+                              fetch_concurrency=args.fetch_concurrency, trust=BlobTrust(tls))
         await node.start()
-        byte_streams = _start_byte_streams(args, store, asyncio.get_running_loop())
-        server = new_server()
+        byte_streams = _start_byte_streams(args, store, asyncio.get_running_loop(), tls)
+        server = new_server(tls)
         data_host = ""
         if byte_streams is not None and byte_streams.host != split_host_port(args.listen)[0]:
             data_host = byte_streams.host   # readers dial the gRPC endpoint's host unless told otherwise
         layerstore_pb2_grpc.add_LayerStoreServicer_to_server(LayerStoreService(node, byte_streams, data_host), server)
-        if server.add_insecure_port(args.listen) == 0:
-            raise UsageError(f"cannot listen on {args.listen}")
+        add_port(server, args.listen, tls)
         admin = await start_unix_server(args.admin_socket, lambda s: layerstore_pb2_grpc.add_LocalLayerStoreServicer_to_server(LocalLayerStoreService(node), s))
         beats = asyncio.create_task(heartbeat_forever(node, discovery, args.heartbeat_period)) \
             if args.discovery_endpoint else None
+        announce_security(log, f"layerstore {args.node_id}", tls, args.listen)
         log.warning("layerstore %s listening on %s, cache %s (limit %d bytes)", args.node_id, args.listen,
                     args.cache_dir, store.limit)
         try:
@@ -131,9 +152,10 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_byte_streams(args: argparse.Namespace, store: BlobStore,
-                        loop: asyncio.AbstractEventLoop) -> ByteStreamServer | None:
-    """The data listener serving `store`'s blobs, started; None with --data-listen none."""
+def _start_byte_streams(args: argparse.Namespace, store: BlobStore, loop: asyncio.AbstractEventLoop,
+                        tls: TlsConfig | None) -> ByteStreamServer | None:
+    """The data listener serving `store`'s blobs, started; None with --data-listen none. With `tls` it speaks
+    mutual TLS too, unless --data-plaintext (docs/data-path.md: what each costs)."""
     from afsd.cluster.bytestream_server import ByteStreamServer
 
     address = _data_listen(args)
@@ -147,10 +169,11 @@ def _start_byte_streams(args: argparse.Namespace, store: BlobStore,
     def served(digest: str, count: int) -> None:
         loop.call_soon_threadsafe(store.touch, digest)   # LRU: the store lives on the event loop
 
-    server = ByteStreamServer(*address, lookup, on_served=served)
+    data_tls = tls.ssl_server_context() if tls is not None and not args.data_plaintext else None
+    server = ByteStreamServer(*address, lookup, on_served=served, tls=data_tls)
     try:
         server.start()
     except OSError as error:
         raise UsageError(f"--data-listen {address[0]}:{address[1]}: cannot listen: {error.strerror or error}") from None
-    log.info("byte-stream data listener on %s:%d", address[0], server.port)
+    log.info("byte-stream data listener on %s:%d%s", address[0], server.port, " (TLS)" if data_tls else "")
     return server

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import shutil
 import socket
 from pathlib import Path
 
+from afsd.cli._options import add_tls_options, announce_security, tls_from
 from afsd.errors import MissingToolError, UsageError
 
 MAX_TAR_CHUNK = 4 * 1024 * 1024 - 64 * 1024  # under the 4 MiB gRPC message limit, with room for framing
@@ -112,6 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="finished executions kept for `afsd ps -a` / `afsd logs` (default %(default)s)")
     parser.add_argument("--log-tail-lines", type=int, default=1000, metavar="N",
                         help="log frames kept per execution for `afsd logs` (default %(default)s)")
+    add_tls_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -192,6 +195,7 @@ async def run(args: argparse.Namespace) -> int:
     from afsd.afslet.stopping import StopPolicy
 
     runc_binary = _check(args)
+    tls = tls_from(args)
     config = AfsletConfig(
         work_dir=args.work_dir.absolute(), limit_cpu_cores=args.limit_cpu, limit_memory_mb=args.limit_memory_mb,
         limit_gpus=args.limit_gpus, timeouts=TimeoutPolicy(args.default_timeout_ms, args.max_timeout_ms),
@@ -210,6 +214,8 @@ async def run(args: argparse.Namespace) -> int:
         runc_root=args.runc_root.absolute() if args.runc_root else None, cgroup_parent=args.cgroup_parent)
     options = DaemonOptions(listen=args.listen, node_socket=args.node_socket, discovery=args.discovery_addr,
                             mount_backend=args.mount_backend, metrics_listen=args.metrics_listen,
-                            graceful_timeout=args.graceful_timeout, max_concurrent_rpcs=args.max_concurrent_rpcs)
+                            graceful_timeout=args.graceful_timeout, max_concurrent_rpcs=args.max_concurrent_rpcs,
+                            tls=tls)
+    announce_security(logging.getLogger("afsd.let"), f"afslet {args.node_id}", tls, args.listen)
     executions = ExecutionTable(keep_finished=args.keep_finished, tail_lines=args.log_tail_lines)
     return await serve(config, options, executions)

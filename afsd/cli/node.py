@@ -9,6 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
+from afsd.cli._options import add_tls_options, announce_security, tls_from
 from afsd.errors import AfsdError, UsageError
 
 log = logging.getLogger("afsd.node")
@@ -45,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "complete blob still reaches the local layerstore (for nodes running many short "
                            "tasks; default 0: release at once, `afsd umount` leaves no mount behind)")
     node.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    add_tls_options(node)
     node.set_defaults(handler=run_node)
 
     mount = subparsers.add_parser("mount", help="mount an image's rootfs at a directory",
@@ -90,20 +92,23 @@ async def run_node(args: argparse.Namespace) -> int:
     from afsd.node.images import ImageLocator
     from afsd.node.service import NodeService
     from afsd.rpc import ChannelPool, run_until_signalled, start_unix_server
+    from afsd.trust.descriptors import BlobTrust
 
     if args.layer_linger < 0:
         raise UsageError(f"--layer-linger {args.layer_linger:g}: give seconds >= 0")
+    tls = tls_from(args)
     if args.metrics_listen:
         serve_metrics(args.metrics_listen)
-    channels = ChannelPool()
+    channels = ChannelPool(tls)
     discovery = DiscoveryClient(args.discovery_endpoint, channels)
     backends = build_backends(args.state_dir, args.backends, prefetch=not args.no_prefetch,
                               spreads=args.layerstore_admin_socket is not None)
     daemon = NodeDaemon(
-        args.state_dir, locator=ImageLocator(discovery, channels, local_layerstore=args.layerstore, node_id=args.node_id),
+        args.state_dir, locator=ImageLocator(discovery, channels, local_layerstore=args.layerstore, node_id=args.node_id,
+                                             trust=BlobTrust(tls)),
         backends=backends,
         source_factory=source_factory(discovery, channels, discovery_endpoints=args.discovery_endpoint,
-                                      local_endpoint=args.layerstore, node_id=args.node_id),
+                                      local_endpoint=args.layerstore, node_id=args.node_id, tls=tls),
         layerstore_admin_socket=args.layerstore_admin_socket, layer_linger=args.layer_linger)
     await daemon.start()
     if args.metrics_listen:
@@ -111,6 +116,7 @@ async def run_node(args: argparse.Namespace) -> int:
         for collector in daemon.metrics_collectors():
             REGISTRY.register(collector)
     server = await start_unix_server(args.socket, lambda s: node_pb2_grpc.add_NodeServicer_to_server(NodeService(daemon), s))
+    announce_security(log, f"node daemon {args.node_id}", tls)
     log.warning("node daemon %s: socket %s, state %s, backends %s", args.node_id, args.socket, args.state_dir,
                 ", ".join(f"{n}={r}" for n, r in daemon.backend_availability().items()))
     try:

@@ -9,6 +9,7 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
+from afsd.cli._options import add_tls_options, announce_security, listen_address, tls_from
 from afsd.errors import UsageError
 
 if TYPE_CHECKING:
@@ -26,10 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the call both ways. Also serves afsd.executions.v1.Executions for every afslet (afsd ps, "
                     "logs, stop), afsproxy.v1.AfsProxy (Status, ReconcileImageReplica) and HTTP /status and "
                     "/metrics.")
-    parser.add_argument("--listen", default="0.0.0.0:62051", metavar="HOST:PORT",
-                        help="gRPC listen address (default %(default)s)")
-    parser.add_argument("--http-listen", default="0.0.0.0:62052", metavar="HOST:PORT",
-                        help="HTTP /status and /metrics (default %(default)s)")
+    parser.add_argument("--listen", metavar="HOST:PORT",
+                        help="gRPC listen address (default 0.0.0.0:62051 with TLS, 127.0.0.1:62051 without)")
+    parser.add_argument("--http-listen", metavar="HOST:PORT",
+                        help="HTTP /status and /metrics, read-only and unauthenticated (default 0.0.0.0:62052 "
+                             "with TLS, 127.0.0.1:62052 without)")
     parser.add_argument("--afslet-target", required=True, metavar="NAME:PORT",
                         help="DNS name whose A/AAAA records are the afslets, and their gRPC port")
     parser.add_argument("--discovery-target", default="", metavar="NAME:PORT",
@@ -62,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="retries when a request does not set proxy_dispatch_max_retries (default %(default)s)")
     parser.add_argument("--graceful-timeout", type=float, default=10.0, metavar="S",
                         help="on SIGTERM, seconds running calls get before they are cancelled (default %(default)s)")
+    add_tls_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -117,31 +120,33 @@ async def run(args: argparse.Namespace) -> int:
     from afsd.proxy.peers import DispatchCounts, status_report
     from afsd.proxy.retry import RetryPolicy
     from afsd.proxy.service import AfsProxyService
-    from afsd.rpc import ChannelPool, new_server, run_until_signalled
+    from afsd.rpc import ChannelPool, add_port, new_server, run_until_signalled
 
     config = _config(args)
-    backends, channels, counts = BackendChannels(), ChannelPool(), DispatchCounts()
-    server = new_server()
+    tls = tls_from(args)
+    listen, http_listen = listen_address(args.listen, 62051, tls), listen_address(args.http_listen, 62052, tls)
+    backends, channels, counts = BackendChannels(tls), ChannelPool(tls), DispatchCounts()
+    server = new_server(tls)
     afslet_pb2_grpc.add_AfsletServicer_to_server(
         ProxyAfsletService(Dispatcher(config, backends), backends, counts, config.node_id), server)
     afsproxy_pb2_grpc.add_AfsProxyServicer_to_server(AfsProxyService(config, channels, backends), server)
     executions_pb2_grpc.add_ExecutionsServicer_to_server(ProxyExecutionsService(config, backends), server)
-    if server.add_insecure_port(args.listen) == 0:
-        raise UsageError(f"cannot listen on {args.listen}")
+    add_port(server, listen, tls)
 
     async def status(include_cluster: bool) -> dict:
         return await status_report(config.node_id, counts, include_cluster=include_cluster,
                                    peers_target=config.proxy_peers_target, timeout=config.status_timeout)
 
     try:
-        http = await serve_http(*parse_listen(args.http_listen), status)
+        http = await serve_http(*parse_listen(http_listen), status)
     except (OSError, ValueError) as error:
-        raise UsageError(f"cannot listen on --http-listen {args.http_listen}: {error}") from None
+        raise UsageError(f"cannot listen on --http-listen {http_listen}: {error}") from None
     await server.start()
     bound = RetryPolicy(config.retry.max_retries, config.retry.backoff_ms, config.retry.max_backoff_ms)
     strategy = f"{config.strategy} (preferring {', '.join(config.prefer)})" if config.prefer else config.strategy
+    announce_security(log, f"proxy {config.node_id}", tls, listen)
     log.warning("proxy %s listening on %s (HTTP %s): afslets %s placed by %s, discovery %s, peers %s; by default "
-                "%d retries, at most %.1fs of backoff", config.node_id, args.listen, args.http_listen,
+                "%d retries, at most %.1fs of backoff", config.node_id, listen, http_listen,
                 config.afslet_target, strategy, config.discovery_target or "-", config.proxy_peers_target or "-",
                 bound.max_retries, bound.worst_case_wait())
 

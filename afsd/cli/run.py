@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from afsd.cli._options import add_tls_options, tls_from
 from afsd.errors import AfsdError
 
 FILE_CHUNK = 1 << 20
@@ -35,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="platform of a multi-platform image")
     parser.add_argument("image", metavar="IMAGE")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="command and arguments")
+    add_tls_options(parser, client=True)
     parser.set_defaults(handler=run)
 
 
@@ -88,6 +90,7 @@ async def run(args: argparse.Namespace) -> int:
     from afsd.api import afslet_pb2 as pb
     from afsd.api import afslet_pb2_grpc as pb_grpc
     from afsd.oci.platform import parse_platform
+    from afsd.rpc import open_channel, unreachable_hint
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     platform = parse_platform(args.platform) if args.platform else None
@@ -98,10 +101,11 @@ async def run(args: argparse.Namespace) -> int:
                             platform_variant=platform.variant if platform else "")
     if args.dir is not None and not args.dir.is_dir():
         raise AfsdError(f"--dir {args.dir} is not a directory")
+    tls = tls_from(args)
     exit_code = 1
     upper = open(args.save_upper, "wb") if args.save_upper else None
     try:
-        async with grpc.aio.insecure_channel(args.target) as channel:
+        async with open_channel(args.target, tls) as channel:
             call = pb_grpc.AfsletStub(channel).Execute(_requests(start, args.dir))
             try:
                 async for response in call:
@@ -119,7 +123,8 @@ async def run(args: argparse.Namespace) -> int:
                     elif kind == "tar_chunk" and upper is not None:
                         await asyncio.to_thread(upper.write, response.tar_chunk.data)
             except grpc.aio.AioRpcError as error:
-                raise AfsdError(f"{args.target}: {error.details() or error.code().name}") from None
+                raise AfsdError(f"{args.target}: {error.details() or error.code().name}"
+                                + unreachable_hint(error, tls)) from None
     finally:
         if upper is not None:
             upper.close()

@@ -3,7 +3,8 @@
 Layout under the cache root:
 
     layers/sha256/<hex>.erofs    the blob converted from registry layer sha256:<hex>
-    layers/sha256/<hex>.json     its description (BlobInfo + media type + compressed size)
+    layers/sha256/<hex>.json     its description (BlobInfo + media type + compressed size + the
+                                 converter's signed descriptor, afsd/trust/descriptors.py)
     images/<sha256 of key>.json  an image pulled here: key, reference, manifest digest, layer list
     tmp/                         partial downloads and conversions; emptied at startup
 
@@ -20,6 +21,7 @@ file deletions and scans run in threads.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import itertools
 import json
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from afsd.api import layerstore_pb2 as pb
 from afsd.erofs.convert import BlobInfo
 from afsd.errors import CacheFullError
 from afsd.fsutil import write_json_atomically
@@ -51,10 +54,22 @@ class StoredLayer:
     blob: BlobInfo
     path: Path
     last_used: float
+    descriptor: bytes = b""   # the converter's SignedBlobDescriptor, serialized (empty in dev mode)
 
     def to_json(self) -> dict[str, Any]:
         return {"digest": self.digest, "media_type": self.media_type,
-                "compressed_size": self.compressed_size, "blob": self.blob.to_json()}
+                "compressed_size": self.compressed_size, "blob": self.blob.to_json(),
+                "descriptor": base64.b64encode(self.descriptor).decode()}
+
+    def to_stat(self) -> pb.StatLayerResponse:
+        """This layer as StatLayer describes it, with the converter's signed descriptor."""
+        blob = self.blob
+        return pb.StatLayerResponse(
+            digest=self.digest, afs_size=blob.size, cache_path=str(self.path), blob_digest=blob.digest,
+            data_map=[pb.ByteRange(offset=o, length=n) for o, n in blob.data_map], chunk_size=blob.chunk_size,
+            chunk_digests=blob.chunk_digests, converter=blob.converter, blob_id=blob.blob_id, diff_id=blob.diff_id,
+            media_type=self.media_type, compressed_size=self.compressed_size, implicit_dirs=blob.implicit_dirs,
+            descriptor=pb.SignedBlobDescriptor.FromString(self.descriptor))
 
 
 @dataclass
@@ -150,7 +165,7 @@ class BlobStore:
         if stat.st_size != blob.size or _hex(document["digest"]) != path.stem:
             return None
         return StoredLayer(document["digest"], document["media_type"], int(document["compressed_size"]),
-                           blob, path, stat.st_mtime)
+                           blob, path, stat.st_mtime, base64.b64decode(document.get("descriptor", "")))
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -194,10 +209,10 @@ class BlobStore:
 
     async def commit(self, digest: str, media_type: str, compressed_size: int, blob: BlobInfo,
                      partial: Path, reservation: Reservation | None = None,
-                     estimate: int = 0) -> StoredLayer:
+                     estimate: int = 0, descriptor: bytes = b"") -> StoredLayer:
         """Move a complete, verified blob into the cache and describe it."""
         path = self.path_for(digest)
-        layer = StoredLayer(digest, media_type, compressed_size, blob, path, time.time())
+        layer = StoredLayer(digest, media_type, compressed_size, blob, path, time.time(), descriptor)
 
         def publish() -> None:
             os.replace(partial, path)

@@ -29,6 +29,7 @@ from afsd.errors import AfsdError, InvalidReferenceError
 from afsd.oci.platform import parse_platform
 from afsd.oci.reference import parse_reference
 from afsd.rpc import abort_for
+from afsd.trust.identity import identity_of
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,12 @@ def _valid_keys(keys: list[str], endpoint: str) -> frozenset[str]:
 
 
 class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
-    def __init__(self, table: NodeTable, resolver: ImageResolver) -> None:
+    def __init__(self, table: NodeTable, resolver: ImageResolver, *, authenticated: bool = False) -> None:
+        """`authenticated`: served over mutual TLS; a heartbeat may then speak only for the node its
+        caller's certificate names, at an endpoint on one of the certificate's hosts."""
         self.table = table
         self.resolver = resolver
+        self.authenticated = authenticated
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         if not request.node_id.strip() or not request.endpoint.strip():
@@ -73,6 +77,10 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
             check_heartbeat(request, peer=f"heartbeat from {context.peer()}")
         except PeerAnswerError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        refusal = self._heartbeat_refusal(request, context)
+        if refusal:
+            log.warning("refused a heartbeat from %s: %s", context.peer(), refusal)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
         layers: dict[str, tuple[int, str]] = {d: (0, "") for d in request.layer_digests}
         for stat in request.layer_stats:
             layers[stat.digest] = (stat.afs_size, stat.blob_digest)
@@ -83,6 +91,22 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
             pulling_images=_valid_keys(list(request.pulling_images), request.endpoint),
             pulling_layers=frozenset(request.pulling_layers), cache_max_bytes=request.cache_max_bytes))
         return pb.HeartbeatResponse(expires_in_seconds=int(self.table.ttl))
+
+    def _heartbeat_refusal(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> str | None:
+        """Why this caller may not send this heartbeat, or None."""
+        if self.authenticated:
+            identity = identity_of(context)
+            if identity is None or identity.name != request.node_id:
+                return f"the certificate of {identity.name if identity else 'nobody'} cannot heartbeat for node " \
+                       f"{request.node_id!r}"
+            host = request.endpoint.rpartition(":")[0]
+            if not identity.covers_host(host):
+                return (f"endpoint {request.endpoint} is not on a host of node {identity.name}'s certificate "
+                        f"({', '.join(sorted(identity.hosts)) or 'none'})")
+        owner = self.table.owner_of(request.endpoint)
+        if owner is not None and owner != request.node_id:
+            return f"endpoint {request.endpoint} belongs to live node {owner!r}, not {request.node_id!r}"
+        return None
 
     async def _key(self, text: str, context: grpc.aio.ServicerContext) -> str:
         try:

@@ -38,8 +38,8 @@ from afsd.api import layerstore_pb2 as pb
 from afsd.cluster.blobstore import BlobStore, Reservation, StoredLayer
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
 from afsd.cluster.keys import image_key
-from afsd.cluster.peer_answers import PeerAnswerError
-from afsd.cluster.peers import LayerStorePeer, PeerLayer, copy_layer
+from afsd.cluster.peer_answers import PeerAnswerError, check_stat
+from afsd.cluster.peers import LayerStorePeer, PeerLayer, copy_layer, stat_to_peer_layer
 from afsd.erofs.convert import convert_layer_async, converter_identity
 from afsd.errors import AfsdError, DigestMismatchError
 from afsd.oci.client import RegistryClient
@@ -48,6 +48,7 @@ from afsd.oci.mediatypes import layer_compression
 from afsd.oci.platform import Platform
 from afsd.oci.reference import ImageReference
 from afsd.rpc import ChannelPool
+from afsd.trust.descriptors import BlobTrust
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -165,8 +166,11 @@ class _SingleFlight:
 class LayerStoreNode:
     def __init__(self, store: BlobStore, *, node_id: str, endpoint: str, registry: RegistryClient,
                  discovery: DiscoveryClient | None = None, channels: ChannelPool | None = None,
-                 fetch_concurrency: int = 3, resolve_ttl: float = RESOLVE_TTL) -> None:
+                 fetch_concurrency: int = 3, resolve_ttl: float = RESOLVE_TTL, trust: BlobTrust | None = None) -> None:
+        """`trust`: signs the descriptors of blobs converted here and verifies those of blobs copied or
+        imported (dev mode, the default: neither)."""
         self.store = store
+        self.trust = trust or BlobTrust(None)
         self.node_id = node_id
         self.endpoint = endpoint
         self.registry = registry
@@ -187,6 +191,8 @@ class LayerStoreNode:
     async def start(self) -> None:
         await self.store.open()
         self.converter = await asyncio.to_thread(converter_identity)
+        if self.trust.verifying:
+            await self._drop_unverifiable()
         for document in await self.store.images():
             try:
                 record = ImageRecord.from_json(document)
@@ -202,6 +208,15 @@ class LayerStoreNode:
 
     def _changed(self) -> None:
         self.changed.set()
+
+    async def _drop_unverifiable(self) -> None:
+        """With TLS, serve only blobs whose signed descriptor verifies (not those cached in dev mode)."""
+        for layer in self.store.layers():
+            try:
+                self.trust.verified_descriptor(layer.to_stat(), layer.digest, peer=f"the cache entry {layer.path}")
+            except PeerAnswerError as error:
+                log.warning("removing %s from the cache: %s", layer.digest, error.problem)
+                await self.store.remove(layer.digest)
 
     # -- what we advertise ----------------------------------------------------------------------
 
@@ -417,7 +432,7 @@ class LayerStoreNode:
         peer = LayerStorePeer(endpoint, self.channels)
         partial = self.store.new_partial(want.digest)
         try:
-            layer = await peer.stat(want.digest, diff_id=want.diff_id or None)
+            layer = await peer.stat(want.digest, diff_id=want.diff_id or None, trust=self.trust)
             problem = self._unusable(layer, want)
             if problem:
                 log.warning("not copying %s from %s: %s", want.digest, endpoint, problem)
@@ -428,7 +443,7 @@ class LayerStoreNode:
                 LAYERS_FETCHED.labels("peer").inc()
                 log.info("copied %s (%d bytes) from %s", want.digest, copied, endpoint)
                 return await self.store.commit(want.digest, want.media_type, want.size, layer.blob, partial,
-                                               reservation, want.estimate())
+                                               reservation, want.estimate(), layer.descriptor.SerializeToString())
         except grpc.aio.AioRpcError as error:
             log.warning("copying %s from %s failed: %s %s", want.digest, endpoint, error.code().name, error.details())
             return None
@@ -463,19 +478,24 @@ class LayerStoreNode:
         LAYERS_FETCHED.labels("registry").inc()
         try:
             return await self.store.commit(want.digest, want.media_type, want.size, blob, converted,
-                                           reservation, want.estimate())
+                                           reservation, want.estimate(), self.trust.sign(blob).SerializeToString())
         except BaseException:
             await asyncio.to_thread(converted.unlink, missing_ok=True)
             raise
 
     # -- adopting blobs assembled on this node ---------------------------------------------------
 
-    async def import_layer(self, path: Path, layer: PeerLayer) -> tuple[StoredLayer, bool]:
-        """Adopt the complete blob at `path` (assembled by this node's on-demand mounts) as `layer`.
+    async def import_layer(self, path: Path, stat: pb.StatLayerResponse) -> tuple[StoredLayer, bool]:
+        """Adopt the complete blob at `path` (assembled by this node's on-demand mounts) as the blob
+        `stat` describes.
 
-        The file is checked against the layer's chunk table and blob digest, then hard-linked (or
-        copied, across filesystems) into the cache; afterwards this node advertises the layer.
+        `stat` is checked like a peer's answer (with TLS: against the converter's signed descriptor);
+        the file against its chunk table and blob digest; then it is hard-linked (or copied, across
+        filesystems) into the cache, and afterwards this node advertises the layer.
         """
+        check_stat(stat, stat.digest, peer="ImportLayer")
+        self.trust.verified_descriptor(stat, stat.digest, peer="ImportLayer")
+        layer = stat_to_peer_layer(stat)
         existing = self.store.get(layer.digest)
         if existing is not None:
             return existing, False
@@ -492,7 +512,7 @@ class LayerStoreNode:
         self.record_evictions(evicted)
         try:
             stored = await self.store.commit(layer.digest, layer.media_type, layer.compressed_size, layer.blob,
-                                             partial, reservation, layer.blob.size)
+                                             partial, reservation, layer.blob.size, layer.descriptor.SerializeToString())
         finally:
             self.store.release(reservation)
         LAYERS_FETCHED.labels("import").inc()

@@ -15,8 +15,8 @@ from afsd.api import layerstore_pb2_grpc as pb_grpc
 from afsd.cluster.blobstore import StoredLayer
 from afsd.cluster.bytestream_server import ByteStreamServer, caller_address
 from afsd.cluster.layerstore import ImageRecord, LayerStoreNode, LayerWant
-from afsd.cluster.peer_answers import DIGEST, PeerAnswerError, check_stat
-from afsd.cluster.peers import MAX_READ_MESSAGE, stat_to_peer_layer
+from afsd.cluster.peer_answers import DIGEST, PeerAnswerError
+from afsd.cluster.peers import MAX_READ_MESSAGE
 from afsd.errors import AfsdError
 from afsd.oci.platform import Platform, parse_platform
 from afsd.oci.reference import ImageReference, parse_reference
@@ -31,15 +31,6 @@ def _layer_message(layer: StoredLayer) -> pb.Layer:
     return pb.Layer(digest=layer.digest, media_type=layer.media_type, compressed_size=layer.compressed_size,
                     afs_size=layer.blob.size, cache_path=str(layer.path), cached=True,
                     blob_digest=layer.blob.digest, diff_id=layer.blob.diff_id)
-
-
-def _stat_message(layer: StoredLayer) -> pb.StatLayerResponse:
-    blob = layer.blob
-    return pb.StatLayerResponse(
-        digest=layer.digest, afs_size=blob.size, cache_path=str(layer.path), blob_digest=blob.digest,
-        data_map=[pb.ByteRange(offset=o, length=n) for o, n in blob.data_map], chunk_size=blob.chunk_size,
-        chunk_digests=blob.chunk_digests, converter=blob.converter, blob_id=blob.blob_id, diff_id=blob.diff_id,
-        media_type=layer.media_type, compressed_size=layer.compressed_size, implicit_dirs=blob.implicit_dirs)
 
 
 class LayerStoreService(pb_grpc.LayerStoreServicer):
@@ -130,7 +121,7 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
     async def StatLayer(self, request: pb.StatLayerRequest, context: grpc.aio.ServicerContext) -> pb.StatLayerResponse:
         layer = await self._stored(await self._digest(request.digest, context), context)
         self.node.store.touch(layer.digest)
-        return _stat_message(layer)
+        return layer.to_stat()
 
     async def ReadLayer(self, request: pb.ReadLayerRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ReadLayerResponse]:
         digest = await self._digest(request.digest, context)
@@ -227,11 +218,9 @@ class LocalLayerStoreService(pb_grpc.LocalLayerStoreServicer):
         if not DIGEST.match(request.stat.digest) or not request.path:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ImportLayer needs a path and the layer's stat")
         try:
-            check_stat(request.stat, request.stat.digest, peer="ImportLayer")
+            layer, imported = await self.node.import_layer(Path(request.path), request.stat)
         except PeerAnswerError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        try:
-            layer, imported = await self.node.import_layer(Path(request.path), stat_to_peer_layer(request.stat))
         except FileNotFoundError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.path} does not exist")
         except AfsdError as error:

@@ -1,8 +1,10 @@
 """Discovery's soft state: which layerstore holds which layers and images, as of its last heartbeat.
 
-A node is known by its endpoint. Each heartbeat replaces the node's whole record (so a node that
-evicted a layer stops being listed for it at once), and a node whose last heartbeat is older than the
-TTL disappears from every answer. Nothing is persisted: a restarted discovery replica is complete again
+A node is known by its node id (with mutual TLS, the name its certificate proves), and an endpoint
+belongs to one live node at a time: a heartbeat claiming an endpoint another live node holds is refused
+(`owner_of`), so nobody can overwrite or shadow a real node's record. Each heartbeat replaces the node's
+whole record (so a node that evicted a layer stops being listed for it at once), and a node whose last
+heartbeat is older than the TTL disappears from every answer. Nothing is persisted: a restarted discovery replica is complete again
 after one heartbeat period, because every layerstore heartbeats every replica.
 """
 
@@ -35,15 +37,19 @@ class NodeTable:
         self._nodes: dict[str, NodeRecord] = {}
 
     def update(self, record: NodeRecord) -> None:
-        self._nodes[record.endpoint] = record
+        """Replace `record.node_id`'s record (check `owner_of(record.endpoint)` first)."""
+        self._nodes[record.node_id] = record
+
+    def owner_of(self, endpoint: str) -> str | None:
+        """The live node id whose record has `endpoint`, if any."""
+        self.expire()
+        return next((node.node_id for node in self._nodes.values() if node.endpoint == endpoint), None)
 
     def expire(self) -> list[str]:
         """Forget nodes not heard from within the TTL; return their endpoints."""
         deadline = self._clock() - self.ttl
-        gone = [ep for ep, node in self._nodes.items() if node.last_seen < deadline]
-        for endpoint in gone:
-            del self._nodes[endpoint]
-        return gone
+        gone = [node_id for node_id, node in self._nodes.items() if node.last_seen < deadline]
+        return [self._nodes.pop(node_id).endpoint for node_id in gone]
 
     def now(self) -> float:
         return self._clock()

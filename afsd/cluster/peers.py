@@ -12,8 +12,9 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -25,6 +26,9 @@ from afsd.erofs.convert import BlobInfo
 from afsd.errors import DigestMismatchError
 from afsd.ondemand.spec import BlobSpec
 from afsd.rpc import ChannelPool
+
+if TYPE_CHECKING:
+    from afsd.trust.descriptors import BlobTrust
 
 # Data per ReadLayer message: 64 KiB under gRPC's default 4 MiB receive limit leaves room for framing.
 MAX_READ_MESSAGE = 4 * 1024 * 1024 - 64 * 1024
@@ -38,6 +42,7 @@ class PeerLayer:
     media_type: str
     compressed_size: int
     blob: BlobInfo
+    descriptor: pb.SignedBlobDescriptor = field(default_factory=pb.SignedBlobDescriptor)  # kept with copies
 
     @property
     def chunks(self) -> ChunkTable:
@@ -50,7 +55,7 @@ def stat_to_peer_layer(stat: pb.StatLayerResponse) -> PeerLayer:
                     data_map=[(r.offset, r.length) for r in stat.data_map],
                     chunk_size=stat.chunk_size, chunk_digests=list(stat.chunk_digests),
                     converter=stat.converter, implicit_dirs=list(stat.implicit_dirs))
-    return PeerLayer(stat.digest, stat.media_type, stat.compressed_size, blob)
+    return PeerLayer(stat.digest, stat.media_type, stat.compressed_size, blob, stat.descriptor)
 
 
 def blob_spec_from_stat(stat: pb.StatLayerResponse, providers: tuple[str, ...] = ()) -> BlobSpec:
@@ -60,7 +65,7 @@ def blob_spec_from_stat(stat: pb.StatLayerResponse, providers: tuple[str, ...] =
                     data_map=tuple((r.offset, r.length) for r in stat.data_map),
                     implicit_dirs=tuple(stat.implicit_dirs), providers=providers, media_type=stat.media_type,
                     compressed_size=stat.compressed_size, diff_id=stat.diff_id, blob_id=stat.blob_id,
-                    converter=stat.converter)
+                    converter=stat.converter, descriptor=stat.descriptor.SerializeToString())
 
 
 def stat_from_blob_spec(spec: BlobSpec) -> pb.StatLayerResponse:
@@ -70,7 +75,7 @@ def stat_from_blob_spec(spec: BlobSpec) -> pb.StatLayerResponse:
         data_map=[pb.ByteRange(offset=o, length=n) for o, n in spec.data_map], chunk_size=spec.chunk_size,
         chunk_digests=list(spec.chunk_digests), converter=spec.converter, blob_id=spec.blob_id,
         diff_id=spec.diff_id, media_type=spec.media_type, compressed_size=spec.compressed_size,
-        implicit_dirs=list(spec.implicit_dirs))
+        implicit_dirs=list(spec.implicit_dirs), descriptor=pb.SignedBlobDescriptor.FromString(spec.descriptor))
 
 
 class LayerStorePeer:
@@ -80,15 +85,21 @@ class LayerStorePeer:
         self.endpoint = endpoint
         self.stub = pb_grpc.LayerStoreStub(channels.get(endpoint))
 
-    async def stat_layer(self, digest: str, *, diff_id: str | None = None,
+    async def stat_layer(self, digest: str, *, diff_id: str | None = None, trust: BlobTrust | None = None,
                          timeout: float = 10.0) -> pb.StatLayerResponse:
         """The peer's description of layer `digest`'s blob, checked for form and bounds, to be about that
-        layer and (given `diff_id`) made from that tar; PeerAnswerError naming the peer otherwise."""
+        layer and (given `diff_id`) made from that tar, and (given `trust`) to be exactly what the
+        converter's signed descriptor attests; PeerAnswerError naming the peer otherwise."""
         answer = await self.stub.StatLayer(pb.StatLayerRequest(digest=digest), timeout=timeout)
-        return check_stat(answer, digest, peer=f"layerstore {self.endpoint}", diff_id=diff_id)
+        peer = f"layerstore {self.endpoint}"
+        check_stat(answer, digest, peer=peer, diff_id=diff_id)
+        if trust is not None:
+            trust.verified_descriptor(answer, digest, peer=peer, diff_id=diff_id)
+        return answer
 
-    async def stat(self, digest: str, *, diff_id: str | None = None, timeout: float = 10.0) -> PeerLayer:
-        return stat_to_peer_layer(await self.stat_layer(digest, diff_id=diff_id, timeout=timeout))
+    async def stat(self, digest: str, *, diff_id: str | None = None, trust: BlobTrust | None = None,
+                   timeout: float = 10.0) -> PeerLayer:
+        return stat_to_peer_layer(await self.stat_layer(digest, diff_id=diff_id, trust=trust, timeout=timeout))
 
     async def read_stream(self, digest: str, offset: int, length: int,
                           timeout: float | None = None) -> AsyncIterator[tuple[int, bytes]]:

@@ -151,10 +151,14 @@ def start_all(daemons: list[Daemon], timeout: float = 30.0) -> None:
         daemon.wait_ready(timeout)
 
 
+def _tls_args(tls_dir: Path | None) -> list[str]:
+    return ["--tls-dir", str(tls_dir)] if tls_dir is not None else []
+
+
 def discovery_daemon(workdir: Path, name: str, *, ttl: float = 30.0, registry_args: list[str] = (),
-                     host: str = "127.0.0.1", metrics: bool = True) -> Daemon:
+                     host: str = "127.0.0.1", metrics: bool = True, tls_dir: Path | None = None) -> Daemon:
     port = free_port(host)
-    args = ["discovery", "--listen", f"{host}:{port}", "--ttl", str(ttl), *registry_args]
+    args = ["discovery", "--listen", f"{host}:{port}", "--ttl", str(ttl), *registry_args, *_tls_args(tls_dir)]
     if metrics:
         args += ["--metrics-listen", f"{host}:{free_port(host)}"]
     return Daemon(name, args, host, port, workdir / f"{name}.log")
@@ -162,11 +166,11 @@ def discovery_daemon(workdir: Path, name: str, *, ttl: float = 30.0, registry_ar
 
 def layerstore_daemon(workdir: Path, name: str, discovery: list[str], *, cache_max_bytes: int = 0,
                       heartbeat_period: float = 10.0, registry_args: list[str] = (),
-                      host: str = "127.0.0.1", metrics: bool = True) -> Daemon:
+                      host: str = "127.0.0.1", metrics: bool = True, tls_dir: Path | None = None) -> Daemon:
     port = free_port(host)
     args = ["layerstore", "--listen", f"{host}:{port}", "--node-id", name,
             "--cache-dir", str(workdir / name / "cache"), "--heartbeat-period", str(heartbeat_period),
-            "--admin-socket", str(workdir / name / "layerstore.sock"), *registry_args]
+            "--admin-socket", str(workdir / name / "layerstore.sock"), *registry_args, *_tls_args(tls_dir)]
     for endpoint in discovery:
         args += ["--discovery-endpoint", endpoint]
     if cache_max_bytes:
@@ -177,13 +181,14 @@ def layerstore_daemon(workdir: Path, name: str, discovery: list[str], *, cache_m
 
 
 def node_daemon(workdir: Path, name: str, discovery: list[str], *, layerstore: Daemon | None = None,
-                extra_args: list[str] = (), metrics: bool = True, host: str = "127.0.0.1") -> Daemon:
+                extra_args: list[str] = (), metrics: bool = True, host: str = "127.0.0.1",
+                tls_dir: Path | None = None) -> Daemon:
     """`afsd node` with its state and socket under `workdir/name`; with `layerstore`, that layerstore is
     this node's own (read first, and given the blobs this node assembles)."""
     state = workdir / name
     socket_path = state / "node.sock"
     args = ["node", "--socket", str(socket_path), "--state-dir", str(state / "state"), "--node-id", name,
-            *extra_args]
+            *extra_args, *_tls_args(tls_dir)]
     for endpoint in discovery:
         args += ["--discovery-endpoint", endpoint]
     if layerstore is not None:
@@ -260,7 +265,7 @@ SHORT_STOP_TIMEOUTS = (1.0, 1.0, 2.0)
 def afslet_daemon(workdir: Path, name: str, node: Daemon, discovery: list[str], *, limit_cpu: int = 2,
                   limit_memory_mb: int = 1024, extra_args: list[str] = (), metrics: bool = True,
                   host: str = "127.0.0.1", port: int | None = None,
-                  stop_timeouts: tuple[float, float, float] | None = None) -> Daemon:
+                  stop_timeouts: tuple[float, float, float] | None = None, tls_dir: Path | None = None) -> Daemon:
     """`afsd let` mounting through `node` (an `afsd node` daemon), with its work dir under `workdir/name`
     and its containers under the cgroup `/afsd-let-<name>-<hash of workdir>` (so that two runs, or two
     afslets, never see each other's containers). `port`: a given one (afslets behind a proxy share one
@@ -275,7 +280,8 @@ def afslet_daemon(workdir: Path, name: str, node: Daemon, discovery: list[str], 
                                      stop_timeouts) for arg in (flag, f"{seconds:g}")]
     args = ["let", "--listen", f"{host}:{port}", "--node-socket", str(node.socket_path),
             "--work-dir", str(work), "--limit-cpu", str(limit_cpu),
-            "--limit-memory-mb", str(limit_memory_mb), "--cgroup-parent", cgroup_parent, *stages, *extra_args]
+            "--limit-memory-mb", str(limit_memory_mb), "--cgroup-parent", cgroup_parent, *stages, *extra_args,
+            *_tls_args(tls_dir)]
     for endpoint in discovery:
         args += ["--discovery-addr", endpoint]
     if metrics:
@@ -304,13 +310,13 @@ def http_address(daemon: Daemon) -> str:
 
 def proxy_daemon(workdir: Path, name: str, afslet_target: str, *, host: str = "127.0.0.1", port: int | None = None,
                  http_port: int | None = None, discovery_target: str = "", peers_target: str = "",
-                 resolv_conf: Path | None = None, extra_args: list[str] = ()) -> Daemon:
+                 resolv_conf: Path | None = None, extra_args: list[str] = (), tls_dir: Path | None = None) -> Daemon:
     """`afsd proxy` on `host` (gRPC and HTTP); with `resolv_conf`, in a mount namespace whose
     /etc/resolv.conf it is, so that its DNS names resolve through the name server listed there."""
     port = port or free_port(host)
     http_port = http_port or free_port(host)
     args = ["proxy", "--listen", f"{host}:{port}", "--http-listen", f"{host}:{http_port}",
-            "--afslet-target", afslet_target, "--node-id", name, *extra_args]
+            "--afslet-target", afslet_target, "--node-id", name, *extra_args, *_tls_args(tls_dir)]
     if discovery_target:
         args += ["--discovery-target", discovery_target]
     if peers_target:

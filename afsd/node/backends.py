@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from afsd.cluster.discovery_client import DiscoveryClient
 from afsd.errors import UsageError
@@ -11,6 +12,9 @@ from afsd.ondemand.base import Backend, BlobSource
 from afsd.ondemand.eager import EagerBackend
 from afsd.ondemand.spec import BlobSpec
 from afsd.rpc import ChannelPool
+
+if TYPE_CHECKING:
+    from afsd.trust.tls import TlsConfig
 
 
 def build_backends(state_dir: Path, enabled: Sequence[str] | None, *, prefetch: bool = True,
@@ -33,14 +37,16 @@ def build_backends(state_dir: Path, enabled: Sequence[str] | None, *, prefetch: 
 
 
 def source_factory(discovery: DiscoveryClient, channels: ChannelPool, *, discovery_endpoints: list[str],
-                   local_endpoint: str | None, node_id: str) -> Callable[[BlobSpec], BlobSource]:
+                   local_endpoint: str | None, node_id: str,
+                   tls: TlsConfig | None = None) -> Callable[[BlobSpec], BlobSource]:
     """Per layer: a RangeFetcher reading from peer layerstores, and the settings a fetch worker in
-    another process needs to build its own."""
+    another process needs to build its own (the paths of this node's TLS files among them)."""
     from afsd.cluster.fetcher import RangeFetcher
 
     def make(spec: BlobSpec) -> BlobSource:
         fetcher = RangeFetcher(spec, discovery=discovery, channels=channels, local_endpoint=local_endpoint,
                                node_id=node_id)
         return BlobSource(fetcher, {"kind": "cluster", "discovery": list(discovery_endpoints),
-                                    "local_endpoint": local_endpoint or "", "node_id": node_id})
+                                    "local_endpoint": local_endpoint or "", "node_id": node_id,
+                                    "tls": tls.to_json() if tls else None})
     return make

@@ -6,8 +6,9 @@ The result is one `BlobSpec` per layer, bottom first, with the providers that ho
 
 Every answer is checked where it enters (afsd.cluster.peer_answers, via the discovery client and
 `LayerStorePeer.stat_layer`): the blob description a mount uses comes from the first provider whose
-StatLayer is about the layer asked for, well formed, and made from the image config's diff_id. A
-provider that fails any check is logged by name and skipped, as if it were down.
+StatLayer is about the layer asked for, well formed, made from the image config's diff_id and (with
+TLS) exactly what the converting layerstore signed (afsd.trust.descriptors). A provider that fails any
+check is logged by name and skipped, as if it were down.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from afsd.oci.reference import ImageReference
 from afsd.ondemand.spec import BlobSpec
 from afsd.retry import RetryPolicy, grpc_permanent, grpc_retry_soon
 from afsd.rpc import ChannelPool
+from afsd.trust.descriptors import BlobTrust
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,10 @@ def _grpc_to_error(error: grpc.aio.AioRpcError, what: str) -> AfsdError:
 
 class ImageLocator:
     def __init__(self, discovery: DiscoveryClient, channels: ChannelPool, *, local_layerstore: str | None = None,
-                 node_id: str = "", pinned_ttl: float = 60.0) -> None:
+                 node_id: str = "", pinned_ttl: float = 60.0, trust: BlobTrust | None = None) -> None:
+        """`trust`: verifies each StatLayer answer against the converter's signed descriptor (dev mode,
+        the default: only form, bounds and the diff_id are checked)."""
+        self.trust = trust or BlobTrust(None)
         self.discovery = discovery
         self.channels = channels
         self.local_layerstore = local_layerstore
@@ -181,7 +186,8 @@ class ImageLocator:
         errors = []
         for endpoint in endpoints:
             try:
-                stat = await LayerStorePeer(endpoint, self.channels).stat_layer(digest, diff_id=diff_id)
+                stat = await LayerStorePeer(endpoint, self.channels).stat_layer(digest, diff_id=diff_id,
+                                                                                trust=self.trust)
             except grpc.aio.AioRpcError as error:
                 errors.append(f"{endpoint}: {error.code().name}")
                 continue

@@ -5,7 +5,8 @@ The node daemon registers a blob with a `source` configuration (JSON, it crosses
 `RangeSource` with `SourceFactory.make`:
 
     {"kind": "cluster", "discovery": ["host:port", ...], "local_endpoint": "host:port" | null,
-     "node_id": "...", "options": {<RangeFetcher keyword arguments: call_timeout, min_request, ...>}}
+     "node_id": "...", "tls": {"ca", "cert", "key": paths} | null,
+     "options": {<RangeFetcher keyword arguments: call_timeout, min_request, ...>}}
         -> afsd.cluster.fetcher.RangeFetcher (peer layerstores, failover, leases)
     {"kind": "file", "path": "/complete/blob"}
         -> LocalFileSource: a complete copy on this machine, checked chunk by chunk
@@ -90,9 +91,10 @@ class SourceFactory:
         from afsd.cluster.discovery_client import DiscoveryClient
         from afsd.cluster.fetcher import RangeFetcher
         from afsd.rpc import ChannelPool
+        from afsd.trust.tls import TlsConfig
 
-        if self._channels is None:
-            self._channels = ChannelPool()
+        if self._channels is None:   # one worker serves one node: its TLS files are the same for every blob
+            self._channels = ChannelPool(TlsConfig.from_json(config.get("tls")))
         endpoints = tuple(config.get("discovery") or ())
         discovery = None
         if endpoints:

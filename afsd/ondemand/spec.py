@@ -12,6 +12,7 @@ may use a local file.
 
 from __future__ import annotations
 
+import base64
 import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,6 +40,7 @@ class BlobSpec:
     diff_id: str = ""
     blob_id: str = ""
     converter: str = ""
+    descriptor: bytes = b""                    # the converter's SignedBlobDescriptor (afsd/trust), serialized
 
     @property
     def name(self) -> str:
@@ -63,7 +65,7 @@ class BlobSpec:
             "data_map": [list(r) for r in self.data_map], "implicit_dirs": list(self.implicit_dirs),
             "providers": list(self.providers), "media_type": self.media_type,
             "compressed_size": self.compressed_size, "diff_id": self.diff_id, "blob_id": self.blob_id,
-            "converter": self.converter,
+            "converter": self.converter, "descriptor": base64.b64encode(self.descriptor).decode(),
         }
 
     @classmethod
@@ -74,7 +76,8 @@ class BlobSpec:
             data_map=tuple((int(o), int(n)) for o, n in data["data_map"]),
             implicit_dirs=tuple(data.get("implicit_dirs", ())), providers=tuple(data.get("providers", ())),
             media_type=data.get("media_type", ""), compressed_size=int(data.get("compressed_size", 0)),
-            diff_id=data.get("diff_id", ""), blob_id=data.get("blob_id", ""), converter=data.get("converter", ""))
+            diff_id=data.get("diff_id", ""), blob_id=data.get("blob_id", ""), converter=data.get("converter", ""),
+            descriptor=base64.b64decode(data.get("descriptor", "")))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import grpc
 
 from afsd.api import discovery_pb2 as dpb
 from afsd.api import discovery_pb2_grpc as dgrpc
+from afsd.cluster.peer_answers import PeerAnswerError, check_services
 from afsd.proxy.targets import resolve_target
 from afsd.rpc import ChannelPool
 
@@ -52,6 +53,8 @@ async def _ask(channels: ChannelPool, address: str, timeout: float) -> list[dpb.
     try:
         response = await dgrpc.ServiceDiscoveryStub(channels.get(address)).FindProvider(
             dpb.FindProviderRequest(), timeout=timeout)
+        return check_services(response.services, peer=f"discovery {address}")
     except grpc.aio.AioRpcError as error:
         return f"{error.code().name}: {error.details()}"
-    return list(response.services)
+    except PeerAnswerError as error:
+        return error.problem

@@ -2,7 +2,8 @@
 separate process, plus typed gRPC clients to talk to them.
 
 `LocalCluster` starts what a test asks for; everything is stopped at the end of the test (fixture
-`cluster`). Images are small, built in Python and pushed with skopeo into the cluster's own registry,
+`cluster`; `mtls_cluster` for the same with mutual TLS: every daemon gets a node certificate from a test
+CA, and the test's own clients use an `operator` node certificate). Images are small, built in Python and pushed with skopeo into the cluster's own registry,
 so the registry's access log counts only this test's fetches.
 """
 
@@ -29,9 +30,12 @@ from afsd.lab.catalogue import seeded_bytes
 from afsd.lab.daemons import Daemon, discovery_daemon, layerstore_daemon, node_daemon, start_all, stop_node_daemon
 from afsd.lab.layers import Entry, LayerSpec
 from afsd.lab.oci_layout import ImageSpec, write_oci_layout
+from afsd.lab.pki import LabPki
 from afsd.lab.registry import RegistryProcess, start_registry
 from afsd.lab.skopeo import PushedImage, push_layout
 from afsd.node.records import mounted_paths
+from afsd.rpc import open_channel
+from afsd.trust.tls import TlsConfig
 
 
 @dataclass
@@ -41,15 +45,25 @@ class LocalCluster:
     discoveries: list[Daemon] = field(default_factory=list)
     layerstores: list[Daemon] = field(default_factory=list)
     nodes: list[Daemon] = field(default_factory=list)
+    pki: LabPki | None = None      # mutual TLS: every daemon gets a node certificate from this CA
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
 
     @property
     def registry_args(self) -> list[str]:
         return ["--insecure-registry", self.registry.address]
 
+    @property
+    def operator_tls(self) -> TlsConfig | None:
+        """The test's own client certificate (a node's), with TLS."""
+        return TlsConfig.from_dir(self.pki.node("operator")) if self.pki is not None else None
+
+    def _cert(self, name: str) -> Path | None:
+        return self.pki.node(name) if self.pki is not None else None
+
     async def start_discovery(self, count: int = 1, *, ttl: float = 30.0) -> list[Daemon]:
-        daemons = [discovery_daemon(self.workdir, f"discovery{len(self.discoveries) + i}", ttl=ttl,
-                                    registry_args=self.registry_args) for i in range(count)]
+        names = [f"discovery{len(self.discoveries) + i}" for i in range(count)]
+        daemons = [discovery_daemon(self.workdir, name, ttl=ttl, registry_args=self.registry_args,
+                                    tls_dir=self._cert(name)) for name in names]
         self.discoveries += daemons
         await asyncio.to_thread(start_all, daemons)
         return daemons
@@ -58,9 +72,10 @@ class LocalCluster:
                                 discovery_endpoints: list[str] | None = None,
                                 prefix: list[str] | None = None, extra_args: list[str] = ()) -> list[Daemon]:
         endpoints = discovery_endpoints if discovery_endpoints is not None else [d.address for d in self.discoveries]
-        daemons = [layerstore_daemon(self.workdir, f"node{len(self.layerstores) + i}", endpoints,
-                                     cache_max_bytes=cache_max_bytes, heartbeat_period=heartbeat_period,
-                                     registry_args=self.registry_args) for i in range(count)]
+        names = [f"node{len(self.layerstores) + i}" for i in range(count)]
+        daemons = [layerstore_daemon(self.workdir, name, endpoints, cache_max_bytes=cache_max_bytes,
+                                     heartbeat_period=heartbeat_period, registry_args=self.registry_args,
+                                     tls_dir=self._cert(name)) for name in names]
         for daemon in daemons:
             daemon.prefix = list(prefix or [])
             daemon.args += list(extra_args)
@@ -72,8 +87,9 @@ class LocalCluster:
                          discovery_endpoints: list[str] | None = None) -> Daemon:
         """An `afsd node` daemon (mounts), paired with `layerstore` as its node's own layerstore."""
         endpoints = discovery_endpoints if discovery_endpoints is not None else [d.address for d in self.discoveries]
-        daemon = node_daemon(self.workdir, f"mounter{len(self.nodes)}", endpoints,
-                             layerstore=layerstore, extra_args=list(extra_args))
+        name = f"mounter{len(self.nodes)}"
+        daemon = node_daemon(self.workdir, name, endpoints, layerstore=layerstore, extra_args=list(extra_args),
+                             tls_dir=self._cert(name))
         self.nodes.append(daemon)
         await asyncio.to_thread(daemon.start)
         return daemon
@@ -106,7 +122,7 @@ class LocalCluster:
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = open_channel(address, self.operator_tls)
         return channel
 
     def layerstore(self, daemon: Daemon) -> lgrpc.LayerStoreStub:
@@ -173,8 +189,19 @@ class LocalCluster:
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
+    async for local in _local_cluster(tmp_path, None):
+        yield local
+
+
+@pytest.fixture
+async def mtls_cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
+    async for local in _local_cluster(tmp_path, await asyncio.to_thread(LabPki, tmp_path / "pki")):
+        yield local
+
+
+async def _local_cluster(tmp_path: Path, pki: LabPki | None) -> AsyncIterator[LocalCluster]:
     registry = await asyncio.to_thread(start_registry, tmp_path / "registry")
-    local = LocalCluster(tmp_path, registry)
+    local = LocalCluster(tmp_path, registry, pki=pki)
     try:
         yield local
     finally:

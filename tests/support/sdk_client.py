@@ -5,7 +5,9 @@ cannot be imported into one process: the tests run this script instead. It reads
 stdin and prints one JSON object per event on stdout, flushed as each event arrives (so a test can
 watch a call in progress, and kill this process to play a client that disconnects).
 
-Request: {"address": "HOST:PORT", "op": "execute" | "raw" | "status", ...}
+Request: {"address": "HOST:PORT", "op": "execute" | "raw" | "status", "tls": {"ca", "cert", "key"}?, ...}
+- tls: connect over TLS the way docs/security.md tells afs-sdk users to (an ssl.SSLContext with the cluster
+  CA, the user's certificate and ALPN h2, passed as AfsClient(..., ssl=context)); "cert"/"key" may be absent.
 - execute: "input": ExecuteInput fields; "extra_entries": [{"kind": "dir"|"file"|"symlink", "path", "mode",
   "uid", "gid", "mtime_unix", "target", "content_b64"}]. Uses AfsClient.execute (the SDK's high-level API,
   which also parses the tar): events accepted, log, result, tar_start, tar_dir, tar_symlink, tar_file
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import ssl
 import sys
 import time
 from dataclasses import asdict
@@ -141,10 +144,19 @@ async def repeat(client: AfsClient, request: dict) -> None:
         emit("run", seconds=time.perf_counter() - started, exit_code=exit_code, phases=phases)
 
 
+def ssl_context(tls: dict) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=tls["ca"])
+    if tls.get("cert"):
+        context.load_cert_chain(tls["cert"], tls["key"])
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
 async def main() -> None:
     request = json.loads(sys.stdin.read())
     host, _, port = request["address"].rpartition(":")
-    async with AfsClient(host, int(port)) as client:
+    context = ssl_context(request["tls"]) if request.get("tls") else None
+    async with AfsClient(host, int(port), ssl=context) as client:
         try:
             if request["op"] == "status":
                 emit("status", **asdict(await client.get_runtime_status()))
@@ -158,6 +170,8 @@ async def main() -> None:
             emit("error", status=error.status.name, message=error.message or "")
         except StreamTerminatedError as error:  # the server went away mid-call
             emit("error", status="STREAM_TERMINATED", message=str(error))
+        except (ssl.SSLError, ConnectionError) as error:  # the TLS handshake was refused
+            emit("error", status="CONNECTION_REFUSED", message=f"{type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":
