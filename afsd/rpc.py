@@ -21,6 +21,7 @@ from afsd.metrics import MetricsInterceptor
 
 if TYPE_CHECKING:
     from afsd.trust.tls import TlsConfig
+    from afsd.trust.tokens import BearerTokens
 
 log = logging.getLogger(__name__)
 
@@ -70,34 +71,44 @@ async def abort_for(context: grpc.aio.ServicerContext, error: errors.AfsdError, 
 MAX_CONCURRENT_RPCS = 1024
 
 
-def new_server(tls: TlsConfig | None = None, *,
+def new_server(tls: TlsConfig | None = None, tokens: BearerTokens | None = None, *,
                maximum_concurrent_rpcs: int = MAX_CONCURRENT_RPCS) -> grpc.aio.Server:
     """A server with afsd's interceptors; with `tls`, every call is checked against the access rules
-    (afsd/trust/access.py) — bind it with `add_port(server, address, tls)`."""
+    (afsd/trust/access.py), its caller known by its certificate or, with `tokens`, by its bearer token —
+    bind it with `add_port(server, address, tls, client_certificates=tokens is None)`."""
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
     if tls is not None:
         from afsd.trust.access import AccessInterceptor
-        interceptors.append(AccessInterceptor())
+        interceptors.append(AccessInterceptor(tokens=tokens))
     return grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS,
                            maximum_concurrent_rpcs=maximum_concurrent_rpcs)
 
 
-def add_port(server: grpc.aio.Server, address: str, tls: TlsConfig | None) -> int:
-    """Listen on `address`: mutual TLS (a client certificate from the cluster CA required) with `tls`,
-    plaintext without. Returns the port; UsageError when nothing could be bound."""
-    port = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+def add_port(server: grpc.aio.Server, address: str, tls: TlsConfig | None, *,
+             client_certificates: bool = True) -> int:
+    """Listen on `address`: with `tls`, TLS requiring a client certificate from the cluster CA (or, with
+    `client_certificates` False, server-side TLS only: callers show bearer tokens); plaintext without.
+    Returns the port; UsageError when nothing could be bound."""
+    port = server.add_secure_port(address, tls.server_credentials(require_client_certificate=client_certificates)) \
+        if tls else server.add_insecure_port(address)
     if port == 0:
         raise errors.UsageError(f"cannot listen on {address}")
     return port
 
 
 def open_channel(address: str, tls: TlsConfig | None = None,
-                 options: list[tuple[str, int]] = CHANNEL_OPTIONS) -> grpc.aio.Channel:
-    """A client channel to `address`: mutual TLS with `tls` (the server's certificate must come from the
-    cluster CA and name the host dialled), plaintext without."""
+                 options: list[tuple[str, int]] = CHANNEL_OPTIONS, token: str | None = None) -> grpc.aio.Channel:
+    """A client channel to `address`: TLS with `tls` (the server's certificate must come from the cluster
+    CA and name the host dialled; ours is presented if `tls` has one), every call carrying `token` as
+    `authorization: Bearer` if given; plaintext without `tls`."""
     if tls is None:
+        if token:
+            raise errors.UsageError("a bearer token is sent over TLS only: give --tls-ca (or --tls-dir) too")
         return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
+    credentials = tls.channel_credentials()
+    if token:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return grpc.aio.secure_channel(address, credentials, options=options)
 
 
 async def run_until_signalled(server: grpc.aio.Server, *, grace: float = 5.0,
@@ -166,7 +177,8 @@ def unreachable_hint(error: grpc.aio.AioRpcError, tls: TlsConfig | None) -> str:
         return ""
     if tls is None:
         return " (if it runs with mutual TLS, give --tls-dir with a certificate from its cluster CA)"
-    return f" (TLS as {tls.identity.name}: its certificate must come from the CA in {tls.ca_path}, and ours from its CA)"
+    who = f"as {tls.identity.name}" if tls.has_certificate else "without a certificate"
+    return f" (TLS {who}: its certificate must come from the CA in {tls.ca_path}, and ours, if it asks, from its CA)"
 
 
 class ChannelPool:

@@ -27,6 +27,11 @@ auto). Every test image is a busybox root filesystem, an application layer and a
    = mode / baseline at p50 and p95. The baseline is today's afslet: with `--baseline-ref REF` the afslet
    of that git ref (`git archive REF`, run with PYTHONPATH pointing at it; its defaults: host network, no
    seccomp, no no_new_privs), otherwise this code's `--network host`.
+5. With `--tls`, the cost of mutual TLS on the Execute path: a second afslet on the same node daemon runs
+   with a node certificate of a throwaway cluster CA (and resolves images through a discovery replica that
+   runs with TLS too); warm Executes of `/bin/true` through the plaintext afslet and through the TLS one
+   (the client presenting a user certificate; a fresh connection each block) alternate in `--rounds`
+   blocks. Ratio = TLS / plaintext at p50 and p95.
 
 Phase timings (mount, start, run, teardown ...) come from the afslet's `timing` log frames. Execute
 calls use afsd's own protos from this process (start frame, half-close, read until `done`), one at a
@@ -34,7 +39,7 @@ time. The machine has 2 cores shared by every daemon and the client, and other w
 compare the ratios, not the milliseconds.
 
 Run as root: `.venv/bin/python bench/afslet_bench.py [--runs 50] [--rounds 5] [--cold-images 5]
-[--data-mib 4] [--backend auto] [--json PATH] [--keep-logs DIR]`. Everything it starts (daemons, mounts, containers,
+[--data-mib 4] [--backend auto] [--tls] [--json PATH] [--keep-logs DIR]`. Everything it starts (daemons, mounts, containers,
 cgroups, the temp dir) is stopped and removed at exit, Ctrl-C and SIGTERM included.
 """
 
@@ -77,8 +82,10 @@ from afsd.lab.daemons import (
 )
 from afsd.lab.layers import Entry, LayerSpec
 from afsd.lab.oci_layout import ImageSpec, write_oci_layout
+from afsd.lab.pki import LabPki
 from afsd.lab.registry import RegistryProcess, start_registry
 from afsd.lab.skopeo import push_layout
+from afsd.trust.tls import TlsConfig
 from tests.support.cluster import unmount_everything_under
 
 COMMAND = ["/bin/true"]
@@ -293,6 +300,20 @@ def mode_afslets(work: Path, node: Daemon, discovery: Daemon, modes: list[str], 
     return afslets
 
 
+def start_tls_afslet(work: Path, node: Daemon, registry_args: list[str], daemons: list[Daemon], backend: str) -> Daemon:
+    """A discovery replica and an afslet (on `node`) with node certificates of a throwaway CA in work/pki."""
+    pki = LabPki(work / "pki")
+    discovery = discovery_daemon(work, "discovery-tls", registry_args=registry_args, tls_dir=pki.node("discovery-tls"))
+    start_all([discovery])
+    daemons.append(discovery)
+    afslet = afslet_daemon(work, "afslet-tls", node, [discovery.address], limit_cpu=2, limit_memory_mb=1024,
+                           stop_timeouts=SHORT_STOP_TIMEOUTS, extra_args=["--mount-backend", backend],
+                           tls_dir=pki.node("afslet-tls"))
+    afslet.start()
+    daemons.append(afslet)
+    return afslet
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=50, help="floor runs and warm Executes (default %(default)s)")
@@ -303,6 +324,8 @@ def main() -> int:
                         help="the afslet's --mount-backend and the floor's mount (default %(default)s)")
     parser.add_argument("--layer-linger", type=float, default=0.0, metavar="SECONDS",
                         help="the node daemon's --layer-linger (default %(default)s: layers released at once)")
+    parser.add_argument("--tls", action="store_true",
+                        help="also measure warm Execute through an afslet running mutual TLS (ratio to plaintext)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep-logs", type=Path, help="copy the daemons' logs here before clean-up")
     parser.add_argument("--modes", default="", help="also time warm Executes per sandbox mode, comma-separated "
@@ -329,6 +352,7 @@ def main() -> int:
     warm: list[ExecuteTiming] = []
     cold: list[ExecuteTiming] = []
     pulls: list[float] = []
+    plain_vs_tls: dict[str, list[ExecuteTiming]] = {"plaintext": [], "mutual TLS": []}
     own_pulls = 0
     try:
         registry = start_registry(work / "registry")
@@ -414,6 +438,21 @@ def main() -> int:
                 pulls.append(pull_seconds * 1000)
                 progress(f"cold {name}: Execute {cold[-1].milliseconds:.0f} ms, pull + convert "
                          f"{pulls[-1]:.0f} ms")
+            if args.tls:
+                afslet_tls = start_tls_afslet(work, node, registry_args, daemons, args.backend)
+                user = TlsConfig.from_dir(LabPki(work / "pki").user("bench-user"))
+
+                def block(label: str, address: str, credentials: grpc.ChannelCredentials | None) -> Callable[[int], None]:
+                    def run(count: int) -> None:
+                        with (grpc.secure_channel(address, credentials) if credentials else
+                              grpc.insecure_channel(address)) as fresh:
+                            stub_ = afslet_pb2_grpc.AfsletStub(fresh)
+                            execute_true(stub_, references["warm"])   # the connection's first call: not counted
+                            plain_vs_tls[label].extend(execute_true(stub_, references["warm"]) for _ in range(count))
+                    return run
+                alternate(args.rounds, args.runs, block("plaintext", afslet.address, None),
+                          block("mutual TLS", afslet_tls.address, grpc.ssl_channel_credentials(
+                              user.ca_pem, user.key_pem, user.cert_pem)))
         finally:
             channel.close()
     finally:
@@ -481,6 +520,17 @@ def main() -> int:
         print("\nsandbox modes: afslet phases (its timing frames), p50 ms")
         print_table(["phase", *mode_runs], [[phase, *(phase_p50(runs, phase) for runs in mode_runs.values())]
                                             for phase in PHASES])
+    tls_ratio = {}
+    if args.tls:
+        plain_ms = [t.milliseconds for t in plain_vs_tls["plaintext"]]
+        tls_ms = [t.milliseconds for t in plain_vs_tls["mutual TLS"]]
+        tls_ratio = {"p50": p50(tls_ms) / p50(plain_ms), "p95": p95(tls_ms) / p95(plain_ms),
+                     "plaintext_ms": plain_ms, "tls_ms": tls_ms}
+        print(f"\nmutual TLS: warm Execute of /bin/true, {args.runs} runs per path in {args.rounds} alternating rounds")
+        print_table(["path", "runs", "p50 ms", "p95 ms"],
+                    [["Execute, plaintext afslet", len(plain_ms), p50(plain_ms), p95(plain_ms)],
+                     ["Execute, mutual TLS (user certificate)", len(tls_ms), p50(tls_ms), p95(tls_ms)],
+                     ["ratio TLS / plaintext", "", tls_ratio["p50"], tls_ratio["p95"]]])
     on_node = [f"{t.bytes_on_node_at_mount / MIB:.1f}/{t.bytes_total / MIB:.1f}" for t in cold]
     print(f"\ncold mounts, MiB of the image's blobs on the node when the mount returned: {', '.join(on_node)}")
     if own_pulls:
@@ -499,7 +549,7 @@ def main() -> int:
         "phases_ms": {"warm": [t.phases for t in warm], "cold": [t.phases for t in cold]},
         "cold_bytes_on_node_at_mount": [[t.bytes_on_node_at_mount, t.bytes_total] for t in cold],
         "cold_images_pulled_by_the_node_itself": own_pulls,
-        "modes_ms": mode_rows, "baseline_ref": args.baseline_ref})
+        "modes_ms": mode_rows, "baseline_ref": args.baseline_ref, "tls_over_plaintext": tls_ratio})
     return 0
 
 

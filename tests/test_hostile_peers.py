@@ -34,7 +34,7 @@ from afsd.node.records import mounted_paths
 from afsd.rpc import open_channel
 from afsd.trust.descriptors import BlobTrust
 from afsd.trust.tls import TlsConfig
-from tests.support.cluster import LocalCluster, small_image
+from tests.support.cluster import LocalCluster, one_line, small_image
 from tests.support.hostile import ForgingDiscovery, ForgingLayerStore, heartbeat_for, heartbeat_forever, serving
 
 pytestmark = pytest.mark.slow
@@ -99,14 +99,6 @@ def host_tree(workdir: Path, own: list[Path]) -> set[tuple[str, str, int]]:
 
 def pwned(token: str) -> list[str]:
     return [os.path.join(d, n) for d in ("/", "/tmp", "/etc", "/var/tmp") for n in os.listdir(d) if token in n]
-
-
-def one_line(result) -> str:
-    assert result.returncode != 0, result
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 async def _stats(cluster: LocalCluster, store, digests: list[str]) -> list[lpb.StatLayerResponse]:

@@ -15,7 +15,7 @@ import pytest
 
 from afsd.lab.catalogue import seeded_bytes
 from afsd.node.records import mounted_paths
-from tests.support.cluster import LocalCluster, small_image
+from tests.support.cluster import LocalCluster, one_line, small_image
 from tests.support.metrics import daemon_metrics, metric
 from tests.support.treecompare import compare_trees, format_differences, snapshot
 from tests.support.umoci import umoci_rootfs
@@ -26,14 +26,6 @@ BACKENDS = ["eager", "fanotify"]
 def mounts_under(root: Path) -> list[str]:
     """Mount points below `root` (other tests on this machine may be mounting elsewhere)."""
     return sorted(p for p in mounted_paths() if p.startswith(str(root) + "/"))
-
-
-def one_line(result) -> str:
-    assert result.returncode != 0, result
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

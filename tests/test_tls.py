@@ -212,8 +212,8 @@ async def test_a_node_certificate_heartbeats_only_for_its_own_node_and_hosts(tls
     assert {(s.node_id, s.endpoint) for s in listed.services} == {("store0", store.address), ("twin", "127.0.0.2:9")}
 
 
-def _sdk(address: str, tls: dict | None, **fields: object) -> list[dict]:
-    request = {"address": address, "op": "execute", "input": fields, "tls": tls}
+def _sdk(address: str, tls: dict | None, token: str = "", **fields: object) -> list[dict]:
+    request = {"address": address, "op": "execute", "input": fields, "tls": tls, "token": token}
     return SdkCall(request).finish(timeout=300).events
 
 
@@ -266,3 +266,34 @@ async def test_blobs_carry_descriptors_signed_by_their_converter_and_the_node_ve
     assert (target / "bin/busybox").exists()
     assert (await asyncio.to_thread(afsd_command, "umount", "--socket", str(tls_cluster.node.socket_path),
                                     str(target))).returncode == 0
+
+
+def test_a_proxy_serving_users_by_bearer_token(tls_cluster: TlsCluster) -> None:
+    workdir = tls_cluster.workdir
+    tokens = workdir / "user-tokens"
+    tokens.write_text("# NAME TOKEN\nalice s3cret-token-of-alice-0123\n")
+    tokens.chmod(0o600)
+    alice = workdir / "alice.token"
+    alice.write_text("s3cret-token-of-alice-0123\n")
+    wrong = workdir / "wrong.token"
+    wrong.write_text("not-a-token-this-proxy-knows\n")
+    proxy = proxy_daemon(workdir, "proxy-tokens", tls_cluster.afslet.address, host="127.0.0.4",
+                         tls_dir=tls_cluster.pki.node("proxy-tokens", "127.0.0.4"),
+                         extra_args=["--user-token-file", str(tokens)])
+    proxy.start()
+    try:
+        ca = str(tls_cluster.pki.ca)
+        ran = afsd_command("run", "--target", proxy.address, "--tls-ca", ca, "--token-file", str(alice),
+                           "--memory-mb", "64", tls_cluster.image, "--", "/bin/echo", "by token")
+        assert ran.returncode == 0 and ran.stdout == "by token\n", ran.stderr
+        for token_args in (["--token-file", str(wrong)], []):
+            refused = afsd_command("run", "--target", proxy.address, "--tls-dir", str(tls_cluster.pki.user("alice")),
+                                   *token_args, tls_cluster.image, "--", "/bin/true")
+            assert refused.returncode != 0 and "needs `authorization: Bearer TOKEN`" in refused.stderr, refused.stderr
+        events = _sdk(proxy.address, {"ca": ca}, token="s3cret-token-of-alice-0123", image=tls_cluster.image,
+                      command=("/bin/echo", "sdk by token"), cpu_cores=1, memory_mb=64)
+        assert {"event": "log", "source": "runc:stdout", "message": "sdk by token"} in events, events
+        refused = _sdk(proxy.address, {"ca": ca}, image=tls_cluster.image, command=("/bin/true",))
+        assert [(e["event"], e["status"]) for e in refused] == [("error", "UNAUTHENTICATED")], refused
+    finally:
+        proxy.stop()

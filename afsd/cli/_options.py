@@ -57,10 +57,26 @@ def add_tls_options(parser: argparse.ArgumentParser, *, client: bool = False) ->
     group.add_argument("--tls-ca", type=Path, metavar="FILE", help="the cluster CA certificate (instead of --tls-dir)")
     group.add_argument("--tls-cert", type=Path, metavar="FILE", help="this process's certificate (chain)")
     group.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key")
+    if client:
+        from afsd.trust.tokens import token_file_default
+
+        group.add_argument("--token-file", type=Path, metavar="FILE", default=token_file_default(),
+                           help="send the bearer token in FILE (for a proxy serving users by token; with "
+                                "--tls-ca alone; default $AFSD_TOKEN_FILE)")
+
+
+def daemon_tls_from(args: argparse.Namespace) -> "TlsConfig | None":
+    """`tls_from` for a daemon, whose certificate must be a node's (every peer would refuse another)."""
+    tls = tls_from(args)
+    if tls is not None and not tls.identity.is_node:
+        raise UsageError(f"{tls.cert_path} is the certificate of {tls.identity}: a daemon needs a node certificate "
+                         "(`afsd certs issue NAME --host ...`: organization afsd:nodes)")
+    return tls
 
 
 def tls_from(args: argparse.Namespace) -> "TlsConfig | None":
-    """The TLS material the options name (loaded and checked), or None for dev mode."""
+    """The TLS material the options name (loaded and checked), or None for dev mode. A client that shows
+    a bearer token may give only --tls-ca (it checks the server, the token stands for it)."""
     from afsd.trust.tls import TlsConfig
 
     files = (args.tls_ca, args.tls_cert, args.tls_key)
@@ -68,9 +84,18 @@ def tls_from(args: argparse.Namespace) -> "TlsConfig | None":
         raise UsageError("give either --tls-dir or --tls-ca/--tls-cert/--tls-key, not both")
     if args.tls_dir is not None:
         return TlsConfig.from_dir(args.tls_dir).check()
+    if args.tls_ca is not None and not args.tls_cert and not args.tls_key and getattr(args, "token_file", None):
+        return TlsConfig(args.tls_ca).check()
     if any(files) and not all(files):
         raise UsageError("--tls-ca, --tls-cert and --tls-key go together")
     return TlsConfig(*files).check() if all(files) else None
+
+
+def token_from(args: argparse.Namespace) -> str | None:
+    """The bearer token a client command sends (--token-file), or None."""
+    from afsd.trust.tokens import read_token
+
+    return read_token(args.token_file) if getattr(args, "token_file", None) else None
 
 
 def listen_address(given: str | None, port: int, tls: "TlsConfig | None") -> str:

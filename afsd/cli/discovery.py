@@ -10,9 +10,9 @@ from afsd.cli._options import (
     add_registry_options,
     add_tls_options,
     announce_security,
+    daemon_tls_from,
     listen_address,
     registry_config,
-    tls_from,
 )
 from afsd.errors import UsageError
 
@@ -48,7 +48,7 @@ async def run(args: argparse.Namespace) -> int:
 
     if args.ttl <= 0:
         raise UsageError("--ttl must be positive")
-    tls = tls_from(args)
+    tls = daemon_tls_from(args)
     listen = listen_address(args.listen, 60051, tls)
     if args.metrics_listen:
         serve_metrics(args.metrics_listen)

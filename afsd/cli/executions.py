@@ -14,7 +14,7 @@ import shlex
 import sys
 from typing import TYPE_CHECKING, Self
 
-from afsd.cli._options import add_tls_options, tls_from
+from afsd.cli._options import add_tls_options, tls_from, token_from
 from afsd.errors import AfsdError
 
 if TYPE_CHECKING:
@@ -88,13 +88,13 @@ def _explain(error: grpc.aio.AioRpcError, target: str, tls: TlsConfig | None = N
 
 
 class _Client:
-    def __init__(self, target: str, tls: TlsConfig | None = None) -> None:
+    def __init__(self, target: str, tls: TlsConfig | None = None, token: str | None = None) -> None:
         from afsd.api import executions_pb2_grpc as epb_grpc
         from afsd.rpc import open_channel
 
         self.target = target
         self.tls = tls
-        self._channel = open_channel(target, tls)
+        self._channel = open_channel(target, tls, token=token)
         self.stub: epb_grpc.ExecutionsStub = epb_grpc.ExecutionsStub(self._channel)
 
     async def __aenter__(self) -> Self:
@@ -176,7 +176,7 @@ def format_table(executions: list[epb.Execution]) -> str:
 async def run_ps(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
-    async with _Client(args.target, tls_from(args)) as client:
+    async with _Client(args.target, tls_from(args), token_from(args)) as client:
         listed = await client.list(include_finished=args.all)
     if args.json:
         document = json_format.MessageToDict(listed, preserving_proto_field_name=True,
@@ -200,7 +200,7 @@ async def run_logs(args: argparse.Namespace) -> int:
 
     if args.tail < 0:
         raise ExecutionsError(f"--tail must be >= 0 (got {args.tail})")
-    async with _Client(args.target, tls_from(args)) as client:
+    async with _Client(args.target, tls_from(args), token_from(args)) as client:
         execution = await client.resolve(args.id)
         request = epb.LogsRequest(id=execution.id, tail=args.tail, follow=args.follow, endpoint=execution.endpoint)
         try:
@@ -233,7 +233,7 @@ async def run_stop(args: argparse.Namespace) -> int:
     from afsd.api import afslet_pb2 as pb
     from afsd.api import executions_pb2 as epb
 
-    async with _Client(args.target, tls_from(args)) as client:
+    async with _Client(args.target, tls_from(args), token_from(args)) as client:
         execution = await client.resolve(args.id)
         try:
             response = await client.stub.Stop(epb.StopRequest(id=execution.id, endpoint=execution.endpoint),

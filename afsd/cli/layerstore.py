@@ -9,7 +9,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from afsd.cli._options import add_registry_options, add_tls_options, announce_security, registry_config, tls_from
+from afsd.cli._options import (
+    add_registry_options,
+    add_tls_options,
+    announce_security,
+    daemon_tls_from,
+    registry_config,
+)
 from afsd.errors import UsageError
 
 if TYPE_CHECKING:
@@ -115,7 +121,7 @@ async def run(args: argparse.Namespace) -> int:
         _check_listen(args.listen)
     if args.cache_max_bytes < 0:
         raise UsageError("--cache-max-bytes must be >= 0")
-    tls = tls_from(args)
+    tls = daemon_tls_from(args)
     if tls is not None:
         _check_certificate(tls, args.node_id, args.advertise or args.listen)
     if args.metrics_listen:

@@ -10,7 +10,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from afsd.cli._options import add_tls_options, announce_security, tls_from
+from afsd.cli._options import add_tls_options, announce_security, daemon_tls_from
 from afsd.errors import MissingToolError, UsageError
 
 MAX_TAR_CHUNK = 4 * 1024 * 1024 - 64 * 1024  # under the 4 MiB gRPC message limit, with room for framing
@@ -195,7 +195,7 @@ async def run(args: argparse.Namespace) -> int:
     from afsd.afslet.stopping import StopPolicy
 
     runc_binary = _check(args)
-    tls = tls_from(args)
+    tls = daemon_tls_from(args)
     config = AfsletConfig(
         work_dir=args.work_dir.absolute(), limit_cpu_cores=args.limit_cpu, limit_memory_mb=args.limit_memory_mb,
         limit_gpus=args.limit_gpus, timeouts=TimeoutPolicy(args.default_timeout_ms, args.max_timeout_ms),

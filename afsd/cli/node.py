@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from afsd.cli._options import add_tls_options, announce_security, tls_from
+from afsd.cli._options import add_tls_options, announce_security, daemon_tls_from
 from afsd.errors import AfsdError, UsageError
 
 log = logging.getLogger("afsd.node")
@@ -96,7 +96,7 @@ async def run_node(args: argparse.Namespace) -> int:
 
     if args.layer_linger < 0:
         raise UsageError(f"--layer-linger {args.layer_linger:g}: give seconds >= 0")
-    tls = tls_from(args)
+    tls = daemon_tls_from(args)
     if args.metrics_listen:
         serve_metrics(args.metrics_listen)
     channels = ChannelPool(tls)

@@ -7,9 +7,10 @@ import argparse
 import logging
 import os
 import socket
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from afsd.cli._options import add_tls_options, announce_security, listen_address, tls_from
+from afsd.cli._options import add_tls_options, announce_security, daemon_tls_from, listen_address
 from afsd.errors import UsageError
 
 if TYPE_CHECKING:
@@ -65,6 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--graceful-timeout", type=float, default=10.0, metavar="S",
                         help="on SIGTERM, seconds running calls get before they are cancelled (default %(default)s)")
     add_tls_options(parser)
+    parser.add_argument("--user-token-file", type=Path, metavar="FILE",
+                        help="with TLS: serve users by bearer token instead of client certificate: the port asks for "
+                             "no certificate, and every call needs `authorization: Bearer TOKEN` with a token from "
+                             "FILE (`NAME TOKEN` per line, mode 0600)")
     parser.set_defaults(handler=run)
 
 
@@ -122,16 +127,21 @@ async def run(args: argparse.Namespace) -> int:
     from afsd.proxy.service import AfsProxyService
     from afsd.rpc import ChannelPool, add_port, new_server, run_until_signalled
 
+    from afsd.trust.tokens import BearerTokens
+
     config = _config(args)
-    tls = tls_from(args)
+    tls = daemon_tls_from(args)
+    if args.user_token_file is not None and tls is None:
+        raise UsageError("--user-token-file needs TLS (--tls-dir): a bearer token must not cross the network in clear")
+    tokens = BearerTokens.load(args.user_token_file) if args.user_token_file is not None else None
     listen, http_listen = listen_address(args.listen, 62051, tls), listen_address(args.http_listen, 62052, tls)
     backends, channels, counts = BackendChannels(tls), ChannelPool(tls), DispatchCounts()
-    server = new_server(tls)
+    server = new_server(tls, tokens)
     afslet_pb2_grpc.add_AfsletServicer_to_server(
         ProxyAfsletService(Dispatcher(config, backends), backends, counts, config.node_id), server)
     afsproxy_pb2_grpc.add_AfsProxyServicer_to_server(AfsProxyService(config, channels, backends), server)
     executions_pb2_grpc.add_ExecutionsServicer_to_server(ProxyExecutionsService(config, backends), server)
-    add_port(server, listen, tls)
+    add_port(server, listen, tls, client_certificates=tokens is None)
 
     async def status(include_cluster: bool) -> dict:
         return await status_report(config.node_id, counts, include_cluster=include_cluster,
@@ -145,6 +155,9 @@ async def run(args: argparse.Namespace) -> int:
     bound = RetryPolicy(config.retry.max_retries, config.retry.backoff_ms, config.retry.max_backoff_ms)
     strategy = f"{config.strategy} (preferring {', '.join(config.prefer)})" if config.prefer else config.strategy
     announce_security(log, f"proxy {config.node_id}", tls, listen)
+    if tokens is not None:
+        log.warning("proxy %s: users are served by bearer token (%s), not by client certificate",
+                    config.node_id, args.user_token_file)
     log.warning("proxy %s listening on %s (HTTP %s): afslets %s placed by %s, discovery %s, peers %s; by default "
                 "%d retries, at most %.1fs of backoff", config.node_id, listen, http_listen,
                 config.afslet_target, strategy, config.discovery_target or "-", config.proxy_peers_target or "-",

@@ -14,7 +14,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from afsd.cli._options import add_tls_options, tls_from
+from afsd.cli._options import add_tls_options, tls_from, token_from
 from afsd.errors import AfsdError
 
 FILE_CHUNK = 1 << 20
@@ -105,7 +105,7 @@ async def run(args: argparse.Namespace) -> int:
     exit_code = 1
     upper = open(args.save_upper, "wb") if args.save_upper else None
     try:
-        async with open_channel(args.target, tls) as channel:
+        async with open_channel(args.target, tls, token=token_from(args)) as channel:
             call = pb_grpc.AfsletStub(channel).Execute(_requests(start, args.dir))
             try:
                 async for response in call:

@@ -94,7 +94,15 @@ class StateDir:
         (self.mounts / f"{record.mount_id}.json").unlink(missing_ok=True)
 
     def records(self) -> list[MountRecord]:
-        return load_json_records(self.mounts, MountRecord.from_json, "mount record")
+        return load_json_records(self.mounts, self._checked_record, "mount record")
+
+    def _checked_record(self, data: Any) -> MountRecord:
+        """A record whose every path stays inside the state directory (StatePathError otherwise)."""
+        record = MountRecord.from_json(data)
+        for spec in record.layers:
+            self.layer_mountpoint(spec)
+        self.scratch(record.mount_id)
+        return record
 
 
 def mounted_paths() -> set[str]:

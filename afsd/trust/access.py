@@ -2,6 +2,7 @@
 
 The TLS handshake has already refused clients without a certificate from the cluster CA; this
 interceptor checks the role of the one presented (afsd/trust/identity.py) against the service called.
+On a port that takes bearer tokens instead (afsd/trust/tokens.py), a valid token stands for a user.
 Cluster-internal services (discovery, layerstore: they spend registry credentials, cache space and
 bandwidth, and serve every image's bytes) take node certificates only; the user-facing services of
 afslet and proxy take node certificates (the proxy relaying) and user certificates. A service not
@@ -17,6 +18,7 @@ from typing import Any
 import grpc
 
 from afsd.trust.identity import NODE_ROLE, USER_ROLE, PeerIdentity, identity_of
+from afsd.trust.tokens import BearerTokens
 
 NODES = frozenset({NODE_ROLE})
 NODES_AND_USERS = frozenset({NODE_ROLE, USER_ROLE})
@@ -30,9 +32,18 @@ ACCESS: Mapping[str, frozenset[str]] = {
 }
 
 
-async def require_identity(context: grpc.aio.ServicerContext, allowed: frozenset[str], method: str) -> PeerIdentity:
-    """The caller's identity if its certificate has one of the `allowed` roles; else the call is aborted."""
-    identity = identity_of(context)
+async def require_identity(context: grpc.aio.ServicerContext, allowed: frozenset[str], method: str,
+                           tokens: BearerTokens | None = None) -> PeerIdentity:
+    """The caller's identity (its certificate's, or with `tokens` its bearer token's, a user) if it has
+    one of the `allowed` roles; else the call is aborted."""
+    if tokens is not None:
+        name = tokens.holder(context.invocation_metadata() or ())
+        if name is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{method} needs `authorization: Bearer TOKEN` with a token this server knows")
+        identity = PeerIdentity(name, frozenset({USER_ROLE}), frozenset())
+    else:
+        identity = identity_of(context)
     if identity is None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                             f"{method} needs a client certificate from the cluster CA")
@@ -44,8 +55,9 @@ async def require_identity(context: grpc.aio.ServicerContext, allowed: frozenset
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, rules: Mapping[str, frozenset[str]] = ACCESS) -> None:
+    def __init__(self, rules: Mapping[str, frozenset[str]] = ACCESS, tokens: BearerTokens | None = None) -> None:
         self.rules = rules
+        self.tokens = tokens
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -60,13 +72,13 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             inner_unary = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await require_identity(context, allowed, method)
+                await require_identity(context, allowed, method, self.tokens)
                 return await inner_unary(request, context)
             return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
 
         def checked_stream(inner: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
             async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await require_identity(context, allowed, method)
+                await require_identity(context, allowed, method, self.tokens)
                 async for response in inner(request, context):
                     yield response
             return streaming

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from afsd.errors import UsageError
-from afsd.trust.identity import NODE_ROLE, ROLES, USER_ROLE
+from afsd.trust.identity import NODE_ROLE, ROLES
 
 CA_DAYS = 3650
 LEAF_DAYS = 365

@@ -29,8 +29,8 @@ DEV_MODE_WARNING = ("runs WITHOUT TLS: no caller is authenticated and peers' blo
 @dataclass(frozen=True)
 class TlsConfig:
     ca_path: Path
-    cert_path: Path
-    key_path: Path
+    cert_path: Path | None = None   # None: a client that only checks servers (and shows a bearer token)
+    key_path: Path | None = None
 
     @classmethod
     def from_dir(cls, directory: Path) -> "TlsConfig":
@@ -44,9 +44,15 @@ class TlsConfig:
     def to_json(self) -> dict[str, str]:
         return {"ca": str(self.ca_path), "cert": str(self.cert_path), "key": str(self.key_path)}
 
+    @property
+    def has_certificate(self) -> bool:
+        return self.cert_path is not None
+
     def check(self) -> "TlsConfig":
         """Load everything once, so a bad file is one clear line at startup; returns self."""
-        _ = self.ca_pem, self.cert_pem, self.key_pem, self.identity, self.private_key, self.ca_certificates
+        _ = self.ca_pem, self.ca_certificates
+        if self.has_certificate:
+            _ = self.cert_pem, self.key_pem, self.identity, self.private_key
         return self
 
     @functools.cached_property
@@ -55,11 +61,16 @@ class TlsConfig:
 
     @functools.cached_property
     def cert_pem(self) -> bytes:
-        return _read(self.cert_path, "certificate")
+        return _read(self._own(self.cert_path), "certificate")
 
     @functools.cached_property
     def key_pem(self) -> bytes:
-        return _read(self.key_path, "key")
+        return _read(self._own(self.key_path), "key")
+
+    def _own(self, path: Path | None) -> Path:
+        if path is None:
+            raise UsageError("this needs a certificate of its own: give --tls-dir or --tls-cert and --tls-key")
+        return path
 
     @functools.cached_property
     def ca_certificates(self) -> list[x509.Certificate]:
@@ -92,6 +103,8 @@ class TlsConfig:
                                            require_client_auth=require_client_certificate)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
+        if not self.has_certificate:
+            return grpc.ssl_channel_credentials(root_certificates=self.ca_pem)
         return grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=self.key_pem,
                                             certificate_chain=self.cert_pem)
 

@@ -209,6 +209,15 @@ async def _local_cluster(tmp_path: Path, pki: LabPki | None) -> AsyncIterator[Lo
         await asyncio.to_thread(local.stop)
 
 
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line a failed command printed on stderr (AssertionError unless it failed with exactly one)."""
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
 def unmount_everything_under(root: Path) -> list[str]:
     """Detach every mount below `root` (deepest first); return what was still mounted."""
     leftovers = sorted((p for p in mounted_paths() if p.startswith(str(root) + "/")), key=len, reverse=True)

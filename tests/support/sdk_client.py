@@ -8,6 +8,7 @@ watch a call in progress, and kill this process to play a client that disconnect
 Request: {"address": "HOST:PORT", "op": "execute" | "raw" | "status", "tls": {"ca", "cert", "key"}?, ...}
 - tls: connect over TLS the way docs/security.md tells afs-sdk users to (an ssl.SSLContext with the cluster
   CA, the user's certificate and ALPN h2, passed as AfsClient(..., ssl=context)); "cert"/"key" may be absent.
+- token: send `authorization: Bearer TOKEN` on every call (a grpclib SendRequest hook, docs/security.md).
 - execute: "input": ExecuteInput fields; "extra_entries": [{"kind": "dir"|"file"|"symlink", "path", "mode",
   "uid", "gid", "mtime_unix", "target", "content_b64"}]. Uses AfsClient.execute (the SDK's high-level API,
   which also parses the tar): events accepted, log, result, tar_start, tar_dir, tar_symlink, tar_file
@@ -50,6 +51,7 @@ from afs_sdk import (
 )
 from afs_sdk.api.afslet.v1 import afslet_pb2 as pb
 from google.protobuf import json_format
+from grpclib.events import SendRequest, listen
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 
@@ -152,11 +154,19 @@ def ssl_context(tls: dict) -> ssl.SSLContext:
     return context
 
 
+def authorize_every_call(client: AfsClient, token: str) -> None:
+    async def add_token(event: SendRequest) -> None:
+        event.metadata["authorization"] = f"Bearer {token}"
+    listen(client._channel, SendRequest, add_token)   # AfsClient takes no metadata; its channel's hook does
+
+
 async def main() -> None:
     request = json.loads(sys.stdin.read())
     host, _, port = request["address"].rpartition(":")
     context = ssl_context(request["tls"]) if request.get("tls") else None
     async with AfsClient(host, int(port), ssl=context) as client:
+        if request.get("token"):
+            authorize_every_call(client, request["token"])
         try:
             if request["op"] == "status":
                 emit("status", **asdict(await client.get_runtime_status()))
