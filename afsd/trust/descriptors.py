@@ -24,18 +24,17 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from typing import TYPE_CHECKING, Any
 
 from afsd.api import layerstore_pb2 as lpb
 from afsd.cluster.peer_answers import PeerAnswerError
 from afsd.erofs.convert import BlobInfo
 from afsd.trust.identity import identity_of_certificate
-from afsd.trust.tls import TlsConfig
+
+if TYPE_CHECKING:  # cryptography is imported when something is signed or verified: dev mode never loads it
+    from cryptography import x509
+
+    from afsd.trust.tls import TlsConfig
 
 DESCRIPTOR_VERSION = 1
 MAX_CHAIN_BYTES = 64 << 10
@@ -164,6 +163,9 @@ class BlobTrust:
         return descriptor
 
     def _verify_signature(self, signed: lpb.SignedBlobDescriptor, peer: str) -> BlobDescriptor:
+        from cryptography import x509
+        from cryptography.exceptions import InvalidSignature
+
         assert self.tls is not None
         try:
             if len(signed.certificate_chain) > MAX_CHAIN_BYTES:
@@ -211,6 +213,8 @@ def _check_chain(chain: list[x509.Certificate], roots: list[x509.Certificate], s
 
 
 def _issued(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     try:
         certificate.verify_directly_issued_by(issuer)
         return True
@@ -219,6 +223,8 @@ def _issued(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def _is_ca(certificate: x509.Certificate) -> bool:
+    from cryptography import x509
+
     try:
         return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
@@ -226,6 +232,9 @@ def _is_ca(certificate: x509.Certificate) -> bool:
 
 
 def _sign(key: Any, payload: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return key.sign(payload, ec.ECDSA(hashes.SHA256()))
     if isinstance(key, rsa.RSAPrivateKey):
@@ -236,6 +245,9 @@ def _sign(key: Any, payload: bytes) -> bytes:
 
 
 def _verify(key: Any, signature: bytes, payload: bytes) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
     if isinstance(key, ec.EllipticCurvePublicKey):
         key.verify(signature, payload, ec.ECDSA(hashes.SHA256()))
     elif isinstance(key, rsa.RSAPublicKey):

@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+
+if TYPE_CHECKING:  # cryptography is imported when a certificate is read: dev mode never loads it
+    from cryptography import x509
 
 NODE_ROLE = "afsd:nodes"
 USER_ROLE = "afsd:users"
@@ -40,6 +42,9 @@ class PeerIdentity:
 
 
 def identity_of_certificate(certificate: x509.Certificate) -> PeerIdentity:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     subject = certificate.subject
     names = [a.value for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     roles = frozenset(str(a.value) for a in subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)) & set(ROLES)
@@ -54,6 +59,8 @@ def identity_of_certificate(certificate: x509.Certificate) -> PeerIdentity:
 
 @functools.lru_cache(maxsize=256)
 def _identity_of_pem(pem: bytes) -> PeerIdentity:
+    from cryptography import x509
+
     return identity_of_certificate(x509.load_pem_x509_certificate(pem))
 
 

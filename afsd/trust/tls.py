@@ -13,14 +13,15 @@ import functools
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from afsd.errors import UsageError
 from afsd.trust.identity import PeerIdentity, identity_of_certificate
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 DEV_MODE_WARNING = ("runs WITHOUT TLS: no caller is authenticated and peers' blob descriptions are not "
                     "verified (dev mode); give --tls-dir for mutual TLS")
@@ -74,6 +75,8 @@ class TlsConfig:
 
     @functools.cached_property
     def ca_certificates(self) -> list[x509.Certificate]:
+        from cryptography import x509
+
         try:
             return x509.load_pem_x509_certificates(self.ca_pem)
         except ValueError as error:
@@ -82,6 +85,8 @@ class TlsConfig:
     @functools.cached_property
     def chain(self) -> list[x509.Certificate]:
         """Our certificate, then any intermediates that came with it."""
+        from cryptography import x509
+
         try:
             return x509.load_pem_x509_certificates(self.cert_pem)
         except ValueError as error:
@@ -93,6 +98,8 @@ class TlsConfig:
 
     @functools.cached_property
     def private_key(self) -> Any:
+        from cryptography.hazmat.primitives import serialization
+
         try:
             return serialization.load_pem_private_key(self.key_pem, password=None)
         except (ValueError, TypeError) as error:
