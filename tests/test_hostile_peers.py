@@ -35,7 +35,7 @@ from afsd.rpc import open_channel
 from afsd.trust.descriptors import BlobTrust
 from afsd.trust.tls import TlsConfig
 from tests.support.cluster import LocalCluster, one_line, small_image
-from tests.support.hostile import ForgingDiscovery, ForgingLayerStore, heartbeat_for, heartbeat_forever, serving
+from tests.support.hostile import ForgingDiscovery, ForgingLayerStore, fake_holder, serving
 
 pytestmark = pytest.mark.slow
 
@@ -114,31 +114,26 @@ async def test_a_lone_hostile_holder_fails_the_mount_with_one_line_naming_it(clu
     node = await cluster.start_node(None)
     token = secrets.token_hex(6)
     fake = ForgingLayerStore(cluster.layerstore(origin))
-    async with serving(lambda server: lgrpc.add_LayerStoreServicer_to_server(fake, server)) as address:
-        beats = asyncio.create_task(heartbeat_forever(cluster.discovery(discovery),
-                                                      heartbeat_for("evil", address, stats)))
-        try:
-            await cluster.wait_until(lambda: cluster.nodes_for_layer(discovery, stats[0].digest), 20, "the fake listed")
-            own = [node.socket_path.parent, origin.log_path.with_suffix(""), cluster.workdir / "registry",
-                   cluster.workdir / discovery.name]
-            target = cluster.workdir / "rootfs"
-            target.mkdir()
-            before = await asyncio.to_thread(host_tree, cluster.workdir, own)
-            for name, (forgery, phrase) in forgeries(token).items():
-                fake.forge_stat, fake.calls[:] = forgery, []
-                line = one_line(await cluster.afsd(node, "mount", image.reference, str(target)))
-                assert address in line and phrase in line, f"{name}: {line}"
-                assert ("StatLayer", stats[0].digest) in fake.calls, f"{name}: the fake was never asked"
-                assert not any(True for _ in target.iterdir()), name
-                assert pwned(token) == [], name
-                assert [p for p in mounted_paths() if p.startswith(str(cluster.workdir))] == [], name
-                state = node.socket_path.parent / "state"
-                assert sorted(p.name for p in (state / "blobs").iterdir()) == [], name
-            after = await asyncio.to_thread(host_tree, cluster.workdir, own)
-            assert sorted(after ^ before) == []
-            assert "not using the StatLayer answer of layerstore " + address in node.log()
-        finally:
-            beats.cancel()
+    async with fake_holder(fake, cluster.discovery(discovery), "evil", stats) as address:
+        await cluster.wait_until(lambda: cluster.nodes_for_layer(discovery, stats[0].digest), 20, "the fake listed")
+        own = [node.socket_path.parent, origin.log_path.with_suffix(""), cluster.workdir / "registry",
+               cluster.workdir / discovery.name]
+        target = cluster.workdir / "rootfs"
+        target.mkdir()
+        before = await asyncio.to_thread(host_tree, cluster.workdir, own)
+        for name, (forgery, phrase) in forgeries(token).items():
+            fake.forge_stat, fake.calls[:] = forgery, []
+            line = one_line(await cluster.afsd(node, "mount", image.reference, str(target)))
+            assert address in line and phrase in line, f"{name}: {line}"
+            assert ("StatLayer", stats[0].digest) in fake.calls, f"{name}: the fake was never asked"
+            assert not any(True for _ in target.iterdir()), name
+            assert pwned(token) == [], name
+            assert [p for p in mounted_paths() if p.startswith(str(cluster.workdir))] == [], name
+            state = node.socket_path.parent / "state"
+            assert sorted(p.name for p in (state / "blobs").iterdir()) == [], name
+        after = await asyncio.to_thread(host_tree, cluster.workdir, own)
+        assert sorted(after ^ before) == []
+        assert "not using the StatLayer answer of layerstore " + address in node.log()
 
 
 async def test_a_hostile_holder_beside_an_honest_one_is_skipped_and_the_mount_reads_true_bytes(
@@ -154,28 +149,23 @@ async def test_a_hostile_holder_beside_an_honest_one_is_skipped_and_the_mount_re
     node = await cluster.start_node(None)   # no local layerstore: every mount asks the holders again
     token = secrets.token_hex(6)
     fake = ForgingLayerStore(cluster.layerstore(origin))
-    async with serving(lambda server: lgrpc.add_LayerStoreServicer_to_server(fake, server)) as address:
-        # "aaa-" sorts first in discovery's answers: the node asks the fake before the honest holder.
-        beats = asyncio.create_task(heartbeat_forever(cluster.discovery(discovery),
-                                                      heartbeat_for("aaa-evil", address, stats)))
-        try:
-            await cluster.wait_until(
-                lambda: _listed(cluster, discovery, digests[0], {"aaa-evil", honest.name}), 20, "both holders listed")
-            target = cluster.workdir / "rootfs"
-            target.mkdir()
-            for name, (forgery, _) in forgeries(token).items():
-                fake.forge_stat, fake.calls[:] = forgery, []
-                mounted = await cluster.afsd(node, "mount", image.reference, str(target))
-                assert mounted.returncode == 0, f"{name}: {mounted.stderr}"
-                assert ("StatLayer", digests[0]) in fake.calls, f"{name}: the fake was never asked"
-                for index in range(2):
-                    data = (target / f"data/beside-{index}.bin").read_bytes()
-                    assert data == seeded_bytes(f"beside{index}", (2 << 20) // 2), name
-                assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
-                assert pwned(token) == [], name
-            assert node.log().count("not using the StatLayer answer of layerstore " + address) >= len(forgeries(token))
-        finally:
-            beats.cancel()
+    # "aaa-" sorts first in discovery's answers: the node asks the fake before the honest holder.
+    async with fake_holder(fake, cluster.discovery(discovery), "aaa-evil", stats) as address:
+        await cluster.wait_until(
+            lambda: _listed(cluster, discovery, digests[0], {"aaa-evil", honest.name}), 20, "both holders listed")
+        target = cluster.workdir / "rootfs"
+        target.mkdir()
+        for name, (forgery, _) in forgeries(token).items():
+            fake.forge_stat, fake.calls[:] = forgery, []
+            mounted = await cluster.afsd(node, "mount", image.reference, str(target))
+            assert mounted.returncode == 0, f"{name}: {mounted.stderr}"
+            assert ("StatLayer", digests[0]) in fake.calls, f"{name}: the fake was never asked"
+            for index in range(2):
+                data = (target / f"data/beside-{index}.bin").read_bytes()
+                assert data == seeded_bytes(f"beside{index}", (2 << 20) // 2), name
+            assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
+            assert pwned(token) == [], name
+        assert node.log().count("not using the StatLayer answer of layerstore " + address) >= len(forgeries(token))
 
 
 async def _listed(cluster: LocalCluster, discovery, digest: str, names: set[str]) -> bool:
@@ -322,27 +312,22 @@ async def test_with_tls_a_lone_holder_forging_blob_metadata_fails_the_mount_with
     node = await cluster.start_node(None)
     evil = TlsConfig.from_dir(cluster.pki.node("evil", "127.0.0.5"))
     fake = ForgingLayerStore(cluster.layerstore(origin), forge_bytes=forged.bytes)
-    async with serving(lambda server: lgrpc.add_LayerStoreServicer_to_server(fake, server), host="127.0.0.5",
-                       credentials=evil.server_credentials()) as address:
-        beats = asyncio.create_task(heartbeat_forever(dgrpc.ServiceDiscoveryStub(open_channel(discovery.address, evil)),
-                                                      heartbeat_for("evil", address, stats)))
-        try:
-            await cluster.wait_until(lambda: cluster.nodes_for_layer(discovery, stats[0].digest), 20, "the fake listed")
-            target = cluster.workdir / "rootfs"
-            target.mkdir()
-            own = [node.socket_path.parent, origin.log_path.with_suffix(""), cluster.workdir / "registry",
-                   cluster.workdir / discovery.name, cluster.workdir / "pki", cluster.workdir / "stranger-ca"]
-            before = await asyncio.to_thread(host_tree, cluster.workdir, own)
-            for name, (forgery, phrase) in tls_forgeries(cluster, forged, stats[1], origin.name).items():
-                fake.forge_stat, fake.calls[:] = forgery, []
-                line = one_line(await cluster.afsd(node, "mount", image.reference, str(target)))
-                assert address in line and phrase in line, f"{name}: {line}"
-                assert ("StatLayer", stats[0].digest) in fake.calls, f"{name}: the fake was never asked"
-                assert not any(True for _ in target.iterdir()), name
-                assert sorted((node.socket_path.parent / "state" / "blobs").iterdir()) == [], name
-            assert sorted((await asyncio.to_thread(host_tree, cluster.workdir, own)) ^ before) == []
-        finally:
-            beats.cancel()
+    async with fake_holder(fake, dgrpc.ServiceDiscoveryStub(open_channel(discovery.address, evil)), "evil", stats,
+                           host="127.0.0.5", credentials=evil.server_credentials()) as address:
+        await cluster.wait_until(lambda: cluster.nodes_for_layer(discovery, stats[0].digest), 20, "the fake listed")
+        target = cluster.workdir / "rootfs"
+        target.mkdir()
+        own = [node.socket_path.parent, origin.log_path.with_suffix(""), cluster.workdir / "registry",
+               cluster.workdir / discovery.name, cluster.workdir / "pki", cluster.workdir / "stranger-ca"]
+        before = await asyncio.to_thread(host_tree, cluster.workdir, own)
+        for name, (forgery, phrase) in tls_forgeries(cluster, forged, stats[1], origin.name).items():
+            fake.forge_stat, fake.calls[:] = forgery, []
+            line = one_line(await cluster.afsd(node, "mount", image.reference, str(target)))
+            assert address in line and phrase in line, f"{name}: {line}"
+            assert ("StatLayer", stats[0].digest) in fake.calls, f"{name}: the fake was never asked"
+            assert not any(True for _ in target.iterdir()), name
+            assert sorted((node.socket_path.parent / "state" / "blobs").iterdir()) == [], name
+        assert sorted((await asyncio.to_thread(host_tree, cluster.workdir, own)) ^ before) == []
 
 
 async def test_with_tls_forged_bytes_from_the_nodes_own_layerstore_never_reach_a_reader_nor_spread(
@@ -360,43 +345,38 @@ async def test_with_tls_forged_bytes_from_the_nodes_own_layerstore_never_reach_a
     fake = ForgingLayerStore(cluster.layerstore(origin), forge_stat=tls_forgeries(cluster, forged, stats[1],
                                                                                   origin.name)[
         "forged chunk table and bytes, the converter's descriptor"][0], forge_bytes=forged.bytes)
-    async with serving(lambda server: lgrpc.add_LayerStoreServicer_to_server(fake, server), host="127.0.0.5",
-                       credentials=evil.server_credentials()) as address:
-        beats = asyncio.create_task(heartbeat_forever(dgrpc.ServiceDiscoveryStub(open_channel(discovery.address, evil)),
-                                                      heartbeat_for("evil", address, stats)))
-        try:
-            mine_socket = mine.args[mine.args.index("--admin-socket") + 1]
-            node = await cluster.start_node(None, extra_args=["--layerstore", address,
-                                                              "--layerstore-admin-socket", mine_socket])
-            await cluster.wait_until(lambda: _listed(cluster, discovery, stats[0].digest, {"evil", honest.name}),
-                                     20, "both holders listed")
-            target = cluster.workdir / "rootfs"
-            target.mkdir()
-            mounted = await cluster.afsd(node, "mount", image.reference, str(target))
-            assert mounted.returncode == 0, mounted.stderr
-            for index in range(2):
-                data = (target / f"data/spread-{index}.bin").read_bytes()
-                assert data == seeded_bytes(f"spread{index}", (2 << 20) // 2)
-            assert b"FORGED" not in (target / "data/spread-0.bin").read_bytes()
-            assert ("ReadLayer", stats[0].digest) in fake.calls, "the node never read from the fake"
-            log = node.log()
-            assert f"not using the StatLayer answer of layerstore {address}" in log
-            assert "does not match the blob's chunk digest" in log
+    async with fake_holder(fake, dgrpc.ServiceDiscoveryStub(open_channel(discovery.address, evil)), "evil", stats,
+                           host="127.0.0.5", credentials=evil.server_credentials()) as address:
+        mine_socket = mine.args[mine.args.index("--admin-socket") + 1]
+        node = await cluster.start_node(None, extra_args=["--layerstore", address,
+                                                          "--layerstore-admin-socket", mine_socket])
+        await cluster.wait_until(lambda: _listed(cluster, discovery, stats[0].digest, {"evil", honest.name}),
+                                 20, "both holders listed")
+        target = cluster.workdir / "rootfs"
+        target.mkdir()
+        mounted = await cluster.afsd(node, "mount", image.reference, str(target))
+        assert mounted.returncode == 0, mounted.stderr
+        for index in range(2):
+            data = (target / f"data/spread-{index}.bin").read_bytes()
+            assert data == seeded_bytes(f"spread{index}", (2 << 20) // 2)
+        assert b"FORGED" not in (target / "data/spread-0.bin").read_bytes()
+        assert ("ReadLayer", stats[0].digest) in fake.calls, "the node never read from the fake"
+        log = node.log()
+        assert f"not using the StatLayer answer of layerstore {address}" in log
+        assert "does not match the blob's chunk digest" in log
 
-            async def mine_provides_everything() -> bool:
-                return all([mine.name in await cluster.nodes_for_layer(discovery, s.digest) for s in stats])
-            await cluster.wait_until(mine_provides_everything, 60, "the node's own layerstore to hold the layers")
-            trust = BlobTrust(cluster.operator_tls)
-            for genuine in stats:
-                held = await cluster.layerstore(mine).StatLayer(lpb.StatLayerRequest(digest=genuine.digest))
-                assert held.blob_digest == genuine.blob_digest
-                descriptor = trust.verified_descriptor(held, genuine.digest, peer=mine.name, diff_id=genuine.diff_id)
-                assert descriptor is not None and descriptor.signer == honest.name
-            assert forged.blob_digest != stats[0].blob_digest
-            listed = (await cluster.discovery(discovery).FindProvider(
-                dpb.FindProviderRequest(layer_digest=stats[0].digest))).services
-            advertised = {s.blob_digest for service in listed for s in service.layer_stats if s.digest == stats[0].digest}
-            assert advertised == {stats[0].blob_digest}
-            assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
-        finally:
-            beats.cancel()
+        async def mine_provides_everything() -> bool:
+            return all([mine.name in await cluster.nodes_for_layer(discovery, s.digest) for s in stats])
+        await cluster.wait_until(mine_provides_everything, 60, "the node's own layerstore to hold the layers")
+        trust = BlobTrust(cluster.operator_tls)
+        for genuine in stats:
+            held = await cluster.layerstore(mine).StatLayer(lpb.StatLayerRequest(digest=genuine.digest))
+            assert held.blob_digest == genuine.blob_digest
+            descriptor = trust.verified_descriptor(held, genuine.digest, peer=mine.name, diff_id=genuine.diff_id)
+            assert descriptor is not None and descriptor.signer == honest.name
+        assert forged.blob_digest != stats[0].blob_digest
+        listed = (await cluster.discovery(discovery).FindProvider(
+            dpb.FindProviderRequest(layer_digest=stats[0].digest))).services
+        advertised = {s.blob_digest for service in listed for s in service.layer_stats if s.digest == stats[0].digest}
+        assert advertised == {stats[0].blob_digest}
+        assert (await cluster.afsd(node, "umount", str(target))).returncode == 0

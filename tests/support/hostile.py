@@ -122,6 +122,23 @@ async def heartbeat_forever(discovery: dgrpc.ServiceDiscoveryStub, request: dpb.
         await asyncio.sleep(period)
 
 
+@contextlib.asynccontextmanager
+async def fake_holder(fake: ForgingLayerStore, discovery: dgrpc.ServiceDiscoveryStub, node_id: str,
+                      stats: list[lpb.StatLayerResponse], *, host: str = "127.0.0.1",
+                      credentials: grpc.ServerCredentials | None = None) -> AsyncIterator[str]:
+    """`fake` serving on `host`, heartbeating to `discovery` as `node_id`, a holder of the layers `stats`
+    describe, until the block ends; yields its address."""
+    async with serving(lambda server: lgrpc.add_LayerStoreServicer_to_server(fake, server), host=host,
+                       credentials=credentials) as address:
+        beats = asyncio.create_task(heartbeat_forever(discovery, heartbeat_for(node_id, address, stats)))
+        try:
+            yield address
+        finally:
+            beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beats
+
+
 def heartbeat_for(node_id: str, endpoint: str, stats: list[lpb.StatLayerResponse]) -> dpb.HeartbeatRequest:
     """A heartbeat claiming to hold the layers `stats` describe."""
     return dpb.HeartbeatRequest(
