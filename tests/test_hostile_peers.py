@@ -26,7 +26,6 @@ import pytest
 from afsd.api import discovery_pb2 as dpb
 from afsd.api import discovery_pb2_grpc as dgrpc
 from afsd.api import layerstore_pb2 as lpb
-from afsd.api import layerstore_pb2_grpc as lgrpc
 from afsd.cluster.peers import stat_to_peer_layer
 from afsd.lab.catalogue import seeded_bytes
 from afsd.lab.pki import LabPki
