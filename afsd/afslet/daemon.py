@@ -42,6 +42,8 @@ from afsd.errors import UsageError
 from afsd.health import HEALTH
 from afsd.rpc import ChannelPool, add_port, new_server
 
+from afsd.trust.tls import security_line
+
 if TYPE_CHECKING:
     from afsd.trust.tls import TlsConfig
 
@@ -101,6 +103,7 @@ async def serve(config: AfsletConfig, options: DaemonOptions, executions: Execut
     except BaseException:
         await network.stop()
         raise
+    log.warning("%s", security_line(f"afslet {config.node_id}", options.tls, options.listen))
     log.warning("afslet %s listening on %s (advertised %s): limits cpu=%d memory_mb=%d gpus=%d, network %s, "
                 "user namespace %s, work dir %s, node socket %s", config.node_id, options.listen, config.endpoint,
                 config.limit_cpu_cores, config.limit_memory_mb, config.limit_gpus, config.network.mode,

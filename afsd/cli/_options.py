@@ -105,12 +105,6 @@ def listen_address(given: str | None, port: int, tls: "TlsConfig | None") -> str
 
 def announce_security(log: logging.Logger, daemon: str, tls: "TlsConfig | None", listen: str = "") -> None:
     """One line at start saying how this daemon authenticates, loud in dev mode."""
-    from afsd.trust.tls import DEV_MODE_WARNING
+    from afsd.trust.tls import security_line
 
-    if tls is not None:
-        log.warning("%s: %s", daemon, tls.describe())
-        return
-    host = listen.rpartition(":")[0].strip("[]")
-    exposed = f"; it listens on {listen}, beyond this machine" if listen and host not in (
-        "127.0.0.1", "::1", "localhost") and not listen.startswith("unix:") else ""
-    log.warning("%s %s%s", daemon, DEV_MODE_WARNING, exposed)
+    log.warning("%s", security_line(daemon, tls, listen))

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import logging
 import os
 import shutil
 import socket
 from pathlib import Path
 
-from afsd.cli._options import add_tls_options, announce_security, daemon_tls_from
+from afsd.cli._options import add_tls_options, daemon_tls_from
 from afsd.errors import MissingToolError, UsageError
 
 MAX_TAR_CHUNK = 4 * 1024 * 1024 - 64 * 1024  # under the 4 MiB gRPC message limit, with room for framing
@@ -216,6 +215,5 @@ async def run(args: argparse.Namespace) -> int:
                             mount_backend=args.mount_backend, metrics_listen=args.metrics_listen,
                             graceful_timeout=args.graceful_timeout, max_concurrent_rpcs=args.max_concurrent_rpcs,
                             tls=tls)
-    announce_security(logging.getLogger("afsd.let"), f"afslet {args.node_id}", tls, args.listen)
     executions = ExecutionTable(keep_finished=args.keep_finished, tail_lines=args.log_tail_lines)
     return await serve(config, options, executions)

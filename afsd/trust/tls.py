@@ -138,6 +138,17 @@ class TlsConfig:
         return f"mutual TLS as {self.identity} (CA {self.ca_path})"
 
 
+def security_line(daemon: str, tls: TlsConfig | None, listen: str = "") -> str:
+    """What a daemon says at start about how it authenticates: loud in dev mode, and louder when it also
+    listens beyond this machine."""
+    if tls is not None:
+        return f"{daemon}: {tls.describe()}"
+    host = listen.rpartition(":")[0].strip("[]")
+    exposed = f"; it listens on {listen}, beyond this machine" if listen and host not in (
+        "127.0.0.1", "::1", "localhost") and not listen.startswith("unix:") else ""
+    return f"{daemon} {DEV_MODE_WARNING}{exposed}"
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
