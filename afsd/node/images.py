@@ -106,13 +106,14 @@ class ImageLocator:
         """(manifest digest, blob) of one layer of the image, for a client that stacks layers itself: only
         this layer needs a provider (a layerstore pulls the image when none holds it)."""
         resolved = await self._resolve(reference, platform)
-        if digest not in [layer.digest for layer in resolved.layers]:
+        layer = next((layer for layer in resolved.layers if layer.digest == digest), None)
+        if layer is None:
             raise NotFoundError(f"{digest} is not a layer of {reference}")
         holders = await self._holders(digest)
         if not holders:
             puller, _ = await self._pull_somewhere(reference, platform)
             holders = [dpb.ServiceInstance(endpoint=puller, layer_digests=[digest])]
-        return resolved.manifest_digest, await self._spec(digest, holders, reference)
+        return resolved.manifest_digest, await self._spec(digest, layer.diff_id, holders, reference)
 
     async def _locate(self, reference: ImageReference, platform: Platform) -> ResolvedMount:
         resolved = await self._resolve(reference, platform)
