@@ -40,6 +40,7 @@ from afsd.rpc import open_channel
 from afsd.trust.tls import TlsConfig
 from tests.support.afslet import SdkCall
 from tests.support.cluster import unmount_everything_under
+from tests.support.metrics import daemon_metrics, metric
 
 pytestmark = pytest.mark.slow
 
@@ -266,6 +267,12 @@ async def test_blobs_carry_descriptors_signed_by_their_converter_and_the_node_ve
     assert (target / "bin/busybox").exists()
     assert (await asyncio.to_thread(afsd_command, "umount", "--socket", str(tls_cluster.node.socket_path),
                                     str(target))).returncode == 0
+    # The node read the blob bytes over the layerstore's data listener, which speaks TLS like its gRPC port.
+    assert "byte-stream data listener on 127.0.0.2:" in tls_cluster.layerstore.log()
+    assert "(TLS)" in tls_cluster.layerstore.log().split("byte-stream data listener on", 1)[1].splitlines()[0]
+    served = metric(await asyncio.to_thread(daemon_metrics, tls_cluster.layerstore),
+                    "afsd_layerstore_stream_bytes_served_total")
+    assert served > 0
 
 
 def test_a_proxy_serving_users_by_bearer_token(tls_cluster: TlsCluster) -> None:
