@@ -32,12 +32,12 @@ from afsd.api import layerstore_pb2_grpc as lgrpc
 from afsd.cluster.bytestream_client import BlobByteStreams, ByteStreamUnavailable
 from afsd.cluster.bytestream_server import ByteStreamServer
 from afsd.cluster.bytestream_wire import HELLO, MAGIC, REPLY, REQUEST, VERSION, Status, digest_bytes
-from afsd.cluster.chunks import ChunkTable
 from afsd.cluster.fetcher import RangeFetcher
 from afsd.cluster.peers import blob_spec_from_stat
 from afsd.errors import FetchError
 from afsd.lab.daemons import Daemon, layerstore_daemon, start_all
 from afsd.lab.registry import start_registry
+from afsd.ondemand.chunks import ChunkTable
 from afsd.ondemand.spec import BlobSpec
 from afsd.rpc import ChannelPool
 from tests.support.bytestream_peers import HOSTILE_BEHAVIOURS, ByteStreamPeer, HostileDataListener

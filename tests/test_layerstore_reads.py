@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from afsd.api import layerstore_pb2 as lpb
-from afsd.cluster.chunks import ChunkTable
+from afsd.ondemand.chunks import ChunkTable
 from afsd.cluster.peers import MAX_READ_MESSAGE
 from tests.support.cluster import LocalCluster, small_image
 

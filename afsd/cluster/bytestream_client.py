@@ -31,8 +31,8 @@ from afsd.api import layerstore_pb2 as pb
 from afsd.api import layerstore_pb2_grpc as pb_grpc
 from afsd.cluster.bytestream_wire import (HELLO, MAGIC, MAX_ERROR_BYTES, REPLY, REQUEST, TICKET_BYTES, VERSION, Status,
                                           digest_bytes)
-from afsd.cluster.chunks import ChunkTable
 from afsd.cluster.discovery_client import join_host_port, split_host_port
+from afsd.ondemand.chunks import ChunkTable
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,6 @@ from prometheus_client import Counter, Histogram
 
 from afsd.api import layerstore_pb2 as pb
 from afsd.cluster.bytestream_client import BlobByteStreams, ByteStreamError, ByteStreamUnavailable
-from afsd.cluster.chunks import ChunkTable
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
 from afsd.cluster.peers import LayerStorePeer
 from afsd.errors import DigestMismatchError, FetchError
@@ -217,7 +216,7 @@ class RangeFetcher:
         self.use_leases = use_leases
         self.byte_stream = byte_stream
         self._streams: dict[str, BlobByteStreams] = {}   # provider endpoint -> its byte stream of this blob
-        self._table = ChunkTable(spec.size, spec.chunk_size, spec.chunk_digests)
+        self._table = spec.chunk_table()
         chunk = spec.chunk_size
         self._min_request = max(chunk, -(-min_request // chunk) * chunk)
         self._piece_chunks = max(1, PIECE_BYTES // chunk)

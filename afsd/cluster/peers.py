@@ -20,8 +20,8 @@ import grpc
 
 from afsd.api import layerstore_pb2 as pb
 from afsd.api import layerstore_pb2_grpc as pb_grpc
-from afsd.cluster.chunks import ChunkTable
 from afsd.cluster.peer_answers import check_stat
+from afsd.ondemand.chunks import ChunkTable
 from afsd.erofs.convert import BlobInfo
 from afsd.errors import DigestMismatchError
 from afsd.ondemand.spec import BlobSpec

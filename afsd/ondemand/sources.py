@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from afsd.cluster.chunks import ChunkTable
 from afsd.errors import AfsdError
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
 
@@ -38,7 +37,7 @@ class LocalFileSource:
     def __init__(self, spec: BlobSpec, path: Path) -> None:
         self.spec = spec
         self.path = path
-        self.table = ChunkTable(spec.size, spec.chunk_size, tuple(spec.chunk_digests))
+        self.table = spec.chunk_table()
 
     async def fetch(self, offset: int, length: int, priority: Priority = Priority.DEMAND) -> FetchedRange:
         start, count = self.table.widen(offset, length)

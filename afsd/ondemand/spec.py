@@ -17,6 +17,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from afsd.ondemand.chunks import ChunkTable
+
 
 class Priority(enum.IntEnum):
     """Demand reads (a process is waiting in the kernel) go before background prefetch."""
@@ -46,6 +48,10 @@ class BlobSpec:
     def name(self) -> str:
         """A short, filesystem- and kernel-key-safe name: the layer digest's hex."""
         return self.layer_digest.split(":", 1)[1]
+
+    def chunk_table(self) -> ChunkTable:
+        """The blob's chunk digest table, which every fetched byte is checked against."""
+        return ChunkTable(self.size, self.chunk_size, tuple(self.chunk_digests))
 
     def metadata_ranges(self) -> list[tuple[int, int]]:
         """The complement of the data map within [0, size): what a reader must have before mounting."""

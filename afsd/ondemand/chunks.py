@@ -1,8 +1,9 @@
 """Checking blob bytes against a blob's chunk digest table.
 
-Every erofs blob is hashed in fixed-size chunks when it is made (see afsd.erofs.convert). A reader that
-fetches bytes from a peer widens its request to whole chunks and checks each one before using it, so a
-corrupt or lying peer is caught on the first bad chunk rather than after a whole-blob download.
+Every erofs blob is hashed in fixed-size chunks when it is made (see afsd.erofs.convert); the table is
+part of what describes a blob (`BlobSpec.chunk_table`, spec.py). A reader that fetches bytes from a peer
+widens its request to whole chunks and checks each one before using it, so a corrupt or lying peer is
+caught on the first bad chunk rather than after a whole-blob download.
 """
 
 from __future__ import annotations
