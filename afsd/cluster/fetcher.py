@@ -24,7 +24,7 @@ How (the reference's DiscoveryBackedReaderAt, kept and tightened):
   call bounded by `call_timeout`, and one "flight" that any concurrent request for the same chunks
   joins instead of fetching again (waiters are shielded: cancelling one does not cancel the flight).
 - At most `max_concurrency` calls run at once; DEMAND pieces get a free slot before PREFETCH ones,
-  and a waiting PREFETCH piece that a DEMAND request joins is promoted.
+  and a waiting PREFETCH piece that a DEMAND request joins is promoted. (Both: flights.py.)
 - Chunks are hashed in a worker thread (about 1 ms per MiB here), off the event loop.
 - A piece is read over the provider's byte stream when it offers one (bytestream_client.py: raw bytes,
   sendfile on the other side, each chunk verified as it arrives), else with ReadLayer; `byte_stream=False`
@@ -34,11 +34,10 @@ How (the reference's DiscoveryBackedReaderAt, kept and tightened):
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -47,6 +46,7 @@ from prometheus_client import Counter, Histogram
 from afsd.api import layerstore_pb2 as pb
 from afsd.cluster.bytestream_client import BlobByteStreams, ByteStreamError, ByteStreamUnavailable
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
+from afsd.cluster.flights import FlightTable, PriorityGate
 from afsd.cluster.peers import LayerStorePeer
 from afsd.errors import DigestMismatchError, FetchError
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority
@@ -131,65 +131,6 @@ class _Lease:
     renewer: asyncio.Task[None] | None
 
 
-class _Ticket:
-    __slots__ = ("granted", "priority", "seq")
-
-    def __init__(self, priority: Priority, seq: int) -> None:
-        self.priority = priority
-        self.seq = seq
-        self.granted: asyncio.Future[None] | None = None
-
-
-class _PriorityGate:
-    """A semaphore that hands a freed slot to the waiter with the best (priority, arrival)."""
-
-    def __init__(self, slots: int) -> None:
-        self._free = slots
-        self._waiting: list[_Ticket] = []
-        self._seq = itertools.count()
-
-    def ticket(self, priority: Priority) -> _Ticket:
-        return _Ticket(priority, next(self._seq))
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    async def acquire(self, ticket: _Ticket) -> None:
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
-            return
-        ticket.granted = asyncio.get_running_loop().create_future()
-        self._waiting.append(ticket)
-        try:
-            await ticket.granted
-        except asyncio.CancelledError:
-            if ticket in self._waiting:
-                self._waiting.remove(ticket)
-            elif ticket.granted.done() and not ticket.granted.cancelled():
-                self.release()  # granted just as we were cancelled: pass the slot on
-            raise
-
-    def release(self) -> None:
-        while self._waiting:
-            best = min(self._waiting, key=lambda t: (t.priority, t.seq))
-            self._waiting.remove(best)
-            if best.granted is not None and not best.granted.done():
-                best.granted.set_result(None)
-                return
-        self._free += 1
-
-
-@dataclass(eq=False)
-class _Flight:
-    """One piece being read: every request for its chunks awaits the same task."""
-
-    start: int
-    end: int
-    ticket: _Ticket
-    task: asyncio.Task[tuple[bytes, _Provider]] = field(init=False)
-
-
 class RangeFetcher:
     """Verified ranges of `spec`'s blob from the layerstores that hold it (an `afsd.ondemand.spec.RangeSource`).
 
@@ -219,13 +160,13 @@ class RangeFetcher:
         self._table = spec.chunk_table()
         chunk = spec.chunk_size
         self._min_request = max(chunk, -(-min_request // chunk) * chunk)
-        self._piece_chunks = max(1, PIECE_BYTES // chunk)
-        self._gate = _PriorityGate(max_concurrency)
+        self._flights: FlightTable[tuple[bytes, _Provider]] = FlightTable(
+            size=spec.size, chunk_size=chunk, piece_chunks=PIECE_BYTES // chunk,
+            gate=PriorityGate(max_concurrency), read=self._read_with_failover, label=spec.name[:12])
         self._providers: dict[str, _Provider] = {}
         self._other_blob: list[str] = []     # nodes holding the layer as another blob (last refresh)
         self._current: _Lease | None = None
         self._choose_lock = asyncio.Lock()
-        self._inflight: dict[int, _Flight] = {}  # chunk index -> the flight reading it
         self._refresh_task: asyncio.Task[None] | None = None
         self._refreshed_at = float("-inf")
         self._switcher: asyncio.Task[None] | None = None
@@ -247,7 +188,9 @@ class RangeFetcher:
         start, end = self._widen(offset, length)
         self._counts["fetches"] += 1
         self._maybe_refresh()
-        flights, shared = self._flights_for(start, end, priority)
+        flights, shared = self._flights.cover(start, end, priority)
+        if shared:
+            self._counts["shared_fetches"] += 1
         try:
             results = [await asyncio.shield(flight.task) for flight in flights]
         except FetchError:
@@ -272,7 +215,7 @@ class RangeFetcher:
         if self._closed:
             return
         self._closed = True
-        tasks = [flight.task for flight in set(self._inflight.values())]
+        tasks: list[asyncio.Task[Any]] = [*self._flights.tasks()]
         tasks += [t for t in (self._refresh_task, self._switcher) if t is not None]
         for task in tasks:
             task.cancel()
@@ -292,7 +235,7 @@ class RangeFetcher:
             "lease": bool(self._current and self._current.lease_id),
             **self._counts, "bytes": dict(self._bytes),
             "bytes_by_provider": dict(self._bytes_by_provider),
-            "calls_in_flight": self._calls_in_flight, "waiting": self._gate.waiting,
+            "calls_in_flight": self._calls_in_flight, "waiting": self._flights.gate.waiting,
             "providers": [{"endpoint": p.endpoint, "node_id": p.node_id, "local": p.local,
                            "cooling_seconds": round(max(0.0, p.cooling_until - now), 3),
                            "last_error": p.last_error} for p in self._ranked(set())],
@@ -306,52 +249,6 @@ class RangeFetcher:
                              f"of {self.spec.size} bytes")
         start, covered = self._table.widen(offset, length)
         return start, min(self.spec.size, start + max(covered, self._min_request))
-
-    def _flights_for(self, start: int, end: int, priority: Priority) -> tuple[list[_Flight], bool]:
-        """The flights covering [start, end): joined where one is reading those chunks, started elsewhere."""
-        chunk = self.spec.chunk_size
-        index, last = start // chunk, -(-end // chunk)
-        flights, shared = [], False
-        while index < last:
-            flight = self._inflight.get(index)
-            if flight is not None:
-                shared = True
-                flight.ticket.priority = min(flight.ticket.priority, priority)  # a demand read waits on it now
-                flights.append(flight)
-                index = -(-flight.end // chunk)
-                continue
-            run_end = index + 1
-            while run_end < last and run_end - index < self._piece_chunks and run_end not in self._inflight:
-                run_end += 1
-            flights.append(self._start_flight(index, run_end, priority))
-            index = run_end
-        if shared:
-            self._counts["shared_fetches"] += 1
-        return flights, shared
-
-    def _start_flight(self, first: int, last: int, priority: Priority) -> _Flight:
-        chunk = self.spec.chunk_size
-        flight = _Flight(first * chunk, min(self.spec.size, last * chunk), self._gate.ticket(priority))
-        flight.task = asyncio.create_task(self._fly(flight), name=f"fetch {self.spec.name[:12]} @{flight.start}")
-        for index in range(first, last):
-            self._inflight[index] = flight
-
-        def landed(task: asyncio.Task[tuple[bytes, _Provider]]) -> None:
-            for index in range(first, last):
-                if self._inflight.get(index) is flight:
-                    del self._inflight[index]
-            if not task.cancelled():
-                task.exception()  # retrieved here: every waiter may have gone
-
-        flight.task.add_done_callback(landed)
-        return flight
-
-    async def _fly(self, flight: _Flight) -> tuple[bytes, _Provider]:
-        await self._gate.acquire(flight.ticket)
-        try:
-            return await self._read_with_failover(flight.start, flight.end)
-        finally:
-            self._gate.release()
 
     # -- reading with failover ----------------------------------------------------------------------
 

@@ -1,0 +1,154 @@
+"""Collapsing concurrent reads of the same chunks into one, and admitting reads by priority.
+
+Where it sits: `RangeFetcher` (fetcher.py) turns each fetch into "flights": one flight reads one piece
+of a blob (whole chunks) from a provider, and every fetch that needs any of those chunks while it is in
+the air waits on that same flight instead of reading them again (what stargz-snapshotter does with
+`singleflight.Group`, here keyed by chunk index so overlapping ranges share too). Flights take a slot of
+a `PriorityGate` before they read: a freed slot goes to the waiting flight with the best (priority,
+arrival), so a reader's DEMAND miss overtakes background PREFETCH, and a PREFETCH flight that a DEMAND
+fetch joins is promoted. Nothing here knows about gRPC or providers: `FlightTable` is given the read
+function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from afsd.ondemand.spec import Priority
+
+T = TypeVar("T")
+
+
+class Ticket:
+    """One waiter's place at a gate; its `priority` may be raised (lowered in value) while it waits."""
+
+    __slots__ = ("granted", "priority", "seq")
+
+    def __init__(self, priority: Priority, seq: int) -> None:
+        self.priority = priority
+        self.seq = seq
+        self.granted: asyncio.Future[None] | None = None
+
+
+class PriorityGate:
+    """A semaphore of `slots` that hands a freed slot to the waiter with the best (priority, arrival)."""
+
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError("a priority gate needs at least one slot")
+        self._free = slots
+        self._waiting: list[Ticket] = []
+        self._seq = itertools.count()
+
+    def ticket(self, priority: Priority) -> Ticket:
+        return Ticket(priority, next(self._seq))
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    async def acquire(self, ticket: Ticket) -> None:
+        """Wait for a slot. A waiter cancelled after being granted one passes it on (nothing leaks)."""
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        ticket.granted = asyncio.get_running_loop().create_future()
+        self._waiting.append(ticket)
+        try:
+            await ticket.granted
+        except asyncio.CancelledError:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+            elif ticket.granted.done() and not ticket.granted.cancelled():
+                self.release()  # granted just as we were cancelled: pass the slot on
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            best = min(self._waiting, key=lambda t: (t.priority, t.seq))
+            self._waiting.remove(best)
+            if best.granted is not None and not best.granted.done():
+                best.granted.set_result(None)
+                return
+        self._free += 1
+
+
+@dataclass(eq=False)
+class Flight(Generic[T]):
+    """One piece [start, end) being read: every request for its chunks awaits the same task."""
+
+    start: int
+    end: int
+    ticket: Ticket
+    task: asyncio.Task[T] = field(init=False)
+
+
+class FlightTable(Generic[T]):
+    """The flights of one blob, by chunk index. `cover(start, end)` returns the flights that together
+    read [start, end) (chunk-aligned): the ones already reading some of its chunks, joined, and new ones
+    of at most `piece_chunks` chunks for the rest, each running `read(start, end)` under `gate`.
+    Awaiting a flight's task must go through `asyncio.shield`: a flight belongs to all its waiters, and
+    one waiter giving up must not cancel it for the others."""
+
+    def __init__(self, *, size: int, chunk_size: int, piece_chunks: int, gate: PriorityGate,
+                 read: Callable[[int, int], Awaitable[T]], label: str = "") -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self.piece_chunks = max(1, piece_chunks)
+        self.gate = gate
+        self._read = read
+        self._label = label
+        self._by_chunk: dict[int, Flight[T]] = {}
+
+    def cover(self, start: int, end: int, priority: Priority) -> tuple[list[Flight[T]], bool]:
+        """The flights covering [start, end), in order, and whether any of them was joined (shared)."""
+        chunk = self.chunk_size
+        index, last = start // chunk, -(-end // chunk)
+        flights: list[Flight[T]] = []
+        shared = False
+        while index < last:
+            flight = self._by_chunk.get(index)
+            if flight is not None:
+                shared = True
+                flight.ticket.priority = min(flight.ticket.priority, priority)  # a demand read waits on it now
+                flights.append(flight)
+                index = -(-flight.end // chunk)
+                continue
+            run_end = index + 1
+            while run_end < last and run_end - index < self.piece_chunks and run_end not in self._by_chunk:
+                run_end += 1
+            flights.append(self._start(index, run_end, priority))
+            index = run_end
+        return flights, shared
+
+    def tasks(self) -> list[asyncio.Task[T]]:
+        """The tasks of every flight in the air (to cancel them at close)."""
+        return [flight.task for flight in {id(f): f for f in self._by_chunk.values()}.values()]
+
+    def _start(self, first: int, last: int, priority: Priority) -> Flight[T]:
+        chunk = self.chunk_size
+        flight: Flight[T] = Flight(first * chunk, min(self.size, last * chunk), self.gate.ticket(priority))
+        flight.task = asyncio.create_task(self._fly(flight), name=f"fetch {self._label} @{flight.start}")
+        for index in range(first, last):
+            self._by_chunk[index] = flight
+
+        def landed(task: asyncio.Task[T]) -> None:
+            for index in range(first, last):
+                if self._by_chunk.get(index) is flight:
+                    del self._by_chunk[index]
+            if not task.cancelled():
+                task.exception()  # retrieved here: every waiter may have gone
+
+        flight.task.add_done_callback(landed)
+        return flight
+
+    async def _fly(self, flight: Flight[T]) -> T:
+        await self.gate.acquire(flight.ticket)
+        try:
+            return await self._read(flight.start, flight.end)
+        finally:
+            self.gate.release()
