@@ -148,14 +148,14 @@ async def sequential_cases(root: Path, image: Path, name: str, runs: int) -> dic
                 drop_caches()
                 results["fscache cold"].append(await asyncio.to_thread(read_sequentially, target / name))
                 drop_caches()
-                before = (await client.status())["counters"]["requests_read"]
+                before = (await client.status()).counters["requests_read"]
                 results["fscache warm"].append(await asyncio.to_thread(read_sequentially, target / name))
-                reads_when_warm.append((await client.status())["counters"]["requests_read"] - before)
+                reads_when_warm.append((await client.status()).counters["requests_read"] - before)
                 results["fscache hot"].append(await asyncio.to_thread(read_sequentially, target / name))
             finally:
                 await asyncio.to_thread(unmount, target)
             await client.unregister(spec.name)
-        counters = (await client.status())["counters"]
+        counters = (await client.status()).counters
     finally:
         await client.shutdown(force=True)
     medians = {case: statistics.median(values) for case, values in results.items()}
@@ -198,9 +198,9 @@ async def random_case(root: Path, image: Path, name: str, size: int) -> dict[str
                 await asyncio.to_thread(os.stat, target / name)   # metadata first: not part of the count
                 drop_caches()
                 pages = rng.sample(range(pages_in_file), RANDOM_READS)
-                before = (await client.status())["counters"]["requests_read"]
+                before = (await client.status()).counters["requests_read"]
                 seconds = await asyncio.to_thread(read_random_pages, target / name, pages, threads)
-                requests = (await client.status())["counters"]["requests_read"] - before
+                requests = (await client.status()).counters["requests_read"] - before
             finally:
                 await asyncio.to_thread(unmount, target)
             await client.unregister(spec.name)

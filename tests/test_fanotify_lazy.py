@@ -28,15 +28,15 @@ async def test_metadata_only_blob_mounts_and_fills_only_what_is_read(fanotify_la
     # What was filled is the file's own chunks (whole chunks, so up to a chunk more at each end), plus
     # the chunks filled ahead of a miss.
     assert blob.sizes[one] <= filled <= blob.sizes[one] + (2 + fill_ahead) * blob.spec.chunk_size
-    assert (await lab.status())["blobs"][0]["state"] == "filling"
+    assert not (await lab.status()).blobs[0].complete
 
     for name, digest in blob.files.items():
         result = await lab.read(served.mount / name)
         assert result.ok and result.sha256 == digest, name
     assert (served.mount / "latest").resolve().name == "f00"
 
-    status = await lab.wait_status(lambda s: s["blobs"][0]["state"] == "complete")
-    counters = status["counters"]
+    status = await lab.wait_status(lambda s: s.blobs[0].complete)
+    counters = status.counters
     assert counters["events_allowed_filled"] > 0 and counters["events_allowed_present"] > 0
     assert counters["events_total"] == counters["events_allowed_filled"] + counters["events_allowed_present"]
     assert counters["events_denied_failed"] == counters["events_denied_timeout"] == 0
@@ -46,7 +46,7 @@ async def test_metadata_only_blob_mounts_and_fills_only_what_is_read(fanotify_la
     await asyncio.to_thread(Path("/proc/sys/vm/drop_caches").write_text, "3")
     result = await lab.read(served.mount / one)
     assert result.ok and result.sha256 == blob.files[one]
-    assert (await lab.status())["counters"]["events_total"] == counters["events_total"]
+    assert (await lab.status()).counters["events_total"] == counters["events_total"]
 
 
 async def test_prefetch_completes_the_blob_and_announces_it(fanotify_lab: FanotifyLab) -> None:
@@ -58,9 +58,9 @@ async def test_prefetch_completes_the_blob_and_announces_it(fanotify_lab: Fanoti
     served = await lab.serve(prefetch=True, mount=False)
     event = await asyncio.wait_for(first, 60)
     await events.aclose()
-    assert event["event"] == "complete" and event["name"] == served.spec.name
+    assert event.name == served.spec.name and event.path == str(served.path)
     assert hashlib.sha256(served.path.read_bytes()).hexdigest() == blob.spec.blob_digest.split(":")[1]
     status = await lab.status()
-    assert status["blobs"][0]["state"] == "complete"
-    assert 0 < status["counters"]["bytes_prefetched"] <= blob.spec.size - sum(n for _, n in blob.spec.metadata_ranges())
-    assert status["counters"]["events_total"] == 0   # nothing was mounted: every byte came from prefetch
+    assert status.blobs[0].complete
+    assert 0 < status.counters["bytes_prefetched"] <= blob.spec.size - sum(n for _, n in blob.spec.metadata_ranges())
+    assert status.counters["events_total"] == 0   # nothing was mounted: every byte came from prefetch

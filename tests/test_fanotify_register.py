@@ -47,7 +47,7 @@ async def test_backend_attach_mount_detach(fanotify_lab: FanotifyLab) -> None:
     finally:
         await asyncio.to_thread(unmount, target)
     await backend.detach(blob.spec, path)
-    assert (await backend.client.status())["blobs"] == []
+    assert (await backend.client.status()).blobs == []
 
 
 async def test_refuses_blobs_on_tmpfs(fanotify_lab: FanotifyLab) -> None:
@@ -114,7 +114,7 @@ async def test_a_complete_blob_registers_as_complete_and_is_not_marked(fanotify_
     path = lab.root / "complete.erofs"
     shutil.copyfile(blob.full, path)
     state = await lab.client.register(blob.spec, path, file_source(lab))
-    assert state["state"] == "complete" and state["present_bytes"] == blob.spec.size
+    assert state.complete and state.present_bytes == blob.spec.size
     await lab.client.unregister(blob.spec.name)
 
 
@@ -131,7 +131,7 @@ async def main():
     client = SupervisorClient(state, Settings(workers=1))
     await prepare_blob(spec, blob, LocalFileSource(spec, full))
     await client.register(spec, blob, {"kind": "file", "path": str(full)})
-    print((await client.status())["pid"], flush=True)
+    print((await client.status()).pid, flush=True)
     await asyncio.sleep(3600)
 asyncio.run(main())
 """
@@ -150,7 +150,7 @@ async def test_supervisor_outlives_the_node_daemon_and_a_new_one_reattaches(fano
 
     client = await lab.start(Settings(workers=1))          # "the restarted node daemon"
     status = await client.status()
-    assert status["pid"] == supervisor_pid and [b["name"] for b in status["blobs"]] == [blob.spec.name]
+    assert status.pid == supervisor_pid and [b.name for b in status.blobs] == [blob.spec.name]
     target = lab.root / "mnt"
     target.mkdir()
     await asyncio.to_thread(mount_erofs, path, target)

@@ -32,7 +32,7 @@ async def test_killed_supervisor_is_replaced_and_pending_reads_get_right_bytes(f
     lab, blob = fanotify_lab, fanotify_lab.blob
     await lab.start(Settings(workers=1, fetch_deadline=60, fill_ahead=3))
     served = await lab.serve(slow_source(lab, 1.0))
-    first = (await lab.status())["pid"]
+    first = (await lab.status()).pid
     names = data_files(blob)[:2]
     readers = [lab.start_reader(served.mount / name) for name in names]
     await lab.wait_for_marker(set())
@@ -41,10 +41,10 @@ async def test_killed_supervisor_is_replaced_and_pending_reads_get_right_bytes(f
         result = await lab.finish(reader)
         assert result.ok and result.sha256 == blob.files[name] and result.zero_pages == 0
     status = await lab.status()
-    assert status["pid"] != first and status["group_recovered"]
-    assert status["supervisor_restarts"] == 1
-    assert status["counters"]["events_recovered"] >= 1
-    assert status["blobs"][0]["state"] == "filling" and not status["blobs"][0]["tainted"]
+    assert status.pid != first and status.details["group_recovered"]
+    assert status.details["supervisor_restarts"] == 1
+    assert status.counters["events_recovered"] >= 1
+    assert not status.blobs[0].complete and not status.blobs[0].details["tainted"]
     for name in data_files(blob)[2:4]:     # and it goes on serving
         result = await lab.read(served.mount / name)
         assert result.ok and result.sha256 == blob.files[name]
@@ -55,23 +55,23 @@ async def test_killed_keeper_is_replaced_and_still_protects_pending_reads(fanoti
     await lab.start(Settings(workers=1, fetch_deadline=60, fill_ahead=3))
     served = await lab.serve(slow_source(lab, 1.0))
     before = await lab.status()
-    os.kill(before["keeper_pid"], signal.SIGKILL)
-    after = await lab.wait_status(lambda s: s["keeper_pid"] not in (0, before["keeper_pid"]))
-    assert after["counters"]["keeper_restarts"] == 1 and after["pid"] == before["pid"]
+    os.kill(before.details["keeper_pid"], signal.SIGKILL)
+    after = await lab.wait_status(lambda s: s.details["keeper_pid"] not in (0, before.details["keeper_pid"]))
+    assert after.counters["keeper_restarts"] == 1 and after.pid == before.pid
     name = data_files(blob)[0]
     reader = lab.start_reader(served.mount / name)
     await lab.wait_for_marker(set())
-    os.kill(after["pid"], signal.SIGKILL)   # now the new keeper is the only other holder
+    os.kill(after.pid, signal.SIGKILL)   # now the new keeper is the only other holder
     result = await lab.finish(reader)
     assert result.ok and result.sha256 == blob.files[name]
-    assert (await lab.status())["group_recovered"]
+    assert (await lab.status()).details["group_recovered"]
 
 
 async def test_keeper_fails_reads_with_eio_when_no_supervisor_comes_back(fanotify_lab: FanotifyLab) -> None:
     lab, blob = fanotify_lab, fanotify_lab.blob
     client = await lab.start(Settings(workers=1, fetch_deadline=60, orphan_deadline=1.0, fill_ahead=3))
     served = await lab.serve(slow_source(lab, 2.0))
-    supervisor = (await lab.status())["pid"]
+    supervisor = (await lab.status()).pid
     names = data_files(blob)
     reader = lab.start_reader(served.mount / names[0])
     await lab.wait_for_marker(set())
@@ -98,7 +98,7 @@ async def test_keeper_fails_reads_with_eio_when_no_supervisor_comes_back(fanotif
     for name in names[2:4]:
         result = await lab.read(served.mount / name)
         assert result.ok and result.sha256 == blob.files[name]
-    assert (await lab.status())["group_recovered"]
+    assert (await lab.status()).details["group_recovered"]
 
 
 async def test_supervisor_and_keeper_dying_together_let_readers_see_zeros(fanotify_lab: FanotifyLab) -> None:
@@ -111,8 +111,8 @@ async def test_supervisor_and_keeper_dying_together_let_readers_see_zeros(fanoti
     names = data_files(blob)
     reader = lab.start_reader(served.mount / names[0])
     await lab.wait_for_marker(set())
-    os.kill(status["pid"], signal.SIGKILL)
-    os.kill(status["keeper_pid"], signal.SIGKILL)
+    os.kill(status.pid, signal.SIGKILL)
+    os.kill(status.details["keeper_pid"], signal.SIGKILL)
     pending = await lab.finish(reader)
     assert pending.ok and pending.sha256 != blob.files[names[0]] and pending.zero_pages == pending.pages
     later = await lab.read(served.mount / names[1])                  # no group: no events at all
@@ -120,7 +120,7 @@ async def test_supervisor_and_keeper_dying_together_let_readers_see_zeros(fanoti
 
     await client.ensure_running()   # a new supervisor, a new group: it marks the blob again
     status = await lab.status()
-    assert not status["group_recovered"] and status["blobs"][0]["tainted"]
+    assert not status.details["group_recovered"] and status.blobs[0].details["tainted"]
     result = await lab.read(served.mount / names[2])                 # the same mount raises events again
     assert result.ok and result.sha256 == blob.files[names[2]]
     again = await lab.read(served.mount / names[0])                  # the zeros stay cached...

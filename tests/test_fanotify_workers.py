@@ -40,7 +40,7 @@ async def test_reader_gets_right_bytes_when_the_worker_is_killed_mid_fetch(fanot
         assert result.sha256 == blob.files[name], f"iteration {iteration} (seed {seed}): wrong bytes in {name}"
         assert result.zero_pages == 0
         seen |= set(os.listdir(lab.markers))
-    counters = (await lab.status())["counters"]
+    counters = (await lab.status()).counters
     assert counters["worker_restarts"] == KILLS and counters["worker_deaths"] == KILLS
     assert counters["events_redispatched"] >= KILLS and counters["tasks_redispatched"] >= KILLS
     assert counters["events_denied_failed"] == counters["events_denied_timeout"] == 0
@@ -64,9 +64,9 @@ async def test_stopped_worker_is_detected_replaced_and_readers_complete(fanotify
         result = await lab.finish(reader)
         assert result.ok and result.sha256 == blob.files[name]
     status = await lab.status()
-    assert status["counters"]["worker_hangs"] == 1 and status["counters"]["worker_restarts"] == 1
-    assert status["counters"]["events_redispatched"] >= 1
-    assert stopped not in [w["pid"] for w in status["workers"]]
+    assert status.counters["worker_hangs"] == 1 and status.counters["worker_restarts"] == 1
+    assert status.counters["events_redispatched"] >= 1
+    assert stopped not in [w.pid for w in status.workers]
     assert not os.path.exists(f"/proc/{stopped}")          # killed and reaped, not left stopped
 
     async with httpx.AsyncClient() as http:
@@ -95,7 +95,7 @@ async def test_hung_provider_fails_the_read_with_eio_and_others_are_served(fanot
         victim = data_files(blob)[0]
         started = time.monotonic()
         blocked = lab.start_reader(hung.mount / victim)
-        await lab.wait_status(lambda s: s["pending_events"] >= 1)
+        await lab.wait_status(lambda s: s.details["pending_events"] >= 1)
         for name in data_files(blob)[:6]:       # meanwhile, another blob is served as usual
             result = await lab.read(healthy.mount / name)
             assert result.ok and result.sha256 == blob.files[name]
@@ -107,9 +107,9 @@ async def test_hung_provider_fails_the_read_with_eio_and_others_are_served(fanot
     # bounded by the deadline (plus the healthy reads above and scheduling on a loaded machine)
     assert deadline <= waited < deadline + 5.0, waited
     # Nothing is left hanging in the worker: fills nobody waits for (fill-ahead) get the deadline too.
-    status = await lab.wait_status(lambda s: all(b["inflight_tasks"] == 0 for b in s["blobs"]))
-    assert status["counters"]["events_denied_timeout"] >= 1 and status["counters"]["tasks_cancelled"] >= 1
-    assert status["counters"]["worker_restarts"] == 0      # a hung fetch is not a hung worker
+    status = await lab.wait_status(lambda s: all(b.details["inflight_tasks"] == 0 for b in s.blobs))
+    assert status.counters["events_denied_timeout"] >= 1 and status.counters["tasks_cancelled"] >= 1
+    assert status.counters["worker_restarts"] == 0      # a hung fetch is not a hung worker
 
 
 async def test_failing_source_fails_the_read_with_eio_not_zeros(fanotify_lab: FanotifyLab) -> None:
@@ -118,6 +118,6 @@ async def test_failing_source_fails_the_read_with_eio_not_zeros(fanotify_lab: Fa
     served = await lab.serve(fanotify_sources.config("failing"))
     result = await lab.read(served.mount / data_files(blob)[0])
     assert not result.ok and result.errno == errno.EIO
-    assert (await lab.status())["counters"]["events_denied_failed"] >= 1
+    assert (await lab.status()).counters["events_denied_failed"] >= 1
     result = await lab.read(served.mount / "etc/hostname")   # a one-block file: its data is not metadata
     assert not result.ok and result.errno == errno.EIO

@@ -98,14 +98,14 @@ async def lazy_case(root: Path, spec: BlobSpec, full: Path, settings: Settings, 
                 before = await client.status()
                 cold.append(read_mbps(target / "big"))
                 after = await client.status()
-                filled = after["counters"]["events_allowed_filled"] - before["counters"]["events_allowed_filled"]
-                seconds = after["latency"]["filled"]["sum"] - before["latency"]["filled"]["sum"]
+                filled = after.counters["events_allowed_filled"] - before.counters["events_allowed_filled"]
+                seconds = after.details["latency"]["filled"]["sum"] - before.details["latency"]["filled"]["sum"]
                 per_event_filled.append(seconds / max(1, filled))
                 before = after
                 present.append(read_mbps(target / "big", drop_file_cache=True))
                 after = await client.status()
-                answered = after["counters"]["events_allowed_present"] - before["counters"]["events_allowed_present"]
-                seconds = after["latency"]["present"]["sum"] - before["latency"]["present"]["sum"]
+                answered = after.counters["events_allowed_present"] - before.counters["events_allowed_present"]
+                seconds = after.details["latency"]["present"]["sum"] - before.details["latency"]["present"]["sum"]
                 per_event_present.append(seconds / max(1, answered))
                 warm_reads.append(read_mbps(target / "big"))
             finally:

@@ -33,6 +33,7 @@ from afsd.ondemand.fanotify.client import SupervisorClient, prepare_blob
 from afsd.ondemand.fanotify.settings import Settings
 from afsd.ondemand.sources import LocalFileSource
 from afsd.ondemand.spec import BlobSpec
+from afsd.ondemand.supervised.protocol import SupervisorStatus, WorkerState, encode
 from tests.support.tars import Layer
 
 MiB = 1 << 20
@@ -183,21 +184,21 @@ class FanotifyLab:
             await asyncio.sleep(0.005)
         raise AssertionError("no fetch started")
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> SupervisorStatus:
         assert self.client is not None
         return await self.client.status()
 
     async def worker_pids(self) -> list[int]:
-        return [w["pid"] for w in (await self.status())["workers"] if w["state"] != "killed"]
+        return [w.pid for w in (await self.status()).workers if w.state is not WorkerState.STOPPING]
 
-    async def wait_status(self, predicate: Any, timeout: float = 30.0) -> dict[str, Any]:
+    async def wait_status(self, predicate: Any, timeout: float = 30.0) -> SupervisorStatus:
         deadline = time.monotonic() + timeout
         while True:
             status = await self.status()
             if predicate(status):
                 return status
             if time.monotonic() > deadline:
-                raise AssertionError(f"status never matched: {json.dumps(status)[:2000]}")
+                raise AssertionError(f"status never matched: {json.dumps(encode(status))[:2000]}")
             await asyncio.sleep(0.05)
 
     def processes(self) -> list[tuple[int, str]]:

@@ -19,6 +19,7 @@ from afsd.ondemand.base import BackendUnavailableError, BlobSource
 from afsd.ondemand.cachefiles import FscacheBackendError, FscacheClient
 from afsd.ondemand.cachefiles.backend import FscacheBackend
 from afsd.ondemand.sources import LocalFileSource
+from afsd.ondemand.supervised.protocol import WorkerState
 from tests.vm.test_cachefiles_helpers import spec_for_file
 
 HOLD_DEVICE = "import os, time; fd = os.open('/dev/cachefiles', os.O_RDWR); print('holding', flush=True); time.sleep(600)"
@@ -101,7 +102,7 @@ async def test_a_second_supervisor_is_refused_while_the_first_serves(tmp_path: P
     first = FscacheClient(tmp_path / "first")
     await first.ensure_running()
     try:
-        supervisor_pid = (await first.status())["pid"]
+        supervisor_pid = (await first.status()).pid
         second = FscacheClient(tmp_path / "second")
 
         with pytest.raises(FscacheBackendError) as refused:
@@ -109,6 +110,7 @@ async def test_a_second_supervisor_is_refused_while_the_first_serves(tmp_path: P
 
         message = one_line(refused)
         assert message.startswith("/dev/cachefiles is busy: ") and f"pid {supervisor_pid} (python" in message
-        assert (await first.status())["worker"]["state"] in ("starting", "ready")   # the first one is unharmed
+        assert [w.state for w in (await first.status()).workers] in (   # the first one is unharmed
+            [WorkerState.STARTING], [WorkerState.READY])
     finally:
         await first.shutdown()

@@ -147,8 +147,8 @@ async def test_a_layer_from_the_layerstores_mounts_with_fsid_and_every_file_matc
         assert counted["bytes_demand"] - before.get("bytes_demand", 0) >= 14 * MIB   # all file data came by READ
         assert counted["reads_failed"] == before.get("reads_failed", 0)
         blob = await shared.lab.blob(layer.spec.name)
-        assert blob["fetcher"]["provider"] == shared.nodes[0].address
-        assert blob["fetcher"]["bytes"]["peer"] >= 14 * MIB
+        assert blob.details["fetcher"]["provider"] == shared.nodes[0].address
+        assert blob.details["fetcher"]["bytes"]["peer"] >= 14 * MIB
         # Every file read, in 1 MiB units: that touched every unit of the blob, so the cache file is whole.
         assert await backend.is_complete(layer.spec, Path("/nonexistent/unused"))
         assert await asyncio.to_thread(backend.present_bytes, layer.spec, Path("/nonexistent/unused")) == layer.spec.size
@@ -169,7 +169,7 @@ async def test_a_peer_returning_corrupted_bytes_is_caught_and_the_range_read_els
 
     assert await asyncio.to_thread(tree_digests, target) == layer.files
 
-    fetcher = (await shared.lab.blob(layer.spec.name))["fetcher"]
+    fetcher = (await shared.lab.blob(layer.spec.name)).details["fetcher"]
     assert fetcher["verification_failures"] == 1
     assert fetcher["provider"] == node1.address
     (bad,) = [p for p in fetcher["providers"] if p["endpoint"] == node0.address]
@@ -187,13 +187,13 @@ async def test_losing_the_serving_provider_fails_over_and_losing_all_gives_eio_p
     reader = Reader(target / "usr" / "lib" / "big.so", pause_at=4 * MIB)
     try:
         await reader.paused()
-        serving = node_at(shared, (await shared.lab.blob(layer.spec.name))["fetcher"]["provider"])
+        serving = node_at(shared, (await shared.lab.blob(layer.spec.name)).details["fetcher"]["provider"])
         await asyncio.to_thread(serving.kill)
         killed.append(serving)
         reader.resume()
         outcome = await reader.outcome()
         assert outcome.ok and outcome.sha256 == layer.files["usr/lib/big.so"], outcome
-        fetcher = (await shared.lab.blob(layer.spec.name))["fetcher"]
+        fetcher = (await shared.lab.blob(layer.spec.name)).details["fetcher"]
         (survivor,) = [node for node in shared.nodes if node is not serving]
         assert fetcher["provider"] == survivor.address and fetcher["failovers"] >= 1
 

@@ -22,6 +22,7 @@ import pytest_asyncio
 
 from afsd.lab.catalogue import seeded_bytes
 from afsd.ondemand.cachefiles import FscacheMountError
+from afsd.ondemand.supervised.protocol import WorkerState
 from tests.vm.test_cachefiles_helpers import (
     MIB,
     FscacheLab,
@@ -33,6 +34,7 @@ from tests.vm.test_cachefiles_helpers import (
     renamed,
     spec_for_file,
     tree_digests,
+    worker_of,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -80,7 +82,7 @@ async def test_a_mounted_blob_reads_back_exactly_and_a_remount_is_served_from_th
     second = await lab.counters()
     assert second["requests_open"] - first["requests_open"] == 1
     assert second["requests_read"] == first["requests_read"]
-    assert (await lab.blob(spec.name))["complete"]
+    assert (await lab.blob(spec.name)).complete
 
 
 async def test_prefetch_fills_the_whole_blob_after_open(lab: FscacheLab, blob: LocalBlob) -> None:
@@ -90,7 +92,7 @@ async def test_prefetch_fills_the_whole_blob_after_open(lab: FscacheLab, blob: L
 
     target = await lab.mount(spec.name)
     assert (target / "etc" / "hostname").read_bytes() == b"fscache\n"
-    await lab.wait_status(lambda s: any(b["name"] == spec.name and b["complete"] for b in s["blobs"]),
+    await lab.wait_status(lambda s: any(b.name == spec.name and b.complete for b in s.blobs),
                           "prefetch to complete the blob")
     after_prefetch = await lab.counters()
     assert after_prefetch["bytes_prefetch"] - before["bytes_prefetch"] > 12 * MIB
@@ -126,7 +128,7 @@ async def test_two_mounts_in_one_share_domain_open_and_cache_their_common_blob_o
 
     shared = await lab.counters()
     assert shared["requests_open"] - before["requests_open"] == 3     # image-a, image-b, and the data blob once
-    assert (await lab.blob(data.name))["open_objects"] == 1
+    assert (await lab.blob(data.name)).details["open_objects"] == 1
     # The second image read the shared blob's pages through the same cache object: only its own
     # metadata needed READs (a page or two of image-b), none of the file data.
     assert shared["requests_read"] - reads_after_first <= 4
@@ -181,16 +183,16 @@ async def test_a_worker_lost_in_the_middle_of_a_large_read_is_replaced_and_the_r
     before = await lab.status()
     reader = Reader(target / "data" / "big.bin")
     try:
-        status = await lab.wait_status(lambda s: s["worker"]["reads_in_flight"] >= 1
-                                       and s["counters"]["requests_read"] > before["counters"]["requests_read"] + 1,
+        status = await lab.wait_status(lambda s: s.details["reads_in_flight"] >= 1
+                                       and s.counters["requests_read"] > before.counters["requests_read"] + 1,
                                        "a READ of big.bin to wait in the worker")
-        victim = status["worker"]["pid"]
+        victim = status.workers[0].pid
         if how == "kill9":
             os.kill(victim, signal.SIGKILL)
         else:
             await lab.client.restart_worker()
-        replaced = await lab.wait_status(lambda s: s["worker"]["pid"] not in (0, victim)
-                                         and s["worker"]["state"] == "ready", "a new worker")
+        replaced = await lab.wait_status(lambda s: (w := worker_of(s)) is not None and w.pid != victim
+                                         and w.state is WorkerState.READY, "a new worker")
         gate.touch()
 
         outcome = await reader.outcome()
@@ -201,11 +203,11 @@ async def test_a_worker_lost_in_the_middle_of_a_large_read_is_replaced_and_the_r
     assert outcome.sha256 == blob.files["data/big.bin"]
     after = await lab.counters()
     kind = "worker_deaths" if how == "kill9" else "worker_upgrades"
-    assert after[kind] == before["counters"][kind] + 1
-    assert after["restores"] == before["counters"]["restores"] + 1
-    assert after["requests_open"] >= before["counters"]["requests_open"] + 1   # the object was opened again
-    assert after["reads_failed"] == before["counters"]["reads_failed"]
-    assert replaced["worker"]["pid"] != victim
+    assert after[kind] == before.counters[kind] + 1
+    assert after["restores"] == before.counters["restores"] + 1
+    assert after["requests_open"] >= before.counters["requests_open"] + 1   # the object was opened again
+    assert after["reads_failed"] == before.counters["reads_failed"]
+    assert replaced.workers[0].pid != victim
     await lab.unmount(target)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from afsd.erofs.convert import convert_layer
 from afsd.ondemand.cachefiles import FscacheClient, Settings, fscache_mounts, mount_fscache
 from afsd.ondemand.spec import BlobSpec
+from afsd.ondemand.supervised.protocol import BlobStatus, SupervisorStatus, WorkerStatus
 from tests.support.tars import Layer
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -78,6 +79,11 @@ def gated_source(name: str, path: str, gate: str, open_fetches: int = 0) -> dict
             "sys_path": [str(CHECKOUT)], "args": {"path": path, "gate": gate, "open_fetches": open_fetches}}
 
 
+def worker_of(status: SupervisorStatus) -> WorkerStatus | None:
+    """The supervisor's one kernel worker (None between two workers)."""
+    return status.workers[0] if status.workers else None
+
+
 @dataclass
 class FscacheLab:
     root: Path
@@ -107,19 +113,19 @@ class FscacheLab:
         await asyncio.to_thread(subprocess.run, ["umount", str(target)], check=True, timeout=120)
         self.mounts.remove(target)
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> SupervisorStatus:
         return await self.client.status()
 
     async def counters(self) -> dict[str, float]:
-        return (await self.status())["counters"]
+        return (await self.status()).counters
 
-    async def blob(self, name: str) -> dict[str, Any]:
+    async def blob(self, name: str) -> BlobStatus:
         found = await self.client.blob_status(name)
         assert found is not None, f"blob {name} is not registered"
         return found
 
-    async def wait_status(self, predicate: Callable[[dict[str, Any]], bool], what: str,
-                          timeout: float = 60.0) -> dict[str, Any]:
+    async def wait_status(self, predicate: Callable[[SupervisorStatus], bool], what: str,
+                          timeout: float = 60.0) -> SupervisorStatus:
         deadline = time.monotonic() + timeout
         while True:
             status = await self.status()

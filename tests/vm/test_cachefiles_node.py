@@ -124,9 +124,9 @@ async def test_a_node_that_read_an_image_through_fscache_becomes_a_provider_of_i
             return all(["node1" in await cluster.nodes_for_layer(discovery, layer.digest) for layer in layers])
         await cluster.wait_until(b_provides_everything, 120, "node b to advertise the layers it read through fscache")
         # The copies were written as the bytes came in: b fetched each layer once, not again for its copy.
-        blobs = (await supervisor.status())["blobs"]
-        fetched = sum(sum(blob["fetcher"].get("bytes", {}).values()) for blob in blobs)
-        assert len(blobs) == len(layers) and fetched < 1.5 * sum(blob["size"] for blob in blobs), blobs
+        blobs = (await supervisor.status()).blobs
+        fetched = sum(sum(blob.details["fetcher"].get("bytes", {}).values()) for blob in blobs)
+        assert len(blobs) == len(layers) and fetched < 1.5 * sum(blob.size for blob in blobs), blobs
 
         await assert_serves_blobs(cluster, store_b, blob_digests)
         # The node's own /metrics carries the fscache supervisor's counters (refreshed every few seconds).

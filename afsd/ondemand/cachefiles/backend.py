@@ -6,7 +6,8 @@ mount = `mount -t erofs none TARGET -o fsid=<blob name>[,domain_id=D]` from a no
 unregister and remove the copy. The blob's bytes live in the cachefiles cache directory, which only the
 kernel can read; the worker also writes each verified byte into a plain sparse file at `blob_path` (the
 copy), which is what the node daemon hands to its local layerstore once `is_complete` says so.
-`present_bytes` counts the cache's bytes (it asks the supervisor).
+`present_bytes` counts the cache's bytes (it asks the supervisor). What the two supervised backends share
+(start, status, counters, metrics, completeness): supervised/backend.py.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
-from afsd.errors import AfsdError
-from afsd.ondemand.base import Backend, BackendUnavailableError, BlobSource
+from afsd.ondemand.base import BlobSource
 from afsd.ondemand.cachefiles.client import FscacheBackendError, FscacheClient
 from afsd.ondemand.cachefiles.device import kernel_problem
 from afsd.ondemand.cachefiles.metrics import StatusCollector
@@ -26,12 +25,16 @@ from afsd.ondemand.cachefiles.mount import mount_fscache
 from afsd.ondemand.cachefiles.settings import Settings
 from afsd.ondemand.sparse import present_bytes_at
 from afsd.ondemand.spec import BlobSpec
+from afsd.ondemand.supervised.backend import SupervisedBackend
 
 log = logging.getLogger(__name__)
 
 
-class FscacheBackend(Backend):
+class FscacheBackend(SupervisedBackend):
     name = "fscache"
+    collector = StatusCollector
+    gauges = ("open_objects",)
+    client: FscacheClient
 
     def __init__(self, state_dir: Path, *, cache_dir: Path | None = None, domain_id: str = "",
                  prefetch: bool = True, copy_blobs: bool = False, settings: Settings | None = None,
@@ -42,11 +45,10 @@ class FscacheBackend(Backend):
         With `copy_blobs`, every blob is also kept as a plain file at its `blob_path`, so a node with a
         local layerstore can hand complete blobs to it (the node daemon turns it on only then: it costs
         the blob's size on disk a second time). Without it, `is_complete` means the cache alone."""
-        self.client = FscacheClient(state_dir, cache_dir=cache_dir, settings=settings, metrics_listen=metrics_listen)
+        super().__init__(FscacheClient(state_dir, cache_dir=cache_dir, settings=settings, metrics_listen=metrics_listen))
         self.domain_id = domain_id
         self.prefetch = prefetch
         self.copy_blobs = copy_blobs
-        self._last_status: dict[str, Any] = {}
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -54,19 +56,8 @@ class FscacheBackend(Backend):
             return "the fscache backend needs root (/dev/cachefiles and erofs mounts need CAP_SYS_ADMIN)"
         return kernel_problem()
 
-    async def start(self) -> None:
-        """Start (or find) the supervisor. A failure (device busy, unsuitable cache directory) is logged and
-        reported by each later attach, so the node daemon keeps serving its other backends."""
-        try:
-            await self.client.ensure_running()
-        except AfsdError as e:
-            log.error("the fscache backend cannot run: %s", e)
-
     async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource) -> None:
-        try:
-            await self.client.ensure_running()
-        except AfsdError as e:
-            raise BackendUnavailableError(f"backend fscache cannot serve layer {spec.layer_digest}: {e}") from None
+        await self._require_supervisor(spec)
         await self.client.register(spec, source.config, prefetch=self.prefetch,
                                    copy_path=await asyncio.to_thread(self._copy_path, spec, blob_path))
 
@@ -86,19 +77,19 @@ class FscacheBackend(Backend):
         await asyncio.to_thread(mount_fscache, spec.name, target, domain_id=self.domain_id)
 
     async def detach(self, spec: BlobSpec, blob_path: Path) -> None:
-        await self.client.unregister(spec.name, missing_ok=True)
+        await super().detach(spec, blob_path)
         if self.copy_blobs:   # (a layerstore that imported it keeps its own link)
             await asyncio.to_thread(blob_path.unlink, missing_ok=True)
 
     async def is_complete(self, spec: BlobSpec, blob_path: Path) -> bool:
-        """Whether the cache file holds the whole blob (the supervisor's worker checks with SEEK_HOLE) and,
-        when the blob is registered with a copy, so does the copy (no hole left: the node daemon may import
-        it; the layerstore verifies it then)."""
+        """Whether the cache file holds the whole blob (the worker checks with SEEK_HOLE) and, when the blob
+        is registered with a copy, so does the copy (the node daemon may import it; the layerstore verifies
+        it then). False while the supervisor does not serve the blob."""
         blob = await self.client.blob_status(spec.name)
-        if not (blob and blob["complete"]):
+        if blob is None or not blob.complete:
             return False
-        copy = blob.get("copy_path")
-        return not copy or await asyncio.to_thread(present_bytes_at, Path(copy), spec.size) >= spec.size
+        # The copy's own bytes, too: its worker may have stopped before it could say the copy is whole.
+        return blob.ready or await asyncio.to_thread(present_bytes_at, Path(blob.path), spec.size) >= spec.size
 
     def present_bytes(self, spec: BlobSpec, blob_path: Path) -> int:
         """The blob's bytes in its cache file, as the supervisor's status counts them (its worker walks the
@@ -108,22 +99,4 @@ class FscacheBackend(Backend):
         except FscacheBackendError as e:
             log.warning("no status from the fscache supervisor: %s", e)
             return 0
-        return int(blob.get("present_bytes") or 0) if blob else 0
-
-    async def refresh(self) -> dict[str, Any]:
-        """Fetch the supervisor's status (what `counters` reports from then on)."""
-        try:
-            self._last_status = await self.client.status()
-        except FscacheBackendError as e:
-            log.warning("no status from the fscache supervisor: %s", e)
-        return self._last_status
-
-    def metrics_collector(self) -> StatusCollector:
-        return StatusCollector(lambda: self._last_status)
-
-    def counters(self) -> dict[str, float]:
-        status = self._last_status
-        if not status:
-            return {}
-        return {**{name: float(value) for name, value in status["counters"].items()},
-                "open_objects": float(status["worker"]["open_objects"])}
+        return (blob.present_bytes or 0) if blob else 0

@@ -20,6 +20,7 @@ from afsd.errors import AfsdError
 from afsd.ondemand.cachefiles.paths import StatePaths
 from afsd.ondemand.cachefiles.settings import Settings, supervisor_command
 from afsd.ondemand.spec import BlobSpec
+from afsd.ondemand.supervised import protocol as p
 from afsd.ondemand.supervised.client import SupervisorClientBase
 
 
@@ -52,16 +53,17 @@ class FscacheClient(SupervisorClientBase):
 
     async def restart_worker(self) -> None:
         """Replace the worker (an upgrade): requests in flight are re-delivered to the new one."""
-        await self._request({"op": "restart-worker"})
+        await self._request(p.RestartWorker())
 
     async def register(self, spec: BlobSpec, source_config: dict[str, Any], *, prefetch: bool = True,
-                       copy_path: Path | None = None) -> dict[str, Any]:
+                       copy_path: Path | None = None) -> p.BlobStatus:
         """Serve `spec` (OPENs of cookie key `spec.name`) from `source_config` (see afsd.ondemand.sources).
         Idempotent for the same blob; mount it afterwards. With `copy_path`, the worker also writes every
         verified byte it caches into a plain file there (sparse, the blob's size; its directory must exist),
         and fills the rest from the source once the cache file is whole: a readable copy of the blob.
         Removing that file is the caller's job."""
         copy = str(Path(copy_path).absolute()) if copy_path else ""
-        reply = await self._request({"op": "register", "spec": spec.to_json(), "source": source_config,
-                                     "prefetch": prefetch, "copy_path": copy})
-        return reply["blob"]
+        reply = await self._request(p.Register(spec=spec, source=source_config, prefetch=prefetch, copy_path=copy))
+        if reply.blob is None:
+            raise self.error(f"{self._name} registered blob {spec.name} without saying its status")
+        return reply.blob

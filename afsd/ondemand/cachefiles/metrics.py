@@ -10,11 +10,12 @@ from prometheus_client.core import CounterMetricFamily
 
 from afsd.ondemand.cachefiles.counters import SUPERVISOR_COUNTERS, WORKER_COUNTERS
 from afsd.ondemand.supervised.metrics import SupervisorStatusCollector, blob_gauge, counter, gauge
+from afsd.ondemand.supervised.protocol import SupervisorStatus
 
 
 class StatusCollector(SupervisorStatusCollector):
-    def families(self, status: dict[str, Any]) -> Iterator[Any]:
-        counters = status.get("counters", {})
+    def families(self, status: SupervisorStatus) -> Iterator[Any]:
+        counters = status.counters
         requests = CounterMetricFamily("afsd_fscache_requests", "requests read from /dev/cachefiles",
                                        labels=["opcode"])
         for opcode in ("open", "read", "close"):
@@ -28,6 +29,6 @@ class StatusCollector(SupervisorStatusCollector):
             if not name.startswith(("requests_", "bytes_")):
                 yield counter(f"afsd_fscache_{name}", help_text, counters.get(name, 0))
         yield gauge("afsd_fscache_open_objects", "cache objects (blobs) the worker holds open",
-                    status.get("worker", {}).get("open_objects", 0))
+                    status.details.get("open_objects", 0))
         yield blob_gauge("afsd_fscache_blob_present_bytes", "bytes of a blob in its cache file",
-                         status.get("blobs", []), "present_bytes")
+                         status.blobs, "present_bytes")

@@ -13,10 +13,11 @@ predecessor had read are delivered again; reads of objects whose anon fds died r
 If this process dies, the cache dies with it (the kernel fails every pending read): mounts must be
 made again. It is small and protected from the OOM killer for that reason.
 
-Control protocol on DIR/supervisor.sock (framed JSON, afsd/ondemand/_wire.py; root only), one
-reply per request: register {spec, source, prefetch, copy_path}  unregister {name, force}  status
-restart-worker  shutdown {force}. `copy_path` (optional, "" for none) is a plain file the worker keeps
-a copy of the blob's verified bytes in (see worker.py). The worker connects to the same socket.
+Messages on DIR/supervisor.sock (root only) are afsd/ondemand/supervised/protocol.py's: clients send
+Register (`copy_path`, "" for none, is a plain file the worker keeps a copy of the blob's verified bytes
+in, see copy.py), Unregister, StatusRequest, Watch (then a BlobComplete per blob whose cache file and copy
+became whole), RestartWorker and Shutdown, one Reply each; the kernel worker connects to the same socket
+and says Hello.
 """
 
 from __future__ import annotations
@@ -36,17 +37,21 @@ from typing import Any
 
 from afsd.errors import AfsdError
 from afsd.ondemand import _daemon
-from afsd.ondemand._wire import AsyncChannel, peer_pid
+from afsd.ondemand._wire import AsyncChannel, ProtocolError, peer_pid
 from afsd.ondemand.cachefiles.counters import SUPERVISOR_COUNTERS, WORKER_COUNTERS
 from afsd.ondemand.cachefiles.device import BoundCache, CachefilesError, bind_ondemand
 from afsd.ondemand.cachefiles.mount import fscache_mounts
 from afsd.ondemand.cachefiles.paths import StatePaths
 from afsd.ondemand.cachefiles.settings import SUPERVISOR_MODULE, Settings
 from afsd.ondemand.spec import BlobSpec
+from afsd.ondemand.supervised import protocol as p
+from afsd.ondemand.supervised.protocol import DaemonState, Role, StopCause, SupervisorStatus, WorkerState
 from afsd.ondemand.supervised.settings import supervisor_parser
+from afsd.ondemand.supervised.totals import WorkerTotals
 
 REPORT_TIMEOUT = 5.0
 KEY_BYTES_MAX = 200    # the kernel BUG()s on cookie keys over 252 bytes; keep well below
+WORKER_MODULE = "afsd.ondemand.cachefiles.worker"
 
 
 class RequestError(Exception):
@@ -54,17 +59,22 @@ class RequestError(Exception):
 
 
 @dataclass
-class Registration:
+class Registered:
     spec: BlobSpec
     source: dict[str, Any]
     prefetch: bool
     copy_path: str = ""      # where the worker also writes the blob's bytes ("": nowhere)
     complete: bool = False   # a worker found (or made) the cache file whole
+    copy_complete: bool = False        # ... and the copy (a worker said so)
     present_bytes: int | None = None   # as a worker last counted them (None: not yet; the cache file keeps them)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.spec.name, "spec": self.spec.to_json(), "source": self.source,
-                "prefetch": self.prefetch, "copy_path": self.copy_path, "complete": self.complete}
+    @property
+    def ready(self) -> bool:
+        return self.complete and (not self.copy_path or self.copy_complete)
+
+    def registration(self) -> p.Registration:
+        return p.Registration(spec=self.spec, source=self.source, prefetch=self.prefetch, copy_path=self.copy_path,
+                              complete=self.complete)
 
 
 @dataclass(eq=False)
@@ -72,10 +82,10 @@ class WorkerProcess:
     process: asyncio.subprocess.Process
     started: float
     channel: AsyncChannel | None = None
+    state: WorkerState = WorkerState.STARTING
+    stop_cause: StopCause | None = None       # why we stopped it (None: we did not)
     last_report: float = 0.0
-    counters: dict[str, float] = field(default_factory=dict)
-    replies: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
-    stop_reason: str = ""    # why we stopped it ("" while we did not)
+    replies: dict[int, asyncio.Future[p.Reply]] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -84,15 +94,16 @@ class Supervisor:
         self.settings = settings
         self.bound = bound
         self.log = _daemon.setup_logging("fscache-supervisor")
-        self.blobs: dict[str, Registration] = {}
+        self.blobs: dict[str, Registered] = {}
         self.worker: WorkerProcess | None = None
-        self.totals = dict.fromkeys(WORKER_COUNTERS, 0)   # of the workers that are gone
+        self.reported = WorkerTotals()                    # the workers' counters, over restarts
         self.restarts = dict.fromkeys(SUPERVISOR_COUNTERS, 0)
+        self.watchers: set[AsyncChannel] = set()
         self.started = time.time()
-        self.stopped = asyncio.Event()
-        self.stopping = False
+        self.state = DaemonState.STARTING
+        self.stopped = asyncio.Event()                    # set when the supervisor is to stop
         self.next_request_id = 1
-        self.status_snapshot: dict[str, Any] = {}
+        self.status_snapshot: SupervisorStatus | None = None
 
     # == the processes ===============================================================================
 
@@ -103,13 +114,14 @@ class Supervisor:
         tasks = [asyncio.create_task(self._accept(listener)), asyncio.create_task(self._run_workers())]
         if snapshot_period > 0:
             tasks.append(asyncio.create_task(self._refresh_snapshot(snapshot_period)))
+        self.state = DaemonState.SERVING
         self.log.info("serving the cachefiles cache %s (tag %s, failover %s)", self.bound.cache_dir,
                       self.bound.tag, "available" if self.bound.failover else "NOT available: kernel < 6.8")
         try:
             await self.stopped.wait()
         finally:
-            self.stopping = True
-            await self._stop_worker("shutting down")
+            self.state = DaemonState.STOPPING
+            await self._stop_worker(StopCause.SHUTDOWN)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -125,27 +137,27 @@ class Supervisor:
             worker = await self._start_worker(restore)
             code = await self._watch(worker)
             self.worker = None
-            for name in WORKER_COUNTERS:   # its last report; what it did after that is not counted
-                self.totals[name] += worker.counters.get(name, 0)
+            self.reported.retire(worker.process.pid)   # its last report; what it did after that is not counted
             if worker.channel is not None:
                 worker.channel.close()
             for future in worker.replies.values():
                 if not future.done():
                     future.set_exception(RequestError("the worker went away"))
-            if self.stopping:
+            if self.state is not DaemonState.SERVING:
                 return
             self.restarts["worker_restarts"] += 1
-            if worker.stop_reason == "upgrade":
+            if worker.stop_cause is StopCause.UPGRADE:
                 self.restarts["worker_upgrades"] += 1
-            elif worker.stop_reason == "hung":
+            elif worker.stop_cause is StopCause.HUNG:
                 self.restarts["worker_hangs"] += 1
             else:
                 self.restarts["worker_deaths"] += 1
+            cause = worker.stop_cause or StopCause.DIED
             self.log.warning("worker %d exited (%s, status %s); starting a new one that restores pending requests",
-                             worker.process.pid, worker.stop_reason or "died", code)
+                             worker.process.pid, cause.value, code)
             restore = True
             lived = time.monotonic() - worker.started
-            quick_deaths = quick_deaths + 1 if lived < 5.0 and not worker.stop_reason else 0
+            quick_deaths = quick_deaths + 1 if lived < 5.0 and worker.stop_cause is None else 0
             if quick_deaths:
                 await asyncio.sleep(min(self.settings.restart_backoff, 0.1 * 2 ** quick_deaths))
 
@@ -155,7 +167,7 @@ class Supervisor:
             await asyncio.sleep(period)
 
     async def _start_worker(self, restore: bool) -> WorkerProcess:
-        command = [sys.executable, "-m", "afsd.ondemand.cachefiles.worker", "--socket",
+        command = [sys.executable, "-m", WORKER_MODULE, "--socket",
                    str(self.paths.supervisor_socket), "--device-fd", str(self.bound.fd), *self.settings.to_arguments()]
         if restore and self.bound.failover:
             command.append("--restore")
@@ -175,20 +187,20 @@ class Supervisor:
                     return waiting.result()
                 since = time.monotonic() - (worker.last_report or worker.started)
                 if since > self.settings.worker_timeout + (0 if worker.last_report else 60.0) \
-                        and not worker.stop_reason:
+                        and worker.stop_cause is None:
                     self.log.error("worker %d sent nothing for %.0f s: killing it", worker.process.pid, since)
-                    worker.stop_reason = "hung"
+                    worker.state, worker.stop_cause = WorkerState.STOPPING, StopCause.HUNG
                     worker.process.kill()
         finally:
             if not waiting.done():
                 worker.process.kill()
                 await waiting
 
-    async def _stop_worker(self, reason: str) -> None:
+    async def _stop_worker(self, cause: StopCause) -> None:
         worker = self.worker
         if worker is None or worker.process.returncode is not None:
             return
-        worker.stop_reason = reason
+        worker.state, worker.stop_cause = WorkerState.STOPPING, cause
         worker.process.terminate()   # it stops reading, leaves unanswered requests to its successor
         try:
             await asyncio.wait_for(worker.process.wait(), 10.0)
@@ -212,48 +224,90 @@ class Supervisor:
             first = await channel.receive()
             if first is None:
                 return
-            message, _ = first
-            if message.get("op") == "hello" and message.get("role") == "worker":
+            try:
+                message = p.parse(first[0])
+            except ProtocolError as e:
+                request_id = first[0].get("id")
+                await channel.send(p.Reply(id=request_id if type(request_id) is int else 0, ok=False,
+                                           error=f"malformed request: {e}").to_json())
+                return
+            if isinstance(message, p.Hello) and message.role is Role.KERNEL_WORKER:
                 await self._serve_worker(channel, peer_pid(sock))
                 return
             reply = await self._control(message)
-            await channel.send(reply)
-            if message.get("op") == "shutdown" and reply["ok"]:
+            await channel.send(reply.to_json())
+            if isinstance(message, p.Shutdown) and reply.ok:
                 self.stopped.set()   # after the reply went out
+            elif isinstance(message, p.Watch):
+                await self._serve_watcher(channel)
         except OSError:
             pass
         finally:
             channel.close()
+
+    async def _serve_watcher(self, channel: AsyncChannel) -> None:
+        """Keep a watcher's connection until it closes it; `_announce` writes to it meanwhile."""
+        self.watchers.add(channel)
+        try:
+            while await channel.receive() is not None:
+                pass
+        finally:
+            self.watchers.discard(channel)
+
+    async def _announce(self, registered: Registered) -> None:
+        """Tell every watcher that a blob is ready (its cache file whole, and its copy if it has one)."""
+        message = p.BlobComplete(name=registered.spec.name, path=registered.copy_path).to_json()
+        for channel in list(self.watchers):
+            with contextlib.suppress(OSError):
+                await channel.send(message)
 
     async def _serve_worker(self, channel: AsyncChannel, pid: int) -> None:
         worker = self.worker
         if worker is None or worker.process.pid != pid:
             self.log.error("a process (pid %d) that is not our current worker said hello: ignored", pid)
             return
-        worker.channel = channel
+        worker.channel, worker.state = channel, WorkerState.READY
         worker.last_report = time.monotonic()
         self.log.info("worker %d is serving", pid)
         while (item := await channel.receive()) is not None:
-            message, _ = item
-            op = message.get("op")
             worker.last_report = time.monotonic()
-            if op == "lookup":
-                registration = self.blobs.get(str(message.get("name")))
-                await channel.send({"op": "reply", "id": message.get("id"),
-                                    "blob": registration.to_json() if registration else None})
-            elif op == "stats":
-                worker.counters = message.get("counters", {})
-            elif op == "complete":
-                registration = self.blobs.get(str(message.get("name")))
-                if registration is not None and not registration.complete:
-                    registration.complete = True
-                    self.log.info("blob %s is complete in the cache", registration.spec.name)
-            elif op == "reply":
-                future = worker.replies.pop(int(message.get("id", 0)), None)
+            try:
+                message = p.parse(item[0])
+            except ProtocolError as e:
+                self.log.error("worker %d sent a malformed message: %s", pid, e)
+                continue
+            if isinstance(message, p.Lookup):
+                registered = self.blobs.get(message.name)
+                reply = p.Reply(id=message.id, registration=registered.registration() if registered else None)
+                await channel.send(reply.to_json())
+            elif isinstance(message, p.Heartbeat):
+                self.reported.report(pid, message.counters)
+            elif isinstance(message, (p.BlobComplete, p.CopyComplete)):
+                await self._completed(message)
+            elif isinstance(message, p.Reply):
+                future = worker.replies.pop(message.id, None)
                 if future is not None and not future.done():
                     future.set_result(message)
 
-    async def _ask_worker(self, message: dict[str, Any]) -> dict[str, Any] | None:
+    async def _completed(self, message: p.BlobComplete | p.CopyComplete) -> None:
+        registered = self.blobs.get(message.name)
+        if registered is not None:
+            await self._mark(registered, cache=isinstance(message, p.BlobComplete),
+                             copy=isinstance(message, p.CopyComplete))
+
+    async def _mark(self, registered: Registered, *, cache: bool, copy: bool) -> None:
+        """Note that the cache file (`cache`) or the copy (`copy`) of a blob is whole; tell the watchers
+        once both are."""
+        was_ready = registered.ready
+        if cache and not registered.complete:
+            registered.complete = True
+            self.log.info("blob %s is complete in the cache", registered.spec.name)
+        if copy and registered.copy_path:
+            registered.copy_complete = True
+        if registered.ready and not was_ready:
+            await self._announce(registered)
+
+    async def _ask_worker(self, message: p.Message) -> p.Reply | None:
         worker = self.worker
         if worker is None or worker.channel is None:
             return None
@@ -261,7 +315,7 @@ class Supervisor:
         self.next_request_id += 1
         future = worker.replies[request_id] = asyncio.get_running_loop().create_future()
         try:
-            await worker.channel.send({**message, "id": request_id})
+            await worker.channel.send(message.to_json() | {"id": request_id})
             return await asyncio.wait_for(future, REPORT_TIMEOUT)
         except (TimeoutError, RequestError, OSError):
             return None
@@ -270,30 +324,27 @@ class Supervisor:
 
     # == control requests ===========================================================================
 
-    async def _control(self, message: dict[str, Any]) -> dict[str, Any]:
-        op = message.get("op")
-        reply: dict[str, Any] = {"op": "reply", "id": message.get("id"), "ok": True}
+    async def _control(self, message: p.Message) -> p.Reply:
+        reply = p.Reply(id=message.id)
         try:
-            if op == "register":
-                reply["blob"] = self._register(BlobSpec.from_json(message["spec"]), message.get("source") or {},
-                                               bool(message.get("prefetch")), str(message.get("copy_path") or ""))
-            elif op == "unregister":
-                await self._unregister(str(message["name"]), force=bool(message.get("force")))
-            elif op == "status":
-                reply["status"] = await self.status()
-            elif op == "restart-worker":
-                await self._stop_worker("upgrade")
-            elif op == "shutdown":
-                self._check_unused(force=bool(message.get("force")))
-            else:
-                raise RequestError(f"unknown request {op!r}")
+            if isinstance(message, p.Register):
+                reply = p.Reply(id=message.id, blob=self._register(message.spec, message.source, message.prefetch,
+                                                                   message.copy_path))
+            elif isinstance(message, p.Unregister):
+                await self._unregister(message.name, force=message.force)
+            elif isinstance(message, p.StatusRequest):
+                reply = p.Reply(id=message.id, status=await self.status())
+            elif isinstance(message, p.RestartWorker):
+                await self._stop_worker(StopCause.UPGRADE)
+            elif isinstance(message, p.Shutdown):
+                self._check_unused(force=message.force)
+            elif not isinstance(message, p.Watch):
+                raise RequestError(f"unknown request {message.op!r}")
         except RequestError as e:
-            reply.update(ok=False, error=str(e))
-        except (KeyError, ValueError, TypeError) as e:
-            reply.update(ok=False, error=f"malformed {op} request: {e!r}")
+            reply = p.Reply(id=message.id, ok=False, error=str(e))
         return reply
 
-    def _register(self, spec: BlobSpec, source: dict[str, Any], prefetch: bool, copy_path: str) -> dict[str, Any]:
+    def _register(self, spec: BlobSpec, source: dict[str, Any], prefetch: bool, copy_path: str) -> p.BlobStatus:
         name = spec.name
         if not name or len(name.encode()) > KEY_BYTES_MAX or not all(0x21 <= ord(c) < 0x7F and c != "/" for c in name):
             raise RequestError(f"blob name {name!r} cannot be an fscache key: use up to {KEY_BYTES_MAX} printable "
@@ -304,12 +355,14 @@ class Supervisor:
                 raise RequestError(f"blob {name} is already registered with other contents "
                                    f"({existing.spec.blob_digest}, {existing.spec.size} bytes)")
             # The newer settings serve later OPENs (a worker holding the blob open keeps its own).
+            if existing.copy_path != copy_path:
+                existing.copy_complete = False
             existing.source, existing.prefetch, existing.copy_path = source, prefetch, copy_path
-            return existing.to_json()
-        registration = self.blobs[name] = Registration(spec, source, prefetch, copy_path)
+            return self._blob_status(existing, p.BlobReport())
+        registered = self.blobs[name] = Registered(spec, source, prefetch, copy_path)
         self.log.info("registered blob %s (%d bytes, source %s, prefetch %s, copy %s)", name, spec.size,
                       source.get("kind", "?"), prefetch, copy_path or "none")
-        return registration.to_json()
+        return self._blob_status(registered, p.BlobReport())
 
     async def _unregister(self, name: str, *, force: bool) -> None:
         if name not in self.blobs:
@@ -321,7 +374,7 @@ class Supervisor:
         worker = self.worker
         if worker is not None and worker.channel is not None:
             with contextlib.suppress(OSError):
-                await worker.channel.send({"op": "forget", "name": name})
+                await worker.channel.send(p.Forget(name=name).to_json())
         self.log.info("unregistered blob %s", name)
 
     def _check_unused(self, *, force: bool) -> None:
@@ -331,35 +384,41 @@ class Supervisor:
             raise RequestError(f"erofs mounts in fscache mode still use the cache ({where}): unmount them first "
                                "(stopping now would fail every uncached read of theirs)")
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> SupervisorStatus:
         worker = self.worker
-        report = await self._ask_worker({"op": "report"}) or {}
-        if worker is not None and report.get("counters"):
-            worker.counters = report["counters"]
-        current = report.get("counters") or (worker.counters if worker else {})
-        counters = {name: self.totals[name] + current.get(name, 0) for name in WORKER_COUNTERS}
-        counters.update(self.restarts)
-        in_worker = report.get("blobs", {})
+        answer = await self._ask_worker(p.Report())
+        report = answer.report if answer is not None and answer.report is not None else p.WorkerReport()
+        if worker is not None and answer is not None and answer.report is not None:
+            self.reported.report(worker.process.pid, report.counters)
+        counters = {**self.reported.totals(WORKER_COUNTERS), **self.restarts}
         blobs = []
-        for name, registration in self.blobs.items():
-            seen = in_worker.get(name, {})
-            complete = registration.complete or bool(seen.get("complete"))
-            if seen.get("present_bytes") is not None:   # a worker counts only blobs it holds open
-                registration.present_bytes = seen["present_bytes"]
-            blobs.append({"name": name, "size": registration.spec.size, "prefetch": registration.prefetch,
-                          "source": registration.source.get("kind", ""), "complete": complete,
-                          "open_objects": seen.get("open_objects", 0), "copy_path": registration.copy_path,
-                          "copy_error": seen.get("copy_error", ""),
-                          "present_bytes": registration.spec.size if complete else registration.present_bytes,
-                          "fetcher": seen.get("fetcher", {})})
-        self.status_snapshot = {
-            "pid": os.getpid(), "uptime": time.time() - self.started, "cache_dir": str(self.bound.cache_dir),
-            "tag": self.bound.tag, "failover": self.bound.failover, "settings": dataclasses.asdict(self.settings),
-            "worker": {"pid": worker.process.pid if worker else 0,
-                       "state": "ready" if worker and worker.channel else "starting" if worker else "none",
-                       "open_objects": report.get("open_objects", 0), "reads_in_flight": report.get("reads_in_flight", 0)},
-            "counters": counters, "blobs": blobs}
+        for name, registered in list(self.blobs.items()):
+            seen = report.blobs.get(name, p.BlobReport())
+            # (the worker's BlobComplete or CopyComplete may still be on its way)
+            await self._mark(registered, cache=seen.complete, copy=seen.copy_complete)
+            if seen.present_bytes is not None:   # a worker counts only blobs it holds open
+                registered.present_bytes = seen.present_bytes
+            blobs.append(self._blob_status(registered, seen))
+        workers = [] if worker is None else [p.WorkerStatus(
+            pid=worker.process.pid, role=Role.KERNEL_WORKER, state=worker.state, tasks=report.reads_in_flight,
+            silent_for=round(time.monotonic() - worker.last_report, 3) if worker.channel else None)]
+        self.status_snapshot = SupervisorStatus(
+            backend="fscache", pid=os.getpid(), state=self.state, uptime=time.time() - self.started,
+            settings=dataclasses.asdict(self.settings), counters={k: float(v) for k, v in counters.items()},
+            workers=workers, blobs=blobs,
+            details={"cache_dir": str(self.bound.cache_dir), "tag": self.bound.tag, "failover": self.bound.failover,
+                     "open_objects": report.open_objects, "reads_in_flight": report.reads_in_flight})
         return self.status_snapshot
+
+    def _blob_status(self, registered: Registered, seen: p.BlobReport) -> p.BlobStatus:
+        complete = registered.complete
+        return p.BlobStatus(
+            name=registered.spec.name, size=registered.spec.size, complete=complete,
+            present_bytes=registered.spec.size if complete else registered.present_bytes,
+            path=registered.copy_path, path_complete=registered.copy_complete, prefetch=registered.prefetch,
+            filled_bytes=seen.filled_bytes,
+            details={"source": registered.source.get("kind", ""), "open_objects": seen.open_objects,
+                     "copy_error": seen.copy_error, "fetcher": seen.fetcher})
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:

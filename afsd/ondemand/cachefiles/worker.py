@@ -10,25 +10,19 @@ Where it sits: kernel -> /dev/cachefiles (fd inherited from the supervisor) -> t
           writer thread) -> CACHEFILES_IOC_READ_COMPLETE, ALWAYS: without data only when every source
           failed (the reader then gets EIO, never a hang)
     CLOSE -> close the object's anon fd (once no fetch or write still uses it)
-The copy: a blob registered with a `copy_path` (the node daemon's blob file, which it hands to its local
-layerstore once complete) gets every verified range written there too, in the same writer thread and
-before the cache write, at the same offset, into a sparse file of the blob's exact size. The cache file
-itself cannot be read back (the anon fd only writes), so this is the only way its bytes leave the cache.
-Bytes the cache held before the copy was asked for (a cache kept from an earlier mount) never pass
-through here again: once the cache file is whole, the copy's remaining holes are fetched from the
-blob's source at prefetch priority, so a whole cache always ends in a whole copy.
+A blob registered with a `copy_path` also gets a plain copy of every verified range (copy.py).
 The loop only reads requests and starts tasks: fetches run concurrently on the event loop, writes in
 threads. When the worker is told to stop (SIGTERM: an upgrade) or dies, it answers nothing more; the
 supervisor starts a successor that writes `restore`, so the kernel hands it whatever was unanswered.
+This process is the "kernel worker" (it reads and answers /dev/cachefiles and owns the anon fds); its
+supervisor only holds the device open.
 
-Messages on the supervisor's socket (framed JSON, afsd/ondemand/_wire.py):
-    -> hello {role: "worker"}   stats {counters} every `heartbeat` s   complete {name}
-    -> lookup {id, name}        <- reply {id, blob: registration {name, spec, source, prefetch, copy_path,
-                                   complete} | null}   (copy_path "": no copy)
-    <- report {id}              -> reply {id, counters, blobs, open_objects, reads_in_flight}
-                                   (per blob: open_objects, complete, filled_bytes, present_bytes,
-                                   copy_path, copy_error, fetcher)
-    <- forget {name}            the blob was unregistered: stop writing its copy; drop its source once
+Messages on the supervisor's socket (afsd/ondemand/supervised/protocol.py):
+    -> Hello(KERNEL_WORKER), a Heartbeat with the counters' totals every `heartbeat` s, BlobComplete (the
+       cache file is whole), CopyComplete (so is the copy)
+    -> Lookup                   <- Reply with the blob's Registration (None: nobody registered it)
+    <- Report                   -> Reply with a WorkerReport
+    <- Forget                   the blob was unregistered: stop writing its copy; drop its source once
                                 its objects close
 """
 
@@ -42,20 +36,20 @@ import logging
 import os
 import signal
 import sys
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from afsd.errors import AfsdError
 from afsd.ondemand import _daemon
-from afsd.ondemand._wire import AsyncChannel
+from afsd.ondemand._wire import AsyncChannel, ProtocolError
 from afsd.ondemand.cachefiles import _shim
+from afsd.ondemand.cachefiles.copy import BlobCopy, Copies
 from afsd.ondemand.cachefiles.counters import WORKER_COUNTERS
 from afsd.ondemand.cachefiles.settings import Settings
 from afsd.ondemand.sources import SourceFactory
-from afsd.ondemand.sparse import first_hole, holes, open_sized, present_bytes, write_at
+from afsd.ondemand.sparse import first_hole, present_bytes
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
+from afsd.ondemand.supervised import protocol as p
 
 log = logging.getLogger("afsd.fscache.worker")
 
@@ -64,57 +58,9 @@ LOOKUP_TIMEOUT = 30.0
 ATTACH_WAIT = 10.0          # seconds to retry ENOBUFS right after copen (the backing file is being attached)
 DRAIN_BATCH = 64            # requests taken per wake-up before other work gets a turn
 
-T = TypeVar("T")
-
 
 def round_up(value: int, unit: int = PAGE) -> int:
     return -(-value // unit) * unit
-
-
-@dataclass(eq=False)
-class BlobCopy:
-    """The plain file a blob's verified bytes are teed into (the registration's copy_path). Its fd is
-    opened once, by the first writer thread that needs it; `users` (counted on the event loop) keeps it
-    open while writer threads use it."""
-
-    path: str
-    size: int
-    fd: int = -1
-    users: int = 0
-    retired: bool = False   # no longer the blob's copy (unregistered): fd goes when users reach 0
-    error: str = ""         # why the last write into it failed ("" once a fill succeeded)
-    opening: threading.Lock = field(default_factory=threading.Lock)
-
-    # -- in writer threads --
-
-    def write(self, data: bytes, offset: int) -> None:
-        write_at(self._fd(), memoryview(data)[:max(0, self.size - offset)], offset)
-
-    def tee(self, data: bytes, offset: int) -> None:
-        """`write`, never raising: a copy that cannot be written must not fail the reader's READ."""
-        try:
-            self.write(data, offset)
-        except OSError as e:
-            if not self.error:
-                log.warning("cannot write the copy %s (bytes %d-%d): %s; its holes are fetched again once "
-                            "the cache file is whole", self.path, offset, offset + len(data), reason(e))
-            self.error = f"{self.path}: {reason(e)}"
-
-    def holes(self) -> list[tuple[int, int]]:
-        return holes(self._fd(), 0, self.size)
-
-    def _fd(self) -> int:
-        with self.opening:
-            if self.fd < 0:
-                self.fd = open_sized(self.path, self.size)
-            return self.fd
-
-    # -- on the event loop --
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 @dataclass(eq=False)
@@ -143,7 +89,7 @@ class OpenObject:
     closed: bool = False    # CLOSE arrived (or the worker stops): fd goes when users reach 0
 
 
-class CacheWorker:
+class KernelWorker:
     def __init__(self, device_fd: int, socket_path: str, settings: Settings, *, restore: bool) -> None:
         self.device_fd = device_fd
         self.socket_path = socket_path
@@ -157,7 +103,8 @@ class CacheWorker:
         self.tasks: set[asyncio.Task[None]] = set()
         self.counters: dict[str, int] = dict.fromkeys(WORKER_COUNTERS, 0)
         self.reads_in_flight = 0
-        self.lookups: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.lookups: dict[int, asyncio.Future[p.Reply]] = {}
+        self.copies = Copies(self.writer, self._fetch, self._spawn, self._copy_completed)
         self.next_id = 1
         self.stopping = asyncio.Event()
         self.channel: AsyncChannel | None = None
@@ -168,7 +115,7 @@ class CacheWorker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self.channel = await AsyncChannel.connect(self.socket_path)
-        await self.channel.send({"op": "hello", "role": "worker"})
+        await self.channel.send(p.Hello(role=p.Role.KERNEL_WORKER).to_json())
         helpers = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeats())]
         if self.restore:
             # Requests our predecessor read but did not answer are delivered again (Linux 6.8+).
@@ -304,18 +251,17 @@ class CacheWorker:
         known = self.blobs.get(name)
         if known is not None and not known.forgotten:
             return known
-        registration = (await self._ask({"op": "lookup", "name": name})).get("blob")
+        registration = (await self._ask(p.Lookup(name=name))).registration
         if registration is None:
             return None
-        spec = BlobSpec.from_json(registration["spec"])
-        copy_path = str(registration.get("copy_path") or "")
+        spec, copy_path = registration.spec, registration.copy_path
         if known is not None and known.spec.blob_digest == spec.blob_digest:   # unregistered, then again
             known.forgotten = False
-            known.config, known.prefetch = registration.get("source") or {}, bool(registration.get("prefetch"))
+            known.config, known.prefetch = registration.source, registration.prefetch
             known.copy = BlobCopy(copy_path, spec.size) if copy_path else None   # (forget retired the old one)
             return known
         blob = self.blobs[name] = ServedBlob(
-            name, spec, registration.get("source") or {}, bool(registration.get("prefetch")),
+            name, spec, registration.source, registration.prefetch,
             unit=max(spec.chunk_size, round_up(self.settings.read_unit, spec.chunk_size)),
             copy=BlobCopy(copy_path, spec.size) if copy_path else None)
         return blob
@@ -329,7 +275,7 @@ class CacheWorker:
             return
         if whole:
             self._mark_complete(blob)
-            self._complete_copy_soon(blob)   # (already complete in this worker: the copy may be new)
+            self.copies.complete_soon(blob)   # (already complete in this worker: the copy may be new)
         elif blob.prefetch and blob.prefetcher is None:
             blob.prefetcher = self._spawn(self._prefetch(blob))
 
@@ -400,8 +346,7 @@ class CacheWorker:
         # the thread's completion, not the task, releases them.
         obj.users += 1
         copy = obj.blob.copy
-        if copy is not None:
-            copy.users += 1
+        self.copies.hold(copy)
         loop = asyncio.get_running_loop()
         future = self.writer.submit(write_and_check, obj.fd, data, offset, obj.blob.spec.size, copy)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._written, obj, copy))
@@ -409,16 +354,7 @@ class CacheWorker:
 
     def _written(self, obj: OpenObject, copy: BlobCopy | None) -> None:
         self._release(obj)
-        if copy is not None:
-            self._release_copy(copy)
-
-    async def _in_copy(self, copy: BlobCopy, work: Callable[..., T], *args: Any) -> T:
-        """Run `work(*args)` (a BlobCopy method) in a writer thread, keeping the copy's fd open meanwhile."""
-        copy.users += 1
-        loop = asyncio.get_running_loop()
-        future = self.writer.submit(work, *args)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release_copy, copy))
-        return await asyncio.wrap_future(future)
+        self.copies.release(copy)
 
     # -- prefetch ----------------------------------------------------------------------------------
 
@@ -472,59 +408,11 @@ class CacheWorker:
         blob.complete = True
         self.counters["blobs_completed"] += 1
         log.info("blob %s is complete in the cache", blob.name)
-        self._spawn(self._send({"op": "complete", "name": blob.name}))
-        self._complete_copy_soon(blob)
+        self._spawn(self._send(p.BlobComplete(name=blob.name)))
+        self.copies.complete_soon(blob)
 
-    # -- the copy ----------------------------------------------------------------------------------
-
-    def _complete_copy_soon(self, blob: ServedBlob) -> None:
-        """Once the cache file is whole, make sure the copy is too (in the background)."""
-        if blob.complete and blob.copy is not None and blob.copier is None and blob.objects:
-            blob.copier = self._spawn(self._complete_copy(blob, blob.copy))
-
-    async def _complete_copy(self, blob: ServedBlob, copy: BlobCopy) -> None:
-        """Fetch the copy's holes from the blob's source at PREFETCH priority. Usually there are none (every
-        byte this worker writes into the cache went into the copy first); there are when the cache held
-        bytes before the copy was asked for, or when a write into the copy failed."""
-        try:
-            missing = await self._in_copy(copy, copy.holes)
-            if missing:
-                log.info("blob %s is whole in the cache but its copy %s lacks %d bytes: fetching them", blob.name,
-                         copy.path, sum(length for _, length in missing))
-            for hole, length in missing:
-                position = hole - hole % blob.unit
-                while position < hole + length:
-                    end = min(blob.spec.size, position + blob.unit)
-                    fetched = await self._fetch(blob, position, end, Priority.PREFETCH)
-                    fetched.require_covers(position, end)
-                    await self._in_copy(copy, copy.write, fetched.data, fetched.offset)
-                    position = end
-            if missing:
-                log.info("the copy %s of blob %s is complete", copy.path, blob.name)
-            copy.error = ""
-        except (OSError, AfsdError, ValueError) as e:
-            copy.error = f"{copy.path}: {reason(e)}"
-            if not copy.retired:
-                log.warning("the copy %s of blob %s stays incomplete (tried again at the blob's next OPEN): %s",
-                            copy.path, blob.name, reason(e))
-        finally:
-            if blob.copier is asyncio.current_task():
-                blob.copier = None
-
-    def _retire_copy(self, blob: ServedBlob) -> None:
-        """Stop writing the blob's copy (unregistered: the backend removes the file); close it once unused."""
-        if blob.copier is not None:
-            blob.copier.cancel()
-            blob.copier = None
-        copy, blob.copy = blob.copy, None
-        if copy is not None:
-            copy.retired = True
-            self._release_copy(copy, 0)
-
-    def _release_copy(self, copy: BlobCopy, count: int = 1) -> None:
-        copy.users -= count
-        if copy.retired and copy.users == 0:
-            copy.close()
+    def _copy_completed(self, blob: ServedBlob) -> None:
+        self._spawn(self._send(p.CopyComplete(name=blob.name)))
 
     # -- CLOSE -------------------------------------------------------------------------------------
 
@@ -535,9 +423,7 @@ class CacheWorker:
         if not blob.objects:
             if blob.prefetcher is not None:
                 blob.prefetcher.cancel()
-            if blob.copier is not None:
-                blob.copier.cancel()
-                blob.copier = None
+            self.copies.stop(blob)
             if blob.forgotten:
                 self._drop(blob)
         self._release(obj, 0)
@@ -560,66 +446,67 @@ class CacheWorker:
     async def _receive(self) -> None:
         assert self.channel is not None
         while (item := await self.channel.receive()) is not None:
-            self._on_message(item[0])
+            try:
+                self._on_message(p.parse(item[0]))
+            except ProtocolError as e:
+                log.error("the supervisor sent a malformed message: %s", e)
         log.info("the supervisor closed our link: stopping")
         self.stopping.set()
 
-    def _on_message(self, message: dict[str, Any]) -> None:
-        op = message.get("op")
-        if op == "reply":
-            future = self.lookups.pop(int(message.get("id", 0)), None)
+    def _on_message(self, message: p.Message) -> None:
+        if isinstance(message, p.Reply):
+            future = self.lookups.pop(message.id, None)
             if future is not None and not future.done():
                 future.set_result(message)
-        elif op == "report":
-            self._spawn(self._send({"op": "reply", "id": message.get("id"), **self.report()}))
-        elif op == "forget":
-            blob = self.blobs.get(str(message.get("name")))
+        elif isinstance(message, p.Report):
+            self._spawn(self._send(p.Reply(id=message.id, report=self.report())))
+        elif isinstance(message, p.Forget):
+            blob = self.blobs.get(message.name)
             if blob is not None:
                 blob.forgotten = True
-                self._retire_copy(blob)
+                self.copies.retire(blob)
                 if not blob.objects:
                     self._drop(blob)
 
-    async def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _ask(self, message: p.Message) -> p.Reply:
         request_id, self.next_id = self.next_id, self.next_id + 1
         future = self.lookups[request_id] = asyncio.get_running_loop().create_future()
         try:
-            await self._send({**message, "id": request_id})
+            await self._send(message, request_id)
             return await asyncio.wait_for(future, LOOKUP_TIMEOUT)
         finally:
             self.lookups.pop(request_id, None)
 
-    async def _send(self, message: dict[str, Any]) -> None:
+    async def _send(self, message: p.Message, request_id: int | None = None) -> None:
         assert self.channel is not None
+        frame = message.to_json() if request_id is None else message.to_json() | {"id": request_id}
         try:
-            await self.channel.send(message)
+            await self.channel.send(frame)
         except OSError:
             self.stopping.set()
 
     async def _heartbeats(self) -> None:
         while True:
-            await self._send({"op": "stats", "counters": dict(self.counters)})
+            await self._send(p.Heartbeat(tasks=self.reads_in_flight, counters=dict(self.counters)))
             await asyncio.sleep(self.settings.heartbeat)
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> p.WorkerReport:
         blobs = {}
         for name, blob in self.blobs.items():
-            info: dict[str, Any] = {"open_objects": len(blob.objects), "complete": blob.complete,
-                                    "filled_bytes": blob.filled_bytes}
-            if blob.copy is not None:
-                info.update(copy_path=blob.copy.path, copy_error=blob.copy.error)
+            present = None
             obj = next(iter(blob.objects), None)
             if obj is not None and obj.fd >= 0 and not blob.complete:
                 try:
-                    info["present_bytes"] = present_bytes(obj.fd, blob.spec.size)
+                    present = present_bytes(obj.fd, blob.spec.size)
                 except OSError:
                     pass
             stats = getattr(blob.source, "stats", None)
-            if callable(stats):
-                info["fetcher"] = stats()
-            blobs[name] = info
-        return {"counters": dict(self.counters), "blobs": blobs, "open_objects": len(self.objects),
-                "reads_in_flight": self.reads_in_flight}
+            blobs[name] = p.BlobReport(
+                open_objects=len(blob.objects), complete=blob.complete, filled_bytes=blob.filled_bytes,
+                present_bytes=present, copy_complete=bool(blob.copy and blob.copy.complete),
+                copy_error=blob.copy.error if blob.copy else "", fetcher=stats() if callable(stats) else {})
+        return p.WorkerReport(counters=dict(self.counters), blobs=blobs, open_objects=len(self.objects),
+                              reads_in_flight=self.reads_in_flight)
 
 
 # == helpers that run in writer threads ===============================================================
@@ -633,11 +520,6 @@ def write_and_check(fd: int, data: bytes, offset: int, size: int, copy: BlobCopy
         copy.tee(data, offset)
     written = _shim.pwrite_aligned(fd, data, offset)
     return written, first_hole(fd, 0, size) is None
-
-
-def reason(error: BaseException) -> str:
-    """What went wrong, without an OSError's file name (the caller names the file)."""
-    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 async def close_quietly(source: RangeSource, name: str) -> None:
@@ -656,9 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not _daemon.die_with_parent():   # the cache dies with the supervisor: so do we
         return 0
-    _daemon.setup_logging("fscache-worker")
+    _daemon.setup_logging("fscache-kernel-worker")
     _daemon.set_fd_limit()   # as many open blobs (one anon fd each) as this process may have
-    asyncio.run(CacheWorker(args.device_fd, args.socket, Settings.from_namespace(args), restore=args.restore).run())
+    asyncio.run(KernelWorker(args.device_fd, args.socket, Settings.from_namespace(args), restore=args.restore).run())
     return 0
 
 

@@ -3,7 +3,8 @@
 
 attach = `prepare_blob` (sparse file + verified metadata, through the in-process RangeSource) +
 register with the supervisor (which marks the blob and serves its misses through fetch workers built
-from the source configuration); mount = file-backed erofs (base class); detach = unregister.
+from the source configuration); mount = file-backed erofs (base class); detach = unregister. What the
+two supervised backends share (start, status, counters, metrics, completeness): supervised/backend.py.
 """
 
 from __future__ import annotations
@@ -12,24 +13,26 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
-from afsd.ondemand.base import Backend, BlobSource
+from afsd.ondemand.base import BlobSource
 from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.fanotify.client import SupervisorClient, prepare_blob
 from afsd.ondemand.fanotify.metrics import StatusCollector
 from afsd.ondemand.fanotify.settings import Settings
 from afsd.ondemand.spec import BlobSpec
+from afsd.ondemand.supervised.backend import SupervisedBackend
 
 
-class FanotifyBackend(Backend):
+class FanotifyBackend(SupervisedBackend):
     name = "fanotify"
+    collector = StatusCollector
+    gauges = ("supervisor_restarts", "pending_events")
+    client: SupervisorClient
 
     def __init__(self, state_dir: Path, settings: Settings | None = None, *, metrics_listen: str | None = None,
                  prefetch: bool = False) -> None:
-        self.client = SupervisorClient(state_dir, settings, metrics_listen=metrics_listen)
+        super().__init__(SupervisorClient(state_dir, settings, metrics_listen=metrics_listen))
         self.prefetch = prefetch
-        self._last_status: dict[str, Any] = {}
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -55,34 +58,7 @@ class FanotifyBackend(Backend):
             os.close(group)
         return None
 
-    async def start(self) -> None:
-        await self.client.ensure_running()
-
     async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource) -> None:
+        await self._require_supervisor(spec)
         await prepare_blob(spec, blob_path, source.source)
         await self.client.register(spec, blob_path, source.config, prefetch=self.prefetch)
-
-    async def detach(self, spec: BlobSpec, blob_path: Path) -> None:
-        await self.client.unregister(spec.name, missing_ok=True)
-
-    async def is_complete(self, spec: BlobSpec, blob_path: Path) -> bool:
-        blob = await self.client.blob_status(spec.name)
-        if blob is not None:
-            return blob["state"] == "complete"
-        return await super().is_complete(spec, blob_path)
-
-    async def refresh(self) -> dict[str, Any]:
-        """Fetch the supervisor's status (what `counters` reports from then on)."""
-        self._last_status = await self.client.status()
-        return self._last_status
-
-    def metrics_collector(self) -> StatusCollector:
-        return StatusCollector(lambda: self._last_status)
-
-    def counters(self) -> dict[str, float]:
-        status = self._last_status
-        if not status:
-            return {}
-        return {**{k: float(v) for k, v in status["counters"].items()},
-                "supervisor_restarts": float(status["supervisor_restarts"]),
-                "pending_events": float(status["pending_events"])}

@@ -14,16 +14,15 @@ backends (afsd/ondemand/supervised/client.py).
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 from afsd.errors import AfsdError
-from afsd.ondemand._wire import AsyncChannel
 from afsd.ondemand.fanotify.blobfile import BlobFileError, prepare_blob
 from afsd.ondemand.fanotify.paths import StatePaths
 from afsd.ondemand.fanotify.settings import Settings, command_line
 from afsd.ondemand.spec import BlobSpec
+from afsd.ondemand.supervised import protocol as p
 from afsd.ondemand.supervised.client import SupervisorClientBase
 
 __all__ = ["BlobFileError", "FanotifyBackendError", "SupervisorClient", "prepare_blob"]
@@ -36,7 +35,7 @@ class FanotifyBackendError(AfsdError):
 class SupervisorClient(SupervisorClientBase):
     error = FanotifyBackendError
     # A request finding no supervisor starts one (the keeper may also be restarting it).
-    starting_ops: ClassVar[frozenset[str]] = frozenset({"register", "unregister", "status"})
+    starting_requests: ClassVar[tuple[type[p.Message], ...]] = (p.Register, p.Unregister, p.StatusRequest)
     paths: StatePaths
 
     def __init__(self, state_dir: Path, settings: Settings | None = None, *, metrics_listen: str | None = None,
@@ -55,26 +54,14 @@ class SupervisorClient(SupervisorClientBase):
 
     async def restart(self) -> None:
         """Ask the supervisor to exit so the keeper starts a fresh one (e.g. after an upgrade)."""
-        await self._request({"op": "restart"})
+        await self._request(p.Restart())
 
     async def register(self, spec: BlobSpec, blob_path: Path, source_config: dict[str, Any], *,
-                       prefetch: bool = False) -> dict[str, Any]:
+                       prefetch: bool = False) -> p.BlobStatus:
         """Have the supervisor serve `blob_path` (prepared with `prepare_blob`). Returns the blob's status
-        (state "complete" when nothing is missing). Idempotent for the same blob and path."""
-        reply = await self._request({"op": "register", "path": os.fspath(Path(blob_path).absolute()),
-                                     "spec": spec.to_json(), "source": source_config, "prefetch": prefetch})
-        return reply["blob"]
-
-    async def watch(self) -> AsyncIterator[dict[str, Any]]:
-        """Events as they happen: {"event": "complete", "name", "path"} when a blob has no hole left
-        (its mark is gone; hand it to the layerstore). Ends when the supervisor goes away."""
-        await self.ensure_running()
-        channel = await AsyncChannel.connect(os.fspath(self.paths.supervisor_socket))
-        try:
-            await channel.send({"op": "watch", "id": 1})
-            while (item := await channel.receive()) is not None:
-                message, _ = item
-                if message.get("op") == "event":
-                    yield message
-        finally:
-            channel.close()
+        (complete when nothing is missing). Idempotent for the same blob and path."""
+        reply = await self._request(p.Register(spec=spec, source=source_config, prefetch=prefetch,
+                                               path=os.fspath(Path(blob_path).absolute())))
+        if reply.blob is None:
+            raise self.error(f"{self._name} registered blob {spec.name} without saying its status")
+        return reply.blob

@@ -16,10 +16,9 @@ answers every event itself with FAN_DENY|EIO (readers fail loudly instead of han
 If the keeper dies, the supervisor starts a new one and hands the fds over again; only when both die
 at once does the kernel release the group.
 
-Messages (framed JSON, afsd/ondemand/_wire.py) from the supervisor ("holder"): `hello {argv, env}` ->
-`held {group, blobs, respawns, ...}` with the fds; `hold_group` (+fd), `hold_blob {name}` (+fd),
-`drop_blob {name}`, `bye` (orderly shutdown: exit without restarting the supervisor). Anyone may ask
-`status`.
+Messages (afsd/ondemand/supervised/protocol.py) from the supervisor ("holder"): Hello(SUPERVISOR, argv,
+env) -> Held (+ group fd), HeldBlobs (+ fill fds)..., HeldEnd; HoldGroup (+ fd), HoldBlob (+ fd), DropBlob,
+Bye (orderly shutdown: exit without restarting the supervisor). Anyone may send a StatusRequest.
 """
 
 from __future__ import annotations
@@ -34,13 +33,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from afsd.ondemand import _daemon
-from afsd.ondemand._wire import MAX_FDS_PER_FRAME, Connection, peer_pid
+from afsd.ondemand._wire import MAX_FDS_PER_FRAME, Connection, ProtocolError, peer_pid
 from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.fanotify.journal import slot_count
 from afsd.ondemand.fanotify.paths import StatePaths
+from afsd.ondemand.supervised import protocol as p
 
 HELLO_TIMEOUT = 10.0          # a started supervisor that has not said hello by then is started again
 MIN_RESPAWN_DELAY = 0.05
@@ -59,7 +58,7 @@ class Keeper:
         self.holder: Connection | None = None
         self.holder_pid = 0
         self.holder_since = 0.0
-        self.waiting: list[tuple[Connection, dict[str, Any]]] = []
+        self.waiting: list[tuple[Connection, p.Hello]] = []
         self.argv: list[str] | None = None
         self.env: dict[str, str] | None = None
         self.respawns = 0
@@ -114,7 +113,14 @@ class Keeper:
         if messages is None:
             self._drop(connection)
             return
-        for message, fds in messages:
+        for frame, fds in messages:
+            try:
+                message = p.parse(frame)
+            except ProtocolError as e:
+                self.log.error("ignoring a malformed message: %s", e)
+                for fd in fds:
+                    os.close(fd)
+                continue
             self._handle(connection, message, fds)
         self._update_interest(connection)
 
@@ -144,57 +150,56 @@ class Keeper:
             elif self.argv is not None:
                 self.respawn_at = time.monotonic() + self.respawn_delay
 
-    def _handle(self, connection: Connection, message: dict[str, Any], fds: list[int]) -> None:
-        op = message.get("op")
-        if op == "status":
-            connection.send({"op": "status", "status": self.status()})
-        elif op == "hello":
+    def _handle(self, connection: Connection, message: p.Message, fds: list[int]) -> None:
+        if isinstance(message, p.StatusRequest):
+            connection.send(p.Reply(id=message.id, keeper=self.status()).to_json())
+        elif isinstance(message, p.Hello) and message.role is p.Role.SUPERVISOR:
             if self.holder is None:
                 self._take_holder(connection, message)
             else:
                 self.waiting.append((connection, message))  # served once the current holder is gone
         elif connection is not self.holder:
-            self.log.error("ignoring %r from a connection that is not the supervisor", op)
-        elif op == "hold_group":
+            self.log.error("ignoring %r from a connection that is not the supervisor", message.op)
+        elif isinstance(message, p.HoldGroup):
             self._replace_group(fds[0] if fds else None)
             fds = fds[1:]
-        elif op == "hold_blob" and fds:
-            old = self.fill_fds.pop(message["name"], None)
+        elif isinstance(message, p.HoldBlob) and fds:
+            old = self.fill_fds.pop(message.name, None)
             if old is not None:
                 os.close(old)
-            self.fill_fds[message["name"]] = fds[0]
+            self.fill_fds[message.name] = fds[0]
             fds = fds[1:]
-        elif op == "drop_blob":
-            old = self.fill_fds.pop(message["name"], None)
+        elif isinstance(message, p.DropBlob):
+            old = self.fill_fds.pop(message.name, None)
             if old is not None:
                 os.close(old)
-        elif op == "bye":
+        elif isinstance(message, p.Bye):
             self.log.info("supervisor %d shut down in order: exiting", self.holder_pid)
             self.running = False
-            connection.send({"op": "bye"})
+            connection.send(p.Bye().to_json())
             connection.sock.setblocking(True)
             connection.flush()
         for fd in fds:  # anything not claimed above
             os.close(fd)
 
-    def _take_holder(self, connection: Connection, hello: dict[str, Any]) -> None:
+    def _take_holder(self, connection: Connection, hello: p.Hello) -> None:
         if self.denying:
             self._stop_denying()
         self.holder = connection
         self.holder_pid = peer_pid(connection.sock)
         self.holder_since = time.monotonic()
         self.respawn_at = None
-        if hello.get("argv"):
-            self.argv = list(hello["argv"])
-            self.env = dict(hello.get("env") or {})
+        if hello.argv:
+            self.argv = list(hello.argv)
+            self.env = dict(hello.env)
         names = sorted(self.fill_fds)
-        connection.send({"op": "held", "group": self.group_fd is not None, "blobs": len(names),
-                         "respawns": self.respawns, "orphan_denied": self.orphan_denied},
+        connection.send(p.Held(group=self.group_fd is not None, blobs=len(names), respawns=self.respawns,
+                               orphan_denied=self.orphan_denied).to_json(),
                         [self.group_fd] if self.group_fd is not None else [])
         for start in range(0, len(names), MAX_FDS_PER_FRAME):
             batch = names[start:start + MAX_FDS_PER_FRAME]
-            connection.send({"op": "held_blobs", "names": batch}, [self.fill_fds[n] for n in batch])
-        connection.send({"op": "held_end"})
+            connection.send(p.HeldBlobs(names=batch).to_json(), [self.fill_fds[n] for n in batch])
+        connection.send(p.HeldEnd().to_json())
         self.log.info("supervisor %d holds the group again (%d blobs)", self.holder_pid, len(names))
 
     def _replace_group(self, fd: int | None) -> None:
@@ -251,10 +256,10 @@ class Keeper:
                     os.close(event.fd)
                     self.orphan_denied += 1
 
-    def status(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "holder_pid": self.holder_pid if self.holder else 0,
-                "group": self.group_fd is not None, "blobs": sorted(self.fill_fds),
-                "respawns": self.respawns, "denying": self.denying, "orphan_denied": self.orphan_denied}
+    def status(self) -> p.KeeperStatus:
+        return p.KeeperStatus(pid=os.getpid(), holder_pid=self.holder_pid if self.holder else 0,
+                              group=self.group_fd is not None, blobs=sorted(self.fill_fds), respawns=self.respawns,
+                              denying=self.denying, orphan_denied=self.orphan_denied)
 
 
 def main(argv: list[str] | None = None) -> int:

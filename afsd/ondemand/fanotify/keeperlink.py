@@ -1,19 +1,24 @@
-"""The supervisor's side of the keeper protocol (keeper.py): find or start the keeper, take back what
-it holds, and hand it every fd it must hold from then on."""
+"""The supervisor's side of the keeper protocol (keeper.py; messages: afsd/ondemand/supervised/protocol.py):
+find or start the keeper, take back what it holds, hand it every fd it must hold from then on, and replace
+it when it dies (`KeeperHolder`)."""
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import select
+import selectors
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from afsd.ondemand._wire import Connection, FrameDecoder, peer_pid, receive, send_blocking
+from afsd.ondemand._wire import Connection, FrameDecoder, ProtocolError, peer_pid, receive, send_blocking
 from afsd.ondemand.fanotify.paths import StatePaths
+from afsd.ondemand.supervised import protocol as p
 
 CONNECT_TIMEOUT = 15.0
 HANDSHAKE_TIMEOUT = 30.0   # a keeper answers a new supervisor once its predecessor's connection is gone
@@ -50,7 +55,7 @@ class KeeperLink:
         line that restarts us, and receive what the keeper holds. Blocks until done."""
         sock = _connect(paths, orphan_deadline, spawn)
         try:
-            send_blocking(sock, {"op": "hello", "argv": argv, "env": dict(os.environ)})
+            send_blocking(sock, p.Hello(role=p.Role.SUPERVISOR, argv=argv, env=dict(os.environ)).to_json())
             held = _handshake(sock)
         except BaseException:
             sock.close()
@@ -58,17 +63,17 @@ class KeeperLink:
         return cls(sock), held
 
     def hold_group(self, group_fd: int) -> None:
-        self.connection.send({"op": "hold_group"}, [group_fd])
+        self.connection.send(p.HoldGroup().to_json(), [group_fd])
 
     def hold_blob(self, name: str, fill_fd: int) -> None:
-        self.connection.send({"op": "hold_blob", "name": name}, [fill_fd])
+        self.connection.send(p.HoldBlob(name=name).to_json(), [fill_fd])
 
     def drop_blob(self, name: str) -> None:
-        self.connection.send({"op": "drop_blob", "name": name})
+        self.connection.send(p.DropBlob(name=name).to_json())
 
     def bye(self) -> None:
         """Orderly shutdown: the keeper exits and will not restart us."""
-        self.connection.send({"op": "bye"})
+        self.connection.send(p.Bye().to_json())
 
     def flush(self, timeout: float = 5.0) -> None:
         """Return once everything sent is in the keeper's socket: an fd in flight there is held by the
@@ -119,12 +124,140 @@ def _handshake(sock: socket.socket) -> Held:
         data, fds = receive(sock)
         if not data:
             raise OSError(errno.ECONNRESET, "the keeper closed the connection during the handshake")
-        for message, message_fds in decoder.feed(data, fds):
-            if message["op"] == "held":
-                held.respawns = int(message.get("respawns", 0))
+        for frame, message_fds in decoder.feed(data, fds):
+            try:
+                message = p.parse(frame)
+            except ProtocolError as e:
+                raise OSError(errno.EPROTO, f"the keeper sent a malformed message: {e}") from None
+            if isinstance(message, p.Held):
+                held.respawns = message.respawns
                 if message_fds:
                     held.group_fd = message_fds[0]
-            elif message["op"] == "held_blobs":
-                held.fills.update(zip(message["names"], message_fds))
-            elif message["op"] == "held_end":
+            elif isinstance(message, p.HeldBlobs):
+                held.fills.update(zip(message.names, message_fds))
+            elif isinstance(message, p.HeldEnd):
                 return held
+
+
+class KeeperUnreachableError(Exception):
+    """The keeper cannot take an fd now (it is being replaced): the request should be retried."""
+
+
+class KeeperHolder:
+    """The supervisor's keeper, kept alive: attached at start (handing back what a predecessor left), given
+    every fd to hold, and replaced without blocking the supervisor's loop when it dies."""
+
+    def __init__(self, paths: StatePaths, orphan_deadline: float, argv: list[str], selector: selectors.BaseSelector,
+                 held_fds: Callable[[], tuple[int, Iterable[tuple[str, int]]]], counters: dict[str, int],
+                 log: logging.Logger) -> None:
+        """`held_fds()`: what a new keeper must hold, the group fd and (blob name, fill fd) pairs."""
+        self.paths = paths
+        self.orphan_deadline = orphan_deadline
+        self.argv = argv
+        self.selector = selector
+        self.held_fds = held_fds
+        self.counters = counters
+        self.log = log
+        self.link: KeeperLink | None = None
+        self.supervisor_restarts = 0       # how often the keeper restarted a supervisor (it counts them)
+        self._launcher: subprocess.Popen[bytes] | None = None
+        self._stopping = False
+
+    @property
+    def pid(self) -> int:
+        return self.link.pid if self.link is not None else 0
+
+    def attach(self, *, spawn: bool) -> Held:
+        """Connect (starting a keeper if `spawn`) and take back what it holds."""
+        link, held = KeeperLink.connect(self.paths, self.orphan_deadline, self.argv, spawn=spawn)
+        self.supervisor_restarts = held.respawns
+        self.link = link
+        self.selector.register(link.connection.sock, selectors.EVENT_READ, self._on_io)
+        return held
+
+    def _required(self) -> KeeperLink:
+        if self.link is None:
+            raise KeeperUnreachableError("the keeper is being restarted: try again in a moment")
+        return self.link
+
+    def hold_group(self, group_fd: int) -> None:
+        self._required().hold_group(group_fd)
+
+    def hold_blob(self, name: str, fill_fd: int) -> None:
+        self._required().hold_blob(name, fill_fd)
+
+    def drop_blob(self, name: str) -> None:
+        if self.link is not None:
+            self.link.drop_blob(name)
+
+    def flush(self) -> None:
+        """Return once all sent is in the keeper's socket (KeeperUnreachableError if it cannot be)."""
+        try:
+            self._required().flush()
+        except KeeperUnavailableError as e:
+            raise KeeperUnreachableError(f"{e}: try again in a moment") from None
+
+    def bye(self) -> None:
+        self._stopping = True
+        if self.link is not None:
+            self.link.bye()
+            self.flush()
+
+    def stop_replacing(self) -> None:
+        """The supervisor is leaving (restart): a keeper dying now is not replaced by us."""
+        self._stopping = True
+
+    def _on_io(self, sock: socket.socket, mask: int) -> None:
+        link = self.link
+        if link is None:
+            return
+        messages = link.connection.on_ready(mask)
+        if messages is None:
+            self.selector.unregister(link.connection.sock)
+            link.close()
+            self.link = None
+            if not self._stopping:
+                self.counters["keeper_restarts"] += 1
+                self.log.error("the keeper died: starting a new one (until then, if this supervisor "
+                               "dies too, readers of unfilled ranges see zeros)")
+                self.maintain()
+            return
+        for _frame, fds in messages:
+            for fd in fds:
+                os.close(fd)
+        self._update_interest(link.connection)
+
+    def _update_interest(self, connection: Connection) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if connection.wants_write else 0)
+        key = self.selector.get_key(connection.sock)
+        if key.events != events:
+            self.selector.modify(connection.sock, events, key.data)
+
+    def maintain(self) -> None:
+        """Replace a dead keeper without blocking the loop: launch it, connect on a later call, hand it the
+        group fd and every fill fd."""
+        if self.link is not None or self._stopping:
+            return
+        if self._launcher is None:
+            self._launcher = launch_keeper(self.paths, self.orphan_deadline)
+            return
+        if self._launcher.poll() is None:
+            return
+        self._launcher = None
+        try:
+            held = self.attach(spawn=False)
+        except OSError as e:
+            self.log.error("cannot reach the new keeper: %s", e)
+            return
+        for fd in held.fills.values():
+            os.close(fd)
+        if held.group_fd is not None:
+            os.close(held.group_fd)    # ours is authoritative
+        link = self._required()
+        group_fd, fill_fds = self.held_fds()
+        link.hold_group(group_fd)
+        fills = list(fill_fds)
+        for name, fd in fills:
+            link.hold_blob(name, fd)
+        self._update_interest(link.connection)
+        self.log.info("a new keeper (pid %d) holds the group and %d fill fds", link.pid, len(fills))

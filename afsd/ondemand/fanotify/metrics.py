@@ -9,6 +9,7 @@ from typing import Any
 from prometheus_client.core import HistogramMetricFamily
 
 from afsd.ondemand.supervised.metrics import SupervisorStatusCollector, blob_gauge, counter, gauge
+from afsd.ondemand.supervised.protocol import SupervisorStatus
 
 _COUNTER_HELP = {
     "events_total": "pre-content events received",
@@ -41,13 +42,13 @@ _COUNTER_HELP = {
 
 
 class StatusCollector(SupervisorStatusCollector):
-    def families(self, status: dict[str, Any]) -> Iterator[Any]:
-        for name, value in status.get("counters", {}).items():
+    def families(self, status: SupervisorStatus) -> Iterator[Any]:
+        for name, value in status.counters.items():
             yield counter(f"afsd_fanotify_{name}", _COUNTER_HELP.get(name, name), value)
         yield counter("afsd_fanotify_supervisor_restarts", "supervisors the keeper restarted",
-                      status.get("supervisor_restarts", 0))
-        yield gauge("afsd_fanotify_pending_events", "events waiting for a fill", status.get("pending_events", 0))
-        latency = status.get("latency")
+                      status.details.get("supervisor_restarts", 0))
+        yield gauge("afsd_fanotify_pending_events", "events waiting for a fill", status.details.get("pending_events", 0))
+        latency = status.details.get("latency")
         if latency:
             family = HistogramMetricFamily("afsd_fanotify_event_seconds",
                                            "time from receiving an event to answering it", labels=["outcome"])
@@ -59,6 +60,6 @@ class StatusCollector(SupervisorStatusCollector):
                     buckets.append((bound, cumulative))
                 family.add_metric([outcome], buckets, latency[outcome]["sum"])
             yield family
-        blobs = status.get("blobs", [])
+        blobs = status.blobs
         yield blob_gauge("afsd_fanotify_blob_present_bytes", "bytes of a blob on this node", blobs, "present_bytes")
         yield blob_gauge("afsd_fanotify_blob_size_bytes", "size of a served blob", blobs, "size")

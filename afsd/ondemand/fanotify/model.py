@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from afsd.ondemand._wire import Connection
+from afsd.ondemand.fanotify.planner import FailureMemory
 from afsd.ondemand.spec import BlobSpec, Priority
+from afsd.ondemand.supervised.protocol import StopCause, WorkerState
 
 
 @dataclass(eq=False)
@@ -32,12 +34,16 @@ class Blob:
     prefetch_inflight: int = 0
     prefetch_paused_until: float = 0.0
     filled_bytes: int = 0
-    failed_until: dict[int, float] = field(default_factory=dict)  # chunk -> until when reads of it fail at once
+    failures: FailureMemory = field(default_factory=FailureMemory)
     read_end: int = 0                          # where the last read event ended (sequential detection)
 
     @property
     def chunks(self) -> int:
         return -(-self.spec.size // self.spec.chunk_size)
+
+    def tasks(self) -> list[Task]:
+        """The tasks filling this blob's chunks, each once (a task of several chunks is listed under each)."""
+        return list({id(task): task for task in self.inflight.values()}.values())
 
 
 @dataclass(eq=False)
@@ -82,23 +88,36 @@ class Worker:
     process: subprocess.Popen
     pidfd: int
     started: float
-    connection: Connection | None = None
+    connection: Connection | None = None      # set at hello (state READY), dropped when it stops
+    state: WorkerState = WorkerState.STARTING
+    stop_cause: StopCause | None = None       # why we stopped it (None: we did not, it died on its own)
     last_seen: float = 0.0
     tasks: dict[int, Task] = field(default_factory=dict)
-    killed: str = ""        # why we killed it ("" while alive)
-    hung: bool = False
 
     @property
     def ready(self) -> bool:
-        return self.connection is not None and not self.killed
+        return self.state is WorkerState.READY
 
 
-def chunk_runs(chunks: list[int], longest: int) -> list[tuple[int, int]]:
-    """Consecutive chunk indexes as (first, count) runs of at most `longest`."""
-    runs: list[tuple[int, int]] = []
-    for chunk in chunks:
-        if runs and runs[-1][0] + runs[-1][1] == chunk and runs[-1][1] < longest:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((chunk, 1))
-    return runs
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class EventLatency:
+    """Histograms of the time from reading an event to answering it: `present` (allowed at once) and
+    `filled` (allowed after a fill)."""
+
+    counts: dict[str, list[int]] = field(default_factory=lambda: {
+        kind: [0] * (len(LATENCY_BUCKETS) + 1) for kind in ("present", "filled")})
+    sums: dict[str, float] = field(default_factory=lambda: {"present": 0.0, "filled": 0.0})
+
+    def observe(self, kind: str, seconds: float) -> None:
+        buckets = self.counts[kind]
+        index = next((i for i, bound in enumerate(LATENCY_BUCKETS) if seconds <= bound), len(LATENCY_BUCKETS))
+        buckets[index] += 1
+        self.sums[kind] += seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {"buckets": list(LATENCY_BUCKETS),
+                **{kind: {"counts": list(counts), "sum": self.sums[kind]} for kind, counts in self.counts.items()}}

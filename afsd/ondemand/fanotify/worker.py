@@ -5,14 +5,13 @@ worker --(pwrite through the fill fd)--> blob file; worker --(done / failed)--> 
 answers the kernel. Workers hold no kernel state the readers depend on: the supervisor may kill one at
 any moment (it stopped heartbeating, or died) and give its tasks to another.
 
-Protocol (framed JSON, afsd/ondemand/_wire.py) on the supervisor's socket:
-    -> hello {role: "worker"}          then every `heartbeat` seconds: heartbeat {tasks, fetch_failovers,
-                                       fetch_verification_failures} (counts since the previous heartbeat)
-    <- blob {name, path, spec, source} + the blob's fill fd (opened before the blob was marked, so its
-       writes raise no fanotify events; a worker must never write the blob through any other fd)
-    <- forget {name}                   the blob is complete or unregistered: drop it
-    <- fill {task, name, offset, length, priority}  -> done {task, written, source} | failed {task, error}
-    <- cancel {task}                   nobody waits for it any more
+Messages on the supervisor's socket (afsd/ondemand/supervised/protocol.py):
+    -> Hello(FETCH_WORKER), then every `heartbeat` seconds a Heartbeat with the fetch counters' totals
+    <- ServeBlob + the blob's fill fd (opened before the blob was marked, so its writes raise no fanotify
+       events; a worker must never write the blob through any other fd)
+    <- Forget                          the blob is complete or unregistered: drop it
+    <- Fill                            -> FillDone | FillFailed
+    <- Cancel                          nobody waits for it any more
 The worker only writes holes (SEEK_HOLE), so bytes a reader may already see are never rewritten.
 """
 
@@ -28,10 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from afsd.ondemand import _daemon
-from afsd.ondemand._wire import AsyncChannel
+from afsd.ondemand._wire import AsyncChannel, ProtocolError
 from afsd.ondemand.sources import SourceFactory
 from afsd.ondemand.sparse import holes, write_at
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
+from afsd.ondemand.supervised import protocol as p
 
 log = logging.getLogger("afsd.fanotify.worker")
 
@@ -62,15 +62,21 @@ class FetchWorker:
         self.factory = SourceFactory()
         self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fill")
         self.channel: AsyncChannel | None = None
-        self.unreported: dict[str, int] = dict.fromkeys(FETCH_COUNTERS.values(), 0)
+        self.counted: dict[str, int] = dict.fromkeys(FETCH_COUNTERS.values(), 0)   # totals, this process
 
     async def run(self) -> None:
         self.channel = await AsyncChannel.connect(self.socket_path)
-        await self.channel.send({"op": "hello", "role": "worker"})
+        await self.channel.send(p.Hello(role=p.Role.FETCH_WORKER).to_json())
         beats = asyncio.create_task(self._heartbeats())
         try:
             while (item := await self.channel.receive()) is not None:
-                self._handle(*item)
+                frame, fds = item
+                try:
+                    self._handle(p.parse(frame), fds)
+                except ProtocolError as e:
+                    log.error("the supervisor sent a malformed message: %s", e)
+                    for fd in fds:
+                        os.close(fd)
         finally:
             beats.cancel()
             for task in list(self.tasks.values()):
@@ -86,46 +92,42 @@ class FetchWorker:
         while True:
             for blob in self.blobs.values():
                 self._count_fetches(blob)
-            counts, self.unreported = self.unreported, dict.fromkeys(FETCH_COUNTERS.values(), 0)
-            await self.channel.send({"op": "heartbeat", "tasks": len(self.tasks), **counts})
+            await self.channel.send(p.Heartbeat(tasks=len(self.tasks), counters=dict(self.counted)).to_json())
             await asyncio.sleep(self.heartbeat)
 
     def _count_fetches(self, blob: WorkerBlob) -> None:
-        """Add what `blob`'s fetcher counted since last time to what the next heartbeat reports."""
+        """Add what `blob`'s fetcher counted since last time to this process's totals."""
         stats = getattr(blob.source, "stats", None)
         if stats is None:
             return
         now = stats()
         for key, name in FETCH_COUNTERS.items():
-            self.unreported[name] += int(now.get(key, 0)) - blob.counted.get(key, 0)
+            self.counted[name] += int(now.get(key, 0)) - blob.counted.get(key, 0)
             blob.counted[key] = int(now.get(key, 0))
 
-    def _handle(self, message: dict[str, Any], fds: list[int]) -> None:
-        op = message.get("op")
-        if op == "blob":
-            old = self.blobs.pop(message["name"], None)
+    def _handle(self, message: p.Message, fds: list[int]) -> None:
+        if isinstance(message, p.ServeBlob) and fds:
+            old = self.blobs.pop(message.name, None)
             if old is not None:
                 asyncio.create_task(self._forget(old))
-            self.blobs[message["name"]] = WorkerBlob(message["name"], BlobSpec.from_json(message["spec"]),
-                                                     fds.pop(0), message.get("source") or {})
-        elif op == "forget":
-            blob = self.blobs.pop(message["name"], None)
+            self.blobs[message.name] = WorkerBlob(message.name, message.spec, fds.pop(0), message.source)
+        elif isinstance(message, p.Forget):
+            blob = self.blobs.pop(message.name, None)
             if blob is not None:
                 asyncio.create_task(self._forget(blob))
-        elif op == "fill":
-            blob = self.blobs.get(message["name"])
-            task_id = int(message["task"])
+        elif isinstance(message, p.Fill):
+            blob = self.blobs.get(message.name)
             if blob is None:
-                asyncio.create_task(self._report({"op": "failed", "task": task_id,
-                                                  "error": f"worker does not know blob {message['name']}"}))
+                asyncio.create_task(self._report(p.FillFailed(task=message.task,
+                                                              error=f"worker does not know blob {message.name}")))
             else:
-                task = asyncio.create_task(self._fill(task_id, blob, int(message["offset"]), int(message["length"]),
-                                                      Priority(int(message.get("priority", 0)))))
-                self.tasks[task_id] = task
+                task = asyncio.create_task(self._fill(message.task, blob, message.offset, message.length,
+                                                      message.priority))
+                self.tasks[message.task] = task
                 blob.tasks.add(task)
-                task.add_done_callback(lambda t, i=task_id, b=blob: (self.tasks.pop(i, None), b.tasks.discard(t)))
-        elif op == "cancel":
-            task = self.tasks.get(int(message["task"]))
+                task.add_done_callback(lambda t, i=message.task, b=blob: (self.tasks.pop(i, None), b.tasks.discard(t)))
+        elif isinstance(message, p.Cancel):
+            task = self.tasks.get(message.task)
             if task is not None:
                 task.cancel()
         for fd in fds:
@@ -142,9 +144,9 @@ class FetchWorker:
             raise
         except Exception as e:  # noqa: BLE001 - reported; the supervisor fails the waiting reads (EIO)
             log.error("blob %s: fill of bytes %d-%d failed: %s", blob.name, offset, offset + length, e)
-            await self._report({"op": "failed", "task": task_id, "error": str(e) or type(e).__name__})
+            await self._report(p.FillFailed(task=task_id, error=str(e) or type(e).__name__))
             return
-        await self._report({"op": "done", "task": task_id, "written": written, "source": fetched.source})
+        await self._report(p.FillDone(task=task_id, written=written, source=fetched.source))
 
     async def _write_holes(self, blob: WorkerBlob, fetched: FetchedRange) -> int:
         if blob.forgotten:
@@ -175,10 +177,10 @@ class FetchWorker:
             except Exception as e:  # noqa: BLE001 - best effort at teardown
                 log.warning("closing the source of blob %s: %s", blob.name, e)
 
-    async def _report(self, message: dict[str, Any]) -> None:
+    async def _report(self, message: p.FillDone | p.FillFailed) -> None:
         assert self.channel is not None
         try:
-            await self.channel.send(message)
+            await self.channel.send(message.to_json())
         except OSError:
             pass  # the supervisor is gone; run() ends at EOF
 

@@ -4,7 +4,8 @@ its supervisor is started and adds its own requests (fanotify/client.py, cachefi
 
 The supervisor outlives the node daemon: a restarted node daemon makes a new client on the same state
 directory and finds it still serving; `ensure_running` starts one only when nothing answers. One request
-is one connection to DIR/supervisor.sock carrying one framed JSON request and one reply (_wire.py).
+is one connection to DIR/supervisor.sock carrying one request and its Reply (protocol.py); a Watch keeps
+its connection and receives a BlobComplete per blob that became complete.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ import asyncio
 import fcntl
 import os
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator
+from typing import ClassVar
 
 from afsd.errors import AfsdError
 from afsd.ondemand._wire import AsyncChannel, ProtocolError, request_blocking
+from afsd.ondemand.supervised import protocol as p
 from afsd.ondemand.supervised.paths import SupervisorPaths
 
 
 class SupervisorClientBase(ABC):
     error: ClassVar[type[AfsdError]]                   # what every failure here raises
-    starting_ops: ClassVar[frozenset[str]] = frozenset({"register"})   # requests that start a missing supervisor
+    # Requests that start a missing supervisor.
+    starting_requests: ClassVar[tuple[type[p.Message], ...]] = (p.Register,)
 
     def __init__(self, paths: SupervisorPaths, *, start_timeout: float) -> None:
         self.paths = paths
@@ -81,7 +85,7 @@ class SupervisorClientBase(ABC):
         `force`). Returns once all of them are gone."""
         if not await self._answers():
             return
-        await self._request({"op": "shutdown", "force": force})
+        await self._request(p.Shutdown(force=force))
         deadline = asyncio.get_running_loop().time() + timeout
         while not await asyncio.to_thread(self._stopped):
             if asyncio.get_running_loop().time() > deadline:
@@ -108,32 +112,55 @@ class SupervisorClientBase(ABC):
         """Stop serving blob `name` (refused while it is still mounted and needs the supervisor, unless
         `force`). With `missing_ok`, a blob the supervisor does not know is not an error."""
         try:
-            await self._request({"op": "unregister", "name": name, "force": force})
+            await self._request(p.Unregister(name=name, force=force))
         except AfsdError as e:
             if not (missing_ok and "is not registered" in str(e)):
                 raise
 
-    async def status(self) -> dict[str, Any]:
-        return (await self._request({"op": "status"}))["status"]
+    async def status(self) -> p.SupervisorStatus:
+        reply = await self._request(p.StatusRequest())
+        if reply.status is None:
+            raise self.error(f"{self._name} answered a status request without a status")
+        return reply.status
 
-    async def blob_status(self, name: str) -> dict[str, Any] | None:
-        return _find_blob(await self.status(), name)
+    async def blob_status(self, name: str) -> p.BlobStatus | None:
+        return (await self.status()).blob(name)
 
-    def blob_status_blocking(self, name: str, timeout: float = 10.0) -> dict[str, Any] | None:
+    def blob_status_blocking(self, name: str, timeout: float = 10.0) -> p.BlobStatus | None:
         """`blob_status` for a plain thread (no event loop); never starts a supervisor."""
         path = os.fspath(self.paths.supervisor_socket)
         try:
-            reply = request_blocking(path, {"op": "status", "id": 1}, timeout)
+            frame = request_blocking(path, p.StatusRequest(id=1).to_json(), timeout)
+            reply = self._check(p.StatusRequest.op, frame)
         except (OSError, ProtocolError) as e:
             raise self.error(f"cannot reach {self._name} at {path}: {e}") from None
-        return _find_blob(self._check("status", reply)["status"], name)
+        return reply.status.blob(name) if reply.status is not None else None
 
-    async def _request(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def watch(self) -> AsyncIterator[p.BlobComplete]:
+        """A BlobComplete for every blob that becomes complete (and whose plain file, if it has one, is
+        whole) from now on. Ends when the supervisor goes away."""
+        await self.ensure_running()
+        channel = await AsyncChannel.connect(os.fspath(self.paths.supervisor_socket))
+        try:
+            await channel.send(p.Watch(id=1).to_json())
+            while (item := await channel.receive()) is not None:
+                try:
+                    message = p.parse(item[0])
+                except ProtocolError as e:
+                    raise self.error(f"{self._name} sent a malformed message: {e}") from None
+                if isinstance(message, p.Reply) and not message.ok:
+                    raise self.error(message.error or "watch failed")
+                if isinstance(message, p.BlobComplete):
+                    yield message
+        finally:
+            channel.close()
+
+    async def _request(self, message: p.Message) -> p.Reply:
         path = os.fspath(self.paths.supervisor_socket)
         try:
             channel = await AsyncChannel.connect(path)
         except (TimeoutError, OSError) as e:
-            if message["op"] not in self.starting_ops:
+            if not isinstance(message, self.starting_requests):
                 raise self.error(f"cannot reach {self._name} at {path}: {e}") from None
             await self.ensure_running()   # not running (or, for fanotify, being restarted by its keeper)
             try:
@@ -141,19 +168,19 @@ class SupervisorClientBase(ABC):
             except (TimeoutError, OSError) as e:
                 raise self.error(f"cannot reach {self._name} at {path}: {e}") from None
         try:
-            await channel.send({**message, "id": 1})
+            await channel.send(message.to_json() | {"id": 1})
             item = await channel.receive()
         finally:
             channel.close()
-        return self._check(message["op"], item[0] if item is not None else None)
+        try:
+            return self._check(message.op, item[0] if item is not None else None)
+        except ProtocolError as e:
+            raise self.error(f"{self._name} sent a malformed reply to {message.op}: {e}") from None
 
-    def _check(self, op: str, reply: dict[str, Any] | None) -> dict[str, Any]:
-        if reply is None:
+    def _check(self, op: str, frame: dict | None) -> p.Reply:
+        if frame is None:
             raise self.error(f"{self._name} closed the connection during {op}")
-        if not reply.get("ok"):
-            raise self.error(reply.get("error", f"{op} failed"))
+        reply = p.parse_as(frame, p.Reply)
+        if not reply.ok:
+            raise self.error(reply.error or f"{op} failed")
         return reply
-
-
-def _find_blob(status: dict[str, Any], name: str) -> dict[str, Any] | None:
-    return next((blob for blob in status["blobs"] if blob["name"] == name), None)

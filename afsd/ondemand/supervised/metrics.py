@@ -17,20 +17,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from afsd.metrics import parse_listen
+from afsd.ondemand.supervised.protocol import BlobStatus, SupervisorStatus
 
 
 class SupervisorStatusCollector(Collector):
-    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, status: Callable[[], SupervisorStatus | None]) -> None:
         self._status = status
 
     def collect(self) -> Iterator[Any]:
         status = self._status()
-        if status:
+        if status is not None:
             yield from self.families(status)
 
     @abstractmethod
-    def families(self, status: dict[str, Any]) -> Iterator[Any]:
-        """The metric families of one (non-empty) status."""
+    def families(self, status: SupervisorStatus) -> Iterator[Any]:
+        """The metric families of one status."""
 
 
 def counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
@@ -45,12 +46,13 @@ def gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
     return family
 
 
-def blob_gauge(name: str, help_text: str, blobs: Iterable[dict[str, Any]], key: str) -> GaugeMetricFamily:
+def blob_gauge(name: str, help_text: str, blobs: Iterable[BlobStatus], key: str) -> GaugeMetricFamily:
     """One sample per blob (label `blob`) of its status field `key`; blobs without a value are left out."""
     family = GaugeMetricFamily(name, help_text, labels=["blob"])
     for blob in blobs:
-        if blob.get(key) is not None:
-            family.add_metric([blob["name"]], blob[key])
+        value = getattr(blob, key)
+        if value is not None:
+            family.add_metric([blob.name], value)
     return family
 
 

@@ -1,0 +1,78 @@
+"""`SupervisedBackend`: what the fanotify and fscache backends share as node-daemon backends
+(afsd.ondemand.base.Backend): a client of a detached supervisor, started (or found) once, whose status
+feeds `counters`, the Prometheus collector and completeness, and whose pushed BlobComplete messages say
+when a layer can be handed to the local layerstore.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import ClassVar
+
+from afsd.errors import AfsdError
+from afsd.ondemand.base import Backend, BackendUnavailableError
+from afsd.ondemand.spec import BlobSpec
+from afsd.ondemand.supervised.client import SupervisorClientBase
+from afsd.ondemand.supervised.metrics import SupervisorStatusCollector
+from afsd.ondemand.supervised.protocol import SupervisorStatus
+
+log = logging.getLogger(__name__)
+
+
+class SupervisedBackend(Backend):
+    collector: ClassVar[type[SupervisorStatusCollector]]   # this backend's Prometheus view of a status
+    gauges: ClassVar[tuple[str, ...]] = ()                 # status details that `counters` shows too
+
+    def __init__(self, client: SupervisorClientBase) -> None:
+        self.client = client
+        self._last_status: SupervisorStatus | None = None
+
+    async def start(self) -> None:
+        """Start (or find) the supervisor. A failure (e.g. fscache: device busy, unsuitable cache directory) is
+        logged, and each later attach that still cannot start it says why, so the node daemon keeps serving
+        its other backends."""
+        try:
+            await self.client.ensure_running()
+        except AfsdError as e:
+            log.error("the %s backend cannot run: %s", self.name, e)
+
+    async def _require_supervisor(self, spec: BlobSpec) -> None:
+        try:
+            await self.client.ensure_running()
+        except AfsdError as e:
+            raise BackendUnavailableError(f"backend {self.name} cannot serve layer {spec.layer_digest}: {e}") from None
+
+    async def detach(self, spec: BlobSpec, blob_path: Path) -> None:
+        await self.client.unregister(spec.name, missing_ok=True)
+
+    async def is_complete(self, spec: BlobSpec, blob_path: Path) -> bool:
+        """What the supervisor says (complete, and so is the blob's plain file if it has one); the blob file's
+        own bytes when the supervisor does not serve the blob."""
+        blob = await self.client.blob_status(spec.name)
+        if blob is not None:
+            return blob.ready
+        return await super().is_complete(spec, blob_path)
+
+    async def refresh(self) -> SupervisorStatus | None:
+        """Fetch the supervisor's status (what `counters` and the collector report from then on)."""
+        try:
+            self._last_status = await self.client.status()
+        except AfsdError as e:
+            log.warning("no status from the %s supervisor: %s", self.name, e)
+        return self._last_status
+
+    def counters(self) -> dict[str, float]:
+        status = self._last_status
+        if status is None:
+            return {}
+        gauges = {name: float(status.details[name]) for name in self.gauges if name in status.details}
+        return {**status.counters, **gauges}
+
+    def metrics_collector(self) -> SupervisorStatusCollector:
+        return self.collector(lambda: self._last_status)
+
+    async def completed_blobs(self) -> AsyncIterator[str]:
+        async for message in self.client.watch():
+            yield message.name
