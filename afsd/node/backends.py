@@ -1,4 +1,6 @@
-"""Which on-demand backends the node daemon runs, and how they get their bytes (range fetchers)."""
+"""Which on-demand backends the node daemon runs, and how they get their bytes: the cluster's sources,
+injected (afsd/cluster/sources.py): in-process for prefill and eager fetches, by name for the fetch
+workers of the supervised backends."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from afsd.cluster.discovery_client import DiscoveryClient
+from afsd.cluster.sources import CLUSTER_SOURCES, blob_source
 from afsd.errors import UsageError
 from afsd.ondemand.base import Backend, BlobSource
 from afsd.ondemand.eager import EagerBackend
@@ -22,11 +25,15 @@ def build_backends(state_dir: Path, enabled: Sequence[str] | None, *, prefetch: 
     """`spreads`: the node hands complete blobs to a local layerstore (then fscache keeps a plain copy
     of each blob beside its cache file, which costs the blob's size on disk a second time)."""
     from afsd.ondemand.cachefiles.backend import FscacheBackend
+    from afsd.ondemand.cachefiles.settings import Settings as FscacheSettings
     from afsd.ondemand.fanotify.backend import FanotifyBackend
+    from afsd.ondemand.fanotify.settings import Settings as FanotifySettings
 
     available: dict[str, Callable[[], Backend]] = {
-        "fanotify": lambda: FanotifyBackend(state_dir / "fanotify", prefetch=prefetch),
-        "fscache": lambda: FscacheBackend(state_dir / "fscache", prefetch=prefetch, copy_blobs=spreads),
+        "fanotify": lambda: FanotifyBackend(state_dir / "fanotify", FanotifySettings(sources=CLUSTER_SOURCES),
+                                            prefetch=prefetch),
+        "fscache": lambda: FscacheBackend(state_dir / "fscache", prefetch=prefetch, copy_blobs=spreads,
+                                          settings=FscacheSettings(sources=CLUSTER_SOURCES)),
         "eager": EagerBackend,
     }
     names = list(enabled) if enabled else list(available)
@@ -41,12 +48,7 @@ def source_factory(discovery: DiscoveryClient, channels: ChannelPool, *, discove
                    tls: TlsConfig | None = None) -> Callable[[BlobSpec], BlobSource]:
     """Per layer: a RangeFetcher reading from peer layerstores, and the settings a fetch worker in
     another process needs to build its own (the paths of this node's TLS files among them)."""
-    from afsd.cluster.fetcher import RangeFetcher
-
     def make(spec: BlobSpec) -> BlobSource:
-        fetcher = RangeFetcher(spec, discovery=discovery, channels=channels, local_endpoint=local_endpoint,
-                               node_id=node_id)
-        return BlobSource(fetcher, {"kind": "cluster", "discovery": list(discovery_endpoints),
-                                    "local_endpoint": local_endpoint or "", "node_id": node_id,
-                                    "tls": tls.to_json() if tls else None})
+        return blob_source(spec, discovery, channels, discovery_endpoints=discovery_endpoints,
+                           local_endpoint=local_endpoint, node_id=node_id, tls=tls)
     return make

@@ -1,30 +1,31 @@
-"""Building a RangeSource from plain JSON settings, in a fetch worker of either supervised backend.
+"""Where a fetch worker of either supervised backend gets a blob's bytes: a `SourceFactory` turns a blob's
+source configuration (plain JSON, it crosses process boundaries: `BlobSource.config`) into a RangeSource.
 
-The node daemon registers a blob with a `source` configuration (JSON, it crosses process boundaries:
-`BlobSource.config`); each fetch worker (fanotify/worker.py, cachefiles/worker.py) turns it into a
-`RangeSource` with `SourceFactory.make`:
+The factory is injected, as stargz-snapshotter injects its sources (`WithGetSources`): whoever starts a
+supervisor names it in the supervisor's settings (`sources`, "module:callable" returning a SourceFactory,
+and optionally `sources_path`, a directory to import it from), and every fetch worker loads it with
+`load_source_factory`. This package knows only the one kind every node has:
 
-    {"kind": "cluster", "discovery": ["host:port", ...], "local_endpoint": "host:port" | null,
-     "node_id": "...", "tls": {"ca", "cert", "key": paths} | null,
-     "options": {<RangeFetcher keyword arguments: call_timeout, min_request, ...>}}
-        -> afsd.cluster.fetcher.RangeFetcher (peer layerstores, failover, leases)
-    {"kind": "file", "path": "/complete/blob"}
-        -> LocalFileSource: a complete copy on this machine, checked chunk by chunk
-    {"kind": "import", "factory": "package.module:callable", "sys_path": [...], "args": {...}}
-        -> callable(spec, **args): for tests (fault-injecting sources) and experiments
+    {"kind": "file", "path": "/complete/blob"}  -> LocalFileSource: a complete copy on this machine
+
+The node daemon's factory adds {"kind": "cluster", ...} (afsd/cluster/sources.py: peer layerstores with
+failover); tests inject factories of their own (fault-injecting sources).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from afsd.errors import AfsdError
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
+
+FILE_SOURCES = "afsd.ondemand.sources:FileSources"
 
 
 class SourceConfigError(AfsdError):
@@ -63,47 +64,61 @@ def read_exactly(path: Path, offset: int, count: int) -> bytes:
         os.close(fd)
 
 
-class SourceFactory:
-    """Makes RangeSources; cluster sources of one worker share gRPC channels and discovery clients."""
+class SourceFactory(Protocol):
+    """Makes the RangeSources of one fetch worker process (they may share connections)."""
 
-    def __init__(self) -> None:
-        self._channels: Any = None
-        self._discovery: dict[tuple[str, ...], Any] = {}
+    def make(self, spec: BlobSpec, config: dict[str, Any]) -> RangeSource:
+        """A source of `spec`'s verified bytes from its configuration; SourceConfigError if it names
+        nothing this factory knows."""
+
+    async def close(self) -> None:
+        """Release what the sources shared (after every source is closed)."""
+
+
+class FileSources:
+    """The "file" kind; factories of other kinds extend it."""
 
     def make(self, spec: BlobSpec, config: dict[str, Any]) -> RangeSource:
         kind = config.get("kind")
         if kind == "file":
             return LocalFileSource(spec, Path(config["path"]))
-        if kind == "cluster":
-            return self._cluster(spec, config)
-        if kind == "import":
-            for entry in config.get("sys_path", []):
-                if entry not in sys.path:
-                    sys.path.insert(0, entry)
-            module_name, _, attribute = str(config["factory"]).partition(":")
-            factory = getattr(importlib.import_module(module_name), attribute)
-            return factory(spec, **config.get("args", {}))
-        raise SourceConfigError(f"blob {spec.name}: unknown source kind {kind!r} (expected cluster, file or import)")
-
-    def _cluster(self, spec: BlobSpec, config: dict[str, Any]) -> RangeSource:
-        # Imported here: the cluster stack (grpc, protos) is only needed by workers that use it.
-        from afsd.cluster.discovery_client import DiscoveryClient
-        from afsd.cluster.fetcher import RangeFetcher
-        from afsd.rpc import ChannelPool
-        from afsd.trust.tls import TlsConfig
-
-        if self._channels is None:   # one worker serves one node: its TLS files are the same for every blob
-            self._channels = ChannelPool(TlsConfig.from_json(config.get("tls")))
-        endpoints = tuple(config.get("discovery") or ())
-        discovery = None
-        if endpoints:
-            discovery = self._discovery.get(endpoints)
-            if discovery is None:
-                discovery = self._discovery[endpoints] = DiscoveryClient(list(endpoints), self._channels)
-        return RangeFetcher(spec, discovery=discovery, channels=self._channels,
-                            local_endpoint=config.get("local_endpoint"), node_id=config.get("node_id", ""),
-                            **config.get("options", {}))
+        raise SourceConfigError(f"blob {spec.name}: unknown source kind {kind!r} (this worker's sources are "
+                                f"{type(self).__module__}:{type(self).__qualname__})")
 
     async def close(self) -> None:
-        if self._channels is not None:
-            await self._channels.close()
+        pass
+
+
+class UnavailableSources:
+    """What a worker whose source factory failed to load uses: every fill fails, saying why (readers get
+    EIO and the log says what to fix, instead of a worker that dies and is restarted forever)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def make(self, spec: BlobSpec, config: dict[str, Any]) -> RangeSource:
+        raise SourceConfigError(f"blob {spec.name}: {self.reason}")
+
+    async def close(self) -> None:
+        pass
+
+
+def load_source_factory(reference: str, path: str = "") -> SourceFactory:
+    """The factory `reference` ("module:callable") names, imported (from `path` first, if given) and called."""
+    module_name, _, attribute = reference.partition(":")
+    if path and path not in sys.path:
+        sys.path.insert(0, path)
+    try:
+        make = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise SourceConfigError(f"cannot load the source factory {reference!r}: {e}") from None
+    return make()
+
+
+def worker_sources(reference: str, path: str, log: logging.Logger) -> SourceFactory:
+    """A worker's source factory; if it cannot be loaded, one whose every source fails saying why."""
+    try:
+        return load_source_factory(reference, path)
+    except SourceConfigError as e:
+        log.error("%s: every fill will fail", e)
+        return UnavailableSources(str(e))

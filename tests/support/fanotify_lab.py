@@ -34,6 +34,7 @@ from afsd.ondemand.fanotify.settings import Settings
 from afsd.ondemand.sources import LocalFileSource
 from afsd.ondemand.spec import BlobSpec
 from afsd.ondemand.supervised.protocol import SupervisorStatus, WorkerState, encode
+from tests.support import fanotify_sources
 from tests.support.tars import Layer
 
 MiB = 1 << 20
@@ -141,6 +142,8 @@ class FanotifyLab:
         return path
 
     async def start(self, settings: Settings, **client_options: Any) -> SupervisorClient:
+        """Start the supervisor; its workers' sources are the fault-injecting ones (fanotify_sources.py)."""
+        settings = dataclasses.replace(settings, **fanotify_sources.SETTINGS)
         self.client = SupervisorClient(self.state, settings, **client_options)
         await self.client.ensure_running()
         return self.client

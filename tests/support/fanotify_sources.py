@@ -1,6 +1,6 @@
-"""RangeSources with faults, for the fanotify backend's crash tests; fetch workers build them from a
-source configuration {"kind": "import", "factory": "tests.support.fanotify_sources:<name>", ...}
-(`config(name, **args)` writes one).
+"""RangeSources with faults, for the fanotify backend's crash tests. `FaultSources` is the source factory
+the test supervisors inject into their fetch workers (`SETTINGS`; afsd/ondemand/sources.py says how), and
+`config(name, **args)` writes a blob's source configuration {"kind": name, **args}; "file" works too.
 
 - `slow`: a LocalFileSource that drops a marker file when a fetch starts (so a test knows a reader is
   waiting on it) and answers `delay` seconds later: a wide window to kill a worker in.
@@ -18,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from afsd.errors import FetchError
-from afsd.ondemand.sources import LocalFileSource
-from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority
+from afsd.ondemand.sources import FileSources, LocalFileSource
+from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
+# What a test supervisor's settings say, so that its workers load FaultSources.
+SETTINGS = {"sources": "tests.support.fanotify_sources:FaultSources", "sources_path": _REPO_ROOT}
+
 
 def config(name: str, **args: Any) -> dict[str, Any]:
-    return {"kind": "import", "factory": f"tests.support.fanotify_sources:{name}", "sys_path": [_REPO_ROOT],
-            "args": args}
+    return {"kind": name, **args}
 
 
 class SlowSource(LocalFileSource):
@@ -73,13 +75,16 @@ class FailingSource:
         pass
 
 
-def slow(spec: BlobSpec, path: str, delay: float, markers: str | None = None) -> SlowSource:
-    return SlowSource(spec, Path(path), delay, Path(markers) if markers else None)
+class FaultSources(FileSources):
+    """The test kinds: "slow", "hanging", "failing" (plus "file")."""
 
-
-def hanging(spec: BlobSpec, host: str, port: int) -> HangingSource:
-    return HangingSource(spec, host, port)
-
-
-def failing(spec: BlobSpec, reason: str = "every provider failed (injected)") -> FailingSource:
-    return FailingSource(spec, reason)
+    def make(self, spec: BlobSpec, config: dict[str, Any]) -> RangeSource:
+        kind = config.get("kind")
+        if kind == "slow":
+            markers = config.get("markers")
+            return SlowSource(spec, Path(config["path"]), float(config["delay"]), Path(markers) if markers else None)
+        if kind == "hanging":
+            return HangingSource(spec, config["host"], int(config["port"]))
+        if kind == "failing":
+            return FailingSource(spec, config.get("reason", "every provider failed (injected)"))
+        return super().make(spec, config)

@@ -75,8 +75,13 @@ def tree_digests(root: Path) -> dict[str, str]:
 def gated_source(name: str, path: str, gate: str, open_fetches: int = 0) -> dict[str, Any]:
     """A source config: blob `path`, whose fetches after the first `open_fetches` (per worker) wait until
     the file `gate` exists (tests/vm/test_cachefiles_sources.py)."""
-    return {"kind": "import", "factory": "tests.vm.test_cachefiles_sources:GatedFileSource",
-            "sys_path": [str(CHECKOUT)], "args": {"path": path, "gate": gate, "open_fetches": open_fetches}}
+    return {"kind": "gated", "path": path, "gate": gate, "open_fetches": open_fetches}
+
+
+def lab_settings(settings: Settings | None = None) -> Settings:
+    """`settings` with the test source factory (tests/vm/test_cachefiles_sources.py) for the workers."""
+    return dataclasses.replace(settings or Settings(), sources="tests.vm.test_cachefiles_sources:TestSources",
+                               sources_path=str(CHECKOUT))
 
 
 def worker_of(status: SupervisorStatus) -> WorkerStatus | None:
@@ -93,7 +98,7 @@ class FscacheLab:
 
     @classmethod
     async def start(cls, root: Path, settings: Settings | None = None) -> FscacheLab:
-        client = FscacheClient(root / "state", settings=settings or Settings())
+        client = FscacheClient(root / "state", settings=lab_settings(settings))
         await client.ensure_running()
         return cls(root, client)
 

@@ -1,9 +1,11 @@
-"""A RangeSource for the fscache worker tests (loaded by the worker through an "import" source config,
-see afsd/ondemand/sources.py); no tests here.
+"""The source factory of the fscache worker tests, `TestSources` (the lab's supervisors inject it into their
+workers: tests/vm/test_cachefiles_helpers.py; how injection works: afsd/ondemand/sources.py); no tests here.
+It serves the cluster's kinds and "file", plus "gated" for `GatedFileSource`.
 
 `GatedFileSource` serves a complete local blob like the "file" source, but every fetch after the first
 `open_fetches` (counted per worker process) waits until the file `gate` exists: a test can thus be sure a
-READ is in flight inside the worker when it kills it. Kept free of heavy imports: the worker loads it.
+READ is in flight inside the worker when it kills it. Kept free of heavy imports: the worker loads it
+(afsd.cluster.sources loads the gRPC stack only for a "cluster" source).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
+from afsd.cluster.sources import ClusterSources
 from afsd.ondemand.sources import LocalFileSource
-from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority
+from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
 
 
 class GatedFileSource:
@@ -32,3 +36,11 @@ class GatedFileSource:
 
     async def close(self) -> None:
         pass
+
+
+class TestSources(ClusterSources):
+    def make(self, spec: BlobSpec, config: dict[str, Any]) -> RangeSource:
+        if config.get("kind") == "gated":
+            return GatedFileSource(spec, path=config["path"], gate=config["gate"],
+                                   open_fetches=int(config.get("open_fetches", 0)))
+        return super().make(spec, config)

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from afsd.ondemand.supervised.settings import SupervisorSettings, daemon_command
+from afsd.ondemand.supervised.settings import SourceSettings, daemon_command
 
 SUPERVISOR_MODULE = "afsd.ondemand.cachefiles.supervisor"
 
 
 @dataclass(frozen=True)
-class Settings(SupervisorSettings):
+class Settings(SourceSettings):
     tag: str = "afsd"
     read_unit: int = 1 << 20
     prefetch_inflight: int = 2
@@ -24,6 +24,7 @@ class Settings(SupervisorSettings):
     restart_backoff: float = 5.0
 
     HELP: ClassVar[dict[str, str]] = {
+        **SourceSettings.HELP,
         "tag": "name of the cachefiles cache (one per machine)",
         "read_unit": "bytes a READ miss is widened to (aligned; at least 1 MiB by default, never past the blob's end)",
         "prefetch_inflight": "background fill units in flight per blob",

@@ -46,7 +46,7 @@ from afsd.ondemand.cachefiles import _shim
 from afsd.ondemand.cachefiles.copy import BlobCopy, Copies
 from afsd.ondemand.cachefiles.counters import WORKER_COUNTERS
 from afsd.ondemand.cachefiles.settings import Settings
-from afsd.ondemand.sources import SourceFactory
+from afsd.ondemand.sources import worker_sources
 from afsd.ondemand.sparse import first_hole, present_bytes
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
 from afsd.ondemand.supervised import protocol as p
@@ -98,7 +98,7 @@ class KernelWorker:
         self.reader = _shim.RequestReader(device_fd)
         self.objects: dict[int, OpenObject] = {}
         self.blobs: dict[str, ServedBlob] = {}
-        self.factory = SourceFactory()
+        self.factory = worker_sources(settings.sources, settings.sources_path, log)
         self.writer = concurrent.futures.ThreadPoolExecutor(settings.writer_threads, thread_name_prefix="cache-write")
         self.tasks: set[asyncio.Task[None]] = set()
         self.counters: dict[str, int] = dict.fromkeys(WORKER_COUNTERS, 0)

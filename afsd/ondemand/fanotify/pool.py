@@ -69,7 +69,8 @@ class WorkerPool:
 
     def _spawn(self) -> None:
         command = [sys.executable, "-m", WORKER_MODULE, "--socket", str(self.paths.supervisor_socket),
-                   "--heartbeat", str(self.settings.heartbeat)]
+                   "--heartbeat", str(self.settings.heartbeat), "--sources", self.settings.sources,
+                   "--sources-path", self.settings.sources_path]
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, close_fds=True)
         worker = Worker(id=self._next_id, process=process, pidfd=os.pidfd_open(process.pid), started=time.monotonic())
         self._next_id += 1

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from afsd.ondemand.supervised.settings import SupervisorSettings, daemon_command
+from afsd.ondemand.supervised.settings import SourceSettings, daemon_command
 
 SUPERVISOR_MODULE = "afsd.ondemand.fanotify.supervisor"
 
 
 @dataclass(frozen=True)
-class Settings(SupervisorSettings):
+class Settings(SourceSettings):
     workers: int = 2
     fetch_deadline: float = 30.0
     worker_timeout: float = 5.0
@@ -26,6 +26,7 @@ class Settings(SupervisorSettings):
     failure_memory: float = 5.0
 
     HELP: ClassVar[dict[str, str]] = {
+        **SourceSettings.HELP,
         "workers": "fetch worker processes",
         "fetch_deadline": "seconds a reader may wait for a fill before its read fails with EIO",
         "worker_timeout": "seconds without a heartbeat before a fetch worker is killed and replaced",

@@ -28,7 +28,7 @@ from typing import Any
 
 from afsd.ondemand import _daemon
 from afsd.ondemand._wire import AsyncChannel, ProtocolError
-from afsd.ondemand.sources import SourceFactory
+from afsd.ondemand.sources import SourceFactory, worker_sources
 from afsd.ondemand.sparse import holes, write_at
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
 from afsd.ondemand.supervised import protocol as p
@@ -54,12 +54,12 @@ class WorkerBlob:
 
 
 class FetchWorker:
-    def __init__(self, socket_path: str, heartbeat: float) -> None:
+    def __init__(self, socket_path: str, heartbeat: float, factory: SourceFactory) -> None:
         self.socket_path = socket_path
         self.heartbeat = heartbeat
         self.blobs: dict[str, WorkerBlob] = {}
         self.tasks: dict[int, asyncio.Task[None]] = {}
-        self.factory = SourceFactory()
+        self.factory = factory
         self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fill")
         self.channel: AsyncChannel | None = None
         self.counted: dict[str, int] = dict.fromkeys(FETCH_COUNTERS.values(), 0)   # totals, this process
@@ -197,11 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m afsd.ondemand.fanotify.worker")
     parser.add_argument("--socket", required=True)
     parser.add_argument("--heartbeat", type=float, default=0.5)
+    parser.add_argument("--sources", required=True, help="module:callable making this worker's SourceFactory")
+    parser.add_argument("--sources-path", default="", help="a directory to import the source factory from first")
     args = parser.parse_args(argv)
     if not _daemon.die_with_parent():   # never outlive the supervisor
         return 0
-    _daemon.setup_logging("worker")
-    asyncio.run(FetchWorker(args.socket, args.heartbeat).run())
+    _daemon.setup_logging("fetch-worker")
+    factory = worker_sources(args.sources, args.sources_path, log)
+    asyncio.run(FetchWorker(args.socket, args.heartbeat, factory).run())
     return 0
 
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Self
+
+from afsd.ondemand.sources import FILE_SOURCES
 
 
 class SupervisorSettings:
@@ -36,6 +39,20 @@ class SupervisorSettings:
         for item in dataclasses.fields(self):  # type: ignore[arg-type]
             arguments += [_flag(item.name), str(getattr(self, item.name))]
         return arguments
+
+
+@dataclass(frozen=True)
+class SourceSettings(SupervisorSettings):
+    """The settings every supervised backend has: where its workers' sources come from (injected:
+    afsd/ondemand/sources.py)."""
+
+    sources: str = FILE_SOURCES
+    sources_path: str = ""
+
+    HELP: ClassVar[dict[str, str]] = {
+        "sources": "module:callable making the workers' SourceFactory (the node daemon names the cluster's)",
+        "sources_path": "a directory the workers import the source factory from first ('' for none)",
+    }
 
 
 def daemon_command(module: str, state_dir: Path, settings: SupervisorSettings, *options: str,

@@ -1,0 +1,61 @@
+"""Dependencies point down: the on-demand backends (afsd/ondemand/) know nothing of the cluster, the node
+daemon or the commands above them; the cluster's sources are handed to them (afsd/ondemand/sources.py).
+Checked with `ast` over every module, imports inside functions and `TYPE_CHECKING` blocks included, and
+dynamic imports of a literal module name too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+AFSD = Path(__file__).resolve().parents[1] / "afsd"
+# What afsd/ondemand/ must never import: everything that uses it.
+ABOVE_ONDEMAND = ("afsd.cluster", "afsd.node", "afsd.cli", "afsd.afslet", "afsd.proxy", "afsd.lab")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(AFSD.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, source: str | None = None) -> set[str]:
+    """Every module `path` imports (or `source`, read as if it were that module), by absolute name."""
+    tree = ast.parse(path.read_text() if source is None else source, filename=str(path))
+    package = module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_name(path)
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            called = ast.unparse(node.func)
+            if called in ("importlib.import_module", "import_module", "__import__"):
+                found.add(str(node.args[0].value))
+    return found
+
+
+def modules_under(package: Path) -> list[Path]:
+    return sorted(path for path in package.rglob("*.py") if "_pb2" not in path.name)
+
+
+@pytest.mark.parametrize("path", modules_under(AFSD / "ondemand"), ids=lambda p: str(p.relative_to(AFSD)))
+def test_no_module_under_ondemand_imports_what_is_above_it(path: Path) -> None:
+    upward = sorted(name for name in imported_modules(path)
+                    if any(name == top or name.startswith(top + ".") for top in ABOVE_ONDEMAND))
+    assert not upward, f"{path.relative_to(AFSD.parent)} imports {', '.join(upward)}"
+
+
+def test_the_checker_sees_imports_of_every_form() -> None:
+    """Guard against a checker that silently sees nothing."""
+    source = ("import afsd.cluster.fetcher\nfrom afsd.node import daemon\nfrom ..base import Backend\n"
+              "def later():\n    from afsd.cli import node\n    importlib.import_module('afsd.lab.demo')\n")
+    found = imported_modules(AFSD / "ondemand" / "fanotify" / "probe.py", source)
+    assert {"afsd.cluster.fetcher", "afsd.node", "afsd.ondemand.base.Backend", "afsd.cli.node", "afsd.lab.demo"} <= found
