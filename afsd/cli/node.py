@@ -11,6 +11,7 @@ from pathlib import Path
 
 from afsd.cli._options import add_tls_options, announce_security, daemon_tls_from
 from afsd.errors import AfsdError, UsageError
+from afsd.ondemand.registry import BACKEND_NAMES
 
 log = logging.getLogger("afsd.node")
 
@@ -36,8 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="the local layerstore's admin socket: complete blobs are handed to it so this node "
                            "becomes a provider (default: none)")
     node.add_argument("--node-id", default=socket.gethostname(), help="this node's identity (default: host name)")
-    node.add_argument("--backend", action="append", dest="backends", metavar="NAME",
-                      help="enable only these backends (repeatable; default: every one this build has)")
+    node.add_argument("--backend", action="append", dest="backends", metavar="NAME", choices=BACKEND_NAMES,
+                      help="enable only these backends (repeatable; default: every one this build has: "
+                           f"{', '.join(BACKEND_NAMES)})")
     node.add_argument("--no-prefetch", action="store_true",
                       help="fetch only what readers touch (default: also fill whole blobs in the background)")
     node.add_argument("--layer-linger", type=float, default=0.0, metavar="SECONDS",
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                               "--upper or --tmpfs-upper). The mount stays until `afsd umount`.")
     mount.add_argument("image", metavar="IMAGE")
     mount.add_argument("target", metavar="MOUNTPOINT", type=Path)
-    mount.add_argument("--backend", default="auto", choices=["auto", "fanotify", "fscache", "eager"],
+    mount.add_argument("--backend", default="auto", choices=["auto", *BACKEND_NAMES],
                        help="how misses are served (default: the best this kernel supports)")
     mount.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="platform of a multi-platform image")
     upper = mount.add_mutually_exclusive_group()

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from afsd.cluster.discovery_client import DiscoveryClient
 from afsd.cluster.sources import CLUSTER_SOURCES, blob_source
 from afsd.errors import UsageError
-from afsd.ondemand.base import Backend, BlobSource
-from afsd.ondemand.eager import EagerBackend
+from afsd.ondemand.base import Backend, BackendOptions, BlobSource
+from afsd.ondemand.registry import BACKEND_NAMES, backend_class
 from afsd.ondemand.spec import BlobSpec
 from afsd.rpc import ChannelPool
 
@@ -22,25 +22,16 @@ if TYPE_CHECKING:
 
 def build_backends(state_dir: Path, enabled: Sequence[str] | None, *, prefetch: bool = True,
                    spreads: bool = False) -> dict[str, Backend]:
-    """`spreads`: the node hands complete blobs to a local layerstore (then fscache keeps a plain copy
-    of each blob beside its cache file, which costs the blob's size on disk a second time)."""
-    from afsd.ondemand.cachefiles.backend import FscacheBackend
-    from afsd.ondemand.cachefiles.settings import Settings as FscacheSettings
-    from afsd.ondemand.fanotify.backend import FanotifyBackend
-    from afsd.ondemand.fanotify.settings import Settings as FanotifySettings
-
-    available: dict[str, Callable[[], Backend]] = {
-        "fanotify": lambda: FanotifyBackend(state_dir / "fanotify", FanotifySettings(sources=CLUSTER_SOURCES),
-                                            prefetch=prefetch),
-        "fscache": lambda: FscacheBackend(state_dir / "fscache", prefetch=prefetch, copy_blobs=spreads,
-                                          settings=FscacheSettings(sources=CLUSTER_SOURCES)),
-        "eager": EagerBackend,
-    }
-    names = list(enabled) if enabled else list(available)
-    unknown = [n for n in names if n not in available]
+    """The backends `enabled` (default: all of afsd.ondemand.registry's), each with its state directory
+    under `state_dir`. `spreads`: the node hands complete blobs to a local layerstore (then fscache keeps a
+    plain copy of each blob beside its cache file, which costs the blob's size on disk a second time)."""
+    names = list(enabled) if enabled else list(BACKEND_NAMES)
+    unknown = [n for n in names if n not in BACKEND_NAMES]
     if unknown:
-        raise UsageError(f"unknown backend(s) {', '.join(unknown)}: this build has {', '.join(available)}")
-    return {name: available[name]() for name in names}
+        raise UsageError(f"unknown backend(s) {', '.join(unknown)}: this build has {', '.join(BACKEND_NAMES)}")
+    options = {name: BackendOptions(state_dir / name, prefetch=prefetch, keep_blob_copies=spreads,
+                                    sources=CLUSTER_SOURCES) for name in names}
+    return {name: backend_class(name).create(options[name]) for name in names}
 
 
 def source_factory(discovery: DiscoveryClient, channels: ChannelPool, *, discovery_endpoints: list[str],

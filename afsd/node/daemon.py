@@ -5,7 +5,9 @@ Data flow of a mount: image reference → ImageLocator (discovery + layerstores)
 erofs at <state>/layers/<hex>) → fixup tree + optional extra dir + optional writable upper →
 overlayfs at the target. Records on disk let a restarted daemon adopt what is mounted, or clean up
 what is half done: no mount is leaked either way. A layer whose blob becomes complete on this node is
-handed to the local layerstore (ImportLayer), which then advertises this node as a provider.
+handed to the local layerstore (ImportLayer), which then advertises this node as a provider: the daemon
+checks once when it attaches (or adopts) a layer, and otherwise learns it from what the backends push
+(`Backend.completed_blobs`); nothing is polled. docs/node.md tells the whole story.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import shutil
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 from prometheus_client import Counter, Gauge
@@ -39,6 +42,7 @@ from afsd.oci.digest import parse_digest
 from afsd.oci.platform import parse_platform
 from afsd.oci.reference import parse_reference
 from afsd.ondemand.base import Backend, BackendUnavailableError, BlobSource
+from afsd.ondemand.registry import BACKEND_NAMES
 from afsd.ondemand.spec import BlobSpec
 
 log = logging.getLogger(__name__)
@@ -49,9 +53,9 @@ MOUNT_FAILURES = Counter("afsd_node_mount_failures_total", "Mount requests that 
 LAYERS_IMPORTED = Counter("afsd_node_layers_imported_total", "Complete blobs handed to the local layerstore")
 LAYER_LEASES = Gauge("afsd_node_layer_leases", "Single layers held for clients that stack them (afsd snapshotter)")
 
-BACKEND_PREFERENCE = ("fanotify", "fscache", "eager")
-SPREAD_PERIOD = 2.0
 BACKEND_STATUS_PERIOD = 5.0   # how fresh the backends' own metrics on the node's /metrics are
+IMPORT_RETRY = 30.0           # seconds before a layer the local layerstore refused is offered again
+WATCH_RETRY = (0.5, 10.0)     # first and longest wait before watching a backend's pushes again
 
 
 class MountRequestError(AfsdError):
@@ -95,7 +99,6 @@ class LayerUse:
     mountpoint: Path
     refs: int = 0
     imported: bool = False
-    import_retry_at: float = 0.0
     lingering: asyncio.Task[None] | None = None   # released by its last mount, kept for `layer_linger` s
 
 
@@ -118,7 +121,7 @@ class NodeDaemon:
         self._records: dict[str, MountRecord] = {}
         self._layers: dict[str, LayerUse] = {}
         self._layer_locks: dict[str, asyncio.Lock] = {}
-        self._spreader: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()   # watchers of pushes, hand-overs, retries
         self._status_poller: asyncio.Task[None] | None = None
         self._closing = False
         self._unavailable: dict[str, str | None] = {}  # backend -> why it cannot run (probed once)
@@ -137,14 +140,20 @@ class NodeDaemon:
             if self._unavailable[name] is None:
                 await backend.start()
         await self._restore()
-        self._spreader = asyncio.create_task(self._spread_complete_layers())
+        if self.layerstore_admin_socket is not None:
+            for name, backend in self.backends.items():
+                if self.available(name) and backend.pushes_completion:
+                    self._in_background(self._watch_completions(backend))
+            for use in list(self._layers.values()):   # adopted: they may have completed while we were away
+                self._in_background(self._hand_over_if_complete(use))
 
     async def close(self) -> None:
         """Stop serving requests. Mounts stay: they outlive the daemon and are adopted at restart."""
         self._closing = True
-        for task in (self._spreader, self._status_poller):
+        for task in [*self._background, self._status_poller]:
             if task:
                 task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         for use in [u for u in self._layers.values() if u.lingering is not None]:
             use.lingering.cancel()     # lingering layers have no mount record: release them now
             await self._drop_layer(use)
@@ -160,7 +169,7 @@ class NodeDaemon:
 
     def choose_backend(self, name: str) -> Backend:
         if name in ("", "auto"):
-            for candidate in BACKEND_PREFERENCE:
+            for candidate in BACKEND_NAMES:
                 if self.available(candidate):
                     return self.backends[candidate]
             raise BackendUnavailableError("no on-demand backend can run on this node: "
@@ -168,7 +177,7 @@ class NodeDaemon:
         backend = self.backends.get(name)
         if backend is None:
             raise BackendUnavailableError(f"unknown backend {name!r}: choose one of auto, "
-                                          + ", ".join(BACKEND_PREFERENCE))
+                                          + ", ".join(BACKEND_NAMES))
         if not self.available(name):
             raise BackendUnavailableError(f"backend {name} is not available on this node: {self._unavailable[name]}")
         return backend
@@ -288,12 +297,12 @@ class NodeDaemon:
     def mounts(self) -> list[MountRecord]:
         return sorted(self._records.values(), key=lambda r: r.created_unix)
 
-    def layer_state(self, spec: BlobSpec) -> tuple[int, str]:
-        """(bytes of the blob present on this node, backend that attached it). Blocking: run it in a thread."""
+    async def layer_state(self, spec: BlobSpec) -> tuple[int, str]:
+        """(bytes of the blob present on this node, backend that attached it)."""
         use = self._layers.get(spec.layer_digest)
         if use is None:
             return 0, ""
-        return use.backend.present_bytes(spec, use.blob_path), use.backend.name
+        return await use.backend.present_bytes(spec, use.blob_path), use.backend.name
 
     # -- shared layers --------------------------------------------------------------------------
 
@@ -305,6 +314,8 @@ class NodeDaemon:
                 use = LayerUse(spec, backend, self.state.blob_path(spec), self.state.layer_mountpoint(spec))
                 await self._attach_and_mount(use)
                 self._layers[spec.layer_digest] = use
+                if self.layerstore_admin_socket is not None:   # complete already (eager; a blob kept whole)
+                    self._in_background(self._hand_over_if_complete(use))
             if use.lingering is not None:   # wanted again before its linger ran out
                 use.lingering.cancel()
                 use.lingering = None
@@ -345,7 +356,7 @@ class NodeDaemon:
                 return
             use.lingering = None
             if not use.imported and self.layerstore_admin_socket is not None:
-                await self._import_if_complete(use)   # last chance to spread it before it goes
+                await self._hand_over_if_complete(use, retry=False)   # last chance to spread it before it goes
             await self._drop_layer(use)
 
     async def _drop_layer(self, use: LayerUse) -> None:
@@ -497,23 +508,57 @@ class NodeDaemon:
                         log.warning("no status from backend %s: %s", name, error)
             await asyncio.sleep(BACKEND_STATUS_PERIOD)
 
-    async def _spread_complete_layers(self) -> None:
-        """Hand blobs that became complete here to the local layerstore, so peers can read them."""
-        if self.layerstore_admin_socket is None:
-            return
-        while True:
-            await asyncio.sleep(SPREAD_PERIOD)
-            for use in list(self._layers.values()):
-                if not use.imported and time.monotonic() >= use.import_retry_at:
-                    await self._import_if_complete(use)
+    def _in_background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    async def _import_if_complete(self, use: LayerUse) -> None:
+    async def _watch_completions(self, backend: Backend) -> None:
+        """Hand a layer to the local layerstore as soon as its backend says its blob is complete. When the
+        push stream breaks (its supervisor restarted), watch again and check once what was missed."""
+        wait, failures = WATCH_RETRY[0], 0
+        while True:
+            try:
+                async for name in backend.completed_blobs():
+                    wait, failures = WATCH_RETRY[0], 0
+                    use = next((u for u in self._layers.values() if u.spec.name == name and u.backend is backend), None)
+                    if use is not None and not use.imported:
+                        await self._hand_over(use)
+            except (AfsdError, OSError) as error:
+                failures += 1
+                (log.warning if failures == 1 else log.debug)(
+                    "no completion events from the %s backend (%s): watching again", backend.name, error)
+            await asyncio.sleep(wait)
+            wait = min(WATCH_RETRY[1], wait * 2)
+            for use in [u for u in self._layers.values() if u.backend is backend and not u.imported]:
+                await self._hand_over_if_complete(use)
+
+    async def _hand_over_if_complete(self, use: LayerUse, *, retry: bool = True) -> None:
         try:
-            if await use.backend.is_complete(use.spec, use.blob_path):
-                await self._import(use)
+            complete = await use.backend.is_complete(use.spec, use.blob_path)
+        except (AfsdError, OSError) as error:
+            log.warning("cannot tell whether %s is complete (%s): asking again later", use.spec.layer_digest, error)
+            complete = False
+            if retry:
+                self._in_background(self._offer_again(use))
+        if complete:
+            await self._hand_over(use, retry=retry)
+
+    async def _hand_over(self, use: LayerUse, *, retry: bool = True) -> None:
+        """Import a complete blob into the local layerstore (once); a failure is offered again later."""
+        if use.imported:
+            return
+        try:
+            await self._import(use)
         except (AfsdError, OSError, grpc.aio.AioRpcError) as error:
             log.warning("could not hand %s to the local layerstore (will retry): %s", use.spec.layer_digest, error)
-            use.import_retry_at = time.monotonic() + 30.0
+            if retry:
+                self._in_background(self._offer_again(use))
+
+    async def _offer_again(self, use: LayerUse) -> None:
+        await asyncio.sleep(IMPORT_RETRY)
+        if self._layers.get(use.spec.layer_digest) is use and not use.imported:
+            await self._hand_over_if_complete(use)
 
     async def _import(self, use: LayerUse) -> None:
         spec = use.spec

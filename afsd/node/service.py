@@ -39,7 +39,7 @@ class NodeService(pb_grpc.NodeServicer):
     async def _info(self, record: MountRecord) -> pb.MountInfo:
         layers = []
         for spec in record.layers:
-            cached, _ = await asyncio.to_thread(self.daemon.layer_state, spec)
+            cached, _ = await self.daemon.layer_state(spec)
             layers.append(pb.LayerState(digest=spec.layer_digest, blob_digest=spec.blob_digest, size=spec.size,
                                         cached_bytes=cached))
         return pb.MountInfo(
@@ -86,7 +86,7 @@ class NodeService(pb_grpc.NodeServicer):
 
     async def _lease(self, record: LeaseRecord, attached: bool) -> pb.LayerLease:
         spec = record.layer
-        cached = (await asyncio.to_thread(self.daemon.layer_state, spec))[0] if attached else 0
+        cached = (await self.daemon.layer_state(spec))[0] if attached else 0
         return pb.LayerLease(
             lease_id=record.lease_id, layer_digest=spec.layer_digest, image=record.image,
             manifest_digest=record.manifest_digest, mountpoint=str(self.daemon.layer_mountpoint(spec)),

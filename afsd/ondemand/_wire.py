@@ -10,8 +10,7 @@ frame exactly its own (the kernel never delivers a later message's fds before an
 
 `Connection` is the synchronous, non-blocking side used by the fanotify supervisor and keeper (selector
 loops that must never block on a slow peer); `AsyncChannel` is the asyncio side used by fetch workers,
-the fscache supervisor and the node daemon's clients; `request_blocking` is one request and its reply
-from a plain thread.
+the fscache supervisor and the node daemon's clients. What the frames carry: supervised/protocol.py.
 """
 
 from __future__ import annotations
@@ -248,33 +247,6 @@ class AsyncChannel:
                 os.close(fd)
         self._inbox.clear()
         self.sock.close()
-
-
-def request_blocking(path: str, message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-    """Send `message` on a fresh connection to `path` and wait for the first frame back (its fds are
-    closed); None if the peer closed without answering. Raises OSError (TimeoutError after `timeout`
-    seconds of silence) or ProtocolError."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    decoder = FrameDecoder()
-    try:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        send_blocking(sock, message)
-        while True:
-            data, fds = receive(sock)
-            if not data:
-                for fd in fds:
-                    os.close(fd)
-                return None
-            frames = decoder.feed(data, fds)
-            for _, frame_fds in frames:
-                for fd in frame_fds:
-                    os.close(fd)
-            if frames:
-                return frames[0][0]
-    finally:
-        decoder.close()
-        sock.close()
 
 
 def peer_pid(sock: socket.socket) -> int:

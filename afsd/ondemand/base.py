@@ -4,13 +4,15 @@ A backend turns a blob it does not have yet into a mounted, read-only erofs file
 are served on demand: `attach` prepares the blob (for `eager`: fetch it all; for `fanotify`: a sparse
 file with its metadata present, marked for pre-content events; for `fscache`: registered with the
 cachefiles daemon), `mount` mounts it, `detach` undoes `attach` once nothing uses the blob. Nothing
-outside afsd/ondemand/ knows which backend runs (see STYLE.md: small interfaces between big parts).
+outside afsd/ondemand/ knows which backend runs: the node daemon gets them by name (registry.py) and
+hands each its bytes (`BlobSource`); docs/architecture.md shows one miss through each.
 """
 
 from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from afsd.erofs.mount import mount_erofs
 from afsd.errors import AfsdError
+from afsd.ondemand.sources import FILE_SOURCES
 from afsd.ondemand.sparse import present_bytes_at
 from afsd.ondemand.spec import BlobSpec, RangeSource
 
@@ -36,8 +39,24 @@ class BlobSource:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class BackendOptions:
+    """How the node daemon runs a backend."""
+
+    state_dir: Path                  # the backend's own state directory
+    prefetch: bool = True            # fill whole blobs in the background, not only what readers touch
+    keep_blob_copies: bool = False   # keep each blob as a plain file too, for a local layerstore (fscache)
+    sources: str = FILE_SOURCES      # the source factory of fetch workers in other processes (sources.py)
+
+
 class Backend(ABC):
     name: ClassVar[str]
+    pushes_completion: ClassVar[bool] = False   # `completed_blobs` says when an attached blob becomes complete
+
+    @classmethod
+    def create(cls, options: BackendOptions) -> Backend:
+        """The backend as the node daemon runs it."""
+        return cls()
 
     @classmethod
     @abstractmethod
@@ -63,13 +82,20 @@ class Backend(ABC):
 
     async def is_complete(self, spec: BlobSpec, blob_path: Path) -> bool:
         """Whether every byte of the blob is on this node (then it can be served to peers)."""
-        return await asyncio.to_thread(self.present_bytes, spec, blob_path) >= spec.size
+        return await self.present_bytes(spec, blob_path) >= spec.size
 
-    def present_bytes(self, spec: BlobSpec, blob_path: Path) -> int:
-        """How many bytes of the attached blob are on this node (for `afsd mounts`). Blocking: call it
-        from a thread. By default the bytes of `blob_path` that are not holes; a backend that keeps them
-        elsewhere (fscache: in the cachefiles cache) asks where they are."""
-        return present_bytes_at(blob_path, spec.size)
+    async def present_bytes(self, spec: BlobSpec, blob_path: Path) -> int:
+        """How many bytes of the attached blob are on this node (for `afsd mounts`). By default the bytes
+        of `blob_path` that are not holes; a backend that keeps them elsewhere (fscache: in the cachefiles
+        cache) asks where they are."""
+        return await asyncio.to_thread(present_bytes_at, blob_path, spec.size)
+
+    async def completed_blobs(self) -> AsyncIterator[str]:
+        """The names (`BlobSpec.name`) of attached blobs as each becomes complete, pushed by the backend
+        (only if `pushes_completion`); ends when the backend cannot say any more (its supervisor went
+        away): the caller then checks what it waits for with `is_complete` and asks again."""
+        return
+        yield
 
     async def refresh(self) -> object:
         """Update what `counters` reports (e.g. ask a supervisor process for its status)."""

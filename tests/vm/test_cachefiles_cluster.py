@@ -136,7 +136,7 @@ async def test_a_layer_from_the_layerstores_mounts_with_fsid_and_every_file_matc
     try:
         assert not await backend.is_complete(layer.spec, Path("/nonexistent/unused"))   # only the superblock yet
         # `afsd mounts` counts the blob's bytes in the cache file, not at blob_path (never written here).
-        cached = await asyncio.to_thread(backend.present_bytes, layer.spec, Path("/nonexistent/unused"))
+        cached = await backend.present_bytes(layer.spec, Path("/nonexistent/unused"))
         assert 0 < cached < layer.spec.size
         assert await asyncio.to_thread(tree_digests, target) == layer.files
         assert (target / "lib").readlink() == Path("usr/lib")
@@ -151,7 +151,7 @@ async def test_a_layer_from_the_layerstores_mounts_with_fsid_and_every_file_matc
         assert blob.details["fetcher"]["bytes"]["peer"] >= 14 * MIB
         # Every file read, in 1 MiB units: that touched every unit of the blob, so the cache file is whole.
         assert await backend.is_complete(layer.spec, Path("/nonexistent/unused"))
-        assert await asyncio.to_thread(backend.present_bytes, layer.spec, Path("/nonexistent/unused")) == layer.spec.size
+        assert await backend.present_bytes(layer.spec, Path("/nonexistent/unused")) == layer.spec.size
     finally:
         await asyncio.to_thread(subprocess.run, ["umount", str(target)], check=True, timeout=120)
     await backend.detach(layer.spec, Path("/nonexistent/unused"))

@@ -17,8 +17,9 @@ import logging
 import os
 from pathlib import Path
 
-from afsd.ondemand.base import BlobSource
-from afsd.ondemand.cachefiles.client import FscacheBackendError, FscacheClient
+from afsd.errors import AfsdError
+from afsd.ondemand.base import BackendOptions, BlobSource
+from afsd.ondemand.cachefiles.client import FscacheClient
 from afsd.ondemand.cachefiles.device import kernel_problem
 from afsd.ondemand.cachefiles.metrics import StatusCollector
 from afsd.ondemand.cachefiles.mount import mount_fscache
@@ -49,6 +50,11 @@ class FscacheBackend(SupervisedBackend):
         self.domain_id = domain_id
         self.prefetch = prefetch
         self.copy_blobs = copy_blobs
+
+    @classmethod
+    def create(cls, options: BackendOptions) -> FscacheBackend:
+        return cls(options.state_dir, prefetch=options.prefetch, copy_blobs=options.keep_blob_copies,
+                   settings=Settings(sources=options.sources))
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -91,12 +97,12 @@ class FscacheBackend(SupervisedBackend):
         # The copy's own bytes, too: its worker may have stopped before it could say the copy is whole.
         return blob.ready or await asyncio.to_thread(present_bytes_at, Path(blob.path), spec.size) >= spec.size
 
-    def present_bytes(self, spec: BlobSpec, blob_path: Path) -> int:
+    async def present_bytes(self, spec: BlobSpec, blob_path: Path) -> int:
         """The blob's bytes in its cache file, as the supervisor's status counts them (its worker walks the
         object's anon fd with SEEK_DATA); 0 when the supervisor cannot say."""
         try:
-            blob = self.client.blob_status_blocking(spec.name)
-        except FscacheBackendError as e:
+            blob = await self.client.blob_status(spec.name)
+        except AfsdError as e:
             log.warning("no status from the fscache supervisor: %s", e)
             return 0
-        return (blob.present_bytes or 0) if blob else 0
+        return (blob.present_bytes or 0) if blob is not None else 0

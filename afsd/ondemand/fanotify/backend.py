@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from afsd.ondemand.base import BlobSource
+from afsd.ondemand.base import BackendOptions, BlobSource
 from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.fanotify.client import SupervisorClient, prepare_blob
 from afsd.ondemand.fanotify.metrics import StatusCollector
@@ -33,6 +33,10 @@ class FanotifyBackend(SupervisedBackend):
                  prefetch: bool = False) -> None:
         super().__init__(SupervisorClient(state_dir, settings, metrics_listen=metrics_listen))
         self.prefetch = prefetch
+
+    @classmethod
+    def create(cls, options: BackendOptions) -> FanotifyBackend:
+        return cls(options.state_dir, Settings(sources=options.sources), prefetch=options.prefetch)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

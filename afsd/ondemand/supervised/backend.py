@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 class SupervisedBackend(Backend):
     collector: ClassVar[type[SupervisorStatusCollector]]   # this backend's Prometheus view of a status
     gauges: ClassVar[tuple[str, ...]] = ()                 # status details that `counters` shows too
+    pushes_completion = True
 
     def __init__(self, client: SupervisorClientBase) -> None:
         self.client = client
@@ -63,6 +64,7 @@ class SupervisedBackend(Backend):
             log.warning("no status from the %s supervisor: %s", self.name, e)
         return self._last_status
 
+
     def counters(self) -> dict[str, float]:
         status = self._last_status
         if status is None:
@@ -74,5 +76,6 @@ class SupervisedBackend(Backend):
         return self.collector(lambda: self._last_status)
 
     async def completed_blobs(self) -> AsyncIterator[str]:
+        """What the supervisor pushes: a blob is complete (and so is its plain file, if it has one)."""
         async for message in self.client.watch():
             yield message.name

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import ClassVar
 
 from afsd.errors import AfsdError
-from afsd.ondemand._wire import AsyncChannel, ProtocolError, request_blocking
+from afsd.ondemand._wire import AsyncChannel, ProtocolError
 from afsd.ondemand.supervised import protocol as p
 from afsd.ondemand.supervised.paths import SupervisorPaths
 
@@ -125,16 +125,6 @@ class SupervisorClientBase(ABC):
 
     async def blob_status(self, name: str) -> p.BlobStatus | None:
         return (await self.status()).blob(name)
-
-    def blob_status_blocking(self, name: str, timeout: float = 10.0) -> p.BlobStatus | None:
-        """`blob_status` for a plain thread (no event loop); never starts a supervisor."""
-        path = os.fspath(self.paths.supervisor_socket)
-        try:
-            frame = request_blocking(path, p.StatusRequest(id=1).to_json(), timeout)
-            reply = self._check(p.StatusRequest.op, frame)
-        except (OSError, ProtocolError) as e:
-            raise self.error(f"cannot reach {self._name} at {path}: {e}") from None
-        return reply.status.blob(name) if reply.status is not None else None
 
     async def watch(self) -> AsyncIterator[p.BlobComplete]:
         """A BlobComplete for every blob that becomes complete (and whose plain file, if it has one, is
