@@ -7,6 +7,8 @@ the test supervisors inject into their fetch workers (`SETTINGS`; afsd/ondemand/
 - `hanging`: connects to a TCP listener that accepts and never sends a byte, and waits for the answer
   (a provider that accepted the connection and then hung).
 - `failing`: every fetch fails.
+- `slow-close`: every fetch fails; closing it takes `delay` seconds, then drops the file `marker` (so a
+  test can tell whether a worker waited for its sources to close).
 """
 
 from __future__ import annotations
@@ -75,8 +77,18 @@ class FailingSource:
         pass
 
 
+class SlowCloseSource(FailingSource):
+    def __init__(self, spec: BlobSpec, delay: float, marker: Path) -> None:
+        super().__init__(spec, "this source only closes (injected)")
+        self.delay, self.marker = delay, marker
+
+    async def close(self) -> None:
+        await asyncio.sleep(self.delay)
+        await asyncio.to_thread(self.marker.touch)
+
+
 class FaultSources(FileSources):
-    """The test kinds: "slow", "hanging", "failing" (plus "file")."""
+    """The test kinds: "slow", "hanging", "failing", "slow-close" (plus "file")."""
 
     def make(self, spec: BlobSpec, config: dict[str, Any]) -> RangeSource:
         kind = config.get("kind")
@@ -87,4 +99,6 @@ class FaultSources(FileSources):
             return HangingSource(spec, config["host"], int(config["port"]))
         if kind == "failing":
             return FailingSource(spec, config.get("reason", "every provider failed (injected)"))
+        if kind == "slow-close":
+            return SlowCloseSource(spec, float(config["delay"]), Path(config["marker"]))
         return super().make(spec, config)

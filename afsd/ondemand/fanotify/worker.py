@@ -23,6 +23,7 @@ import concurrent.futures
 import logging
 import os
 import sys
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +59,8 @@ class FetchWorker:
         self.socket_path = socket_path
         self.heartbeat = heartbeat
         self.blobs: dict[str, WorkerBlob] = {}
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.tasks: dict[int, asyncio.Task[None]] = {}      # fills, by task id
+        self.chores: set[asyncio.Task[None]] = set()        # forgetting blobs, reporting: kept, awaited at exit
         self.factory = factory
         self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fill")
         self.channel: AsyncChannel | None = None
@@ -84,8 +86,16 @@ class FetchWorker:
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
             for blob in list(self.blobs.values()):
                 await self._forget(blob)
+            while self.chores:   # (each is bounded: source closes time out, reports fail on a closed link)
+                await asyncio.gather(*self.chores, return_exceptions=True)
             await asyncio.wait_for(self.factory.close(), 5.0)
             self.channel.close()
+
+    def _chore(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run `coroutine` as a task this worker keeps (the loop itself holds only weak references)."""
+        task = asyncio.create_task(coroutine)
+        self.chores.add(task)
+        task.add_done_callback(self.chores.discard)
 
     async def _heartbeats(self) -> None:
         assert self.channel is not None
@@ -109,17 +119,17 @@ class FetchWorker:
         if isinstance(message, p.ServeBlob) and fds:
             old = self.blobs.pop(message.name, None)
             if old is not None:
-                asyncio.create_task(self._forget(old))
+                self._chore(self._forget(old))
             self.blobs[message.name] = WorkerBlob(message.name, message.spec, fds.pop(0), message.source)
         elif isinstance(message, p.Forget):
             blob = self.blobs.pop(message.name, None)
             if blob is not None:
-                asyncio.create_task(self._forget(blob))
+                self._chore(self._forget(blob))
         elif isinstance(message, p.Fill):
             blob = self.blobs.get(message.name)
             if blob is None:
-                asyncio.create_task(self._report(p.FillFailed(task=message.task,
-                                                              error=f"worker does not know blob {message.name}")))
+                self._chore(self._report(p.FillFailed(task=message.task,
+                                                      error=f"worker does not know blob {message.name}")))
             else:
                 task = asyncio.create_task(self._fill(message.task, blob, message.offset, message.length,
                                                       message.priority))
