@@ -9,7 +9,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from afsd.errors import DigestMismatchError
+from afsd.errors import DigestMismatchError, FetchError
 from afsd.ondemand.base import Backend, BlobSource
 from afsd.ondemand.sparse import write_at
 from afsd.ondemand.spec import BlobSpec, Priority
@@ -35,7 +35,12 @@ class EagerBackend(Backend):
             whole = hashlib.sha256()
             position = 0
             while position < spec.size:
-                fetched = await source.source.fetch(position, min(EAGER_REQUEST, spec.size - position), Priority.DEMAND)
+                wanted = min(EAGER_REQUEST, spec.size - position)
+                fetched = await source.source.fetch(position, wanted, Priority.DEMAND)
+                try:   # a source answering another range would make this loop spin or misplace bytes
+                    fetched.require_covers(position, position + wanted)
+                except ValueError as e:
+                    raise FetchError(f"layer {spec.layer_digest}: {e}") from None
                 data = fetched.data[position - fetched.offset:]
                 await asyncio.to_thread(_write_at, fd, data, position, whole)
                 position += len(data)
