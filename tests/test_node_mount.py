@@ -168,6 +168,32 @@ async def test_a_fanotify_mount_fetches_only_what_is_read(cluster: LocalCluster)
     assert int(mount["bytes_cached"]) > (48 << 20)  # that file's layer is now (nearly) all here
 
 
+async def test_the_nodes_metrics_count_the_fetches_of_its_fetch_workers(cluster: LocalCluster) -> None:
+    """afsd_fetch_* on the node's /metrics is every fetch the node made, in any process: its own (the
+    metadata prefill) and its fanotify fetch workers' (the fills), which run in processes nobody scrapes."""
+    await cluster.start_discovery(1)
+    (layerstore,) = await cluster.start_layerstores(1)
+    node = await cluster.start_node(layerstore, extra_args=["--no-prefetch"])
+    image = await cluster.push("counted", small_image("counted", 24 << 20))
+    target = cluster.workdir / "rootfs"
+    target.mkdir()
+    mounted = await cluster.afsd(node, "mount", image.reference, str(target), "--backend", "fanotify")
+    assert mounted.returncode == 0, mounted.stderr
+    for path in sorted(target.rglob("*.bin")):
+        path.read_bytes()
+    await cluster.wait_until(lambda: _metric(node, "afsd_fanotify_bytes_filled_local_total"), 15,
+                             "the node's /metrics to report the fanotify fills")
+    filled = await _metric(node, "afsd_fanotify_bytes_filled_local_total")
+    assert filled >= 24 << 20
+
+    async def fetches_cover_the_fills() -> bool:
+        return await _metric(node, "afsd_fetch_bytes_total", source="local") >= filled
+    await cluster.wait_until(fetches_cover_the_fills, 30, "afsd_fetch_bytes_total to count the workers' fetches")
+    text = await asyncio.to_thread(daemon_metrics, node)
+    assert metric(text, "afsd_fetch_seconds_count", priority="demand") > 1   # the prefill's and the workers'
+    assert metric(text, "afsd_fetch_errors_total") == 0
+
+
 @pytest.mark.parametrize("failure", ["blob file deleted", "provider killed"])
 async def test_a_long_read_survives_losing_the_serving_provider(cluster: LocalCluster, failure: str) -> None:
     (discovery,) = await cluster.start_discovery(1)

@@ -124,7 +124,7 @@ async def fscache_status(root: Path) -> dict:
 
 
 # Maps whose keys each backend defines (its settings, counter names, and what only it has).
-OPEN_MAPS = ("settings", "counters", "details")
+OPEN_MAPS = ("settings", "counters", "fetch", "details")
 
 
 def shape(value: object) -> object:

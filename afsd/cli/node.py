@@ -115,8 +115,11 @@ async def run_node(args: argparse.Namespace) -> int:
     await daemon.start()
     if args.metrics_listen:
         from prometheus_client import REGISTRY
+
+        from afsd.cluster.fetch_metrics import FETCH_METRICS
         for collector in daemon.metrics_collectors():
             REGISTRY.register(collector)
+        FETCH_METRICS.add_process(daemon.source_metrics)   # the fetch workers' afsd_fetch_* (polled with the above)
     server = await start_unix_server(args.socket, lambda s: node_pb2_grpc.add_NodeServicer_to_server(NodeService(daemon), s))
     announce_security(log, f"node daemon {args.node_id}", tls)
     log.warning("node daemon %s: socket %s, state %s, backends %s", args.node_id, args.socket, args.state_dir,

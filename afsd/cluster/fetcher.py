@@ -41,11 +41,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from prometheus_client import Counter, Histogram
 
 from afsd.api import layerstore_pb2 as pb
 from afsd.cluster.bytestream_client import BlobByteStreams, ByteStreamError, ByteStreamUnavailable
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
+from afsd.cluster.fetch_metrics import FETCH_METRICS
 from afsd.cluster.flights import FlightTable, PriorityGate
 from afsd.cluster.peers import LayerStorePeer
 from afsd.errors import DigestMismatchError, FetchError
@@ -54,16 +54,6 @@ from afsd.retry import RetryPolicy, grpc_permanent
 from afsd.rpc import ChannelPool
 
 log = logging.getLogger(__name__)
-
-FETCH_BYTES = Counter("afsd_fetch_bytes_total", "Verified blob bytes read from layerstores, by source",
-                      ["source"])
-FETCH_SECONDS = Histogram("afsd_fetch_seconds", "Time to serve one fetch, waiting included, by priority",
-                          ["priority"],
-                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-FETCH_FAILOVERS = Counter("afsd_fetch_failovers_total", "Reads that abandoned a provider after it failed")
-FETCH_VERIFICATION_FAILURES = Counter("afsd_fetch_verification_failures_total",
-                                      "Reads whose bytes did not match the blob's chunk digests")
-FETCH_ERRORS = Counter("afsd_fetch_errors_total", "Fetches that failed on every provider")
 
 # One ReadLayer call reads at most this much (rounded down to whole chunks, at least one): big enough
 # to stream at full speed, small enough that a big request spreads over concurrent calls and a call
@@ -195,7 +185,7 @@ class RangeFetcher:
             results = [await asyncio.shield(flight.task) for flight in flights]
         except FetchError:
             self._counts["errors"] += 1
-            FETCH_ERRORS.inc()
+            FETCH_METRICS.error()
             raise
         except asyncio.CancelledError:
             if self._closed:
@@ -207,7 +197,7 @@ class RangeFetcher:
         data = parts[0] if len(parts) == 1 else await asyncio.to_thread(b"".join, parts)
         sources = list(dict.fromkeys(provider.source for _, provider in results))
         elapsed = time.monotonic() - started
-        FETCH_SECONDS.labels(priority.name.lower()).observe(elapsed)
+        FETCH_METRICS.fetch_served(priority.name.lower(), elapsed)
         return FetchedRange(start, data, "+".join(sources), {"seconds": elapsed, "shared": float(shared)})
 
     async def close(self) -> None:
@@ -307,7 +297,7 @@ class RangeFetcher:
             data = await asyncio.to_thread(self._join_and_check, parts, start, provider.label)
         except DigestMismatchError as error:
             self._counts["verification_failures"] += 1
-            FETCH_VERIFICATION_FAILURES.inc()
+            FETCH_METRICS.verification_failure()
             raise _ProviderFailure(str(error), retry=False) from None
         self._count_bytes(provider, length)
         return data
@@ -329,7 +319,7 @@ class RangeFetcher:
             return None
         except DigestMismatchError as error:
             self._counts["verification_failures"] += 1
-            FETCH_VERIFICATION_FAILURES.inc()
+            FETCH_METRICS.verification_failure()
             raise _ProviderFailure(str(error), retry=False) from None
         except ByteStreamError as error:
             raise _ProviderFailure(str(error), retry=False) from None
@@ -342,7 +332,7 @@ class RangeFetcher:
         kind = "local" if provider.local else "peer"
         self._bytes_by_provider[provider.endpoint] = self._bytes_by_provider.get(provider.endpoint, 0) + length
         self._bytes[kind] += length
-        FETCH_BYTES.labels(kind).inc(length)
+        FETCH_METRICS.bytes_read(kind, length)
 
     def _join_and_check(self, parts: list[bytes], start: int, source: str) -> bytes:
         data = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -355,7 +345,7 @@ class RangeFetcher:
         if not failure.retry:
             definitive.add(provider.endpoint)
         self._counts["failovers"] += 1
-        FETCH_FAILOVERS.inc()
+        FETCH_METRICS.failover()
         log.warning("layer %s: provider %s failed %s: %s; failing over", self.spec.layer_digest, provider.label,
                     doing, failure.reason)
         self._cool_down(provider, failure.reason)
@@ -439,7 +429,7 @@ class RangeFetcher:
                 reason = f"lease renewal failed: {error.code().name} {error.details()}"
                 log.warning("layer %s: %s on %s; switching provider", self.spec.layer_digest, reason, provider.label)
                 self._counts["failovers"] += 1
-                FETCH_FAILOVERS.inc()
+                FETCH_METRICS.failover()
                 self._cool_down(provider, reason)
                 if not self._closed and self._switcher is None:
                     self._switcher = asyncio.create_task(self._switch_after_lease_loss())

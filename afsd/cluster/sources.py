@@ -82,3 +82,8 @@ class ClusterSources(FileSources):
     async def close(self) -> None:
         if self._channels is not None:
             await self._channels.close()
+
+    def metrics(self) -> dict[str, float]:
+        from afsd.cluster.fetch_metrics import FETCH_METRICS
+
+        return FETCH_METRICS.totals()

@@ -488,6 +488,15 @@ class NodeDaemon:
 
     # -- spreading ------------------------------------------------------------------------------
 
+    def source_metrics(self) -> dict[str, float]:
+        """What the backends' fetch workers counted (their sources' totals), summed over the backends."""
+        summed: dict[str, float] = {}
+        for name, backend in self.backends.items():
+            if self.available(name):
+                for key, value in backend.source_metrics().items():
+                    summed[key] = summed.get(key, 0) + value
+        return summed
+
     def metrics_collectors(self) -> list[Collector]:
         """The running backends' own metrics (supervisor counters), to register with /metrics; from
         now on their status is polled to keep them fresh (nobody needs the polling without them)."""

@@ -105,6 +105,11 @@ class Backend(ABC):
         """Backend-specific counters for `afsd mounts` and metrics, as of the last `refresh`."""
         return {}
 
+    def source_metrics(self) -> dict[str, float]:
+        """What the sources of this backend's other processes (fetch workers) counted, summed, as of the
+        last `refresh` (the node daemon adds them to its own: afsd/cluster/fetch_metrics.py)."""
+        return {}
+
     def metrics_collector(self) -> Collector | None:
         """Prometheus metrics of the processes this backend runs (its supervisor's counters, fed by
         `refresh`), for the node daemon's /metrics; None when there are none."""

@@ -74,6 +74,10 @@ class SourceFactory(Protocol):
     async def close(self) -> None:
         """Release what the sources shared (after every source is closed)."""
 
+    def metrics(self) -> dict[str, float]:
+        """What this process's sources counted, as totals (a worker reports them to its supervisor, and
+        the node daemon shows them as its own: afsd/cluster/fetch_metrics.py)."""
+
 
 class FileSources:
     """The "file" kind; factories of other kinds extend it."""
@@ -88,6 +92,9 @@ class FileSources:
     async def close(self) -> None:
         pass
 
+    def metrics(self) -> dict[str, float]:
+        return {}
+
 
 class UnavailableSources:
     """What a worker whose source factory failed to load uses: every fill fails, saying why (readers get
@@ -101,6 +108,9 @@ class UnavailableSources:
 
     async def close(self) -> None:
         pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
 
 def load_source_factory(reference: str, path: str = "") -> SourceFactory:

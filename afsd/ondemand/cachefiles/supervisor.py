@@ -97,6 +97,7 @@ class Supervisor:
         self.blobs: dict[str, Registered] = {}
         self.worker: WorkerProcess | None = None
         self.reported = WorkerTotals()                    # the workers' counters, over restarts
+        self.fetched = WorkerTotals()                     # what their sources counted (afsd_fetch_* on the node)
         self.restarts = dict.fromkeys(SUPERVISOR_COUNTERS, 0)
         self.watchers: set[AsyncChannel] = set()
         self.started = time.time()
@@ -138,6 +139,7 @@ class Supervisor:
             code = await self._watch(worker)
             self.worker = None
             self.reported.retire(worker.process.pid)   # its last report; what it did after that is not counted
+            self.fetched.retire(worker.process.pid)
             if worker.channel is not None:
                 worker.channel.close()
             for future in worker.replies.values():
@@ -282,6 +284,7 @@ class Supervisor:
                 await channel.send(reply.to_json())
             elif isinstance(message, p.Heartbeat):
                 self.reported.report(pid, message.counters)
+                self.fetched.report(pid, message.fetch)
             elif isinstance(message, (p.BlobComplete, p.CopyComplete)):
                 await self._completed(message)
             elif isinstance(message, p.Reply):
@@ -390,6 +393,7 @@ class Supervisor:
         report = answer.report if answer is not None and answer.report is not None else p.WorkerReport()
         if worker is not None and answer is not None and answer.report is not None:
             self.reported.report(worker.process.pid, report.counters)
+            self.fetched.report(worker.process.pid, report.fetch)
         counters = {**self.reported.totals(WORKER_COUNTERS), **self.restarts}
         blobs = []
         for name, registered in list(self.blobs.items()):
@@ -405,7 +409,7 @@ class Supervisor:
         self.status_snapshot = SupervisorStatus(
             backend="fscache", pid=os.getpid(), state=self.state, uptime=time.time() - self.started,
             settings=dataclasses.asdict(self.settings), counters={k: float(v) for k, v in counters.items()},
-            workers=workers, blobs=blobs,
+            workers=workers, blobs=blobs, fetch=self.fetched.totals(),
             details={"cache_dir": str(self.bound.cache_dir), "tag": self.bound.tag, "failover": self.bound.failover,
                      "open_objects": report.open_objects, "reads_in_flight": report.reads_in_flight})
         return self.status_snapshot

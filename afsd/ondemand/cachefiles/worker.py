@@ -487,7 +487,8 @@ class KernelWorker:
 
     async def _heartbeats(self) -> None:
         while True:
-            await self._send(p.Heartbeat(tasks=self.reads_in_flight, counters=dict(self.counters)))
+            await self._send(p.Heartbeat(tasks=self.reads_in_flight, counters=dict(self.counters),
+                                         fetch=self.factory.metrics()))
             await asyncio.sleep(self.settings.heartbeat)
 
     def report(self) -> p.WorkerReport:
@@ -505,8 +506,8 @@ class KernelWorker:
                 open_objects=len(blob.objects), complete=blob.complete, filled_bytes=blob.filled_bytes,
                 present_bytes=present, copy_complete=bool(blob.copy and blob.copy.complete),
                 copy_error=blob.copy.error if blob.copy else "", fetcher=stats() if callable(stats) else {})
-        return p.WorkerReport(counters=dict(self.counters), blobs=blobs, open_objects=len(self.objects),
-                              reads_in_flight=self.reads_in_flight)
+        return p.WorkerReport(counters=dict(self.counters), fetch=self.factory.metrics(), blobs=blobs,
+                              open_objects=len(self.objects), reads_in_flight=self.reads_in_flight)
 
 
 # == helpers that run in writer threads ===============================================================

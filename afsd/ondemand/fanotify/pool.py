@@ -56,6 +56,7 @@ class WorkerPool:
         self.workers: dict[int, Worker] = {}       # by pid
         self.queue: list[Task] = []                # tasks waiting for a ready worker
         self.reported = WorkerTotals()             # the workers' own counters (fetch failovers, ...)
+        self.fetched = WorkerTotals()              # what their sources counted (afsd_fetch_* on the node)
         self.stopping = False
         self._next_id = 1
         self._respawn_times: list[float] = []
@@ -113,6 +114,7 @@ class WorkerPool:
         del self.workers[worker.process.pid]
         self._disconnect(worker)
         self.reported.retire(worker.process.pid)
+        self.fetched.retire(worker.process.pid)
         if self.stopping:
             return
         if worker.stop_cause is not StopCause.HUNG:
@@ -212,6 +214,7 @@ class WorkerPool:
                     self.owner.task_finished(task, isinstance(message, p.FillDone), message)
             elif isinstance(message, p.Heartbeat):
                 self.reported.report(worker.process.pid, message.counters)
+                self.fetched.report(worker.process.pid, message.fetch)
 
     # -- tasks ----------------------------------------------------------------------------------------
 

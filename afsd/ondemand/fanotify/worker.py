@@ -102,7 +102,8 @@ class FetchWorker:
         while True:
             for blob in self.blobs.values():
                 self._count_fetches(blob)
-            await self.channel.send(p.Heartbeat(tasks=len(self.tasks), counters=dict(self.counted)).to_json())
+            await self.channel.send(p.Heartbeat(tasks=len(self.tasks), counters=dict(self.counted),
+                                                fetch=self.factory.metrics()).to_json())
             await asyncio.sleep(self.heartbeat)
 
     def _count_fetches(self, blob: WorkerBlob) -> None:

@@ -72,6 +72,9 @@ class SupervisedBackend(Backend):
         gauges = {name: float(status.details[name]) for name in self.gauges if name in status.details}
         return {**status.counters, **gauges}
 
+    def source_metrics(self) -> dict[str, float]:
+        return dict(self._last_status.fetch) if self._last_status is not None else {}
+
     def metrics_collector(self) -> SupervisorStatusCollector:
         return self.collector(lambda: self._last_status)
 

@@ -233,6 +233,7 @@ class SupervisorStatus:
     counters: dict[str, float]         # totals since this supervisor started, its workers' summed over restarts
     workers: list[WorkerStatus]
     blobs: list[BlobStatus]
+    fetch: dict[str, float] = field(default_factory=dict)   # what the workers' sources counted, summed
     details: dict[str, Any] = field(default_factory=dict)   # what only one backend has
 
     def blob(self, name: str) -> BlobStatus | None:
@@ -266,6 +267,7 @@ class BlobReport:
 @dataclass(frozen=True, kw_only=True)
 class WorkerReport:
     counters: dict[str, float] = field(default_factory=dict)   # totals, as in its heartbeats
+    fetch: dict[str, float] = field(default_factory=dict)
     open_objects: int = 0
     reads_in_flight: int = 0
     blobs: dict[str, BlobReport] = field(default_factory=dict)
@@ -390,6 +392,7 @@ class Heartbeat(Message):
 
     tasks: int = 0
     counters: dict[str, float] = field(default_factory=dict)
+    fetch: dict[str, float] = field(default_factory=dict)   # its source factory's totals (`metrics()`)
 
 
 @message("blob")
