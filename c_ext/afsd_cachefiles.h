@@ -26,7 +26,8 @@ struct afsd_request {
 int afsd_parse_request(const uint8_t *buffer, size_t size, struct afsd_request *request);
 
 /* read() one message from the device fd into `buffer` and parse it. Returns the message length, 0 when no
- * request is pending, or -errno. An OPEN's anon fd is made close-on-exec before this returns. */
+ * request is pending, or -errno. An OPEN's anon fd is made close-on-exec before this returns. A malformed
+ * OPEN returns -EBADMSG after its anon fd was closed and the OPEN failed (`copen <id>,-EBADMSG`). */
 ssize_t afsd_read_request(int device_fd, uint8_t *buffer, size_t size, struct afsd_request *request);
 
 /* CACHEFILES_IOC_READ_COMPLETE on an object's anon fd: 0 or -errno. msg_id is unsigned (ids reach 2^32-1). */

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -57,6 +58,27 @@ int afsd_parse_request(const uint8_t *buffer, size_t size, struct afsd_request *
     return 0;
 }
 
+/*
+ * A malformed OPEN still installed an anon fd in our fd table and holds a mount waiting for its copen: close
+ * the fd (nothing else knows its number) and fail the OPEN. Only an OPEN whose header is whole is answered
+ * (its id is then the kernel's); a message too short to say its fd cannot be helped.
+ */
+static void fail_malformed_open(int device_fd, struct afsd_request *request, int header_whole)
+{
+    char command[48];
+    int length;
+
+    if (request->opcode != CACHEFILES_OP_OPEN || !header_whole)
+        return;
+    if (request->anon_fd >= 0) {
+        close(request->anon_fd);
+        request->anon_fd = -1;
+    }
+    length = snprintf(command, sizeof(command), "copen %u,%d", request->msg_id, -EBADMSG);
+    while (write(device_fd, command, (size_t)length) < 0 && errno == EINTR)
+        ;
+}
+
 ssize_t afsd_read_request(int device_fd, uint8_t *buffer, size_t size, struct afsd_request *request)
 {
     ssize_t got;
@@ -73,7 +95,12 @@ ssize_t afsd_read_request(int device_fd, uint8_t *buffer, size_t size, struct af
     if (request->opcode == CACHEFILES_OP_OPEN && request->anon_fd >= 0)
         /* Anon fds are not close-on-exec; nothing we start may inherit one (it would pin the cache). */
         fcntl(request->anon_fd, F_SETFD, FD_CLOEXEC);
-    return parsed < 0 ? parsed : got;
+    if (parsed < 0) {
+        /* (afsd_parse_request fills msg_id and opcode only once the header is whole) */
+        fail_malformed_open(device_fd, request, request->length != 0);
+        return parsed;
+    }
+    return got;
 }
 
 int afsd_read_complete(int anon_fd, unsigned long msg_id)

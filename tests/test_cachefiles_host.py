@@ -9,6 +9,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -123,3 +124,30 @@ def test_aligned_writes_pad_the_last_page_and_refuse_unaligned_offsets(tmp_path:
     assert len(written) == 8192 + padded
     assert written[8192:8192 + len(data)] == data
     assert written[8192 + len(data):] == b"\0" * (padded - len(data))
+
+
+def test_a_malformed_open_closes_its_anon_fd_and_fails_the_open() -> None:
+    """An OPEN whose keys run past its end still came with an anon fd (the kernel installed it in the
+    reader's fd table) and a mount waiting for its copen: the shim closes the one and fails the other with
+    EBADMSG, instead of leaking the fd and leaving the mount hanging. A socket pair stands in for
+    /dev/cachefiles (one read() per message, the copen written back on the same fd)."""
+    worker_end, kernel_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    anon_fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        whole = open_message(7, 3, anon_fd, b"erofs,x", b"blob")
+        malformed = whole[:8] + struct.pack("=I", len(whole) - 2) + whole[12:-2]   # keys say 2 bytes more
+        kernel_end.send(malformed)
+        with pytest.raises(OSError) as raised:
+            _shim.RequestReader(worker_end.fileno()).next()
+        assert raised.value.errno == errno.EBADMSG
+        with pytest.raises(OSError) as closed:
+            os.fstat(anon_fd)
+        assert closed.value.errno == errno.EBADF, "the anon fd of the malformed OPEN is still open"
+        anon_fd = -1
+        kernel_end.settimeout(5)
+        assert kernel_end.recv(64) == f"copen 7,-{errno.EBADMSG}".encode()
+    finally:
+        if anon_fd >= 0:
+            os.close(anon_fd)
+        worker_end.close()
+        kernel_end.close()

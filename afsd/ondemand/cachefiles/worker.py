@@ -176,6 +176,9 @@ class KernelWorker:
             try:
                 request = self.reader.next()
             except OSError as e:
+                if e.errno == errno.EBADMSG:   # the shim closed a malformed OPEN's anon fd and failed it
+                    log.error("%s: failed it (a malformed OPEN's mount fails)", e)
+                    continue
                 log.error("%s", e)
                 if e.errno == errno.EIO:   # the cache is dead (its backing filesystem failed): nothing to serve
                     self.stopping.set()
