@@ -489,7 +489,8 @@ class RangeFetcher:
             await asyncio.shield(self._refresh_task or self._start_refresh())
 
     async def _refresh(self) -> None:
-        assert self.discovery is not None
+        if self.discovery is None:
+            return
         digest = self.spec.layer_digest
         try:
             services = await self.discovery.find_provider(digest)

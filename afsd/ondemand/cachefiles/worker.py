@@ -446,9 +446,15 @@ class KernelWorker:
 
     # == the supervisor link =========================================================================
 
+    @property
+    def link(self) -> AsyncChannel:
+        """The connection to the supervisor (made first thing in `run`)."""
+        if self.channel is None:
+            raise RuntimeError("the worker is not connected to its supervisor yet")
+        return self.channel
+
     async def _receive(self) -> None:
-        assert self.channel is not None
-        while (item := await self.channel.receive()) is not None:
+        while (item := await self.link.receive()) is not None:
             try:
                 self._on_message(p.parse(item[0]))
             except ProtocolError as e:
@@ -481,10 +487,9 @@ class KernelWorker:
             self.lookups.pop(request_id, None)
 
     async def _send(self, message: p.Message, request_id: int | None = None) -> None:
-        assert self.channel is not None
         frame = message.to_json() if request_id is None else message.to_json() | {"id": request_id}
         try:
-            await self.channel.send(frame)
+            await self.link.send(frame)
         except OSError:
             self.stopping.set()
 

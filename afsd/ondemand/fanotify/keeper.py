@@ -212,7 +212,9 @@ class Keeper:
     # -- restarting the supervisor -----------------------------------------------------------------
 
     def _respawn(self) -> None:
-        assert self.argv is not None
+        if self.argv is None:   # no supervisor said how to start it again
+            self.respawn_at = None
+            return
         self.respawns += 1
         self.respawn_at = time.monotonic() + max(HELLO_TIMEOUT, self.respawn_delay)
         log = os.open(self.paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -230,7 +232,8 @@ class Keeper:
     # -- nobody came back: fail readers loudly -----------------------------------------------------
 
     def _start_denying(self) -> None:
-        assert self.group_fd is not None
+        if self.group_fd is None:   # nothing to deny for
+            return
         self.denying = True
         limit = slot_count(self.paths.journal, 65536)
         swept = _sys.sweep_unanswered(self.group_fd, limit)

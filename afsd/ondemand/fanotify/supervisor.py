@@ -275,8 +275,13 @@ class Supervisor:
         """Allow the event if its range is filled; otherwise make sure a task is filling every chunk
         with a hole in it. The only way to FAN_ALLOW a pending event."""
         blob = event.blob
-        assert blob.fill_fd is not None or blob.complete
-        gaps = [] if blob.complete or blob.fill_fd is None else holes(blob.fill_fd, event.start, event.end)
+        if blob.fill_fd is None and not blob.complete:   # no longer served: never let a reader onto holes
+            self.log.error("blob %s: a pending read of bytes %d-%d outlived the blob's fill fd: failing it",
+                           blob.name, event.start, event.end)
+            self.counters["events_denied_unknown"] += 1
+            self.answer(event, allow=False)
+            return
+        gaps = [] if blob.fill_fd is None else holes(blob.fill_fd, event.start, event.end)
         plan = plan_event(gaps, chunk_size=blob.spec.chunk_size, plans=event.plans + 1,
                           task_chunks=self.settings.task_chunks, in_flight=blob.inflight, failures=blob.failures,
                           now=time.monotonic())
@@ -315,7 +320,8 @@ class Supervisor:
             self.pool.dispatch(self._new_task(blob, first, count, Priority.DEMAND))
 
     def _chunk_filled(self, blob: Blob, chunk: int) -> bool:
-        assert blob.fill_fd is not None
+        if blob.fill_fd is None:   # complete (or no longer served: nothing is filled for it any more)
+            return True
         start = chunk * blob.spec.chunk_size
         return first_hole(blob.fill_fd, start, min(blob.spec.size, start + blob.spec.chunk_size)) is None
 

@@ -91,6 +91,13 @@ class FetchWorker:
             await asyncio.wait_for(self.factory.close(), 5.0)
             self.channel.close()
 
+    @property
+    def link(self) -> AsyncChannel:
+        """The connection to the supervisor (made first thing in `run`)."""
+        if self.channel is None:
+            raise RuntimeError("the worker is not connected to its supervisor yet")
+        return self.channel
+
     def _chore(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run `coroutine` as a task this worker keeps (the loop itself holds only weak references)."""
         task = asyncio.create_task(coroutine)
@@ -98,12 +105,11 @@ class FetchWorker:
         task.add_done_callback(self.chores.discard)
 
     async def _heartbeats(self) -> None:
-        assert self.channel is not None
         while True:
             for blob in self.blobs.values():
                 self._count_fetches(blob)
-            await self.channel.send(p.Heartbeat(tasks=len(self.tasks), counters=dict(self.counted),
-                                                fetch=self.factory.metrics()).to_json())
+            await self.link.send(p.Heartbeat(tasks=len(self.tasks), counters=dict(self.counted),
+                                             fetch=self.factory.metrics()).to_json())
             await asyncio.sleep(self.heartbeat)
 
     def _count_fetches(self, blob: WorkerBlob) -> None:
@@ -189,9 +195,8 @@ class FetchWorker:
                 log.warning("closing the source of blob %s: %s", blob.name, e)
 
     async def _report(self, message: p.FillDone | p.FillFailed) -> None:
-        assert self.channel is not None
         try:
-            await self.channel.send(message.to_json())
+            await self.link.send(message.to_json())
         except OSError:
             pass  # the supervisor is gone; run() ends at EOF
 

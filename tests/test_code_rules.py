@@ -1,7 +1,10 @@
-"""Dependencies point down: the on-demand backends (afsd/ondemand/) know nothing of the cluster, the node
-daemon or the commands above them; the cluster's sources are handed to them (afsd/ondemand/sources.py).
-Checked with `ast` over every module, imports inside functions and `TYPE_CHECKING` blocks included, and
-dynamic imports of a literal module name too."""
+"""Rules about the code itself, checked with `ast` over every module:
+
+- Dependencies point down: the on-demand backends (afsd/ondemand/) know nothing of the cluster, the node
+  daemon or the commands above them; the cluster's sources are handed to them (afsd/ondemand/sources.py).
+  Imports inside functions and `TYPE_CHECKING` blocks count, and dynamic imports of a literal name too.
+- Daemon logic does not rest on `assert` (`python -O` strips it).
+"""
 
 from __future__ import annotations
 
@@ -59,3 +62,15 @@ def test_the_checker_sees_imports_of_every_form() -> None:
               "def later():\n    from afsd.cli import node\n    importlib.import_module('afsd.lab.demo')\n")
     found = imported_modules(AFSD / "ondemand" / "fanotify" / "probe.py", source)
     assert {"afsd.cluster.fetcher", "afsd.node", "afsd.ondemand.base.Backend", "afsd.cli.node", "afsd.lab.demo"} <= found
+
+
+DAEMON_CODE = ("ondemand", "node")   # the kernel backends' daemons and the node daemon
+
+
+@pytest.mark.parametrize("path", [path for package in DAEMON_CODE for path in modules_under(AFSD / package)],
+                         ids=lambda p: str(p.relative_to(AFSD)))
+def test_daemon_logic_does_not_rest_on_assert(path: Path) -> None:
+    """`python -O` strips assert statements: a daemon's checks must be real code."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    lines = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+    assert not lines, f"{path.relative_to(AFSD.parent)} uses assert at line(s) {lines}"
