@@ -4,6 +4,7 @@
   daemon or the commands above them; the cluster's sources are handed to them (afsd/ondemand/sources.py).
   Imports inside functions and `TYPE_CHECKING` blocks count, and dynamic imports of a literal name too.
 - Daemon logic does not rest on `assert` (`python -O` strips it).
+- No dead code: every function afsd defines is referred to somewhere (afsd, its tests or its benches).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-AFSD = Path(__file__).resolve().parents[1] / "afsd"
+REPOSITORY = Path(__file__).resolve().parents[1]
+AFSD = REPOSITORY / "afsd"
 # What afsd/ondemand/ must never import: everything that uses it.
 ABOVE_ONDEMAND = ("afsd.cluster", "afsd.node", "afsd.cli", "afsd.afslet", "afsd.proxy", "afsd.lab")
 
@@ -74,3 +76,36 @@ def test_daemon_logic_does_not_rest_on_assert(path: Path) -> None:
     tree = ast.parse(path.read_text(), filename=str(path))
     lines = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
     assert not lines, f"{path.relative_to(AFSD.parent)} uses assert at line(s) {lines}"
+
+
+# Called by a framework, never by name in our code: grpc.aio.ServerInterceptor's hook.
+FRAMEWORK_HOOKS = frozenset({"intercept_service"})
+
+
+def names_referred_to(path: Path) -> set[str]:
+    """Every name `path` uses: variables, attributes, imported names, and words of string constants
+    (entry points such as "module:callable", getattr names)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, ast.alias):
+            found.add(node.name.rsplit(".", 1)[-1])
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.update(node.value.replace(":", " ").replace(".", " ").split())
+    return found
+
+
+def test_every_function_afsd_defines_is_used() -> None:
+    code = [path for folder in ("afsd", "tests", "bench") for path in modules_under(REPOSITORY / folder)]
+    used = set().union(*(names_referred_to(path) for path in code))
+    unused = []
+    for path in modules_under(AFSD):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in used
+                    and not node.name.startswith("__") and not node.name[0].isupper()   # dunders, gRPC handlers
+                    and node.name not in FRAMEWORK_HOOKS):
+                unused.append(f"{path.relative_to(REPOSITORY)}:{node.lineno} {node.name}")
+    assert not unused, "defined but never used: " + ", ".join(unused)

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from afsd.api import layerstore_pb2 as lpb
-from afsd.ondemand.chunks import ChunkTable
 from afsd.cluster.peers import MAX_READ_MESSAGE
+from afsd.ondemand.chunks import ChunkTable
 from tests.support.cluster import LocalCluster, small_image
 
 MIB = 1 << 20

@@ -340,14 +340,6 @@ class BlobStore:
     async def save_image(self, key: str, record: dict[str, Any]) -> None:
         await asyncio.to_thread(write_json_atomically, self._image_path(key), {"key": key, **record})
 
-    async def load_image(self, key: str) -> dict[str, Any] | None:
-        def load() -> dict[str, Any] | None:
-            try:
-                return json.loads(self._image_path(key).read_text())
-            except (OSError, ValueError):
-                return None
-        return await asyncio.to_thread(load)
-
     async def images(self) -> list[dict[str, Any]]:
         def load_all() -> list[dict[str, Any]]:
             records = []

@@ -104,12 +104,6 @@ class DiscoveryClient:
             lambda answer, peer: check_services(answer.services, peer=peer))
         return list(response.services)
 
-    async def find_image_provider(self, key: str, *, include_pulling: bool = False) -> list[pb.ServiceInstance]:
-        response = await self._first(lambda stub: stub.FindImageProvider(
-            pb.FindImageProviderRequest(image_key=key, include_pulling=include_pulling), timeout=QUERY_TIMEOUT),
-            lambda answer, peer: check_services(answer.services, peer=peer))
-        return list(response.services)
-
     async def resolve_image(self, request: pb.ResolveImageRequest, timeout: float = 60.0) -> pb.ResolveImageResponse:
         return await self._first(lambda stub: stub.ResolveImage(request, timeout=timeout),
                                  lambda answer, peer: check_resolved(answer, peer=peer))

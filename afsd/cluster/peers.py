@@ -16,14 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
-
 from afsd.api import layerstore_pb2 as pb
 from afsd.api import layerstore_pb2_grpc as pb_grpc
 from afsd.cluster.peer_answers import check_stat
-from afsd.ondemand.chunks import ChunkTable
 from afsd.erofs.convert import BlobInfo
 from afsd.errors import DigestMismatchError
+from afsd.ondemand.chunks import ChunkTable
 from afsd.ondemand.spec import BlobSpec
 from afsd.rpc import ChannelPool
 
@@ -184,7 +182,3 @@ def _close_and_remove(fd: int, path: Path) -> None:
     os.close(fd)
     path.unlink(missing_ok=True)
 
-
-def is_unavailable(error: BaseException) -> bool:
-    return isinstance(error, grpc.aio.AioRpcError) and error.code() in (
-        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
