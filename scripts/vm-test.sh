@@ -90,7 +90,7 @@ append+=" init=$ROOT/tests/vm/init.sh ${AFSD_VM_KERNEL_ARGS:-}"
 start=$(date +%s)
 : >"$work/console.log"  # exists before tail starts following it
 say "booting $(basename "$(dirname "$kernel")")/bzImage under qemu (TCG, $CPUS CPUs, $MEMORY MiB; timeout $TIMEOUT s)"
-# KVM is not used: on the project's machines /dev/kvm exists but qemu aborts with it (shared/notes/lab.md).
+# KVM is not used: on the project's machines /dev/kvm exists but qemu aborts with it (an MSR assertion, measured): docs/kernel-lab.md.
 timeout --kill-after=10 "$TIMEOUT" \
   qemu-system-x86_64 -accel tcg -cpu max -smp "$CPUS" -m "$MEMORY" -nographic -no-reboot \
   -kernel "$kernel" -append "$append" \

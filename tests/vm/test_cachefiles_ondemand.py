@@ -2,7 +2,7 @@
 
 Runs inside the lab VM (tests/vm/conftest.py sends it there from the host). The protocol code is small and
 local to this test on purpose: afsd's own cachefiles backend (afsd/ondemand/, with the cffi shim in c_ext/)
-is tested elsewhere. Wire layouts: include/uapi/linux/cachefiles.h, see shared/notes/cachefiles-ondemand.md.
+is tested elsewhere. Wire layouts: include/uapi/linux/cachefiles.h, see docs/kernel-protocols.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Where it sits: the supervisor calls `bind_ondemand` once, before it detaches, so a failure reaches the
 node daemon (or the operator) as the launcher's error line; the fd it returns is held by the supervisor
 for its whole life and inherited by each worker. `kernel_problem` is the cheap check behind
-`FscacheBackend.unavailable_reason` (no device opened). Kernel facts: shared/notes/cachefiles-ondemand.md
+`FscacheBackend.unavailable_reason` (no device opened). Kernel facts: docs/kernel-protocols.md
 sections 1.1-1.4.
 """
 

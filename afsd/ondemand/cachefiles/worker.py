@@ -284,7 +284,7 @@ class KernelWorker:
 
     async def _until_attached(self, probe: Any, obj: OpenObject) -> Any:
         """Run `probe` in a thread, retrying ENOBUFS: right after copen the kernel may still be attaching
-        the object's backing file (cachefiles-ondemand.md §3.1)."""
+        the object's backing file (docs/kernel-protocols.md)."""
         deadline = asyncio.get_running_loop().time() + ATTACH_WAIT
         while True:
             try:
