@@ -63,7 +63,8 @@ def test_the_checker_sees_imports_of_every_form() -> None:
     source = ("import afsd.cluster.fetcher\nfrom afsd.node import daemon\nfrom ..base import Backend\n"
               "def later():\n    from afsd.cli import node\n    importlib.import_module('afsd.lab.demo')\n")
     found = imported_modules(AFSD / "ondemand" / "fanotify" / "probe.py", source)
-    assert {"afsd.cluster.fetcher", "afsd.node", "afsd.ondemand.base.Backend", "afsd.cli.node", "afsd.lab.demo"} <= found
+    assert {"afsd.cluster.fetcher", "afsd.node", "afsd.ondemand.base.Backend", "afsd.cli.node",
+            "afsd.lab.demo"} <= found
 
 
 DAEMON_CODE = ("ondemand", "node")   # the kernel backends' daemons and the node daemon

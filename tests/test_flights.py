@@ -26,7 +26,8 @@ class Reads:
         return start, end
 
 
-def table(reads: Reads, *, slots: int = 4, size: int = 10 * CHUNK, piece_chunks: int = 3) -> FlightTable[tuple[int, int]]:
+def table(reads: Reads, *, slots: int = 4, size: int = 10 * CHUNK,
+          piece_chunks: int = 3) -> FlightTable[tuple[int, int]]:
     return FlightTable(size=size, chunk_size=CHUNK, piece_chunks=piece_chunks, gate=PriorityGate(slots), read=reads)
 
 

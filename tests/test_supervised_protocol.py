@@ -145,6 +145,6 @@ async def test_both_supervisors_answer_status_with_the_same_shape(tmp_path: Path
     assert fanotify_reply.status is not None and fscache_reply.status is not None
     assert (fanotify_reply.status.backend, fscache_reply.status.backend) == ("fanotify", "fscache")
     (fanotify_blob,), (fscache_blob,) = fanotify_reply.status.blobs, fscache_reply.status.blobs
-    assert [field.name for field in dataclasses.fields(fanotify_blob)] == [field.name for field in dataclasses.fields(fscache_blob)]
+    assert [f.name for f in dataclasses.fields(fanotify_blob)] == [f.name for f in dataclasses.fields(fscache_blob)]
     assert fanotify_blob.complete and fanotify_blob.ready and not fscache_blob.complete and not fscache_blob.ready
     assert os.getpid() == fanotify_reply.status.pid == fscache_reply.status.pid

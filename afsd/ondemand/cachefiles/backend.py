@@ -46,7 +46,8 @@ class FscacheBackend(SupervisedBackend):
         With `copy_blobs`, every blob is also kept as a plain file at its `blob_path`, so a node with a
         local layerstore can hand complete blobs to it (the node daemon turns it on only then: it costs
         the blob's size on disk a second time). Without it, `is_complete` means the cache alone."""
-        super().__init__(FscacheClient(state_dir, cache_dir=cache_dir, settings=settings, metrics_listen=metrics_listen))
+        super().__init__(FscacheClient(state_dir, cache_dir=cache_dir, settings=settings,
+                                       metrics_listen=metrics_listen))
         self.domain_id = domain_id
         self.prefetch = prefetch
         self.copy_blobs = copy_blobs

@@ -178,7 +178,8 @@ class BlobTable:
             blob.fill_fd = None
 
     def status(self, blob: Blob) -> BlobStatus:
-        present = blob.spec.size if blob.complete or blob.fill_fd is None else present_bytes(blob.fill_fd, blob.spec.size)
+        fill_fd = blob.fill_fd
+        present = blob.spec.size if blob.complete or fill_fd is None else present_bytes(fill_fd, blob.spec.size)
         return BlobStatus(name=blob.name, size=blob.spec.size, present_bytes=present, complete=blob.complete,
                           path=blob.path, path_complete=blob.complete, prefetch=blob.prefetch,
                           filled_bytes=blob.filled_bytes,

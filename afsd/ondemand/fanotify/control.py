@@ -83,7 +83,7 @@ class ControlRequests:
         except ValueError as e:
             reply = p.Reply(id=message.id, ok=False, error=f"malformed {message.op} request: {e}")
         self.supervisor.links.send(connection, reply)
-        if self.supervisor.state is not DaemonState.SERVING:   # the loop ends after this request: deliver the reply first
+        if self.supervisor.state is not DaemonState.SERVING:   # the loop ends after this: deliver the reply first
             connection.sock.setblocking(True)
             connection.flush()
 

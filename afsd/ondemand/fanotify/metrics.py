@@ -47,7 +47,8 @@ class StatusCollector(SupervisorStatusCollector):
             yield counter(f"afsd_fanotify_{name}", _COUNTER_HELP.get(name, name), value)
         yield counter("afsd_fanotify_supervisor_restarts", "supervisors the keeper restarted",
                       status.details.get("supervisor_restarts", 0))
-        yield gauge("afsd_fanotify_pending_events", "events waiting for a fill", status.details.get("pending_events", 0))
+        yield gauge("afsd_fanotify_pending_events", "events waiting for a fill",
+                    status.details.get("pending_events", 0))
         latency = status.details.get("latency")
         if latency:
             family = HistogramMetricFamily("afsd_fanotify_event_seconds",

@@ -140,8 +140,9 @@ class WorkerPool:
 
     def check(self, now: float) -> None:
         """Kill workers that never said hello or stopped heartbeating; start delayed replacements."""
+        hello_deadline = max(HELLO_TIMEOUT, self.settings.worker_timeout)
         for worker in list(self.workers.values()):
-            if worker.state is WorkerState.STARTING and now - worker.started > max(HELLO_TIMEOUT, self.settings.worker_timeout):
+            if worker.state is WorkerState.STARTING and now - worker.started > hello_deadline:
                 self.counters["worker_hangs"] += 1
                 self.kill(worker, StopCause.HUNG, "it never connected")
             elif worker.state is WorkerState.READY and now - worker.last_seen > self.settings.worker_timeout:

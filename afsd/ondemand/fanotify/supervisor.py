@@ -471,7 +471,8 @@ class Supervisor:
             backend="fanotify", pid=os.getpid(), state=self.state, uptime=time.time() - self.started,
             settings=asdict(self.settings), counters={name: float(value) for name, value in counters.items()},
             workers=self.pool.status(time.monotonic()), blobs=[self.blobs.status(b) for b in self.blobs],
-            fetch=self.pool.fetched.totals(), details={"group_recovered": self.group_recovered, "supervisor_restarts": self.keeper.supervisor_restarts,
+            fetch=self.pool.fetched.totals(),
+            details={"group_recovered": self.group_recovered, "supervisor_restarts": self.keeper.supervisor_restarts,
                      "keeper_pid": self.keeper.pid, "pending_events": len(self.pending),
                      "queued_tasks": len(self.pool.queue), "latency": self.latency.to_json()})
 
