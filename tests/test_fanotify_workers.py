@@ -32,8 +32,9 @@ async def test_reader_gets_right_bytes_when_the_worker_is_killed_mid_fetch(fanot
     for iteration, name in enumerate(data_files(blob)[:KILLS]):
         reader = lab.start_reader(served.mount / name)
         seen.add(await lab.wait_for_marker(seen))          # the reader is now blocked on this fetch
+        workers = await lab.worker_pids()                  # (asked first: the kill must land inside the fetch)
         await asyncio.sleep(rng.uniform(0, delay * 0.8))   # a random point inside the fetch
-        for pid in await lab.worker_pids():
+        for pid in workers:
             os.kill(pid, signal.SIGKILL)
         result = await lab.finish(reader)
         assert result.ok, f"iteration {iteration} (seed {seed}): read of {name} failed with errno {result.errno}"
@@ -41,7 +42,7 @@ async def test_reader_gets_right_bytes_when_the_worker_is_killed_mid_fetch(fanot
         assert result.zero_pages == 0
         seen |= set(os.listdir(lab.markers))
     counters = (await lab.status()).counters
-    assert counters["worker_restarts"] == KILLS and counters["worker_deaths"] == KILLS
+    assert counters["worker_restarts"] == KILLS and counters["worker_deaths"] == KILLS, counters
     assert counters["events_redispatched"] >= KILLS and counters["tasks_redispatched"] >= KILLS
     assert counters["events_denied_failed"] == counters["events_denied_timeout"] == 0
 
