@@ -25,7 +25,7 @@ from afsd.ondemand.fanotify.model import Blob, Task, Worker
 from afsd.ondemand.fanotify.paths import StatePaths
 from afsd.ondemand.fanotify.settings import Settings
 from afsd.ondemand.supervised import protocol as p
-from afsd.ondemand.supervised.protocol import Role, StopCause, WorkerState, WorkerStatus
+from afsd.ondemand.supervised.protocol import DaemonState, Role, StopCause, WorkerState, WorkerStatus
 from afsd.ondemand.supervised.totals import WorkerTotals
 
 WORKER_MODULE = "afsd.ondemand.fanotify.worker"
@@ -36,6 +36,8 @@ HELLO_TIMEOUT = 15.0         # at least this long to say hello after starting (a
 
 
 class PoolOwner(Protocol):
+    state: DaemonState   # workers lost while the owner is not SERVING are not replaced
+
     def blobs_to_serve(self) -> Iterable[Blob]:
         """Every blob a new worker must know (those with a fill fd)."""
 
@@ -57,7 +59,6 @@ class WorkerPool:
         self.queue: list[Task] = []                # tasks waiting for a ready worker
         self.reported = WorkerTotals()             # the workers' own counters (fetch failovers, ...)
         self.fetched = WorkerTotals()              # what their sources counted (afsd_fetch_* on the node)
-        self.stopping = False
         self._next_id = 1
         self._respawn_times: list[float] = []
         self._spawn_at: float | None = None
@@ -79,9 +80,13 @@ class WorkerPool:
         self.selector.register(worker.pidfd, selectors.EVENT_READ, lambda _fd, _m, w=worker: self._reap(w))
         self.log.info("started fetch worker %d (pid %d)", worker.id, process.pid)
 
+    @property
+    def _replacing(self) -> bool:
+        return self.owner.state is DaemonState.SERVING
+
     def stop_all(self, why: str) -> None:
-        """Kill every worker (the supervisor is shutting down or restarting); nothing is redispatched."""
-        self.stopping = True
+        """Kill every worker (the owner is no longer SERVING: shutting down or restarting); nothing is
+        redispatched and nobody replaced."""
         for worker in list(self.workers.values()):
             self.kill(worker, StopCause.SHUTDOWN, why)
 
@@ -93,8 +98,8 @@ class WorkerPool:
         if worker.state is WorkerState.STOPPING:
             return
         worker.state, worker.stop_cause = WorkerState.STOPPING, cause
-        (self.log.info if self.stopping else self.log.error)("killing fetch worker %d (pid %d): %s", worker.id,
-                                                             worker.process.pid, why)
+        (self.log.error if self._replacing else self.log.info)("killing fetch worker %d (pid %d): %s", worker.id,
+                                                               worker.process.pid, why)
         try:
             signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
         except ProcessLookupError:
@@ -115,7 +120,7 @@ class WorkerPool:
         self._disconnect(worker)
         self.reported.retire(worker.process.pid)
         self.fetched.retire(worker.process.pid)
-        if self.stopping:
+        if not self._replacing:
             return
         if worker.stop_cause is not StopCause.HUNG:
             self.counters["worker_deaths"] += 1
