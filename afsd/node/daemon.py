@@ -99,6 +99,7 @@ class LayerUse:
     mountpoint: Path
     refs: int = 0
     imported: bool = False
+    importing: bool = False                       # a hand-over to the local layerstore is under way
     lingering: asyncio.Task[None] | None = None   # released by its last mount, kept for `layer_linger` s
 
 
@@ -532,7 +533,7 @@ class NodeDaemon:
                     wait, failures = WATCH_RETRY[0], 0
                     use = next((u for u in self._layers.values() if u.spec.name == name and u.backend is backend), None)
                     if use is not None and not use.imported:
-                        await self._hand_over(use)
+                        self._in_background(self._hand_over(use))
             except (AfsdError, OSError) as error:
                 failures += 1
                 (log.warning if failures == 1 else log.debug)(
@@ -555,14 +556,17 @@ class NodeDaemon:
 
     async def _hand_over(self, use: LayerUse, *, retry: bool = True) -> None:
         """Import a complete blob into the local layerstore (once); a failure is offered again later."""
-        if use.imported:
+        if use.imported or use.importing:
             return
+        use.importing = True
         try:
             await self._import(use)
         except (AfsdError, OSError, grpc.aio.AioRpcError) as error:
             log.warning("could not hand %s to the local layerstore (will retry): %s", use.spec.layer_digest, error)
             if retry:
                 self._in_background(self._offer_again(use))
+        finally:
+            use.importing = False
 
     async def _offer_again(self, use: LayerUse) -> None:
         await asyncio.sleep(IMPORT_RETRY)
