@@ -136,9 +136,9 @@ async def _with_afsd(root: Path, spec: BlobSpec, full: Path, pages: list[int]) -
         try:
             await asyncio.to_thread((target / FILE).stat)
             await asyncio.to_thread(drop_caches)
-            before = (await client.status())["counters"]["events_total"]
+            before = (await client.status()).counters["events_total"]
             latencies = await asyncio.to_thread(_read_pages, target / FILE, pages)
-            events = (await client.status())["counters"]["events_total"] - before
+            events = (await client.status()).counters["events_total"] - before
         finally:
             await asyncio.to_thread(unmount, target)
         await client.unregister(spec.name, force=True)
