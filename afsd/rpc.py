@@ -97,9 +97,11 @@ def add_port(server: grpc.aio.Server, address: str, tls: TlsConfig | None, *,
 
 
 def open_channel(address: str, tls: TlsConfig | None = None,
-                 options: list[tuple[str, int]] = CHANNEL_OPTIONS, token: str | None = None) -> grpc.aio.Channel:
+                 options: list[tuple[str, int]] = CHANNEL_OPTIONS, token: str | None = None,
+                 server_name: str | None = None) -> grpc.aio.Channel:
     """A client channel to `address`: TLS with `tls` (the server's certificate must come from the cluster
-    CA and name the host dialled; ours is presented if `tls` has one), every call carrying `token` as
+    CA and name the host dialled — or `server_name`, when `address` is one of the addresses that name
+    resolved to; ours is presented if `tls` has one), every call carrying `token` as
     `authorization: Bearer` if given; plaintext without `tls`."""
     if tls is None:
         if token:
@@ -108,6 +110,8 @@ def open_channel(address: str, tls: TlsConfig | None = None,
     credentials = tls.channel_credentials()
     if token:
         credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    if server_name:
+        options = [*options, ("grpc.ssl_target_name_override", server_name)]
     return grpc.aio.secure_channel(address, credentials, options=options)
 
 
@@ -198,11 +202,15 @@ class ChannelPool:
             self.data_tls = tls.ssl_client_context()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def get(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
+    def get(self, address: str, *, server_name: str | None = None) -> grpc.aio.Channel:
+        """The channel to `address`; `server_name`: the DNS name `address` was resolved from, which the
+        server's certificate must name (replicas behind one Service share a certificate for its name,
+        not for each pod's IP)."""
+        key = f"{address}#{server_name}" if server_name else address
+        channel = self._channels.get(key)
         if channel is None:
-            channel = open_channel(address, self.tls, self.channel_options)
-            self._channels[address] = channel
+            channel = open_channel(address, self.tls, self.channel_options, server_name=server_name)
+            self._channels[key] = channel
         return channel
 
     async def discard(self, address: str) -> None:

@@ -148,3 +148,21 @@ def test_afsd_certs_makes_a_ca_and_node_and_user_certificates(tmp_path: Path) ->
     assert not node.identity.covers_host("10.0.0.2")
     assert identity_of_certificate(user.chain[0]).roles == {"afsd:users"}
     assert (pki / "node-a" / "tls.key").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("mode, refused", [(0o600, False), (0o400, False), (0o640, False), (0o440, False),
+                                           (0o660, True), (0o644, True), (0o604, True), (0o650, True)])
+def test_a_token_file_may_be_group_readable_as_a_kubernetes_secret_gives_it(tmp_path: Path, mode: int,
+                                                                            refused: bool) -> None:
+    """A Secret volume with the pod's fsGroup gives a non-root proxy its token file as root:fsGroup 0440."""
+    from afsd.errors import UsageError
+    from afsd.trust.tokens import BearerTokens
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice 0123456789abcdef0123\n")
+    tokens.chmod(mode)
+    if refused:
+        with pytest.raises(UsageError, match="is open to others"):
+            BearerTokens.load(tokens)
+    else:
+        assert BearerTokens.load(tokens).holder([("authorization", "Bearer 0123456789abcdef0123")]) == "alice"

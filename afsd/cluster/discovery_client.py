@@ -9,6 +9,7 @@ resolves to, looked up again at each beat: replicas behind one DNS name all lear
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,6 +43,17 @@ def split_host_port(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def resolved_name(endpoint: str) -> str | None:
+    """The DNS name `endpoint`'s addresses are resolved from (what a replica's certificate must name when
+    it is dialled at one of them), or None when its host is a literal IP (dialled as it is)."""
+    host = split_host_port(endpoint)[0]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return None
+
+
 def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -70,8 +82,8 @@ class DiscoveryClient:
         self._channels = channels or ChannelPool()
         self._retry = retry
 
-    def _stub(self, address: str) -> pb_grpc.ServiceDiscoveryStub:
-        return pb_grpc.ServiceDiscoveryStub(self._channels.get(address))
+    def _stub(self, address: str, server_name: str | None = None) -> pb_grpc.ServiceDiscoveryStub:
+        return pb_grpc.ServiceDiscoveryStub(self._channels.get(address, server_name=server_name))
 
     async def _first(self, call: Callable[[pb_grpc.ServiceDiscoveryStub], Awaitable[T]],
                      check: Callable[[T, str], object] = lambda answer, endpoint: None) -> T:
@@ -109,16 +121,18 @@ class DiscoveryClient:
                                  lambda answer, peer: check_resolved(answer, peer=peer))
 
     async def heartbeat(self, request: pb.HeartbeatRequest) -> int:
-        """Send `request` to every address of every replica; return how many accepted it."""
-        addresses: list[str] = []
+        """Send `request` to every address of every replica; return how many accepted it. With TLS, the
+        replica at each address must show a certificate for the name it was resolved from."""
+        addresses: dict[str, str | None] = {}   # address -> the name it was resolved from
         for endpoint in self.endpoints:
-            addresses.extend(await expand_endpoint(endpoint))
-        results = await asyncio.gather(*(self._beat(address, request) for address in dict.fromkeys(addresses)))
+            for address in await expand_endpoint(endpoint):
+                addresses.setdefault(address, resolved_name(endpoint))
+        results = await asyncio.gather(*(self._beat(address, host, request) for address, host in addresses.items()))
         return sum(results)
 
-    async def _beat(self, address: str, request: pb.HeartbeatRequest) -> bool:
+    async def _beat(self, address: str, host: str | None, request: pb.HeartbeatRequest) -> bool:
         try:
-            await self._stub(address).Heartbeat(request, timeout=HEARTBEAT_TIMEOUT)
+            await self._stub(address, host).Heartbeat(request, timeout=HEARTBEAT_TIMEOUT)
             return True
         except grpc.aio.AioRpcError as error:
             log.warning("heartbeat to %s failed: %s %s", address, error.code().name, error.details())

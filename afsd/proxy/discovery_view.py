@@ -14,6 +14,7 @@ import grpc
 
 from afsd.api import discovery_pb2 as dpb
 from afsd.api import discovery_pb2_grpc as dgrpc
+from afsd.cluster.discovery_client import resolved_name
 from afsd.cluster.peer_answers import PeerAnswerError, check_services
 from afsd.proxy.targets import resolve_target
 from afsd.rpc import ChannelPool
@@ -33,7 +34,8 @@ def layers_held(instance: dpb.ServiceInstance) -> set[str]:
 async def discovery_view(target: str, channels: ChannelPool, timeout: float) -> DiscoveryView:
     """Raises TargetResolveError when the target does not resolve."""
     addresses = await resolve_target(target)
-    answers = await asyncio.gather(*(_ask(channels, address, timeout) for address in addresses))
+    host = resolved_name(target)   # each replica's certificate names the target, not its own address
+    answers = await asyncio.gather(*(_ask(channels, address, host, timeout) for address in addresses))
     view = DiscoveryView(replicas=len(addresses))
     freshest: dict[tuple[str, str], dpb.ServiceInstance] = {}
     for address, answer in zip(addresses, answers):
@@ -49,9 +51,10 @@ async def discovery_view(target: str, channels: ChannelPool, timeout: float) -> 
     return view
 
 
-async def _ask(channels: ChannelPool, address: str, timeout: float) -> list[dpb.ServiceInstance] | str:
+async def _ask(channels: ChannelPool, address: str, host: str | None,
+               timeout: float) -> list[dpb.ServiceInstance] | str:
     try:
-        response = await dgrpc.ServiceDiscoveryStub(channels.get(address)).FindProvider(
+        response = await dgrpc.ServiceDiscoveryStub(channels.get(address, server_name=host)).FindProvider(
             dpb.FindProviderRequest(), timeout=timeout)
         return check_services(response.services, peer=f"discovery {address}")
     except grpc.aio.AioRpcError as error:

@@ -32,8 +32,10 @@ class BearerTokens:
             lines = path.read_text().splitlines()
         except OSError as error:
             raise UsageError(f"cannot read the token file {path}: {error.strerror}") from None
-        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise UsageError(f"the token file {path} is readable by others: chmod 600 {path}")
+        # Group read is allowed: a Kubernetes Secret volume gives a non-root reader its files through the
+        # pod's fsGroup (root:fsGroup, mode 0440); anything more open is refused.
+        if info.st_mode & (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO):
+            raise UsageError(f"the token file {path} is open to others: chmod 600 {path} (or 640)")
         holders: dict[str, str] = {}
         for number, line in enumerate(lines, 1):
             fields = line.split("#", 1)[0].split()
