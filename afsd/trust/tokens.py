@@ -32,9 +32,7 @@ class BearerTokens:
             lines = path.read_text().splitlines()
         except OSError as error:
             raise UsageError(f"cannot read the token file {path}: {error.strerror}") from None
-        # Group read is allowed: a Kubernetes Secret volume gives a non-root reader its files through the
-        # pod's fsGroup (root:fsGroup, mode 0440); anything more open is refused.
-        if info.st_mode & (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO):
+        if not token_file_mode_is_private(info.st_mode):
             raise UsageError(f"the token file {path} is open to others: chmod 600 {path} (or 640)")
         holders: dict[str, str] = {}
         for number, line in enumerate(lines, 1):
@@ -60,6 +58,13 @@ class BearerTokens:
             if hmac.compare_digest(token, known.encode()):
                 found = name
         return found
+
+
+def token_file_mode_is_private(mode: int) -> bool:
+    """Whether a token file with these mode bits is closed enough: no access for others, group read at
+    most (a Kubernetes Secret volume gives a non-root reader its files through the pod's fsGroup, as
+    root:fsGroup 0440)."""
+    return not mode & (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO)
 
 
 def read_token(path: Path) -> str:

@@ -9,6 +9,7 @@ Shared by the manifest checks (tests/test_kubernetes_manifests.py) and the pod s
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +26,66 @@ WORKLOAD_KINDS = ("Deployment", "DaemonSet", "StatefulSet")
 _REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
+def kustomization(root: Path) -> dict[str, Any]:
+    return yaml.safe_load((root / "kustomization.yaml").read_text())
+
+
 def manifest_files(root: Path = MANIFESTS) -> list[Path]:
-    kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
-    return [root / name for name in kustomization["resources"]]
+    """The resource files a kustomization (or component) lists itself (not those of the bases it names)."""
+    return [root / name for name in kustomization(root).get("resources", []) if (root / name).is_file()]
 
 
 def load_objects(root: Path = MANIFESTS) -> list[dict[str, Any]]:
-    """Every object of every resource the kustomization lists, in order."""
-    return [doc for path in manifest_files(root) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    """Every object kustomize would build from `root`, in order: its resources (files, and directories
+    with a kustomization of their own), then its components' resources and patches. Transformers that
+    only label, name the namespace or set the image are not applied (the objects say the namespace)."""
+    objects: list[dict[str, Any]] = []
+    for name in kustomization(root).get("resources", []):
+        path = (root / name).resolve()
+        objects += load_objects(path) if path.is_dir() else \
+            [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return with_components(objects, [(root / name).resolve() for name in kustomization(root).get("components", [])])
+
+
+def with_components(objects: list[dict[str, Any]], components: list[Path]) -> list[dict[str, Any]]:
+    """`objects` with kustomize components applied: their resources added, their JSON 6902 patches made."""
+    objects = copy.deepcopy(objects)
+    for root in components:
+        component = kustomization(root)
+        if component.get("kind") != "Component":
+            raise ValueError(f"{root}: not a kustomize Component")
+        objects += load_objects(root) if component.get("resources") else []
+        for patch in component.get("patches", []):
+            target = patch["target"]
+            matched = [o for o in objects if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"]]
+            if not matched:
+                raise ValueError(f"{root}: a patch for {target['kind']}/{target['name']}, which is not there")
+            for document in matched:
+                for operation in yaml.safe_load(patch["patch"]):
+                    apply_json_patch(document, operation)
+    return objects
+
+
+def apply_json_patch(document: dict[str, Any], operation: dict[str, Any]) -> None:
+    """One RFC 6902 `add` or `replace` (what the components use; anything else is refused)."""
+    if operation["op"] not in ("add", "replace"):
+        raise ValueError(f"JSON patch op {operation['op']!r}: only add and replace are supported here")
+    *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in operation["path"].split("/")[1:]]
+    node: Any = document
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    value = copy.deepcopy(operation["value"])
+    if isinstance(node, list):
+        if last == "-":
+            node.append(value)
+        elif operation["op"] == "add":
+            node.insert(int(last), value)
+        else:
+            node[int(last)] = value
+    elif operation["op"] == "replace" and last not in node:
+        raise ValueError(f"JSON patch replace of {operation['path']}, which is not there")
+    else:
+        node[last] = value
 
 
 @dataclass(frozen=True)
