@@ -284,8 +284,9 @@ class SdkCall:
     """One sdk_client.py process (or another script speaking its protocol); its events are collected by
     a thread as they arrive."""
 
-    def __init__(self, request: dict, script: Path = SDK_CLIENT) -> None:
-        self.process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+    def __init__(self, request: dict, script: Path = SDK_CLIENT, prefix: list[str] = ()) -> None:
+        """`prefix`: a command the client runs under (e.g. afsd.lab.daemons.with_resolv_conf)."""
+        self.process = subprocess.Popen([*prefix, sys.executable, str(script)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps(request))

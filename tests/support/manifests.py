@@ -95,6 +95,7 @@ class Container:
     workload: str
     spec: dict[str, Any]
     sidecar: bool
+    init: bool = False           # an init container (a sidecar too when `sidecar`)
 
     @property
     def name(self) -> str:
@@ -140,7 +141,8 @@ class Workload:
 
     @property
     def containers(self) -> list[Container]:
-        init = [Container(self.name, c, c.get("restartPolicy") == "Always") for c in self.pod.get("initContainers", [])]
+        init = [Container(self.name, c, c.get("restartPolicy") == "Always", init=True)
+                for c in self.pod.get("initContainers", [])]
         return [*init, *(Container(self.name, c, False) for c in self.pod["containers"])]
 
     def volume(self, name: str) -> dict[str, Any]:

@@ -4,15 +4,16 @@ and containerd's CRI plugin translate it.
 
 What is translated: `args` after the image's entrypoint with `$(VAR)` expanded; `env` with the downward
 API (pod IP, node name, pod name); volumes (hostPath under a stand-in host root, except /dev and
-/sys/fs/cgroup which are the real ones; emptyDir; an optional Secret that is absent: an empty
-directory); `mountPropagation` (Bidirectional: rshared, HostToContainer: rslave, over a host root that
+/sys/fs/cgroup which are the real ones; emptyDir; a Secret the cluster holds, written as the kubelet
+writes it — `..data` symlinks, `items`, `defaultMode`, the pod's `fsGroup`, read-only — and one that is
+absent: an empty directory if optional, else the pod does not start); `mountPropagation` (Bidirectional: rshared, HostToContainer: rslave, over a host root that
 is a shared mount, as a kubelet requires); the security context (privileged: every capability, no
 seccomp, /sys writable, the host's /dev; otherwise the default capabilities less `drop` plus `add`,
 RuntimeDefault = Docker's seccomp profile, runAsUser/runAsGroup, allowPrivilegeEscalation: false =
 noNewPrivileges, readOnlyRootFilesystem); memory limits; the pod's /etc/resolv.conf (cluster DNS with
-the namespace's search path), /etc/hosts and host name; sidecar order (init containers with
-`restartPolicy: Always` start one after the other once their startup probe passes, and stop after
-the main containers); HTTP probes.
+the namespace's search path), /etc/hosts and host name; init containers in order (a plain one runs to
+completion, exit 0, before the next starts; one with `restartPolicy: Always` is a sidecar: the next starts
+once its startup probe passes, and it stops after the main containers); HTTP probes.
 
 What is not: scheduling (every pod runs on this machine), Services' virtual IPs (every Service name
 resolves to its pods' IPs, as a headless Service does), kube-proxy, CPU requests, image pulls.
@@ -130,14 +131,29 @@ class Pod:
         return next(c for c in self.workload.containers if c.name == name)
 
     def start(self) -> None:
-        """Sidecars one by one (each once its startup probe passes), then the main containers, then
-        wait until every container is ready: the kubelet's order."""
+        """Init containers one by one (each to completion, or a sidecar until its startup probe passes),
+        then the main containers, then wait until every container is ready: the kubelet's order."""
         for container in self.workload.containers:
+            if container.init and not container.sidecar:
+                self.run_to_completion(container.name)
+                continue
             self.start_container(container.name)
             if container.sidecar:
                 self.wait_probe(container.name, "startupProbe")
         for container in self.workload.containers:
-            self.wait_probe(container.name, "readinessProbe")
+            if container.name in self.running:
+                self.wait_probe(container.name, "readinessProbe")
+
+    def run_to_completion(self, name: str, timeout: float = 180.0) -> None:
+        """A plain init container: it must exit 0 (the kubelet would restart the pod otherwise)."""
+        running = self.start_container(name)
+        try:
+            running.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        code = self.stop_container(name, grace=0)
+        if code != 0:
+            raise RuntimeError(f"{self.name}/{name}: init container exited with {code}; log:\n{running.log()[-3000:]}")
 
     def start_container(self, name: str) -> RunningContainer:
         container = self.container(name)
@@ -287,7 +303,7 @@ class Pod:
             propagation = mount.get("mountPropagation", "None")
             propagations.add(propagation)
             options = ["rbind", {"Bidirectional": "rshared", "HostToContainer": "rslave"}.get(propagation, "rprivate")]
-            if mount.get("readOnly"):
+            if mount.get("readOnly") or "secret" in self.workload.volume(mount["name"]):
                 options.append("ro")
             mounts.append({"destination": mount["mountPath"], "type": "bind",
                            "source": str(self._volume_source(mount["name"])), "options": options})
@@ -300,20 +316,51 @@ class Pod:
             if path in REAL_HOST_PATHS:
                 return Path(path)
             source = self.cluster.host_root / path.lstrip("/")
-        else:  # emptyDir, or a Secret that does not exist (optional): an empty directory of the pod
+        else:  # emptyDir, or a Secret: a directory of the pod
             source = self.directory / "volumes" / name
+        if "secret" in volume and not source.exists():
+            self._write_secret(volume["secret"], source)
         source.mkdir(parents=True, exist_ok=True)
         return source
+
+    def _write_secret(self, secret: dict[str, object], target: Path) -> None:
+        """As the kubelet's atomic writer lays a Secret volume out: the files in a timestamped directory,
+        `..data` pointing at it, each top-level name a symlink through `..data`; modes from the item or
+        `defaultMode` (0644); with the pod's fsGroup, group-owned by it and group-readable."""
+        data = self.cluster.secrets.get(str(secret["secretName"]))
+        if data is None:
+            if secret.get("optional"):
+                return   # an empty directory
+            raise RuntimeError(f"{self.name}: Secret {secret['secretName']} does not exist: the kubelet would "
+                               "not start this pod")
+        items = secret.get("items") or [{"key": key, "path": key} for key in data]
+        fs_group = self.workload.pod.get("securityContext", {}).get("fsGroup")
+        payload = target / "..2025_01_01_00_00_00.000000001"
+        payload.mkdir(parents=True)
+        for item in items:  # type: ignore[union-attr]
+            path = payload / item["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data[item["key"]])
+            mode = item.get("mode", secret.get("defaultMode", 0o644))
+            if fs_group is not None:
+                os.chown(path, 0, fs_group)
+                mode |= 0o440
+            path.chmod(mode)
+        (target / "..data").symlink_to(payload.name)
+        for top in {str(item["path"]).split("/")[0] for item in items}:  # type: ignore[union-attr]
+            (target / top).symlink_to(f"..data/{top}")
 
 
 class PodCluster:
     """The cluster around the pods: a pod network (a bridge, a /24 of 10.214.0.0/16), cluster DNS
     (dnsmasq at the bridge's address, Services' names to their pods' IPs), a stand-in host root for
-    hostPath volumes (a shared mount), runc state of its own. `close()` removes all of it."""
+    hostPath volumes (a shared mount), the namespace's Secrets, runc state of its own. `close()` removes all of it."""
 
-    def __init__(self, workdir: Path, image_rootfs: Path, image_env: list[str], node_name: str = "worker-1") -> None:
+    def __init__(self, workdir: Path, image_rootfs: Path, image_env: list[str], node_name: str = "worker-1",
+                 secrets_by_name: dict[str, dict[str, bytes]] | None = None) -> None:
         self.token = "k8" + secrets.token_hex(3)
         self.workdir, self.image_rootfs, self.image_env, self.node_name = workdir, image_rootfs, image_env, node_name
+        self.secrets = secrets_by_name or {}   # the namespace's Secrets: name -> key -> bytes
         self.runc_root = workdir / "runc"
         self.host_root = workdir / "host"
         self.pods: list[Pod] = []

@@ -158,8 +158,8 @@ def wait_until_idle(proxy: Daemon) -> None:
 class ProxySdkCall(SdkCall):
     """One sdk_proxy_client.py process: the afslet support's SdkCall, running the proxy's script."""
 
-    def __init__(self, request: dict) -> None:
-        super().__init__(request, script=SDK_PROXY_CLIENT)
+    def __init__(self, request: dict, prefix: list[str] = ()) -> None:
+        super().__init__(request, script=SDK_PROXY_CLIENT, prefix=prefix)
 
 
 def execute_call(proxy: Daemon, **fields: object) -> ProxySdkCall:

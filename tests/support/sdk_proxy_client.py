@@ -1,6 +1,8 @@
 """Drive an afsd proxy with the published `afs-sdk` client, in a process of its own (see sdk_client.py,
 whose ops this script also runs: execute, raw, status, repeat).
 
+A request's "tls" ({"ca", "cert", "key"}) connects over TLS as sdk_client.py does.
+
 Ops of the proxy:
 - proxy_status: AfsClient.status() (the AfsProxy.Status stream) → one event per frame: "layerstore",
   "afslet", "status_error", "summary", with the SDK dataclass's fields.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -91,7 +94,8 @@ _OPS = {"proxy_status": proxy_status, "reconcile": reconcile, "concurrent": conc
 async def main() -> None:
     request = json.loads(sys.stdin.read())
     host, _, port = request["address"].rpartition(":")
-    async with AfsClient(host, int(port)) as client:
+    context = sdk_client.ssl_context(request["tls"]) if request.get("tls") else None   # as sdk_client.py
+    async with AfsClient(host, int(port), ssl=context) as client:
         try:
             if request["op"] == "status":
                 emit("status", **asdict(await client.get_runtime_status()))
@@ -101,6 +105,8 @@ async def main() -> None:
             emit("error", status=error.status.name, message=error.message or "")
         except StreamTerminatedError as error:
             emit("error", status="STREAM_TERMINATED", message=str(error))
+        except (ssl.SSLError, ConnectionError) as error:  # the TLS handshake was refused
+            emit("error", status="CONNECTION_REFUSED", message=f"{type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":
