@@ -53,7 +53,8 @@ CA_FILES = {"tls.crt": "ca.crt", "tls.key": "ca.key"}   # cert-manager's CA Secr
 
 @functools.cache
 def variants() -> dict[str, list[dict[str, Any]]]:
-    """(Read-only: copy before changing.) Every way the manifests are meant to be applied: each kustomization root, and the components on top."""
+    """Every way the manifests are meant to be applied: each kustomization root, and the components on
+    top (cached: copy before changing)."""
     with_cert_manager = load_objects(MANIFESTS / "overlays" / "cert-manager")
     return {
         "base": load_objects(),
@@ -111,8 +112,9 @@ def _certificates_by_secret(objects: list[dict[str, Any]]) -> dict[str, Certific
     return found
 
 
-def _volume_of(container: Container, path: Path) -> dict[str, Any] | None:
-    mounts = [m for m in container.spec.get("volumeMounts", []) if path.is_relative_to(m["mountPath"])]
+def _volume_of(container: Container, path: Path | str) -> dict[str, Any] | None:
+    """The volume mount `path` lies under (the longest mount path that is a prefix of it), if any."""
+    mounts = [m for m in container.spec.get("volumeMounts", []) if Path(path).is_relative_to(m["mountPath"])]
     return max(mounts, key=lambda m: len(m["mountPath"])) if mounts else None
 
 
@@ -424,10 +426,9 @@ def test_a_misspelled_flag_or_a_wrong_port_is_caught(edit, expected: str) -> Non
 
 
 def _mount(container: dict[str, Any], path: str) -> dict[str, Any]:
-    """The volume mount `path` lies under (the longest mount path that is a prefix of it)."""
-    mounts = [m for m in container.get("volumeMounts", []) if Path(path).is_relative_to(m["mountPath"])]
-    assert mounts, f"{container['name']}: nothing is mounted where {path} is"
-    return max(mounts, key=lambda m: len(m["mountPath"]))
+    mount = _volume_of(Container("", container, False), path)
+    assert mount, f"{container['name']}: nothing is mounted where {path} is"
+    return mount
 
 
 def test_the_node_pods_daemons_share_their_sockets_state_and_mounts() -> None:

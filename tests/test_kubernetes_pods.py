@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from afsd.lab.registry import start_registry
 from afsd.lab.skopeo import push_layout
 from tests.support.afslet import tools_layer
 from tests.support.certmanager import issue_all
-from tests.support.manifests import MANIFESTS, load_objects, workloads
+from tests.support.manifests import MANIFESTS, load_objects, with_components, workloads
 from tests.support.metrics import metric, scrape
 from tests.support.pods import PodCluster, built_image, unpacked_image
 from tests.support.proxy import ProxySdkCall
@@ -120,6 +121,23 @@ def test_the_pods_serve_an_execute_through_the_proxy_and_a_mount_survives_the_no
                                prefix=with_resolv_conf(proxy.directory / "resolv.conf")).finish()
         assert refused.events and refused.events[0].get("status") in ("UNAVAILABLE", "STREAM_TERMINATED",
                                                                        "CONNECTION_REFUSED"), refused.events
+
+        # The bearer-token variant (components/proxy-tokens): a proxy pod whose port asks for no client
+        # certificate; its token file comes from a Secret through the pod's fsGroup (root:65534, 0440).
+        token = secrets.token_urlsafe(24)
+        cluster.secrets["afsd-proxy-tokens"] = {"tokens": f"alice {token}\n".encode()}
+        (token_workload,) = [w for w in workloads(with_components(objects, [MANIFESTS / "components" / "proxy-tokens"]))
+                             if w.name == "afsd-proxy"]
+        token_proxy = cluster.run_pod(token_workload)
+        cluster.publish("afsd-proxy", [token_proxy])
+        answers = {}
+        for who, shown in (("alice", token), ("nobody", "")):
+            answers[who] = ProxySdkCall({"address": "afsd-proxy.afsd.svc.cluster.local:62051", "op": "status",
+                                         "tls": {"ca": alice["ca"]}, "token": shown},
+                                        prefix=with_resolv_conf(proxy.directory / "resolv.conf")).finish().events
+        assert answers["alice"][0]["limit_cpu_cores"] == 4, answers
+        assert answers["nobody"][0].get("status") == "UNAUTHENTICATED", answers
+        assert token_proxy.stop() == {"proxy": 0}
 
         # containerd on the host (configured as docs/kubernetes.md says) pulls through the node pod's
         # snapshotter, on the socket its hostPath puts on the host: no layer is downloaded, each comes from

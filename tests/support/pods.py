@@ -6,8 +6,9 @@ What is translated: `args` after the image's entrypoint with `$(VAR)` expanded; 
 API (pod IP, node name, pod name); volumes (hostPath under a stand-in host root, except /dev and
 /sys/fs/cgroup which are the real ones; emptyDir; a Secret the cluster holds, written as the kubelet
 writes it — `..data` symlinks, `items`, `defaultMode`, the pod's `fsGroup`, read-only — and one that is
-absent: an empty directory if optional, else the pod does not start); `mountPropagation` (Bidirectional: rshared, HostToContainer: rslave, over a host root that
-is a shared mount, as a kubelet requires); the security context (privileged: every capability, no
+absent: an empty directory if optional, else the pod does not start); `mountPropagation`
+(Bidirectional: rshared, HostToContainer: rslave, over a host root that is a shared mount, as a kubelet
+requires); the security context (privileged: every capability, no
 seccomp, /sys writable, the host's /dev; otherwise the default capabilities less `drop` plus `add`,
 RuntimeDefault = Docker's seccomp profile, runAsUser/runAsGroup, allowPrivilegeEscalation: false =
 noNewPrivileges, readOnlyRootFilesystem); memory limits; the pod's /etc/resolv.conf (cluster DNS with

@@ -1,7 +1,7 @@
 """Drive an afsd proxy with the published `afs-sdk` client, in a process of its own (see sdk_client.py,
 whose ops this script also runs: execute, raw, status, repeat).
 
-A request's "tls" ({"ca", "cert", "key"}) connects over TLS as sdk_client.py does.
+A request's "tls" ({"ca", "cert", "key"}) and "token" work as in sdk_client.py.
 
 Ops of the proxy:
 - proxy_status: AfsClient.status() (the AfsProxy.Status stream) → one event per frame: "layerstore",
@@ -96,6 +96,8 @@ async def main() -> None:
     host, _, port = request["address"].rpartition(":")
     context = sdk_client.ssl_context(request["tls"]) if request.get("tls") else None   # as sdk_client.py
     async with AfsClient(host, int(port), ssl=context) as client:
+        if request.get("token"):
+            sdk_client.authorize_every_call(client, request["token"])
         try:
             if request["op"] == "status":
                 emit("status", **asdict(await client.get_runtime_status()))
