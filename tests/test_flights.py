@@ -181,3 +181,27 @@ async def test_a_slot_granted_to_a_waiter_cancelled_at_that_moment_is_passed_on(
 def test_a_gate_without_slots_is_refused() -> None:
     with pytest.raises(ValueError):
         PriorityGate(0)
+
+
+async def test_background_reads_never_take_the_slots_kept_for_demand() -> None:
+    """With 4 slots of which 3 may go to prefetch, a queue of prefetch flights leaves one slot free: a
+    reader's miss starts at once, without waiting for any prefetch to land."""
+    gate = PriorityGate(4, background=3)
+    prefetch = [gate.ticket(Priority.PREFETCH) for _ in range(5)]
+    waiters = [asyncio.create_task(gate.acquire(ticket)) for ticket in prefetch]
+    await settle()
+    assert sum(w.done() for w in waiters) == 3 and gate.waiting == 2
+    demand = gate.ticket(Priority.DEMAND)
+    await asyncio.wait_for(gate.acquire(demand), 1)        # the kept slot, at once
+    gate.release(demand)
+    await settle()
+    assert sum(w.done() for w in waiters) == 3            # the freed slot stays kept: prefetch may not take it
+    gate.release(prefetch[0])                              # a background slot comes back: the next one goes
+    await settle()
+    assert sum(w.done() for w in waiters) == 4
+    gate.raise_priority(prefetch[4], Priority.DEMAND)      # a reader joined the last waiting one: it goes now
+    await settle()
+    assert all(w.done() for w in waiters) and gate.waiting == 0
+    for ticket in prefetch[1:]:
+        gate.release(ticket)
+    await asyncio.wait_for(gate.acquire(gate.ticket(Priority.PREFETCH)), 1)   # nothing leaked

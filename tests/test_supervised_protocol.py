@@ -27,6 +27,7 @@ from afsd.ondemand.fanotify.settings import Settings as FanotifySettings
 from afsd.ondemand.fanotify.supervisor import Supervisor as FanotifySupervisor
 from afsd.ondemand.spec import BlobSpec, Priority
 from afsd.ondemand.supervised import protocol as p
+from afsd.ondemand.trace import RecordedTrace
 
 SPEC = BlobSpec(layer_digest="sha256:" + "1" * 64, blob_digest="sha256:" + "2" * 64, size=3000, chunk_size=1024,
                 chunk_digests=(b"\0" * 32,) * 3, data_map=((1024, 2048),))
@@ -43,10 +44,14 @@ def test_every_message_survives_the_wire() -> None:
         workers=[p.WorkerStatus(pid=7, role=p.Role.FETCH_WORKER, state=p.WorkerState.READY, tasks=1, silent_for=0.2)],
         blobs=[p.BlobStatus(name="b", size=10, present_bytes=None, path="/x", details={"tainted": False})])
     samples = [
-        p.Register(id=1, spec=SPEC, source={"kind": "file", "path": "/b"}, prefetch=True, path="/x"),
+        p.Register(id=1, spec=SPEC, source={"kind": "file", "path": "/b"}, prefetch=True, path="/x",
+                   learned=[[4096, 8192]], record=10.0),
+        p.TraceRequest(id=6, name="b", close=True),
+        p.Reply(id=6, trace=RecordedTrace(ranges=[[4096, 8192, 0], [0, 4096, 15]], window=10.0, opened=True,
+                                          closed=True, complete=False)),
         p.Unregister(name="b", force=True), p.StatusRequest(id=2), p.Watch(), p.Shutdown(force=True), p.Restart(),
         p.RestartWorker(), p.Reply(id=2, status=status), p.Reply(id=3, ok=False, error="no"),
-        p.Reply(registration=p.Registration(spec=SPEC, source={}, copy_path="/c")),
+        p.Reply(registration=p.Registration(spec=SPEC, source={}, copy_path="/c", learned=[[0, 4096]], record=5.0)),
         p.Reply(report=p.WorkerReport(counters={"requests_read": 4.0},
                                       blobs={"b": p.BlobReport(open_objects=1, present_bytes=5)})),
         p.Reply(keeper=p.KeeperStatus(pid=1, holder_pid=2, group=True, blobs=["b"], respawns=0, denying=False,

@@ -24,7 +24,8 @@ How (the reference's DiscoveryBackedReaderAt, kept and tightened):
   call bounded by `call_timeout`, and one "flight" that any concurrent request for the same chunks
   joins instead of fetching again (waiters are shielded: cancelling one does not cancel the flight).
 - At most `max_concurrency` calls run at once; DEMAND pieces get a free slot before PREFETCH ones,
-  and a waiting PREFETCH piece that a DEMAND request joins is promoted. (Both: flights.py.)
+  a waiting PREFETCH piece that a DEMAND request joins is promoted, and PREFETCH pieces never take the
+  last quarter of the slots (kept for DEMAND). (All three: flights.py.)
 - Chunks are hashed in a worker thread (about 1 ms per MiB here), off the event loop.
 - A piece is read over the provider's byte stream when it offers one (bytestream_client.py: raw bytes,
   sendfile on the other side, each chunk verified as it arrives), else with ReadLayer; `byte_stream=False`
@@ -152,7 +153,8 @@ class RangeFetcher:
         self._min_request = max(chunk, -(-min_request // chunk) * chunk)
         self._flights: FlightTable[tuple[bytes, _Provider]] = FlightTable(
             size=spec.size, chunk_size=chunk, piece_chunks=PIECE_BYTES // chunk,
-            gate=PriorityGate(max_concurrency), read=self._read_with_failover, label=spec.name[:12])
+            gate=PriorityGate(max_concurrency, background=max_concurrency - max(1, max_concurrency // 4)),
+            read=self._read_with_failover, label=spec.name[:12])
         self._providers: dict[str, _Provider] = {}
         self._other_blob: list[str] = []     # nodes holding the layer as another blob (last refresh)
         self._current: _Lease | None = None

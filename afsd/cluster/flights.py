@@ -5,8 +5,8 @@ of a blob (whole chunks) from a provider, and every fetch that needs any of thos
 the air waits on that same flight instead of reading them again (what stargz-snapshotter does with
 `singleflight.Group`, here keyed by chunk index so overlapping ranges share too). Flights take a slot of
 a `PriorityGate` before they read: a freed slot goes to the waiting flight with the best (priority,
-arrival), so a reader's DEMAND miss overtakes background PREFETCH, and a PREFETCH flight that a DEMAND
-fetch joins is promoted. Nothing here knows about gRPC or providers: `FlightTable` is given the read
+arrival), so a reader's DEMAND miss overtakes background PREFETCH, a PREFETCH flight that a DEMAND
+fetch joins is promoted, and background flights never hold every slot (some are kept for DEMAND). Nothing here knows about gRPC or providers: `FlightTable` is given the read
 function.
 """
 
@@ -26,21 +26,27 @@ T = TypeVar("T")
 class Ticket:
     """One waiter's place at a gate; its `priority` may be raised (lowered in value) while it waits."""
 
-    __slots__ = ("granted", "priority", "seq")
+    __slots__ = ("background", "granted", "priority", "seq")
 
     def __init__(self, priority: Priority, seq: int) -> None:
         self.priority = priority
         self.seq = seq
         self.granted: asyncio.Future[None] | None = None
+        self.background = False    # it holds one of the gate's background slots
 
 
 class PriorityGate:
-    """A semaphore of `slots` that hands a freed slot to the waiter with the best (priority, arrival)."""
+    """A semaphore of `slots` that hands a freed slot to the waiter with the best (priority, arrival).
+    Waiters below DEMAND priority hold at most `background` slots at once (default: all), so that the
+    others are always free for a reader's miss, however much prefetch is queued."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, *, background: int | None = None) -> None:
         if slots < 1:
             raise ValueError("a priority gate needs at least one slot")
         self._free = slots
+        self._background_slots = slots if background is None else max(1, min(slots, background))
+        self._capped = self._background_slots < slots
+        self._background_held = 0
         self._waiting: list[Ticket] = []
         self._seq = itertools.count()
 
@@ -51,10 +57,18 @@ class PriorityGate:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def _admits(self, ticket: Ticket) -> bool:
+        return ticket.priority == Priority.DEMAND or self._background_held < self._background_slots
+
+    def _grant(self, ticket: Ticket) -> None:
+        self._free -= 1
+        ticket.background = self._capped and ticket.priority != Priority.DEMAND
+        self._background_held += ticket.background
+
     async def acquire(self, ticket: Ticket) -> None:
         """Wait for a slot. A waiter cancelled after being granted one passes it on (nothing leaks)."""
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
+        if self._free > 0 and self._admits(ticket) and not any(self._admits(t) for t in self._waiting):
+            self._grant(ticket)
             return
         ticket.granted = asyncio.get_running_loop().create_future()
         self._waiting.append(ticket)
@@ -64,17 +78,33 @@ class PriorityGate:
             if ticket in self._waiting:
                 self._waiting.remove(ticket)
             elif ticket.granted.done() and not ticket.granted.cancelled():
-                self.release()  # granted just as we were cancelled: pass the slot on
+                self.release(ticket)  # granted just as we were cancelled: pass the slot on
             raise
 
-    def release(self) -> None:
-        while self._waiting:
-            best = min(self._waiting, key=lambda t: (t.priority, t.seq))
+    def raise_priority(self, ticket: Ticket, priority: Priority) -> None:
+        """`ticket` (waiting or holding) now stands for a read of `priority`, if that is better."""
+        if priority < ticket.priority:
+            ticket.priority = priority
+            self._hand_out()   # a waiter the background limit held back may go now
+
+    def release(self, ticket: Ticket | None = None) -> None:
+        """Give back the slot `ticket` holds (None: a slot taken without one in mind, at full priority)."""
+        if ticket is not None and ticket.background:
+            ticket.background = False
+            self._background_held -= 1
+        self._free += 1
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        while self._free > 0:
+            admitted = [t for t in self._waiting if self._admits(t)]
+            if not admitted:
+                return
+            best = min(admitted, key=lambda t: (t.priority, t.seq))
             self._waiting.remove(best)
             if best.granted is not None and not best.granted.done():
+                self._grant(best)
                 best.granted.set_result(None)
-                return
-        self._free += 1
 
 
 @dataclass(eq=False)
@@ -114,7 +144,7 @@ class FlightTable(Generic[T]):
             flight = self._by_chunk.get(index)
             if flight is not None:
                 shared = True
-                flight.ticket.priority = min(flight.ticket.priority, priority)  # a demand read waits on it now
+                self.gate.raise_priority(flight.ticket, priority)  # a demand read waits on it now
                 flights.append(flight)
                 index = -(-flight.end // chunk)
                 continue
@@ -151,4 +181,4 @@ class FlightTable(Generic[T]):
         try:
             return await self._read(flight.start, flight.end)
         finally:
-            self.gate.release()
+            self.gate.release(flight.ticket)

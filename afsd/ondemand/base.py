@@ -24,6 +24,7 @@ from afsd.errors import AfsdError
 from afsd.ondemand.sources import FILE_SOURCES
 from afsd.ondemand.sparse import present_bytes_at
 from afsd.ondemand.spec import BlobSpec, RangeSource
+from afsd.ondemand.trace import RecordedTrace
 
 
 class BackendUnavailableError(AfsdError):
@@ -37,6 +38,19 @@ class BlobSource:
 
     source: RangeSource
     config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StartupTrace:
+    """What the node daemon asks a backend to do about a layer's first reads (afsd/ondemand/trace.py): fetch
+    the `learned` ranges ((offset, length): what the cluster learned readers read first, in that order) before
+    the first miss is answered, at prefetch priority; and record its first reads for `record` seconds."""
+
+    learned: tuple[tuple[int, int], ...] = ()
+    record: float = 0.0
+
+
+NO_STARTUP_TRACE = StartupTrace()
 
 
 @dataclass(frozen=True)
@@ -70,8 +84,10 @@ class Backend(ABC):
         """Called when the node daemon stops; mounts stay (they outlive the daemon)."""
 
     @abstractmethod
-    async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource) -> None:
-        """Make `blob_path` mountable; its misses (if any) are served from `source` from now on."""
+    async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource,
+                     startup: StartupTrace = NO_STARTUP_TRACE) -> None:
+        """Make `blob_path` mountable; its misses (if any) are served from `source` from now on. A backend
+        that sees misses honours `startup`; one that fetches everything at once (eager) ignores it."""
 
     async def mount(self, spec: BlobSpec, blob_path: Path, target: Path) -> None:
         """Mount the attached blob read-only at `target` (file-backed erofs by default)."""
@@ -96,6 +112,16 @@ class Backend(ABC):
         away): the caller then checks what it waits for with `is_complete` and asks again."""
         return
         yield
+
+    async def take_trace(self, spec: BlobSpec, *, close: bool = False) -> RecordedTrace | None:
+        """The recording of the attached blob's first reads asked for in `attach` (None: none); `close` ends
+        its window now."""
+        return None
+
+    def blob_details(self, spec: BlobSpec) -> dict[str, Any]:
+        """What the backend said about the blob at the last `refresh` (learned prefetch: bytes prefetched and
+        used, ...); empty when it says nothing."""
+        return {}
 
     async def refresh(self) -> object:
         """Update what `counters` reports (e.g. ask a supervisor process for its status)."""

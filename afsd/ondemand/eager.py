@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from afsd.errors import DigestMismatchError, FetchError
-from afsd.ondemand.base import Backend, BlobSource
+from afsd.ondemand.base import NO_STARTUP_TRACE, Backend, BlobSource, StartupTrace
 from afsd.ondemand.sparse import write_at
 from afsd.ondemand.spec import BlobSpec, Priority
 
@@ -26,7 +26,8 @@ class EagerBackend(Backend):
         return None if Path("/proc/filesystems").read_text().find("erofs") >= 0 else \
             "this kernel has no erofs support (CONFIG_EROFS_FS)"
 
-    async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource) -> None:
+    async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource,
+                     startup: StartupTrace = NO_STARTUP_TRACE) -> None:
         if await asyncio.to_thread(_is_verified_copy, blob_path, spec):
             return
         partial = blob_path.with_name(f".{blob_path.name}.{os.getpid()}.partial")

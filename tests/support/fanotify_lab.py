@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,14 +150,15 @@ class FanotifyLab:
         return self.client
 
     async def serve(self, source: dict[str, Any] | None = None, *, label: str = "", prefetch: bool = False,
-                    mount: bool = True) -> ServedBlob:
-        """Prepare a metadata-only sparse copy of the test blob, register it, mount it."""
+                    mount: bool = True, learned: Sequence[tuple[int, int]] = (), record: float = 0.0) -> ServedBlob:
+        """Prepare a metadata-only sparse copy of the test blob, register it (`learned`, `record`: as in
+        protocol.Register), mount it."""
         assert self.client is not None
         spec = self.blob.renamed(label) if label else self.blob.spec
         path = self.root / f"blob-{label or 'main'}.erofs"
         await prepare_blob(spec, path, LocalFileSource(spec, self.blob.full))
         await self.client.register(spec, path, source or {"kind": "file", "path": str(self.blob.full)},
-                                   prefetch=prefetch)
+                                   prefetch=prefetch, learned=learned, record=record)
         target = self.root / f"mnt-{label or 'main'}"
         target.mkdir(exist_ok=True)
         served = ServedBlob(spec, path, target)

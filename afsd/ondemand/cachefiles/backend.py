@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from afsd.errors import AfsdError
-from afsd.ondemand.base import BackendOptions, BlobSource
+from afsd.ondemand.base import NO_STARTUP_TRACE, BackendOptions, BlobSource, StartupTrace
 from afsd.ondemand.cachefiles.client import FscacheClient
 from afsd.ondemand.cachefiles.device import kernel_problem
 from afsd.ondemand.cachefiles.metrics import StatusCollector
@@ -63,10 +63,12 @@ class FscacheBackend(SupervisedBackend):
             return "the fscache backend needs root (/dev/cachefiles and erofs mounts need CAP_SYS_ADMIN)"
         return kernel_problem()
 
-    async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource) -> None:
+    async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource,
+                     startup: StartupTrace = NO_STARTUP_TRACE) -> None:
         await self._require_supervisor(spec)
         await self.client.register(spec, source.config, prefetch=self.prefetch,
-                                   copy_path=await asyncio.to_thread(self._copy_path, spec, blob_path))
+                                   copy_path=await asyncio.to_thread(self._copy_path, spec, blob_path),
+                                   learned=startup.learned, record=startup.record)
 
     def _copy_path(self, spec: BlobSpec, blob_path: Path) -> Path | None:
         """Where the worker keeps the blob's copy: `blob_path` when its directory exists (the node daemon's

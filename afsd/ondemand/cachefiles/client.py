@@ -13,6 +13,7 @@ binds the cache before detaching, so its one-line error is the launcher's stderr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,18 @@ class FscacheClient(SupervisorClientBase):
         await self._request(p.RestartWorker())
 
     async def register(self, spec: BlobSpec, source_config: dict[str, Any], *, prefetch: bool = True,
-                       copy_path: Path | None = None) -> p.BlobStatus:
+                       copy_path: Path | None = None, learned: Sequence[tuple[int, int]] = (),
+                       record: float = 0.0) -> p.BlobStatus:
         """Serve `spec` (OPENs of cookie key `spec.name`) from `source_config` (see afsd.ondemand.sources).
         Idempotent for the same blob; mount it afterwards. With `copy_path`, the worker also writes every
         verified byte it caches into a plain file there (sparse, the blob's size; its directory must exist),
         and fills the rest from the source once the cache file is whole: a readable copy of the blob.
-        Removing that file is the caller's job."""
+        Removing that file is the caller's job. `learned` ranges are fetched first, and `record` seconds of
+        first reads recorded (protocol.Register)."""
         copy = str(Path(copy_path).absolute()) if copy_path else ""
-        reply = await self._request(p.Register(spec=spec, source=source_config, prefetch=prefetch, copy_path=copy))
+        reply = await self._request(p.Register(spec=spec, source=source_config, prefetch=prefetch, copy_path=copy,
+                                               learned=[[offset, length] for offset, length in learned],
+                                               record=record))
         if reply.blob is None:
             raise self.error(f"{self._name} registered blob {spec.name} without saying its status")
         return reply.blob

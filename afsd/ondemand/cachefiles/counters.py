@@ -17,6 +17,8 @@ WORKER_COUNTERS = {
     "reads_orphaned": "READs for an object this worker never opened (cannot be answered)",
     "bytes_demand": "bytes written into cache files for READs",
     "bytes_prefetch": "bytes written into cache files by background prefetch",
+    "learned_blobs": "blobs opened with a learned prefetch (what the cluster learned readers read first)",
+    "learned_bytes_prefetched": "bytes of learned ranges fetched before readers asked (read units)",
     "restores": "times a worker asked the kernel to re-deliver unanswered requests (restore)",
     "blobs_completed": "blobs whose cache file became whole",
 }

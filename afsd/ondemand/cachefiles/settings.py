@@ -18,6 +18,7 @@ class Settings(SourceSettings):
     tag: str = "afsd"
     read_unit: int = 1 << 20
     prefetch_inflight: int = 2
+    learned_inflight: int = 4
     writer_threads: int = 4
     heartbeat: float = 0.5
     worker_timeout: float = 20.0
@@ -28,6 +29,7 @@ class Settings(SourceSettings):
         "tag": "name of the cachefiles cache (one per machine)",
         "read_unit": "bytes a READ miss is widened to (aligned; at least 1 MiB by default, never past the blob's end)",
         "prefetch_inflight": "background fill units in flight per blob",
+        "learned_inflight": "units of a blob's learned prefetch (what readers read first) in flight",
         "writer_threads": "threads writing into cache files (the C shim releases the GIL)",
         "heartbeat": "seconds between worker status reports",
         "worker_timeout": "seconds without a report before a worker is killed and replaced",

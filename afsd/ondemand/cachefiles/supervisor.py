@@ -67,6 +67,8 @@ class Registered:
     complete: bool = False   # a worker found (or made) the cache file whole
     copy_complete: bool = False        # ... and the copy (a worker said so)
     present_bytes: int | None = None   # as a worker last counted them (None: not yet; the cache file keeps them)
+    learned: list[list[int]] = field(default_factory=list)   # (protocol.Register)
+    record: float = 0.0
 
     @property
     def ready(self) -> bool:
@@ -74,7 +76,7 @@ class Registered:
 
     def registration(self) -> p.Registration:
         return p.Registration(spec=self.spec, source=self.source, prefetch=self.prefetch, copy_path=self.copy_path,
-                              complete=self.complete)
+                              complete=self.complete, learned=self.learned, record=self.record)
 
 
 @dataclass(eq=False)
@@ -332,7 +334,10 @@ class Supervisor:
         try:
             if isinstance(message, p.Register):
                 reply = p.Reply(id=message.id, blob=self._register(message.spec, message.source, message.prefetch,
-                                                                   message.copy_path))
+                                                                   message.copy_path, message.learned, message.record))
+            elif isinstance(message, p.TraceRequest):   # the worker records (it sees the READs)
+                answer = await self._ask_worker(message)
+                reply = p.Reply(id=message.id, trace=answer.trace if answer is not None else None)
             elif isinstance(message, p.Unregister):
                 await self._unregister(message.name, force=message.force)
             elif isinstance(message, p.StatusRequest):
@@ -347,7 +352,8 @@ class Supervisor:
             reply = p.Reply(id=message.id, ok=False, error=str(e))
         return reply
 
-    def _register(self, spec: BlobSpec, source: dict[str, Any], prefetch: bool, copy_path: str) -> p.BlobStatus:
+    def _register(self, spec: BlobSpec, source: dict[str, Any], prefetch: bool, copy_path: str,
+                  learned: list[list[int]], record: float) -> p.BlobStatus:
         name = spec.name
         if not name or len(name.encode()) > KEY_BYTES_MAX or not all(0x21 <= ord(c) < 0x7F and c != "/" for c in name):
             raise RequestError(f"blob name {name!r} cannot be an fscache key: use up to {KEY_BYTES_MAX} printable "
@@ -361,8 +367,9 @@ class Supervisor:
             if existing.copy_path != copy_path:
                 existing.copy_complete = False
             existing.source, existing.prefetch, existing.copy_path = source, prefetch, copy_path
+            existing.learned, existing.record = learned, record
             return self._blob_status(existing, p.BlobReport())
-        registered = self.blobs[name] = Registered(spec, source, prefetch, copy_path)
+        registered = self.blobs[name] = Registered(spec, source, prefetch, copy_path, learned=learned, record=record)
         self.log.info("registered blob %s (%d bytes, source %s, prefetch %s, copy %s)", name, spec.size,
                       source.get("kind", "?"), prefetch, copy_path or "none")
         return self._blob_status(registered, p.BlobReport())
@@ -422,7 +429,7 @@ class Supervisor:
             path=registered.copy_path, path_complete=registered.copy_complete, prefetch=registered.prefetch,
             filled_bytes=seen.filled_bytes,
             details={"source": registered.source.get("kind", ""), "open_objects": seen.open_objects,
-                     "copy_error": seen.copy_error, "fetcher": seen.fetcher})
+                     "copy_error": seen.copy_error, "fetcher": seen.fetcher, **seen.learned})
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:

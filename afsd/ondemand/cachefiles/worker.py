@@ -3,7 +3,8 @@
 Where it sits: kernel -> /dev/cachefiles (fd inherited from the supervisor) -> this request loop:
     OPEN  (volume "erofs,<domain or fsid>", cookie = the blob's name, an anon fd)
           -> ask the supervisor for the blob's registration -> `copen <id>,<exact size>` (or -ENOENT)
-          -> if the cache file is not whole yet and prefetch is on: fill it in the background
+          -> if the cache file is not whole yet: its learned ranges, then (prefetch on) every hole, in the
+             background (prefetch.py)
     READ  (object, offset, length) -> widen to aligned units (settings.read_unit, whole chunks, never past
           the blob's end) -> RangeSource.fetch (verified against the blob's chunk digests; the cluster's
           RangeFetcher fails over between layerstores) -> pwrite through the anon fd (C shim, no GIL, in a
@@ -22,6 +23,7 @@ Messages on the supervisor's socket (afsd/ondemand/supervised/protocol.py):
        cache file is whole), CopyComplete (so is the copy)
     -> Lookup                   <- Reply with the blob's Registration (None: nobody registered it)
     <- Report                   -> Reply with a WorkerReport
+    <- TraceRequest             -> Reply with the recording of a blob's first READs (afsd/ondemand/trace.py)
     <- Forget                   the blob was unregistered: stop writing its copy; drop its source once
                                 its objects close
 """
@@ -36,6 +38,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,12 +47,14 @@ from afsd.ondemand import _daemon
 from afsd.ondemand._wire import AsyncChannel, ProtocolError
 from afsd.ondemand.cachefiles import _shim
 from afsd.ondemand.cachefiles.copy import BlobCopy, Copies
+from afsd.ondemand.cachefiles.prefetch import BackgroundFill
 from afsd.ondemand.cachefiles.counters import WORKER_COUNTERS
 from afsd.ondemand.cachefiles.settings import Settings
 from afsd.ondemand.sources import worker_sources
 from afsd.ondemand.sparse import first_hole, present_bytes
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
 from afsd.ondemand.supervised import protocol as p
+from afsd.ondemand.trace import LearnedPrefetch, TraceRecorder
 
 log = logging.getLogger("afsd.fscache.worker")
 
@@ -78,6 +83,8 @@ class ServedBlob:
     filled_bytes: int = 0
     copy: BlobCopy | None = None
     copier: asyncio.Task[None] | None = None   # filling the copy's holes from the source
+    recorder: TraceRecorder | None = None      # its first READs, for the cluster to learn
+    learned: LearnedPrefetch | None = None     # what the cluster learned readers read first: fetched first
 
 
 @dataclass(eq=False)
@@ -267,6 +274,12 @@ class KernelWorker:
             name, spec, registration.source, registration.prefetch,
             unit=max(spec.chunk_size, round_up(self.settings.read_unit, spec.chunk_size)),
             copy=BlobCopy(copy_path, spec.size) if copy_path else None)
+        if registration.record > 0:
+            blob.recorder = TraceRecorder(spec.size, registration.record)
+        if registration.learned:
+            blob.learned = LearnedPrefetch.plan([(int(o), int(n)) for o, n in registration.learned], size=spec.size,
+                                                chunk_size=blob.unit, task_chunks=1)
+            self.counters["learned_blobs"] += 1
         return blob
 
     async def _after_open(self, obj: OpenObject) -> None:
@@ -279,8 +292,21 @@ class KernelWorker:
         if whole:
             self._mark_complete(blob)
             self.copies.complete_soon(blob)   # (already complete in this worker: the copy may be new)
-        elif blob.prefetch and blob.prefetcher is None:
+            return
+        recorder = blob.recorder
+        if recorder is not None and await asyncio.to_thread(present_bytes, obj.fd, blob.spec.size) \
+                and recorder.opened_at is None:   # (bytes that a READ since brought in are no reason)
+            recorder.spoil()   # bytes cached before this OPEN will raise no READ
+        if (blob.prefetch or blob.learned is not None) and blob.prefetcher is None:
             blob.prefetcher = self._spawn(self._prefetch(blob))
+
+    async def _prefetch(self, blob: ServedBlob) -> None:
+        try:
+            await BackgroundFill(blob, fill=self._fill, until_attached=self._until_attached, release=self._release,
+                                 on_whole=self._mark_complete, inflight=self.settings.prefetch_inflight,
+                                 learned_inflight=self.settings.learned_inflight, counters=self.counters).run()
+        finally:
+            blob.prefetcher = None
 
     async def _until_attached(self, probe: Any, obj: OpenObject) -> Any:
         """Run `probe` in a thread, retrying ENOBUFS: right after copen the kernel may still be attaching
@@ -301,6 +327,8 @@ class KernelWorker:
         blob = obj.blob
         start = request.offset - request.offset % PAGE
         end = min(round_up(request.offset + request.length), round_up(blob.spec.size))
+        if blob.recorder is not None:
+            blob.recorder.observe(start, end, time.monotonic())
         try:
             try:
                 if start >= blob.spec.size:
@@ -325,6 +353,8 @@ class KernelWorker:
         blob = obj.blob
         unit, size = blob.unit, blob.spec.size
         first, last = start - start % unit, min(size, round_up(end, unit))
+        if priority != Priority.DEMAND and blob.recorder is not None and blob.recorder.is_open(time.monotonic()):
+            blob.recorder.spoil()   # reads of what this writes will raise no READ
         fetched = await self._fetch(blob, first, last, priority)
         fetched.require_covers(start, min(end, size))
         written, whole = await self._write(obj, fetched.data, fetched.offset)
@@ -358,52 +388,6 @@ class KernelWorker:
     def _written(self, obj: OpenObject, copy: BlobCopy | None) -> None:
         self._release(obj)
         self.copies.release(copy)
-
-    # -- prefetch ----------------------------------------------------------------------------------
-
-    async def _prefetch(self, blob: ServedBlob) -> None:
-        """Fill the blob's holes unit by unit at PREFETCH priority (demand reads go first at the source)."""
-        slots = asyncio.Semaphore(max(1, self.settings.prefetch_inflight))
-        running: set[asyncio.Task[int]] = set()
-        failed: list[BaseException] = []
-        position, size = 0, blob.spec.size
-        try:
-            while position < size and not blob.complete and not failed:
-                await slots.acquire()   # before looking: a slot may free up after demand reads filled more
-                obj = next((o for o in blob.objects if not o.closed), None)
-                if obj is None:
-                    return
-                hole = await self._until_attached(lambda fd=obj.fd, at=position: first_hole(fd, at, size), obj)
-                if hole is None:
-                    slots.release()
-                    break
-                start = hole - hole % blob.unit
-                obj.users += 1
-                task = asyncio.create_task(self._fill(obj, start, min(size, start + blob.unit), Priority.PREFETCH))
-                running.add(task)
-
-                def landed(task: asyncio.Task[int], obj: OpenObject = obj) -> None:
-                    running.discard(task)
-                    slots.release()
-                    self._release(obj)
-                    if not task.cancelled() and task.exception() is not None:
-                        failed.append(task.exception())
-
-                task.add_done_callback(landed)
-                position = start + blob.unit
-            await asyncio.gather(*running, return_exceptions=True)
-            if failed:
-                raise failed[0]
-            obj = next((o for o in blob.objects if not o.closed), None)
-            if not blob.complete and obj is not None and await asyncio.to_thread(first_hole, obj.fd, 0, size) is None:
-                self._mark_complete(blob)
-        except (OSError, AfsdError, ValueError) as e:
-            if blob.objects:   # (once its last object closed, failing writes are expected)
-                log.warning("prefetch of blob %s stopped (it resumes at its next OPEN): %s", blob.name, e)
-        finally:
-            for task in running:
-                task.cancel()
-            blob.prefetcher = None
 
     def _mark_complete(self, blob: ServedBlob) -> None:
         if blob.complete:
@@ -469,6 +453,11 @@ class KernelWorker:
                 future.set_result(message)
         elif isinstance(message, p.Report):
             self._spawn(self._send(p.Reply(id=message.id, report=self.report())))
+        elif isinstance(message, p.TraceRequest):
+            blob = self.blobs.get(message.name)
+            trace = None if blob is None or blob.recorder is None else \
+                blob.recorder.take(time.monotonic(), close=message.close)
+            self._spawn(self._send(p.Reply(id=message.id, trace=trace)))
         elif isinstance(message, p.Forget):
             blob = self.blobs.get(message.name)
             if blob is not None:
@@ -513,7 +502,8 @@ class KernelWorker:
             blobs[name] = p.BlobReport(
                 open_objects=len(blob.objects), complete=blob.complete, filled_bytes=blob.filled_bytes,
                 present_bytes=present, copy_complete=bool(blob.copy and blob.copy.complete),
-                copy_error=blob.copy.error if blob.copy else "", fetcher=stats() if callable(stats) else {})
+                copy_error=blob.copy.error if blob.copy else "", fetcher=stats() if callable(stats) else {},
+                learned=blob.learned.details(reads_seen=False) if blob.learned is not None else {})
         return p.WorkerReport(counters=dict(self.counters), fetch=self.factory.metrics(), blobs=blobs,
                               open_objects=len(self.objects), reads_in_flight=self.reads_in_flight)
 

@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from afsd.ondemand.base import BackendOptions, BlobSource
+from afsd.ondemand.base import NO_STARTUP_TRACE, BackendOptions, BlobSource, StartupTrace
 from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.fanotify.client import SupervisorClient, prepare_blob
 from afsd.ondemand.fanotify.metrics import StatusCollector
@@ -62,7 +62,9 @@ class FanotifyBackend(SupervisedBackend):
             os.close(group)
         return None
 
-    async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource) -> None:
+    async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource,
+                     startup: StartupTrace = NO_STARTUP_TRACE) -> None:
         await self._require_supervisor(spec)
         await prepare_blob(spec, blob_path, source.source)
-        await self.client.register(spec, blob_path, source.config, prefetch=self.prefetch)
+        await self.client.register(spec, blob_path, source.config, prefetch=self.prefetch, learned=startup.learned,
+                                   record=startup.record)

@@ -184,4 +184,5 @@ class BlobTable:
                           path=blob.path, path_complete=blob.complete, prefetch=blob.prefetch,
                           filled_bytes=blob.filled_bytes,
                           details={"tainted": blob.tainted, "pending_events": len(blob.pending),
-                                   "inflight_tasks": len({id(t) for t in blob.inflight.values()})})
+                                   "inflight_tasks": len({id(t) for t in blob.inflight.values()}),
+                                   **(blob.learned.details() if blob.learned is not None else {})})

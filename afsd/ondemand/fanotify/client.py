@@ -14,6 +14,7 @@ backends (afsd/ondemand/supervised/client.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -57,11 +58,14 @@ class SupervisorClient(SupervisorClientBase):
         await self._request(p.Restart())
 
     async def register(self, spec: BlobSpec, blob_path: Path, source_config: dict[str, Any], *,
-                       prefetch: bool = False) -> p.BlobStatus:
+                       prefetch: bool = False, learned: Sequence[tuple[int, int]] = (),
+                       record: float = 0.0) -> p.BlobStatus:
         """Have the supervisor serve `blob_path` (prepared with `prepare_blob`). Returns the blob's status
-        (complete when nothing is missing). Idempotent for the same blob and path."""
+        (complete when nothing is missing). Idempotent for the same blob and path. `learned` ranges are
+        fetched first; `record`: seconds of first reads to record (protocol.Register)."""
         reply = await self._request(p.Register(spec=spec, source=source_config, prefetch=prefetch,
-                                               path=os.fspath(Path(blob_path).absolute())))
+                                               path=os.fspath(Path(blob_path).absolute()),
+                                               learned=[[offset, length] for offset, length in learned], record=record))
         if reply.blob is None:
             raise self.error(f"{self._name} registered blob {spec.name} without saying its status")
         return reply.blob

@@ -1,6 +1,6 @@
 """The fanotify supervisor's control socket: accepting connections on DIR/supervisor.sock, parsing each
-request (afsd/ondemand/supervised/protocol.py) and carrying out register, unregister, status, watch, shutdown
-and restart; a connection whose first message is a fetch worker's Hello goes to the worker pool.
+request (afsd/ondemand/supervised/protocol.py) and carrying out register, unregister, status, trace, watch,
+shutdown and restart; a connection whose first message is a fetch worker's Hello goes to the worker pool.
 
 Where it sits: supervisor.py runs the loop and owns the events and tasks that a blob's unregistering or a
 shutdown must answer or cancel; blobs.py owns each blob's fill fd, mark and record.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 from afsd.ondemand._wire import Connection, ProtocolError, peer_pid
@@ -64,8 +65,14 @@ class ControlRequests:
         reply = p.Reply(id=message.id)
         try:
             if isinstance(message, p.Register):
-                blob = self.register(message.spec, message.path, message.source, message.prefetch)
+                blob = self.register(message.spec, message.path, message.source, message.prefetch,
+                                     learned=message.learned, record=message.record)
                 reply = p.Reply(id=message.id, blob=self.supervisor.blobs.status(blob))
+            elif isinstance(message, p.TraceRequest):
+                blob = self.supervisor.blobs.get(message.name)
+                recorder = blob.recorder if blob is not None else None
+                reply = p.Reply(id=message.id, trace=recorder.take(time.monotonic(), close=message.close)
+                                if recorder is not None else None)
             elif isinstance(message, p.Unregister):
                 self._unregister(message.name, force=message.force)
             elif isinstance(message, p.StatusRequest):
@@ -88,9 +95,10 @@ class ControlRequests:
             connection.flush()
 
     def register(self, spec: BlobSpec, path: str, source: dict[str, Any], prefetch: bool, *,
-                 from_record: bool = False) -> Blob:
+                 learned: list[list[int]] | None = None, record: float = 0.0, from_record: bool = False) -> Blob:
         blob, new = self.supervisor.blobs.register(spec, path, source, prefetch, from_record=from_record)
         if new:
+            self.supervisor.learn(blob, learned or [], record)
             self.supervisor.pool.serve_everywhere(blob)
             self.supervisor.prefetch(blob)
             self.supervisor.log.info("registered blob %s (%s, %d bytes, %s)", blob.name, path, spec.size,

@@ -14,6 +14,7 @@ from typing import Any
 from afsd.ondemand._wire import Connection
 from afsd.ondemand.fanotify.planner import FailureMemory
 from afsd.ondemand.spec import BlobSpec, Priority
+from afsd.ondemand.trace import LearnedPrefetch, TraceRecorder
 from afsd.ondemand.supervised.protocol import StopCause, WorkerState
 
 
@@ -36,6 +37,8 @@ class Blob:
     filled_bytes: int = 0
     failures: FailureMemory = field(default_factory=FailureMemory)
     read_end: int = 0                          # where the last read event ended (sequential detection)
+    recorder: TraceRecorder | None = None      # its first reads, for the cluster to learn (trace.py)
+    learned: LearnedPrefetch | None = None     # what the cluster learned readers read first: fetched first
 
     @property
     def chunks(self) -> int:
@@ -54,6 +57,7 @@ class Task:
     chunk_count: int
     priority: Priority
     created: float = 0.0
+    learned: bool = False   # a fill of the blob's learned prefetch
     worker: Worker | None = None
     events: set[PendingEvent] = field(default_factory=set)
     dispatches: int = 0
@@ -80,6 +84,7 @@ class PendingEvent:
     tasks: set[Task] = field(default_factory=set)
     plans: int = 0
     answered: bool = False
+    demand: bool = False    # it waited for a demand fill (a fetch made because of a miss)
 
 
 @dataclass(eq=False)

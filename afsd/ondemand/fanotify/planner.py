@@ -3,13 +3,15 @@ functions of what is present, what is being filled and what failed recently.
 
 Where it sits: the supervisor (supervisor.py) reads an event, asks the blob file where its holes are
 (SEEK_HOLE), and hands that to `plan_event`; after each event `read_ahead` picks the chunks to fill for a
-sequential reader, and on its ticks `plan_prefetch` walks the holes in the background. The supervisor turns
+sequential reader; in the background `plan_learned` takes what the cluster learned readers read first (in
+that order), then `plan_prefetch` walks the holes. The supervisor turns
 the answers into fill tasks. Everything here works on chunk indexes and byte offsets only, so it is
 unit-tested without root or a kernel (tests/test_fanotify_planner.py).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
@@ -100,6 +102,18 @@ def read_ahead(end: int, *, chunk_size: int, chunks: int, fill_ahead: int, in_fl
     ahead = [chunk for chunk in range(first, min(chunks, first + fill_ahead))
              if chunk not in in_flight and not filled(chunk)]
     return chunk_runs(ahead, FILL_AHEAD_TASK_CHUNKS)
+
+
+def plan_learned(runs: deque[Run], *, budget: int, task_chunks: int, in_flight: Collection[int],
+                 filled: Callable[[int], bool]) -> list[Run]:
+    """About `budget` runs taken from the front of a learned prefetch's queue (afsd/ondemand/trace.py), without
+    the chunks that are filled or being filled already (a reader got there first)."""
+    planned: list[Run] = []
+    while runs and len(planned) < budget:
+        first, count = runs.popleft()
+        planned += chunk_runs([chunk for chunk in range(first, first + count)
+                               if chunk not in in_flight and not filled(chunk)], task_chunks)
+    return planned
 
 
 def plan_prefetch(cursor: int, *, size: int, chunk_size: int, budget: int, task_chunks: int,

@@ -21,6 +21,7 @@ class Settings(SourceSettings):
     task_chunks: int = 8
     fill_ahead: int = 4
     prefetch_inflight: int = 2
+    learned_inflight: int = 4
     orphan_deadline: float = 30.0
     fd_limit: int = 65536
     failure_memory: float = 5.0
@@ -34,6 +35,7 @@ class Settings(SourceSettings):
         "task_chunks": "most chunks one fill task covers",
         "fill_ahead": "chunks filled beyond a demand miss",
         "prefetch_inflight": "background fill tasks in flight per blob",
+        "learned_inflight": "fill tasks of a blob's learned prefetch (what readers read first) in flight",
         "orphan_deadline": "seconds the keeper waits for a supervisor to come back before failing events (EIO)",
         "fd_limit": "RLIMIT_NOFILE of the supervisor, and the journal's slot count",
         "failure_memory": "seconds a range whose fill failed or timed out fails further reads at once (a reader's "

@@ -42,7 +42,7 @@ from afsd.ondemand.fanotify.keeperlink import KeeperHolder
 from afsd.ondemand.fanotify.links import Links
 from afsd.ondemand.fanotify.model import Blob, EventLatency, PendingEvent, Task
 from afsd.ondemand.fanotify.paths import StatePaths
-from afsd.ondemand.fanotify.planner import is_sequential, plan_event, plan_prefetch, read_ahead
+from afsd.ondemand.fanotify.planner import is_sequential, plan_event, plan_learned, plan_prefetch, read_ahead
 from afsd.ondemand.fanotify.pool import WorkerPool
 from afsd.ondemand.fanotify.settings import SUPERVISOR_MODULE, Settings, command_line
 from afsd.ondemand.sparse import first_hole, holes
@@ -50,6 +50,7 @@ from afsd.ondemand.spec import Priority
 from afsd.ondemand.supervised import protocol as p
 from afsd.ondemand.supervised.protocol import DaemonState, SupervisorStatus
 from afsd.ondemand.supervised.settings import supervisor_parser
+from afsd.ondemand.trace import LearnedPrefetch, TraceRecorder
 
 PREFETCH_RETRY = 10.0         # seconds before prefetch of a blob whose prefetch fill failed resumes
 TICK = 0.1                    # seconds between housekeeping rounds (deadlines, workers, keeper, prefetch)
@@ -60,7 +61,7 @@ COUNTERS = (  # the supervisor's own (metrics.py says what each means)
     "events_redispatched", "tasks_dispatched", "tasks_done", "tasks_failed", "tasks_redispatched",
     "tasks_cancelled", "bytes_filled", "bytes_prefetched", "worker_restarts", "worker_deaths",
     "worker_hangs", "keeper_restarts", "blobs_completed", "bytes_filled_local", "bytes_filled_peer",
-    "bytes_filled_other")
+    "bytes_filled_other", "events_filled_demand", "learned_blobs", "learned_bytes_prefetched", "learned_bytes_used")
 WORKER_COUNTERS = ("fetch_failovers", "fetch_verification_failures")   # counted by the fetch workers
 
 
@@ -256,6 +257,7 @@ class Supervisor:
         size = blob.spec.size
         start = min(raw.offset if raw.offset is not None else 0, size)
         end = size if raw.count is None else min(size, start + raw.count)
+        self._note_read(blob, start, end, received)
         if blob.complete or blob.fill_fd is None or first_hole(blob.fill_fd, start, end) is None:
             self.counters["events_allowed_present"] += 1
             _sys.respond(self.group_fd, raw.fd, True)
@@ -300,11 +302,20 @@ class Supervisor:
             task = blob.inflight[chunk]
             task.events.add(event)
             event.tasks.add(task)
+            event.demand |= task.priority == Priority.DEMAND
         for first, count in plan.fill:
             task = self._new_task(blob, first, count, Priority.DEMAND)
             task.events.add(event)
             event.tasks.add(task)
+            event.demand = True
             self.pool.dispatch(task)
+
+    def _note_read(self, blob: Blob, start: int, end: int, now: float) -> None:
+        """A read reached us (filled or not): record it, and count prefetched chunks it uses."""
+        if blob.recorder is not None:
+            blob.recorder.observe(start, end, now)
+        if blob.learned is not None:
+            self.counters["learned_bytes_used"] += blob.learned.mark_read(start, end)
 
     def _read_ahead(self, blob: Blob, start: int, end: int, *, missed: bool) -> None:
         """Keep the `fill_ahead` chunks after a read being filled: after a miss always (a reader will likely
@@ -341,6 +352,7 @@ class Supervisor:
             self.placeholders.discard(event.fd)
         if allow:
             self.counters["events_allowed_filled"] += 1
+            self.counters["events_filled_demand"] += event.demand
             self.latency.observe("filled", time.monotonic() - event.received)
         event.blob.pending.discard(event)
         self.pending.discard(event)
@@ -374,9 +386,9 @@ class Supervisor:
 
     # == tasks =====================================================================================
 
-    def _new_task(self, blob: Blob, first: int, count: int, priority: Priority) -> Task:
+    def _new_task(self, blob: Blob, first: int, count: int, priority: Priority, *, learned: bool = False) -> Task:
         task = Task(id=self.next_task_id, blob=blob, first_chunk=first, chunk_count=count, priority=priority,
-                    created=time.monotonic())
+                    created=time.monotonic(), learned=learned)
         self.next_task_id += 1
         for chunk in range(first, first + count):
             blob.inflight[chunk] = task
@@ -411,6 +423,10 @@ class Supervisor:
             self.counters[f"bytes_filled_{source_kind(message.source)}"] += message.written
             if task.priority == Priority.PREFETCH:
                 self.counters["bytes_prefetched"] += message.written
+            if task.learned and blob.learned is not None:
+                self.counters["learned_bytes_prefetched"] += task.length
+                self.counters["learned_bytes_used"] += blob.learned.mark_prefetched(
+                    range(task.first_chunk, task.first_chunk + task.chunk_count))
         else:
             self.counters["tasks_failed"] += 1
             self.log.error("blob %s: filling bytes %d-%d failed: %s", blob.name, task.offset,
@@ -432,11 +448,32 @@ class Supervisor:
             self._check_complete(blob)
             self.prefetch(blob)
 
+    def learn(self, blob: Blob, learned: list[list[int]], record: float) -> None:
+        """A blob just registered: record its first reads for `record` seconds, and fetch the `learned`
+        ranges ([offset, length], what readers of it read first) before anything else in the background."""
+        if blob.complete:
+            return
+        if record > 0:
+            blob.recorder = TraceRecorder(blob.spec.size, record)
+        if learned:
+            blob.learned = LearnedPrefetch.plan([(int(o), int(n)) for o, n in learned], size=blob.spec.size,
+                                                chunk_size=blob.spec.chunk_size, task_chunks=self.settings.task_chunks)
+            self.counters["learned_blobs"] += 1
+
     def prefetch(self, blob: Blob) -> None:
-        """Fill the blob's holes in the background, `prefetch_inflight` tasks at a time."""
+        """Fill in the background, at prefetch priority: first the blob's learned ranges in their order
+        (`learned_inflight` tasks at a time), then, with `prefetch`, its holes (`prefetch_inflight` at a time)."""
         fill_fd = blob.fill_fd
-        if (not blob.prefetch or blob.complete or fill_fd is None
-                or time.monotonic() < blob.prefetch_paused_until):
+        if blob.complete or fill_fd is None or time.monotonic() < blob.prefetch_paused_until:
+            return
+        if blob.learned is not None and blob.learned.runs:
+            for first, count in plan_learned(blob.learned.runs, budget=self.settings.learned_inflight - blob.prefetch_inflight,
+                                             task_chunks=self.settings.task_chunks, in_flight=blob.inflight,
+                                             filled=lambda chunk: self._chunk_filled(blob, chunk)):
+                self.pool.dispatch(self._new_task(blob, first, count, Priority.PREFETCH, learned=True))
+            if blob.learned.runs:
+                return
+        if not blob.prefetch:
             return
         size = blob.spec.size
         runs, blob.prefetch_cursor = plan_prefetch(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from afsd.errors import AfsdError
 from afsd.ondemand.base import Backend, BackendUnavailableError
@@ -17,6 +17,7 @@ from afsd.ondemand.spec import BlobSpec
 from afsd.ondemand.supervised.client import SupervisorClientBase
 from afsd.ondemand.supervised.metrics import SupervisorStatusCollector
 from afsd.ondemand.supervised.protocol import SupervisorStatus
+from afsd.ondemand.trace import RecordedTrace
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,13 @@ class SupervisedBackend(Backend):
             return blob.ready
         return await super().is_complete(spec, blob_path)
 
+    async def take_trace(self, spec: BlobSpec, *, close: bool = False) -> RecordedTrace | None:
+        return await self.client.trace(spec.name, close=close)
+
+    def blob_details(self, spec: BlobSpec) -> dict[str, Any]:
+        blob = self._last_status.blob(spec.name) if self._last_status is not None else None
+        return dict(blob.details) if blob is not None else {}
+
     async def refresh(self) -> SupervisorStatus | None:
         """Fetch the supervisor's status (what `counters` and the collector report from then on)."""
         try:
@@ -63,7 +71,6 @@ class SupervisedBackend(Backend):
         except AfsdError as e:
             log.warning("no status from the %s supervisor: %s", self.name, e)
         return self._last_status
-
 
     def counters(self) -> dict[str, float]:
         status = self._last_status

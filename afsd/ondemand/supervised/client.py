@@ -21,6 +21,7 @@ from afsd.errors import AfsdError
 from afsd.ondemand._wire import AsyncChannel, ProtocolError
 from afsd.ondemand.supervised import protocol as p
 from afsd.ondemand.supervised.paths import SupervisorPaths
+from afsd.ondemand.trace import RecordedTrace
 
 
 class SupervisorClientBase(ABC):
@@ -125,6 +126,10 @@ class SupervisorClientBase(ABC):
 
     async def blob_status(self, name: str) -> p.BlobStatus | None:
         return (await self.status()).blob(name)
+
+    async def trace(self, name: str, *, close: bool = False) -> RecordedTrace | None:
+        """The recording of blob `name`'s first reads (None: it records none); `close` ends its window now."""
+        return (await self._request(p.TraceRequest(name=name, close=close))).trace
 
     async def watch(self) -> AsyncIterator[p.BlobComplete]:
         """A BlobComplete for every blob that becomes complete (and whose plain file, if it has one, is

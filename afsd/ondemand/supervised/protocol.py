@@ -6,14 +6,16 @@ every field's type: a frame that does not fit is a ProtocolError, never a KeyErr
 
 Who says what (each arrow one unix stream socket in the backend's state directory):
 
-    node daemon (client) -> supervisor        Register, Unregister, StatusRequest, Watch, Shutdown,
-                                              Restart (fanotify), RestartWorker (fscache): one Reply each;
-                                              after Watch, a BlobComplete per blob that became complete
+    node daemon (client) -> supervisor        Register, Unregister, StatusRequest, TraceRequest, Watch,
+                                              Shutdown, Restart (fanotify), RestartWorker (fscache): one
+                                              Reply each; after Watch, a BlobComplete per blob that became
+                                              complete
     fetch worker <-> fanotify supervisor      Hello(FETCH_WORKER), Heartbeat, FillDone, FillFailed /
                                               ServeBlob (+ the blob's fill fd), Fill, Cancel, Forget
     kernel worker <-> fscache supervisor      Hello(KERNEL_WORKER), Heartbeat, Lookup (-> Reply with a
                                               Registration), BlobComplete, CopyComplete / Report (-> Reply
-                                              with a WorkerReport), Forget
+                                              with a WorkerReport), TraceRequest (-> Reply with a trace),
+                                              Forget
     fanotify supervisor <-> keeper            Hello(SUPERVISOR, argv, env) -> Held (+ group fd), HeldBlobs
                                               (+ fill fds)..., HeldEnd; HoldGroup (+ fd), HoldBlob (+ fd),
                                               DropBlob, Bye (-> Bye); anyone: StatusRequest -> Reply(keeper)
@@ -36,6 +38,7 @@ from typing import Any, ClassVar, TypeVar, Union
 
 from afsd.ondemand._wire import ProtocolError
 from afsd.ondemand.spec import BlobSpec, Priority
+from afsd.ondemand.trace import RecordedTrace
 
 # == states and roles =================================================================================
 
@@ -249,6 +252,8 @@ class Registration:
     prefetch: bool = False
     copy_path: str = ""                # where the worker also writes the blob's bytes ("" nowhere)
     complete: bool = False             # a worker found (or made) the cache file whole
+    learned: list[list[int]] = field(default_factory=list)   # as in Register
+    record: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,6 +267,7 @@ class BlobReport:
     present_bytes: int | None = None   # counted only while the worker holds the blob open
     copy_error: str = ""
     fetcher: dict[str, Any] = field(default_factory=dict)
+    learned: dict[str, int] = field(default_factory=dict)   # its learned prefetch (LearnedPrefetch.details)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -292,13 +298,17 @@ class KeeperStatus:
 class Register(Message):
     """Serve `spec` from `source` (a source configuration: afsd/ondemand/sources.py). fanotify serves the
     sparse blob file at `path`; fscache serves OPENs of cookie key `spec.name` and, with `copy_path`, also
-    keeps a plain copy of the blob there."""
+    keeps a plain copy of the blob there. `learned`: [offset, length] ranges readers of this blob read first
+    (what the cluster learned, afsd/ondemand/trace.py), fetched in that order before the first miss is
+    answered, at prefetch priority; `record`: record the blob's first reads for this many seconds (0: not)."""
 
     spec: BlobSpec
     source: dict[str, Any]
     prefetch: bool = False
     path: str = ""
     copy_path: str = ""
+    learned: list[list[int]] = field(default_factory=list)
+    record: float = 0.0
 
 
 @message("unregister")
@@ -312,6 +322,16 @@ class Unregister(Message):
 @dataclass(frozen=True, kw_only=True)
 class StatusRequest(Message):
     pass
+
+
+@message("trace")
+@dataclass(frozen=True, kw_only=True)
+class TraceRequest(Message):
+    """The recording of blob `name`'s first reads (Reply.trace; None: nothing recorded); `close` ends its
+    window now (the node daemon asks before it detaches the blob)."""
+
+    name: str
+    close: bool = False
 
 
 @message("watch")
@@ -348,6 +368,7 @@ class Reply(Message):
     keeper: KeeperStatus | None = None         # to StatusRequest (a keeper)
     registration: Registration | None = None   # to Lookup (None: nobody registered that name)
     report: WorkerReport | None = None         # to Report
+    trace: RecordedTrace | None = None         # to TraceRequest
 
 
 # == pushed by a supervisor to watchers, and by the fscache worker to its supervisor ===================

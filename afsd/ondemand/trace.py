@@ -1,0 +1,217 @@
+"""Startup access traces: which bytes of a blob readers ask for first after it is mounted, recorded from a
+backend's misses; and the learned prefetch a backend runs from a trace the cluster merged.
+
+Where it sits: a supervised backend (the fanotify supervisor, the fscache kernel worker) sees the reads that
+reach it. A `TraceRecorder` per blob keeps the ranges first read during `window` seconds from the first read,
+in first-read order, page-aligned, each byte once, bounded in count and bytes. The node daemon takes the
+recording (`RecordedTrace`) and publishes it to discovery, which merges the runs of many nodes
+(afsd/cluster/trace_merge.py). When a node mounts the blob next, it hands the merged ranges back to its
+backend, which fetches them before the first miss is answered: `learned_runs` turns them into chunk runs in
+first-read order (coalesced), and `LearnedPrefetch` keeps what is left to fetch and counts which fetched
+chunks readers then touched (used) and which they never did (wasted).
+
+Everything here is arithmetic on offsets (unit-tested without a kernel: tests/test_access_traces.py).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+PAGE = 4096
+MAX_TRACE_RANGES = 16384        # ranges in one trace (recorded, reported, merged or learned)
+MAX_RECORDED_BYTES = 1 << 30    # a recording stops growing past this many bytes
+MAX_LEARNED_BYTES = 1 << 30     # a learned trace makes a node prefetch at most this much of one blob
+
+Run = tuple[int, int]           # (first chunk, chunk count)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordedTrace:
+    """One run's recording of one blob: `ranges` are [offset, length, first read in ms after the window
+    opened], in first-read order, disjoint and page-aligned."""
+
+    ranges: list[list[int]] = field(default_factory=list)
+    window: float = 0.0
+    opened: bool = False        # some read happened (the window started)
+    closed: bool = False        # the window is over (or was closed early): the recording is final
+    open_for: float = 0.0       # seconds the window stays open (0 once closed or before it opened)
+    complete: bool = True       # every first read in the window was seen: worth publishing
+    truncated: bool = False     # the bounds cut it short
+
+    @property
+    def bytes(self) -> int:
+        return sum(length for _, length, _ in self.ranges)
+
+    @property
+    def publishable(self) -> bool:
+        return self.closed and self.complete and bool(self.ranges)
+
+
+class _Seen:
+    """Disjoint [start, end) intervals; `add` returns the parts of a new interval not seen before."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def add(self, start: int, end: int) -> list[tuple[int, int]]:
+        index = bisect.bisect_left(self._ends, start)   # first interval ending at or after `start`
+        new: list[tuple[int, int]] = []
+        position, last = start, index
+        while last < len(self._starts) and self._starts[last] <= end:
+            if self._starts[last] > position:
+                new.append((position, self._starts[last]))
+            position = max(position, self._ends[last])
+            last += 1
+        if position < end:
+            new.append((position, end))
+        merged_start = min(start, self._starts[index]) if index < last else start
+        merged_end = max(end, self._ends[last - 1]) if index < last else end
+        self._starts[index:last] = [merged_start]
+        self._ends[index:last] = [merged_end]
+        return new
+
+
+class TraceRecorder:
+    """The first reads of one blob during `window` seconds from the first one (times in the caller's
+    monotonic seconds). Stops (truncated) at `max_ranges` ranges or `max_bytes` bytes."""
+
+    def __init__(self, size: int, window: float, *, max_ranges: int = MAX_TRACE_RANGES,
+                 max_bytes: int = MAX_RECORDED_BYTES) -> None:
+        self.size = size
+        self.window = window
+        self.max_ranges = max_ranges
+        self.max_bytes = max_bytes
+        self.opened_at: float | None = None
+        self.closed = False
+        self.complete = True
+        self.truncated = False
+        self._seen = _Seen()
+        self._ranges: list[list[int]] = []
+        self._bytes = 0
+
+    def is_open(self, now: float) -> bool:
+        """Whether reads at `now` are still recorded (the window closes by itself when its time is up)."""
+        if not self.closed and self.opened_at is not None and now - self.opened_at > self.window:
+            self.closed = True
+        return not self.closed
+
+    def observe(self, start: int, end: int, now: float) -> None:
+        """A read of [start, end) reached the backend at `now`."""
+        if not self.is_open(now):
+            return
+        start, end = max(0, start) // PAGE * PAGE, min(self.size, -(-end // PAGE) * PAGE)
+        if start >= end:
+            return
+        if self.opened_at is None:
+            self.opened_at = now
+        ms = int((now - self.opened_at) * 1000)
+        for piece_start, piece_end in self._seen.add(start, end):
+            if len(self._ranges) >= self.max_ranges or self._bytes >= self.max_bytes:
+                self.truncated = self.closed = True
+                return
+            self._bytes += piece_end - piece_start
+            last = self._ranges[-1] if self._ranges else None
+            if last is not None and last[0] + last[1] == piece_start:
+                last[1] += piece_end - piece_start   # a sequential reader: one range
+            else:
+                self._ranges.append([piece_start, piece_end - piece_start, ms])
+
+    def spoil(self) -> None:
+        """Bytes arrived that later reads will not report (a backend that sees only misses prefetched):
+        the recording no longer says what readers read."""
+        self.complete = False
+
+    def take(self, now: float, *, close: bool) -> RecordedTrace:
+        """What was recorded so far; `close` ends the window now (the blob is going away)."""
+        if close and self.opened_at is not None:
+            self.closed = True
+        open_now = self.is_open(now)
+        remaining = self.window - (now - self.opened_at) if open_now and self.opened_at is not None else 0.0
+        return RecordedTrace(ranges=[list(r) for r in self._ranges], window=self.window,
+                             opened=self.opened_at is not None, closed=not open_now,
+                             open_for=max(0.0, remaining), complete=self.complete, truncated=self.truncated)
+
+
+def learned_runs(ranges: Iterable[tuple[int, int]], *, size: int, chunk_size: int, task_chunks: int,
+                 max_bytes: int = MAX_LEARNED_BYTES) -> list[Run]:
+    """The chunks holding `ranges` (first-read order), each once, as runs of consecutive chunks of at most
+    `task_chunks`, in the order their first chunk is first read; at most `max_bytes` of chunks."""
+    chunks = -(-size // chunk_size)
+    budget = max(1, max_bytes // chunk_size)
+    seen: set[int] = set()
+    runs: list[Run] = []
+    for offset, length in ranges:
+        if length <= 0 or offset >= size or offset < 0:
+            continue
+        for chunk in range(offset // chunk_size, min(chunks, (min(size, offset + length) - 1) // chunk_size + 1)):
+            if chunk in seen:
+                continue
+            if len(seen) >= budget:
+                return runs
+            seen.add(chunk)
+            if runs and runs[-1][0] + runs[-1][1] == chunk and runs[-1][1] < task_chunks:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((chunk, 1))
+    return runs
+
+
+@dataclass
+class LearnedPrefetch:
+    """One blob's learned prefetch: the runs left to fetch, and which fetched chunks readers touched.
+    `mark_*` return the bytes that just became "used" (for a monotonic counter)."""
+
+    size: int
+    chunk_size: int
+    runs: deque[Run] = field(default_factory=deque)
+    ranges: int = 0                                       # ranges of the learned trace
+    prefetched: set[int] = field(default_factory=set)     # chunks a learned fill wrote
+    touched: set[int] = field(default_factory=set)        # chunks any read touched
+
+    @classmethod
+    def plan(cls, ranges: Sequence[tuple[int, int]], *, size: int, chunk_size: int,
+             task_chunks: int) -> LearnedPrefetch:
+        return cls(size, chunk_size, deque(learned_runs(ranges, size=size, chunk_size=chunk_size,
+                                                        task_chunks=task_chunks)), ranges=len(ranges))
+
+    def _chunk_bytes(self, chunk: int) -> int:
+        return min(self.size, (chunk + 1) * self.chunk_size) - chunk * self.chunk_size
+
+    def mark_prefetched(self, chunks: Iterable[int]) -> int:
+        used = 0
+        for chunk in chunks:
+            if chunk not in self.prefetched:
+                self.prefetched.add(chunk)
+                used += self._chunk_bytes(chunk) if chunk in self.touched else 0
+        return used
+
+    def mark_read(self, start: int, end: int) -> int:
+        used = 0
+        if end <= start:
+            return 0
+        for chunk in range(start // self.chunk_size, (end - 1) // self.chunk_size + 1):
+            if chunk not in self.touched:
+                self.touched.add(chunk)
+                used += self._chunk_bytes(chunk) if chunk in self.prefetched else 0
+        return used
+
+    @property
+    def prefetched_bytes(self) -> int:
+        return sum(self._chunk_bytes(chunk) for chunk in self.prefetched)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._chunk_bytes(chunk) for chunk in self.prefetched & self.touched)
+
+    def details(self, *, reads_seen: bool = True) -> dict[str, int]:
+        """For a blob's status (`afsd mounts` shows them per layer). Without `reads_seen` (a backend that
+        sees only misses: fscache never hears of a read of a prefetched byte) nothing says what was used."""
+        details = {"learned_ranges": self.ranges, "learned_runs_left": len(self.runs),
+                   "learned_prefetched_bytes": self.prefetched_bytes}
+        if reads_seen:
+            details["learned_used_bytes"] = self.used_bytes
+        return details

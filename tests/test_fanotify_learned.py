@@ -1,0 +1,59 @@
+"""Learned prefetch in the fanotify backend, on the host kernel: the supervisor records a blob's first reads,
+and fetches a learned trace's ranges before readers ask, so their reads need no demand fetch."""
+
+from __future__ import annotations
+
+import asyncio
+
+from afsd.ondemand.fanotify.settings import Settings
+from tests.support.fanotify_lab import FanotifyLab, data_files
+
+
+async def test_recorded_reads_prefetched_elsewhere_are_answered_without_a_demand_fetch(fanotify_lab: FanotifyLab) -> None:
+    lab, blob = fanotify_lab, fanotify_lab.blob
+    client = await lab.start(Settings(workers=2, fill_ahead=0))
+    late, early = data_files(blob)[7], data_files(blob)[3]
+
+    # Run 1: record what a reader of two files reads first, in its order.
+    first = await lab.serve(label="first", record=30.0)
+    for name in (late, early):
+        result = await lab.read(first.mount / name)
+        assert result.ok and result.sha256 == blob.files[name]
+    trace = await client.trace(first.spec.name, close=True)
+    assert trace is not None and trace.closed and trace.complete and not trace.truncated
+    offsets = [offset for offset, _, _ in trace.ranges]
+    assert all(offset % 4096 == 0 and length % 4096 == 0 for offset, length, _ in trace.ranges)
+    assert [ms for _, _, ms in trace.ranges] == sorted(ms for _, _, ms in trace.ranges)   # first-read order
+    assert len(set(offsets)) == len(offsets)
+    assert trace.bytes >= blob.sizes[late] + blob.sizes[early]
+    counters = (await lab.status()).counters
+    assert counters["events_filled_demand"] > 0            # run 1 had nothing learned: its misses were fetched
+
+    # Run 2, another blob with the same bytes: the recording is learned, fetched before the reads.
+    second = await lab.serve(label="second", learned=[(o, n) for o, n, _ in trace.ranges])
+    status = await lab.wait_status(lambda s: s.blob(second.spec.name).details.get("learned_runs_left") == 0
+                                   and s.counters["tasks_done"] + s.counters["tasks_failed"] >= s.counters["tasks_dispatched"])
+    before = status.counters
+    assert before["learned_blobs"] == 1 and before["learned_bytes_prefetched"] > 0
+    for name in (late, early):
+        result = await lab.read(second.mount / name)
+        assert result.ok and result.sha256 == blob.files[name]
+    after = await lab.status()
+    delta = {key: after.counters[key] - before[key] for key in after.counters}
+    assert delta["events_total"] > 0
+    assert delta["events_filled_demand"] == 0 and delta["events_allowed_filled"] == 0   # every read found its bytes
+    details = after.blob(second.spec.name).details
+    assert details["learned_used_bytes"] == details["learned_prefetched_bytes"] == after.counters["learned_bytes_used"]
+    assert after.counters["learned_bytes_prefetched"] == details["learned_prefetched_bytes"]
+    # Nothing beyond the learned chunks was fetched: the rest of the blob is still holes.
+    assert after.blob(second.spec.name).present_bytes < blob.spec.size / 2
+
+
+async def test_a_read_racing_the_learned_prefetch_gets_true_bytes(fanotify_lab: FanotifyLab) -> None:
+    lab, blob = fanotify_lab, fanotify_lab.blob
+    await lab.start(Settings(workers=2))
+    names = data_files(blob)
+    whole = [(0, blob.spec.size)]   # learned: everything, in order
+    served = await lab.serve(learned=whole)
+    results = await asyncio.gather(*(lab.read(served.mount / name) for name in reversed(names)))
+    assert all(r.ok and r.sha256 == blob.files[n] for r, n in zip(results, reversed(names)))
