@@ -171,3 +171,69 @@ class FindImageResponse(_message.Message):
     image_key: str
     services: _containers.RepeatedCompositeFieldContainer[ServiceInstance]
     def __init__(self, image_key: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ...) -> None: ...
+
+class TraceRange(_message.Message):
+    __slots__ = ("offset", "length", "first_read_ms")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    FIRST_READ_MS_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    first_read_ms: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., first_read_ms: _Optional[int] = ...) -> None: ...
+
+class ReportAccessTraceRequest(_message.Message):
+    __slots__ = ("node_id", "layer_digest", "blob_digest", "blob_size", "manifest_digest", "ranges", "window_seconds")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BLOB_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BLOB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    layer_digest: str
+    blob_digest: str
+    blob_size: int
+    manifest_digest: str
+    ranges: _containers.RepeatedCompositeFieldContainer[TraceRange]
+    window_seconds: float
+    def __init__(self, node_id: _Optional[str] = ..., layer_digest: _Optional[str] = ..., blob_digest: _Optional[str] = ..., blob_size: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[TraceRange, _Mapping]]] = ..., window_seconds: _Optional[float] = ...) -> None: ...
+
+class ReportAccessTraceResponse(_message.Message):
+    __slots__ = ("runs",)
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    runs: int
+    def __init__(self, runs: _Optional[int] = ...) -> None: ...
+
+class GetAccessTracesRequest(_message.Message):
+    __slots__ = ("blob_digests", "manifest_digest")
+    BLOB_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    blob_digests: _containers.RepeatedScalarFieldContainer[str]
+    manifest_digest: str
+    def __init__(self, blob_digests: _Optional[_Iterable[str]] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
+
+class AccessTrace(_message.Message):
+    __slots__ = ("blob_digest", "blob_size", "ranges", "runs", "images", "same_image", "updated_unix")
+    BLOB_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BLOB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SAME_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    blob_digest: str
+    blob_size: int
+    ranges: _containers.RepeatedCompositeFieldContainer[TraceRange]
+    runs: int
+    images: int
+    same_image: bool
+    updated_unix: int
+    def __init__(self, blob_digest: _Optional[str] = ..., blob_size: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[TraceRange, _Mapping]]] = ..., runs: _Optional[int] = ..., images: _Optional[int] = ..., same_image: bool = ..., updated_unix: _Optional[int] = ...) -> None: ...
+
+class GetAccessTracesResponse(_message.Message):
+    __slots__ = ("traces",)
+    TRACES_FIELD_NUMBER: _ClassVar[int]
+    traces: _containers.RepeatedCompositeFieldContainer[AccessTrace]
+    def __init__(self, traces: _Optional[_Iterable[_Union[AccessTrace, _Mapping]]] = ...) -> None: ...

@@ -59,6 +59,16 @@ class ServiceDiscoveryStub(object):
                 request_serializer=afsd_dot_api_dot_discovery__pb2.ResolveImageRequest.SerializeToString,
                 response_deserializer=afsd_dot_api_dot_discovery__pb2.ResolveImageResponse.FromString,
                 _registered_method=True)
+        self.ReportAccessTrace = channel.unary_unary(
+                '/discovery.v1.ServiceDiscovery/ReportAccessTrace',
+                request_serializer=afsd_dot_api_dot_discovery__pb2.ReportAccessTraceRequest.SerializeToString,
+                response_deserializer=afsd_dot_api_dot_discovery__pb2.ReportAccessTraceResponse.FromString,
+                _registered_method=True)
+        self.GetAccessTraces = channel.unary_unary(
+                '/discovery.v1.ServiceDiscovery/GetAccessTraces',
+                request_serializer=afsd_dot_api_dot_discovery__pb2.GetAccessTracesRequest.SerializeToString,
+                response_deserializer=afsd_dot_api_dot_discovery__pb2.GetAccessTracesResponse.FromString,
+                _registered_method=True)
 
 
 class ServiceDiscoveryServicer(object):
@@ -94,6 +104,22 @@ class ServiceDiscoveryServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportAccessTrace(self, request, context):
+        """afsd additions: learned prefetch (docs/learned-prefetch.md). A node reports which ranges of a layer's
+        blob a task read first after mounting it; discovery merges the runs it was told about per blob, and
+        hands the merge to the next node that mounts the blob. Traces are hints: readers bound them, and every
+        byte they fetch is still checked against the blob's signed chunk table.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAccessTraces(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ServiceDiscoveryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +147,16 @@ def add_ServiceDiscoveryServicer_to_server(servicer, server):
                     servicer.ResolveImage,
                     request_deserializer=afsd_dot_api_dot_discovery__pb2.ResolveImageRequest.FromString,
                     response_serializer=afsd_dot_api_dot_discovery__pb2.ResolveImageResponse.SerializeToString,
+            ),
+            'ReportAccessTrace': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportAccessTrace,
+                    request_deserializer=afsd_dot_api_dot_discovery__pb2.ReportAccessTraceRequest.FromString,
+                    response_serializer=afsd_dot_api_dot_discovery__pb2.ReportAccessTraceResponse.SerializeToString,
+            ),
+            'GetAccessTraces': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAccessTraces,
+                    request_deserializer=afsd_dot_api_dot_discovery__pb2.GetAccessTracesRequest.FromString,
+                    response_serializer=afsd_dot_api_dot_discovery__pb2.GetAccessTracesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +294,60 @@ class ServiceDiscovery(object):
             '/discovery.v1.ServiceDiscovery/ResolveImage',
             afsd_dot_api_dot_discovery__pb2.ResolveImageRequest.SerializeToString,
             afsd_dot_api_dot_discovery__pb2.ResolveImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportAccessTrace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/discovery.v1.ServiceDiscovery/ReportAccessTrace',
+            afsd_dot_api_dot_discovery__pb2.ReportAccessTraceRequest.SerializeToString,
+            afsd_dot_api_dot_discovery__pb2.ReportAccessTraceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAccessTraces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/discovery.v1.ServiceDiscovery/GetAccessTraces',
+            afsd_dot_api_dot_discovery__pb2.GetAccessTracesRequest.SerializeToString,
+            afsd_dot_api_dot_discovery__pb2.GetAccessTracesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,18 +29,24 @@ class MountRequest(_message.Message):
     def __init__(self, image: _Optional[str] = ..., tag: _Optional[str] = ..., target: _Optional[str] = ..., backend: _Optional[str] = ..., platform: _Optional[str] = ..., upper_dir: _Optional[str] = ..., tmpfs_upper: bool = ..., extra_dir: _Optional[str] = ..., tmpfs_upper_bytes: _Optional[int] = ...) -> None: ...
 
 class LayerState(_message.Message):
-    __slots__ = ("digest", "blob_digest", "size", "cached_bytes", "source")
+    __slots__ = ("digest", "blob_digest", "size", "cached_bytes", "source", "learned_ranges", "learned_prefetched_bytes", "learned_used_bytes")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     BLOB_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     CACHED_BYTES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_RANGES_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_PREFETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     digest: str
     blob_digest: str
     size: int
     cached_bytes: int
     source: str
-    def __init__(self, digest: _Optional[str] = ..., blob_digest: _Optional[str] = ..., size: _Optional[int] = ..., cached_bytes: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    learned_ranges: int
+    learned_prefetched_bytes: int
+    learned_used_bytes: int
+    def __init__(self, digest: _Optional[str] = ..., blob_digest: _Optional[str] = ..., size: _Optional[int] = ..., cached_bytes: _Optional[int] = ..., source: _Optional[str] = ..., learned_ranges: _Optional[int] = ..., learned_prefetched_bytes: _Optional[int] = ..., learned_used_bytes: _Optional[int] = ...) -> None: ...
 
 class MountInfo(_message.Message):
     __slots__ = ("mount_id", "image", "image_key", "target", "backend", "created_unix", "layers", "bytes_cached", "bytes_total", "upper", "extra_dir", "manifest_digest")

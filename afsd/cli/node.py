@@ -11,6 +11,7 @@ from pathlib import Path
 
 from afsd.cli._options import add_tls_options, announce_security, daemon_tls_from
 from afsd.errors import AfsdError, UsageError
+from afsd.ondemand.trace import DEFAULT_WINDOW
 from afsd.ondemand.registry import BACKEND_NAMES
 
 log = logging.getLogger("afsd.node")
@@ -47,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "the next mount sharing it starts at once, its background fill goes on and a "
                            "complete blob still reaches the local layerstore (for nodes running many short "
                            "tasks; default 0: release at once, `afsd umount` leaves no mount behind)")
+    node.add_argument("--no-learned-prefetch", action="store_true",
+                      help="neither fetch what the cluster learned tasks read first from a layer before they ask, "
+                           "nor record and report what tasks here read first (default: both; "
+                           "docs/learned-prefetch.md)")
+    node.add_argument("--trace-window", type=float, default=DEFAULT_WINDOW, metavar="SECONDS",
+                      help="how long after a layer's first read its reads are recorded (default %(default)g)")
     node.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     add_tls_options(node)
     node.set_defaults(handler=run_node)
@@ -93,11 +100,14 @@ async def run_node(args: argparse.Namespace) -> int:
     from afsd.node.daemon import NodeDaemon
     from afsd.node.images import ImageLocator
     from afsd.node.service import NodeService
+    from afsd.node.traces import LearnedTraces, TraceSettings
     from afsd.rpc import ChannelPool, run_until_signalled, start_unix_server
     from afsd.trust.descriptors import BlobTrust
 
     if args.layer_linger < 0:
         raise UsageError(f"--layer-linger {args.layer_linger:g}: give seconds >= 0")
+    if not 0 < args.trace_window <= 3600:
+        raise UsageError(f"--trace-window {args.trace_window:g}: give seconds in (0, 3600]")
     tls = daemon_tls_from(args)
     if args.metrics_listen:
         serve_metrics(args.metrics_listen)
@@ -111,7 +121,8 @@ async def run_node(args: argparse.Namespace) -> int:
         backends=backends,
         source_factory=source_factory(discovery, channels, discovery_endpoints=args.discovery_endpoint,
                                       local_endpoint=args.layerstore, node_id=args.node_id, tls=tls),
-        layerstore_admin_socket=args.layerstore_admin_socket, layer_linger=args.layer_linger)
+        layerstore_admin_socket=args.layerstore_admin_socket, layer_linger=args.layer_linger,
+        traces=LearnedTraces(discovery, args.node_id, TraceSettings(not args.no_learned_prefetch, args.trace_window)))
     await daemon.start()
     if args.metrics_listen:
         from prometheus_client import REGISTRY
@@ -198,10 +209,11 @@ async def run_mounts(args: argparse.Namespace) -> int:
         json.dump(json_format.MessageToDict(response, preserving_proto_field_name=True), sys.stdout, indent=2)
         print()
         return 0
-    print(f"{'MOUNT ID':<13} {'BACKEND':<9} {'CACHED':>10} {'TOTAL':>10}  {'TARGET':<30} IMAGE")
+    print(f"{'MOUNT ID':<13} {'BACKEND':<9} {'CACHED':>10} {'TOTAL':>10}  {'LEARNED (USED/FETCHED)':<24} "
+          f"{'TARGET':<30} IMAGE")
     for mount in response.mounts:
         print(f"{mount.mount_id:<13} {mount.backend:<9} {_size(mount.bytes_cached):>10} {_size(mount.bytes_total):>10}  "
-              f"{mount.target:<30} {mount.image}")
+              f"{_learned(mount):<24} {mount.target:<30} {mount.image}")
     for name, reason in sorted(response.backends.items()):
         summary = ", ".join(f"{label} {_counter(key, response.counters[f'{name}.{key}'])}"
                             for key, label in _HEADLINE_COUNTERS if f"{name}.{key}" in response.counters)
@@ -209,11 +221,24 @@ async def run_mounts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _learned(mount) -> str:
+    """What the mount's layers prefetched from learned traces, and how much of it readers then read."""
+    layers = [layer for layer in mount.layers if layer.learned_ranges]
+    if not layers:
+        return "-"
+    fetched = sum(layer.learned_prefetched_bytes for layer in layers)
+    if all(layer.HasField("learned_used_bytes") for layer in layers):
+        return f"{_size(sum(layer.learned_used_bytes for layer in layers))}/{_size(fetched)}"
+    return f"?/{_size(fetched)}"
+
+
 def _counter(key: str, value: float) -> str:
-    return _size(int(value)) if key.startswith("bytes") else f"{int(value)}"
+    return _size(int(value)) if "bytes" in key else f"{int(value)}"
 
 
 # The counters worth a glance (all of them: `afsd mounts --json`).
 _HEADLINE_COUNTERS = (("events_total", "events"), ("requests_total", "requests"),
                       ("events_redispatched", "re-dispatched"), ("worker_restarts", "worker restarts"),
-                      ("supervisor_restarts", "supervisor restarts"), ("bytes_filled", "bytes filled"))
+                      ("supervisor_restarts", "supervisor restarts"), ("bytes_filled", "bytes filled"),
+                      ("learned_blobs", "learned traces"), ("learned_bytes_prefetched", "learned fetched"),
+                      ("learned_bytes_used", "learned used"))

@@ -8,7 +8,8 @@ answer alike because every layerstore heartbeats every replica.
 Differences from the reference AFS, on purpose: image keys are normalised (`alpine` is
 `docker.io/library/alpine:latest`), resolutions of tags expire (see resolver.py), and the answers can
 include nodes that are pulling a layer right now (`include_pulling`), which lets a layerstore wait for
-a peer's pull instead of starting its own.
+a peer's pull instead of starting its own. It also keeps what tasks read first from each blob
+(`ReportAccessTrace`, `GetAccessTraces`: trace_book.py), for nodes to prefetch.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from afsd.api import discovery_pb2 as pb
 from afsd.api import discovery_pb2_grpc as pb_grpc
 from afsd.cluster.keys import image_key, normalise_image_key
 from afsd.cluster.nodetable import NodeRecord, NodeTable
-from afsd.cluster.peer_answers import PeerAnswerError, check_heartbeat
+from afsd.cluster.peer_answers import MAX_LAYERS, PeerAnswerError, check_heartbeat, check_trace_report
 from afsd.cluster.resolver import ImageResolver
+from afsd.cluster.trace_book import TraceBook
 from afsd.errors import AfsdError, InvalidReferenceError
 from afsd.oci.platform import parse_platform
 from afsd.oci.reference import parse_reference
@@ -63,12 +65,15 @@ def _valid_keys(keys: list[str], endpoint: str) -> frozenset[str]:
 
 
 class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
-    def __init__(self, table: NodeTable, resolver: ImageResolver, *, authenticated: bool = False) -> None:
+    def __init__(self, table: NodeTable, resolver: ImageResolver, *, authenticated: bool = False,
+                 traces: TraceBook | None = None) -> None:
         """`authenticated`: served over mutual TLS; a heartbeat may then speak only for the node its
-        caller's certificate names, at an endpoint on one of the certificate's hosts."""
+        caller's certificate names, at an endpoint on one of the certificate's hosts (and a trace report
+        is the certificate's node's)."""
         self.table = table
         self.resolver = resolver
         self.authenticated = authenticated
+        self.traces = traces or TraceBook()
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         if not request.node_id.strip() or not request.endpoint.strip():
@@ -177,6 +182,34 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
             runtime_config=pb.ImageRuntimeConfig(entrypoint=config.entrypoint, cmd=config.cmd,
                                                  env=config.env, working_dir=config.working_dir,
                                                  user=config.user))
+
+
+    async def ReportAccessTrace(self, request: pb.ReportAccessTraceRequest,
+                                context: grpc.aio.ServicerContext) -> pb.ReportAccessTraceResponse:
+        try:
+            ranges = check_trace_report(request, peer=f"trace report from {context.peer()}")
+        except PeerAnswerError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        advertised = (request.blob_size, request.blob_digest)
+        if not any(node.layers.get(request.layer_digest) == advertised
+                   for node in self.table.holding_layer(request.layer_digest)):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"no live layerstore advertises layer {request.layer_digest} as blob "
+                                f"{request.blob_digest} of {request.blob_size} bytes")
+        identity = identity_of(context) if self.authenticated else None
+        node = identity.name if identity is not None else request.node_id or context.peer()
+        runs = self.traces.report(request.blob_digest, request.blob_size, node, request.manifest_digest, ranges)
+        log.info("access trace of blob %s from %s: %d ranges (%d runs kept)", request.blob_digest, node,
+                 len(ranges), runs)
+        return pb.ReportAccessTraceResponse(runs=runs)
+
+    async def GetAccessTraces(self, request: pb.GetAccessTracesRequest,
+                              context: grpc.aio.ServicerContext) -> pb.GetAccessTracesResponse:
+        if len(request.blob_digests) > MAX_LAYERS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_LAYERS} blobs per request")
+        digests = dict.fromkeys(digest.strip().lower() for digest in request.blob_digests)
+        merged = [self.traces.merged(digest, request.manifest_digest.strip()) for digest in digests]
+        return pb.GetAccessTracesResponse(traces=[trace for trace in merged if trace is not None])
 
 
 async def expire_periodically(table: NodeTable, period: float = 5.0) -> None:

@@ -2,8 +2,9 @@
 
 Endpoints are `host:port` strings. Queries go to the first replica that answers, in the configured
 order, so that all nodes configured alike ask the same replica (one registry resolution per image)
-and fail over to the next. Heartbeats go to every replica, and to every address a replica's host name
-resolves to, looked up again at each beat: replicas behind one DNS name all learn about us.
+and fail over to the next. Heartbeats (and access trace reports) go to every replica, and to every
+address a replica's host name resolves to, looked up again at each beat: replicas behind one DNS name
+all learn about us.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import grpc
 
 from afsd.api import discovery_pb2 as pb
 from afsd.api import discovery_pb2_grpc as pb_grpc
-from afsd.cluster.peer_answers import PeerAnswerError, check_resolved, check_services
+from afsd.cluster.peer_answers import PeerAnswerError, check_access_traces, check_resolved, check_services
 from afsd.retry import RetryPolicy, grpc_permanent, grpc_retry_soon
 from afsd.rpc import ChannelPool
 
@@ -120,20 +121,37 @@ class DiscoveryClient:
         return await self._first(lambda stub: stub.ResolveImage(request, timeout=timeout),
                                  lambda answer, peer: check_resolved(answer, peer=peer))
 
+    async def access_traces(self, blob_digests: Sequence[str], manifest_digest: str = "", *,
+                            timeout: float = QUERY_TIMEOUT) -> list[pb.AccessTrace]:
+        """What tasks read first from these blobs (merged runs; blobs nobody reported are left out), checked
+        for form and bounds (a replica answering about other blobs is skipped)."""
+        request = pb.GetAccessTracesRequest(blob_digests=list(blob_digests), manifest_digest=manifest_digest)
+        response = await self._first(lambda stub: stub.GetAccessTraces(request, timeout=timeout),
+                                     lambda answer, peer: check_access_traces(answer, set(blob_digests), peer=peer))
+        return list(response.traces)
+
     async def heartbeat(self, request: pb.HeartbeatRequest) -> int:
-        """Send `request` to every address of every replica; return how many accepted it. With TLS, the
-        replica at each address must show a certificate for the name it was resolved from."""
+        """Send `request` to every address of every replica; return how many accepted it."""
+        return await self._to_every_replica("heartbeat", lambda stub: stub.Heartbeat(request, timeout=HEARTBEAT_TIMEOUT))
+
+    async def report_trace(self, request: pb.ReportAccessTraceRequest) -> int:
+        """Report a run's access trace to every address of every replica; return how many accepted it."""
+        return await self._to_every_replica(
+            "access trace report", lambda stub: stub.ReportAccessTrace(request, timeout=HEARTBEAT_TIMEOUT))
+
+    async def _to_every_replica(self, what: str,
+                                call: Callable[[pb_grpc.ServiceDiscoveryStub], Awaitable[object]]) -> int:
+        """With TLS, the replica at each address must show a certificate for the name it was resolved from."""
         addresses: dict[str, str | None] = {}   # address -> the name it was resolved from
         for endpoint in self.endpoints:
             for address in await expand_endpoint(endpoint):
                 addresses.setdefault(address, resolved_name(endpoint))
-        results = await asyncio.gather(*(self._beat(address, host, request) for address, host in addresses.items()))
-        return sum(results)
 
-    async def _beat(self, address: str, host: str | None, request: pb.HeartbeatRequest) -> bool:
-        try:
-            await self._stub(address, host).Heartbeat(request, timeout=HEARTBEAT_TIMEOUT)
-            return True
-        except grpc.aio.AioRpcError as error:
-            log.warning("heartbeat to %s failed: %s %s", address, error.code().name, error.details())
-            return False
+        async def one(address: str, host: str | None) -> bool:
+            try:
+                await call(self._stub(address, host))
+                return True
+            except grpc.aio.AioRpcError as error:
+                log.warning("%s to %s failed: %s %s", what, address, error.code().name, error.details())
+                return False
+        return sum(await asyncio.gather(*(one(address, host) for address, host in addresses.items())))

@@ -1,7 +1,7 @@
 """Checks on what peers send, applied where their answers enter this process.
 
 Layerstores answer `StatLayer` (a blob's description) and `PullImage`; discovery replicas answer
-`FindProvider` and `ResolveImage`. Until checked, every field is hostile: a layer digest becomes a
+`FindProvider`, `ResolveImage` and `GetAccessTraces`, and take `ReportAccessTrace` from nodes. Until checked, every field is hostile: a layer digest becomes a
 file name under the node's state directory, a chunk size a buffer size, an implicit directory a path
 inside a mount, an endpoint an address this node dials. Each check raises `PeerAnswerError` naming the
 peer and what was wrong; the caller treats that peer as failed (and tries the next one), and nothing
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from afsd.api import discovery_pb2 as dpb
 from afsd.api import layerstore_pb2 as lpb
 from afsd.erofs.unpack import decode_dir_path, encode_dir_path
 from afsd.errors import AfsdError
+from afsd.ondemand.trace import MAX_TRACE_RANGES, normalise_ranges
 
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 # Bounds on a blob description: generous for real layers, small enough that nothing derived from them
@@ -189,6 +190,51 @@ def check_pulled(layers: Sequence[lpb.Layer], *, peer: str) -> None:
     for layer in layers:
         check_digest(layer.digest, peer=peer, what="layer digest")
         check_digest(layer.blob_digest, peer=peer, what=f"blob digest of layer {layer.digest}")
+
+
+def check_trace_report(request: dpb.ReportAccessTraceRequest, *, peer: str) -> list[tuple[int, int, int]]:
+    """A node's report of what a task read first from a blob, as discovery receives it: well formed and
+    bounded. Returns its ranges normalised (page-aligned, inside the blob, each byte once)."""
+    check_digest(request.layer_digest, peer=peer, what="layer digest")
+    check_digest(request.blob_digest, peer=peer, what="blob digest")
+    if request.manifest_digest:
+        check_digest(request.manifest_digest, peer=peer, what="manifest digest")
+    if len(request.node_id) > MAX_LABEL_TEXT:
+        raise PeerAnswerError(peer, f"node id is longer than {MAX_LABEL_TEXT} characters")
+    if not 0 < request.blob_size <= MAX_BLOB_BYTES:
+        raise PeerAnswerError(peer, f"blob size {request.blob_size} is outside 1..{MAX_BLOB_BYTES}")
+    return normalise_ranges(_trace_ranges(request.ranges, peer), request.blob_size)  # type: ignore[return-value]
+
+
+def check_access_traces(response: dpb.GetAccessTracesResponse, asked: Collection[str], *,
+                        peer: str) -> list[dpb.AccessTrace]:
+    """A GetAccessTraces answer: at most one trace per blob asked about, none about another, each bounded."""
+    seen: set[str] = set()
+    for trace in response.traces:
+        if trace.blob_digest not in asked or trace.blob_digest in seen:
+            raise PeerAnswerError(peer, f"answered with a trace for blob {_shown(trace.blob_digest)}, which was "
+                                        "not asked for (or twice)")
+        seen.add(trace.blob_digest)
+        _trace_ranges(trace.ranges, peer)
+    return list(response.traces)
+
+
+def learned_ranges(trace: dpb.AccessTrace, size: int, *, peer: str) -> list[tuple[int, int]]:
+    """The (offset, length) ranges of a checked trace (`check_access_traces`) of a blob of `size` bytes, in
+    first-read order: a trace of another size is refused; ranges past the blob's end are cut off."""
+    if trace.blob_size != size:
+        raise PeerAnswerError(peer, f"its trace of blob {trace.blob_digest} is of a blob of {trace.blob_size} "
+                                    f"bytes, not {size}")
+    return [(offset, length) for offset, length, _ in normalise_ranges(_trace_ranges(trace.ranges, peer), size)]
+
+
+def _trace_ranges(ranges: Sequence[dpb.TraceRange], peer: str) -> list[tuple[int, int, int]]:
+    if len(ranges) > MAX_TRACE_RANGES:
+        raise PeerAnswerError(peer, f"a trace of {len(ranges)} ranges (at most {MAX_TRACE_RANGES})")
+    triples = [(r.offset, r.length, r.first_read_ms) for r in ranges]
+    if any(offset < 0 or length <= 0 or ms < 0 for offset, length, ms in triples):
+        raise PeerAnswerError(peer, "a trace with a negative offset or time, or an empty range")
+    return triples
 
 
 def _shown(text: str, limit: int = 80) -> str:

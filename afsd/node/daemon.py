@@ -3,8 +3,9 @@
 Data flow of a mount: image reference → ImageLocator (discovery + layerstores) → one BlobSpec per layer
 → per layer, shared by every mount that uses it: backend.attach (blob file) + backend.mount (a read-only
 erofs at <state>/layers/<hex>) → fixup tree + optional extra dir + optional writable upper →
-overlayfs at the target. Records on disk let a restarted daemon adopt what is mounted, or clean up
-what is half done: no mount is leaked either way. A layer whose blob becomes complete on this node is
+overlayfs at the target; each layer's backend fetches what the cluster learned tasks read first from it,
+and records what readers here read first (traces.py). Records on disk let a restarted daemon adopt what is
+mounted, or clean up what is half done: no mount is leaked either way. A layer whose blob becomes complete on this node is
 handed to the local layerstore (ImportLayer), which then advertises this node as a provider: the daemon
 checks once when it attaches (or adopts) a layer, and otherwise learns it from what the backends push
 (`Backend.completed_blobs`); nothing is polled. docs/node.md tells the whole story.
@@ -38,10 +39,11 @@ from afsd.errors import AfsdError
 from afsd.node.images import ImageLocator
 from afsd.node.leases import LeaseBook, LeaseRecord, LeaseRequestError, check_lease_id
 from afsd.node.records import MountRecord, StateDir, mounted_paths
+from afsd.node.traces import LearnedTraces
 from afsd.oci.digest import parse_digest
 from afsd.oci.platform import parse_platform
 from afsd.oci.reference import parse_reference
-from afsd.ondemand.base import Backend, BackendUnavailableError, BlobSource
+from afsd.ondemand.base import NO_STARTUP_TRACE, Backend, BackendUnavailableError, BlobSource, StartupTrace
 from afsd.ondemand.registry import BACKEND_NAMES
 from afsd.ondemand.spec import BlobSpec
 
@@ -101,6 +103,9 @@ class LayerUse:
     imported: bool = False
     importing: bool = False                       # a hand-over to the local layerstore is under way
     lingering: asyncio.Task[None] | None = None   # released by its last mount, kept for `layer_linger` s
+    manifest_digest: str = ""                     # the image of the mount that attached it
+    learned_ranges: int = 0                       # ranges of the learned trace it was attached with
+    recording: asyncio.Task[None] | None = None   # reports its first reads once their window is over
 
 
 SourceFactory = Callable[[BlobSpec], BlobSource]
@@ -109,16 +114,18 @@ SourceFactory = Callable[[BlobSpec], BlobSource]
 class NodeDaemon:
     def __init__(self, state_dir: Path, *, locator: ImageLocator, backends: dict[str, Backend],
                  source_factory: SourceFactory, layerstore_admin_socket: Path | None = None,
-                 layer_linger: float = 0.0) -> None:
+                 layer_linger: float = 0.0, traces: LearnedTraces | None = None) -> None:
         """`layer_linger`: seconds a layer stays attached and mounted after its last image mount is gone,
         so the next mount of an image sharing it starts at once, its background fill goes on and, once
-        complete, it is handed to the local layerstore (nodes that only run short tasks still spread)."""
+        complete, it is handed to the local layerstore (nodes that only run short tasks still spread).
+        `traces`: learned prefetch (None: layers are attached without, and nothing is recorded)."""
         self.state = StateDir(state_dir)
         self.layer_linger = layer_linger
         self.locator = locator
         self.backends = backends
         self.source_factory = source_factory
         self.layerstore_admin_socket = layerstore_admin_socket
+        self.traces = traces
         self._records: dict[str, MountRecord] = {}
         self._layers: dict[str, LayerUse] = {}
         self._layer_locks: dict[str, asyncio.Lock] = {}
@@ -204,6 +211,7 @@ class NodeDaemon:
             if directory is not None and not await asyncio.to_thread(Path(directory).is_dir):
                 raise MountRequestError(f"{what} {directory} is not a directory")
         resolved = await self.locator.locate(reference, platform)
+        learned = await self.traces.learned(resolved.manifest_digest, resolved.layers) if self.traces else {}
         record = MountRecord(mount_id=uuid.uuid4().hex[:12], image=str(reference), image_key=resolved.key,
                              manifest_digest=resolved.manifest_digest, target=str(target), backend=backend.name,
                              created_unix=int(time.time()), layers=resolved.layers,
@@ -213,7 +221,8 @@ class NodeDaemon:
             undo.push_async_callback(asyncio.to_thread, self.state.forget, record)
             uses = []
             for spec in resolved.layers:
-                use = await self._acquire_layer(spec, backend)
+                use = await self._acquire_layer(spec, backend, resolved.manifest_digest,
+                                                learned.get(spec.layer_digest, ()))
                 undo.push_async_callback(self._release_layer, spec.layer_digest)
                 record.layer_backends[spec.layer_digest] = use.backend.name
                 uses.append(use)
@@ -298,23 +307,31 @@ class NodeDaemon:
     def mounts(self) -> list[MountRecord]:
         return sorted(self._records.values(), key=lambda r: r.created_unix)
 
-    async def layer_state(self, spec: BlobSpec) -> tuple[int, str]:
-        """(bytes of the blob present on this node, backend that attached it)."""
+    async def layer_state(self, spec: BlobSpec) -> tuple[int, str, dict[str, int]]:
+        """(bytes of the blob present on this node, backend that attached it, its learned prefetch: the
+        trace's ranges and, as the backend last said, learned_prefetched_bytes and learned_used_bytes)."""
         use = self._layers.get(spec.layer_digest)
         if use is None:
-            return 0, ""
-        return await use.backend.present_bytes(spec, use.blob_path), use.backend.name
+            return 0, "", {}
+        details = use.backend.blob_details(spec)
+        learned = {key: int(details[key]) for key in ("learned_prefetched_bytes", "learned_used_bytes") if key in details}
+        return (await use.backend.present_bytes(spec, use.blob_path), use.backend.name,
+                {**learned, "learned_ranges": use.learned_ranges})
 
     # -- shared layers --------------------------------------------------------------------------
 
-    async def _acquire_layer(self, spec: BlobSpec, backend: Backend) -> LayerUse:
+    async def _acquire_layer(self, spec: BlobSpec, backend: Backend, manifest_digest: str = "",
+                             learned: tuple[tuple[int, int], ...] = ()) -> LayerUse:
         lock = self._layer_locks.setdefault(spec.layer_digest, asyncio.Lock())
         async with lock:
             use = self._layers.get(spec.layer_digest)
             if use is None:
-                use = LayerUse(spec, backend, self.state.blob_path(spec), self.state.layer_mountpoint(spec))
-                await self._attach_and_mount(use)
+                use = LayerUse(spec, backend, self.state.blob_path(spec), self.state.layer_mountpoint(spec),
+                               manifest_digest=manifest_digest, learned_ranges=len(learned))
+                await self._attach_and_mount(use, self.traces.startup(learned) if self.traces else NO_STARTUP_TRACE)
                 self._layers[spec.layer_digest] = use
+                if self.traces is not None and self.traces.settings.enabled:
+                    use.recording = self._in_background(self.traces.follow(backend, spec, manifest_digest))
                 if self.layerstore_admin_socket is not None:   # complete already (eager; a blob kept whole)
                     self._in_background(self._hand_over_if_complete(use))
             if use.lingering is not None:   # wanted again before its linger ran out
@@ -323,10 +340,10 @@ class NodeDaemon:
             use.refs += 1
             return use
 
-    async def _attach_and_mount(self, use: LayerUse) -> None:
+    async def _attach_and_mount(self, use: LayerUse, startup: StartupTrace = NO_STARTUP_TRACE) -> None:
         source = self.source_factory(use.spec)
         try:
-            await use.backend.attach(use.spec, use.blob_path, source)
+            await use.backend.attach(use.spec, use.blob_path, source, startup)
         finally:
             await source.source.close()
         await asyncio.to_thread(use.mountpoint.mkdir, parents=True, exist_ok=True)
@@ -363,6 +380,10 @@ class NodeDaemon:
     async def _drop_layer(self, use: LayerUse) -> None:
         """Unmount and detach a layer no mount uses any more (its blob file stays in the state dir)."""
         self._layers.pop(use.spec.layer_digest, None)
+        if use.recording is not None and not use.recording.done() and self.traces is not None:
+            use.recording.cancel()   # its recording goes with it: take and report it first
+            trace = await self.traces.finish(use.backend, use.spec)
+            self._in_background(self.traces.report(use.spec, use.manifest_digest, trace))
         if str(use.mountpoint) in await asyncio.to_thread(mounted_paths):
             await asyncio.to_thread(unmount, use.mountpoint, detach=True)
         await use.backend.detach(use.spec, use.blob_path)
@@ -442,7 +463,8 @@ class NodeDaemon:
             backend = self.choose_backend(attach.backend)
             manifest_digest, spec = await self.locator.locate_layer(reference, parse_platform(attach.platform or None),
                                                                     digest)
-            use = await self._acquire_layer(spec, backend)
+            learned = await self.traces.learned(manifest_digest, [spec]) if self.traces else {}
+            use = await self._acquire_layer(spec, backend, manifest_digest, learned.get(digest, ()))
             record = LeaseRecord(lease_id=lease_id, image=str(reference), manifest_digest=manifest_digest,
                                  layer=spec, backend=use.backend.name, created_unix=int(time.time()))
             try:
@@ -518,10 +540,11 @@ class NodeDaemon:
                         log.warning("no status from backend %s: %s", name, error)
             await asyncio.sleep(BACKEND_STATUS_PERIOD)
 
-    def _in_background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _in_background(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _watch_completions(self, backend: Backend) -> None:
         """Hand a layer to the local layerstore as soon as its backend says its blob is complete. When the

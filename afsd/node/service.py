@@ -39,9 +39,9 @@ class NodeService(pb_grpc.NodeServicer):
     async def _info(self, record: MountRecord) -> pb.MountInfo:
         layers = []
         for spec in record.layers:
-            cached, _ = await self.daemon.layer_state(spec)
+            cached, _, learned = await self.daemon.layer_state(spec)
             layers.append(pb.LayerState(digest=spec.layer_digest, blob_digest=spec.blob_digest, size=spec.size,
-                                        cached_bytes=cached))
+                                        cached_bytes=cached, **learned))
         return pb.MountInfo(
             mount_id=record.mount_id, image=record.image, image_key=record.image_key, target=record.target,
             backend=record.backend, created_unix=record.created_unix, layers=layers,

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 PAGE = 4096
+DEFAULT_WINDOW = 10.0           # seconds of a blob's first reads a node records, from its first read
 MAX_TRACE_RANGES = 16384        # ranges in one trace (recorded, reported, merged or learned)
 MAX_RECORDED_BYTES = 1 << 30    # a recording stops growing past this many bytes
 MAX_LEARNED_BYTES = 1 << 30     # a learned trace makes a node prefetch at most this much of one blob
@@ -50,7 +51,7 @@ class RecordedTrace:
         return self.closed and self.complete and bool(self.ranges)
 
 
-class _Seen:
+class Intervals:
     """Disjoint [start, end) intervals; `add` returns the parts of a new interval not seen before."""
 
     def __init__(self) -> None:
@@ -89,7 +90,7 @@ class TraceRecorder:
         self.closed = False
         self.complete = True
         self.truncated = False
-        self._seen = _Seen()
+        self._seen = Intervals()
         self._ranges: list[list[int]] = []
         self._bytes = 0
 
@@ -103,7 +104,7 @@ class TraceRecorder:
         """A read of [start, end) reached the backend at `now`."""
         if not self.is_open(now):
             return
-        start, end = max(0, start) // PAGE * PAGE, min(self.size, -(-end // PAGE) * PAGE)
+        start, end = _page_span(start, end, self.size)
         if start >= end:
             return
         if self.opened_at is None:
@@ -114,11 +115,7 @@ class TraceRecorder:
                 self.truncated = self.closed = True
                 return
             self._bytes += piece_end - piece_start
-            last = self._ranges[-1] if self._ranges else None
-            if last is not None and last[0] + last[1] == piece_start:
-                last[1] += piece_end - piece_start   # a sequential reader: one range
-            else:
-                self._ranges.append([piece_start, piece_end - piece_start, ms])
+            _extend(self._ranges, piece_start, piece_end, ms)
 
     def spoil(self) -> None:
         """Bytes arrived that later reads will not report (a backend that sees only misses prefetched):
@@ -134,6 +131,33 @@ class TraceRecorder:
         return RecordedTrace(ranges=[list(r) for r in self._ranges], window=self.window,
                              opened=self.opened_at is not None, closed=not open_now,
                              open_for=max(0.0, remaining), complete=self.complete, truncated=self.truncated)
+
+
+def normalise_ranges(ranges: Iterable[Sequence[int]], size: int) -> list[list[int]]:
+    """[offset, length, ms] ranges as a recording would hold them: page-aligned, inside [0, size), each byte
+    once (the first range that names it keeps it), contiguous neighbours joined, in the given order."""
+    seen = Intervals()
+    normal: list[list[int]] = []
+    for offset, length, ms in ranges:
+        start, end = _page_span(offset, offset + length, size)
+        for piece_start, piece_end in seen.add(start, end) if start < end else ():
+            _extend(normal, piece_start, piece_end, ms)
+    return normal
+
+
+def _page_span(start: int, end: int, size: int) -> tuple[int, int]:
+    """[start, end) widened to whole pages, inside [0, size)."""
+    return max(0, start) // PAGE * PAGE, min(size, -(-end // PAGE) * PAGE)
+
+
+def _extend(ranges: list[list[int]], start: int, end: int, ms: int) -> None:
+    """Append [start, end) first read at `ms`, joined to the last range when it continues it (a sequential
+    reader makes one range)."""
+    last = ranges[-1] if ranges else None
+    if last is not None and last[0] + last[1] == start:
+        last[1] += end - start
+    else:
+        ranges.append([start, end - start, ms])
 
 
 def learned_runs(ranges: Iterable[tuple[int, int]], *, size: int, chunk_size: int, task_chunks: int,

@@ -36,6 +36,10 @@ _COUNTER_HELP = {
     "bytes_filled_local": "bytes filled from this node's own layerstore",
     "bytes_filled_peer": "bytes filled from peer layerstores",
     "bytes_filled_other": "bytes filled from other sources (tests, benchmarks)",
+    "events_filled_demand": "events allowed after waiting for a demand fill (a fetch the miss caused)",
+    "learned_blobs": "blobs registered with a learned trace (what the cluster learned readers read first)",
+    "learned_bytes_prefetched": "bytes of learned ranges fetched before readers asked (whole chunks)",
+    "learned_bytes_used": "of those, bytes readers then read (whole chunks; prefetched but unread = wasted)",
     "fetch_failovers": "reads that abandoned a provider after it failed (in the fetch workers)",
     "fetch_verification_failures": "fetched ranges that did not match the blob's chunk digests",
 }
