@@ -223,6 +223,10 @@ class LearnedPrefetch:
                 used += self._chunk_bytes(chunk) if chunk in self.prefetched else 0
         return used
 
+    def fetched(self, offset: int) -> bool:
+        """Whether the byte at `offset` came with a learned fill."""
+        return offset // self.chunk_size in self.prefetched
+
     @property
     def prefetched_bytes(self) -> int:
         return sum(self._chunk_bytes(chunk) for chunk in self.prefetched)

@@ -97,6 +97,12 @@ class ForgingDiscovery(dgrpc.ServiceDiscoveryServicer):
         answer = await self.real.FindProvider(request)
         return self.forge_find_provider(answer) if self.forge_find_provider is not None else answer
 
+    async def ReportAccessTrace(self, request, context):
+        return await self.real.ReportAccessTrace(request)
+
+    async def GetAccessTraces(self, request, context):
+        return await self.real.GetAccessTraces(request)
+
 
 @contextlib.asynccontextmanager
 async def serving(add: Callable[[grpc.aio.Server], None], host: str = "127.0.0.1",

@@ -325,6 +325,8 @@ class Supervisor:
         blob.read_end = end
         if not self.settings.fill_ahead or blob.complete or blob.fill_fd is None or not (missed or sequential):
             return
+        if not missed and blob.learned is not None and blob.learned.fetched(end - 1):
+            return   # the learned trace knows what comes next better than a guess (a miss past it reads ahead)
         for first, count in read_ahead(end, chunk_size=blob.spec.chunk_size, chunks=blob.chunks,
                                        fill_ahead=self.settings.fill_ahead, in_flight=blob.inflight,
                                        filled=lambda chunk: self._chunk_filled(blob, chunk)):
