@@ -78,10 +78,10 @@ def test_learned_runs_are_chunks_in_first_read_order_coalesced_and_bounded() -> 
 def test_learned_prefetch_counts_what_readers_used_of_what_it_fetched() -> None:
     learned = LearnedPrefetch.plan([(0, 3 * MiB)], size=3 * MiB - 100, chunk_size=MiB, task_chunks=8)
     assert list(learned.runs) == [(0, 3)]
-    assert learned.mark_read(10, 20) == 0                 # read before it was fetched (the reader joined it)
+    assert learned.mark_read(10, 20) == (MiB, 0)          # read before it was fetched (the reader joined it)
     assert learned.mark_prefetched(range(3)) == MiB       # ... counts as used once it lands
-    assert learned.mark_read(2 * MiB, 2 * MiB + 1) == MiB - 100   # the short last chunk
-    assert learned.mark_read(0, 1) == 0                   # once per chunk
+    assert learned.mark_read(2 * MiB, 2 * MiB + 1) == (MiB - 100, MiB - 100)   # the short last chunk
+    assert learned.mark_read(0, 1) == (0, 0)              # once per chunk
     assert (learned.prefetched_bytes, learned.used_bytes) == (3 * MiB - 100, 2 * MiB - 100)
     assert learned.details()["learned_used_bytes"] == 2 * MiB - 100
     assert "learned_used_bytes" not in learned.details(reads_seen=False)

@@ -187,7 +187,8 @@ def learned_runs(ranges: Iterable[tuple[int, int]], *, size: int, chunk_size: in
 @dataclass
 class LearnedPrefetch:
     """One blob's learned prefetch: the runs left to fetch, and which fetched chunks readers touched.
-    `mark_*` return the bytes that just became "used" (for a monotonic counter)."""
+    `mark_*` return the bytes that just became "used" (and read) for monotonic counters; all at chunk granularity,
+    the unit every fetch is widened to (a reader of one byte of a chunk gets the whole chunk either way)."""
 
     size: int
     chunk_size: int
@@ -213,15 +214,15 @@ class LearnedPrefetch:
                 used += self._chunk_bytes(chunk) if chunk in self.touched else 0
         return used
 
-    def mark_read(self, start: int, end: int) -> int:
-        used = 0
-        if end <= start:
-            return 0
-        for chunk in range(start // self.chunk_size, (end - 1) // self.chunk_size + 1):
+    def mark_read(self, start: int, end: int) -> tuple[int, int]:
+        """A read of [start, end): (bytes of chunks it is the first to touch, of those the ones prefetched)."""
+        touched = used = 0
+        for chunk in range(start // self.chunk_size, (end - 1) // self.chunk_size + 1) if end > start else ():
             if chunk not in self.touched:
                 self.touched.add(chunk)
+                touched += self._chunk_bytes(chunk)
                 used += self._chunk_bytes(chunk) if chunk in self.prefetched else 0
-        return used
+        return touched, used
 
     def fetched(self, offset: int) -> bool:
         """Whether the byte at `offset` came with a learned fill."""

@@ -61,7 +61,8 @@ COUNTERS = (  # the supervisor's own (metrics.py says what each means)
     "events_redispatched", "tasks_dispatched", "tasks_done", "tasks_failed", "tasks_redispatched",
     "tasks_cancelled", "bytes_filled", "bytes_prefetched", "worker_restarts", "worker_deaths",
     "worker_hangs", "keeper_restarts", "blobs_completed", "bytes_filled_local", "bytes_filled_peer",
-    "bytes_filled_other", "events_filled_demand", "learned_blobs", "learned_bytes_prefetched", "learned_bytes_used")
+    "bytes_filled_other", "events_filled_demand", "learned_blobs", "learned_bytes_prefetched", "learned_bytes_used",
+    "learned_bytes_read")
 WORKER_COUNTERS = ("fetch_failovers", "fetch_verification_failures")   # counted by the fetch workers
 
 
@@ -315,7 +316,9 @@ class Supervisor:
         if blob.recorder is not None:
             blob.recorder.observe(start, end, now)
         if blob.learned is not None:
-            self.counters["learned_bytes_used"] += blob.learned.mark_read(start, end)
+            touched, used = blob.learned.mark_read(start, end)
+            self.counters["learned_bytes_read"] += touched
+            self.counters["learned_bytes_used"] += used
 
     def _read_ahead(self, blob: Blob, start: int, end: int, *, missed: bool) -> None:
         """Keep the `fill_ahead` chunks after a read being filled: after a miss always (a reader will likely
