@@ -42,6 +42,14 @@ def test_the_window_closes_by_itself_and_later_reads_are_not_recorded() -> None:
     assert trace.closed and trace.ranges == [[0, PAGE, 0]] and trace.publishable
 
 
+def test_the_startup_a_recording_covers_is_over_when_its_window_closes_or_no_read_came() -> None:
+    unread = TraceRecorder(MiB, window=2.0, created=10.0)
+    assert not unread.startup_over(11.0) and unread.startup_over(12.5)     # nobody read it within a window
+    read = TraceRecorder(MiB, window=2.0, created=10.0)
+    read.observe(0, PAGE, now=11.5)
+    assert not read.startup_over(13.0) and read.startup_over(13.6)         # two seconds from the first read
+
+
 def test_a_recording_stops_at_its_bounds_and_says_so() -> None:
     recorder = TraceRecorder(100 * MiB, window=60.0, max_ranges=3)
     for index in range(10):

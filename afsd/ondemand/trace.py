@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -81,9 +82,10 @@ class TraceRecorder:
     monotonic seconds). Stops (truncated) at `max_ranges` ranges or `max_bytes` bytes."""
 
     def __init__(self, size: int, window: float, *, max_ranges: int = MAX_TRACE_RANGES,
-                 max_bytes: int = MAX_RECORDED_BYTES) -> None:
+                 max_bytes: int = MAX_RECORDED_BYTES, created: float | None = None) -> None:
         self.size = size
         self.window = window
+        self.created = time.monotonic() if created is None else created
         self.max_ranges = max_ranges
         self.max_bytes = max_bytes
         self.opened_at: float | None = None
@@ -99,6 +101,14 @@ class TraceRecorder:
         if not self.closed and self.opened_at is not None and now - self.opened_at > self.window:
             self.closed = True
         return not self.closed
+
+    def startup_over(self, now: float) -> bool:
+        """Whether the startup this recording covers is over: its window closed, or no read came within a
+        window's length of the recorder's creation. A whole-blob fill waits for it (it would compete with the
+        startup's reads, or, where only misses are seen, hide them)."""
+        if self.opened_at is None:
+            return now - self.created > self.window
+        return not self.is_open(now)
 
     def observe(self, start: int, end: int, now: float) -> None:
         """A read of [start, end) reached the backend at `now`."""

@@ -6,8 +6,9 @@ units in flight.
 Where it sits: worker.py runs one `BackgroundFill` per blob after its OPEN and cancels it when the blob's
 last object closes; each unit goes through the worker's own fill (fetch, verify, write through the anon fd),
 so prefetched bytes are checked like every other. The cache file raises no READ for bytes it holds, so a
-recording of the blob's first reads is spoiled by anything filled meanwhile: while one is recorded and
-nothing was learned, the hole walk waits until the recording window is over.
+recording of the blob's first reads is spoiled by anything filled meanwhile: while one is recorded, the
+hole walk waits until the recording window is over (after a learned fill too: it would only compete with the
+startup's reads).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class BackgroundFill:
                 await self._fill_units(self._learned_units(), self._learned_inflight, learned=True)
             if not blob.prefetch:
                 return
-            if blob.recorder is not None and blob.learned is None:
-                await self._recording_over()
+            if blob.recorder is not None:
+                await self._startup_over()
             await self._fill_units(self._holes(), self._inflight)
             obj = self._open_object()
             size = blob.spec.size
@@ -66,12 +67,10 @@ class BackgroundFill:
     def _open_object(self) -> OpenObject | None:
         return next((o for o in self.blob.objects if not o.closed), None)
 
-    async def _recording_over(self) -> None:
-        """Wait until the blob's recording window is over (or never opened within its length)."""
-        recorder, started = self.blob.recorder, time.monotonic()
-        while recorder is not None and recorder.is_open(time.monotonic()):
-            if recorder.opened_at is None and time.monotonic() - started > recorder.window:
-                return
+    async def _startup_over(self) -> None:
+        """Wait until the startup the blob's recording covers is over (TraceRecorder.startup_over)."""
+        recorder = self.blob.recorder
+        while recorder is not None and not recorder.startup_over(time.monotonic()):
             await asyncio.sleep(RECORDING_POLL)
 
     async def _fill_units(self, units: AsyncGenerator[Unit, None], inflight: int, *, learned: bool = False) -> None:
