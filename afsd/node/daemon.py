@@ -5,8 +5,8 @@ Data flow of a mount: image reference → ImageLocator (discovery + layerstores)
 erofs at <state>/layers/<hex>) → fixup tree + optional extra dir + optional writable upper →
 overlayfs at the target; each layer's backend fetches what the cluster learned tasks read first from it,
 and records what readers here read first (traces.py). Records on disk let a restarted daemon adopt what is
-mounted, or clean up what is half done: no mount is leaked either way. A layer whose blob becomes complete on this node is
-handed to the local layerstore (ImportLayer), which then advertises this node as a provider: the daemon
+mounted, or clean up what is half done: no mount is leaked either way. A layer whose blob becomes complete
+on this node is handed to the local layerstore (ImportLayer), which then advertises this node as a provider: the daemon
 checks once when it attaches (or adopts) a layer, and otherwise learns it from what the backends push
 (`Backend.completed_blobs`); nothing is polled. docs/node.md tells the whole story.
 """
@@ -314,7 +314,8 @@ class NodeDaemon:
         if use is None:
             return 0, "", {}
         details = use.backend.blob_details(spec)
-        learned = {key: int(details[key]) for key in ("learned_prefetched_bytes", "learned_used_bytes") if key in details}
+        learned = {key: int(details[key]) for key in ("learned_prefetched_bytes", "learned_used_bytes")
+                   if key in details}
         return (await use.backend.present_bytes(spec, use.blob_path), use.backend.name,
                 {**learned, "learned_ranges": use.learned_ranges})
 

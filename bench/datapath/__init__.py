@@ -10,6 +10,8 @@ Run as root from the checkout. Rows (modules of this package):
   random        cold 4 KiB random reads, p50/p99 per miss, afsd vs a minimal C fanotify listener
   ttfb          time to first byte of a small file in a never-seen image a peer holds, 16x larger vs smaller
   task          cold start of `python3 -c 'import ...'` through the proxy (Debian + python3) vs warm
+  learned       the same (and a numpy task) on a node that fetches what the cluster learned the task reads
+                first, vs warm; and learned bytes fetched but never read vs bytes read
   vm            cold sequential read through fscache vs local erofs, in the lab VM (bench/fscache_bench.py)
 Everything runs on loopback with real daemons; everything it starts is stopped and removed at exit
 (SIGTERM included). The machine is shared: compare the ratios, which come from one run.

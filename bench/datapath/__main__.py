@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import exit_on_sigterm, machine_facts, require, write_json
-from bench.datapath import kernel_reads, random_reads, task, transport, ttfb, vm
+from bench.datapath import kernel_reads, learned, random_reads, task, transport, ttfb, vm
 from bench.datapath._lab import BenchLab, remove_work
 from bench.datapath._report import Section, print_summary
 
-ROWS = ("transport", "sequential", "random", "ttfb", "task", "vm")
+ROWS = ("transport", "sequential", "random", "ttfb", "task", "learned", "vm")
 # (quick, full) settings per row.
 SIZES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
     "transport": ({"size_mib": 128, "repeats": 2}, {"size_mib": 256, "repeats": 5}),
@@ -24,6 +24,7 @@ SIZES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
     "random": ({"size_mib": 32, "reads": 200, "repeats": 1}, {"size_mib": 64, "reads": 1000, "repeats": 2}),
     "ttfb": ({"size_mib": 64, "repeats": 2}, {"size_mib": 256, "repeats": 3}),
     "task": ({"cold_repeats": 1, "warm_runs": 3}, {"cold_repeats": 3, "warm_runs": 5}),
+    "learned": ({"repeats": 1, "warm_runs": 3}, {"repeats": 3, "warm_runs": 5}),
 }
 
 
@@ -93,7 +94,7 @@ def _measure(row: str, lab: BenchLab | None, settings: dict[str, dict[str, int]]
         return vm.measure(args.quick, args.vm)
     assert lab is not None
     measure = {"transport": transport.measure, "sequential": kernel_reads.measure, "random": random_reads.measure,
-               "ttfb": ttfb.measure, "task": task.measure}[row]
+               "ttfb": ttfb.measure, "task": task.measure, "learned": learned.measure}[row]
     return measure(lab, **settings[row])
 
 

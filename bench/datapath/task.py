@@ -4,7 +4,8 @@ The task: `python3 -c 'import json, sqlite3, ssl, email, asyncio'` in a Debian b
 python3 (debootstrap, cached under ~/.cache/afsd/images; three layers), which only the holder layerstore
 holds. Each cold repeat starts a fresh node as an operator runs one for short tasks: its own layerstore
 (new, never asked for the image), `afsd node` (background prefetch on, `--layer-linger 60` so that what
-it assembles spreads), an afslet and a proxy in front. Each fresh node first runs `/bin/true` in a small
+it assembles spreads, `--no-learned-prefetch`: this row is the data path alone; learned.py measures what
+the cluster's traces add), an afslet and a proxy in front. Each fresh node first runs `/bin/true` in a small
 busybox image (not timed), so that its backend supervisor, fetch workers, afslet and proxy are up, as on
 a node that has run tasks before; then the task's first Execute through the proxy is the cold one (first
 frame to `done`, client side). Once the node's layerstore lists every layer (the node filled
@@ -37,14 +38,16 @@ COMMAND = ["python3", "-c", "import json, sqlite3, ssl, email, asyncio"]
 LINGER_SECONDS = 60
 
 
-class _Node:
-    """A node's afsd node + afslet + proxy on a given layerstore; `run()` executes the task through the proxy."""
+class TaskNode:
+    """A node's afsd node + afslet + proxy on a given layerstore; `run()` executes a command through the proxy."""
 
-    def __init__(self, lab: BenchLab, store: Daemon, linger: float) -> None:
+    def __init__(self, lab: BenchLab, store: Daemon, linger: float, extra_args: list[str] = ()) -> None:
         self.lab = lab
         self.daemons: list[Daemon] = []
         try:
-            node = lab.node("task-node", layerstore=store, prefetch=True, extra_args=["--layer-linger", str(linger)])
+            node = lab.node("task-node", layerstore=store, prefetch=True,
+                            extra_args=["--layer-linger", str(linger), *extra_args])
+            self.node = node
             self.daemons.append(node)
             afslet = afslet_daemon(lab.work, lab.fresh_name("task-afslet"), node, [lab.discovery.address],
                                    stop_timeouts=SHORT_STOP_TIMEOUTS)
@@ -60,8 +63,8 @@ class _Node:
         self.channel = grpc.insecure_channel(proxy.address)
         self.stub = afslet_pb2_grpc.AfsletStub(self.channel)
 
-    def run(self, reference: str) -> ExecuteTiming:
-        return execute(self.stub, reference, COMMAND, cpu_cores=1, memory_mb=512, timeout_ms=120_000)
+    def run(self, reference: str, command: list[str] = COMMAND) -> ExecuteTiming:
+        return execute(self.stub, reference, command, cpu_cores=1, memory_mb=512, timeout_ms=120_000)
 
     def warm_up(self, busybox: str) -> None:
         execute(self.stub, busybox, ["/bin/true"], cpu_cores=1, memory_mb=256)
@@ -79,7 +82,7 @@ def measure(lab: BenchLab, cold_repeats: int, warm_runs: int) -> Section:
     cached = debian_layout(include=("python3",))
     reference = push_layout(cached.layout, lab.registry.address, "bench/debian-python3", "v1").reference
     held = lab.hold(reference)
-    busybox = _push_busybox(lab)
+    busybox = push_busybox(lab)
     lab.hold(busybox)
     digests = [layer.spec.layer_digest for layer in held]
     blob_bytes = sum(layer.spec.size for layer in held)
@@ -87,7 +90,7 @@ def measure(lab: BenchLab, cold_repeats: int, warm_runs: int) -> Section:
     for repeat in range(cold_repeats):
         store = lab.layerstore("task-store")
         try:
-            node = _Node(lab, store, LINGER_SECONDS)
+            node = TaskNode(lab, store, LINGER_SECONDS, ["--no-learned-prefetch"])
             try:
                 node.warm_up(busybox)
                 runs["cold"].append(node.run(reference))
@@ -98,7 +101,7 @@ def measure(lab: BenchLab, cold_repeats: int, warm_runs: int) -> Section:
             finally:
                 node.stop()
             if repeat == cold_repeats - 1:
-                node = _Node(lab, store, 0)
+                node = TaskNode(lab, store, 0, ["--no-learned-prefetch"])
                 try:
                     node.warm_up(busybox)
                     node.run(reference)    # the first mount from the node's own layerstore: not counted
@@ -121,7 +124,7 @@ def measure(lab: BenchLab, cold_repeats: int, warm_runs: int) -> Section:
     return section
 
 
-def _push_busybox(lab: BenchLab) -> str:
+def push_busybox(lab: BenchLab) -> str:
     scratch = lab.work / "busybox-scratch"
     scratch.mkdir()
     try:
