@@ -44,7 +44,7 @@ want=$(cat pyproject.toml setup.py c_ext/* 2>/dev/null | sha256sum | cut -d' ' -
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c 'import afsd' 2>/dev/null; then
   echo "setup: installing afsd and its Python dependencies into .venv" >&2
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[test]'
+  .venv/bin/pip install -q -e '.[test,bench]'
   echo "$want" > "$stamp"
 fi
 echo "setup: ready (.venv/bin/afsd)" >&2

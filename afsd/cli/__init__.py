@@ -15,10 +15,11 @@ import sys
 from collections.abc import Sequence
 
 from afsd import __version__
-from afsd.cli import certs, convert, demo, discovery, executions, layerstore, let, node, proxy, run, snapshotter, trace
+from afsd.cli import (certs, convert, demo, discovery, executions, layerstore, let, node, proxy, run, sim, snapshotter,
+                      trace)
 from afsd.errors import AfsdError
 
-_SUBCOMMANDS = (convert, discovery, layerstore, node, snapshotter, let, executions, proxy, run, trace, certs, demo)
+_SUBCOMMANDS = (convert, discovery, layerstore, node, snapshotter, let, executions, proxy, run, trace, certs, demo, sim)
 
 
 def build_parser() -> argparse.ArgumentParser:

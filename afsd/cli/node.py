@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "docs/learned-prefetch.md)")
     node.add_argument("--trace-window", type=float, default=DEFAULT_WINDOW, metavar="SECONDS",
                       help="how long after a layer's first read its reads are recorded (default %(default)g)")
+    node.add_argument("--fetch-workers", type=int, default=None, metavar="N",
+                      help="fetch worker processes of the fanotify backend (default 2; each costs ~60 MB, "
+                           "so a host simulating many nodes uses 1)")
     node.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     add_tls_options(node)
     node.set_defaults(handler=run_node)
@@ -113,8 +116,10 @@ async def run_node(args: argparse.Namespace) -> int:
         serve_metrics(args.metrics_listen)
     channels = ChannelPool(tls)
     discovery = DiscoveryClient(args.discovery_endpoint, channels)
+    if args.fetch_workers is not None and args.fetch_workers < 1:
+        raise UsageError(f"--fetch-workers {args.fetch_workers}: give at least 1")
     backends = build_backends(args.state_dir, args.backends, prefetch=not args.no_prefetch,
-                              spreads=args.layerstore_admin_socket is not None)
+                              spreads=args.layerstore_admin_socket is not None, fetch_workers=args.fetch_workers)
     daemon = NodeDaemon(
         args.state_dir, locator=ImageLocator(discovery, channels, local_layerstore=args.layerstore, node_id=args.node_id,
                                              trust=BlobTrust(tls)),

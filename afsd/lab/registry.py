@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,8 +131,10 @@ def _config(root: Path, addr: str, auth: TokenAuth | HtpasswdAuth | None) -> dic
 
 def start_registry(root: Path, *, auth: TokenAuth | HtpasswdAuth | None = None,
                    host: str = "127.0.0.1", port: int | None = None,
-                   startup_timeout: float = 20.0) -> RegistryProcess:
-    """Start `docker-registry` storing under `root` and wait until it answers on its port."""
+                   startup_timeout: float = 20.0, prefix: Sequence[str] = ()) -> RegistryProcess:
+    """Start `docker-registry` storing under `root` and wait until it answers on its port. `prefix`
+    runs it elsewhere (e.g. `nsenter --net=...`: then give `host` and `port`, which the caller must
+    be able to reach)."""
     binary = shutil.which(REGISTRY_BINARY)
     if binary is None:
         raise MissingToolError(
@@ -144,7 +147,7 @@ def start_registry(root: Path, *, auth: TokenAuth | HtpasswdAuth | None = None,
     log_path = root / "registry.log"
     log = open(log_path, "ab")
     try:
-        process = subprocess.Popen([binary, "serve", str(config_path)], stdout=log,
+        process = subprocess.Popen([*prefix, binary, "serve", str(config_path)], stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True, env={**os.environ, "OTEL_TRACES_EXPORTER": "none"})
     finally:

@@ -21,16 +21,17 @@ if TYPE_CHECKING:
 
 
 def build_backends(state_dir: Path, enabled: Sequence[str] | None, *, prefetch: bool = True,
-                   spreads: bool = False) -> dict[str, Backend]:
+                   spreads: bool = False, fetch_workers: int | None = None) -> dict[str, Backend]:
     """The backends `enabled` (default: all of afsd.ondemand.registry's), each with its state directory
     under `state_dir`. `spreads`: the node hands complete blobs to a local layerstore (then fscache keeps a
-    plain copy of each blob beside its cache file, which costs the blob's size on disk a second time)."""
+    plain copy of each blob beside its cache file, which costs the blob's size on disk a second time).
+    `fetch_workers`: worker processes of the backends that have them (None: each one's default)."""
     names = list(enabled) if enabled else list(BACKEND_NAMES)
     unknown = [n for n in names if n not in BACKEND_NAMES]
     if unknown:
         raise UsageError(f"unknown backend(s) {', '.join(unknown)}: this build has {', '.join(BACKEND_NAMES)}")
     options = {name: BackendOptions(state_dir / name, prefetch=prefetch, keep_blob_copies=spreads,
-                                    sources=CLUSTER_SOURCES) for name in names}
+                                    sources=CLUSTER_SOURCES, fetch_workers=fetch_workers) for name in names}
     return {name: backend_class(name).create(options[name]) for name in names}
 
 

@@ -61,6 +61,7 @@ class BackendOptions:
     prefetch: bool = True            # fill whole blobs in the background, not only what readers touch
     keep_blob_copies: bool = False   # keep each blob as a plain file too, for a local layerstore (fscache)
     sources: str = FILE_SOURCES      # the source factory of fetch workers in other processes (sources.py)
+    fetch_workers: int | None = None # fetch worker processes, for backends that have them (None: their default)
 
 
 class Backend(ABC):

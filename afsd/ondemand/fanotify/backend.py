@@ -9,6 +9,7 @@ two supervised backends share (start, status, counters, metrics, completeness): 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import tempfile
@@ -36,7 +37,10 @@ class FanotifyBackend(SupervisedBackend):
 
     @classmethod
     def create(cls, options: BackendOptions) -> FanotifyBackend:
-        return cls(options.state_dir, Settings(sources=options.sources), prefetch=options.prefetch)
+        settings = Settings(sources=options.sources)
+        if options.fetch_workers is not None:
+            settings = dataclasses.replace(settings, workers=options.fetch_workers)
+        return cls(options.state_dir, settings, prefetch=options.prefetch)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
