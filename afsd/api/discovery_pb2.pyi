@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ServiceView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SERVICE_VIEW_ASKED: _ClassVar[ServiceView]
+    SERVICE_VIEW_ENDPOINTS: _ClassVar[ServiceView]
+    SERVICE_VIEW_FULL: _ClassVar[ServiceView]
+SERVICE_VIEW_ASKED: ServiceView
+SERVICE_VIEW_ENDPOINTS: ServiceView
+SERVICE_VIEW_FULL: ServiceView
 
 class LayerStat(_message.Message):
     __slots__ = ("digest", "afs_size", "blob_digest")
@@ -125,52 +135,88 @@ class ResolveImageResponse(_message.Message):
     def __init__(self, image_key: _Optional[str] = ..., resolved_registry: _Optional[str] = ..., resolved_repository: _Optional[str] = ..., resolved_reference: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[ImageLayer, _Mapping]]] = ..., runtime_config: _Optional[_Union[ImageRuntimeConfig, _Mapping]] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
 
 class FindProviderRequest(_message.Message):
-    __slots__ = ("layer_digest", "include_pulling")
+    __slots__ = ("layer_digest", "include_pulling", "max_services", "page_token", "view", "requester_endpoint")
     LAYER_DIGEST_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PULLING_FIELD_NUMBER: _ClassVar[int]
+    MAX_SERVICES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     layer_digest: str
     include_pulling: bool
-    def __init__(self, layer_digest: _Optional[str] = ..., include_pulling: bool = ...) -> None: ...
+    max_services: int
+    page_token: str
+    view: ServiceView
+    requester_endpoint: str
+    def __init__(self, layer_digest: _Optional[str] = ..., include_pulling: bool = ..., max_services: _Optional[int] = ..., page_token: _Optional[str] = ..., view: _Optional[_Union[ServiceView, str]] = ..., requester_endpoint: _Optional[str] = ...) -> None: ...
 
 class FindProviderResponse(_message.Message):
-    __slots__ = ("layer_digest", "services")
+    __slots__ = ("layer_digest", "services", "next_page_token", "total_services")
     LAYER_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SERVICES_FIELD_NUMBER: _ClassVar[int]
     layer_digest: str
     services: _containers.RepeatedCompositeFieldContainer[ServiceInstance]
-    def __init__(self, layer_digest: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    total_services: int
+    def __init__(self, layer_digest: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_services: _Optional[int] = ...) -> None: ...
 
 class FindImageProviderRequest(_message.Message):
-    __slots__ = ("image_key", "include_pulling")
+    __slots__ = ("image_key", "include_pulling", "max_services", "page_token", "view", "requester_endpoint")
     IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PULLING_FIELD_NUMBER: _ClassVar[int]
+    MAX_SERVICES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     image_key: str
     include_pulling: bool
-    def __init__(self, image_key: _Optional[str] = ..., include_pulling: bool = ...) -> None: ...
+    max_services: int
+    page_token: str
+    view: ServiceView
+    requester_endpoint: str
+    def __init__(self, image_key: _Optional[str] = ..., include_pulling: bool = ..., max_services: _Optional[int] = ..., page_token: _Optional[str] = ..., view: _Optional[_Union[ServiceView, str]] = ..., requester_endpoint: _Optional[str] = ...) -> None: ...
 
 class FindImageProviderResponse(_message.Message):
-    __slots__ = ("image_key", "services")
+    __slots__ = ("image_key", "services", "next_page_token", "total_services")
     IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SERVICES_FIELD_NUMBER: _ClassVar[int]
     image_key: str
     services: _containers.RepeatedCompositeFieldContainer[ServiceInstance]
-    def __init__(self, image_key: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    total_services: int
+    def __init__(self, image_key: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_services: _Optional[int] = ...) -> None: ...
 
 class FindImageRequest(_message.Message):
-    __slots__ = ("image_key", "layer_digest")
+    __slots__ = ("image_key", "layer_digest", "max_services", "page_token", "view", "requester_endpoint")
     IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
     LAYER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_SERVICES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     image_key: str
     layer_digest: str
-    def __init__(self, image_key: _Optional[str] = ..., layer_digest: _Optional[str] = ...) -> None: ...
+    max_services: int
+    page_token: str
+    view: ServiceView
+    requester_endpoint: str
+    def __init__(self, image_key: _Optional[str] = ..., layer_digest: _Optional[str] = ..., max_services: _Optional[int] = ..., page_token: _Optional[str] = ..., view: _Optional[_Union[ServiceView, str]] = ..., requester_endpoint: _Optional[str] = ...) -> None: ...
 
 class FindImageResponse(_message.Message):
-    __slots__ = ("image_key", "services")
+    __slots__ = ("image_key", "services", "next_page_token", "total_services")
     IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SERVICES_FIELD_NUMBER: _ClassVar[int]
     image_key: str
     services: _containers.RepeatedCompositeFieldContainer[ServiceInstance]
-    def __init__(self, image_key: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    total_services: int
+    def __init__(self, image_key: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_services: _Optional[int] = ...) -> None: ...
 
 class TraceRange(_message.Message):
     __slots__ = ("offset", "length", "first_read_ms")

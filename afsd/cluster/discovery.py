@@ -22,6 +22,7 @@ import grpc
 
 from afsd.api import discovery_pb2 as pb
 from afsd.api import discovery_pb2_grpc as pb_grpc
+from afsd.cluster.answers import PageTokenError, Query, page
 from afsd.cluster.keys import image_key, normalise_image_key
 from afsd.cluster.nodetable import NodeRecord, NodeTable
 from afsd.cluster.peer_answers import MAX_LAYERS, PeerAnswerError, check_heartbeat, check_trace_report
@@ -36,22 +37,10 @@ from afsd.trust.identity import identity_of
 log = logging.getLogger(__name__)
 
 
-def _instance(node: NodeRecord) -> pb.ServiceInstance:
-    digests = sorted(node.layers)
-    return pb.ServiceInstance(
-        node_id=node.node_id, endpoint=node.endpoint, last_seen_unix=node.last_seen_unix,
-        layer_digests=digests, cached_images=sorted(node.cached_images),
-        layer_stats=[pb.LayerStat(digest=d, afs_size=node.layers[d][0], blob_digest=node.layers[d][1])
-                     for d in digests],
-        cache_max_bytes=node.cache_max_bytes, pulling_images=sorted(node.pulling_images),
-        pulling_layers=sorted(node.pulling_layers))
-
-
-def _unique(nodes: list[NodeRecord]) -> list[pb.ServiceInstance]:
-    seen: dict[str, NodeRecord] = {}
-    for node in nodes:
-        seen.setdefault(node.endpoint, node)
-    return [_instance(node) for node in seen.values()]
+def _query(request: pb.FindProviderRequest | pb.FindImageProviderRequest | pb.FindImageRequest,
+           **about: object) -> Query:
+    return Query(view=request.view, max_services=request.max_services, page_token=request.page_token.strip(),
+                 requester=request.requester_endpoint.strip(), **about)  # type: ignore[arg-type]
 
 
 def _valid_keys(keys: list[str], endpoint: str) -> frozenset[str]:
@@ -120,42 +109,63 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
             await abort_for(context, error)
             raise  # unreachable: abort raises
 
-    def _image_nodes(self, key: str, include_pulling: bool) -> list[NodeRecord]:
+    def _image_layers(self, key: str) -> tuple[str, ...]:
         known = self.resolver.cached(key)
-        nodes = self.table.holding_image(key, [layer.digest for layer in known.layers] if known else [])
+        return tuple(layer.digest for layer in known.layers) if known else ()
+
+    def _image_nodes(self, key: str, include_pulling: bool) -> list[NodeRecord]:
+        nodes = self.table.holding_image(key, self._image_layers(key))
         if include_pulling:
             nodes += self.table.pulling_image(key)
         return nodes
+
+    async def _page(self, nodes: list[NodeRecord], query: Query,
+                    context: grpc.aio.ServicerContext) -> tuple[list[pb.ServiceInstance], str, int]:
+        try:
+            return page(nodes, query)
+        except (PageTokenError, ValueError) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise  # unreachable: abort raises
 
     async def FindImageProvider(self, request: pb.FindImageProviderRequest,
                                 context: grpc.aio.ServicerContext) -> pb.FindImageProviderResponse:
         if not request.image_key.strip():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image_key is required")
         key = await self._key(request.image_key, context)
-        return pb.FindImageProviderResponse(
-            image_key=key, services=_unique(self._image_nodes(key, request.include_pulling)))
+        services, token, total = await self._page(self._image_nodes(key, request.include_pulling), _query(
+            request, image_key=key, image_layers=self._image_layers(key)), context)
+        return pb.FindImageProviderResponse(image_key=key, services=services, next_page_token=token,
+                                            total_services=total)
 
     async def FindProvider(self, request: pb.FindProviderRequest,
                            context: grpc.aio.ServicerContext) -> pb.FindProviderResponse:
         digest = request.layer_digest.strip().lower()
         if not digest:
-            return pb.FindProviderResponse(services=_unique(self.table.live()))
-        nodes = self.table.holding_layer(digest)
-        if request.include_pulling:
-            nodes += self.table.pulling_layer(digest)
-        return pb.FindProviderResponse(layer_digest=digest, services=_unique(nodes))
+            nodes = self.table.live()
+        else:
+            nodes = self.table.holding_layer(digest)
+            if request.include_pulling:
+                nodes += self.table.pulling_layer(digest)
+        services, token, total = await self._page(nodes, _query(request, layer_digest=digest), context)
+        return pb.FindProviderResponse(layer_digest=digest, services=services, next_page_token=token,
+                                       total_services=total)
 
     async def FindImage(self, request: pb.FindImageRequest,
                         context: grpc.aio.ServicerContext) -> pb.FindImageResponse:
         key_text, digest = request.image_key.strip(), request.layer_digest.strip().lower()
-        if not key_text and not digest:
-            return pb.FindImageResponse(services=_unique(self.table.live()))
         key = await self._key(key_text, context) if key_text else ""
-        nodes = self._image_nodes(key, False) if key else self.table.holding_layer(digest)
+        if not key and not digest:
+            nodes = self.table.live()
+        else:
+            nodes = self._image_nodes(key, False) if key else self.table.holding_layer(digest)
         if key and digest:
             holders = {n.endpoint for n in self.table.holding_layer(digest)}
             nodes = [n for n in nodes if n.endpoint in holders]
-        return pb.FindImageResponse(image_key=key, services=_unique(nodes))
+        layers = self._image_layers(key) if key else ()
+        query = _query(request, image_key=key, layer_digest="" if key else digest,
+                       image_layers=tuple(dict.fromkeys((*layers, digest) if digest else layers)))
+        services, token, total = await self._page(nodes, query, context)
+        return pb.FindImageResponse(image_key=key, services=services, next_page_token=token, total_services=total)
 
     async def ResolveImage(self, request: pb.ResolveImageRequest,
                            context: grpc.aio.ServicerContext) -> pb.ResolveImageResponse:

@@ -20,7 +20,8 @@ import grpc
 
 from afsd.api import discovery_pb2 as pb
 from afsd.api import discovery_pb2_grpc as pb_grpc
-from afsd.cluster.peer_answers import PeerAnswerError, check_access_traces, check_resolved, check_services
+from afsd.cluster.peer_answers import (MAX_LISTED_NODES, PeerAnswerError, check_access_traces, check_resolved,
+                                      check_services)
 from afsd.retry import RetryPolicy, grpc_permanent, grpc_retry_soon
 from afsd.rpc import ChannelPool
 
@@ -76,6 +77,22 @@ async def expand_endpoint(endpoint: str) -> list[str]:
 QUERY_RETRY = RetryPolicy(attempts=3, base=0.2, cap=2.0)
 
 
+async def all_pages(page: Callable[[str], Awaitable[pb.FindProviderResponse]], *,
+                    peer: str) -> list[pb.ServiceInstance]:
+    """The services of every page of a listing, `page(token)` giving each (the first with ""). A
+    discovery that never stops paging (more than MAX_LISTED_NODES services) is refused."""
+    found: list[pb.ServiceInstance] = []
+    token = ""
+    while True:
+        answer = await page(token)
+        found += answer.services
+        if len(found) > MAX_LISTED_NODES:
+            raise PeerAnswerError(peer, f"listed more than {MAX_LISTED_NODES} nodes over its pages")
+        token = answer.next_page_token
+        if not token or not answer.services:
+            return found
+
+
 class DiscoveryClient:
     def __init__(self, endpoints: Sequence[str], channels: ChannelPool | None = None,
                  retry: RetryPolicy = QUERY_RETRY) -> None:
@@ -111,10 +128,26 @@ class DiscoveryClient:
         raise DiscoveryUnavailableError("no discovery replica answered: " + "; ".join(
             [f"{endpoint}: {reason}" for endpoint, reason in errors.items()] or ["none configured"]))
 
-    async def find_provider(self, digest: str = "", *, include_pulling: bool = False) -> list[pb.ServiceInstance]:
+    async def find_provider(self, digest: str, *, include_pulling: bool = False, max_services: int = 0,
+                            requester: str = "") -> list[pb.ServiceInstance]:
+        """Nodes holding (or, with `include_pulling`, fetching) the layer `digest`, each record cut down
+        to that layer: the first page of the answer (thousands of nodes), `max_services` at most."""
+        if not digest:
+            raise ValueError("find_provider needs a layer digest; list_nodes() lists every node")
         response = await self._first(lambda stub: stub.FindProvider(
-            pb.FindProviderRequest(layer_digest=digest, include_pulling=include_pulling), timeout=QUERY_TIMEOUT),
+            pb.FindProviderRequest(layer_digest=digest, include_pulling=include_pulling, max_services=max_services,
+                                   requester_endpoint=requester), timeout=QUERY_TIMEOUT),
             lambda answer, peer: check_services(answer.services, peer=peer))
+        return list(response.services)
+
+    async def list_nodes(self, view: int = pb.SERVICE_VIEW_ENDPOINTS) -> list[pb.ServiceInstance]:
+        """Every live node (all pages of `FindProvider("")`); by default only what picks a node (ids,
+        endpoints), so the answer stays small however large the cluster."""
+        async def page(token: str) -> pb.FindProviderResponse:
+            return await self._first(lambda stub: stub.FindProvider(
+                pb.FindProviderRequest(view=view, page_token=token), timeout=QUERY_TIMEOUT),
+                lambda answer, peer: check_services(answer.services, peer=peer))
+        return await all_pages(page, peer="discovery")
         return list(response.services)
 
     async def resolve_image(self, request: pb.ResolveImageRequest, timeout: float = 60.0) -> pb.ResolveImageResponse:

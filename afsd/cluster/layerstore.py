@@ -399,7 +399,7 @@ class LayerStoreNode:
         if delegated:
             return None  # we were chosen to fetch it: from the registry, then
         try:
-            everyone = await self.discovery.find_provider("")
+            everyone = await self.discovery.list_nodes()
         except (DiscoveryUnavailableError, grpc.aio.AioRpcError):
             return None
         order = rendezvous_order(want.digest, list(everyone) + [self._self_instance()])

@@ -35,6 +35,7 @@ MAX_PATH_TEXT = 4096
 MAX_LABEL_TEXT = 512          # converter, blob id, media type, node id
 MAX_LAYERS = 1024             # layers in one image
 MAX_SERVICES = 4096           # nodes in one FindProvider answer
+MAX_LISTED_NODES = 100_000    # nodes in all the pages of one listing of the cluster
 MAX_HEARTBEAT_LAYERS = 100_000
 MAX_ENDPOINT_TEXT = 261       # a 253-byte host name, ':' and a port
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")

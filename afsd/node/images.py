@@ -143,7 +143,7 @@ class ImageLocator:
         """Ask a layerstore to pull the image: this node's own first, then the others."""
         candidates: list[str] = [self.local_layerstore] if self.local_layerstore else []
         try:
-            everyone = await self.discovery.find_provider("")
+            everyone = await self.discovery.list_nodes()
         except (DiscoveryUnavailableError, grpc.aio.AioRpcError):
             everyone = []
         candidates += [n.endpoint for n in rendezvous_order(reference.key, everyone) if n.endpoint not in candidates]

@@ -14,7 +14,7 @@ import grpc
 
 from afsd.api import discovery_pb2 as dpb
 from afsd.api import discovery_pb2_grpc as dgrpc
-from afsd.cluster.discovery_client import resolved_name
+from afsd.cluster.discovery_client import all_pages, resolved_name
 from afsd.cluster.peer_answers import PeerAnswerError, check_services
 from afsd.proxy.targets import resolve_target
 from afsd.rpc import ChannelPool
@@ -53,10 +53,17 @@ async def discovery_view(target: str, channels: ChannelPool, timeout: float) -> 
 
 async def _ask(channels: ChannelPool, address: str, host: str | None,
                timeout: float) -> list[dpb.ServiceInstance] | str:
+    """Every node's whole record, page by page (one answer stays under discovery's size cap)."""
+    stub = dgrpc.ServiceDiscoveryStub(channels.get(address, server_name=host))
+    peer = f"discovery {address}"
+
+    async def page(token: str) -> dpb.FindProviderResponse:
+        response = await stub.FindProvider(dpb.FindProviderRequest(view=dpb.SERVICE_VIEW_FULL, page_token=token),
+                                           timeout=timeout)
+        check_services(response.services, peer=peer)
+        return response
     try:
-        response = await dgrpc.ServiceDiscoveryStub(channels.get(address, server_name=host)).FindProvider(
-            dpb.FindProviderRequest(), timeout=timeout)
-        return check_services(response.services, peer=f"discovery {address}")
+        return await all_pages(page, peer=peer)
     except grpc.aio.AioRpcError as error:
         return f"{error.code().name}: {error.details()}"
     except PeerAnswerError as error:
