@@ -13,6 +13,7 @@ from afsd.api import layerstore_pb2 as lpb
 from afsd.lab.daemons import Daemon, metrics_address, start_all, with_hosts_file
 from afsd.lab.registry import free_port
 from tests.support.cluster import LocalCluster, small_image
+from tests.support.metrics import metric
 
 TTL = 4.0
 
@@ -123,8 +124,7 @@ async def test_daemons_serve_prometheus_metrics(cluster: LocalCluster) -> None:
         in node_text
     assert 'afsd_rpc_requests_total{code="OK",method="/discovery.v1.ServiceDiscovery/FindImage"} 1.0' in discovery_text
     for name in ("afsd_layerstore_bytes_served_total", "afsd_layerstore_registry_bytes_total"):
-        value = next(line for line in node_text.splitlines() if line.startswith(name + " "))
-        assert float(value.split()[1]) > 0, value
+        assert metric(node_text, name) > 0, name
 
 
 async def _has(nodes, name: str) -> bool:

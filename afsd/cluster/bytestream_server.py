@@ -36,7 +36,8 @@ from afsd.cluster.bytestream_wire import (HELLO, MAGIC, REPLY, REQUEST, TICKET_B
 log = logging.getLogger(__name__)
 
 STREAM_BYTES_SERVED = Counter("afsd_layerstore_stream_bytes_served_total",
-                              "Blob bytes sent to readers over the byte-stream data listener")
+                              "Blob bytes sent to readers over the byte-stream data listener, by where the reader "
+                              "is (this_host: loopback or this listener's own address; other_host)", ["reader"])
 STREAM_RANGES_SERVED = Counter("afsd_layerstore_stream_ranges_served_total",
                                "Ranges sent to readers over the byte-stream data listener")
 STREAM_CONNECTIONS = Gauge("afsd_layerstore_stream_connections", "Open byte-stream connections")
@@ -73,6 +74,14 @@ def caller_address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address |
         return _unmapped(ipaddress.ip_address(host))
     except ValueError:
         return None
+
+
+def reader_place(caller: ipaddress.IPv4Address | ipaddress.IPv6Address | None, own_host: str) -> str:
+    """`this_host` for a reader on this host (loopback, a unix socket, the server's own address), else
+    `other_host`: what tells bytes served to peers from a node's reads of its own layerstore."""
+    if caller is None or caller.is_loopback:
+        return "this_host"
+    return "this_host" if str(caller) == own_host.strip("[]") else "other_host"
 
 
 def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -200,10 +209,12 @@ class ByteStreamServer:
                 with self._lock:
                     self._connections.discard(connection)
                     self._connections.add(stream)   # what close() shuts down
-            digest, blob_fd, size = self._hello(stream, _unmapped(ipaddress.ip_address(address[0])))
+            caller = _unmapped(ipaddress.ip_address(address[0]))
+            served = STREAM_BYTES_SERVED.labels(reader=reader_place(caller, self.host))
+            digest, blob_fd, size = self._hello(stream, caller)
             stream.sendall(REPLY.pack(Status.OK, size))
             with open(blob_fd, "rb", buffering=0, closefd=False) as blob:
-                while self._serve_one(stream, blob, digest, size):
+                while self._serve_one(stream, blob, digest, size, served):
                     pass
         except _Refused as refused:
             STREAM_REFUSED.labels(refused.reason).inc()
@@ -254,7 +265,7 @@ class ByteStreamServer:
         if not held:
             raise _Refused(Status.GONE, "gone", f"layer {digest} was evicted")
 
-    def _serve_one(self, stream: socket.socket, blob: io.FileIO, digest: str, size: int) -> bool:
+    def _serve_one(self, stream: socket.socket, blob: io.FileIO, digest: str, size: int, served: Counter) -> bool:
         """Answer one REQUEST; False when the reader closed the connection."""
         stream.settimeout(self.idle_timeout)
         header = _receive_exactly(stream, REQUEST.size, eof_ok=True)
@@ -277,7 +288,7 @@ class ByteStreamServer:
                     break
                 stream.sendall(data)
                 sent += len(data)
-        STREAM_BYTES_SERVED.inc(sent)
+        served.inc(sent)
         STREAM_RANGES_SERVED.inc()
         if self.on_served is not None:
             self.on_served(digest, sent)

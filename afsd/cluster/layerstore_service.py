@@ -13,7 +13,7 @@ from prometheus_client import Counter
 from afsd.api import layerstore_pb2 as pb
 from afsd.api import layerstore_pb2_grpc as pb_grpc
 from afsd.cluster.blobstore import StoredLayer
-from afsd.cluster.bytestream_server import ByteStreamServer, caller_address
+from afsd.cluster.bytestream_server import ByteStreamServer, caller_address, reader_place
 from afsd.cluster.layerstore import ImageRecord, LayerStoreNode, LayerWant
 from afsd.cluster.peer_answers import DIGEST, PeerAnswerError
 from afsd.cluster.peers import MAX_READ_MESSAGE
@@ -22,7 +22,9 @@ from afsd.oci.platform import Platform, parse_platform
 from afsd.oci.reference import ImageReference, parse_reference
 from afsd.rpc import abort_for
 
-BYTES_SERVED = Counter("afsd_layerstore_bytes_served_total", "Blob bytes sent to readers by ReadLayer")
+BYTES_SERVED = Counter("afsd_layerstore_bytes_served_total", "Blob bytes sent to readers by ReadLayer, by where "
+                       "the reader is (this_host: loopback or this layerstore's own address; other_host)",
+                       ["reader"])
 # Tickets granted per OpenByteStream call, at most (one per data connection the reader opens).
 MAX_TICKETS = 8
 
@@ -138,13 +140,15 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
             fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"layer {digest} was evicted")
+        served = BYTES_SERVED.labels(reader=reader_place(caller_address(context.peer() or ""),
+                                                         self.node.endpoint.rpartition(":")[0]))
         try:
             # The open fd keeps the bytes readable even if the layer is evicted meanwhile.
             while offset < end:
                 data = await asyncio.to_thread(os.pread, fd, min(MAX_READ_MESSAGE, end - offset), offset)
                 if not data:
                     break
-                BYTES_SERVED.inc(len(data))
+                served.inc(len(data))
                 offset += len(data)
                 yield pb.ReadLayerResponse(digest=digest, offset=offset - len(data), data=data, eof=offset >= size)
         finally:

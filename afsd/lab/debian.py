@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -53,7 +54,8 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _debootstrap(rootfs: Path, suite: str, variant: str, mirror: str, include: tuple[str, ...] = ()) -> None:
+def debootstrap(rootfs: Path, suite: str, variant: str, mirror: str, include: tuple[str, ...] = ()) -> None:
+    """`debootstrap --variant=VARIANT [--include=PKG,...] SUITE ROOTFS MIRROR`; ImageBuildError naming the mirror."""
     binary = shutil.which("debootstrap")
     if binary is None:
         raise MissingToolError("debootstrap is not installed; run scripts/setup.sh (Debian package debootstrap)")
@@ -146,22 +148,44 @@ def _pid_alive(pid: int) -> bool:
 def debian_layout(cache_root: Path | None = None, *, suite: str = "bookworm", variant: str = "minbase",
                   mirror: str = DEBIAN_MIRROR, allow_fallback: bool = True,
                   include: tuple[str, ...] = ()) -> CachedImage:
-    """The Debian test image as an OCI layout, built on first use and cached.
+    """The Debian test image as an OCI layout, built on first use and cached (see `build_cached`).
 
     `include`: extra packages debootstrap installs (e.g. `("python3",)` for a realistic task image);
     each set of packages is a cache entry of its own, and is never replaced by the busybox fallback.
-
-    The cache entry is `<cache_root>/<key>` where the key hashes suite, variant, mirror and
-    `DEBIAN_BUILDER_VERSION`; it is built in a `.partial-<key>-<pid>` directory and renamed into
-    place, so an interrupted build never leaves a half entry (partial directories of dead builders
-    are removed on the next call). If debootstrap cannot reach the mirror and `allow_fallback`
-    is set, a busybox-static root filesystem stands in (`CachedImage.source` says which).
+    If debootstrap cannot reach the mirror and `allow_fallback` is set, a busybox-static root
+    filesystem stands in (`CachedImage.source` says which).
     """
-    cache_root = cache_root or image_cache_root()
+    def build(rootfs: Path) -> tuple[ImageSpec, ImageFacts, str, str]:
+        source, reason = "debootstrap", ""
+        try:
+            debootstrap(rootfs, suite, variant, mirror, tuple(sorted(include)))
+        except ImageBuildError as error:
+            if not allow_fallback or include:
+                raise
+            source, reason = "busybox-static", str(error)
+            remove_tree(rootfs)
+            rootfs.mkdir()
+            busybox_rootfs(rootfs)
+        layers, facts = debian_layers(rootfs)
+        spec = ImageSpec(layers, Platform("linux", "amd64"), cmd=("/bin/bash",) if source == "debootstrap"
+                         else ("/bin/sh",), labels={"org.afsd.test-image": f"{source}/{suite}"})
+        return spec, facts, source, reason
+
     key_doc: dict[str, object] = {"suite": suite, "variant": variant, "mirror": mirror,
                                   "builder": DEBIAN_BUILDER_VERSION}
     if include:
         key_doc["include"] = sorted(include)   # absent otherwise: the plain image keeps its cache key
+    return build_cached(cache_root or image_cache_root(), key_doc, build)
+
+
+def build_cached(cache_root: Path, key_doc: dict[str, object],
+                 build: Callable[[Path], tuple[ImageSpec, ImageFacts, str, str]]) -> CachedImage:
+    """The image `build(rootfs)` makes (spec, facts, source, fallback reason), as an OCI layout kept in
+    `<cache_root>/<key>`, the key a hash of `key_doc`; built only when absent.
+
+    It is built in a `.partial-<key>-<pid>` directory and renamed into place, so an interrupted build
+    never leaves a half entry (partial directories of dead builders are removed on the next call).
+    """
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:32]
     final = cache_root / key
     if (final / "image.json").exists():
@@ -179,19 +203,7 @@ def debian_layout(cache_root: Path | None = None, *, suite: str = "bookworm", va
     work.mkdir()
     try:
         rootfs = work / "rootfs"
-        source, reason = "debootstrap", ""
-        try:
-            _debootstrap(rootfs, suite, variant, mirror, tuple(sorted(include)))
-        except ImageBuildError as error:
-            if not allow_fallback or include:
-                raise
-            source, reason = "busybox-static", str(error)
-            remove_tree(rootfs)
-            rootfs.mkdir()
-            busybox_rootfs(rootfs)
-        layers, facts = debian_layers(rootfs)
-        spec = ImageSpec(layers, Platform("linux", "amd64"), cmd=("/bin/bash",) if source == "debootstrap"
-                         else ("/bin/sh",), labels={"org.afsd.test-image": f"{source}/{suite}"})
+        spec, facts, source, reason = build(rootfs)
         write_oci_layout(work / "layout", DEBIAN_TAG, spec)
         remove_tree(rootfs)
         (work / "image.json").write_text(json.dumps({

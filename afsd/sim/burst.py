@@ -57,7 +57,9 @@ class BurstResult:
     reference: str
     nodes: list[NodeTimings]
     registry_gets: dict[str, int]                     # layer digest -> successful blob GETs in the burst
-    served: list[tuple[float, dict[str, float]]]      # (seconds, node -> bytes its layerstore served so far)
+    served: list[tuple[float, dict[str, float]]]      # (seconds, node -> bytes its layerstore served to
+                                                      #  other nodes so far)
+    served_locally: dict[str, float]                  # node -> bytes its layerstore served its own node
     discovery_rpcs: dict[str, float]                  # method -> calls during the burst (all replicas)
     peak_memory: dict[str, Memory]                    # node -> its largest sample
     duration: float = 0.0
@@ -115,6 +117,7 @@ class _Sampler(threading.Thread):
         super().__init__(name="burst sampler", daemon=True)
         self.sim, self.started = sim, started
         self.served: list[tuple[float, dict[str, float]]] = []
+        self.served_locally: dict[str, float] = {}
         self.peak: dict[str, Memory] = {node.name: Memory() for node in sim.nodes}
         self.finished = threading.Event()
 
@@ -132,10 +135,12 @@ class _Sampler(threading.Thread):
         counts = {}
         for node in self.sim.nodes:
             try:
-                counts[node.name] = metric(scrape(node.layerstore_metrics, timeout=10),
-                                           "afsd_layerstore_bytes_served_total")
+                text = scrape(node.layerstore_metrics, timeout=10)
             except OSError:
                 counts[node.name] = self.served[-1][1].get(node.name, 0.0) if self.served else 0.0
+                continue
+            counts[node.name] = metric(text, "afsd_layerstore_bytes_served_total", reader="other_host")
+            self.served_locally[node.name] = metric(text, "afsd_layerstore_bytes_served_total", reader="this_host")
         self.served.append((at, counts))
         if memory:
             by_inode = memory_by_namespace(node.member.inode for node in self.sim.nodes)
@@ -211,7 +216,7 @@ def burst(sim: SimCluster, reference: str, layer_digests: Sequence[str], task: I
     return BurstResult(
         reference=reference, nodes=nodes,
         registry_gets={d: gets_after[d] - gets_before[d] for d in layer_digests},
-        served=sampler.served,
+        served=sampler.served, served_locally=sampler.served_locally,
         discovery_rpcs={m: rpcs_after[m] - rpcs_before.get(m, 0.0) for m in rpcs_after
                         if rpcs_after[m] - rpcs_before.get(m, 0.0) > 0},
         peak_memory=sampler.peak, duration=duration)
