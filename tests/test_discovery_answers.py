@@ -12,7 +12,7 @@ import pytest
 
 from afsd.api import discovery_pb2 as pb
 from afsd.api import discovery_pb2_grpc as pb_grpc
-from afsd.cluster.answers import ANSWER_BYTES, PageTokenError, Query, page
+from afsd.cluster.answers import ANSWER_BYTES, READER_PROVIDERS, PageTokenError, Query, page
 from afsd.cluster.nodetable import NodeRecord, NodeTable
 from afsd.lab.daemons import discovery_daemon, start_all
 from afsd.sim.heartbeats import fake_layerstores, heartbeat_all, image_key, layer_digest
@@ -102,9 +102,12 @@ async def test_answers_about_three_hundred_nodes_of_a_hundred_layers_stay_small(
 
     base = layer_digest(0)  # a base layer: every node holds it
     holders = await stub.FindProvider(pb.FindProviderRequest(layer_digest=base))
-    assert len(holders.services) == NODES and not holders.next_page_token
+    assert (len(holders.services), holders.total_services) == (READER_PROVIDERS, NODES) and holders.next_page_token
     assert all(list(s.layer_digests) == [base] and len(s.layer_stats) == 1 for s in holders.services)
-    assert holders.ByteSize() < 100_000
+    assert holders.ByteSize() < 20_000
+    rest = await stub.FindProvider(pb.FindProviderRequest(layer_digest=base, page_token=holders.next_page_token,
+                                                          max_services=NODES))
+    assert len({s.endpoint for s in [*holders.services, *rest.services]}) == NODES and not rest.next_page_token
 
     few = await stub.FindProvider(pb.FindProviderRequest(layer_digest=base, max_services=8,
                                                          requester_endpoint=endpoints[5]))

@@ -6,8 +6,9 @@ listing whole records of 1,000 nodes × 100 layers is ~20 MB, past gRPC's 4 MiB 
 (at ~184 such nodes). Now:
 - a query about a layer or an image gets each node's record cut down to what was asked (the view
   SERVICE_VIEW_ASKED, the default): ~150 bytes a node;
-- every answer stops before `ANSWER_BYTES` (or `max_services`), with a `next_page_token` to ask for
-  the rest; a client that ignores the token (the reference's) gets the first page instead of an error;
+- every answer stops before `ANSWER_BYTES` or `max_services` (for a query about a layer or an image,
+  `READER_PROVIDERS` when not given), with a `next_page_token` to ask for the rest; a client that
+  ignores the token (the reference's) gets the first page instead of an error;
 - the order is a hash of a seed and each endpoint: seeded by the requester's endpoint (listed first when
   it qualifies), or at random, so that capped answers spread readers over the holders instead of
   sending everyone to the same few. Pages go by that order (keyset: the token holds the seed and the
@@ -17,6 +18,7 @@ listing whole records of 1,000 nodes × 100 layers is ~20 MB, past gRPC's 4 MiB 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from afsd.api import discovery_pb2 as pb
 from afsd.cluster.nodetable import NodeRecord
 
 ANSWER_BYTES = 1 << 20      # well under gRPC's 4 MiB default receive limit
+READER_PROVIDERS = 64       # a query about a layer or image without max_services: more than a reader
+                            # ever tries, and the rest is a page token away
 TOKEN_VERSION = "1"
 
 
@@ -79,8 +83,8 @@ def _stat(node: NodeRecord, digest: str) -> pb.LayerStat:
     return pb.LayerStat(digest=digest, afs_size=size, blob_digest=blob)
 
 
-def order_key(seed: str, endpoint: str) -> str:
-    return hashlib.blake2b(f"{seed}|{endpoint}".encode(), digest_size=8).hexdigest()
+def order_key(seed: str, endpoint: str) -> bytes:
+    return hashlib.blake2b(endpoint.encode(), digest_size=8, key=seed.encode()[:64]).digest()
 
 
 def _seed_and_after(query: Query) -> tuple[str, str | None]:
@@ -88,12 +92,20 @@ def _seed_and_after(query: Query) -> tuple[str, str | None]:
     if query.page_token:
         version, _, rest = query.page_token.partition(".")
         seed, dot, after = rest.partition(".")
-        if version != TOKEN_VERSION or not dot or not seed:
+        if version != TOKEN_VERSION or not dot or not seed or not _is_hex(after):
             raise PageTokenError(f"page_token {query.page_token[:40]!r} was not written by this discovery")
         return seed, after
     if query.requester:
         return hashlib.blake2b(query.requester.encode(), digest_size=8).hexdigest(), None
     return secrets.token_hex(8), None
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 def page(nodes: Iterable[NodeRecord], query: Query,
@@ -102,18 +114,20 @@ def page(nodes: Iterable[NodeRecord], query: Query,
     endpoint; at least one service per page, however large its record."""
     if query.max_services < 0:
         raise ValueError(f"max_services must be >= 0 (got {query.max_services})")
-    seed, after = _seed_and_after(query)
+    seed, after_hex = _seed_and_after(query)
+    after = bytes.fromhex(after_hex) if after_hex else (b"" if after_hex == "" else None)
     unique: dict[str, NodeRecord] = {}
     for node in nodes:
         unique.setdefault(node.endpoint, node)
-    keyed = sorted((("" if endpoint == query.requester else order_key(seed, endpoint), node)
-                    for endpoint, node in unique.items()), key=lambda item: item[0])
-    remaining = [(key, node) for key, node in keyed if after is None or key > after]
+    keyed = [(b"" if endpoint == query.requester else order_key(seed, endpoint), node)
+             for endpoint, node in unique.items()]
+    remaining = [item for item in keyed if after is None or item[0] > after]
+    cap = query.max_services or (READER_PROVIDERS if query.about_something else 0)
+    # Only the first `cap` in order are needed: a partial sort (heapq) when the cap is small.
+    ordered = heapq.nsmallest(cap, remaining, key=_first) if cap else sorted(remaining, key=_first)
     services: list[pb.ServiceInstance] = []
-    used, last = 0, ""
-    for key, node in remaining:
-        if query.max_services and len(services) >= query.max_services:
-            break
+    used, last = 0, b""
+    for key, node in ordered:
         item = instance(node, query)
         size = item.ByteSize() + 6  # field tag and length prefix
         if services and used + size > budget:
@@ -121,5 +135,8 @@ def page(nodes: Iterable[NodeRecord], query: Query,
         services.append(item)
         used, last = used + size, key
     more = len(services) < len(remaining)
-    return services, (f"{TOKEN_VERSION}.{seed}.{last}" if more else ""), len(keyed)
+    return services, (f"{TOKEN_VERSION}.{seed}.{last.hex()}" if more else ""), len(keyed)
 
+
+def _first(item: tuple[bytes, NodeRecord]) -> bytes:
+    return item[0]
