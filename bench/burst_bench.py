@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -24,11 +25,12 @@ from afsd.lab.skopeo import push_layout
 from afsd.sim.baseline import BlobToPull, registry_pull_burst
 from afsd.sim.burst import ImageTask, NodeTimings, burst, unmount_all
 from afsd.sim.census import memory_by_namespace
-from afsd.sim.cluster import SimCluster, SimSettings
+from afsd.net.namespaces import run_in
+from afsd.sim.cluster import LAYERSTORE_PORT, SMALL_MALLOC, SimCluster, SimSettings
 
 GIB = 1 << 30
 HEADROOM = 6 * GIB            # what the host keeps free for the others sharing it
-NODE_ESTIMATE = 300 << 20     # bytes a node needs during a burst (RSS, measured; PSS is less)
+NODE_ESTIMATE = 240 << 20     # a node's peak PSS during a burst (measured ~200 MiB with the sim's malloc settings)
 TASK = ImageTask(first_file=FIRST_FILE, start_command=START_COMMAND)
 
 
@@ -56,7 +58,25 @@ def summary(timings: list[NodeTimings]) -> dict[str, Any]:
     return out
 
 
-def run_one(nodes: int, workdir: Path, *, rate_bits: int | None, baseline: bool = True) -> dict[str, Any]:
+def round_trip_ms(sim: SimCluster, samples: int = 20) -> float:
+    """Median TCP connect time from node0's namespace to node1's layerstore: the simulated link's round
+    trip (a SYN and its answer), veth's own latency, since nothing here can add more."""
+    if len(sim.nodes) < 2:
+        return 0.0
+    target = (str(sim.nodes[1].member.address), LAYERSTORE_PORT)
+
+    def connects() -> list[float]:
+        times = []
+        for _ in range(samples):
+            began = time.perf_counter()
+            with socket.create_connection(target, timeout=10):
+                times.append(time.perf_counter() - began)
+        return times
+    return 1000 * percentile(run_in(sim.nodes[0].member.namespace, connects), 0.5)
+
+
+def run_one(nodes: int, workdir: Path, *, rate_bits: int | None, baseline: bool = True, fetch_workers: int = 1,
+            env: tuple[tuple[str, str], ...] = SMALL_MALLOC) -> dict[str, Any]:
     """One cluster of `nodes`: start, burst, baseline, teardown."""
     ok, why = fits(nodes)
     result: dict[str, Any] = {"nodes": nodes, "memory_check": why, "load_before": load_average()}
@@ -65,7 +85,8 @@ def run_one(nodes: int, workdir: Path, *, rate_bits: int | None, baseline: bool 
         return result
     image = python_image_layout()
     layers = image.layout.manifests[0].layers
-    sim = SimCluster(workdir / f"sim-{nodes}", SimSettings(nodes=nodes, rate_bits=rate_bits))
+    sim = SimCluster(workdir / f"sim-{nodes}", SimSettings(nodes=nodes, rate_bits=rate_bits,
+                                                           fetch_workers=fetch_workers, env=env))
     started = time.monotonic()
     try:
         sim.start()
@@ -79,7 +100,10 @@ def run_one(nodes: int, workdir: Path, *, rate_bits: int | None, baseline: bool 
                           "summary": summary(outcome.nodes), "registry_gets": outcome.registry_gets,
                           "served": outcome.served, "served_locally": outcome.served_locally, "discovery_rpcs": outcome.discovery_rpcs,
                           "duration": outcome.duration,
-                          "peak_memory": {k: dataclasses.asdict(v) for k, v in outcome.peak_memory.items()}}
+                          "peak_memory": {k: dataclasses.asdict(v) for k, v in outcome.peak_memory.items()},
+                          "first_node_processes": [(command, dataclasses.asdict(memory))
+                                                   for command, memory in outcome.processes]}
+        result["rtt_ms"] = round_trip_ms(sim)
         unmount_all(sim, pushed.reference)
         if baseline:
             blobs = [BlobToPull(layer.digest, layer.compression) for layer in layers]

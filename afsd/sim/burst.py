@@ -22,7 +22,7 @@ from pathlib import Path
 
 from afsd.lab.registry import RegistryProcess
 from afsd.lab.scrape import by_label, metric, scrape
-from afsd.sim.census import Memory, memory_by_namespace
+from afsd.sim.census import Memory, memory_by_namespace, memory_by_process
 from afsd.sim.cluster import DISCOVERY_METRICS_PORT, SimCluster, SimNode
 
 READ_CHUNK = 1 << 20
@@ -62,6 +62,7 @@ class BurstResult:
     served_locally: dict[str, float]                  # node -> bytes its layerstore served its own node
     discovery_rpcs: dict[str, float]                  # method -> calls during the burst (all replicas)
     peak_memory: dict[str, Memory]                    # node -> its largest sample
+    processes: list[tuple[str, Memory]]               # the first node's processes when its reads ended
     duration: float = 0.0
 
     @property
@@ -209,6 +210,7 @@ def burst(sim: SimCluster, reference: str, layer_digests: Sequence[str], task: I
         barrier.wait()
         nodes = [future.result() for future in futures]
     duration = time.monotonic() - started[0]
+    processes = memory_by_process(sim.nodes[0].member.inode)
     sampler.finished.set()
     sampler.join()
     gets_after = registry_gets(sim.registry, layer_digests)
@@ -219,7 +221,7 @@ def burst(sim: SimCluster, reference: str, layer_digests: Sequence[str], task: I
         served=sampler.served, served_locally=sampler.served_locally,
         discovery_rpcs={m: rpcs_after[m] - rpcs_before.get(m, 0.0) for m in rpcs_after
                         if rpcs_after[m] - rpcs_before.get(m, 0.0) > 0},
-        peak_memory=sampler.peak, duration=duration)
+        peak_memory=sampler.peak, processes=processes, duration=duration)
 
 
 def unmount_all(sim: SimCluster, reference: str) -> None:

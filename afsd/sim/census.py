@@ -66,6 +66,12 @@ def memory_by_namespace(inodes: Iterable[int]) -> dict[int, Memory]:
     return totals
 
 
+def memory_by_process(inode: int) -> list[tuple[str, Memory]]:
+    """(command line, memory) of every process in the namespace `inode`, largest PSS first."""
+    found = [(command_line(pid), memory_of(pid)) for pid, _ in processes_in([inode]).items()]
+    return sorted(found, key=lambda item: -item[1].pss)
+
+
 def command_line(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:

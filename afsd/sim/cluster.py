@@ -41,6 +41,12 @@ LAYERSTORE_METRICS_PORT = 9101
 NODE_METRICS_PORT = 9102
 
 
+# glibc's allocator keeps up to 8 arenas per core and every freed buffer under 32 MiB: gRPC's threads and
+# the 1 MiB chunks a node moves left each node ~400 MiB PSS after a burst. Two arenas and large buffers
+# mapped (returned at free) halved that in one measurement (docs/bench/report.md, "Memory").
+SMALL_MALLOC = (("MALLOC_ARENA_MAX", "2"), ("MALLOC_MMAP_THRESHOLD_", "131072"))
+
+
 @dataclass(frozen=True)
 class SimSettings:
     nodes: int = 8
@@ -49,6 +55,7 @@ class SimSettings:
     heartbeat_period: float = 2.0
     fetch_workers: int = 1                   # fanotify fetch workers per node (the default 2 costs ~60 MB more)
     discovery_ttl: float = 60.0
+    env: tuple[tuple[str, str], ...] = SMALL_MALLOC  # extra environment of every daemon (and what it starts)
 
 
 @dataclass
@@ -142,7 +149,8 @@ class SimCluster:
             "--cache-dir", str(home / "cache"), "--admin-socket", str(admin_socket),
             "--heartbeat-period", f"{self.settings.heartbeat_period:g}",
             "--metrics-listen", member.endpoint(LAYERSTORE_METRICS_PORT), *discovery, *self.registry_args,
-        ], str(member.address), LAYERSTORE_PORT, self.workdir / f"{member.name}-layerstore.log", prefix=member.enter())
+        ], str(member.address), LAYERSTORE_PORT, self.workdir / f"{member.name}-layerstore.log", prefix=member.enter(),
+            env=dict(self.settings.env))
         socket_path = home / "node.sock"
         daemon = Daemon(f"{member.name}-node", [
             "node", "--socket", str(socket_path), "--state-dir", str(home / "state"), "--node-id", member.name,
@@ -150,7 +158,7 @@ class SimCluster:
             "--backend", "fanotify", "--fetch-workers", str(self.settings.fetch_workers),
             "--metrics-listen", member.endpoint(NODE_METRICS_PORT), *discovery,
         ], str(member.address), 0, self.workdir / f"{member.name}-node.log", prefix=member.enter(),
-            socket_path=socket_path)
+            socket_path=socket_path, env=dict(self.settings.env))
         return SimNode(member, layerstore, daemon, home)
 
     # == stop ==================================================================================

@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields, replace
 class Deadlines:
     daemon_start: float = 300.0      # a batch of daemons spawned at once, until all listen
     registered: float = 300.0        # every layerstore listed by discovery
-    mount: float = 900.0             # one `afsd mount` during a burst of all nodes
-    read: float = 1800.0             # reading a whole image through one node's mount
+    mount: float = 1800.0            # one `afsd mount` during a burst of all nodes
+    read: float = 3600.0             # reading a whole image through one node's mount
     pull: float = 1800.0             # one node's plain registry pull + unpack (baseline)
     stop: float = 60.0               # one daemon's SIGTERM until it exits
     command: float = 120.0           # small CLI calls (`afsd mounts`, `umount`)
