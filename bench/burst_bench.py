@@ -98,8 +98,8 @@ def run_one(nodes: int, workdir: Path, *, rate_bits: int | None, baseline: bool 
         outcome = burst(sim, pushed.reference, [layer.digest for layer in layers], TASK)
         result["afsd"] = {"timings": [dataclasses.asdict(t) for t in outcome.nodes],
                           "summary": summary(outcome.nodes), "registry_gets": outcome.registry_gets,
-                          "served": outcome.served, "served_locally": outcome.served_locally, "discovery_rpcs": outcome.discovery_rpcs,
-                          "duration": outcome.duration,
+                          "served": outcome.served, "served_locally": outcome.served_locally,
+                          "discovery_rpcs": outcome.discovery_rpcs, "duration": outcome.duration,
                           "peak_memory": {k: dataclasses.asdict(v) for k, v in outcome.peak_memory.items()},
                           "first_node_processes": [(command, dataclasses.asdict(memory))
                                                    for command, memory in outcome.processes]}

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from afsd.sim.burst import ImageTask, NodeTimings, read_file, read_tree
+from afsd.sim.burst import ImageTask, NodeTimings, run_task
 from afsd.sim.cluster import SimCluster, SimNode
 
 _TAR_FLAGS = {"gzip": "-xzf", "zstd": "--zstd -xf", "none": "-xf"}
@@ -70,19 +70,7 @@ def registry_pull_burst(sim: SimCluster, repository: str, blobs: Sequence[BlobTo
                     raise RuntimeError(f"registry pull: {ran.stderr.strip()[-400:]}")
             root = into / "rootfs"
             timings.mounted = time.monotonic() - t0
-            with open(root / task.first_file.lstrip("/"), "rb", buffering=0) as first:
-                first.read(1)
-            timings.first_byte = time.monotonic() - t0
-            if task.start_command:
-                ran = subprocess.run(["chroot", str(root), *task.start_command], capture_output=True, text=True,
-                                     timeout=sim.limits.read)
-                if ran.returncode != 0:
-                    raise RuntimeError(f"task start: exit {ran.returncode} {ran.stderr.strip()[-300:]}")
-            for path in task.start_files:
-                read_file(root / path.lstrip("/"))
-            timings.task_started = time.monotonic() - t0
-            timings.bytes_read, timings.files_read = read_tree(root)
-            timings.whole_image = time.monotonic() - t0
+            run_task(root, task, timings, t0, sim.limits.read)
         except Exception as error:
             timings.error = str(error) or type(error).__name__
         finally:

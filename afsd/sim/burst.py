@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from afsd.lab.registry import RegistryProcess
@@ -107,6 +107,25 @@ def read_file(path: Path) -> int:
         return total
 
 
+def run_task(root: Path, task: ImageTask, timings: NodeTimings, t0: float, timeout: float) -> None:
+    """In the tree at `root` (ready at `timings.mounted`): the first byte, the task's start, the whole
+    tree, each recorded in `timings` as seconds since `t0`. Raises RuntimeError if the task fails."""
+    with open(root / task.first_file.lstrip("/"), "rb", buffering=0) as first:
+        first.read(1)
+    timings.first_byte = time.monotonic() - t0
+    if task.start_command:
+        ran = subprocess.run(["chroot", str(root), *task.start_command], capture_output=True, text=True,
+                             timeout=timeout)
+        if ran.returncode != 0:
+            raise RuntimeError(f"task start {' '.join(task.start_command)}: exit {ran.returncode} "
+                               f"{ran.stderr.strip()[-300:]}")
+    for path in task.start_files:
+        read_file(root / path.lstrip("/"))
+    timings.task_started = time.monotonic() - t0
+    timings.bytes_read, timings.files_read = read_tree(root)
+    timings.whole_image = time.monotonic() - t0
+
+
 def _afsd(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "afsd", *args], capture_output=True, text=True, timeout=timeout)
 
@@ -184,20 +203,7 @@ def burst(sim: SimCluster, reference: str, layer_digests: Sequence[str], task: I
             if mounted.returncode != 0:
                 raise RuntimeError(f"afsd mount: {mounted.stderr.strip()[-500:]}")
             timings.mounted = time.monotonic() - t0
-            with open(root / task.first_file.lstrip("/"), "rb", buffering=0) as first:
-                first.read(1)
-            timings.first_byte = time.monotonic() - t0
-            if task.start_command:
-                ran = subprocess.run(["chroot", str(root), *task.start_command], capture_output=True, text=True,
-                                     timeout=sim.limits.read)
-                if ran.returncode != 0:
-                    raise RuntimeError(f"task start {' '.join(task.start_command)}: exit {ran.returncode} "
-                                       f"{ran.stderr.strip()[-300:]}")
-            for path in task.start_files:
-                read_file(root / path.lstrip("/"))
-            timings.task_started = time.monotonic() - t0
-            timings.bytes_read, timings.files_read = read_tree(root)
-            timings.whole_image = time.monotonic() - t0
+            run_task(root, task, timings, t0, sim.limits.read)
         except Exception as error:  # one node's failure is a result, not the end of the burst
             timings.error = str(error) or type(error).__name__
         return timings

@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from afsd.erofs.mount import unmount
 from afsd.lab.daemons import Daemon, start_all, stop_node_daemon
 from afsd.lab.registry import RegistryProcess, start_registry
 from afsd.node.records import mounted_paths
-from afsd.erofs.mount import unmount
 from afsd.sim.census import command_line, kill_everything_in, processes_in
 from afsd.sim.deadlines import Deadlines, deadlines
 from afsd.sim.network import Member, SimNetwork
