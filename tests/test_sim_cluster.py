@@ -22,7 +22,8 @@ from afsd.sim.deadlines import deadlines
 from tests.support.treecompare import compare_trees, format_differences, snapshot
 from tests.support.umoci import umoci_rootfs
 
-pytestmark = pytest.mark.slow
+# The whole test's budget comes from the same place as every wait inside it (afsd/sim/deadlines.py).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(deadlines().small_burst_test)]
 
 
 def test_a_burst_onto_eight_nodes_downloads_each_blob_once_and_every_rootfs_is_umocis(tmp_path: Path) -> None:

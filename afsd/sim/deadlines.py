@@ -21,6 +21,7 @@ class Deadlines:
     pull: float = 1800.0             # one node's plain registry pull + unpack (baseline)
     stop: float = 60.0               # one daemon's SIGTERM until it exits
     command: float = 120.0           # small CLI calls (`afsd mounts`, `umount`)
+    small_burst_test: float = 1800.0 # the whole of a test that starts, bursts and tears down a few nodes
 
     def scaled(self, factor: float) -> Deadlines:
         return replace(self, **{f.name: getattr(self, f.name) * factor for f in fields(self)})
