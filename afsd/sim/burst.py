@@ -26,6 +26,8 @@ from afsd.sim.census import Memory, memory_by_namespace, memory_by_process
 from afsd.sim.cluster import DISCOVERY_METRICS_PORT, SimCluster, SimNode
 
 READ_CHUNK = 1 << 20
+# A layerstore serves blob bytes over gRPC (ReadLayer) and over its byte-stream listener (sendfile).
+SERVED_COUNTERS = ("afsd_layerstore_bytes_served_total", "afsd_layerstore_stream_bytes_served_total")
 SAMPLE_PERIOD = 1.0
 MEMORY_EVERY = 3  # samples: reading smaps of every process costs CPU
 
@@ -159,8 +161,8 @@ class _Sampler(threading.Thread):
             except OSError:
                 counts[node.name] = self.served[-1][1].get(node.name, 0.0) if self.served else 0.0
                 continue
-            counts[node.name] = metric(text, "afsd_layerstore_bytes_served_total", reader="other_host")
-            self.served_locally[node.name] = metric(text, "afsd_layerstore_bytes_served_total", reader="this_host")
+            counts[node.name] = sum(metric(text, name, reader="other_host") for name in SERVED_COUNTERS)
+            self.served_locally[node.name] = sum(metric(text, name, reader="this_host") for name in SERVED_COUNTERS)
         self.served.append((at, counts))
         if memory:
             by_inode = memory_by_namespace(node.member.inode for node in self.sim.nodes)
