@@ -81,11 +81,18 @@ def main(argv: list[str] | None = None) -> int:
                                               baseline=False, fetch_workers=workers, env=env)
                 outcome["variant"] = name
                 results["memory_variants"].append(outcome)
-        for nodes in sorted(sizes):
+        queue, tried_fitting = sorted(sizes), False
+        while queue:
+            nodes = queue.pop(0)
             print(f"burst onto {nodes} nodes", flush=True)
             outcome = burst_bench.run_one(nodes, workdir, rate_bits=int(args.rate_mbit * 1e6) or None)
             results["bursts"].append(outcome)
             print(f"   {outcome.get('skipped') or outcome['afsd']['summary']}", flush=True)
+            largest_run = max((b["nodes"] for b in results["bursts"] if "afsd" in b), default=0)
+            fitting = burst_bench.largest_fitting()
+            if "skipped" in outcome and largest_run < fitting < nodes and not args.nodes and not tried_fitting:
+                tried_fitting = True
+                queue.insert(0, fitting)  # the largest cluster that does fit, for the record
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = time.monotonic() - started

@@ -42,6 +42,11 @@ def available_memory() -> int:
     return 0
 
 
+def largest_fitting() -> int:
+    """The most nodes the host's available memory holds now, keeping HEADROOM free."""
+    return max(0, (available_memory() - HEADROOM) // NODE_ESTIMATE)
+
+
 def fits(nodes: int) -> tuple[bool, str]:
     free = available_memory()
     need = nodes * NODE_ESTIMATE + HEADROOM
