@@ -33,6 +33,17 @@ MEMORY_VARIANTS = (("2 fetch workers, glibc defaults (afsd node's defaults)", 2,
                     SMALL_MALLOC))
 
 
+def thin_timelines(results: dict, most: int = 240) -> dict:
+    """Keep at most `most` samples of each burst's bytes-served timeline (evenly spaced, last one kept):
+    enough for the plot, and results.json stays small enough to commit."""
+    for burst in results.get("bursts", []) + results.get("memory_variants", []):
+        served = burst.get("afsd", {}).get("served")
+        if served and len(served) > most:
+            step = len(served) / most
+            burst["afsd"]["served"] = [served[int(i * step)] for i in range(most - 1)] + [served[-1]]
+    return results
+
+
 def _commit() -> str:
     found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return found.stdout.strip() or "?"
@@ -52,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure nothing: write the report (and README excerpt) from an earlier results.json")
     args = parser.parse_args(argv)
     if args.render:
-        results = json.loads(args.render.read_text())
+        results = thin_timelines(json.loads(args.render.read_text()))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         print(f"report written to {write_report(results, args.out)}")
         if not args.no_readme:
             update_readme(REPO / "README.md", results)
@@ -97,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "results.json").write_text(json.dumps(thin_timelines(results), indent=1) + "\n")
     report = write_report(results, args.out)
     if not args.no_readme:
         update_readme(REPO / "README.md", results)
