@@ -8,6 +8,7 @@ thread: a socket stays in the namespace it was created in.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -93,11 +94,17 @@ class Links:
         self.call(f"bringing {ifname} up", "link", "set", index=self.require_index(ifname), state="up")
 
     def delete(self, ifname: str) -> bool:
-        """Remove the interface (a veth takes its peer with it); False if there was none."""
+        """Remove the interface (a veth takes its peer with it); False if there was none, including one
+        that went away meanwhile (a veth whose peer's namespace is being dismantled goes by itself)."""
         index = self.index(ifname)
         if index is None:
             return False
-        self.call(f"deleting {ifname}", "link", "del", index=index)
+        try:
+            self.call(f"deleting {ifname}", "link", "del", index=index)
+        except LinkError as error:
+            if error.errno == errno.ENODEV:
+                return False
+            raise
         return True
 
     def add_address(self, ifname: str, address: IPv4Interface) -> None:

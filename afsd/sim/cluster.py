@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,18 +170,27 @@ class SimCluster:
 
     def stop(self) -> list[str]:
         """Stop everything and sweep; return the processes the sweep had to kill (empty when every
-        daemon stopped as asked). Safe to call twice, and on a half-started cluster."""
+        daemon stopped as asked). Safe to call twice, and on a half-started cluster. A step that fails
+        is logged and the next ones still run: `leftovers()` says what it left."""
         with ThreadPoolExecutor(max_workers=16) as pool:
             list(pool.map(self._stop_node_daemon, [n for n in self.nodes if n.daemon.process is not None]))
             list(pool.map(self._stop, [n.layerstore for n in self.nodes] + self.discoveries))
         if self.registry is not None:
-            self.registry.stop()
-        killed = kill_everything_in(self.namespace_inodes, self.limits.stop)
+            self._step("stopping the registry", self.registry.stop)
+        killed: list[str] = []
+        self._step("ending stray processes", lambda: killed.extend(
+            kill_everything_in(self.namespace_inodes, self.limits.stop)))
         for line in killed:
             log.warning("simulated cluster %s: killed a leftover process %s", self.token, line)
-        self._unmount_everything()
-        self.network.down()
+        self._step("unmounting", self._unmount_everything)
+        self._step("removing the network", self.network.down)
         return killed
+
+    def _step(self, what: str, work: Callable[[], object]) -> None:
+        try:
+            work()
+        except Exception as error:
+            log.warning("simulated cluster %s: %s failed: %s", self.token, what, error)
 
     def _stop_node_daemon(self, node: SimNode) -> None:
         try:
@@ -189,7 +199,7 @@ class SimCluster:
             log.warning("stopping %s: %s", node.daemon.name, error)
 
     def _stop(self, daemon: Daemon) -> None:
-        daemon.stop(timeout=self.limits.stop)
+        self._step(f"stopping {daemon.name}", lambda: daemon.stop(timeout=self.limits.stop))
 
     def _unmount_everything(self) -> None:
         root = str(self.workdir) + "/"

@@ -98,12 +98,12 @@ class SimNetwork:
         return member
 
     def down(self) -> None:
-        """Unpin every member namespace and remove the bridge and its veths (a namespace itself goes
+        """Remove the bridge and its veths, then unpin every member namespace (a namespace itself goes
         when its last process does: census.py finds and ends those first)."""
-        for name in list_namespaces(self.namespace_prefix):
-            delete_namespace(name)
         if self._bridge is not None:
             self._bridge.down()
+        for name in list_namespaces(self.namespace_prefix):
+            delete_namespace(name)
 
     def leftovers(self) -> list[str]:
         """Namespaces and interfaces of this network still on the host."""
