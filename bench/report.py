@@ -4,6 +4,7 @@ the results `python -m bench` collected (docs/bench/results.json). Rendering onl
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,11 @@ def burst_rows(bursts: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for b in bursts:
         if "afsd" not in b:
-            rows.append([str(b["nodes"]), b.get("skipped", "not run")] + [""] * 8)
+            rows.append([str(b["nodes"]), b.get("skipped", "not run")] + [""] * 9)
             continue
         a, base = b["afsd"]["summary"], b.get("baseline", {}).get("summary", {})
-        cells = [str(b["nodes"]), registry_gets_per_blob(b)]
+        failed = f"{len(a['failed'])} / {len(base.get('failed', []))}"
+        cells = [str(b["nodes"]), failed, registry_gets_per_blob(b)]
         for phase in ("first_byte", "task_started", "whole_image"):
             ap, bp = _p(a, phase), _p(base, phase)
             cells.append(f"{ap[0]:.1f} / {ap[1]:.1f}")
@@ -66,7 +68,7 @@ def burst_rows(bursts: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-BURST_HEADERS = ["M", "registry GETs per blob", "afsd first byte p50 / p99 s", "registry pull first byte (ratio)",
+BURST_HEADERS = ["M", "nodes failed: afsd / registry pull", "registry GETs per blob", "afsd first byte p50 / p99 s", "registry pull first byte (ratio)",
                  "afsd task start p50 / p99 s", "registry pull task start (ratio)", "afsd whole image p50 / p99 s",
                  "registry pull whole image (ratio)", "served by the first provider ÷ all served to peers",
                  "peak PSS (RSS) per node, MiB"]
@@ -86,13 +88,15 @@ def plot_cdf(burst: dict[str, Any], path: Path) -> None:
         label = "afsd" if source == "afsd" else "registry pull + unpack"
         for phase, colour in (("first_byte", "tab:blue"), ("whole_image", "tab:orange")):
             values = _ok(burst[source]["timings"], phase)
-            if values:
-                ys = [(i + 1) / len(values) for i in range(len(values))]
+            if values:  # over every node: a node whose mount failed never gets there
+                ys = [(i + 1) / len(burst[source]["timings"]) for i in range(len(values))]
                 axes.step(values, ys, where="post", linestyle=style, color=colour,
                           label=f"{label}: {phase.replace('_', ' ')}")
     axes.set_xlabel("seconds from the burst's start")
     axes.set_ylabel("fraction of nodes")
-    axes.set_title(f"Burst of one new image onto {burst['nodes']} nodes")
+    failed = len(burst["afsd"]["summary"]["failed"])
+    axes.set_title(f"Burst of one new image onto {burst['nodes']} nodes"
+                   + (f" ({failed} afsd mounts failed)" if failed else ""))
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
@@ -235,6 +239,12 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
                  "(curl) and unpacks them (tar), then runs the same task. Times in seconds from the common start "
                  "(p50 / p99 over nodes); ratio = afsd p50 ÷ baseline p50.", "",
                  table(BURST_HEADERS, burst_rows(bursts)), ""]
+        for b in done:
+            reasons = Counter(line.split(": ", 1)[1][:160] for line in b["afsd"]["summary"]["failed"])
+            if reasons:
+                text += [f"Failed afsd mounts at M={b['nodes']} (p50/p99 above are over the nodes that "
+                         "succeeded; the CDF counts every node):", ""]
+                text += [f"- {count} × `{reason}`" for reason, count in reasons.most_common()] + [""]
         if largest:
             text += [f"![CDF of first byte and whole image, {largest['nodes']} nodes](burst_cdf.png)", "",
                      f"![Bytes served per provider over time, {largest['nodes']} nodes](served_by_provider.png)", ""]
@@ -287,8 +297,8 @@ def readme_excerpt(results: dict[str, Any]) -> str:
              f"{results['machine'].get('memory_gib', '?')} GiB, shared host, load "
              f"{results['machine']['load_average_1_5_15'][0]}): [docs/bench/report.md](docs/bench/report.md).", ""]
     if done:
-        lines += [table(BURST_HEADERS[:2] + BURST_HEADERS[2:4] + BURST_HEADERS[6:9],
-                        [row[:4] + row[6:9] for row in burst_rows(results["bursts"]) if len(row) > 9]), "",
+        lines += [table(BURST_HEADERS[:5] + BURST_HEADERS[7:10],
+                        [row[:5] + row[7:10] for row in burst_rows(results["bursts"]) if row[2]]), "",
                   "![CDF of first byte and whole image](docs/bench/burst_cdf.png)", ""]
     lines.append(README_END)
     return "\n".join(lines)
