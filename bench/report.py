@@ -4,6 +4,7 @@ the results `python -m bench` collected (docs/bench/results.json). Rendering onl
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -240,7 +241,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
                  "(p50 / p99 over nodes); ratio = afsd p50 ÷ baseline p50.", "",
                  table(BURST_HEADERS, burst_rows(bursts)), ""]
         for b in done:
-            reasons = Counter(line.split(": ", 1)[1][:160] for line in b["afsd"]["summary"]["failed"])
+            reasons = Counter(re.sub(r"sha256:([0-9a-f]{8})[0-9a-f]{56}", r"sha256:\1…", line.split(": ", 1)[1])[:240]
+                              for line in b["afsd"]["summary"]["failed"])
             if reasons:
                 text += [f"Failed afsd mounts at M={b['nodes']} (p50/p99 above are over the nodes that "
                          "succeeded; the CDF counts every node):", ""]
