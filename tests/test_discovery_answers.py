@@ -52,6 +52,8 @@ def test_pages_cover_every_node_once_under_the_byte_budget() -> None:
 
 def test_the_requester_comes_first_and_different_requesters_see_different_orders() -> None:
     nodes = [record(n) for n in range(50)]
+    plain, _, _ = page(nodes, Query(layer_digest="sha256:0", max_services=3))
+    assert [s.node_id for s in plain] == ["n0", "n1", "n10"]  # no requester: by node id, as the reference
     first, _, _ = page(nodes, Query(layer_digest="sha256:0", requester="10.0.0.7:1", max_services=5))
     assert first[0].endpoint == "10.0.0.7:1" and len(first) == 5
     other, _, _ = page(nodes, Query(layer_digest="sha256:0", requester="10.0.0.8:1", max_services=5))

@@ -9,17 +9,17 @@ listing whole records of 1,000 nodes × 100 layers is ~20 MB, past gRPC's 4 MiB 
 - every answer stops before `ANSWER_BYTES` or `max_services` (for a query about a layer or an image,
   `READER_PROVIDERS` when not given), with a `next_page_token` to ask for the rest; a client that
   ignores the token (the reference's) gets the first page instead of an error;
-- the order is a hash of a seed and each endpoint: seeded by the requester's endpoint (listed first when
-  it qualifies), or at random, so that capped answers spread readers over the holders instead of
-  sending everyone to the same few. Pages go by that order (keyset: the token holds the seed and the
-  last key sent), so a node joining or leaving between pages never shifts the others.
+- the order is by node id, as before; a requester that names its endpoint is listed first when it
+  qualifies, and the others come in an order hashed from that endpoint, so that capped answers to
+  different readers spread them over the holders instead of sending everyone to the same few. Pages go
+  by the order's key (the token holds the seed and the last key sent), so a node joining or leaving
+  between pages never shifts the others.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -83,8 +83,13 @@ def _stat(node: NodeRecord, digest: str) -> pb.LayerStat:
     return pb.LayerStat(digest=digest, afs_size=size, blob_digest=blob)
 
 
-def order_key(seed: str, endpoint: str) -> bytes:
-    return hashlib.blake2b(endpoint.encode(), digest_size=8, key=seed.encode()[:64]).digest()
+BY_NODE_ID = "-"   # the seed that stands for the plain order: node id, then endpoint
+
+
+def order_key(seed: str, node: NodeRecord) -> bytes:
+    if seed == BY_NODE_ID:
+        return node.node_id.encode() + b"\0" + node.endpoint.encode()
+    return hashlib.blake2b(node.endpoint.encode(), digest_size=8, key=seed.encode()[:64]).digest()
 
 
 def _seed_and_after(query: Query) -> tuple[str, str | None]:
@@ -97,7 +102,7 @@ def _seed_and_after(query: Query) -> tuple[str, str | None]:
         return seed, after
     if query.requester:
         return hashlib.blake2b(query.requester.encode(), digest_size=8).hexdigest(), None
-    return secrets.token_hex(8), None
+    return BY_NODE_ID, None
 
 
 def _is_hex(text: str) -> bool:
@@ -119,7 +124,7 @@ def page(nodes: Iterable[NodeRecord], query: Query,
     unique: dict[str, NodeRecord] = {}
     for node in nodes:
         unique.setdefault(node.endpoint, node)
-    keyed = [(b"" if endpoint == query.requester else order_key(seed, endpoint), node)
+    keyed = [(b"" if endpoint == query.requester else order_key(seed, node), node)
              for endpoint, node in unique.items()]
     remaining = [item for item in keyed if after is None or item[0] > after]
     cap = query.max_services or (READER_PROVIDERS if query.about_something else 0)

@@ -495,7 +495,7 @@ class RangeFetcher:
             return
         digest = self.spec.layer_digest
         try:
-            services = await self.discovery.find_provider(digest)
+            services = await self.discovery.find_provider(digest, requester=self.local_endpoint or "")
         except (DiscoveryUnavailableError, grpc.aio.AioRpcError) as error:
             log.warning("layer %s: cannot refresh providers from discovery: %s", digest, error)
             return

@@ -379,7 +379,7 @@ class LayerStoreNode:
             return None
         tried: set[str] = {self.endpoint}
         try:
-            nodes = await self.discovery.find_provider(want.digest, include_pulling=True)
+            nodes = await self.discovery.find_provider(want.digest, include_pulling=True, requester=self.endpoint)
         except (DiscoveryUnavailableError, grpc.aio.AioRpcError) as error:
             log.warning("cannot ask discovery who has %s: %s", want.digest, error)
             return None

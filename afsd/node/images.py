@@ -134,7 +134,7 @@ class ImageLocator:
 
     async def _holders(self, digest: str) -> list[dpb.ServiceInstance]:
         try:
-            return await self.discovery.find_provider(digest)
+            return await self.discovery.find_provider(digest, requester=self.local_layerstore or "")
         except (DiscoveryUnavailableError, grpc.aio.AioRpcError) as error:
             log.warning("cannot ask discovery who holds %s: %s", digest, error)
             return []
