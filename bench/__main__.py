@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.nodes or ([8] if args.quick else [8, 16, 32, 64])
     discovery_sizes = args.discovery_nodes or ([100, 1000] if args.quick else [10, 100, 300, 1000])
     results: dict = {"date": datetime.date.today().isoformat(), "machine": facts, "commit": _commit(),
-                     "command": "python -m bench" + (" --quick" if args.quick else ""), "rate_mbit": args.rate_mbit}
+                     "command": " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)]), "rate_mbit": args.rate_mbit}
     print(f"discovery at {discovery_sizes} simulated layerstores", flush=True)
     results["discovery"] = discovery_bench.run(discovery_sizes, queries=50 if args.quick else 200)
     results["bursts"] = []

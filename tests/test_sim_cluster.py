@@ -5,6 +5,7 @@ burst one never-seen image at once. One registry download per blob, every node's
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from afsd.lab.skopeo import push_layout
 from afsd.sim.burst import ImageTask, burst, rootfs_of
 from afsd.sim.cluster import SimCluster, SimSettings
 from afsd.sim.deadlines import deadlines
+from afsd.sim.network import SimNetwork, TokenInUseError
 from tests.support.treecompare import compare_trees, format_differences, snapshot
 from tests.support.umoci import umoci_rootfs
 
@@ -72,6 +74,22 @@ def test_afsd_sim_tears_everything_down_on_sigterm_and_on_ctrl_c(tmp_path: Path)
         sim = SimCluster(workdir, token=token)
         sim.network.members.clear()
         assert sim.leftovers() == [], command.stderr.read() if command.stderr else ""
+
+
+def test_a_simulation_never_takes_over_or_removes_another_ones_names() -> None:
+    first = SimNetwork(secrets.token_hex(3))
+    try:
+        first.up()
+        first.add("node0")
+        same_token = SimNetwork(first.token)
+        with pytest.raises(TokenInUseError):
+            same_token.up()
+        same_token.down()  # never claimed: removes nothing
+        assert {f"network namespace {first.namespace_prefix}node0", f"interface {first.bridge_name}"} <= set(
+            first.leftovers())
+    finally:
+        first.down()
+    assert first.leftovers() == []
 
 
 def _wait_for_line(command: subprocess.Popen, word: str, timeout: float) -> str:

@@ -30,7 +30,7 @@ from afsd.lab.registry import RegistryProcess, start_registry
 from afsd.node.records import mounted_paths
 from afsd.sim.census import command_line, kill_everything_in, processes_in
 from afsd.sim.deadlines import Deadlines, deadlines
-from afsd.sim.network import Member, SimNetwork
+from afsd.sim.network import Member, SimNetwork, TokenInUseError
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,15 @@ class SimCluster:
         if self.settings.nodes < 1:
             raise ValueError("a simulated cluster needs at least one node")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.network.up()
+        for attempt in range(3):
+            try:
+                self.network.up()
+                break
+            except TokenInUseError:  # another simulation drew the same token: draw again
+                if attempt == 2:
+                    raise
+                self.token = secrets.token_hex(3)
+                self.network = SimNetwork(self.token, self.settings.rate_bits)
         registry_member = self.network.add("registry")
         self.registry = start_registry(self.workdir / "registry", host=str(registry_member.address),
                                        port=REGISTRY_PORT, prefix=registry_member.enter(),

@@ -26,6 +26,10 @@ SIM_POOL = IPv4Network("10.231.0.0/16")
 SIM_PREFIXLEN = 23  # 509 addresses: room for hundreds of nodes
 
 
+class TokenInUseError(RuntimeError):
+    """Another simulation on this host already uses the token's names."""
+
+
 @dataclass(frozen=True)
 class Member:
     """One namespace on the simulated network."""
@@ -50,6 +54,7 @@ class SimNetwork:
     rate_bits: int | None = None          # per member link, each direction; None: unshaped
     members: dict[str, Member] = field(default_factory=dict)
     _bridge: BridgeNetwork | None = None
+    _claimed: bool = False   # the token's names were free and are ours: only then does down() remove them
 
     @property
     def namespace_prefix(self) -> str:
@@ -69,7 +74,13 @@ class SimNetwork:
         return self._bridge.spec.subnet
 
     def up(self) -> None:
+        """Claim the token's names and create the bridge. TokenInUseError (and nothing touched) when
+        another simulation on this host holds the same token."""
         with host_network_lock():
+            in_use = self.leftovers()
+            if in_use:
+                raise TokenInUseError(f"simulation token {self.token} is in use on this host ({in_use[0]})")
+            self._claimed = True
             with open_links() as host:
                 taken = host.ipv4_networks()
             subnet = pick_subnet(SIM_POOL, SIM_PREFIXLEN, taken, first=int(self.token, 16))
@@ -99,7 +110,10 @@ class SimNetwork:
 
     def down(self) -> None:
         """Remove the bridge and its veths, then unpin every member namespace (a namespace itself goes
-        when its last process does: census.py finds and ends those first)."""
+        when its last process does: census.py finds and ends those first). Nothing when the token's
+        names were never claimed (another simulation's)."""
+        if not self._claimed:
+            return
         if self._bridge is not None:
             self._bridge.down()
         for name in list_namespaces(self.namespace_prefix):
