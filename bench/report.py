@@ -272,7 +272,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
                  "one fetch worker).", "",
                  table(["M", "idle PSS MiB (mean)", "peak PSS MiB (mean)", "peak PSS (RSS) MiB, largest node",
                         "memory check before the run"], memory_rows(bursts)), "",
-                 f"Largest M run on this host: **{fitting}**. ![Memory per node](memory_per_node.png)", "",
+                 f"Largest M in this run: **{fitting}** (whether a size fits this host: the memory check column). ![Memory per node](memory_per_node.png)", "",
                  "The first node's processes at the end of its reads (MiB):", "",
                  table(["process", "PSS", "RSS"], process_rows(done[0])), ""]
     variants = [v for v in results.get("memory_variants", []) if "afsd" in v]
@@ -295,7 +295,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
 def readme_excerpt(results: dict[str, Any]) -> str:
     done = _done(results["bursts"])
     lines = [README_START, "",
-             f"Latest `python -m bench` run ({results['date']}; {results['machine']['cpus']} cores, "
+             f"Latest `{results.get('command', 'python -m bench')}` run ({results['date']}; {results['machine']['cpus']} cores, "
              f"{results['machine'].get('memory_gib', '?')} GiB, shared host, load "
              f"{results['machine']['load_average_1_5_15'][0]}): [docs/bench/report.md](docs/bench/report.md).", ""]
     if done:
