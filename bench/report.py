@@ -81,6 +81,13 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _save(figure: Any, axes: Any, path: Path) -> None:
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def plot_cdf(burst: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 4.5))
     for source, style in (("afsd", "-"), ("baseline", "--")):
@@ -98,11 +105,8 @@ def plot_cdf(burst: dict[str, Any], path: Path) -> None:
     failed = len(burst["afsd"]["summary"]["failed"])
     axes.set_title(f"Burst of one new image onto {burst['nodes']} nodes"
                    + (f" ({failed} afsd mounts failed)" if failed else ""))
-    axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, axes, path)
 
 
 def plot_served(burst: dict[str, Any], path: Path) -> None:
@@ -117,12 +121,9 @@ def plot_served(burst: dict[str, Any], path: Path) -> None:
     axes.set_xlabel("seconds from the burst's start")
     axes.set_ylabel("MB served to other nodes (cumulative)")
     axes.set_title(f"Bytes each layerstore served its peers ({burst['nodes']} nodes)")
-    axes.grid(alpha=0.3)
     if nodes:
         axes.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, axes, path)
 
 
 def plot_discovery(discovery: list[dict[str, Any]], path: Path) -> None:
@@ -136,11 +137,8 @@ def plot_discovery(discovery: list[dict[str, Any]], path: Path) -> None:
     axes.set_xlabel("simulated layerstores (100 layers each)")
     axes.set_ylabel("latency, ms")
     axes.set_title("Discovery latency vs nodes (heartbeats every 10 s meanwhile)")
-    axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, axes, path)
 
 
 def plot_memory(bursts: list[dict[str, Any]], path: Path) -> None:
@@ -155,11 +153,8 @@ def plot_memory(bursts: list[dict[str, Any]], path: Path) -> None:
     axes.set_xlabel("simulated nodes M")
     axes.set_ylabel("MiB per node")
     axes.set_title("Memory per simulated node during the burst")
-    axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, axes, path)
 
 
 def discovery_rows(discovery: list[dict[str, Any]]) -> list[list[str]]:
