@@ -117,7 +117,7 @@ class ResolveImageRequest(_message.Message):
     def __init__(self, image: _Optional[str] = ..., tag: _Optional[str] = ..., platform_os: _Optional[str] = ..., platform_arch: _Optional[str] = ..., platform_variant: _Optional[str] = ..., force_refresh: bool = ...) -> None: ...
 
 class ResolveImageResponse(_message.Message):
-    __slots__ = ("image_key", "resolved_registry", "resolved_repository", "resolved_reference", "layers", "runtime_config", "manifest_digest")
+    __slots__ = ("image_key", "resolved_registry", "resolved_repository", "resolved_reference", "layers", "runtime_config", "manifest_digest", "config_digest", "config")
     IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_REGISTRY_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_REPOSITORY_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,8 @@ class ResolveImageResponse(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_CONFIG_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     image_key: str
     resolved_registry: str
     resolved_repository: str
@@ -132,7 +134,9 @@ class ResolveImageResponse(_message.Message):
     layers: _containers.RepeatedCompositeFieldContainer[ImageLayer]
     runtime_config: ImageRuntimeConfig
     manifest_digest: str
-    def __init__(self, image_key: _Optional[str] = ..., resolved_registry: _Optional[str] = ..., resolved_repository: _Optional[str] = ..., resolved_reference: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[ImageLayer, _Mapping]]] = ..., runtime_config: _Optional[_Union[ImageRuntimeConfig, _Mapping]] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
+    config_digest: str
+    config: bytes
+    def __init__(self, image_key: _Optional[str] = ..., resolved_registry: _Optional[str] = ..., resolved_repository: _Optional[str] = ..., resolved_reference: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[ImageLayer, _Mapping]]] = ..., runtime_config: _Optional[_Union[ImageRuntimeConfig, _Mapping]] = ..., manifest_digest: _Optional[str] = ..., config_digest: _Optional[str] = ..., config: _Optional[bytes] = ...) -> None: ...
 
 class FindProviderRequest(_message.Message):
     __slots__ = ("layer_digest", "include_pulling", "max_services", "page_token", "view", "requester_endpoint")

@@ -311,3 +311,17 @@ class PruneCacheResponse(_message.Message):
     reclaimed_bytes: int
     evicted_layers: int
     def __init__(self, before_bytes: _Optional[int] = ..., after_bytes: _Optional[int] = ..., reclaimed_bytes: _Optional[int] = ..., evicted_layers: _Optional[int] = ...) -> None: ...
+
+class ReadImageConfigRequest(_message.Message):
+    __slots__ = ("digest",)
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    def __init__(self, digest: _Optional[str] = ...) -> None: ...
+
+class ReadImageConfigResponse(_message.Message):
+    __slots__ = ("digest", "data")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    data: bytes
+    def __init__(self, digest: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...

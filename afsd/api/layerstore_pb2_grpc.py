@@ -94,6 +94,11 @@ class LayerStoreStub(object):
                 request_serializer=afsd_dot_api_dot_layerstore__pb2.OpenByteStreamRequest.SerializeToString,
                 response_deserializer=afsd_dot_api_dot_layerstore__pb2.OpenByteStreamResponse.FromString,
                 _registered_method=True)
+        self.ReadImageConfig = channel.unary_unary(
+                '/layerstore.v1.LayerStore/ReadImageConfig',
+                request_serializer=afsd_dot_api_dot_layerstore__pb2.ReadImageConfigRequest.SerializeToString,
+                response_deserializer=afsd_dot_api_dot_layerstore__pb2.ReadImageConfigResponse.FromString,
+                _registered_method=True)
 
 
 class LayerStoreServicer(object):
@@ -176,6 +181,14 @@ class LayerStoreServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadImageConfig(self, request, context):
+        """An image config blob this layerstore keeps (it pulled or resolved the image): discovery and peers ask
+        here before the registry. NOT_FOUND when it has none; callers check the bytes against the digest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LayerStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +251,11 @@ def add_LayerStoreServicer_to_server(servicer, server):
                     servicer.OpenByteStream,
                     request_deserializer=afsd_dot_api_dot_layerstore__pb2.OpenByteStreamRequest.FromString,
                     response_serializer=afsd_dot_api_dot_layerstore__pb2.OpenByteStreamResponse.SerializeToString,
+            ),
+            'ReadImageConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadImageConfig,
+                    request_deserializer=afsd_dot_api_dot_layerstore__pb2.ReadImageConfigRequest.FromString,
+                    response_serializer=afsd_dot_api_dot_layerstore__pb2.ReadImageConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -564,6 +582,33 @@ class LayerStore(object):
             '/layerstore.v1.LayerStore/OpenByteStream',
             afsd_dot_api_dot_layerstore__pb2.OpenByteStreamRequest.SerializeToString,
             afsd_dot_api_dot_layerstore__pb2.OpenByteStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadImageConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerstore.v1.LayerStore/ReadImageConfig',
+            afsd_dot_api_dot_layerstore__pb2.ReadImageConfigRequest.SerializeToString,
+            afsd_dot_api_dot_layerstore__pb2.ReadImageConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

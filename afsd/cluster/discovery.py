@@ -23,6 +23,7 @@ import grpc
 from afsd.api import discovery_pb2 as pb
 from afsd.api import discovery_pb2_grpc as pb_grpc
 from afsd.cluster.answers import PageTokenError, Query, page
+from afsd.cluster.configs import MAX_SHARED_CONFIG, HolderLookup
 from afsd.cluster.keys import image_key, normalise_image_key
 from afsd.cluster.nodetable import NodeRecord, NodeTable
 from afsd.cluster.peer_answers import MAX_LAYERS, PeerAnswerError, check_heartbeat, check_trace_report
@@ -191,7 +192,16 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
                     for layer, diff_id in zip(image.layers, diff_ids)],
             runtime_config=pb.ImageRuntimeConfig(entrypoint=config.entrypoint, cmd=config.cmd,
                                                  env=config.env, working_dir=config.working_dir,
-                                                 user=config.user))
+                                                 user=config.user),
+            config_digest=image.config_digest,
+            config=image.config_blob if len(image.config_blob) <= MAX_SHARED_CONFIG else b"")
+
+
+def config_holders(table: NodeTable) -> HolderLookup:
+    """For the registry client's `ClusterConfigSource`: live layerstores holding all of an image's layers."""
+    async def holders(layer_digests: list[str]) -> list[str]:
+        return [node.endpoint for node in table.holding_layers(layer_digests)]
+    return holders
 
 
     async def ReportAccessTrace(self, request: pb.ReportAccessTraceRequest,

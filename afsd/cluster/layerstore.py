@@ -36,6 +36,7 @@ from prometheus_client import Counter, Gauge
 from afsd.api import discovery_pb2
 from afsd.api import layerstore_pb2 as pb
 from afsd.cluster.blobstore import BlobStore, Reservation, StoredLayer
+from afsd.cluster.configs import HolderLookup
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
 from afsd.cluster.keys import image_key
 from afsd.cluster.peer_answers import PeerAnswerError, check_stat
@@ -43,6 +44,7 @@ from afsd.cluster.peers import LayerStorePeer, PeerLayer, copy_layer, stat_to_pe
 from afsd.erofs.convert import convert_layer_async, converter_identity
 from afsd.errors import AfsdError, DigestMismatchError
 from afsd.oci.client import RegistryClient
+from afsd.oci.digest import is_blob, parse_digest
 from afsd.oci.manifest import Descriptor
 from afsd.oci.mediatypes import layer_compression
 from afsd.oci.platform import Platform
@@ -273,6 +275,7 @@ class LayerStoreNode:
                 log.warning("discovery could not resolve %s (%s: %s); asking the registry", key,
                             error.code().name, error.details())
             else:
+                await self._keep_config(response)
                 config = response.runtime_config
                 return ImageRecord(
                     key=key, reference=str(reference), platform=str(platform),
@@ -290,6 +293,26 @@ class LayerStoreNode:
             config={"entrypoint": config.entrypoint, "cmd": config.cmd, "env": config.env,
                     "working_dir": config.working_dir, "user": config.user},
             resolved_at=time.time())
+
+    async def _keep_config(self, response: discovery_pb2.ResolveImageResponse) -> None:
+        """Keep the config blob discovery sent (if it is what it claims), to serve it to the cluster."""
+        if not response.config:
+            return
+        try:
+            digest = parse_digest(response.config_digest)
+        except AfsdError:
+            log.warning("discovery sent the config of %s with an invalid digest %r", response.image_key,
+                        response.config_digest)
+            return
+        if not is_blob(response.config, digest, len(response.config)):
+            log.warning("discovery sent a config for %s that is not the blob %s; not keeping it",
+                        response.image_key, digest)
+            return
+        await self.registry.metadata.add_config(digest, response.config)
+
+    async def image_config(self, digest: str) -> bytes | None:
+        """A config blob this node keeps (of an image it resolved), for `ReadImageConfig`."""
+        return await self.registry.metadata.config(digest)
 
     # -- pulling --------------------------------------------------------------------------------
 
@@ -523,3 +546,19 @@ class LayerStoreNode:
 
     def record_for(self, reference: ImageReference, platform: Platform) -> ImageRecord | None:
         return self._image_records.get(image_key(reference, platform))
+
+
+def config_holders(discovery: DiscoveryClient, own_endpoint: str) -> HolderLookup:
+    """For the registry client's `ClusterConfigSource`: other layerstores that hold all of an image's
+    layers (so pulled it and keep its config), as discovery knows them."""
+    async def holders(layer_digests: list[str]) -> list[str]:
+        if not discovery.endpoints:
+            return []
+        try:
+            nodes = await discovery.find_provider(layer_digests[0])
+        except (DiscoveryUnavailableError, grpc.aio.AioRpcError) as error:
+            log.info("cannot ask discovery who holds %s: %s", layer_digests[0], error)
+            return []
+        return [node.endpoint for node in nodes
+                if node.endpoint != own_endpoint and set(layer_digests) <= set(node.layer_digests)]
+    return holders

@@ -14,6 +14,7 @@ from afsd.api import layerstore_pb2 as pb
 from afsd.api import layerstore_pb2_grpc as pb_grpc
 from afsd.cluster.blobstore import StoredLayer
 from afsd.cluster.bytestream_server import ByteStreamServer, caller_address, reader_place
+from afsd.cluster.configs import MAX_SHARED_CONFIG
 from afsd.cluster.layerstore import ImageRecord, LayerStoreNode, LayerWant
 from afsd.cluster.peer_answers import DIGEST, PeerAnswerError
 from afsd.cluster.peers import MAX_READ_MESSAGE
@@ -124,6 +125,14 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
         layer = await self._stored(await self._digest(request.digest, context), context)
         self.node.store.touch(layer.digest)
         return layer.to_stat()
+
+    async def ReadImageConfig(self, request: pb.ReadImageConfigRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ReadImageConfigResponse:
+        digest = await self._digest(request.digest, context)
+        data = await self.node.image_config(digest)
+        if data is None or len(data) > MAX_SHARED_CONFIG:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"config {digest} is not kept by this layerstore")
+        return pb.ReadImageConfigResponse(digest=digest, data=data)
 
     async def ReadLayer(self, request: pb.ReadLayerRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ReadLayerResponse]:
         digest = await self._digest(request.digest, context)

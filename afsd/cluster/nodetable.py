@@ -135,5 +135,10 @@ class NodeTable:
             found |= complete
         return self._fresh(found)
 
+    def holding_layers(self, digests: Iterable[str]) -> list[NodeRecord]:
+        """Nodes that hold every one of `digests` (all of an image's layers: they pulled it)."""
+        wanted = list(digests)
+        return [n for n in self.live() if all(d in n.layers for d in wanted)]
+
     def pulling_image(self, key: str) -> list[NodeRecord]:
         return self._fresh(self._pulling_images.get(key) - self._images.get(key))

@@ -5,6 +5,10 @@ First stage of the data flow: `resolve` turns `host/repo:tag` + a platform into 
 digest as it goes; the erofs converter then takes the file. Every byte is verified against a digest
 (manifests by tag against Docker-Content-Digest when the registry sends one).
 
+What was verified once is not fetched again (`metadata_cache.py`): resolving a tag again costs one
+manifest request, resolving by digest what a tag already led to costs none, and an image config comes
+from the cache, then from the `ConfigSource`s the caller gave (the cluster), and only then the registry.
+
 Each request goes to the configured mirrors first, in order, then to the registry itself; any
 failure on a mirror (refused, 5xx, 404, bad digest, ...) moves on to the next. Plain HTTP is used
 only for hosts listed as insecure, also after redirects. Authentication lives in `auth.py`,
@@ -19,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Protocol, TypeVar
 
 import httpx
 
@@ -39,6 +43,7 @@ from afsd.oci.digest import (
     Digester,
     digest_algorithm,
     digest_bytes,
+    is_blob,
     parse_digest,
     verify_bytes,
 )
@@ -54,6 +59,7 @@ from afsd.oci.manifest import (
     parse_manifest,
     select_platform,
 )
+from afsd.oci.metadata_cache import MetadataCache
 from afsd.oci.platform import Platform
 from afsd.oci.reference import ImageReference
 
@@ -78,6 +84,14 @@ class ResolvedImage:
     config_digest: str
     config: ImageConfig
     layers: list[Descriptor]  # bottom to top
+    config_blob: bytes = b""  # the config's bytes, as verified against config_digest
+
+
+class ConfigSource(Protocol):
+    """Somewhere an image config may already be, other than the registry (e.g. the cluster's layerstores)."""
+
+    async def fetch_config(self, digest: str, size: int, layer_digests: list[str]) -> bytes | None:
+        """The config blob `digest` (of the image with these layers), or None. The caller verifies it."""
 
 
 @dataclass(frozen=True)
@@ -155,8 +169,11 @@ def _remove_if_present(path: Path) -> None:
 class RegistryClient:
     """Talks to OCI registries over HTTP(S). Use as `async with RegistryClient(config) as client:`."""
 
-    def __init__(self, config: RegistryConfig | None = None) -> None:
+    def __init__(self, config: RegistryConfig | None = None, *, metadata: MetadataCache | None = None,
+                 config_sources: tuple[ConfigSource, ...] = ()) -> None:
         self.config = config or RegistryConfig()
+        self.metadata = metadata if metadata is not None else MetadataCache()
+        self.config_sources = config_sources
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout),
             headers={"User-Agent": USER_AGENT},
@@ -278,6 +295,19 @@ class RegistryClient:
         return await with_retries(operation, host=endpoint.host, what="registry",
                                   attempts=self.config.max_attempts, backoff_base=self.config.backoff_base)
 
+    async def _manifest(self, endpoint: _Endpoint, ref: ImageReference, reference: str,
+                        expected: Descriptor | None) -> tuple[bytes, str, str]:
+        """Raw manifest, its Content-Type and its verified digest: from the cache for a digest seen
+        before in this repository, else from `endpoint` (and then kept)."""
+        repository = f"{ref.registry}/{ref.repository}"
+        if reference.startswith(("sha256:", "sha512:")):
+            known = self.metadata.manifest(repository, reference)
+            if known is not None and (expected is None or len(known[0]) == expected.size):
+                return known[0], known[1], reference
+        raw, content_type, digest = await self._fetch_manifest(endpoint, ref, reference, expected)
+        self.metadata.add_manifest(repository, digest, raw, content_type)
+        return raw, content_type, digest
+
     async def _fetch_manifest(self, endpoint: _Endpoint, ref: ImageReference, reference: str,
                               expected: Descriptor | None) -> tuple[bytes, str, str]:
         """Raw manifest, its Content-Type and its verified digest."""
@@ -308,6 +338,24 @@ class RegistryClient:
             verify_bytes(raw, header_digest, what=what)
             return raw, content_type, header_digest
         return raw, content_type, digest_bytes(raw)
+
+    async def _config(self, endpoint: _Endpoint, ref: ImageReference, manifest: Manifest) -> bytes:
+        """The image config: from the cache, else a config source, else `endpoint`; kept afterwards."""
+        descriptor = manifest.config
+        raw = await self.metadata.config(descriptor.digest)
+        if raw is not None and len(raw) == descriptor.size:
+            return raw
+        layer_digests = [layer.digest for layer in manifest.layers]
+        sources = self.config_sources if descriptor.size <= MAX_CONFIG_SIZE else ()  # else: refused below
+        for source in sources:
+            candidate = await source.fetch_config(descriptor.digest, descriptor.size, layer_digests)
+            if candidate is not None and is_blob(candidate, descriptor.digest, descriptor.size):
+                raw = candidate
+                break
+        else:
+            raw = await self._fetch_config(endpoint, ref, descriptor)
+        await self.metadata.add_config(descriptor.digest, raw)
+        return raw
 
     async def _fetch_config(self, endpoint: _Endpoint, ref: ImageReference, descriptor: Descriptor) -> bytes:
         subject = f"config blob {descriptor.digest} of {ref.name}"
@@ -356,7 +404,7 @@ class RegistryClient:
     # -- resolving --------------------------------------------------------------------------------
 
     async def _resolve_on(self, endpoint: _Endpoint, ref: ImageReference, platform: Platform) -> ResolvedImage:
-        raw, content_type, digest = await self._fetch_manifest(endpoint, ref, ref.manifest_reference, None)
+        raw, content_type, digest = await self._manifest(endpoint, ref, ref.manifest_reference, None)
         document = parse_manifest(raw, content_type, source=f"manifest of {ref} from {endpoint.host}")
         index_digest: str | None = None
         selected: Platform | None = None
@@ -366,13 +414,13 @@ class RegistryClient:
             index_digest = index_digest or digest
             descriptor = select_platform(document, platform, image=f"image {ref}")
             selected = descriptor.platform
-            raw, content_type, digest = await self._fetch_manifest(endpoint, ref, descriptor.digest, descriptor)
+            raw, content_type, digest = await self._manifest(endpoint, ref, descriptor.digest, descriptor)
             document = parse_manifest(raw, content_type or descriptor.media_type,
                                       source=f"manifest {descriptor.digest} of {ref.name} from {endpoint.host}")
         if not isinstance(document, Manifest):
             raise ManifestFormatError(f"image {ref} nests indexes more than {_MAX_INDEX_DEPTH} deep")
 
-        config_raw = await self._fetch_config(endpoint, ref, document.config)
+        config_raw = await self._config(endpoint, ref, document)
         config = parse_image_config(config_raw, source=f"image config of {ref}")
         if selected is None:
             # A single-platform image: make sure it is the platform that was asked for.
@@ -387,4 +435,5 @@ class RegistryClient:
                 f"config {len(config.diff_ids)} diff_ids")
         return ResolvedImage(reference=ref, platform=selected, manifest_digest=digest,
                              manifest_media_type=document.media_type, index_digest=index_digest,
-                             config_digest=document.config.digest, config=config, layers=list(document.layers))
+                             config_digest=document.config.digest, config=config, layers=list(document.layers),
+                             config_blob=config_raw)

@@ -61,3 +61,8 @@ def verify_bytes(data: bytes, expected: str, *, what: str) -> None:
     actual = digest_bytes(data, digest_algorithm(expected))
     if actual != expected:
         raise DigestMismatchError(f"{what} does not match its digest {expected}: the content hashes to {actual}")
+
+
+def is_blob(data: bytes, digest: str, size: int) -> bool:
+    """Whether `data` is exactly the blob a descriptor (`digest`, `size`) names: for bytes from a peer."""
+    return len(data) == size and digest_bytes(data, digest_algorithm(digest)) == digest
