@@ -43,16 +43,22 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def serve_metrics(address: str) -> None:
+def serve_metrics(address: str) -> str:
     """Start the `/metrics` HTTP endpoint, with `/healthz` and `/readyz` (afsd/health.py), in a background
-    thread (never blocks the event loop)."""
+    thread (never blocks the event loop); return the address it bound (`HOST:0` picks a free port)."""
+    from afsd.errors import UsageError
     from afsd.health import wsgi_app
+    from afsd.readiness import with_port
 
-    host, port = parse_listen(address)
-    server_class = type("_Server", (_MetricsServer,), {"address_family": socket.AF_INET6 if ":" in host
-                                                       else socket.AF_INET})
-    server = make_server(host, port, wsgi_app(make_wsgi_app()), server_class, handler_class=_QuietHandler)
+    try:
+        host, port = parse_listen(address)
+        server_class = type("_Server", (_MetricsServer,), {"address_family": socket.AF_INET6 if ":" in host
+                                                           else socket.AF_INET})
+        server = make_server(host, port, wsgi_app(make_wsgi_app()), server_class, handler_class=_QuietHandler)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot serve metrics on --metrics-listen {address}: {error}") from None
     threading.Thread(target=server.serve_forever, name="metrics http", daemon=True).start()
+    return with_port(address, server.server_port)
 
 
 def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:

@@ -69,6 +69,8 @@ async def abort_for(context: grpc.aio.ServicerContext, error: errors.AfsdError, 
 # Calls a server runs at once; more are refused at once with RESOURCE_EXHAUSTED (a flood of idle streams
 # cannot exhaust a daemon's memory or tasks).
 MAX_CONCURRENT_RPCS = 1024
+# SO_REUSEPORT is gRPC's default on Linux, stated here because `listen_on` relies on it.
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 1)]
 
 
 def new_server(tls: TlsConfig | None = None, tokens: BearerTokens | None = None, *,
@@ -80,7 +82,7 @@ def new_server(tls: TlsConfig | None = None, tokens: BearerTokens | None = None,
     if tls is not None:
         from afsd.trust.access import AccessInterceptor
         interceptors.append(AccessInterceptor(tokens=tokens))
-    return grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS,
+    return grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS,
                            maximum_concurrent_rpcs=maximum_concurrent_rpcs)
 
 
@@ -88,7 +90,9 @@ def add_port(server: grpc.aio.Server, address: str, tls: TlsConfig | None, *,
              client_certificates: bool = True) -> int:
     """Listen on `address`: with `tls`, TLS requiring a client certificate from the cluster CA (or, with
     `client_certificates` False, server-side TLS only: callers show bearer tokens); plaintext without.
-    Returns the port; UsageError when nothing could be bound."""
+    Returns the port (the kernel's pick for port 0: `afsd.readiness.with_port` makes it an address);
+    UsageError when nothing could be bound. gRPC binds with SO_REUSEPORT, so a launcher may hold the
+    port (afsd/lab/ports.py) while the daemon binds it, and keep it between the daemon's restarts."""
     port = server.add_secure_port(address, tls.server_credentials(require_client_certificate=client_certificates)) \
         if tls else server.add_insecure_port(address)
     if port == 0:

@@ -10,8 +10,8 @@ import pytest
 
 from afsd.api import discovery_pb2 as dpb
 from afsd.api import layerstore_pb2 as lpb
-from afsd.lab.daemons import Daemon, metrics_address, start_all, with_hosts_file
-from afsd.lab.registry import free_port
+from afsd.lab.daemons import discovery_daemon, metrics_address, start_all, with_hosts_file
+from afsd.lab.ports import reserve_shared_port
 from tests.support.cluster import LocalCluster, small_image
 from tests.support.metrics import metric
 
@@ -57,9 +57,10 @@ async def test_heartbeats_reach_every_address_of_a_discovery_name(cluster: Local
     """One DNS name, two replicas (127.0.0.1 and 127.0.0.2, same port): the layerstore, configured with
     the name only, must heartbeat both. The name is resolved by the system resolver from /etc/hosts in the
     layerstore's own mount namespace."""
-    port = free_port()
-    replicas = [Daemon(f"discovery-{host}", ["discovery", "--listen", f"{host}:{port}", "--ttl", str(TTL)],
-                       host, port, cluster.workdir / f"discovery-{host}.log") for host in ("127.0.0.1", "127.0.0.2")]
+    hosts = ["127.0.0.1", "127.0.0.2"]
+    replicas = [discovery_daemon(cluster.workdir, f"discovery-{host}", ttl=TTL, host=host, listen=reservation,
+                                 metrics=False) for host, reservation in zip(hosts, reserve_shared_port(hosts))]
+    port = replicas[0].port
     cluster.discoveries += replicas
     await asyncio.to_thread(start_all, replicas)
     hosts = cluster.workdir / "hosts"

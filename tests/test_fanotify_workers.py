@@ -13,6 +13,7 @@ import time
 
 import httpx
 
+from afsd.lab.ports import reserve_port
 from afsd.ondemand.fanotify.settings import Settings
 from tests.support import fanotify_sources
 from tests.support.fanotify_lab import FanotifyLab, data_files
@@ -49,11 +50,10 @@ async def test_reader_gets_right_bytes_when_the_worker_is_killed_mid_fetch(fanot
 
 async def test_stopped_worker_is_detected_replaced_and_readers_complete(fanotify_lab: FanotifyLab) -> None:
     lab, blob = fanotify_lab, fanotify_lab.blob
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    held = reserve_port()  # the supervisor's metrics server binds it (SO_REUSEADDR); nothing else can
+    port = held.port
     await lab.start(Settings(workers=1, worker_timeout=1.5, heartbeat=0.25, fetch_deadline=60),
-                    metrics_listen=f"127.0.0.1:{port}")
+                    metrics_listen=held.address)
     served = await lab.serve(fanotify_sources.config("slow", path=str(blob.full), delay=0.5,
                                                      markers=str(lab.markers)))
     names = data_files(blob)[:3]
@@ -77,6 +77,7 @@ async def test_stopped_worker_is_detected_replaced_and_readers_complete(fanotify
             if "afsd_fanotify_worker_hangs_total 1.0" in text or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.2)
+    held.close()
     assert "afsd_fanotify_worker_hangs_total 1.0" in text
     assert "afsd_fanotify_worker_restarts_total 1.0" in text
     assert "afsd_fanotify_events_redispatched_total" in text

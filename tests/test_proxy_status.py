@@ -17,7 +17,8 @@ from afsd.api import discovery_pb2 as dpb
 from afsd.api import discovery_pb2_grpc as dgrpc
 from afsd.api import layerstore_pb2 as lpb
 from afsd.api import layerstore_pb2_grpc as lgrpc
-from afsd.lab.daemons import Daemon, free_port_on_all, http_address, layerstore_daemon, start_all
+from afsd.lab.daemons import Daemon, http_address, layerstore_daemon, start_all
+from afsd.lab.ports import reserve_shared_port
 from afsd.lab.oci_layout import ImageSpec, write_oci_layout
 from afsd.lab.skopeo import push_layout
 from tests.support.cluster import small_image
@@ -60,10 +61,12 @@ class Setup:
         start_all(self.layerstores[1:])
         self.discovery_target = f"{DISCOVERY}:{base.discovery.port}"
         cluster.dns.set(DISCOVERY, [base.discovery.host])
-        http_port = free_port_on_all(["127.0.0.11", "127.0.0.12", "127.0.0.13"])
+        self.http_ports = dict(zip(["127.0.0.11", "127.0.0.12", "127.0.0.13"],
+                                   reserve_shared_port(["127.0.0.11", "127.0.0.12", "127.0.0.13"])))
+        http_port = self.http_ports["127.0.0.11"].port
         self.peers = [f"127.0.0.1{i}" for i in (1, 2)]
         cluster.dns.set(PROXIES, self.peers)
-        self.proxies = [cluster.start_proxy(f"proxy-{i}", host=host, http_port=http_port,
+        self.proxies = [cluster.start_proxy(f"proxy-{i}", host=host, http=self.http_ports[host],
                                             discovery_target=self.discovery_target,
                                             peers_target=f"{PROXIES}:{http_port}")
                         for i, host in zip("ab", self.peers)]
@@ -83,8 +86,11 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(proxy_cluster: ProxyCluster) -> Setup:
-    return Setup(proxy_cluster)
+def setup(proxy_cluster: ProxyCluster) -> Iterator[Setup]:
+    ready = Setup(proxy_cluster)
+    yield ready
+    for reservation in ready.http_ports.values():
+        reservation.close()
 
 
 @pytest.fixture

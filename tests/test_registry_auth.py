@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from afsd.errors import RegistryAuthError, RegistryError
-from afsd.lab.registry import free_port
 from afsd.oci.client import RegistryClient
 from afsd.oci.config import Credential, RegistryConfig
 from afsd.oci.platform import Platform
@@ -202,9 +201,10 @@ async def test_mirror_never_sees_the_origin_credentials(basic_registry: LabRegis
 
 
 async def test_mirror_gets_its_own_credentials(basic_registry: LabRegistry, images: dict[str, PushedImage],
-                                               fault_proxy: Callable[..., FaultProxy], tmp_path: Path) -> None:
+                                               fault_proxy: Callable[..., FaultProxy], tmp_path: Path,
+                                               down_address: str) -> None:
     mirror = fault_proxy(basic_registry.address)  # has the image, wants the basic registry's login
-    origin = f"127.0.0.1:{free_port()}"  # down, so everything must come from the mirror
+    origin = down_address  # so everything must come from the mirror
     config = RegistryConfig(insecure_hosts=frozenset({origin, mirror.address}), mirrors={origin: [mirror.address]},
                             credentials={origin: Credential("origin-user", "origin-secret"),
                                          mirror.address: Credential("afsd", "s3cret")})

@@ -19,7 +19,6 @@ from afsd.errors import (
 )
 from afsd.lab.layers import LayerBlob
 from afsd.lab.oci_layout import write_oci_layout
-from afsd.lab.registry import free_port
 from afsd.oci import mediatypes
 from afsd.oci.client import RegistryClient, ResolvedImage
 from afsd.oci.config import RegistryConfig
@@ -322,8 +321,8 @@ async def test_manifest_requests_accept_oci_and_docker_types(open_registry: LabR
 # -- reaching the registry --------------------------------------------------------------------------------
 
 
-async def test_unreachable_registry_names_host_and_port() -> None:
-    address = f"127.0.0.1:{free_port()}"
+async def test_unreachable_registry_names_host_and_port(down_address: str) -> None:
+    address = down_address
     config = RegistryConfig(insecure_hosts=frozenset({address}))
     with pytest.raises(RegistryUnreachableError, match=f"cannot connect to registry {address}"):
         await resolve(config, f"{address}/app:v1")

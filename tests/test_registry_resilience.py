@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from afsd.errors import AfsdError, NotFoundError, RegistryError, RegistryUnreachableError
-from afsd.lab.registry import free_port, start_registry
+from afsd.lab.registry import start_registry
 from afsd.oci.client import ResolvedImage
 from afsd.oci.config import RegistryConfig
 from afsd.oci.platform import Platform
@@ -55,8 +55,8 @@ def requests_for(registry: LabRegistry, path: str) -> list[int]:
 
 
 async def test_down_mirror_and_mirror_without_the_image_fall_back_to_origin(
-        origin: LabRegistry, open_registry: LabRegistry, image: PushedImage, tmp_path: Path) -> None:
-    down = f"127.0.0.1:{free_port()}"
+        origin: LabRegistry, open_registry: LabRegistry, image: PushedImage, tmp_path: Path, down_address: str) -> None:
+    down = down_address
     config = config_for(origin.address, open_registry.address, down,
                         mirrors={origin.address: [down, open_registry.address]})
     resolved = await pull_image(config, image.reference, tmp_path)
@@ -103,8 +103,8 @@ async def test_mirror_failing_with_5xx_falls_back_after_its_retries(
 
 
 async def test_when_everything_fails_the_error_names_origin_and_mirrors(origin: LabRegistry, image: PushedImage,
-                                                                        tmp_path: Path) -> None:
-    down = f"127.0.0.1:{free_port()}"
+                                                                        tmp_path: Path, down_address: str) -> None:
+    down = down_address
     config = config_for(origin.address, down, mirrors={origin.address: [down]})
     with pytest.raises(NotFoundError) as caught:
         await pull_image(config, f"{origin.address}/resilience/missing:v1", tmp_path)

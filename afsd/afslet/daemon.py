@@ -17,6 +17,7 @@ flags and calls `serve`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -41,7 +42,6 @@ from afsd.cluster.discovery_client import DiscoveryClient
 from afsd.errors import UsageError
 from afsd.health import HEALTH
 from afsd.rpc import ChannelPool, add_port, new_server
-
 from afsd.trust.tls import security_line
 
 if TYPE_CHECKING:
@@ -62,15 +62,20 @@ class DaemonOptions:
     graceful_timeout: float = 10.0  # after the staged aborts, for results, tars and teardown
     max_concurrent_rpcs: int = 256
     tls: TlsConfig | None = None    # mutual TLS for the Execute port and discovery; None: dev mode
+    ready_file: Path | None = None  # written once serving: afsd/readiness.py
 
 
 async def serve(config: AfsletConfig, options: DaemonOptions, executions: ExecutionTable | None = None) -> int:
     from afsd.metrics import serve_metrics
+    from afsd.readiness import announce_ready, with_port
 
     await asyncio.to_thread(config.sessions_dir.mkdir, parents=True, exist_ok=True)
     await asyncio.to_thread(config.runc_state.mkdir, parents=True, exist_ok=True)
-    if options.metrics_listen:
-        serve_metrics(options.metrics_listen)
+    metrics = serve_metrics(options.metrics_listen) if options.metrics_listen else None
+    server = new_server(options.tls, maximum_concurrent_rpcs=options.max_concurrent_rpcs)
+    listening = with_port(options.listen, add_port(server, options.listen, options.tls))
+    if config.endpoint.endswith(":0"):  # advertised as listened on: with the port the kernel picked
+        config = dataclasses.replace(config, endpoint=with_port(config.endpoint, int(listening.rpartition(":")[2])))
 
     userns_fd = -1
     if config.id_map is not None:
@@ -95,17 +100,15 @@ async def serve(config: AfsletConfig, options: DaemonOptions, executions: Execut
         except (OSError, RuntimeError) as error:
             raise UsageError(f"cannot set up the containers' network ({config.network.mode}): {error}; "
                              "--network none runs containers without one") from None
-        server = new_server(options.tls, maximum_concurrent_rpcs=options.max_concurrent_rpcs)
         afslet_pb2_grpc.add_AfsletServicer_to_server(AfsletService(runtime), server)
         executions_pb2_grpc.add_ExecutionsServicer_to_server(ExecutionsService(runtime), server)
-        add_port(server, options.listen, options.tls)
         await server.start()
     except BaseException:
         await network.stop()
         raise
-    log.warning("%s", security_line(f"afslet {config.node_id}", options.tls, options.listen))
+    log.warning("%s", security_line(f"afslet {config.node_id}", options.tls, listening))
     log.warning("afslet %s listening on %s (advertised %s): limits cpu=%d memory_mb=%d gpus=%d, network %s, "
-                "user namespace %s, work dir %s, node socket %s", config.node_id, options.listen, config.endpoint,
+                "user namespace %s, work dir %s, node socket %s", config.node_id, listening, config.endpoint,
                 config.limit_cpu_cores, config.limit_memory_mb, config.limit_gpus, config.network.mode,
                 "on" if config.id_map else "off", config.work_dir, options.node_socket)
 
@@ -115,6 +118,7 @@ async def serve(config: AfsletConfig, options: DaemonOptions, executions: Execut
         loop.add_signal_handler(signum, stop.set)
     HEALTH.serving()
     try:
+        await announce_ready(options.ready_file, listen=listening, metrics=metrics)
         await stop.wait()
     finally:
         HEALTH.draining()

@@ -108,3 +108,10 @@ def announce_security(log: logging.Logger, daemon: str, tls: "TlsConfig | None",
     from afsd.trust.tls import security_line
 
     log.warning("%s", security_line(daemon, tls, listen))
+
+
+def add_ready_file_option(parser: argparse.ArgumentParser) -> None:
+    """`--ready-file`, for every daemon (see afsd/readiness.py)."""
+    parser.add_argument("--ready-file", type=Path, metavar="PATH",
+                        help="once serving, write PATH (atomically): JSON with the pid and the addresses bound, "
+                             "e.g. the ports picked for HOST:0 listeners")

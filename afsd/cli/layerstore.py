@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from afsd.cli._options import (
+    add_ready_file_option,
     add_registry_options,
     add_tls_options,
     announce_security,
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "keep the cache under its limit (LRU).")
     parser.add_argument("--listen", required=True, metavar="IP:PORT",
                         help="gRPC listen address; also the endpoint advertised to discovery, so use an "
-                             "address peers can reach (not 0.0.0.0)")
+                             "address peers can reach (not 0.0.0.0); port 0 picks a free one")
     parser.add_argument("--advertise", metavar="HOST:PORT",
                         help="endpoint to advertise instead of --listen (e.g. behind NAT)")
     parser.add_argument("--node-id", required=True, help="this node's identity (e.g. the host name)")
@@ -47,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "at every heartbeat")
     parser.add_argument("--heartbeat-period", type=float, default=10.0,
                         help="seconds between heartbeats (default %(default)s)")
+    parser.add_argument("--resolve-ttl", type=float, default=60.0,
+                        help="seconds a tag's layer list is reused before it is resolved again (default %(default)s)")
     parser.add_argument("--fetch-concurrency", type=int, default=3,
                         help="layers downloaded and converted at once (default %(default)s)")
     parser.add_argument("--admin-socket", type=Path, default=Path("/run/afsd/layerstore.sock"),
@@ -61,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "every chunk against the signed chunk table and need a ticket from the mutual-TLS "
                              "control channel; only confidentiality on the wire is given up)")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    add_ready_file_option(parser)
     add_registry_options(parser)
     add_tls_options(parser)
     parser.set_defaults(handler=run)
@@ -110,10 +114,13 @@ async def run(args: argparse.Namespace) -> int:
     from afsd.cluster.blobstore import BlobStore
     from afsd.cluster.discovery_client import DiscoveryClient, split_host_port
     from afsd.cluster.heartbeat import heartbeat_forever
-    from afsd.cluster.layerstore import LayerStoreNode
+    from afsd.cluster.configs import ClusterConfigSource
+    from afsd.cluster.layerstore import LayerStoreNode, config_holders
     from afsd.cluster.layerstore_service import LayerStoreService, LocalLayerStoreService
     from afsd.metrics import serve_metrics
     from afsd.oci.client import RegistryClient
+    from afsd.oci.metadata_cache import MetadataCache
+    from afsd.readiness import announce_ready, with_port
     from afsd.rpc import ChannelPool, add_port, new_server, run_until_signalled, start_unix_server
     from afsd.trust.descriptors import BlobTrust
 
@@ -121,34 +128,45 @@ async def run(args: argparse.Namespace) -> int:
         _check_listen(args.listen)
     if args.cache_max_bytes < 0:
         raise UsageError("--cache-max-bytes must be >= 0")
+    if args.resolve_ttl < 0:
+        raise UsageError("--resolve-ttl must be >= 0")
     tls = daemon_tls_from(args)
     if tls is not None:
         _check_certificate(tls, args.node_id, args.advertise or args.listen)
-    if args.metrics_listen:
-        serve_metrics(args.metrics_listen)
+    metrics = serve_metrics(args.metrics_listen) if args.metrics_listen else None
+    server = new_server(tls)
+    listening = with_port(args.listen, add_port(server, args.listen, tls))
+    endpoint = args.advertise or listening
     channels = ChannelPool(tls)
     discovery = DiscoveryClient(args.discovery_endpoint, channels)
-    async with RegistryClient(registry_config(args)) as registry:
+    # Image configs are kept beside the cache (and served to the cluster); a missing one is asked of the
+    # layerstores that hold the image before the registry.
+    async with RegistryClient(registry_config(args), metadata=MetadataCache(args.cache_dir / "metadata"),
+                              config_sources=(ClusterConfigSource(config_holders(discovery, endpoint), channels),)
+                              ) as registry:
         store = BlobStore(args.cache_dir, args.cache_max_bytes or None)
-        node = LayerStoreNode(store, node_id=args.node_id, endpoint=args.advertise or args.listen,
+        node = LayerStoreNode(store, node_id=args.node_id, endpoint=endpoint,
                               registry=registry, discovery=discovery, channels=channels,
-                              fetch_concurrency=args.fetch_concurrency, trust=BlobTrust(tls))
+                              fetch_concurrency=args.fetch_concurrency, resolve_ttl=args.resolve_ttl,
+                              trust=BlobTrust(tls))
         await node.start()
         byte_streams = _start_byte_streams(args, store, asyncio.get_running_loop(), tls)
-        server = new_server(tls)
         data_host = ""
         if byte_streams is not None and byte_streams.host != split_host_port(args.listen)[0]:
             data_host = byte_streams.host   # readers dial the gRPC endpoint's host unless told otherwise
         layerstore_pb2_grpc.add_LayerStoreServicer_to_server(LayerStoreService(node, byte_streams, data_host), server)
-        add_port(server, args.listen, tls)
         admin = await start_unix_server(args.admin_socket, lambda s: layerstore_pb2_grpc.add_LocalLayerStoreServicer_to_server(LocalLayerStoreService(node), s))
         beats = asyncio.create_task(heartbeat_forever(node, discovery, args.heartbeat_period)) \
             if args.discovery_endpoint else None
-        announce_security(log, f"layerstore {args.node_id}", tls, args.listen)
-        log.warning("layerstore %s listening on %s, cache %s (limit %d bytes)", args.node_id, args.listen,
+        announce_security(log, f"layerstore {args.node_id}", tls, listening)
+        log.warning("layerstore %s listening on %s, cache %s (limit %d bytes)", args.node_id, listening,
                     args.cache_dir, store.limit)
         try:
-            await run_until_signalled(server, on_stop=[lambda: admin.stop(1)])
+            await server.start()
+            await announce_ready(args.ready_file, listen=listening, advertised=endpoint, metrics=metrics,
+                                 admin_socket=str(args.admin_socket),
+                                 data=f"{byte_streams.host}:{byte_streams.port}" if byte_streams else None)
+            await run_until_signalled(server, on_stop=[lambda: admin.stop(1)], started=True)
         finally:
             if beats:
                 beats.cancel()

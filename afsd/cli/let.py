@@ -9,7 +9,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from afsd.cli._options import add_tls_options, daemon_tls_from
+from afsd.cli._options import add_ready_file_option, add_tls_options, daemon_tls_from
 from afsd.errors import MissingToolError, UsageError
 
 MAX_TAR_CHUNK = 4 * 1024 * 1024 - 64 * 1024  # under the 4 MiB gRPC message limit, with room for framing
@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "image's root filesystem, mounted by this node's `afsd node`, under runc with CPU, memory "
                     "and pids limits; stream its output line by line and return its writable layer as a "
                     "gzip tar. Must run as root.")
-    parser.add_argument("--listen", required=True, metavar="HOST:PORT", help="gRPC listen address")
+    parser.add_argument("--listen", required=True, metavar="HOST:PORT",
+                        help="gRPC listen address; port 0 picks a free one")
     parser.add_argument("--node-socket", type=Path, default=Path("/run/afsd/node.sock"),
                         help="the node daemon's control socket (default %(default)s)")
     parser.add_argument("--discovery-addr", action="append", default=[], required=True, metavar="HOST:PORT",
@@ -113,6 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="finished executions kept for `afsd ps -a` / `afsd logs` (default %(default)s)")
     parser.add_argument("--log-tail-lines", type=int, default=1000, metavar="N",
                         help="log frames kept per execution for `afsd logs` (default %(default)s)")
+    add_ready_file_option(parser)
     add_tls_options(parser)
     parser.set_defaults(handler=run)
 
@@ -214,6 +216,6 @@ async def run(args: argparse.Namespace) -> int:
     options = DaemonOptions(listen=args.listen, node_socket=args.node_socket, discovery=args.discovery_addr,
                             mount_backend=args.mount_backend, metrics_listen=args.metrics_listen,
                             graceful_timeout=args.graceful_timeout, max_concurrent_rpcs=args.max_concurrent_rpcs,
-                            tls=tls)
+                            tls=tls, ready_file=args.ready_file)
     executions = ExecutionTable(keep_finished=args.keep_finished, tail_lines=args.log_tail_lines)
     return await serve(config, options, executions)

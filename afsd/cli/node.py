@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import socket
 import sys
 from pathlib import Path
 
-from afsd.cli._options import add_tls_options, announce_security, daemon_tls_from
+from afsd.cli._options import add_ready_file_option, add_tls_options, announce_security, daemon_tls_from
 from afsd.errors import AfsdError, UsageError
 from afsd.ondemand.trace import DEFAULT_WINDOW
 from afsd.ondemand.registry import BACKEND_NAMES
@@ -58,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="fetch worker processes of the fanotify backend (default 2; each costs ~60 MB, "
                            "so a host simulating many nodes uses 1)")
     node.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    add_ready_file_option(node)
     add_tls_options(node)
     node.set_defaults(handler=run_node)
 
@@ -104,6 +104,7 @@ async def run_node(args: argparse.Namespace) -> int:
     from afsd.node.images import ImageLocator
     from afsd.node.service import NodeService
     from afsd.node.traces import LearnedTraces, TraceSettings
+    from afsd.readiness import announce_ready
     from afsd.rpc import ChannelPool, run_until_signalled, start_unix_server
     from afsd.trust.descriptors import BlobTrust
 
@@ -112,8 +113,7 @@ async def run_node(args: argparse.Namespace) -> int:
     if not 0 < args.trace_window <= 3600:
         raise UsageError(f"--trace-window {args.trace_window:g}: give seconds in (0, 3600]")
     tls = daemon_tls_from(args)
-    if args.metrics_listen:
-        serve_metrics(args.metrics_listen)
+    metrics = serve_metrics(args.metrics_listen) if args.metrics_listen else None
     channels = ChannelPool(tls)
     discovery = DiscoveryClient(args.discovery_endpoint, channels)
     if args.fetch_workers is not None and args.fetch_workers < 1:
@@ -141,6 +141,7 @@ async def run_node(args: argparse.Namespace) -> int:
     log.warning("node daemon %s: socket %s, state %s, backends %s", args.node_id, args.socket, args.state_dir,
                 ", ".join(f"{n}={r}" for n, r in daemon.backend_availability().items()))
     try:
+        await announce_ready(args.ready_file, socket=str(args.socket), metrics=metrics)
         await run_until_signalled(server, on_stop=[daemon.close], started=True)
     finally:
         await channels.close()
@@ -205,14 +206,12 @@ async def run_umount(args: argparse.Namespace) -> int:
 
 
 async def run_mounts(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
-
     from afsd.api import node_pb2 as pb
+    from afsd.cli._output import print_json
 
     response = await _call(args, "ListMounts", pb.ListMountsRequest())
     if args.json:
-        json.dump(json_format.MessageToDict(response, preserving_proto_field_name=True), sys.stdout, indent=2)
-        print()
+        print_json(response)
         return 0
     print(f"{'MOUNT ID':<13} {'BACKEND':<9} {'CACHED':>10} {'TOTAL':>10}  {'LEARNED (USED/FETCHED)':<24} "
           f"{'TARGET':<30} IMAGE")

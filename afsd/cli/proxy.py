@@ -10,7 +10,13 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from afsd.cli._options import add_tls_options, announce_security, daemon_tls_from, listen_address
+from afsd.cli._options import (
+    add_ready_file_option,
+    add_tls_options,
+    announce_security,
+    daemon_tls_from,
+    listen_address,
+)
 from afsd.errors import UsageError
 
 if TYPE_CHECKING:
@@ -29,10 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "logs, stop), afsproxy.v1.AfsProxy (Status, ReconcileImageReplica) and HTTP /status and "
                     "/metrics.")
     parser.add_argument("--listen", metavar="HOST:PORT",
-                        help="gRPC listen address (default 0.0.0.0:62051 with TLS, 127.0.0.1:62051 without)")
+                        help="gRPC listen address; port 0 picks a free one (default 0.0.0.0:62051 with TLS, "
+                             "127.0.0.1:62051 without)")
     parser.add_argument("--http-listen", metavar="HOST:PORT",
-                        help="HTTP /status and /metrics, read-only and unauthenticated (default 0.0.0.0:62052 "
-                             "with TLS, 127.0.0.1:62052 without)")
+                        help="HTTP /status and /metrics, read-only and unauthenticated; port 0 picks a free one "
+                             "(default 0.0.0.0:62052 with TLS, 127.0.0.1:62052 without)")
     parser.add_argument("--afslet-target", required=True, metavar="NAME:PORT",
                         help="DNS name whose A/AAAA records are the afslets, and their gRPC port")
     parser.add_argument("--discovery-target", default="", metavar="NAME:PORT",
@@ -70,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with TLS: serve users by bearer token instead of client certificate: the port asks for "
                              "no certificate, and every call needs `authorization: Bearer TOKEN` with a token from "
                              "FILE (`NAME TOKEN` per line, mode 0600)")
+    add_ready_file_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -125,8 +133,8 @@ async def run(args: argparse.Namespace) -> int:
     from afsd.proxy.peers import DispatchCounts, status_report
     from afsd.proxy.retry import RetryPolicy
     from afsd.proxy.service import AfsProxyService
+    from afsd.readiness import announce_ready, with_port
     from afsd.rpc import ChannelPool, add_port, new_server, run_until_signalled
-
     from afsd.trust.tokens import BearerTokens
 
     config = _config(args)
@@ -141,7 +149,7 @@ async def run(args: argparse.Namespace) -> int:
         ProxyAfsletService(Dispatcher(config, backends), backends, counts, config.node_id), server)
     afsproxy_pb2_grpc.add_AfsProxyServicer_to_server(AfsProxyService(config, channels, backends), server)
     executions_pb2_grpc.add_ExecutionsServicer_to_server(ProxyExecutionsService(config, backends), server)
-    add_port(server, listen, tls, client_certificates=tokens is None)
+    listening = with_port(listen, add_port(server, listen, tls, client_certificates=tokens is None))
 
     async def status(include_cluster: bool) -> dict:
         return await status_report(config.node_id, counts, include_cluster=include_cluster,
@@ -151,19 +159,21 @@ async def run(args: argparse.Namespace) -> int:
         http = await serve_http(*parse_listen(http_listen), status)
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot listen on --http-listen {http_listen}: {error}") from None
+    http_listening = with_port(http_listen, http.sockets[0].getsockname()[1])
     await server.start()
     bound = RetryPolicy(config.retry.max_retries, config.retry.backoff_ms, config.retry.max_backoff_ms)
     strategy = f"{config.strategy} (preferring {', '.join(config.prefer)})" if config.prefer else config.strategy
-    announce_security(log, f"proxy {config.node_id}", tls, listen)
+    announce_security(log, f"proxy {config.node_id}", tls, listening)
     if tokens is not None:
         log.warning("proxy %s: users are served by bearer token (%s), not by client certificate",
                     config.node_id, args.user_token_file)
     log.warning("proxy %s listening on %s (HTTP %s): afslets %s placed by %s, discovery %s, peers %s; by default "
-                "%d retries, at most %.1fs of backoff", config.node_id, listen, http_listen,
+                "%d retries, at most %.1fs of backoff", config.node_id, listening, http_listening,
                 config.afslet_target, strategy, config.discovery_target or "-", config.proxy_peers_target or "-",
                 bound.max_retries, bound.worst_case_wait())
 
     try:  # on SIGTERM: no new calls; running ones get the grace, then they (and their afslet calls) are cancelled
+        await announce_ready(args.ready_file, listen=listening, http=http_listening)
         await run_until_signalled(server, grace=args.graceful_timeout, started=True)
     finally:
         http.close()

@@ -1,31 +1,27 @@
 """A real OCI registry (Debian's `docker-registry`, distribution 2.8) run as a local process.
 
 Used by `afsd demo` and by the tests: one process per registry, filesystem storage under a
-directory of the caller's, listening on a free loopback port, with optional htpasswd or bearer-token
-auth. The registry's JSON log is kept so callers can count which blobs were fetched.
+directory of the caller's, listening on a loopback port it picks itself (`:0`, read back from its log:
+no port is chosen for it and raced for), with optional htpasswd or bearer-token auth. The registry's
+JSON log is kept so callers can count which blobs were fetched.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from afsd.errors import MissingToolError
+from afsd.errors import AfsdError, MissingToolError
+from afsd.lab import deadlines
 
 REGISTRY_BINARY = "docker-registry"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -129,22 +125,34 @@ def _config(root: Path, addr: str, auth: TokenAuth | HtpasswdAuth | None) -> dic
     return config
 
 
+class RegistryStartError(AfsdError):
+    pass
+
+
+_LISTENING = re.compile(r'"msg":"listening on ([^"]+)"')
+
+
+def _bound_address(log_path: Path) -> str | None:
+    match = _LISTENING.search(log_path.read_text(errors="replace"))
+    return match.group(1) if match else None
+
+
 def start_registry(root: Path, *, auth: TokenAuth | HtpasswdAuth | None = None,
-                   host: str = "127.0.0.1", port: int | None = None,
-                   startup_timeout: float = 20.0, prefix: Sequence[str] = ()) -> RegistryProcess:
-    """Start `docker-registry` storing under `root` and wait until it answers on its port. `prefix`
-    runs it elsewhere (e.g. `nsenter --net=...`: then give `host` and `port`, which the caller must
-    be able to reach)."""
+                   host: str = "127.0.0.1", port: int = 0, startup_timeout: float = deadlines.REGISTRY_START,
+                   prefix: Sequence[str] = ()) -> RegistryProcess:
+    """Start `docker-registry` storing under `root` and return once it listens (it logs the address it
+    bound). On this machine's network it picks its own port (`port` 0); `prefix` runs it elsewhere (e.g.
+    `nsenter --net=...` into a namespace of the caller's, whose `host` and `port` are the caller's own)."""
     binary = shutil.which(REGISTRY_BINARY)
     if binary is None:
         raise MissingToolError(
             f"{REGISTRY_BINARY} is not installed; run scripts/setup.sh (Debian package docker-registry)"
         )
     root.mkdir(parents=True, exist_ok=True)
-    port = port or free_port(host)
     config_path = root / "config.json"  # YAML is a superset of JSON
     config_path.write_text(json.dumps(_config(root, f"{host}:{port}", auth), indent=2))
     log_path = root / "registry.log"
+    log_path.unlink(missing_ok=True)
     log = open(log_path, "ab")
     try:
         process = subprocess.Popen([*prefix, binary, "serve", str(config_path)], stdout=log,
@@ -152,15 +160,17 @@ def start_registry(root: Path, *, auth: TokenAuth | HtpasswdAuth | None = None,
                                    start_new_session=True, env={**os.environ, "OTEL_TRACES_EXPORTER": "none"})
     finally:
         log.close()
-    registry = RegistryProcess(root=root, host=host, port=port, process=process, log_path=log_path)
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
+        address = _bound_address(log_path)
+        if address is not None:
+            _, _, port = address.rpartition(":")
+            return RegistryProcess(root=root, host=host, port=int(port), process=process, log_path=log_path)
         if process.poll() is not None:
-            raise RuntimeError(f"docker-registry exited at startup:\n{log_path.read_text()[-2000:]}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return registry
-        except OSError:
-            time.sleep(0.05)
-    registry.stop()
-    raise RuntimeError(f"docker-registry did not listen on {host}:{port} within {startup_timeout}s")
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise RegistryStartError(f"docker-registry exited with code {process.returncode} at start-up: "
+                                     f"{tail[0]} (log {log_path})")
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    raise RegistryStartError(f"docker-registry did not report listening within {startup_timeout:.0f}s (log {log_path})")

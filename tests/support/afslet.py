@@ -140,6 +140,7 @@ class AfsletCluster:
             daemon.stop()
         for daemon in afslets:  # an afslet a failed test left killed did not clean up after itself
             sweep_afslet(daemon)
+            daemon.release()
         for daemon in reversed(self.daemons):
             stop_daemon(daemon)
         self.registry.stop()

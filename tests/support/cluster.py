@@ -27,7 +27,8 @@ from afsd.api import layerstore_pb2_grpc as lgrpc
 from afsd.erofs.mount import unmount
 from afsd.lab import catalogue
 from afsd.lab.catalogue import seeded_bytes
-from afsd.lab.daemons import Daemon, discovery_daemon, layerstore_daemon, node_daemon, start_all, stop_node_daemon
+from afsd.lab import deadlines
+from afsd.lab.daemons import Daemon, discovery_daemon, layerstore_daemon, node_daemon, start_all, stop_daemon
 from afsd.lab.layers import Entry, LayerSpec
 from afsd.lab.oci_layout import ImageSpec, write_oci_layout
 from afsd.lab.pki import LabPki
@@ -75,7 +76,7 @@ class LocalCluster:
         names = [f"node{len(self.layerstores) + i}" for i in range(count)]
         daemons = [layerstore_daemon(self.workdir, name, endpoints, cache_max_bytes=cache_max_bytes,
                                      heartbeat_period=heartbeat_period, registry_args=self.registry_args,
-                                     tls_dir=self._cert(name)) for name in names]
+                                     tls_dir=self._cert(name), extra_args=list(extra_args)) for name in names]
         for daemon in daemons:
             daemon.prefix = list(prefix or [])
             daemon.args += list(extra_args)
@@ -133,7 +134,9 @@ class LocalCluster:
 
     async def wait_until(self, predicate: Callable[[], asyncio.Future[bool] | bool], timeout: float,
                          what: str) -> float:
-        """Poll `predicate` (sync or async) until true; return the seconds it took."""
+        """Poll `predicate` (sync or async) until true; return the seconds it took. `timeout` is for an
+        ordinary machine: it stretches on a slow one (afsd/lab/deadlines.py)."""
+        timeout = deadlines.scaled(timeout)
         started = time.monotonic()
         while True:
             result = predicate()
@@ -179,10 +182,8 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop every daemon and the registry, then what outlives node daemons by design: their
         mounts and the supervisors serving them. Callable from any thread without a running loop."""
-        for node in self.nodes:
-            stop_node_daemon(node)
-        for daemon in self.layerstores + self.discoveries:
-            daemon.stop()
+        for daemon in self.nodes + self.layerstores + self.discoveries:
+            stop_daemon(daemon)
         self.registry.stop()
         unmount_everything_under(self.workdir)
 

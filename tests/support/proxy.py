@@ -27,11 +27,11 @@ from afsd.lab.daemons import (
     SHORT_STOP_TIMEOUTS,
     Daemon,
     afslet_daemon,
-    free_port_on_all,
     http_address,
     proxy_daemon,
     start_all,
 )
+from afsd.lab.ports import PortReservation, reserve_shared_port
 from tests.support.afslet import AfsletCluster, CallResult, SdkCall, start_afslet_cluster
 from tests.support.dns import DnsServer
 from tests.support.metrics import daemon_metrics, metric, scrape  # noqa: F401 - metric: for the proxy tests
@@ -44,9 +44,13 @@ AFSLETS = "afslets.afsd.test"
 class ProxyCluster:
     base: AfsletCluster
     dns: DnsServer
-    afslet_port: int
+    afslet_ports: dict[str, PortReservation]   # one port, held on every afslet (and spare) address
     afslets: dict[str, Daemon] = field(default_factory=dict)   # by loopback address
     proxies: list[Daemon] = field(default_factory=list)
+
+    @property
+    def afslet_port(self) -> int:
+        return next(iter(self.afslet_ports.values())).port
 
     @property
     def workdir(self) -> Path:
@@ -62,7 +66,7 @@ class ProxyCluster:
         each gets `--node-id afslet-HOST`."""
         daemons = [afslet_daemon(self.workdir, f"afslet-{host}", self.base.node, [self.base.discovery.address],
                                  limit_cpu=limit_cpu, limit_memory_mb=limit_memory_mb, host=host,
-                                 port=self.afslet_port, stop_timeouts=SHORT_STOP_TIMEOUTS,
+                                 listen=self.afslet_ports[host], stop_timeouts=SHORT_STOP_TIMEOUTS,
                                  extra_args=["--mount-backend", "eager", "--node-id", f"afslet-{host}", *extra_args])
                    for host in hosts]
         self.base.extra_afslets += daemons  # stopped, swept and checked with the afslet cluster's
@@ -74,11 +78,11 @@ class ProxyCluster:
         """`name` (by default `afslets.afsd.test`, the proxies' afslet target) resolves to `hosts` from now on."""
         self.dns.set(name, hosts)
 
-    def start_proxy(self, name: str, *, host: str = "127.0.0.1", http_port: int | None = None,
+    def start_proxy(self, name: str, *, host: str = "127.0.0.1", http: PortReservation | None = None,
                     discovery_target: str = "", peers_target: str = "", afslets_name: str = AFSLETS,
                     extra_args: list[str] = ()) -> Daemon:
         """A proxy whose afslets are what `afslets_name` resolves to (on `afslet_port`)."""
-        proxy = proxy_daemon(self.workdir, name, f"{afslets_name}:{self.afslet_port}", host=host, http_port=http_port,
+        proxy = proxy_daemon(self.workdir, name, f"{afslets_name}:{self.afslet_port}", host=host, http=http,
                              discovery_target=discovery_target, peers_target=peers_target,
                              resolv_conf=self.dns.resolv_conf, extra_args=list(extra_args))
         self.proxies.append(proxy)
@@ -93,8 +97,11 @@ class ProxyCluster:
     def stop(self) -> None:
         for proxy in self.proxies:
             proxy.stop()
+            proxy.release()
         self.dns.stop()
         self.base.stop()
+        for reservation in self.afslet_ports.values():
+            reservation.close()
 
 
 def start_proxy_cluster(workdir: Path, afslet_hosts: list[str], *, spare_hosts: list[str] = (),
@@ -104,7 +111,8 @@ def start_proxy_cluster(workdir: Path, afslet_hosts: list[str], *, spare_hosts: 
     dns = None
     try:
         dns = DnsServer(workdir / "dns")
-        cluster = ProxyCluster(base, dns, free_port_on_all([*afslet_hosts, *spare_hosts]))
+        hosts = [*afslet_hosts, *spare_hosts]
+        cluster = ProxyCluster(base, dns, dict(zip(hosts, reserve_shared_port(hosts))))
         cluster.start_afslets(afslet_hosts, **afslet_options)
         cluster.publish_afslets(afslet_hosts)
         return cluster

@@ -31,6 +31,7 @@ import pytest
 from afsd.lab.facts import ImageFacts
 from afsd.lab.layers import NS_PER_SECOND, Entry, LayerSpec, sha256_digest
 from afsd.lab.oci_layout import ImageSpec, LayoutImage, write_oci_layout
+from afsd.lab.ports import reserve_port
 from afsd.lab.registry import HtpasswdAuth, RegistryProcess, start_registry
 from afsd.lab.skopeo import MediaTypes, PushedImage, push_layout
 from afsd.oci.client import RegistryClient, ResolvedImage
@@ -187,6 +188,14 @@ def _htpasswd(path: Path, username: str, password: str) -> Path:
                           text=True).stdout.strip()
     path.write_text(line + "\n")
     return path
+
+
+@pytest.fixture
+def down_address() -> Iterator[str]:
+    """`127.0.0.1:PORT` where nothing listens (connections are refused), held for the test so that no
+    other process can start listening there meanwhile."""
+    with reserve_port() as reservation:
+        yield reservation.address
 
 
 @pytest.fixture
