@@ -9,6 +9,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,17 @@ BACKENDS = ["eager", "fanotify"]
 def mounts_under(root: Path) -> list[str]:
     """Mount points below `root` (other tests on this machine may be mounting elsewhere)."""
     return sorted(p for p in mounted_paths() if p.startswith(str(root) + "/"))
+
+
+def into_closed_pipe(node, *args: str) -> subprocess.CompletedProcess[str]:
+    """`afsd ARGS` with its output going to a pipe nobody reads any more (`afsd mounts --json | head`)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        command = [sys.executable, "-m", "afsd", *args[:1], "--socket", str(node.socket_path), *args[1:]]
+        return subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -49,7 +61,9 @@ async def test_a_mounted_image_is_the_tree_umoci_unpacks(cluster: LocalCluster, 
     listed = json.loads((await cluster.afsd(node, "mounts", "--json")).stdout)
     (mount,) = listed["mounts"]
     assert (mount["target"], mount["backend"], mount["image"]) == (str(target), backend, image.reference)
-    assert int(mount["bytes_total"]) > 0
+    assert mount["bytes_total"] > 0 and isinstance(mount["bytes_cached"], int)   # numbers, not strings
+    closed = await asyncio.to_thread(into_closed_pipe, node, "mounts", "--json")
+    assert (closed.returncode, closed.stderr) == (128 + signal.SIGPIPE, "")   # quietly, as any Unix tool
 
     unmounted = await cluster.afsd(node, "umount", str(target))
     assert unmounted.returncode == 0, unmounted.stderr

@@ -8,7 +8,6 @@ the full id is looked up with List first.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -174,15 +173,12 @@ def format_table(executions: list[epb.Execution]) -> str:
 
 
 async def run_ps(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
+    from afsd.cli._output import print_json
 
     async with _Client(args.target, tls_from(args), token_from(args)) as client:
         listed = await client.list(include_finished=args.all)
     if args.json:
-        document = json_format.MessageToDict(listed, preserving_proto_field_name=True,
-                                             always_print_fields_with_no_presence=True)
-        json.dump(document, sys.stdout, indent=2)
-        print()
+        print_json(listed, with_defaults=True)
         return 0
     print(format_table(list(listed.executions)))
     for unreachable in listed.unreachable:
