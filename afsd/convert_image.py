@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from afsd.erofs.convert import BlobInfo, blob_id_for, convert_layer_async
 from afsd.errors import AfsdError
@@ -26,7 +26,16 @@ from afsd.oci.reference import ImageReference
 
 IMAGE_DESCRIPTION = "image.json"
 
-ProgressCallback = Callable[[str, Descriptor, "BlobInfo | None"], None]
+
+
+class LayerProgress(Protocol):
+    """Told how each layer is getting on (from the event loop and from converting threads)."""
+
+    def update(self, descriptor: Descriptor, stage: str, done: int, total: int) -> None:
+        """`stage` ("downloading", "unpacking", "building erofs", "hashing"): `done` of `total` bytes."""
+
+    def finished(self, descriptor: Descriptor, blob: BlobInfo, cached: bool) -> None:
+        """The layer's blob is there (`cached`: from an earlier run)."""
 
 
 @dataclass(frozen=True)
@@ -82,37 +91,38 @@ def _load_existing(path: Path, meta: Path, layer_digest: str) -> BlobInfo | None
 
 async def _convert_one(client: RegistryClient, image: ResolvedImage, descriptor: Descriptor,
                        diff_id: str | None, out_dir: Path,
-                       progress: ProgressCallback | None) -> ConvertedLayer:
+                       progress: LayerProgress | None) -> ConvertedLayer:
     compression = layer_compression(descriptor.media_type)
     path = out_dir / blob_file_name(blob_id_for(descriptor.digest))
     meta = path.with_suffix(".json")
     existing = await asyncio.to_thread(_load_existing, path, meta, descriptor.digest)
     if existing is not None:
         if progress:
-            progress("cached", descriptor, existing)
+            progress.finished(descriptor, existing, cached=True)
         return ConvertedLayer(descriptor, existing, path)
 
     download = out_dir / ".downloads" / descriptor.digest.replace(":", "-")
     await asyncio.to_thread(download.parent.mkdir, parents=True, exist_ok=True)
     try:
         if progress:
-            progress("downloading", descriptor, None)
-        await client.fetch_blob(image.reference, descriptor, download)
-        if progress:
-            progress("converting", descriptor, None)
+            progress.update(descriptor, "downloading", 0, descriptor.size)
+        await client.fetch_blob(image.reference, descriptor, download, progress=None if progress is None else
+                                lambda done: progress.update(descriptor, "downloading", done, descriptor.size))
         info = await convert_layer_async(download, compression, descriptor.digest, path,
-                                         expected_diff_id=diff_id, work_dir=out_dir)
+                                         expected_diff_id=diff_id, work_dir=out_dir,
+                                         progress=None if progress is None else
+                                         lambda stage, done, total: progress.update(descriptor, stage, done, total))
     finally:
         await asyncio.to_thread(download.unlink, missing_ok=True)
     await asyncio.to_thread(write_json_atomically, meta, info.to_json(), indent=2)
     if progress:
-        progress("done", descriptor, info)
+        progress.finished(descriptor, info, cached=False)
     return ConvertedLayer(descriptor, info, path)
 
 
 async def pull_and_convert(ref: ImageReference, platform: Platform, out_dir: Path, *,
                            client: RegistryClient, concurrency: int = 2,
-                           progress: ProgressCallback | None = None) -> ConvertedImage:
+                           progress: LayerProgress | None = None) -> ConvertedImage:
     """Resolve `ref` for `platform`, convert all its layers into `out_dir`, describe the image.
 
     Layers are downloaded and converted `concurrency` at a time; a layer that appears twice in the

@@ -51,6 +51,19 @@ def test_convert_writes_blobs_and_a_description(features_image: PushedImage, ope
         assert blob.stat().st_size == layer["blob"]["size"]
 
 
+def test_convert_shows_each_layers_progress_in_plain_lines_when_not_on_a_terminal(
+        features_image: PushedImage, open_registry: LabRegistry, tmp_path: Path) -> None:
+    result = afsd("convert", "--insecure-registry", open_registry.address, features_image.reference,
+                  str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stderr          # no terminal: no cursor movement
+    for layer in features_image.manifests[0].layers:
+        lines = [line for line in result.stderr.splitlines() if line.strip().startswith(layer.digest[:19])]
+        stages = [line.split()[1] for line in lines]
+        assert stages[0] == "downloading" and "unpacking" in stages and stages[-1] == "converted", lines
+        assert f"downloading 0.0 of {layer.size / 1e6:.1f} MB (0%)" in lines[0], lines[0]
+
+
 @pytest.mark.parametrize("reference, fragments", [
     ("Alpine:latest", ["invalid image reference", "'Alpine'"]),
     ("alpine:bad tag", ["whitespace"]),

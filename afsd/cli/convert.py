@@ -29,15 +29,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def _print_progress(stage: str, descriptor: "Descriptor", blob: "BlobInfo | None") -> None:
-    short = descriptor.digest[:19]
-    if stage == "done" and blob is not None:
-        print(f"  {short}  converted  {descriptor.size / 1e6:8.1f} MB -> {blob.size / 1e6:8.1f} MB erofs",
-              file=sys.stderr)
-    elif stage == "cached" and blob is not None:
-        print(f"  {short}  cached     {blob.size / 1e6:8.1f} MB erofs", file=sys.stderr)
-    else:
-        print(f"  {short}  {stage}...", file=sys.stderr)
+class _ConvertDisplay:
+    """`afsd convert`'s progress on stderr: a bar per layer on a terminal, plain lines otherwise."""
+
+    def __init__(self) -> None:
+        from afsd.cli._progress import ProgressBoard
+
+        self.board = ProgressBoard(sys.stderr)
+
+    def update(self, descriptor: "Descriptor", stage: str, done: int, total: int) -> None:
+        self.board.update(descriptor.digest[:19], stage, done, total)
+
+    def finished(self, descriptor: "Descriptor", blob: "BlobInfo", cached: bool) -> None:
+        if cached:
+            line = f"cached     {blob.size / 1e6:8.1f} MB erofs"
+        else:
+            line = f"converted  {descriptor.size / 1e6:8.1f} MB -> {blob.size / 1e6:8.1f} MB erofs"
+        self.board.finish(descriptor.digest[:19], line)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -48,9 +56,13 @@ async def run(args: argparse.Namespace) -> int:
     reference = parse_reference(args.image)
     platform = platform_from(args)
     started = time.monotonic()
-    async with RegistryClient(registry_config(args)) as client:
-        image = await pull_and_convert(reference, platform, args.outdir, client=client,
-                                       progress=None if args.json else _print_progress)
+    display = None if args.json else _ConvertDisplay()
+    try:
+        async with RegistryClient(registry_config(args)) as client:
+            image = await pull_and_convert(reference, platform, args.outdir, client=client, progress=display)
+    finally:
+        if display is not None:
+            display.board.close()
     if args.json:
         json.dump(image.to_json(), sys.stdout, indent=2)
         print()

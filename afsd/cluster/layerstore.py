@@ -49,6 +49,7 @@ from afsd.oci.manifest import Descriptor
 from afsd.oci.mediatypes import layer_compression
 from afsd.oci.platform import Platform
 from afsd.oci.reference import ImageReference
+from afsd.progress import ProgressLog
 from afsd.rpc import ChannelPool
 from afsd.trust.descriptors import BlobTrust
 
@@ -488,13 +489,15 @@ class LayerStoreNode:
         converted = self.store.new_partial(want.digest).with_suffix(".erofs")
         self._registry_pulls.add(want.digest)
         self._changed()
+        progress = ProgressLog(log, f"layer {want.digest}")   # a line every 10 s for a long one
         try:
             log.info("pulling %s from %s", want.digest, reference.registry)
-            await self.registry.fetch_blob(reference, want.descriptor(), download)
+            await self.registry.fetch_blob(reference, want.descriptor(), download,
+                                           progress=lambda done: progress("downloading", done, want.size))
             REGISTRY_BYTES.inc(want.size)
             blob = await convert_layer_async(download, layer_compression(want.media_type), want.digest,
                                              converted, expected_diff_id=want.diff_id or None,
-                                             work_dir=self.store.tmp_dir)
+                                             work_dir=self.store.tmp_dir, progress=progress)
         finally:
             self._registry_pulls.discard(want.digest)
             await asyncio.to_thread(download.unlink, missing_ok=True)

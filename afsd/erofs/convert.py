@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ from afsd.oci.mediatypes import Compression
 # 2: mtimes after 2096 and before 1970 kept (mkfs.SOURCE_DATE_EPOCH); BlobInfo.implicit_dirs.
 CONVERTER_VERSION = "2"
 CHUNK_SIZE = 1 << 20
+# `(stage, bytes done, bytes total)`, called from the converting thread: "unpacking" counts the layer
+# blob read so far, "building erofs" has no byte count (mkfs.erofs runs), "hashing" counts the blob.
+ConvertProgress = Callable[[str, int, int], None]
 # Fixed namespace for the erofs UUID, so the UUID (stored in the superblock) follows from the blob id.
 _UUID_NAMESPACE = uuid.UUID("7d1f1f4e-3b8a-4c55-9a0e-5f0c2b6a1e01")
 
@@ -95,15 +99,17 @@ def blob_id_for(layer_digest: str) -> str:
 
 
 def convert_layer(layer_path: Path, compression: Compression, layer_digest: str, out_path: Path, *,
-                  expected_diff_id: str | None = None, work_dir: Path | None = None) -> BlobInfo:
+                  expected_diff_id: str | None = None, work_dir: Path | None = None,
+                  progress: ConvertProgress | None = None) -> BlobInfo:
     """Convert the layer blob at `layer_path` into an erofs blob at `out_path` (blocking).
 
     The layer is unpacked into a temporary staging directory under `work_dir` (default: `out_path`'s
     directory), which is removed afterwards. `out_path` appears only complete (written to a `.partial`
     file, fsynced, renamed); on any error nothing is left behind. Raises `LayerFormatError` for a
     corrupt, truncated or unsafe layer or a diff_id other than `expected_diff_id`, `ConversionError`
-    when mkfs.erofs or the disk fails.
+    when mkfs.erofs or the disk fails. `progress` hears how far each stage is.
     """
+    report_progress: ConvertProgress = progress or (lambda stage, done, total: None)
     converter = converter_identity()
     blob_id = blob_id_for(layer_digest)
     work_dir = work_dir if work_dir is not None else out_path.parent
@@ -112,7 +118,9 @@ def convert_layer(layer_path: Path, compression: Compression, layer_digest: str,
     staging: Path | None = None
     try:
         staging = Path(tempfile.mkdtemp(prefix="afsd-staging-", dir=work_dir))
-        with open_layer(layer_path, compression, layer_digest) as stream:
+        layer_size = layer_path.stat().st_size
+        with open_layer(layer_path, compression, layer_digest,
+                        on_read=lambda done: report_progress("unpacking", done, layer_size)) as stream:
             report = unpack_layer(stream, staging, layer=layer_digest)
             stream.drain()  # the diff_id covers the padding after the tar's end marker too
             diff_id = stream.diff_id
@@ -127,11 +135,12 @@ def convert_layer(layer_path: Path, compression: Compression, layer_digest: str,
                 f"({report.longest_name_entry!r}), longer than mkfs.erofs {erofs_utils_version()} "
                 f"can store ({max_name_bytes()} bytes): upgrade erofs-utils"
             )
+        report_progress("building erofs", 0, 0)
         build_image(staging, partial, fs_uuid=uuid.uuid5(_UUID_NAMESPACE, blob_id), layer=layer_digest)
         shutil.rmtree(staging)
         staging = None
         ranges = compute_data_map(partial)
-        size, digest, chunk_digests = _digest_chunks(partial)
+        size, digest, chunk_digests = _digest_chunks(partial, report_progress)
         os.replace(partial, out_path)
         fsync_directory(out_path.parent)
     except OSError as e:
@@ -153,17 +162,18 @@ def convert_layer(layer_path: Path, compression: Compression, layer_digest: str,
 
 async def convert_layer_async(layer_path: Path, compression: Compression, layer_digest: str,
                               out_path: Path, *, expected_diff_id: str | None = None,
-                              work_dir: Path | None = None) -> BlobInfo:
+                              work_dir: Path | None = None, progress: ConvertProgress | None = None) -> BlobInfo:
     """`convert_layer` in a worker thread, off the event loop.
 
     Cancelling the awaiting task does not stop the thread: it finishes (or fails) and cleans up.
     """
     return await asyncio.to_thread(convert_layer, layer_path, compression, layer_digest, out_path,
-                                   expected_diff_id=expected_diff_id, work_dir=work_dir)
+                                   expected_diff_id=expected_diff_id, work_dir=work_dir, progress=progress)
 
 
-def _digest_chunks(path: Path) -> tuple[int, str, list[bytes]]:
+def _digest_chunks(path: Path, progress: ConvertProgress) -> tuple[int, str, list[bytes]]:
     """Size, whole-file sha256 and per-chunk sha256 of `path`; fsyncs it, as the last pass over it."""
+    total = path.stat().st_size
     whole = hashlib.sha256()
     chunks = []
     size = 0
@@ -182,6 +192,7 @@ def _digest_chunks(path: Path) -> tuple[int, str, list[bytes]]:
             whole.update(view[:filled])
             chunks.append(hashlib.sha256(view[:filled]).digest())
             size += filled
+            progress("hashing", size, total)
             if filled < CHUNK_SIZE:
                 break
         os.fsync(f.fileno())

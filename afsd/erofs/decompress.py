@@ -13,7 +13,7 @@ import hashlib
 import io
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -79,12 +79,15 @@ class LayerStream(io.RawIOBase):
 
 
 @contextlib.contextmanager
-def open_layer(path: Path, compression: Compression, layer: str) -> Iterator[LayerStream]:
+def open_layer(path: Path, compression: Compression, layer: str, *,
+               on_read: Callable[[int], None] | None = None) -> Iterator[LayerStream]:
     """Open the layer blob at `path` for reading as uncompressed tar bytes.
 
-    `layer` (normally its digest) only names the layer in error messages.
+    `layer` (normally its digest) only names the layer in error messages; `on_read` is told how many
+    bytes of the blob file have been read so far, as they are (for progress).
     """
-    with open(path, "rb") as raw:
+    with open(path, "rb") as opened:
+        raw: BinaryIO = opened if on_read is None else _Counting(opened, on_read)  # type: ignore[assignment]
         if compression == "gzip":
             with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
                 yield LayerStream(gz, layer)
@@ -99,6 +102,29 @@ def open_layer(path: Path, compression: Compression, layer: str) -> Iterator[Lay
             yield LayerStream(raw, layer)
         else:
             raise ValueError(f"unknown layer compression {compression!r}")
+
+
+class _Counting(io.RawIOBase):
+    """A file that reports how far it has been read."""
+
+    def __init__(self, file: BinaryIO, on_read: Callable[[int], None]) -> None:
+        super().__init__()
+        self._file, self._on_read, self._position = file, on_read, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self._position += len(data)
+        self._on_read(self._position)
+        return data
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        count = self._file.readinto(buffer)  # type: ignore[attr-defined]
+        self._position += count or 0
+        self._on_read(self._position)
+        return count
 
 
 _ZSTD_MAGIC = 0xFD2FB528

@@ -198,19 +198,20 @@ class RegistryClient:
         """Fetch and verify the manifest (choosing `platform` from an index) and the image config."""
         return await self._on_each_endpoint(ref, lambda endpoint: self._resolve_on(endpoint, ref, platform))
 
-    async def fetch_blob(self, ref: ImageReference, descriptor: Descriptor, dest: Path) -> None:
+    async def fetch_blob(self, ref: ImageReference, descriptor: Descriptor, dest: Path, *,
+                         progress: Callable[[int], None] | None = None) -> None:
         """Download a blob of `ref`'s repository to `dest`, verifying size and digest as it streams.
 
         The bytes go to `dest.partial`, are fsynced, and are renamed to `dest` only once verified;
         on any failure the partial file is removed. Callers must not fetch to the same `dest`
-        concurrently.
+        concurrently. `progress` hears the bytes downloaded so far (from 0 again when a retry restarts).
         """
         parse_digest(descriptor.digest)  # never let an unchecked digest into a URL
         partial = dest.with_name(dest.name + ".partial")
         await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
         try:
             await self._on_each_endpoint(
-                ref, lambda endpoint: self._fetch_blob_from(endpoint, ref, descriptor, partial))
+                ref, lambda endpoint: self._fetch_blob_from(endpoint, ref, descriptor, partial, progress))
             await asyncio.to_thread(os.replace, partial, dest)
             await asyncio.to_thread(fsync_directory, dest.parent)
         except BaseException:
@@ -377,7 +378,7 @@ class RegistryClient:
         return raw
 
     async def _fetch_blob_from(self, endpoint: _Endpoint, ref: ImageReference, descriptor: Descriptor,
-                               partial: Path) -> None:
+                               partial: Path, progress: Callable[[int], None] | None) -> None:
         subject = f"blob {descriptor.digest} of {ref.name}"
         what = f"{subject} from {endpoint.host}"
 
@@ -388,6 +389,8 @@ class RegistryClient:
                 async with _BlobFile(partial, digest_algorithm(descriptor.digest)) as blob:
                     async for chunk in response.aiter_bytes(_BLOB_CHUNK):
                         await blob.write(chunk)
+                        if progress is not None:
+                            progress(blob.digester.size)
                         if blob.digester.size > descriptor.size:
                             raise DigestMismatchError(
                                 f"{what} is larger than the {descriptor.size} bytes its manifest says")
