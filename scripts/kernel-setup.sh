@@ -27,6 +27,8 @@ GRUB_SCRIPT=/etc/grub.d/42_afsd_kernel
 GRUB_ENTRY_ID=afsd-lab-kernel
 
 say() { echo "kernel-setup: $*" >&2; }
+# Seconds between progress lines while a long stage runs (packages, unpacking, compiling).
+PROGRESS_INTERVAL=${AFSD_PROGRESS_INTERVAL:-30}
 die() { say "error: $*"; exit 1; }
 
 usage() {
@@ -50,8 +52,44 @@ ensure_packages() {
   [ "$(id -u)" -eq 0 ] || die "missing packages ${missing[*]}; run as root or: apt-get install ${missing[*]}"
   say "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  run_stage "installing packages" /dev/null apt-get update -qq || die "apt-get update failed"
+  run_stage "installing packages" /dev/null apt-get install -y -qq --no-install-recommends "${missing[@]}" ||
+    die "apt-get install ${missing[*]} failed"
+}
+
+# ---------------------------------------------------------------------------------------------- progress
+
+# While a stage runs, say every PROGRESS_INTERVAL seconds what it is and how long it (and the build) has
+# taken, so a 6-12 minute build never looks hung. For compiling, also how many files and the last one.
+BUILD_START=$(date +%s)
+watch_stage() {  # pid stage log
+  local pid=$1 stage=$2 log=$3 begun last count detail
+  begun=$(date +%s)
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep "$PROGRESS_INTERVAL" &
+    wait $! 2>/dev/null || true
+    kill -0 "$pid" 2>/dev/null || break
+    detail=
+    if [ "$stage" = compiling ] && [ -f "$log" ]; then
+      count=$(grep -cE '^  (CC|AS|LD|AR)' "$log" || true)
+      last=$(grep -E '^  (CC|AS|LD|AR)' "$log" | tail -n 1 | awk '{print $2}')
+      detail=" ($count files${last:+, last $last})"
+    fi
+    say "$stage: $(($(date +%s) - begun)) s (build $(($(date +%s) - BUILD_START)) s)$detail"
+  done
+}
+
+run_stage() {  # stage log command... — output appended to log; returns the command's exit code
+  local stage=$1 log=$2 rc=0 pid watcher
+  shift 2
+  "$@" >>"$log" 2>&1 &
+  pid=$!
+  watch_stage "$pid" "$stage" "$log" &
+  watcher=$!
+  wait "$pid" || rc=$?
+  kill "$watcher" 2>/dev/null || true
+  wait "$watcher" 2>/dev/null || true
+  return "$rc"
 }
 
 source_version() {
@@ -139,19 +177,9 @@ prepare_tree() {  # tree
   rm -rf "$partial"
   mkdir -p "$partial"
   say "unpacking $SOURCE_TARBALL"
-  tar -xf "$SOURCE_TARBALL" -C "$partial" --strip-components=1
+  run_stage unpacking /dev/null tar -xf "$SOURCE_TARBALL" -C "$partial" --strip-components=1 ||
+    die "unpacking $SOURCE_TARBALL failed"
   mv -T "$partial" "$tree"
-}
-
-# Print elapsed time and the last compiled file while make runs, so a 6-minute build does not look hung.
-watch_build() {  # pid log start
-  local pid=$1 log=$2 start=$3 last
-  while kill -0 "$pid" 2>/dev/null; do
-    sleep 30
-    kill -0 "$pid" 2>/dev/null || break
-    last=$(grep -E '^  (CC|AS|LD|AR)' "$log" | tail -n 1 | awk '{print $2}')
-    say "compiling... $(($(date +%s) - start)) s${last:+ ($last)}"
-  done
 }
 
 cmd_build() {
@@ -170,7 +198,7 @@ cmd_build() {
   exec 9>"$CACHE_ROOT/.lock"
   if ! flock -n 9; then
     say "another build is running; waiting for it"
-    flock 9
+    run_stage "waiting for the other build" /dev/null flock 9 || die "cannot lock $CACHE_ROOT/.lock"
   fi
   if [ -f "$dest/bzImage" ]; then  # built by the process we waited for
     echo "$dest/bzImage"
@@ -181,22 +209,19 @@ cmd_build() {
   local tree start log stage
   tree="$CACHE_ROOT/work/$PROFILE-$(source_version)"
   start=$(date +%s)
+  BUILD_START=$start
   mkdir -p "$CACHE_ROOT/work"
   prepare_tree "$tree"
   log="$tree/afsd-build.log"
   mapfile -t frags < <(fragments)
   say "configuring ($PROFILE profile: tinyconfig + ${frags[*]##*/})"
-  configure_tree "$tree" "${frags[@]}" >"$log" 2>&1 || { tail -n 30 "$log" >&2; die "configuring failed; log: $log"; }
+  : >"$log"
+  run_stage configuring "$log" configure_tree "$tree" "${frags[@]}" ||
+    { tail -n 30 "$log" >&2; die "configuring failed; log: $log"; }
   verify_config "$tree/.config" "${frags[@]}"
   say "compiling bzImage with $(($(nproc) + 1)) jobs (about 6 min on 2 cores); log: $log"
-  compile_tree "$tree" >>"$log" 2>&1 &
-  local make_pid=$!
-  watch_build "$make_pid" "$log" "$start" &
-  local watch_pid=$!
   local rc=0
-  wait "$make_pid" || rc=$?
-  kill "$watch_pid" 2>/dev/null || true
-  wait "$watch_pid" 2>/dev/null || true
+  run_stage compiling "$log" compile_tree "$tree" || rc=$?
   [ "$rc" -eq 0 ] || { tail -n 40 "$log" >&2; die "compiling failed (make exit $rc); log: $log"; }
 
   stage="$CACHE_ROOT/.$key.partial.$$"

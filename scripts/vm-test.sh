@@ -15,6 +15,9 @@
 #   AFSD_VM_KERNEL=BZIMAGE    kernel to boot (default: scripts/kernel-setup.sh path; built if missing)
 #   AFSD_VM_PYTHON=PATH       interpreter inside the guest (default: .venv/bin/python, else /usr/bin/python3)
 #   AFSD_VM_MEMORY=MIB, AFSD_VM_CPUS=N, AFSD_VM_DISK_SIZE=SIZE (2048, 2, 8G)
+#   AFSD_VM_CPU_HOG=N         N busy loops in the guest while the tests run: a loaded machine, on purpose (0)
+#   AFSD_DEADLINE_SCALE=X     how much longer than on the host the guest's deadlines are (afsd/lab/deadlines.py;
+#                             default 8 x (1 + hogs) / CPUs: a Python daemon takes seconds to start under TCG)
 #   AFSD_VM_KERNEL_ARGS=...   extra kernel command line (e.g. loglevel=7 to see every kernel message)
 #   AFSD_VM_QUIET=1           do not copy the console to stdout (it is still kept in AFSD_VM_RESULTS)
 set -euo pipefail
@@ -24,6 +27,10 @@ TIMEOUT=${AFSD_VM_TIMEOUT:-1800}
 MEMORY=${AFSD_VM_MEMORY:-2048}
 CPUS=${AFSD_VM_CPUS:-2}
 DISK_SIZE=${AFSD_VM_DISK_SIZE:-8G}
+HOG=${AFSD_VM_CPU_HOG:-0}
+[[ $CPUS =~ ^[1-9][0-9]*$ ]] || { echo "vm-test: error: AFSD_VM_CPUS must be a positive number" >&2; exit 2; }
+[[ $HOG =~ ^[0-9]+$ ]] || { echo "vm-test: error: AFSD_VM_CPU_HOG must be a number" >&2; exit 2; }
+SCALE=${AFSD_DEADLINE_SCALE:-$(((8 * (1 + HOG) + CPUS - 1) / CPUS))}
 
 say() { echo "vm-test: $*" >&2; }
 die() { say "error: $*"; exit 2; }
@@ -54,7 +61,7 @@ tail_pid=
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
   local pid
-  for pid in $qemu_pid $tail_pid; do  # qemu_pid is `timeout`, which passes the signal on to qemu
+  for pid in $qemu_pid $tail_pid ${progress_pid:-}; do  # qemu_pid is `timeout`, which passes the signal on to qemu
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
@@ -73,6 +80,8 @@ trap 'exit 143' TERM
 {
   printf 'AFSD_VM_CHECKOUT=%q\n' "$ROOT"
   printf 'AFSD_VM_PYTHON=%q\n' "$python"
+  printf 'AFSD_VM_CPU_HOG=%q\n' "$HOG"
+  printf 'AFSD_DEADLINE_SCALE=%q\n' "$SCALE"
   printf 'AFSD_VM_PYTEST_ARGS=('
   [ $# -gt 0 ] && printf '%q ' "$@"
   printf ')\n'
@@ -89,7 +98,8 @@ append+=" init=$ROOT/tests/vm/init.sh ${AFSD_VM_KERNEL_ARGS:-}"
 
 start=$(date +%s)
 : >"$work/console.log"  # exists before tail starts following it
-say "booting $(basename "$(dirname "$kernel")")/bzImage under qemu (TCG, $CPUS CPUs, $MEMORY MiB; timeout $TIMEOUT s)"
+say "booting $(basename "$(dirname "$kernel")")/bzImage under qemu (TCG, $CPUS CPUs, $MEMORY MiB, $HOG CPU hogs;" \
+  "deadlines x$SCALE; timeout $TIMEOUT s)"
 # KVM is not used: on the project's machines /dev/kvm exists but qemu aborts with it (an MSR assertion, measured): docs/kernel-lab.md.
 timeout --kill-after=10 "$TIMEOUT" \
   qemu-system-x86_64 -accel tcg -cpu max -smp "$CPUS" -m "$MEMORY" -nographic -no-reboot \
@@ -100,6 +110,18 @@ timeout --kill-after=10 "$TIMEOUT" \
   -device virtio-rng-pci -nic none \
   </dev/null >"$work/console.log" 2>&1 &
 qemu_pid=$!
+# Every minute: how long, and how many tests the guest has finished (its report on the results share).
+(
+  while kill -0 "$qemu_pid" 2>/dev/null; do
+    sleep 60 &
+    wait $! 2>/dev/null || true
+    kill -0 "$qemu_pid" 2>/dev/null || break
+    done_count=$(grep -c '"when": "teardown"' "$share/report.jsonl" 2>/dev/null || true)
+    failed_count=$(grep '"outcome": "failed"' "$share/report.jsonl" 2>/dev/null | grep -c . || true)
+    say "running for $(($(date +%s) - start)) s: ${done_count:-0} tests done, ${failed_count:-0} failed so far"
+  done
+) &
+progress_pid=$!
 if [ "${AFSD_VM_QUIET:-0}" != 1 ]; then
   tail -n +1 -f --pid="$qemu_pid" "$work/console.log" &
   tail_pid=$!
@@ -107,6 +129,9 @@ fi
 rc=0
 wait "$qemu_pid" || rc=$?
 qemu_pid=
+kill "$progress_pid" 2>/dev/null || true
+wait "$progress_pid" 2>/dev/null || true
+progress_pid=
 if [ -n "$tail_pid" ]; then
   wait "$tail_pid" || true
   tail_pid=

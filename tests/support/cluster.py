@@ -99,7 +99,8 @@ class LocalCluster:
         """Run the `afsd` CLI as a user would (with `node`'s control socket for the mount verbs)."""
         socket_args = ["--socket", str(node.socket_path)] if node is not None else []
         command = [sys.executable, "-m", "afsd", *args[:1], *socket_args, *args[1:]]
-        return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=timeout)
+        return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True,
+                                       timeout=deadlines.scaled(timeout))
 
     async def restart(self, daemon: Daemon) -> None:
         await asyncio.to_thread(daemon.start)

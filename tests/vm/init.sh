@@ -48,6 +48,7 @@ hostname afsd-vm
 . "$RESULTS/job.sh" || fail "no job file in the results share"
 export HOME=/tmp/home LANG=C.UTF-8 TMPDIR="$SCRATCH/tmp"
 export AFSD_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 AFSD_VM_REPORT="$RESULTS/report.jsonl"
+export AFSD_DEADLINE_SCALE="${AFSD_DEADLINE_SCALE:-8}"   # afsd/lab/deadlines.py: everything is slow under TCG
 mkdir -p "$HOME"
 case "$AFSD_VM_CHECKOUT" in   # a checkout under the host's /tmp or /var/tmp: put it back where it was
   /tmp/*) hidden="$HOST_DIRS/tmp/${AFSD_VM_CHECKOUT#/tmp/}" ;;
@@ -60,10 +61,19 @@ fi
 cd "$AFSD_VM_CHECKOUT" || fail "checkout $AFSD_VM_CHECKOUT not visible in the guest"
 echo "vm-init: kernel $(uname -r) up after $(cut -d' ' -f1 /proc/uptime) s; running pytest ${AFSD_VM_PYTEST_ARGS[*]}"
 
+# A loaded machine on request (AFSD_VM_CPU_HOG): busy loops competing with the tests for the vCPUs.
+hogs=()
+for _ in $(seq 1 "${AFSD_VM_CPU_HOG:-0}"); do
+  sh -c 'while :; do :; done' &
+  hogs+=($!)
+done
+[ "${#hogs[@]}" -gt 0 ] && echo "vm-init: ${#hogs[@]} CPU hog(s) running"
+
 # The checkout is read-only here: no cache provider, no bytecode, temporary dirs on the scratch disk.
 "$AFSD_VM_PYTHON" -m pytest -p no:cacheprovider -p tests.vm.report --basetemp="$SCRATCH/pytest" \
   --junitxml="$RESULTS/junit.xml" "${AFSD_VM_PYTEST_ARGS[@]}"
 code=$?
+[ "${#hogs[@]}" -gt 0 ] && kill "${hogs[@]}" 2>/dev/null
 echo "$code" >"$RESULTS/exit-code.partial" && mv "$RESULTS/exit-code.partial" "$RESULTS/exit-code"
 echo "vm-init: pytest exited $code after $(cut -d' ' -f1 /proc/uptime) s of uptime"
 [ -n "$hidden" ] && umount "$AFSD_VM_CHECKOUT"

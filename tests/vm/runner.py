@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import pytest
 CHECKOUT = Path(__file__).resolve().parents[2]
 KERNEL_SETUP = CHECKOUT / "scripts" / "kernel-setup.sh"
 VM_TEST = CHECKOUT / "scripts" / "vm-test.sh"
-# A first build installs packages and compiles for ~6 min on 2 cores; the VM run has its own timeout.
+# A first build installs packages and compiles for 6-12 min on 2 cores; the VM run has its own timeout.
 KERNEL_BUILD_TIMEOUT = 3600
 VM_TIMEOUT = int(os.environ.get("AFSD_VM_TIMEOUT", "1800"))
 CONSOLE_TAIL_LINES = 80
@@ -51,16 +52,18 @@ class GuestOutcome:
     text: str = ""
 
 
-def _announce(config: pytest.Config, message: str) -> None:
-    """Print past pytest's output capture: a kernel build or VM run is minutes of otherwise silent waiting."""
+def _announce(config: pytest.Config, message: str, *, spaced: bool = True) -> None:
+    """Print past pytest's output capture: a kernel build or VM run is minutes of otherwise silent waiting.
+    `spaced`: a headline (a blank line before, bold); else a plain progress line."""
     capture = config.pluginmanager.getplugin("capturemanager")
     writer = config.get_terminal_writer()
     if capture is None:
         writer.line(message)
         return
     with capture.global_and_fixture_disabled():
-        writer.line()
-        writer.line(message, bold=True)
+        if spaced:
+            writer.line()
+        writer.line(message, bold=spaced)
 
 
 def _tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
@@ -72,8 +75,32 @@ def _tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _run_logged(command: list[str], log: Path, env: dict[str, str], timeout: float) -> int:
-    """Run `command` with its output in `log`; stop it if we are interrupted (Ctrl-C, pytest-timeout)."""
+class _Relay:
+    """Shows a running command's progress lines (those starting with `prefix`) as they reach its log."""
+
+    def __init__(self, log: Path, prefix: str, show: Callable[[str], None]) -> None:
+        self.log, self.prefix, self.show = log, prefix, show
+        self._offset = 0
+
+    def poll(self) -> None:
+        try:
+            with open(self.log, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except OSError:
+            return
+        complete = data.rfind(b"\n") + 1
+        self._offset += complete
+        for line in data[:complete].decode(errors="replace").splitlines():
+            if line.startswith(self.prefix):
+                self.show(line)
+
+
+def _run_logged(command: list[str], log: Path, env: dict[str, str], timeout: float,
+                relay: _Relay | None = None) -> int:
+    """Run `command` with its output in `log` (showing `relay`'s lines as they come); stop it if we are
+    interrupted (Ctrl-C, pytest-timeout)."""
+    deadline = time.monotonic() + timeout
     with open(log, "wb") as out:
         # setpriv --pdeathsig: if pytest itself is killed (SIGKILL, a CI timeout), the child still gets SIGTERM
         # and its trap stops qemu.
@@ -85,7 +112,15 @@ def _run_logged(command: list[str], log: Path, env: dict[str, str], timeout: flo
             env=env,
         )
         try:
-            return process.wait(timeout=timeout)
+            while True:
+                try:
+                    return process.wait(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        raise
+                finally:
+                    if relay is not None:
+                        relay.poll()
         except BaseException:
             process.terminate()  # vm-test.sh's trap stops qemu and removes its temporary files
             try:
@@ -170,7 +205,9 @@ class VmRun:
         _announce(self.config, f"tests/vm: running {len(nodeids)} test(s) in one qemu VM (lab kernel, TCG) ...")
         started = time.monotonic()
         log = self.results_dir / "vm-test.log"
-        self.exit_code = _run_logged([str(VM_TEST), "-v", "--color=no", *nodeids], log, env, timeout=VM_TIMEOUT + 120)
+        relay = _Relay(log, "vm-test:", lambda line: _announce(self.config, f"tests/vm: {line}", spaced=False))
+        self.exit_code = _run_logged([str(VM_TEST), "-v", "--color=no", *nodeids], log, env, timeout=VM_TIMEOUT + 120,
+                                     relay=relay)
         _announce(
             self.config,
             f"tests/vm: VM run finished in {time.monotonic() - started:.0f} s (guest pytest exit {self.exit_code})",
@@ -181,10 +218,12 @@ class VmRun:
         found = subprocess.run([str(KERNEL_SETUP), "path"], check=False, capture_output=True, text=True, env=env)
         if found.returncode == 0 and shutil.which("qemu-system-x86_64"):
             return found.stdout.strip()
-        _announce(self.config, "tests/vm: building the lab kernel once (about 6 min on 2 cores; cached afterwards)")
+        _announce(self.config, "tests/vm: building the lab kernel once (6-12 min on 2 cores; cached afterwards)")
         log = self.results_dir / "kernel-build.log"
         started = time.monotonic()
-        code = _run_logged([str(KERNEL_SETUP), "build"], log, env, timeout=KERNEL_BUILD_TIMEOUT)
+        # Its stage and elapsed time every 30 s: a cold build is minutes of otherwise silent waiting.
+        relay = _Relay(log, "kernel-setup:", lambda line: _announce(self.config, f"tests/vm: {line}", spaced=False))
+        code = _run_logged([str(KERNEL_SETUP), "build"], log, env, timeout=KERNEL_BUILD_TIMEOUT, relay=relay)
         if code != 0:
             raise VmRunError(f"scripts/kernel-setup.sh build failed (exit {code}):\n{_tail(log, 40)}")
         _announce(self.config, f"tests/vm: kernel built in {time.monotonic() - started:.0f} s")
