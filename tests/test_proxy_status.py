@@ -17,7 +17,7 @@ from afsd.api import discovery_pb2 as dpb
 from afsd.api import discovery_pb2_grpc as dgrpc
 from afsd.api import layerstore_pb2 as lpb
 from afsd.api import layerstore_pb2_grpc as lgrpc
-from afsd.lab.daemons import Daemon, http_address, layerstore_daemon, start_all
+from afsd.lab.daemons import Daemon, http_address, layerstore_daemon, metrics_address, start_all
 from afsd.lab.ports import reserve_shared_port
 from afsd.lab.oci_layout import ImageSpec, write_oci_layout
 from afsd.lab.skopeo import push_layout
@@ -184,7 +184,9 @@ def test_reconcile_copies_layers_from_peers_not_from_the_registry(setup: Setup) 
 
 
 def _metrics(daemon: Daemon) -> str:
-    return daemon.args[daemon.args.index("--metrics-listen") + 1]
+    address = metrics_address(daemon)
+    assert address is not None, f"{daemon.name} serves no metrics"
+    return address
 
 
 @pytest.mark.usefixtures("dns_restored")
