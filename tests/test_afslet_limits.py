@@ -58,10 +58,10 @@ def test_the_cpu_quota_holds(afslet_cluster: AfsletCluster) -> None:
     assert call.result["exit_code"] == 0, call.result
     ticks, up0, up1 = call.stdout[-1].split()
     used = (int(ticks) / 100) / (float(up1) - float(up0))
-    # Two busy loops would take both cores of this host; the 1-core quota holds them to one. (The lower
-    # bound only says they were not starved; how much more than 1 an unlimited run gets depends on
-    # what else the host runs, so it is not asserted.)
-    assert 0.6 <= used <= 1.15, f"1 core granted, {used:.2f} cores used"
+    # Two busy loops would take both cores of this host; the 1-core quota holds them to one. How much
+    # they get below that depends on what else the host runs (measured: 0.37 cores with a load of 11
+    # on 2 cores), so only that they ran is asserted below the quota.
+    assert 0 < used <= 1.15, f"1 core granted, {used:.2f} cores used"
     (resource,) = call.lines("resource")  # the container's cgroup accounting, as afslet reports it (JSON)
     fields = json.loads(resource)
     assert fields["cpu_seconds"] / fields["wall_seconds"] <= 1.15, resource
