@@ -110,7 +110,7 @@ class Daemon:
         try:
             self.wait_ready(timeout)
         except BaseException:
-            self.stop()
+            stop_daemon(self, release=False)
             raise
         return self
 
@@ -178,7 +178,7 @@ def start_all(daemons: list[Daemon], timeout: float = deadlines.DAEMON_START) ->
             daemon.wait_ready(timeout)
     except BaseException:
         for daemon in daemons:
-            stop_daemon(daemon)
+            stop_daemon(daemon, release=False)
         raise
 
 
@@ -254,14 +254,15 @@ def stop_node_daemon(node: Daemon) -> None:
     _in_fresh_thread(lambda: asyncio.run(_shutdown_supervisors(state)))
 
 
-def stop_daemon(daemon: Daemon) -> None:
-    """Stop a daemon for good: `stop_node_daemon` for an `afsd node` daemon, a plain stop for the others;
-    then give back its port."""
+def stop_daemon(daemon: Daemon, *, release: bool = True) -> None:
+    """Stop a daemon: `stop_node_daemon` for an `afsd node` daemon, a plain stop for the others; then,
+    unless it may be started again (`release=False`), give back its port."""
     if daemon.args[:1] == ["node"]:
         stop_node_daemon(daemon)
     else:
         daemon.stop()
-    daemon.release()
+    if release:
+        daemon.release()
 
 
 async def _shutdown_supervisors(state: Path) -> None:
