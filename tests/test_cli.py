@@ -4,13 +4,21 @@ line on stderr, a non-zero exit code and no traceback."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 
+from afsd.api import discovery_pb2 as dpb
+from afsd.api import discovery_pb2_grpc as dgrpc
+from afsd.lab import deadlines
 from afsd.lab.skopeo import PushedImage
+from afsd.readiness import read_ready
 from tests.support.registries import LabRegistry
 
 SUBCOMMANDS = ["convert", "discovery", "layerstore", "demo", "proxy", "let", "node", "mount", "umount", "mounts", "run",
@@ -119,6 +127,56 @@ def test_afslet_refuses_unusable_sandbox_options(tmp_path: Path) -> None:
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     assert_one_clear_line(afsd(*base[:-1], str(private / "w"), "--userns"), "--userns", "0711")
+
+
+def _serve(tmp_path: Path, name: str, *args: str) -> tuple[subprocess.Popen, dict]:
+    """`afsd ARGS --ready-file ...` started as a service manager would; its ready file once it serves."""
+    ready_file = tmp_path / f"{name}.ready.json"
+    with open(tmp_path / f"{name}.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "afsd", *args, "--ready-file", str(ready_file)],
+                                   stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + deadlines.DAEMON_START
+    while (ready := read_ready(ready_file)) is None:
+        assert process.poll() is None, (tmp_path / f"{name}.log").read_text()
+        assert time.monotonic() < deadline, f"{name} wrote no ready file"
+        time.sleep(0.05)
+    assert ready["pid"] == process.pid
+    return process, ready
+
+
+def test_daemons_listen_on_port_0_and_say_where_once_they_serve(tmp_path: Path) -> None:
+    started = []
+    try:
+        discovery, at_discovery = _serve(tmp_path, "discovery", "discovery", "--listen", "127.0.0.1:0",
+                                         "--metrics-listen", "127.0.0.1:0")
+        started.append(discovery)
+        layerstore, at_layerstore = _serve(tmp_path, "layerstore", "layerstore", "--listen", "127.0.0.1:0",
+                                           "--node-id", "n0", "--cache-dir", str(tmp_path / "cache"),
+                                           "--admin-socket", str(tmp_path / "admin.sock"), "--heartbeat-period", "1",
+                                           "--discovery-endpoint", at_discovery["listen"])
+        started.append(layerstore)
+        proxy, at_proxy = _serve(tmp_path, "proxy", "proxy", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+                                 "--afslet-target", "localhost:9")
+        started.append(proxy)
+        for ready in (at_discovery, at_layerstore, at_proxy):
+            assert not ready["listen"].endswith(":0"), ready
+        assert at_layerstore["advertised"] == at_layerstore["listen"]   # what peers are told to dial
+        with grpc.insecure_channel(at_discovery["listen"]) as channel:   # the layerstore found it, and is listed
+            stub = dgrpc.ServiceDiscoveryStub(channel)
+            deadline = time.monotonic() + deadlines.scaled(30)
+            while [s.endpoint for s in stub.FindProvider(dpb.FindProviderRequest(), timeout=10).services] != \
+                    [at_layerstore["listen"]]:
+                assert time.monotonic() < deadline, "no heartbeat from the layerstore"
+                time.sleep(0.2)
+        with urllib.request.urlopen(f"http://{at_discovery['metrics']}/metrics", timeout=30) as response:
+            assert b"afsd_rpc_requests_total" in response.read()
+        with urllib.request.urlopen(f"http://{at_proxy['http']}/status", timeout=30) as response:
+            assert json.loads(response.read())["node_id"]
+    finally:
+        for process in started:
+            process.send_signal(signal.SIGTERM)
+        codes = [process.wait(timeout=deadlines.DAEMON_STOP) for process in started]
+    assert codes == [0] * len(started)
 
 
 def test_convert_rejects_a_corrupted_blob_and_writes_nothing(open_registry: LabRegistry, features_image: PushedImage,
