@@ -10,20 +10,20 @@
 # (124: timed out, 125: the VM stopped without a result).
 #
 # Environment:
-#   AFSD_VM_TIMEOUT=SECONDS   kill qemu after this long (default 1800)
+#   AFSD_VM_TIMEOUT=SECONDS   kill qemu after this long (default 450 x the deadline scale: 1800 with 2 vCPUs)
 #   AFSD_VM_RESULTS=DIR       keep the guest's results there: exit-code, report.jsonl, junit.xml, console.log
 #   AFSD_VM_KERNEL=BZIMAGE    kernel to boot (default: scripts/kernel-setup.sh path; built if missing)
 #   AFSD_VM_PYTHON=PATH       interpreter inside the guest (default: .venv/bin/python, else /usr/bin/python3)
 #   AFSD_VM_MEMORY=MIB, AFSD_VM_CPUS=N, AFSD_VM_DISK_SIZE=SIZE (2048, 2, 8G)
 #   AFSD_VM_CPU_HOG=N         N busy loops in the guest while the tests run: a loaded machine, on purpose (0)
-#   AFSD_DEADLINE_SCALE=X     how much longer than on the host the guest's deadlines are (afsd/lab/deadlines.py;
-#                             default 8 x (1 + hogs) / CPUs: a Python daemon takes seconds to start under TCG)
+#   AFSD_DEADLINE_SCALE=N     how much longer than on the host the guest's deadlines are (afsd/lab/deadlines.py,
+#                             and each test's pytest timeout: 150 s x N); default 8 x (1 + hogs) / CPUs, since a
+#                             Python daemon takes seconds to start under TCG
 #   AFSD_VM_KERNEL_ARGS=...   extra kernel command line (e.g. loglevel=7 to see every kernel message)
 #   AFSD_VM_QUIET=1           do not copy the console to stdout (it is still kept in AFSD_VM_RESULTS)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-TIMEOUT=${AFSD_VM_TIMEOUT:-1800}
 MEMORY=${AFSD_VM_MEMORY:-2048}
 CPUS=${AFSD_VM_CPUS:-2}
 DISK_SIZE=${AFSD_VM_DISK_SIZE:-8G}
@@ -31,6 +31,8 @@ HOG=${AFSD_VM_CPU_HOG:-0}
 [[ $CPUS =~ ^[1-9][0-9]*$ ]] || { echo "vm-test: error: AFSD_VM_CPUS must be a positive number" >&2; exit 2; }
 [[ $HOG =~ ^[0-9]+$ ]] || { echo "vm-test: error: AFSD_VM_CPU_HOG must be a number" >&2; exit 2; }
 SCALE=${AFSD_DEADLINE_SCALE:-$(((8 * (1 + HOG) + CPUS - 1) / CPUS))}
+[[ $SCALE =~ ^[1-9][0-9]*$ ]] || { echo "vm-test: error: AFSD_DEADLINE_SCALE must be a whole number >= 1" >&2; exit 2; }
+TIMEOUT=${AFSD_VM_TIMEOUT:-$((450 * SCALE))}
 
 say() { echo "vm-test: $*" >&2; }
 die() { say "error: $*"; exit 2; }

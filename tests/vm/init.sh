@@ -48,7 +48,7 @@ hostname afsd-vm
 . "$RESULTS/job.sh" || fail "no job file in the results share"
 export HOME=/tmp/home LANG=C.UTF-8 TMPDIR="$SCRATCH/tmp"
 export AFSD_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 AFSD_VM_REPORT="$RESULTS/report.jsonl"
-export AFSD_DEADLINE_SCALE="${AFSD_DEADLINE_SCALE:-8}"   # afsd/lab/deadlines.py: everything is slow under TCG
+export AFSD_DEADLINE_SCALE="${AFSD_DEADLINE_SCALE:-4}"   # afsd/lab/deadlines.py: everything is slow under TCG
 mkdir -p "$HOME"
 case "$AFSD_VM_CHECKOUT" in   # a checkout under the host's /tmp or /var/tmp: put it back where it was
   /tmp/*) hidden="$HOST_DIRS/tmp/${AFSD_VM_CHECKOUT#/tmp/}" ;;
@@ -70,8 +70,9 @@ done
 [ "${#hogs[@]}" -gt 0 ] && echo "vm-init: ${#hogs[@]} CPU hog(s) running"
 
 # The checkout is read-only here: no cache provider, no bytecode, temporary dirs on the scratch disk.
+# Each test's timeout (pyproject's 600 s on the host) stretches with the deadlines.
 "$AFSD_VM_PYTHON" -m pytest -p no:cacheprovider -p tests.vm.report --basetemp="$SCRATCH/pytest" \
-  --junitxml="$RESULTS/junit.xml" "${AFSD_VM_PYTEST_ARGS[@]}"
+  --timeout=$((150 * AFSD_DEADLINE_SCALE)) --junitxml="$RESULTS/junit.xml" "${AFSD_VM_PYTEST_ARGS[@]}"
 code=$?
 [ "${#hogs[@]}" -gt 0 ] && kill "${hogs[@]}" 2>/dev/null
 echo "$code" >"$RESULTS/exit-code.partial" && mv "$RESULTS/exit-code.partial" "$RESULTS/exit-code"
