@@ -82,7 +82,9 @@ def _run(argv: list[str], what: str) -> bytes:
     result = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, check=False)
     if result.returncode != 0:
         lines = result.stderr.decode(errors="replace").strip().splitlines()
-        raise ImageBuildError(f"{what} failed: {lines[-1] if lines else f'exit code {result.returncode}'}")
+        # A Go panic ends in a goroutine dump: its first line says what happened, the last says nothing.
+        cause = next((line for line in lines if line.startswith(("panic:", "fatal error:"))), None)
+        raise ImageBuildError(f"{what} failed: {cause or (lines[-1] if lines else f'exit code {result.returncode}')}")
     return result.stdout
 
 
