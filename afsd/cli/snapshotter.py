@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from afsd.cli._options import add_ready_file_option
 from afsd.cli.node import DEFAULT_SOCKET as DEFAULT_NODE_SOCKET
 
 log = logging.getLogger("afsd.snapshotter")
@@ -31,19 +32,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "fanotify", "fscache", "eager"],
                         help="how the node daemon serves the layers' misses (default: the best it has)")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    add_ready_file_option(parser)
     parser.set_defaults(handler=run_snapshotter)
 
 
 async def run_snapshotter(args: argparse.Namespace) -> int:
     from afsd.api import containerd_snapshots_pb2_grpc
     from afsd.metrics import serve_metrics
+    from afsd.readiness import announce_ready
     from afsd.rpc import run_until_signalled, start_unix_server
     from afsd.snapshotter.lazy import NodeLayers, lease_owner
     from afsd.snapshotter.service import SnapshotsService
     from afsd.snapshotter.snapshotter import Snapshotter
 
-    if args.metrics_listen:
-        serve_metrics(args.metrics_listen)
+    metrics = serve_metrics(args.metrics_listen) if args.metrics_listen else None
     root = args.root.absolute()
     snapshotter = Snapshotter(root, NodeLayers(args.node_socket, lease_owner(root), backend=args.backend))
     await snapshotter.start()
@@ -52,6 +54,7 @@ async def run_snapshotter(args: argparse.Namespace) -> int:
             args.address, lambda s: containerd_snapshots_pb2_grpc.add_SnapshotsServicer_to_server(
                 SnapshotsService(snapshotter), s))
         log.warning("snapshotter: socket %s, root %s, node daemon %s", args.address, root, args.node_socket)
+        await announce_ready(args.ready_file, socket=str(args.address), metrics=metrics)
         await run_until_signalled(server, started=True)
     finally:
         await snapshotter.close()

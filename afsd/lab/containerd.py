@@ -34,13 +34,13 @@ import grpc
 from afsd.afslet import cgroups
 from afsd.api import cri_runtime_pb2 as cri
 from afsd.api import cri_runtime_pb2_grpc as cri_grpc
+from afsd.lab import deadlines
 from afsd.lab.daemons import Daemon
-from afsd.lab.registry import free_port
 from afsd.node.records import mounted_paths
 
 SNAPSHOTTER = "afsd"
 CRI_NAMESPACE = "k8s.io"
-START_TIMEOUT = 60.0
+START_TIMEOUT = deadlines.CONTAINERD_START
 
 
 def snapshotter_daemon(workdir: Path, name: str, node_socket: Path, *, host: str = "127.0.0.1") -> Daemon:
@@ -49,7 +49,7 @@ def snapshotter_daemon(workdir: Path, name: str, node_socket: Path, *, host: str
     home = workdir / name
     socket_path = home / "snapshotter.sock"
     args = ["snapshotter", "--address", str(socket_path), "--root", str(home / "root"),
-            "--node-socket", str(node_socket), "--metrics-listen", f"{host}:{free_port(host)}"]
+            "--node-socket", str(node_socket), "--metrics-listen", f"{host}:0"]
     return Daemon(name, args, host, 0, workdir / f"{name}.log", socket_path=socket_path)
 
 

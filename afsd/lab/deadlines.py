@@ -31,4 +31,5 @@ def scaled(seconds: float) -> float:
 DAEMON_START = scaled(120.0)    # an afsd daemon from exec to its ready file
 DAEMON_STOP = scaled(15.0)      # SIGTERM to exit, before SIGKILL
 REGISTRY_START = scaled(60.0)   # docker-registry from exec to "listening on"
+CONTAINERD_START = scaled(60.0) # containerd until its CRI plugin and the afsd snapshotter are loaded
 CLI_COMMAND = scaled(600.0)     # one `afsd ...` command run by the lab (mount, run, mounts)
