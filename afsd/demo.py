@@ -222,8 +222,8 @@ def _run_steps(workdir: Path, steps: _Steps, cleanup: ExitStack, keep: bool, pki
             print(f"    {digest[:19]}  held by {', '.join(nodes)}")
 
     if keep:
-        print(f"    everything is running; rootfs at {target}; press Ctrl-C (or send SIGTERM) to stop", flush=True)
-        try:
+        try:   # a signal right after the line below still ends the wait as planned, not as a failure
+            print(f"    everything is running; rootfs at {target}; press Ctrl-C (or send SIGTERM) to stop", flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
