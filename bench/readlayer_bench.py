@@ -229,7 +229,8 @@ def main() -> int:
     exit_on_sigterm()
     from afsd.lab.daemons import Daemon, layerstore_daemon
     from afsd.lab.pki import LabPki
-    from afsd.lab.registry import free_port, start_registry
+    from afsd.lab.ports import reserve_port
+    from afsd.lab.registry import start_registry
 
     document: dict[str, Any] = {"benchmark": "readlayer", "machine_before": machine_facts(), "repeats": args.repeats}
     workdir = Path(tempfile.mkdtemp(prefix="afsd-readlayer-bench-", dir=args.workdir))
@@ -253,9 +254,10 @@ def main() -> int:
         if pki is not None:
             plain_args = plaintext_args(loopback.args)
             plain_args[plain_args.index("--admin-socket") + 1] = str(workdir / "plain-admin.sock")
-            plain_port = free_port("127.0.0.1")
-            plain_args[plain_args.index("--listen") + 1] = f"127.0.0.1:{plain_port}"
-            plain = Daemon("bench-node-plain", plain_args, "127.0.0.1", plain_port, workdir / "bench-node-plain.log")
+            held = reserve_port("127.0.0.1")   # held while the daemon lives: no other process can take it
+            plain_args[plain_args.index("--listen") + 1] = held.address
+            plain = Daemon("bench-node-plain", plain_args, "127.0.0.1", held.port, workdir / "bench-node-plain.log",
+                           reservation=held)
             daemons.append(plain)
             plain.start()
         document["blob"] = {k: layer[k] for k in ("digest", "size", "blob_digest")}

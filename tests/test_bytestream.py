@@ -36,6 +36,7 @@ from afsd.cluster.fetcher import RangeFetcher
 from afsd.cluster.peers import blob_spec_from_stat
 from afsd.errors import FetchError
 from afsd.lab.daemons import Daemon, layerstore_daemon, start_all
+from afsd.lab.ports import reserve_port
 from afsd.lab.registry import start_registry
 from afsd.ondemand.chunks import ChunkTable
 from afsd.ondemand.spec import BlobSpec
@@ -145,13 +146,12 @@ async def test_a_layerstore_without_a_data_listener_is_read_with_read_layer(shar
 
 async def test_a_peer_that_cannot_be_reached_on_its_data_port_is_read_with_read_layer(shared: Shared) -> None:
     """OpenByteStream answers, but nothing listens where it points (a firewall, a NAT): ReadLayer it is."""
-    closed = socket.create_server(("127.0.0.1", 0))
-    port = closed.getsockname()[1]
-    closed.close()
-    streams = BlobByteStreams(shared.plain.address, _RedirectingStub(port, shared.spec.size), shared.spec.layer_digest,
-                              ChunkTable(shared.spec.size, shared.spec.chunk_size, shared.spec.chunk_digests))
-    with pytest.raises(ByteStreamUnavailable, match="cannot connect"):
-        await streams.read(0, shared.spec.chunk_size, 5.0)
+    with reserve_port() as held:   # bound, never listening: connections are refused, nobody else can listen
+        streams = BlobByteStreams(shared.plain.address, _RedirectingStub(held.port, shared.spec.size),
+                                  shared.spec.layer_digest,
+                                  ChunkTable(shared.spec.size, shared.spec.chunk_size, shared.spec.chunk_digests))
+        with pytest.raises(ByteStreamUnavailable, match="cannot connect"):
+            await streams.read(0, shared.spec.chunk_size, 5.0)
     assert not streams.usable   # and it stops trying for a while
 
 
