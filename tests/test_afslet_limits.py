@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from afsd.afslet import cgroups
 from tests.support.afslet import (
     AfsletCluster,
     module_cluster,
@@ -52,9 +53,27 @@ def test_a_command_allocating_past_its_memory_limit_is_oom_killed(afslet_cluster
     assert json.loads(resource)["oom_kills"] >= 1, resource
 
 
+def quota_cores(cgroup_path: str) -> float | None:
+    """The CPU quota the kernel enforces on a cgroup, in cores (cgroup2's cpu.max, or v1's CFS files)."""
+    for directory in cgroups.directories(cgroup_path):
+        if (directory / "cpu.max").exists():
+            quota, period = (directory / "cpu.max").read_text().split()
+            return None if quota == "max" else int(quota) / int(period)
+        if (directory / "cpu.cfs_quota_us").exists():
+            quota = int((directory / "cpu.cfs_quota_us").read_text())
+            return None if quota < 0 else quota / int((directory / "cpu.cfs_period_us").read_text())
+    raise AssertionError(f"no CPU controller for {cgroup_path}")
+
+
 def test_the_cpu_quota_holds(afslet_cluster: AfsletCluster) -> None:
-    call = sdk_execute(afslet_cluster.afslet, image=afslet_cluster.images["tools"], cpu_cores=1,
-                       timeout_ms=60_000, command=["/bin/sh", "-c", CPU_PROBE])
+    afslet = afslet_cluster.afslet
+    running = sdk_execute_call(afslet, image=afslet_cluster.images["tools"], cpu_cores=1, timeout_ms=60_000,
+                               command=["/bin/sh", "-c", "echo probing\n" + CPU_PROBE])
+    running.wait_for(lambda e: e.get("message") == "probing")
+    # What the kernel holds the container to, however busy the host is.
+    (container,) = cgroups.children(afslet.args[afslet.args.index("--cgroup-parent") + 1])
+    assert quota_cores(container) == 1.0
+    call = running.finish()
     assert call.result["exit_code"] == 0, call.result
     ticks, up0, up1 = call.stdout[-1].split()
     used = (int(ticks) / 100) / (float(up1) - float(up0))
