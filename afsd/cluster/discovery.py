@@ -197,13 +197,6 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
             config=image.config_blob if len(image.config_blob) <= MAX_SHARED_CONFIG else b"")
 
 
-def config_holders(table: NodeTable) -> HolderLookup:
-    """For the registry client's `ClusterConfigSource`: live layerstores holding all of an image's layers."""
-    async def holders(layer_digests: list[str]) -> list[str]:
-        return [node.endpoint for node in table.holding_layers(layer_digests)]
-    return holders
-
-
     async def ReportAccessTrace(self, request: pb.ReportAccessTraceRequest,
                                 context: grpc.aio.ServicerContext) -> pb.ReportAccessTraceResponse:
         try:
@@ -230,6 +223,13 @@ def config_holders(table: NodeTable) -> HolderLookup:
         digests = dict.fromkeys(digest.strip().lower() for digest in request.blob_digests)
         merged = [self.traces.merged(digest, request.manifest_digest.strip()) for digest in digests]
         return pb.GetAccessTracesResponse(traces=[trace for trace in merged if trace is not None])
+
+
+def config_holders(table: NodeTable) -> HolderLookup:
+    """For the registry client's `ClusterConfigSource`: live layerstores holding all of an image's layers."""
+    async def holders(layer_digests: list[str]) -> list[str]:
+        return [node.endpoint for node in table.holding_layers(layer_digests)]
+    return holders
 
 
 async def expire_periodically(table: NodeTable, period: float = 5.0) -> None:
