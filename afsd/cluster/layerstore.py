@@ -557,11 +557,17 @@ def config_holders(discovery: DiscoveryClient, own_endpoint: str) -> HolderLooku
     async def holders(layer_digests: list[str]) -> list[str]:
         if not discovery.endpoints:
             return []
-        try:
-            nodes = await discovery.find_provider(layer_digests[0])
-        except (DiscoveryUnavailableError, grpc.aio.AioRpcError) as error:
-            log.info("cannot ask discovery who holds %s: %s", layer_digests[0], error)
-            return []
-        return [node.endpoint for node in nodes
-                if node.endpoint != own_endpoint and set(layer_digests) <= set(node.layer_digests)]
+        # Discovery cuts each record down to the layer asked about: one question per layer, intersected.
+        held: set[str] | None = None
+        for digest in layer_digests:
+            try:
+                nodes = await discovery.find_provider(digest)
+            except (DiscoveryUnavailableError, grpc.aio.AioRpcError) as error:
+                log.info("cannot ask discovery who holds %s: %s", digest, error)
+                return []
+            endpoints = {node.endpoint for node in nodes} - {own_endpoint}
+            held = endpoints if held is None else held & endpoints
+            if not held:
+                return []
+        return sorted(held or ())
     return holders
