@@ -30,7 +30,7 @@ class HostileDataListener:
     """A data listener that accepts any hello, then answers range requests as `behaviour` says:
     wrong_bytes: the blob's bytes with one flipped in the middle of the range; short: half the range,
     then close; huge_length: announces 2^62 bytes; huge_error: an error whose text claims to be 1 TiB;
-    stall: never answers a request; garbage_reply: 9 random bytes instead of a reply header."""
+    stall: never answers a request; garbage_reply: an unknown status and random bytes instead of a reply header."""
 
     def __init__(self, blob: Path, behaviour: str) -> None:
         assert behaviour in HOSTILE_BEHAVIOURS, behaviour
@@ -88,8 +88,8 @@ class HostileDataListener:
                     connection.sendall(REPLY.pack(Status.OK, 1 << 62) + data)
                 elif self.behaviour == "huge_error":
                     connection.sendall(REPLY.pack(Status.INTERNAL, 1 << 40) + b"x" * 4096)
-                elif self.behaviour == "garbage_reply":
-                    connection.sendall(os.urandom(REPLY.size))
+                elif self.behaviour == "garbage_reply":   # a status byte no Status has, then noise
+                    connection.sendall(b"\xff" + os.urandom(REPLY.size - 1))
                 else:   # stall
                     threading.Event().wait()
         except OSError:
