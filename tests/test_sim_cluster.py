@@ -19,13 +19,13 @@ from afsd.lab.oci_layout import write_oci_layout
 from afsd.lab.skopeo import push_layout
 from afsd.sim.burst import ImageTask, burst, rootfs_of
 from afsd.sim.cluster import SimCluster, SimSettings
-from afsd.sim.deadlines import deadlines
+from afsd.lab.deadlines import sim_deadlines
 from afsd.sim.network import SimNetwork, TokenInUseError
 from tests.support.treecompare import compare_trees, format_differences, snapshot
 from tests.support.umoci import umoci_rootfs
 
-# The whole test's budget comes from the same place as every wait inside it (afsd/sim/deadlines.py).
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(deadlines().small_burst_test)]
+# The whole test's budget comes from the same place as every wait inside it (afsd/lab/deadlines.py).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(sim_deadlines().small_burst_test)]
 
 
 def test_a_burst_onto_eight_nodes_downloads_each_blob_once_and_every_rootfs_is_umocis(tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_a_burst_onto_eight_nodes_downloads_each_blob_once_and_every_rootfs_is_u
 
 
 def test_afsd_sim_tears_everything_down_on_sigterm_and_on_ctrl_c(tmp_path: Path) -> None:
-    limits = deadlines()
+    limits = sim_deadlines()
     for signum in (signal.SIGTERM, signal.SIGINT):
         workdir = tmp_path / f"sim-{signum}"
         command = subprocess.Popen([sys.executable, "-m", "afsd", "sim", "--nodes", "2", "--workdir", str(workdir)],

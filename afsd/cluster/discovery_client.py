@@ -148,7 +148,6 @@ class DiscoveryClient:
                 pb.FindProviderRequest(view=view, page_token=token), timeout=QUERY_TIMEOUT),
                 lambda answer, peer: check_services(answer.services, peer=peer))
         return await all_pages(page, peer="discovery")
-        return list(response.services)
 
     async def resolve_image(self, request: pb.ResolveImageRequest, timeout: float = 60.0) -> pb.ResolveImageResponse:
         return await self._first(lambda stub: stub.ResolveImage(request, timeout=timeout),

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from afsd.erofs.mount import unmount
 from afsd.lab.daemons import Daemon, start_all, stop_node_daemon
+from afsd.lab.deadlines import SimDeadlines, sim_deadlines
 from afsd.lab.registry import RegistryProcess, start_registry
 from afsd.node.records import mounted_paths
 from afsd.sim.census import command_line, kill_everything_in, processes_in
-from afsd.sim.deadlines import Deadlines, deadlines
 from afsd.sim.network import Member, SimNetwork, TokenInUseError
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class SimCluster:
 
     workdir: Path
     settings: SimSettings = SimSettings()
-    limits: Deadlines = field(default_factory=deadlines)
+    limits: SimDeadlines = field(default_factory=sim_deadlines)
     token: str = field(default_factory=lambda: secrets.token_hex(3))
     network: SimNetwork = field(init=False)
     registry: RegistryProcess | None = None
