@@ -39,6 +39,7 @@ from afsd.errors import AfsdError
 from afsd.node.images import ImageLocator
 from afsd.node.leases import LeaseBook, LeaseRecord, LeaseRequestError, check_lease_id
 from afsd.node.records import MountRecord, StateDir, mounted_paths
+from afsd.node.requests import LayerAttach, MountOptions, MountRequestError, UnknownMountError
 from afsd.node.traces import LearnedTraces
 from afsd.oci.digest import parse_digest
 from afsd.oci.platform import parse_platform
@@ -58,39 +59,6 @@ LAYER_LEASES = Gauge("afsd_node_layer_leases", "Single layers held for clients t
 BACKEND_STATUS_PERIOD = 5.0   # how fresh the backends' own metrics on the node's /metrics are
 IMPORT_RETRY = 30.0           # seconds before a layer the local layerstore refused is offered again
 WATCH_RETRY = (0.5, 10.0)     # first and longest wait before watching a backend's pushes again
-
-
-class MountRequestError(AfsdError):
-    """A mount request that cannot be satisfied as asked (bad target, busy mount point, ...)."""
-
-
-class UnknownMountError(MountRequestError):
-    """No mount of this daemon has that target or id."""
-
-
-@dataclass
-class MountOptions:
-    image: str
-    target: Path
-    tag: str = ""
-    backend: str = "auto"
-    platform: str = ""
-    upper_dir: Path | None = None
-    tmpfs_upper: bool = False
-    tmpfs_upper_bytes: int = 0
-    extra_dir: Path | None = None
-
-
-@dataclass(frozen=True)
-class LayerAttach:
-    """One layer of an image to keep attached under a lease (see afsd.node.leases)."""
-
-    lease_id: str
-    image: str
-    layer_digest: str
-    manifest_digest: str = ""
-    backend: str = "auto"
-    platform: str = ""
 
 
 @dataclass

@@ -10,10 +10,11 @@ import grpc
 from afsd.api import node_pb2 as pb
 from afsd.api import node_pb2_grpc as pb_grpc
 from afsd.errors import AfsdError, InvalidReferenceError, NotFoundError
-from afsd.node.daemon import LayerAttach, MountOptions, MountRequestError, NodeDaemon, UnknownMountError
+from afsd.node.daemon import NodeDaemon
 from afsd.node.images import ImageUnavailableError
 from afsd.node.leases import LeaseRecord, LeaseRequestError
 from afsd.node.records import MountRecord
+from afsd.node.requests import LayerAttach, MountOptions, MountRequestError, UnknownMountError
 from afsd.ondemand.base import BackendUnavailableError
 from afsd.rpc import StatusTable, abort_for
 
