@@ -35,7 +35,10 @@ def into_closed_pipe(node, *args: str) -> subprocess.CompletedProcess[str]:
     os.close(read_end)
     try:
         command = [sys.executable, "-m", "afsd", *args[:1], "--socket", str(node.socket_path), *args[1:]]
-        return subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+        # Without PYTHONUNBUFFERED, as a user's shell runs it: the output is buffered until exit.
+        environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+        return subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env=environment)
     finally:
         os.close(write_end)
 

@@ -69,7 +69,11 @@ def _quiet_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
+        # Output to a pipe is block-buffered (unless PYTHONUNBUFFERED): a reader that went away shows up
+        # at this flush, not in print(); flushing here keeps it from failing again at interpreter exit.
+        sys.stdout.flush()
+        return code
     except BrokenPipeError:
         _quiet_stdout()
         return 128 + signal.SIGPIPE
