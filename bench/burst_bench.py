@@ -13,6 +13,7 @@ import dataclasses
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,12 @@ GIB = 1 << 30
 HEADROOM = 6 * GIB            # what the host keeps free for the others sharing it
 NODE_ESTIMATE = 240 << 20     # a node's peak PSS during a burst (measured ~200 MiB with the sim's malloc settings)
 TASK = ImageTask(first_file=FIRST_FILE, start_command=START_COMMAND)
+
+
+def portable_command(command: str, workdir: Path) -> str:
+    """A process's command line as the committed report may show it: this interpreter as `python` and the
+    run's directory as `$WORKDIR`, so results read the same on any machine."""
+    return command.replace(sys.executable, "python").replace(str(workdir), "$WORKDIR")
 
 
 def available_memory() -> int:
@@ -106,7 +113,7 @@ def run_one(nodes: int, workdir: Path, *, rate_bits: int | None, baseline: bool 
                           "served": outcome.served, "served_locally": outcome.served_locally,
                           "discovery_rpcs": outcome.discovery_rpcs, "duration": outcome.duration,
                           "peak_memory": {k: dataclasses.asdict(v) for k, v in outcome.peak_memory.items()},
-                          "first_node_processes": [(command, dataclasses.asdict(memory))
+                          "first_node_processes": [(portable_command(command, sim.workdir), dataclasses.asdict(memory))
                                                    for command, memory in outcome.processes]}
         result["rtt_ms"] = round_trip_ms(sim)
         unmount_all(sim, pushed.reference)
