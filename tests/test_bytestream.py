@@ -151,8 +151,12 @@ async def test_a_peer_that_cannot_be_reached_on_its_data_port_is_read_with_read_
                                   shared.spec.layer_digest,
                                   ChunkTable(shared.spec.size, shared.spec.chunk_size, shared.spec.chunk_digests))
         with pytest.raises(ByteStreamUnavailable, match="cannot connect"):
-            await streams.read(0, shared.spec.chunk_size, 5.0)
+            await streams.read(0, shared.spec.chunk_size, 5.0, _ignore)
     assert not streams.usable   # and it stops trying for a while
+
+
+def _ignore(offset: int, data: memoryview) -> None:
+    pass
 
 
 class _RedirectingStub:
@@ -329,13 +333,18 @@ async def test_the_data_socket_can_speak_tls(shared: Shared) -> None:
             stub = lgrpc.LayerStoreStub(shared.channels.get(peer.address))
             streams = BlobByteStreams(peer.address, stub, digest, table, tls=client_tls)
             try:
-                got = await streams.read(MIB, 4 * MIB, 10.0)
+                got = bytearray(3 * MIB)
+
+                def deliver(offset: int, data: memoryview) -> None:
+                    got[offset - MIB:offset - MIB + len(data)] = data
+
+                await streams.read(MIB, 4 * MIB, 10.0, deliver)
                 assert got == blob[MIB:4 * MIB]
             finally:
                 await streams.close()
             without = BlobByteStreams(peer.address, stub, digest, table)
             with pytest.raises(ByteStreamUnavailable, match="speaks TLS"):
-                await without.read(0, MIB, 10.0)
+                await without.read(0, MIB, 10.0, _ignore)
     finally:
         await asyncio.to_thread(data.close)
 

@@ -16,7 +16,8 @@ from tests.support.fanotify_lab import FanotifyLab, data_files
 @pytest.mark.parametrize("fill_ahead", [0, 2])
 async def test_metadata_only_blob_mounts_and_fills_only_what_is_read(fanotify_lab: FanotifyLab, fill_ahead: int) -> None:
     lab, blob = fanotify_lab, fanotify_lab.blob
-    await lab.start(Settings(workers=2, fill_ahead=fill_ahead))
+    # (stream_window = fill_ahead: a sequential reader's window stays at fill_ahead instead of growing)
+    await lab.start(Settings(workers=2, fill_ahead=fill_ahead, stream_window=fill_ahead))
     served = await lab.serve()
     metadata = sum(length for _, length in blob.spec.metadata_ranges())
     assert present_bytes(served.path, blob.spec.size) == metadata   # nothing but metadata before reading

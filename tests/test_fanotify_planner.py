@@ -4,8 +4,8 @@ chunks in flight and recent failures, tested without root, a kernel or a blob fi
 from __future__ import annotations
 
 from afsd.ondemand.fanotify.planner import (
-    FILL_AHEAD_TASK_CHUNKS, MAX_PLANS_PER_EVENT, FailureMemory, chunk_runs, chunks_under, is_sequential,
-    plan_event, plan_prefetch, read_ahead)
+    FILL_AHEAD_TASK_CHUNKS, MAX_PLANS_PER_EVENT, MAX_STREAMS, FailureMemory, Streams, chunk_runs, chunks_under,
+    is_sequential, plan_event, plan_prefetch, read_ahead)
 
 CHUNK = 100
 
@@ -93,6 +93,44 @@ def test_read_ahead_stops_at_the_blobs_end() -> None:
     blob = Holes(10, present=set())
     assert read_ahead(900, chunk_size=CHUNK, chunks=10, fill_ahead=4, in_flight=set(), filled=blob.filled) == [(9, 1)]
     assert read_ahead(1000, chunk_size=CHUNK, chunks=10, fill_ahead=4, in_flight=set(), filled=blob.filled) == []
+
+
+def test_read_ahead_skips_what_was_planned_and_cuts_runs_at_the_unit() -> None:
+    blob = Holes(40, present=set())
+    assert read_ahead(0, chunk_size=CHUNK, chunks=40, fill_ahead=20, in_flight=set(), filled=blob.filled,
+                      unit=8, planned=6) == [(6, 8), (14, 6)]
+
+
+def follow(streams: Streams, start: int, end: int, *, missed: bool = False, fill_ahead: int = 4,
+           max_window: int = 64):
+    return streams.follow(start, end, chunk_size=CHUNK, missed=missed, fill_ahead=fill_ahead, max_window=max_window)
+
+
+def test_a_sequential_reader_is_followed_and_its_window_doubles_up_to_the_limit() -> None:
+    streams = Streams()
+    first = follow(streams, 0, 50, missed=True)
+    assert first.window == 4 and not first.sequential
+    windows = [follow(streams, end - 50, end).window for end in range(100, 800, 50)]
+    assert windows[:5] == [8, 16, 32, 64, 64] and set(windows[5:]) == {64}
+    assert first.sequential and first.end == 750
+
+
+def test_random_readers_get_a_fixed_read_around_after_a_miss_and_nothing_after_a_hit() -> None:
+    streams = Streams()
+    assert follow(streams, 5000, 5010, missed=True).window == 4
+    assert follow(streams, 9000, 9010, missed=False).window == 0
+    assert follow(streams, 2000, 2010, missed=True, fill_ahead=0).window == 0
+    assert follow(streams, 2010, 2020, missed=True, fill_ahead=0).window == 0   # 0: never anything ahead
+
+
+def test_interleaved_readers_of_one_blob_are_told_apart_and_the_oldest_forgotten() -> None:
+    streams = Streams()
+    a, b = follow(streams, 0, 50, missed=True), follow(streams, 10_000, 10_050, missed=True)
+    assert follow(streams, 50, 100) is a and follow(streams, 10_050, 10_100) is b
+    assert a.window == b.window == 8
+    for index in range(MAX_STREAMS):
+        follow(streams, 100_000 * (index + 1), 100_000 * (index + 1) + 10, missed=True)
+    assert follow(streams, 100, 150) is not a   # forgotten: a new reader as far as the planner knows
 
 
 def prefetch(blob: Holes, cursor: int, *, budget: int = 10, task_chunks: int = 3, in_flight: set[int] | None = None):

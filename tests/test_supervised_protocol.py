@@ -62,6 +62,7 @@ def test_every_message_survives_the_wire() -> None:
         p.ServeBlob(name="b", path="/x", spec=SPEC, source={"kind": "file"}), p.Forget(name="b"),
         p.Fill(task=9, name="b", offset=0, length=1024, priority=Priority.PREFETCH), p.Cancel(task=9),
         p.FillDone(task=9, written=1024, source="peer:a:1"), p.FillFailed(task=9, error="gone"),
+        p.Written(name="b", offset=4096, length=1 << 20),
         p.Lookup(id=4, name="b"), p.Report(id=5), p.Held(group=True, blobs=1), p.HeldBlobs(names=["b"]),
         p.HeldEnd(), p.HoldGroup(), p.HoldBlob(name="b"), p.DropBlob(name="b"), p.Bye(),
     ]

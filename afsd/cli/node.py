@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     node.add_argument("--fetch-workers", type=int, default=None, metavar="N",
                       help="fetch worker processes of the fanotify backend (default 2; each costs ~60 MB, "
                            "so a host simulating many nodes uses 1)")
+    node.add_argument("--no-byte-stream", action="store_true",
+                      help="read blob ranges from layerstores with ReadLayer only, never over their byte stream "
+                           "(docs/data-path.md; this daemon and its fetch workers alike)")
     node.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     add_ready_file_option(node)
     add_tls_options(node)
@@ -125,7 +128,8 @@ async def run_node(args: argparse.Namespace) -> int:
                                              trust=BlobTrust(tls)),
         backends=backends,
         source_factory=source_factory(discovery, channels, discovery_endpoints=args.discovery_endpoint,
-                                      local_endpoint=args.layerstore, node_id=args.node_id, tls=tls),
+                                      local_endpoint=args.layerstore, node_id=args.node_id, tls=tls,
+                                      byte_stream=not args.no_byte_stream),
         layerstore_admin_socket=args.layerstore_admin_socket, layer_linger=args.layer_linger,
         traces=LearnedTraces(discovery, args.node_id, TraceSettings(not args.no_learned_prefetch, args.trace_window)))
     await daemon.start()

@@ -8,7 +8,8 @@ of its own: `recv_into` one buffer, and every chunk checked against the blob's c
 is complete (hashlib releases the GIL), so the event loop only sees verified bytes. Pieces of one fetch
 run at once on several connections, i.e. several streams per blob.
 
-What a caller gets: the verified bytes; `ByteStreamUnavailable` when this peer offers no usable byte
+What a caller gets: the verified bytes, chunk by chunk, handed to its `deliver` function from the thread
+that received them (a fetch copies them into its result, a fill writes them into the blob file); `ByteStreamUnavailable` when this peer offers no usable byte
 stream (no such RPC, the data port cannot be reached, tickets refused: read with ReadLayer instead, and
 this object stops trying for `RETRY_AFTER` seconds); `ByteStreamError` or `DigestMismatchError` when the
 peer failed this read (short, stalled, malformed or wrong bytes); `grpc.aio.AioRpcError` from
@@ -23,6 +24,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -35,6 +37,8 @@ from afsd.cluster.discovery_client import join_host_port, split_host_port
 from afsd.ondemand.chunks import ChunkTable
 
 log = logging.getLogger(__name__)
+# Where a read's verified bytes go: called in the reading thread with (blob offset, bytes).
+Deliver = Callable[[int, memoryview], None]
 
 # Tickets asked for at once (one per connection opened).
 TICKETS_PER_CALL = 4
@@ -103,8 +107,9 @@ class _Connection:
             raise
         return connection
 
-    def read(self, table: ChunkTable, start: int, end: int, deadline: float) -> bytes:
-        """Bytes [start, end) of the blob (whole chunks), each chunk checked as soon as it is complete."""
+    def read(self, table: ChunkTable, start: int, end: int, deadline: float, deliver: Deliver) -> None:
+        """Bytes [start, end) of the blob (whole chunks) to `deliver`, each chunk checked and delivered (from
+        this connection's reused buffer) as soon as it is complete."""
         length = end - start
         self.sock.settimeout(_remaining(deadline))
         self.sock.sendall(REQUEST.pack(start, length))
@@ -129,9 +134,9 @@ class _Connection:
             ready = length if received == length else received - received % chunk
             if ready > checked:   # every chunk completed by this receive
                 table.check(start + checked, view[checked:ready], source=f"layerstore {self.label} (byte stream)")
+                deliver(start + checked, view[checked:ready])
                 checked = ready
         self.last_used = time.monotonic()
-        return bytes(view)   # the one copy: callers keep the bytes, the buffer is reused
 
     def _reply(self, deadline: float) -> tuple[int, int]:
         header = bytearray()
@@ -206,8 +211,9 @@ class BlobByteStreams:
     def usable(self) -> bool:
         return not self._closed and time.monotonic() >= self._unusable_until
 
-    async def read(self, start: int, end: int, timeout: float) -> bytes:
-        """Verified bytes [start, end) of the blob; see the module docstring for what it raises."""
+    async def read(self, start: int, end: int, timeout: float, deliver: Deliver) -> None:
+        """Verified bytes [start, end) of the blob to `deliver` (called in a thread, chunk by chunk as they
+        arrive; the view is valid during the call only); see the module docstring for what it raises."""
         if not self.usable:
             raise ByteStreamUnavailable(self.unusable_reason or "closed")
         deadline = time.monotonic() + timeout
@@ -221,7 +227,7 @@ class BlobByteStreams:
             raise
         loop = asyncio.get_running_loop()
         try:
-            data = await loop.run_in_executor(_THREADS, connection.read, self.table, start, end, deadline)
+            await loop.run_in_executor(_THREADS, connection.read, self.table, start, end, deadline, deliver)
         except asyncio.CancelledError:
             connection.abort()
             connection.close()
@@ -240,7 +246,6 @@ class BlobByteStreams:
             connection.close()
         else:
             self._idle.append(connection)
-        return data
 
     async def close(self) -> None:
         self._closed = True

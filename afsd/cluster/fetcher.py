@@ -30,31 +30,39 @@ How (the reference's DiscoveryBackedReaderAt, kept and tightened):
 - A piece is read over the provider's byte stream when it offers one (bytestream_client.py: raw bytes,
   sendfile on the other side, each chunk verified as it arrives), else with ReadLayer; `byte_stream=False`
   reads everything with ReadLayer.
+- `fill(offset, length, priority, sink)` reads the same way but hands each verified piece to the sink
+  (the blob file a fetch worker fills) from the thread that received it, straight out of the connection's
+  receive buffer: no bytes object per range, no copy in between. Fills share the gate with fetches, and
+  concurrent fills of the same chunks share flights as fetches do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
+import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from afsd.api import layerstore_pb2 as pb
-from afsd.cluster.bytestream_client import BlobByteStreams, ByteStreamError, ByteStreamUnavailable
+from afsd.cluster.bytestream_client import BlobByteStreams, ByteStreamError, ByteStreamUnavailable, Deliver
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
 from afsd.cluster.fetch_metrics import FETCH_METRICS
-from afsd.cluster.flights import FlightTable, PriorityGate
+from afsd.cluster.flights import Flight, FlightTable, PriorityGate
 from afsd.cluster.peers import LayerStorePeer
 from afsd.errors import DigestMismatchError, FetchError
-from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority
+from afsd.ondemand.spec import BlobSink, BlobSpec, FetchedRange, Filled, Priority
 from afsd.retry import RetryPolicy, grpc_permanent
 from afsd.rpc import ChannelPool
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # One ReadLayer call reads at most this much (rounded down to whole chunks, at least one): big enough
 # to stream at full speed, small enough that a big request spreads over concurrent calls and a call
@@ -113,6 +121,21 @@ class _Provider:
         return "local" if self.local else f"peer:{self.endpoint}"
 
 
+class _Delivery:
+    """What one fill flight wrote into its sink; counted once, by the first fill that collects it (the
+    others joined it for bytes it had already been asked for)."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self._claimed = False
+
+    def claim(self) -> int:
+        if self._claimed:
+            return 0
+        self._claimed = True
+        return self.written
+
+
 @dataclass
 class _Lease:
     """The provider in use, with the lease held on it (lease_id None: reading without one)."""
@@ -151,10 +174,11 @@ class RangeFetcher:
         self._table = spec.chunk_table()
         chunk = spec.chunk_size
         self._min_request = max(chunk, -(-min_request // chunk) * chunk)
-        self._flights: FlightTable[tuple[bytes, _Provider]] = FlightTable(
-            size=spec.size, chunk_size=chunk, piece_chunks=PIECE_BYTES // chunk,
-            gate=PriorityGate(max_concurrency, background=max_concurrency - max(1, max_concurrency // 4)),
-            read=self._read_with_failover, label=spec.name[:12])
+        # shared by fetches and fills; PREFETCH pieces never take the last quarter of the slots
+        self._gate = PriorityGate(max_concurrency, background=max_concurrency - max(1, max_concurrency // 4))
+        self._flights = self._flight_table(self._read)
+        self._fill_flights: weakref.WeakKeyDictionary[BlobSink, FlightTable[tuple[_Delivery, _Provider]]] = \
+            weakref.WeakKeyDictionary()
         self._providers: dict[str, _Provider] = {}
         self._other_blob: list[str] = []     # nodes holding the layer as another blob (last refresh)
         self._current: _Lease | None = None
@@ -174,33 +198,29 @@ class RangeFetcher:
     # -- the RangeSource interface ------------------------------------------------------------------
 
     async def fetch(self, offset: int, length: int, priority: Priority = Priority.DEMAND) -> FetchedRange:
-        if self._closed:
-            raise FetchError(f"the fetcher for layer {self.spec.layer_digest} is closed")
-        started = time.monotonic()
         start, end = self._widen(offset, length)
-        self._counts["fetches"] += 1
-        self._maybe_refresh()
-        flights, shared = self._flights.cover(start, end, priority)
-        if shared:
-            self._counts["shared_fetches"] += 1
-        try:
-            results = [await asyncio.shield(flight.task) for flight in flights]
-        except FetchError:
-            self._counts["errors"] += 1
-            FETCH_METRICS.error()
-            raise
-        except asyncio.CancelledError:
-            if self._closed:
-                raise FetchError(f"the fetcher for layer {self.spec.layer_digest} was closed during a read") from None
-            raise
+        started = time.monotonic()
+        flights, shared, results = await self._fly(self._flights, start, end, priority)
         parts = [data[max(start, flight.start) - flight.start:min(end, flight.end) - flight.start]
                  for flight, (data, _) in zip(flights, results)]
         # Copying MiBs of pieces together runs in a thread too (slicing one piece whole copies nothing).
         data = parts[0] if len(parts) == 1 else await asyncio.to_thread(b"".join, parts)
-        sources = list(dict.fromkeys(provider.source for _, provider in results))
-        elapsed = time.monotonic() - started
-        FETCH_METRICS.fetch_served(priority.name.lower(), elapsed)
-        return FetchedRange(start, data, "+".join(sources), {"seconds": elapsed, "shared": float(shared)})
+        sources = "+".join(dict.fromkeys(provider.source for _, provider in results))
+        return FetchedRange(start, data, sources, self._served(priority, started, shared))
+
+    async def fill(self, offset: int, length: int, priority: Priority, sink: BlobSink) -> Filled:
+        """Like `fetch`, but each verified piece goes into `sink` as it arrives (over the byte stream: from
+        the connection's receive buffer, chunk by chunk), and nothing is returned but what was written."""
+        start, end = self._widen(offset, length)
+        started = time.monotonic()
+        table = self._fill_flights.get(sink)
+        if table is None:   # (one per sink: a blob file or cache file, filled for as long as it is open)
+            table = self._fill_flights[sink] = self._flight_table(functools.partial(self._fill, weakref.ref(sink)))
+        flights, shared, results = await self._fly(table, start, end, priority)
+        written = sum(delivery.claim() for delivery, _ in results)
+        sources = "+".join(dict.fromkeys(provider.source for _, provider in results))
+        first, last = flights[0].start, flights[-1].end
+        return Filled(first, last - first, written, sources, self._served(priority, started, shared))
 
     async def close(self) -> None:
         """Stop reading, cancel pieces in flight and release the lease (best effort)."""
@@ -208,6 +228,7 @@ class RangeFetcher:
             return
         self._closed = True
         tasks: list[asyncio.Task[Any]] = [*self._flights.tasks()]
+        tasks += [task for table in list(self._fill_flights.values()) for task in table.tasks()]
         tasks += [t for t in (self._refresh_task, self._switcher) if t is not None]
         for task in tasks:
             task.cancel()
@@ -227,7 +248,7 @@ class RangeFetcher:
             "lease": bool(self._current and self._current.lease_id),
             **self._counts, "bytes": dict(self._bytes),
             "bytes_by_provider": dict(self._bytes_by_provider),
-            "calls_in_flight": self._calls_in_flight, "waiting": self._flights.gate.waiting,
+            "calls_in_flight": self._calls_in_flight, "waiting": self._gate.waiting,
             "providers": [{"endpoint": p.endpoint, "node_id": p.node_id, "local": p.local,
                            "cooling_seconds": round(max(0.0, p.cooling_until - now), 3),
                            "last_error": p.last_error} for p in self._ranked(set())],
@@ -242,9 +263,61 @@ class RangeFetcher:
         start, covered = self._table.widen(offset, length)
         return start, min(self.spec.size, start + max(covered, self._min_request))
 
+    def _flight_table(self, read: Callable[[int, int], Awaitable[T]]) -> FlightTable[T]:
+        chunk = self.spec.chunk_size
+        return FlightTable(size=self.spec.size, chunk_size=chunk, piece_chunks=PIECE_BYTES // chunk, gate=self._gate,
+                           read=read, label=self.spec.name[:12])
+
+    async def _fly(self, table: FlightTable[T], start: int, end: int,
+                   priority: Priority) -> tuple[list[Flight[T]], bool, list[T]]:
+        """The flights covering [start, end) (joined or started) and what each of them read."""
+        if self._closed:
+            raise FetchError(f"the fetcher for layer {self.spec.layer_digest} is closed")
+        self._counts["fetches"] += 1
+        self._maybe_refresh()
+        flights, shared = table.cover(start, end, priority)
+        if shared:
+            self._counts["shared_fetches"] += 1
+        try:
+            return flights, shared, [await asyncio.shield(flight.task) for flight in flights]
+        except FetchError:
+            self._counts["errors"] += 1
+            FETCH_METRICS.error()
+            raise
+        except asyncio.CancelledError:
+            if self._closed:
+                raise FetchError(f"the fetcher for layer {self.spec.layer_digest} was closed during a read") from None
+            raise
+
+    def _served(self, priority: Priority, started: float, shared: bool) -> dict[str, float]:
+        elapsed = time.monotonic() - started
+        FETCH_METRICS.fetch_served(priority.name.lower(), elapsed)
+        return {"seconds": elapsed, "shared": float(shared)}
+
+    async def _read(self, start: int, end: int) -> tuple[bytearray, _Provider]:
+        """A flight of `fetch`: [start, end) into a buffer of its own."""
+        buffer = bytearray(end - start)
+
+        def deliver(offset: int, data: memoryview) -> None:
+            buffer[offset - start:offset - start + len(data)] = data
+
+        return buffer, await self._read_with_failover(start, end, deliver)
+
+    async def _fill(self, sink_ref: weakref.ref[BlobSink], start: int, end: int) -> tuple[_Delivery, _Provider]:
+        """A flight of `fill`: [start, end) into the sink (referred to weakly by its flight table, so the
+        table goes when the sink does; the fill that started this flight holds it)."""
+        sink, delivery = sink_ref(), _Delivery()
+        if sink is None:
+            raise FetchError("the sink of this fill is gone")
+
+        def deliver(offset: int, data: memoryview) -> None:
+            delivery.written += sink.write(offset, data)
+
+        return delivery, await self._read_with_failover(start, end, deliver)
+
     # -- reading with failover ----------------------------------------------------------------------
 
-    async def _read_with_failover(self, start: int, end: int) -> tuple[bytes, _Provider]:
+    async def _read_with_failover(self, start: int, end: int, deliver: Deliver) -> _Provider:
         errors: dict[str, str] = {}
         definitive: set[str] = set()   # not worth another try within this read
         async for round_ in READ_RETRY.rounds():
@@ -254,18 +327,18 @@ class RangeFetcher:
             while (provider := await self._choose(tried, errors, definitive)) is not None:
                 tried.add(provider.endpoint)
                 try:
-                    return await self._read_once(provider, start, end), provider
+                    await self._read_once(provider, start, end, deliver)
+                    return provider
                 except _ProviderFailure as failure:
                     self._provider_failed(provider, failure, errors, definitive, f"reading bytes {start}-{end}")
         raise FetchError(self._failure_message(start, end, errors))
 
-    async def _read_once(self, provider: _Provider, start: int, end: int) -> bytes:
-        """[start, end) from `provider`, checked against the chunk table: over its byte stream when it offers
-        one, else with one ReadLayer call."""
-        streamed = await self._read_streamed(provider, start, end)
-        if streamed is not None:
-            self._count_bytes(provider, len(streamed))
-            return streamed
+    async def _read_once(self, provider: _Provider, start: int, end: int, deliver: Deliver) -> None:
+        """[start, end) from `provider`, checked against the chunk table and handed to `deliver` (in a
+        thread): over its byte stream when it offers one, else with one ReadLayer call."""
+        if await self._read_streamed(provider, start, end, deliver):
+            self._count_bytes(provider, end - start)
+            return
         length = end - start
         self._counts["read_calls"] += 1
         self._calls_in_flight += 1
@@ -296,29 +369,29 @@ class RangeFetcher:
         if received != length:
             raise _ProviderFailure(f"short read: {received} of {length} bytes from {start}", retry=False)
         try:
-            data = await asyncio.to_thread(self._join_and_check, parts, start, provider.label)
+            await asyncio.to_thread(self._check_and_deliver, parts, start, provider.label, deliver)
         except DigestMismatchError as error:
             self._counts["verification_failures"] += 1
             FETCH_METRICS.verification_failure()
             raise _ProviderFailure(str(error), retry=False) from None
         self._count_bytes(provider, length)
-        return data
 
-    async def _read_streamed(self, provider: _Provider, start: int, end: int) -> bytes | None:
-        """[start, end) over `provider`'s byte stream, verified; None when it offers no usable one."""
+    async def _read_streamed(self, provider: _Provider, start: int, end: int, deliver: Deliver) -> bool:
+        """[start, end) over `provider`'s byte stream, verified, to `deliver`; False when it offers no usable one."""
         streams = self._streams.get(provider.endpoint)
         if streams is None and self.byte_stream:
             streams = self._streams[provider.endpoint] = BlobByteStreams(
                 provider.endpoint, provider.peer.stub, self.spec.layer_digest, self._table, tls=self.channels.data_tls)
         if streams is None or not streams.usable:
-            return None
+            return False
         self._counts["read_calls"] += 1
         self._calls_in_flight += 1
         try:
-            return await streams.read(start, end, self.call_timeout)
+            await streams.read(start, end, self.call_timeout, deliver)
+            return True
         except ByteStreamUnavailable:
             self._counts["read_calls"] -= 1   # nothing was read: the ReadLayer call that follows counts
-            return None
+            return False
         except DigestMismatchError as error:
             self._counts["verification_failures"] += 1
             FETCH_METRICS.verification_failure()
@@ -336,10 +409,10 @@ class RangeFetcher:
         self._bytes[kind] += length
         FETCH_METRICS.bytes_read(kind, length)
 
-    def _join_and_check(self, parts: list[bytes], start: int, source: str) -> bytes:
+    def _check_and_deliver(self, parts: list[bytes], start: int, source: str, deliver: Deliver) -> None:
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         self._table.check(start, data, source=source)
-        return data
+        deliver(start, memoryview(data))
 
     def _provider_failed(self, provider: _Provider, failure: _ProviderFailure, errors: dict[str, str],
                          definitive: set[str], doing: str) -> None:

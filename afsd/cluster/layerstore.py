@@ -462,7 +462,7 @@ class LayerStoreNode:
                 log.warning("not copying %s from %s: %s", want.digest, endpoint, problem)
                 return None
             async with self._copy_slots, self._reserved(want, protected) as reservation:
-                copied = await copy_layer(peer, layer, partial)
+                copied = await copy_layer(peer, layer, partial, data_tls=self.channels.data_tls)
                 PEER_BYTES.inc(copied)
                 LAYERS_FETCHED.labels("peer").inc()
                 log.info("copied %s (%d bytes) from %s", want.digest, copied, endpoint)

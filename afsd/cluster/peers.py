@@ -1,8 +1,9 @@
 """Reading from peer layerstores: a typed client for `layerstore.v1.LayerStore`, and whole-blob copies
 verified chunk by chunk.
 
-A copy streams one `ReadLayer` over the whole blob, checks each chunk against the chunk table the peer
-published in `StatLayer` and the whole file against the blob digest, and writes to a partial file
+A copy reads the whole blob over the peer's byte stream (bytestream_client.py: sendfile on the other side)
+or, from a peer without one, with one `ReadLayer` call; it checks each chunk against the chunk table the
+peer published in `StatLayer` and the whole file against the blob digest, and writes to a partial file
 that the caller publishes only after every check passed.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,18 +21,26 @@ from typing import TYPE_CHECKING
 
 from afsd.api import layerstore_pb2 as pb
 from afsd.api import layerstore_pb2_grpc as pb_grpc
+from afsd.cluster.bytestream_client import BlobByteStreams, ByteStreamError, ByteStreamUnavailable
 from afsd.cluster.peer_answers import check_stat
 from afsd.erofs.convert import BlobInfo
 from afsd.errors import DigestMismatchError
 from afsd.ondemand.chunks import ChunkTable
+from afsd.ondemand.sparse import write_at
 from afsd.ondemand.spec import BlobSpec
 from afsd.rpc import ChannelPool
 
 if TYPE_CHECKING:
     from afsd.trust.descriptors import BlobTrust
 
+log = logging.getLogger(__name__)
+
 # Data per ReadLayer message: 64 KiB under gRPC's default 4 MiB receive limit leaves room for framing.
 MAX_READ_MESSAGE = 4 * 1024 * 1024 - 64 * 1024
+# A whole-blob copy over the byte stream asks for this much per request, each within the timeout (a
+# stalled sender is cut off sooner by the server's own send deadline).
+COPY_PIECE_BYTES = 64 << 20
+COPY_PIECE_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
@@ -157,18 +168,24 @@ class _VerifyingWriter:
         return "sha256:" + self._whole.hexdigest()
 
 
-async def copy_layer(peer: LayerStorePeer, layer: PeerLayer, dest: Path) -> int:
-    """Copy `layer`'s blob from `peer` into `dest`, verified; return the bytes copied.
+async def copy_layer(peer: LayerStorePeer, layer: PeerLayer, dest: Path, *,
+                     data_tls: ssl.SSLContext | None = None) -> int:
+    """Copy `layer`'s blob from `peer` into `dest`, verified; return the bytes copied. Over the peer's
+    byte stream when it offers one (`data_tls`: for a data listener that speaks TLS), else (or when the
+    stream fails midway) with one ReadLayer call.
 
     On any mismatch `dest` is removed and DigestMismatchError names the peer.
     """
     source = f"layerstore {peer.endpoint} (layer {layer.digest})"
     fd = await asyncio.to_thread(os.open, dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        writer = _VerifyingWriter(fd, layer, source)
-        async for _, data in peer.read_stream(layer.digest, 0, layer.blob.size):
-            await writer.add(data)
-        digest = await writer.finish()
+        digest = await _copy_streamed(peer, layer, fd, data_tls)
+        if digest is None:
+            await asyncio.to_thread(os.ftruncate, fd, 0)
+            writer = _VerifyingWriter(fd, layer, source)
+            async for _, data in peer.read_stream(layer.digest, 0, layer.blob.size):
+                await writer.add(data)
+            digest = await writer.finish()
         if digest != layer.blob.digest:
             raise DigestMismatchError(f"{source}: blob hashes to {digest}, the peer says {layer.blob.digest}")
     except BaseException:
@@ -176,6 +193,29 @@ async def copy_layer(peer: LayerStorePeer, layer: PeerLayer, dest: Path) -> int:
         raise
     await asyncio.to_thread(os.close, fd)
     return layer.blob.size
+
+
+async def _copy_streamed(peer: LayerStorePeer, layer: PeerLayer, fd: int, data_tls: ssl.SSLContext | None) -> str | None:
+    """The blob over the peer's byte stream into `fd` (each chunk checked as it arrives, the whole hashed in
+    order), fsynced; its digest, or None when the stream is unusable or failed (read it with ReadLayer)."""
+    streams = BlobByteStreams(peer.endpoint, peer.stub, layer.digest, layer.chunks, tls=data_tls)
+    whole = hashlib.sha256()
+
+    def deliver(offset: int, data: memoryview) -> None:   # (in order: one connection, one piece at a time)
+        whole.update(data)
+        write_at(fd, data, offset)
+
+    size = layer.blob.size
+    try:
+        for start in range(0, size, COPY_PIECE_BYTES):
+            await streams.read(start, min(size, start + COPY_PIECE_BYTES), COPY_PIECE_TIMEOUT, deliver)
+    except (ByteStreamUnavailable, ByteStreamError) as error:
+        log.info("copying %s from %s with ReadLayer: %s", layer.digest, peer.endpoint, error)
+        return None
+    finally:
+        await streams.close()
+    await asyncio.to_thread(os.fsync, fd)
+    return "sha256:" + whole.hexdigest()
 
 
 def _close_and_remove(fd: int, path: Path) -> None:

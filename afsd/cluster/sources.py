@@ -41,14 +41,18 @@ def cluster_source_config(discovery_endpoints: list[str], *, local_endpoint: str
 
 
 def blob_source(spec: BlobSpec, discovery: DiscoveryClient, channels: ChannelPool, *, discovery_endpoints: list[str],
-                local_endpoint: str | None, node_id: str, tls: TlsConfig | None = None) -> BlobSource:
-    """A layer's bytes for the node daemon: its own RangeFetcher, and the configuration for fetch workers."""
+                local_endpoint: str | None, node_id: str, tls: TlsConfig | None = None,
+                fetch_options: dict[str, Any] | None = None) -> BlobSource:
+    """A layer's bytes for the node daemon: its own RangeFetcher, and the configuration for fetch workers;
+    both read with the same `fetch_options` (RangeFetcher keyword arguments, e.g. byte_stream=False)."""
     from afsd.cluster.fetcher import RangeFetcher
     from afsd.ondemand.base import BlobSource
 
-    fetcher = RangeFetcher(spec, discovery=discovery, channels=channels, local_endpoint=local_endpoint, node_id=node_id)
+    options = fetch_options or {}
+    fetcher = RangeFetcher(spec, discovery=discovery, channels=channels, local_endpoint=local_endpoint, node_id=node_id,
+                           **options)
     return BlobSource(fetcher, cluster_source_config(discovery_endpoints, local_endpoint=local_endpoint,
-                                                     node_id=node_id, tls=tls))
+                                                     node_id=node_id, tls=tls, **options))
 
 
 class ClusterSources(FileSources):

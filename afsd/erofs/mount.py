@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,11 @@ from afsd.errors import MountError
 
 MS_RDONLY = 0x1
 MNT_DETACH = 0x2
+# Read-ahead of the erofs mounts afsd makes: one chunk of the blob (afsd.erofs.convert.CHUNK_SIZE), which a
+# lazy fill fetches whole anyway, so a larger window costs no extra bytes and saves round trips.
+READ_AHEAD_KIB = 1024
+_SYSFS_PATH_SIZE = 129                       # struct fs_sysfs_path { __u8 len; __u8 name[128]; }
+_FS_IOC_GETFSSYSFSPATH = (2 << 30) | (_SYSFS_PATH_SIZE << 16) | (0x15 << 8) | 1   # _IOR(0x15, 1, ...)
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -31,6 +37,26 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 def mount_erofs(blob: Path, target: Path) -> None:
     """Mount the erofs image file `blob` read-only at the existing directory `target`."""
     _mount(os.fsencode(blob), target, b"erofs", MS_RDONLY, None, what=f"erofs image {blob}")
+    set_read_ahead(target)
+
+
+def set_read_ahead(target: Path, kib: int = READ_AHEAD_KIB) -> bool:
+    """Best effort: the read-ahead of the erofs mount at `target` (its backing device info, found by
+    FS_IOC_GETFSSYSFSPATH, Linux 6.8+); False if it cannot be set. The kernel's default, 128 KiB, makes a
+    lazily filled blob answer 8 requests per MiB-sized chunk it fetches whole anyway."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            answer = fcntl.ioctl(fd, _FS_IOC_GETFSSYSFSPATH, bytes(_SYSFS_PATH_SIZE))
+        finally:
+            os.close(fd)
+        name = answer[1:1 + answer[0]].decode().rsplit("/", 1)[-1]   # "erofs/erofs-7205": its bdi's name
+        if not name or "/" in name or name.startswith("."):
+            return False
+        Path("/sys/class/bdi", name, "read_ahead_kb").write_text(str(kib))
+    except (OSError, UnicodeDecodeError):
+        return False
+    return True
 
 
 def mount_overlay(lowers: Sequence[Path], target: Path, *, upper: Path | None = None,

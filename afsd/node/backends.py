@@ -36,11 +36,14 @@ def build_backends(state_dir: Path, enabled: Sequence[str] | None, *, prefetch: 
 
 
 def source_factory(discovery: DiscoveryClient, channels: ChannelPool, *, discovery_endpoints: list[str],
-                   local_endpoint: str | None, node_id: str,
-                   tls: TlsConfig | None = None) -> Callable[[BlobSpec], BlobSource]:
+                   local_endpoint: str | None, node_id: str, tls: TlsConfig | None = None,
+                   byte_stream: bool = True) -> Callable[[BlobSpec], BlobSource]:
     """Per layer: a RangeFetcher reading from peer layerstores, and the settings a fetch worker in
-    another process needs to build its own (the paths of this node's TLS files among them)."""
+    another process needs to build its own (the paths of this node's TLS files and its fetch options
+    among them: both read the same way)."""
+    options = {} if byte_stream else {"byte_stream": False}
+
     def make(spec: BlobSpec) -> BlobSource:
         return blob_source(spec, discovery, channels, discovery_endpoints=discovery_endpoints,
-                           local_endpoint=local_endpoint, node_id=node_id, tls=tls)
+                           local_endpoint=local_endpoint, node_id=node_id, tls=tls, fetch_options=options)
     return make

@@ -19,13 +19,15 @@ import importlib
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
 from afsd.errors import AfsdError
-from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
+from afsd.ondemand.spec import BlobSink, BlobSpec, FetchedRange, Filled, Priority, RangeSource
 
 FILE_SOURCES = "afsd.ondemand.sources:FileSources"
+PIECE_BYTES = 4 << 20        # a file source reads and checks this much at once (whole chunks, at least one)
 
 
 class SourceConfigError(AfsdError):
@@ -39,29 +41,84 @@ class LocalFileSource:
         self.spec = spec
         self.path = path
         self.table = spec.chunk_table()
+        self.label = f"file:{path}"
+        self._buffers = threading.local()   # each thread reads into its own, reused
 
     async def fetch(self, offset: int, length: int, priority: Priority = Priority.DEMAND) -> FetchedRange:
         start, count = self.table.widen(offset, length)
-        data = await asyncio.to_thread(read_exactly, self.path, start, count)
-        await asyncio.to_thread(self.table.check, start, data, source=f"local file {self.path}")
-        return FetchedRange(offset=start, data=data, source=f"file:{self.path}")
+        data = await asyncio.to_thread(self._read_checked, start, count)
+        return FetchedRange(offset=start, data=data, source=self.label)
+
+    async def fill(self, offset: int, length: int, priority: Priority, sink: BlobSink) -> Filled:
+        start, count = self.table.widen(offset, length)
+        written = await asyncio.to_thread(self.fill_now, start, count, sink)
+        return Filled(start, count, written, self.label)
+
+    def fill_now(self, start: int, count: int, sink: BlobSink) -> int:
+        """Blocking: [start, start + count) (whole chunks) read piece by piece into this thread's buffer,
+        each piece checked, then handed to `sink`; the bytes the sink wrote."""
+        chunk = self.table.chunk_size
+        piece = max(chunk, PIECE_BYTES - PIECE_BYTES % chunk)
+        buffer = self._buffer(min(piece, count))
+        written = 0
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for at in range(start, start + count, piece):
+                view = buffer[:min(piece, start + count - at)]
+                read_into(fd, view, at, self.path)
+                self.table.check(at, view, source=f"local file {self.path}")
+                written += sink.write(at, view)
+        finally:
+            os.close(fd)
+        return written
+
+    def _read_checked(self, start: int, count: int) -> bytes:
+        data = read_exactly(self.path, start, count)
+        self.table.check(start, data, source=f"local file {self.path}")
+        return data
+
+    def _buffer(self, size: int) -> memoryview:
+        buffer: bytearray | None = getattr(self._buffers, "buffer", None)
+        if buffer is None or len(buffer) < size:
+            buffer = self._buffers.buffer = bytearray(size)
+        return memoryview(buffer)
 
     async def close(self) -> None:
         pass
 
 
 def read_exactly(path: Path, offset: int, count: int) -> bytes:
+    data = bytearray(count)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        data = os.pread(fd, count, offset)
-        while len(data) < count:
-            more = os.pread(fd, count - len(data), offset + len(data))
-            if not more:
-                raise OSError(f"{path} ends at {offset + len(data)}, before byte {offset + count}")
-            data += more
-        return data
+        read_into(fd, memoryview(data), offset, path)
     finally:
         os.close(fd)
+    return bytes(data)
+
+
+def read_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill `view` with the file's bytes from `offset`; OSError if the file ends first."""
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if not count:
+            raise OSError(f"{path} ends at {offset + done}, before byte {offset + len(view)}")
+        done += count
+
+
+async def fill_from(source: RangeSource, offset: int, length: int, priority: Priority, sink: BlobSink) -> Filled:
+    """[offset, offset + length) of `source`'s blob into `sink`, verified: with the source's own `fill`
+    where it has one (pieces go to the sink as they arrive), else fetched and written at once (a thread)."""
+    fill = getattr(source, "fill", None)
+    if fill is not None:
+        filled: Filled = await fill(offset, length, priority, sink)
+    else:
+        fetched = await source.fetch(offset, length, priority)
+        written = await asyncio.to_thread(sink.write, fetched.offset, memoryview(fetched.data))
+        filled = Filled(fetched.offset, len(fetched.data), written, fetched.source, fetched.stats)
+    filled.require_covers(offset, offset + length)
+    return filled
 
 
 class SourceFactory(Protocol):

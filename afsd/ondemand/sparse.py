@@ -87,6 +87,15 @@ def open_sized(path: Path | str, size: int) -> int:
     return fd
 
 
+def write_holes(fd: int, offset: int, data: bytes | memoryview, size: int) -> int:
+    """pwrite the parts of `data` (the file's bytes at `offset`) that are holes in the file, never past
+    `size`; returns the bytes written. Bytes already present (a reader may see them) are not rewritten."""
+    end = min(size, offset + len(data))
+    view = memoryview(data)
+    return sum(write_at(fd, view[hole - offset:hole - offset + length], hole)
+               for hole, length in holes(fd, offset, end))
+
+
 def write_at(fd: int, data: bytes | memoryview, offset: int) -> int:
     """pwrite all of `data` at `offset` (short writes continued); returns its length."""
     view = memoryview(data)

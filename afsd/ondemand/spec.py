@@ -7,7 +7,9 @@ fetch workers.
 
 `RangeSource` is the one thing a backend needs to fill misses: "give me verified bytes of this blob".
 The cluster's implementation reads from peer layerstores (afsd.cluster.fetcher.RangeFetcher); tests
-may use a local file.
+may use a local file. A source may also *fill* a `BlobSink` (the blob file the kernel reads): then each
+verified piece goes from the buffer it was received into straight into the sink, as it arrives, with no
+copy into a bytes object per range (`afsd.ondemand.sources.fill_from` uses `fill` where a source has it).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from afsd.ondemand.chunks import ChunkTable
 
 
 class Priority(enum.IntEnum):
-    """Demand reads (a process is waiting in the kernel) go before background prefetch."""
+    """Demand reads (a process is waiting in the kernel) go first, then what is filled ahead of a reader
+    (it will likely wait for it soon), then background prefetch."""
 
     DEMAND = 0
-    PREFETCH = 1
+    AHEAD = 1
+    PREFETCH = 2
 
 
 @dataclass(frozen=True)
@@ -98,9 +102,37 @@ class FetchedRange:
 
     def require_covers(self, start: int, end: int) -> None:
         """ValueError unless these bytes include [start, end): a source that returned less is broken."""
-        if self.offset > start or self.offset + len(self.data) < end:
-            raise ValueError(f"the source returned bytes {self.offset}-{self.offset + len(self.data)}, "
-                             f"not covering {start}-{end}")
+        require_covers(self.offset, self.offset + len(self.data), start, end)
+
+
+@dataclass(frozen=True)
+class Filled:
+    """What a fill did: the range it covered (whole chunks, from `offset`), the bytes the sink wrote
+    (holes it filled: bytes already present are not counted), and who served it."""
+
+    offset: int
+    length: int
+    written: int
+    source: str = ""
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def require_covers(self, start: int, end: int) -> None:
+        """ValueError unless the fill covered [start, end): a source that filled less is broken."""
+        require_covers(self.offset, self.offset + self.length, start, end)
+
+
+def require_covers(got_start: int, got_end: int, start: int, end: int) -> None:
+    if got_start > start or got_end < end:
+        raise ValueError(f"the source returned bytes {got_start}-{got_end}, not covering {start}-{end}")
+
+
+class BlobSink(Protocol):
+    """Where a fill puts verified bytes. `write` is called from threads (several at once), with bytes
+    that start and end on chunk boundaries (the blob's end for the last chunk) and were checked against
+    the chunk table; the view is only valid during the call. Returns the bytes it wrote."""
+
+    def write(self, offset: int, data: memoryview) -> int:
+        ...
 
 
 class RangeSource(Protocol):
@@ -111,3 +143,7 @@ class RangeSource(Protocol):
 
     async def close(self) -> None:
         ...
+
+    # Optional (afsd.ondemand.sources.fill_from falls back to `fetch` + one write without it):
+    #   async def fill(self, offset, length, priority, sink: BlobSink) -> Filled
+    # covers [offset, offset + length) like `fetch`, handing each verified piece to `sink` as it arrives.

@@ -21,7 +21,7 @@ from typing import Any
 
 from afsd.errors import FetchError
 from afsd.ondemand.sources import FileSources, LocalFileSource
-from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
+from afsd.ondemand.spec import BlobSink, BlobSpec, FetchedRange, Filled, Priority, RangeSource
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -40,11 +40,18 @@ class SlowSource(LocalFileSource):
         self.markers = markers
 
     async def fetch(self, offset: int, length: int, priority: Priority = Priority.DEMAND) -> FetchedRange:
+        await self._wait(offset, length)
+        return await super().fetch(offset, length, priority)
+
+    async def fill(self, offset: int, length: int, priority: Priority, sink: BlobSink) -> Filled:
+        await self._wait(offset, length)
+        return await super().fill(offset, length, priority, sink)
+
+    async def _wait(self, offset: int, length: int) -> None:
         if self.markers is not None:
             marker = self.markers / f"{time.monotonic_ns()}-{os.getpid()}-{offset}-{length}"
             await asyncio.to_thread(marker.touch)
         await asyncio.sleep(self.delay)
-        return await super().fetch(offset, length, priority)
 
 
 class HangingSource:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import os
 import threading
@@ -43,7 +44,9 @@ def reason(error: BaseException) -> str:
 class BlobCopy:
     """The plain file a blob's verified bytes are teed into (the registration's copy_path). Its fd is
     opened once, by the first writer thread that needs it; `users` (counted on the event loop) keeps it
-    open while writer threads use it."""
+    open while writer threads use it. Writes and closing take `lock`, so a write from a fill's thread
+    that outlived its task (a source receiving and writing in one thread) finds a closed copy closed,
+    never another file under the same fd number."""
 
     path: str
     size: int
@@ -52,38 +55,47 @@ class BlobCopy:
     retired: bool = False   # no longer the blob's copy (unregistered): fd goes when users reach 0
     complete: bool = False  # no hole left (as the last completion found)
     error: str = ""         # why the last write into it failed ("" once a fill succeeded)
-    opening: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- in writer threads --
 
-    def write(self, data: bytes, offset: int) -> None:
-        write_at(self._fd(), memoryview(data)[:max(0, self.size - offset)], offset)
+    def write(self, data: bytes | memoryview, offset: int) -> None:
+        with self.lock:
+            write_at(self._fd(), memoryview(data)[:max(0, self.size - offset)], offset)
 
-    def tee(self, data: bytes, offset: int) -> None:
+    def tee(self, data: bytes | memoryview, offset: int) -> None:
         """`write`, never raising: a copy that cannot be written must not fail the reader's READ."""
         try:
             self.write(data, offset)
         except OSError as e:
+            if self.closed:   # retired meanwhile (unregistered): nothing to keep
+                return
             if not self.error:
                 log.warning("cannot write the copy %s (bytes %d-%d): %s; its holes are fetched again once "
                             "the cache file is whole", self.path, offset, offset + len(data), reason(e))
             self.error = f"{self.path}: {reason(e)}"
 
     def holes(self) -> list[tuple[int, int]]:
-        return holes(self._fd(), 0, self.size)
+        with self.lock:
+            return holes(self._fd(), 0, self.size)
 
     def _fd(self) -> int:
-        with self.opening:
-            if self.fd < 0:
-                self.fd = open_sized(self.path, self.size)
-            return self.fd
+        """(Under `lock`.)"""
+        if self.closed:
+            raise OSError(errno.EBADF, "the copy was closed")
+        if self.fd < 0:
+            self.fd = open_sized(self.path, self.size)
+        return self.fd
 
     # -- on the event loop --
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self.lock:
+            self.closed = True
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 Fetch = Callable[["ServedBlob", int, int, Priority], Awaitable[FetchedRange]]

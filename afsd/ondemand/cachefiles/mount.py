@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from afsd.erofs.mount import set_read_ahead
 from afsd.errors import MountError
 
 MS_RDONLY = 0x1
@@ -36,6 +37,7 @@ def mount_fscache(fsid: str, target: Path, *, domain_id: str = "", devices: Sequ
     """Mount the registered blob `fsid` read-only at `target`; its misses become READ requests."""
     options = mount_options(fsid, domain_id, devices)
     if _libc.mount(b"none", os.fsencode(target), b"erofs", MS_RDONLY, options.encode()) == 0:
+        set_read_ahead(target)   # larger READ requests (up to a chunk) where the kernel finds its bdi
         return
     code = ctypes.get_errno()
     where = f"{target} (-o {options})"

@@ -42,7 +42,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from afsd.errors import AfsdError
 from afsd.ondemand import _daemon
 from afsd.ondemand._wire import AsyncChannel, ProtocolError
 from afsd.ondemand.cachefiles import _shim
@@ -50,7 +49,8 @@ from afsd.ondemand.cachefiles.copy import BlobCopy, Copies
 from afsd.ondemand.cachefiles.prefetch import BackgroundFill
 from afsd.ondemand.cachefiles.counters import WORKER_COUNTERS
 from afsd.ondemand.cachefiles.settings import Settings
-from afsd.ondemand.sources import worker_sources
+from afsd.ondemand.sinks import FdSink
+from afsd.ondemand.sources import fill_from, worker_sources
 from afsd.ondemand.sparse import first_hole, present_bytes
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
 from afsd.ondemand.supervised import protocol as p
@@ -94,6 +94,22 @@ class OpenObject:
     blob: ServedBlob
     users: int = 0          # fetches/writes/completions that still need fd
     closed: bool = False    # CLOSE arrived (or the worker stops): fd goes when users reach 0
+    whole: bool = False     # a fill's write found the cache file without holes (set in the writing thread)
+    sink: FdSink = field(init=False)   # fills write through it; it closes fd once no write is in progress
+
+    def __post_init__(self) -> None:
+        self.sink = FdSink(self.fd, self.blob.spec.size, self._put)
+
+    def _put(self, fd: int, offset: int, data: memoryview) -> int:
+        """In a source's thread: verified bytes into the cache file (and first into the blob's copy)."""
+        written, whole = write_and_check(fd, data, offset, self.blob.spec.size, self.blob.copy)
+        self.whole = self.whole or whole
+        return written
+
+    def close_fd(self) -> None:
+        if self.fd >= 0:
+            self.sink.close()
+            self.fd = -1
 
 
 class KernelWorker:
@@ -147,9 +163,7 @@ class KernelWorker:
         await asyncio.gather(*self.tasks, *helpers, return_exceptions=True)
         await asyncio.to_thread(self.writer.shutdown, wait=True)
         for obj in self.objects.values():
-            if obj.fd >= 0:
-                os.close(obj.fd)
-                obj.fd = -1
+            obj.close_fd()
         for blob in self.blobs.values():
             if blob.copy is not None:
                 blob.copy.close()
@@ -349,20 +363,22 @@ class KernelWorker:
             self._release(obj)
 
     async def _fill(self, obj: OpenObject, start: int, end: int, priority: Priority) -> int:
-        """Fetch [start, end) widened to whole units and write it into the cache file; bytes written."""
+        """Fill [start, end), widened to whole units, into the cache file (each verified piece written as it
+        arrives, through the object's sink); bytes written."""
         blob = obj.blob
         unit, size = blob.unit, blob.spec.size
         first, last = start - start % unit, min(size, round_up(end, unit))
         if priority != Priority.DEMAND and blob.recorder is not None and blob.recorder.is_open(time.monotonic()):
             blob.recorder.spoil()   # reads of what this writes will raise no READ
-        fetched = await self._fetch(blob, first, last, priority)
-        fetched.require_covers(start, min(end, size))
-        written, whole = await self._write(obj, fetched.data, fetched.offset)
-        blob.filled_bytes += written
-        self.counters["bytes_demand" if priority == Priority.DEMAND else "bytes_prefetch"] += written
-        if whole:
+        if blob.source is None:
+            blob.source = self.factory.make(blob.spec, blob.config)
+        filled = await fill_from(blob.source, first, last - first, priority, obj.sink)
+        filled.require_covers(start, min(end, size))
+        blob.filled_bytes += filled.written
+        self.counters["bytes_demand" if priority == Priority.DEMAND else "bytes_prefetch"] += filled.written
+        if obj.whole:
             self._mark_complete(blob)
-        return written
+        return filled.written
 
     async def _fetch(self, blob: ServedBlob, start: int, end: int, priority: Priority) -> FetchedRange:
         """[start, end) of the blob from its source (verified there), starting on a page boundary."""
@@ -372,22 +388,6 @@ class KernelWorker:
         if fetched.offset % PAGE:
             raise ValueError(f"the source returned a range at {fetched.offset}, not on a page boundary")
         return fetched
-
-    async def _write(self, obj: OpenObject, data: bytes, offset: int) -> tuple[int, bool]:
-        """Write verified bytes into the object's cache file (and the blob's copy, if it has one)."""
-        # The fds must stay open until the thread is done, even if the awaiting task is cancelled meanwhile:
-        # the thread's completion, not the task, releases them.
-        obj.users += 1
-        copy = obj.blob.copy
-        self.copies.hold(copy)
-        loop = asyncio.get_running_loop()
-        future = self.writer.submit(write_and_check, obj.fd, data, offset, obj.blob.spec.size, copy)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._written, obj, copy))
-        return await asyncio.wrap_future(future)
-
-    def _written(self, obj: OpenObject, copy: BlobCopy | None) -> None:
-        self._release(obj)
-        self.copies.release(copy)
 
     def _mark_complete(self, blob: ServedBlob) -> None:
         if blob.complete:
@@ -417,9 +417,8 @@ class KernelWorker:
 
     def _release(self, obj: OpenObject, count: int = 1) -> None:
         obj.users -= count
-        if obj.closed and obj.users == 0 and obj.fd >= 0:
-            os.close(obj.fd)
-            obj.fd = -1
+        if obj.closed and obj.users == 0:
+            obj.close_fd()
 
     def _drop(self, blob: ServedBlob) -> None:
         if self.blobs.get(blob.name) is blob:
@@ -510,7 +509,8 @@ class KernelWorker:
 
 # == helpers that run in writer threads ===============================================================
 
-def write_and_check(fd: int, data: bytes, offset: int, size: int, copy: BlobCopy | None = None) -> tuple[int, bool]:
+def write_and_check(fd: int, data: bytes | memoryview, offset: int, size: int,
+                    copy: BlobCopy | None = None) -> tuple[int, bool]:
     """Write `data` at `offset` into an object's cache file, and first into the blob's `copy`; (bytes
     written, whether the cache file is now whole)."""
     if copy is not None:

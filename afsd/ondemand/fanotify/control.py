@@ -120,6 +120,7 @@ class ControlRequests:
         for task in blob.tasks():
             self.supervisor.cancel(task)
         self.supervisor.pool.forget_everywhere(blob)
+        self.supervisor.inline.forget(blob)
         self.supervisor.blobs.remove(blob)
         self.supervisor.log.info("unregistered blob %s", name)
 

@@ -26,6 +26,8 @@ _COUNTER_HELP = {
     "tasks_failed": "fill tasks that failed",
     "tasks_redispatched": "fill tasks given to another worker after theirs was lost",
     "tasks_cancelled": "fill tasks cancelled because nobody waited for them any more",
+    "fills_inline": "misses the supervisor filled itself from a file on this machine (no fetch worker)",
+    "fills_inline_failed": "of those, fills that failed",
     "bytes_filled": "bytes written into blobs",
     "bytes_prefetched": "bytes written into blobs by background prefetch",
     "worker_restarts": "fetch workers replaced",

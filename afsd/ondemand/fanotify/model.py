@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from afsd.ondemand._wire import Connection
-from afsd.ondemand.fanotify.planner import FailureMemory
+from afsd.ondemand.fanotify.planner import FailureMemory, Streams
 from afsd.ondemand.spec import BlobSpec, Priority
 from afsd.ondemand.trace import LearnedPrefetch, TraceRecorder
 from afsd.ondemand.supervised.protocol import StopCause, WorkerState
@@ -36,7 +36,7 @@ class Blob:
     prefetch_paused_until: float = 0.0
     filled_bytes: int = 0
     failures: FailureMemory = field(default_factory=FailureMemory)
-    read_end: int = 0                          # where the last read event ended (sequential detection)
+    streams: Streams = field(default_factory=Streams)   # its readers, told apart by where they read
     recorder: TraceRecorder | None = None      # its first reads, for the cluster to learn (trace.py)
     learned: LearnedPrefetch | None = None     # what the cluster learned readers read first: fetched first
 

@@ -44,6 +44,9 @@ class PoolOwner(Protocol):
     def task_finished(self, task: Task, ok: bool, message: p.FillDone | p.FillFailed) -> None:
         """A worker finished `task` (the pool has already released it)."""
 
+    def range_written(self, name: str, offset: int, length: int) -> None:
+        """A worker's fill in progress put bytes [offset, offset + length) of blob `name` in place."""
+
 
 class WorkerPool:
     def __init__(self, paths: StatePaths, settings: Settings, selector: selectors.BaseSelector, links: Links,
@@ -218,6 +221,8 @@ class WorkerPool:
                 if task is not None:
                     self.release(task)
                     self.owner.task_finished(task, isinstance(message, p.FillDone), message)
+            elif isinstance(message, p.Written):
+                self.owner.range_written(message.name, message.offset, message.length)
             elif isinstance(message, p.Heartbeat):
                 self.reported.report(worker.process.pid, message.counters)
                 self.fetched.report(worker.process.pid, message.fetch)

@@ -20,11 +20,13 @@ class Settings(SourceSettings):
     heartbeat: float = 0.5
     task_chunks: int = 8
     fill_ahead: int = 4
+    stream_window: int = 64
     prefetch_inflight: int = 2
     learned_inflight: int = 4
     orphan_deadline: float = 30.0
     fd_limit: int = 65536
     failure_memory: float = 5.0
+    inline_fill: int = 1 << 20
 
     HELP: ClassVar[dict[str, str]] = {
         **SourceSettings.HELP,
@@ -33,13 +35,16 @@ class Settings(SourceSettings):
         "worker_timeout": "seconds without a heartbeat before a fetch worker is killed and replaced",
         "heartbeat": "seconds between worker heartbeats",
         "task_chunks": "most chunks one fill task covers",
-        "fill_ahead": "chunks filled beyond a demand miss",
+        "fill_ahead": "chunks filled beyond a miss (a sequential reader's window starts there; 0: only what is read)",
+        "stream_window": "most chunks filled ahead of a sequential reader (its window doubles with each read)",
         "prefetch_inflight": "background fill tasks in flight per blob",
         "learned_inflight": "fill tasks of a blob's learned prefetch (what readers read first) in flight",
         "orphan_deadline": "seconds the keeper waits for a supervisor to come back before failing events (EIO)",
         "fd_limit": "RLIMIT_NOFILE of the supervisor, and the journal's slot count",
         "failure_memory": "seconds a range whose fill failed or timed out fails further reads at once (a reader's "
                           "retry of the same page would otherwise wait for the whole deadline again)",
+        "inline_fill": "bytes a miss may need for the supervisor to fill it itself when the blob's source is a "
+                       "file on this machine, without a fetch worker (0: never)",
     }
 
 

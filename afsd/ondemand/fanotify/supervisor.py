@@ -37,12 +37,13 @@ from afsd.ondemand import _daemon
 from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.fanotify.blobs import BlobTable, RegistrationError
 from afsd.ondemand.fanotify.control import ControlRequests
+from afsd.ondemand.fanotify.inline import InlineFills
 from afsd.ondemand.fanotify.journal import Journal, JournaledEvent, reserve_fd_numbers
 from afsd.ondemand.fanotify.keeperlink import KeeperHolder
 from afsd.ondemand.fanotify.links import Links
 from afsd.ondemand.fanotify.model import Blob, EventLatency, PendingEvent, Task
 from afsd.ondemand.fanotify.paths import StatePaths
-from afsd.ondemand.fanotify.planner import is_sequential, plan_event, plan_learned, plan_prefetch, read_ahead
+from afsd.ondemand.fanotify.planner import FILL_AHEAD_TASK_CHUNKS, plan_event, plan_learned, plan_prefetch, read_ahead
 from afsd.ondemand.fanotify.pool import WorkerPool
 from afsd.ondemand.fanotify.settings import SUPERVISOR_MODULE, Settings, command_line
 from afsd.ondemand.sparse import first_hole, holes
@@ -59,10 +60,10 @@ COUNTERS = (  # the supervisor's own (metrics.py says what each means)
     "events_total", "events_allowed_present", "events_allowed_filled", "events_denied_failed",
     "events_denied_timeout", "events_denied_unknown", "events_recovered", "events_swept",
     "events_redispatched", "tasks_dispatched", "tasks_done", "tasks_failed", "tasks_redispatched",
-    "tasks_cancelled", "bytes_filled", "bytes_prefetched", "worker_restarts", "worker_deaths",
-    "worker_hangs", "keeper_restarts", "blobs_completed", "bytes_filled_local", "bytes_filled_peer",
-    "bytes_filled_other", "events_filled_demand", "learned_blobs", "learned_bytes_prefetched", "learned_bytes_used",
-    "learned_bytes_read")
+    "tasks_cancelled", "fills_inline", "fills_inline_failed", "bytes_filled", "bytes_prefetched",
+    "worker_restarts", "worker_deaths", "worker_hangs", "keeper_restarts", "blobs_completed", "bytes_filled_local",
+    "bytes_filled_peer", "bytes_filled_other", "events_filled_demand", "learned_blobs", "learned_bytes_prefetched",
+    "learned_bytes_used", "learned_bytes_read")
 WORKER_COUNTERS = ("fetch_failovers", "fetch_verification_failures")   # counted by the fetch workers
 
 
@@ -94,6 +95,7 @@ class Supervisor:
                                    lambda: (self.group_fd, self.blobs.fill_fds()), self.counters, self.log)
         self.blobs = BlobTable(paths, self.keeper, self.log)
         self.pool = WorkerPool(paths, settings, self.selector, self.links, self.counters, self, self.log)
+        self.inline = InlineFills(settings.inline_fill, self.log)
         self.control = ControlRequests(self)
         self.pending: set[PendingEvent] = set()
         self.next_task_id = 1
@@ -299,11 +301,15 @@ class Supervisor:
             self.counters["events_denied_failed"] += 1
             self.answer(event, allow=False)
             return
+        if plan.fill and not plan.join and self._fill_inline(blob, plan.fill):
+            event.demand = True
+            self._plan(event)   # now filled (allowed), or its chunks failed (denied)
+            return
         for chunk in plan.join:
             task = blob.inflight[chunk]
             task.events.add(event)
             event.tasks.add(task)
-            event.demand |= task.priority == Priority.DEMAND
+            event.demand |= task.priority != Priority.PREFETCH   # (a read's own fill, or read ahead of one)
         for first, count in plan.fill:
             task = self._new_task(blob, first, count, Priority.DEMAND)
             task.events.add(event)
@@ -320,20 +326,45 @@ class Supervisor:
             self.counters["learned_bytes_read"] += touched
             self.counters["learned_bytes_used"] += used
 
+    def _fill_inline(self, blob: Blob, runs: tuple[tuple[int, int], ...]) -> bool:
+        """Fill `runs` here and now if inline.py may (a small miss from a file on this machine)."""
+        result = self.inline.fill(blob, runs)
+        if result is None:
+            return False
+        written, error = result
+        self.counters["fills_inline"] += 1
+        blob.filled_bytes += written
+        self.counters["bytes_filled"] += written
+        self.counters["bytes_filled_other"] += written
+        if error:
+            self.counters["fills_inline_failed"] += 1
+            self.log.error("blob %s: filling chunks %s failed: %s", blob.name, list(runs), error)
+            for first, count in runs:
+                blob.failures.remember(first, count, time.monotonic() + self.settings.failure_memory)
+        else:
+            self._check_complete(blob)
+        return True
+
     def _read_ahead(self, blob: Blob, start: int, end: int, *, missed: bool) -> None:
-        """Keep the `fill_ahead` chunks after a read being filled: after a miss always (a reader will likely
-        want the next bytes); after a read of filled bytes only when it continues the last read (a
-        sequential reader): the window slides along with it, so it rarely waits on the network."""
-        sequential = is_sequential(blob.read_end, start, blob.spec.chunk_size)
-        blob.read_end = end
-        if not self.settings.fill_ahead or blob.complete or blob.fill_fd is None or not (missed or sequential):
+        """Keep filling ahead of the reader this read belongs to (planner.Streams): a sequential reader's
+        window grows to `stream_window` chunks, filled in tasks of `task_chunks`, so bytes come at the
+        link's rate before it asks; around a miss of any other reader, `fill_ahead` chunks in small tasks."""
+        if blob.complete or blob.fill_fd is None:
+            return
+        chunk_size = blob.spec.chunk_size
+        stream = blob.streams.follow(start, end, chunk_size=chunk_size, missed=missed,
+                                     fill_ahead=self.settings.fill_ahead, max_window=self.settings.stream_window)
+        if not stream.window:
             return
         if not missed and blob.learned is not None and blob.learned.fetched(end - 1):
             return   # the learned trace knows what comes next better than a guess (a miss past it reads ahead)
-        for first, count in read_ahead(end, chunk_size=blob.spec.chunk_size, chunks=blob.chunks,
-                                       fill_ahead=self.settings.fill_ahead, in_flight=blob.inflight,
-                                       filled=lambda chunk: self._chunk_filled(blob, chunk)):
-            self.pool.dispatch(self._new_task(blob, first, count, Priority.DEMAND))
+        unit = self.settings.task_chunks if stream.sequential else FILL_AHEAD_TASK_CHUNKS
+        runs = read_ahead(end, chunk_size=chunk_size, chunks=blob.chunks, fill_ahead=stream.window,
+                          in_flight=blob.inflight, filled=lambda chunk: self._chunk_filled(blob, chunk), unit=unit,
+                          planned=stream.planned)
+        stream.planned = min(blob.chunks, -(-end // chunk_size) + stream.window)
+        for first, count in runs:
+            self.pool.dispatch(self._new_task(blob, first, count, Priority.AHEAD))
 
     def _chunk_filled(self, blob: Blob, chunk: int) -> bool:
         if blob.fill_fd is None:   # complete (or no longer served: nothing is filled for it any more)
@@ -452,6 +483,16 @@ class Supervisor:
         if self.blobs.get(blob.name) is blob:
             self._check_complete(blob)
             self.prefetch(blob)
+
+    def range_written(self, name: str, offset: int, length: int) -> None:
+        """Let on every reader waiting only for bytes a fill in progress has now written."""
+        blob = self.blobs.get(name)
+        if blob is None or blob.fill_fd is None:
+            return
+        end = offset + length
+        for event in [e for e in blob.pending if e.start < end and offset < e.end]:
+            if first_hole(blob.fill_fd, event.start, event.end) is None:
+                self.answer(event, allow=True)
 
     def learn(self, blob: Blob, learned: list[list[int]], record: float) -> None:
         """A blob just registered: record its first reads for `record` seconds, and fetch the `learned`

@@ -1,25 +1,28 @@
 """A fetch worker: fills ranges of marked blobs with verified bytes, as the supervisor asks.
 
-Where it sits: supervisor --(blob spec + fill fd, fill tasks)--> worker --(RangeSource.fetch)--> peers;
-worker --(pwrite through the fill fd)--> blob file; worker --(done / failed)--> supervisor, which then
-answers the kernel. Workers hold no kernel state the readers depend on: the supervisor may kill one at
-any moment (it stopped heartbeating, or died) and give its tasks to another.
+Where it sits: supervisor --(blob spec + fill fd, fill tasks)--> worker --(RangeSource.fill)--> peers;
+the source hands each verified piece, as it arrives, to the blob's sink (afsd/ondemand/sinks.py: pwrite
+of its holes through the fill fd, from the thread that received it); worker --(written, then done /
+failed)--> supervisor, which answers the kernel: a reader waiting on part of a long fill goes on as soon
+as its bytes are written. Workers hold no kernel state the readers depend on: the supervisor may kill
+one at any moment (it stopped heartbeating, or died) and give its tasks to another.
 
 Messages on the supervisor's socket (afsd/ondemand/supervised/protocol.py):
     -> Hello(FETCH_WORKER), then every `heartbeat` seconds a Heartbeat with the fetch counters' totals
     <- ServeBlob + the blob's fill fd (opened before the blob was marked, so its writes raise no fanotify
        events; a worker must never write the blob through any other fd)
     <- Forget                          the blob is complete or unregistered: drop it
-    <- Fill                            -> FillDone | FillFailed
+    <- Fill                            -> Written (per verified piece, merged), then FillDone | FillFailed
     <- Cancel                          nobody waits for it any more
 The worker only writes holes (SEEK_HOLE), so bytes a reader may already see are never rewritten.
+Written ranges are reported once per turn of the loop, adjacent ones merged, except the piece that ends a
+task's range: its FillDone follows at once (a one-piece fill costs one message, not two).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import logging
 import os
 import sys
@@ -29,9 +32,9 @@ from typing import Any
 
 from afsd.ondemand import _daemon
 from afsd.ondemand._wire import AsyncChannel, ProtocolError
-from afsd.ondemand.sources import SourceFactory, worker_sources
-from afsd.ondemand.sparse import holes, write_at
-from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
+from afsd.ondemand.sources import SourceFactory, fill_from, worker_sources
+from afsd.ondemand.sinks import FdSink, hole_sink
+from afsd.ondemand.spec import BlobSpec, Priority, RangeSource
 from afsd.ondemand.supervised import protocol as p
 
 log = logging.getLogger("afsd.fanotify.worker")
@@ -45,13 +48,14 @@ FETCH_COUNTERS = {"failovers": "fetch_failovers", "verification_failures": "fetc
 class WorkerBlob:
     name: str
     spec: BlobSpec
-    fill_fd: int
+    sink: FdSink
     config: dict[str, Any]
     source: RangeSource | None = None
     counted: dict[str, int] = field(default_factory=dict)   # the source's fetch counters already reported
-    writes_in_flight: int = 0
     forgotten: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    written: list[tuple[int, int]] = field(default_factory=list)   # ranges written, not yet reported
+    fills: dict[int, tuple[int, int]] = field(default_factory=dict)   # task id -> its range, while it runs
 
 
 class FetchWorker:
@@ -62,11 +66,13 @@ class FetchWorker:
         self.tasks: dict[int, asyncio.Task[None]] = {}      # fills, by task id
         self.chores: set[asyncio.Task[None]] = set()        # forgetting blobs, reporting: kept, awaited at exit
         self.factory = factory
-        self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fill")
         self.channel: AsyncChannel | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.unreported: dict[str, WorkerBlob] = {}         # blobs with written ranges to report
         self.counted: dict[str, int] = dict.fromkeys(FETCH_COUNTERS.values(), 0)   # totals, this process
 
     async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.channel = await AsyncChannel.connect(self.socket_path)
         await self.channel.send(p.Hello(role=p.Role.FETCH_WORKER).to_json())
         beats = asyncio.create_task(self._heartbeats())
@@ -127,7 +133,9 @@ class FetchWorker:
             old = self.blobs.pop(message.name, None)
             if old is not None:
                 self._chore(self._forget(old))
-            self.blobs[message.name] = WorkerBlob(message.name, message.spec, fds.pop(0), message.source)
+            name, fd = message.name, fds.pop(0)
+            sink = hole_sink(fd, message.spec.size, lambda offset, length: self._written_soon(name, offset, length))
+            self.blobs[name] = WorkerBlob(name, message.spec, sink, message.source)
         elif isinstance(message, p.Forget):
             blob = self.blobs.pop(message.name, None)
             if blob is not None:
@@ -142,7 +150,9 @@ class FetchWorker:
                                                       message.priority))
                 self.tasks[message.task] = task
                 blob.tasks.add(task)
-                task.add_done_callback(lambda t, i=message.task, b=blob: (self.tasks.pop(i, None), b.tasks.discard(t)))
+                blob.fills[message.task] = (message.offset, message.offset + message.length)
+                task.add_done_callback(lambda t, i=message.task, b=blob: (self.tasks.pop(i, None), b.tasks.discard(t),
+                                                                          b.fills.pop(i, None)))
         elif isinstance(message, p.Cancel):
             task = self.tasks.get(message.task)
             if task is not None:
@@ -152,42 +162,56 @@ class FetchWorker:
 
     async def _fill(self, task_id: int, blob: WorkerBlob, offset: int, length: int, priority: Priority) -> None:
         try:
+            if blob.forgotten:
+                raise RuntimeError(f"blob {blob.name} was dropped")
             if blob.source is None:
                 blob.source = self.factory.make(blob.spec, blob.config)
-            fetched = await blob.source.fetch(offset, length, priority)
-            fetched.require_covers(offset, offset + length)
-            written = await self._write_holes(blob, fetched)
+            filled = await fill_from(blob.source, offset, length, priority, blob.sink)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - reported; the supervisor fails the waiting reads (EIO)
             log.error("blob %s: fill of bytes %d-%d failed: %s", blob.name, offset, offset + length, e)
             await self._report(p.FillFailed(task=task_id, error=str(e) or type(e).__name__))
             return
-        await self._report(p.FillDone(task=task_id, written=written, source=fetched.source))
+        await self._report(p.FillDone(task=task_id, written=filled.written, source=filled.source))
 
-    async def _write_holes(self, blob: WorkerBlob, fetched: FetchedRange) -> int:
-        if blob.forgotten:
-            raise RuntimeError(f"blob {blob.name} was dropped")
-        # The fd must stay open until the writing thread is really done, even if this task is
-        # cancelled meanwhile: the thread, not the task, releases it.
-        blob.writes_in_flight += 1
-        loop = asyncio.get_running_loop()
-        future = self.writer.submit(write_holes, blob.fill_fd, fetched.offset, fetched.data, blob.spec.size)
-        future.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._write_finished, blob))
-        return await asyncio.wrap_future(future)
+    # -- written ranges: reported as they land, merged, once per turn of the loop ---------------------
 
-    def _write_finished(self, blob: WorkerBlob) -> None:
-        blob.writes_in_flight -= 1
-        if blob.forgotten and blob.writes_in_flight == 0:
-            os.close(blob.fill_fd)
+    def _written_soon(self, name: str, offset: int, length: int) -> None:
+        """From a writing thread: `length` bytes at `offset` of blob `name` are in the blob file."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._written, name, offset, length)
+
+    def _written(self, name: str, offset: int, length: int) -> None:
+        blob = self.blobs.get(name)
+        if blob is None or blob.forgotten:
+            return
+        if any(start <= offset and offset + length >= end for start, end in blob.fills.values()):
+            return   # the last piece of a fill: its FillDone, which follows at once, says it
+        if blob.written and blob.written[-1][0] + blob.written[-1][1] == offset:
+            blob.written[-1] = (blob.written[-1][0], blob.written[-1][1] + length)
+        else:
+            blob.written.append((offset, length))
+        if not self.unreported:
+            asyncio.get_running_loop().call_soon(self._report_all_written)
+        self.unreported[name] = blob
+
+    def _report_all_written(self) -> None:
+        blobs, self.unreported = list(self.unreported.values()), {}
+        for blob in blobs:
+            self._report_written(blob)
+
+    def _report_written(self, blob: WorkerBlob) -> None:
+        ranges, blob.written = blob.written, []
+        for offset, length in ranges:
+            self._chore(self._report(p.Written(name=blob.name, offset=offset, length=length)))
 
     async def _forget(self, blob: WorkerBlob) -> None:
         blob.forgotten = True
         self._count_fetches(blob)
         for task in list(blob.tasks):
             task.cancel()
-        if blob.writes_in_flight == 0:
-            os.close(blob.fill_fd)
+        blob.sink.close()
         if blob.source is not None:
             try:
                 await asyncio.wait_for(blob.source.close(), 5.0)
@@ -199,14 +223,6 @@ class FetchWorker:
             await self.link.send(message.to_json())
         except OSError:
             pass  # the supervisor is gone; run() ends at EOF
-
-
-def write_holes(fd: int, offset: int, data: bytes, size: int) -> int:
-    """pwrite the parts of `data` (blob bytes at `offset`) that are holes in the file; bytes written."""
-    end = min(size, offset + len(data))
-    view = memoryview(data)
-    return sum(write_at(fd, view[hole - offset:hole - offset + length], hole)
-               for hole, length in holes(fd, offset, end))
 
 
 def main(argv: list[str] | None = None) -> int:

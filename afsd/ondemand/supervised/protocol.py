@@ -10,7 +10,7 @@ Who says what (each arrow one unix stream socket in the backend's state director
                                               Shutdown, Restart (fanotify), RestartWorker (fscache): one
                                               Reply each; after Watch, a BlobComplete per blob that became
                                               complete
-    fetch worker <-> fanotify supervisor      Hello(FETCH_WORKER), Heartbeat, FillDone, FillFailed /
+    fetch worker <-> fanotify supervisor      Hello(FETCH_WORKER), Heartbeat, Written, FillDone, FillFailed /
                                               ServeBlob (+ the blob's fill fd), Fill, Cancel, Forget
     kernel worker <-> fscache supervisor      Hello(KERNEL_WORKER), Heartbeat, Lookup (-> Reply with a
                                               Registration), BlobComplete, CopyComplete / Report (-> Reply
@@ -104,7 +104,7 @@ def parse(frame: dict[str, Any]) -> Message:
     cls = MESSAGES.get(op) if isinstance(op, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message {op!r}")
-    return _decode(cls, {key: value for key, value in frame.items() if key not in ("op", "nfds")}, op)
+    return _decoder(cls)({key: value for key, value in frame.items() if key not in ("op", "nfds")}, op)
 
 
 def parse_as(frame: dict[str, Any], cls: type[M]) -> M:
@@ -115,23 +115,23 @@ def parse_as(frame: dict[str, Any], cls: type[M]) -> M:
     return parsed
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+_PLAIN = frozenset({str, int, float, bool, type(None)})   # exact types: enums (str/int subclasses) are not plain
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def encode(value: Any) -> Any:
     """Any message part (a status, a spec, ...) as plain JSON values."""
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, BlobSpec):
         return value.to_json()
     if isinstance(value, enum.Enum):
         return value.value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {item.name: encode(getattr(value, item.name)) for item in dataclasses.fields(value)}
+        names = _FIELD_NAMES.get(type(value))
+        if names is None:
+            names = _FIELD_NAMES[type(value)] = tuple(item.name for item in dataclasses.fields(value))
+        return {name: encode(getattr(value, name)) for name in names}
     if isinstance(value, dict):
         return {key: encode(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
@@ -139,56 +139,112 @@ def encode(value: Any) -> Any:
     return value
 
 
-def _decode(kind: Any, value: Any, where: str) -> Any:
+# Decoding: one function per type, made once from its type hints (messages cross the fetch path's hot
+# loop: a miss costs four of them), each checking what it is given and naming the field that is wrong.
+Decoder = Callable[[Any, str], Any]
+_DECODERS: dict[Any, Decoder] = {}
+
+
+def _decoder(kind: Any) -> Decoder:
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        decoder = _DECODERS[kind] = _make_decoder(kind)
+    return decoder
+
+
+def _make_decoder(kind: Any) -> Decoder:
     origin = typing.get_origin(kind)
     if kind is Any:
-        return value
+        return lambda value, where: value
     if origin in (Union, types.UnionType):
         options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [option for option in options if option is not type(None)]
-        return _decode(inner, value, where)
+        (inner_kind,) = [option for option in options if option is not type(None)]
+        inner = _decoder(inner_kind)
+        optional = type(None) in options
+        return lambda value, where: None if value is None and optional else inner(value, where)
     if origin is list:
-        (inner,) = typing.get_args(kind)
-        _expect(isinstance(value, list), "a list", value, where)
-        return [_decode(inner, item, f"{where}[{index}]") for index, item in enumerate(value)]
+        (item_kind,) = typing.get_args(kind)
+        item = _decoder(item_kind)
+
+        def decode_list(value: Any, where: str) -> Any:
+            _expect(isinstance(value, list), "a list", value, where)
+            return [item(element, f"{where}[{index}]") for index, element in enumerate(value)]
+        return decode_list
     if origin is dict:
-        key_kind, inner = typing.get_args(kind)
-        _expect(isinstance(value, dict) and all(isinstance(k, str) for k in value), "an object", value, where)
-        return {key: _decode(inner, item, f"{where}.{key}") for key, item in value.items()}
+        _, item_kind = typing.get_args(kind)
+        item = _decoder(item_kind)
+
+        def decode_dict(value: Any, where: str) -> Any:
+            _expect(isinstance(value, dict) and all(isinstance(k, str) for k in value), "an object", value, where)
+            return {key: item(element, f"{where}.{key}") for key, element in value.items()}
+        return decode_dict
     if kind is BlobSpec:
-        _expect(isinstance(value, dict), "a blob spec", value, where)
-        try:
-            return BlobSpec.from_json(value)
-        except (KeyError, ValueError, TypeError) as e:
-            raise ProtocolError(f"{where}: not a valid blob spec ({e!r})") from None
+        def decode_spec(value: Any, where: str) -> Any:
+            _expect(isinstance(value, dict), "a blob spec", value, where)
+            try:
+                return BlobSpec.from_json(value)
+            except (KeyError, ValueError, TypeError) as e:
+                raise ProtocolError(f"{where}: not a valid blob spec ({e!r})") from None
+        return decode_spec
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        try:
-            return kind(value)
-        except ValueError:
-            raise ProtocolError(f"{where}: {value!r} is not a {kind.__name__}") from None
+        def decode_enum(value: Any, where: str) -> Any:
+            try:
+                return kind(value)
+            except ValueError:
+                raise ProtocolError(f"{where}: {value!r} is not a {kind.__name__}") from None
+        return decode_enum
     if dataclasses.is_dataclass(kind):
+        return _dataclass_decoder(kind)
+    if kind is float:
+        def decode_float(value: Any, where: str) -> Any:
+            _expect(isinstance(value, (int, float)) and not isinstance(value, bool), "a number", value, where)
+            return float(value)
+        return decode_float
+    if kind is int:
+        def decode_int(value: Any, where: str) -> Any:
+            _expect(isinstance(value, int) and not isinstance(value, bool), "an integer", value, where)
+            return value
+        return decode_int
+
+    def decode_plain(value: Any, where: str) -> Any:
+        _expect(isinstance(value, kind), kind.__name__, value, where)
+        return value
+    return decode_plain
+
+
+def _dataclass_decoder(kind: type) -> Decoder:
+    hints = typing.get_type_hints(kind)
+    fields = {item.name: _LazyDecoder(hints[item.name]) for item in dataclasses.fields(kind) if item.init}
+    required = tuple(item.name for item in dataclasses.fields(kind) if item.init
+                     and item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING)
+
+    def decode_dataclass(value: Any, where: str) -> Any:
         _expect(isinstance(value, dict), "an object", value, where)
-        known = {item.name: item for item in dataclasses.fields(kind) if item.init}
-        hints = _hints(kind)
         arguments = {}
         for name, item in value.items():
-            if name in known:   # unknown fields are ignored: a newer peer may add some
-                arguments[name] = _decode(hints[name], item, f"{where}.{name}")
-        missing = [name for name, item in known.items() if name not in arguments
-                   and item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING]
+            field_decoder = fields.get(name)
+            if field_decoder is not None:   # unknown fields are ignored: a newer peer may add some
+                arguments[name] = field_decoder(item, f"{where}.{name}")
+        missing = [name for name in required if name not in arguments]
         if missing:
             raise ProtocolError(f"{where}: missing {', '.join(missing)}")
         return kind(**arguments)
-    if kind is float:
-        _expect(isinstance(value, (int, float)) and not isinstance(value, bool), "a number", value, where)
-        return float(value)
-    if kind is int:
-        _expect(isinstance(value, int) and not isinstance(value, bool), "an integer", value, where)
-        return value
-    _expect(isinstance(value, kind), kind.__name__, value, where)
-    return value
+    return decode_dataclass
+
+
+class _LazyDecoder:
+    """A field's decoder, made at its first use (a dataclass may name types defined after it)."""
+
+    __slots__ = ("kind", "decoder")
+
+    def __init__(self, kind: Any) -> None:
+        self.kind = kind
+        self.decoder: Decoder | None = None
+
+    def __call__(self, value: Any, where: str) -> Any:
+        if self.decoder is None:
+            self.decoder = _decoder(self.kind)
+        return self.decoder(value, where)
 
 
 def _expect(ok: bool, what: str, value: Any, where: str) -> None:
@@ -460,6 +516,17 @@ class FillDone(Message):
     task: int
     written: int
     source: str = ""        # who served it: "local", "peer:HOST:PORT", ... (per-source byte counters)
+
+
+@message("written")
+@dataclass(frozen=True, kw_only=True)
+class Written(Message):
+    """fanotify: a fill in progress put bytes [offset, offset+length) of blob `name` into the blob file
+    (verified): readers waiting on just those bytes may go on before the whole task is done."""
+
+    name: str
+    offset: int
+    length: int
 
 
 @message("failed")
