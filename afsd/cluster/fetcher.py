@@ -201,10 +201,10 @@ class RangeFetcher:
         start, end = self._widen(offset, length)
         started = time.monotonic()
         flights, shared, results = await self._fly(self._flights, start, end, priority)
-        parts = [data[max(start, flight.start) - flight.start:min(end, flight.end) - flight.start]
+        parts = [memoryview(data)[max(start, flight.start) - flight.start:min(end, flight.end) - flight.start]
                  for flight, (data, _) in zip(flights, results)]
-        # Copying MiBs of pieces together runs in a thread too (slicing one piece whole copies nothing).
-        data = parts[0] if len(parts) == 1 else await asyncio.to_thread(b"".join, parts)
+        # Copying MiBs of pieces together runs in a thread (the one copy out of the flights' buffers).
+        data = await asyncio.to_thread(b"".join, parts)
         sources = "+".join(dict.fromkeys(provider.source for _, provider in results))
         return FetchedRange(start, data, sources, self._served(priority, started, shared))
 
