@@ -7,6 +7,9 @@
 - Both die at once: the kernel releases the group; pending and later reads of unfilled ranges return
   zeros (the danger this design narrows but cannot remove), until a new supervisor marks the blobs
   again; pages read as zeros stay cached until the blob is remounted.
+
+Settings keep a sequential reader's window at `fill_ahead` (stream_window): holes must remain for the
+later reads to go through the restarted processes.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def slow_source(lab: FanotifyLab, delay: float) -> dict:
 
 async def test_killed_supervisor_is_replaced_and_pending_reads_get_right_bytes(fanotify_lab: FanotifyLab) -> None:
     lab, blob = fanotify_lab, fanotify_lab.blob
-    await lab.start(Settings(workers=1, fetch_deadline=60, fill_ahead=3))
+    await lab.start(Settings(workers=1, fetch_deadline=60, fill_ahead=3, stream_window=3))
     served = await lab.serve(slow_source(lab, 1.0))
     first = (await lab.status()).pid
     names = data_files(blob)[:2]
@@ -52,7 +55,7 @@ async def test_killed_supervisor_is_replaced_and_pending_reads_get_right_bytes(f
 
 async def test_killed_keeper_is_replaced_and_still_protects_pending_reads(fanotify_lab: FanotifyLab) -> None:
     lab, blob = fanotify_lab, fanotify_lab.blob
-    await lab.start(Settings(workers=1, fetch_deadline=60, fill_ahead=3))
+    await lab.start(Settings(workers=1, fetch_deadline=60, fill_ahead=3, stream_window=3))
     served = await lab.serve(slow_source(lab, 1.0))
     before = await lab.status()
     os.kill(before.details["keeper_pid"], signal.SIGKILL)
@@ -69,7 +72,8 @@ async def test_killed_keeper_is_replaced_and_still_protects_pending_reads(fanoti
 
 async def test_keeper_fails_reads_with_eio_when_no_supervisor_comes_back(fanotify_lab: FanotifyLab) -> None:
     lab, blob = fanotify_lab, fanotify_lab.blob
-    client = await lab.start(Settings(workers=1, fetch_deadline=60, orphan_deadline=1.0, fill_ahead=3))
+    client = await lab.start(Settings(workers=1, fetch_deadline=60, orphan_deadline=1.0, fill_ahead=3,
+                                      stream_window=3))
     served = await lab.serve(slow_source(lab, 2.0))
     supervisor = (await lab.status()).pid
     names = data_files(blob)
@@ -105,7 +109,7 @@ async def test_supervisor_and_keeper_dying_together_let_readers_see_zeros(fanoti
     """The window the design cannot close: with no process left holding the group, the kernel answers
     pending events with FAN_ALLOW and stops raising events: unfilled ranges read as zeros."""
     lab, blob = fanotify_lab, fanotify_lab.blob
-    client = await lab.start(Settings(workers=1, fetch_deadline=60, fill_ahead=3))
+    client = await lab.start(Settings(workers=1, fetch_deadline=60, fill_ahead=3, stream_window=3))
     served = await lab.serve(slow_source(lab, 2.0))
     status = await lab.status()
     names = data_files(blob)

@@ -359,10 +359,13 @@ class Supervisor:
         if not missed and blob.learned is not None and blob.learned.fetched(end - 1):
             return   # the learned trace knows what comes next better than a guess (a miss past it reads ahead)
         unit = self.settings.task_chunks if stream.sequential else FILL_AHEAD_TASK_CHUNKS
+        window_end = min(blob.chunks, -(-end // chunk_size) + stream.window)
+        if window_end < blob.chunks and window_end - stream.planned < min(unit, stream.window):
+            return   # topped up in whole units: a window sliding one chunk per read would make 1-chunk tasks
         runs = read_ahead(end, chunk_size=chunk_size, chunks=blob.chunks, fill_ahead=stream.window,
                           in_flight=blob.inflight, filled=lambda chunk: self._chunk_filled(blob, chunk), unit=unit,
                           planned=stream.planned)
-        stream.planned = min(blob.chunks, -(-end // chunk_size) + stream.window)
+        stream.planned = window_end
         for first, count in runs:
             self.pool.dispatch(self._new_task(blob, first, count, Priority.AHEAD))
 
