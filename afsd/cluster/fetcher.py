@@ -45,7 +45,6 @@ import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -56,9 +55,10 @@ from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableE
 from afsd.cluster.fetch_metrics import FETCH_METRICS
 from afsd.cluster.flights import Flight, FlightTable, PriorityGate
 from afsd.cluster.peers import LayerStorePeer
+from afsd.cluster.providers import UNREACHABLE_CODES, Provider, ProviderFailure, ProviderLease, rpc_failure
 from afsd.errors import DigestMismatchError, FetchError
 from afsd.ondemand.spec import BlobSink, BlobSpec, FetchedRange, Filled, Priority
-from afsd.retry import RetryPolicy, grpc_permanent
+from afsd.retry import RetryPolicy
 from afsd.rpc import ChannelPool
 
 log = logging.getLogger(__name__)
@@ -75,52 +75,6 @@ PROVIDER_COOLDOWN = 30.0
 READ_RETRY = RetryPolicy(attempts=2, base=0.2, cap=1.0)
 RELEASE_TIMEOUT = 2.0
 
-# AcquireLayerLease answers that mean "do not read from this one": it lacks the layer or is unreachable.
-_UNREACHABLE_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE,
-                                grpc.StatusCode.DEADLINE_EXCEEDED})
-
-
-class _ProviderFailure(Exception):
-    """One provider could not serve one read; `retry` says whether a later round may try it again."""
-
-    def __init__(self, reason: str, *, retry: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry = retry
-
-
-def _rpc_failure(error: grpc.aio.AioRpcError, what: str, timeout: float) -> _ProviderFailure:
-    code = error.code()
-    if code == grpc.StatusCode.NOT_FOUND:
-        return _ProviderFailure(f"does not hold the layer ({error.details()})", retry=False)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        # Unlike the shared policy (afsd.retry), a provider that stalled is not given a second round:
-        # a reader in the kernel is waiting, and another stall would double its wait.
-        return _ProviderFailure(f"{what} did not finish within {timeout:g} s", retry=False)
-    # Worth one more round after a discovery refresh unless any provider would answer the same.
-    return _ProviderFailure(f"{what} failed: {code.name} {error.details()}", retry=not grpc_permanent(code))
-
-
-@dataclass
-class _Provider:
-    endpoint: str
-    node_id: str
-    local: bool
-    peer: LayerStorePeer
-    order: float                   # random rank among equals, fixed when first seen
-    cooling_until: float = 0.0
-    last_error: str = ""
-    leases_supported: bool = True
-
-    @property
-    def label(self) -> str:
-        return f"{self.endpoint} ({self.node_id})" if self.node_id else self.endpoint
-
-    @property
-    def source(self) -> str:
-        return "local" if self.local else f"peer:{self.endpoint}"
-
-
 class _Delivery:
     """What one fill flight wrote into its sink; counted once, by the first fill that collects it (the
     others joined it for bytes it had already been asked for)."""
@@ -134,15 +88,6 @@ class _Delivery:
             return 0
         self._claimed = True
         return self.written
-
-
-@dataclass
-class _Lease:
-    """The provider in use, with the lease held on it (lease_id None: reading without one)."""
-
-    provider: _Provider
-    lease_id: str | None
-    renewer: asyncio.Task[None] | None
 
 
 class RangeFetcher:
@@ -177,11 +122,11 @@ class RangeFetcher:
         # shared by fetches and fills; PREFETCH pieces never take the last quarter of the slots
         self._gate = PriorityGate(max_concurrency, background=max_concurrency - max(1, max_concurrency // 4))
         self._flights = self._flight_table(self._read)
-        self._fill_flights: weakref.WeakKeyDictionary[BlobSink, FlightTable[tuple[_Delivery, _Provider]]] = \
+        self._fill_flights: weakref.WeakKeyDictionary[BlobSink, FlightTable[tuple[_Delivery, Provider]]] = \
             weakref.WeakKeyDictionary()
-        self._providers: dict[str, _Provider] = {}
+        self._providers: dict[str, Provider] = {}
         self._other_blob: list[str] = []     # nodes holding the layer as another blob (last refresh)
-        self._current: _Lease | None = None
+        self._current: ProviderLease | None = None
         self._choose_lock = asyncio.Lock()
         self._refresh_task: asyncio.Task[None] | None = None
         self._refreshed_at = float("-inf")
@@ -294,7 +239,7 @@ class RangeFetcher:
         FETCH_METRICS.fetch_served(priority.name.lower(), elapsed)
         return {"seconds": elapsed, "shared": float(shared)}
 
-    async def _read(self, start: int, end: int) -> tuple[bytearray, _Provider]:
+    async def _read(self, start: int, end: int) -> tuple[bytearray, Provider]:
         """A flight of `fetch`: [start, end) into a buffer of its own."""
         buffer = bytearray(end - start)
 
@@ -303,7 +248,7 @@ class RangeFetcher:
 
         return buffer, await self._read_with_failover(start, end, deliver)
 
-    async def _fill(self, sink_ref: weakref.ref[BlobSink], start: int, end: int) -> tuple[_Delivery, _Provider]:
+    async def _fill(self, sink_ref: weakref.ref[BlobSink], start: int, end: int) -> tuple[_Delivery, Provider]:
         """A flight of `fill`: [start, end) into the sink (referred to weakly by its flight table, so the
         table goes when the sink does; the fill that started this flight holds it)."""
         sink, delivery = sink_ref(), _Delivery()
@@ -317,7 +262,7 @@ class RangeFetcher:
 
     # -- reading with failover ----------------------------------------------------------------------
 
-    async def _read_with_failover(self, start: int, end: int, deliver: Deliver) -> _Provider:
+    async def _read_with_failover(self, start: int, end: int, deliver: Deliver) -> Provider:
         errors: dict[str, str] = {}
         definitive: set[str] = set()   # not worth another try within this read
         async for round_ in READ_RETRY.rounds():
@@ -329,11 +274,11 @@ class RangeFetcher:
                 try:
                     await self._read_once(provider, start, end, deliver)
                     return provider
-                except _ProviderFailure as failure:
+                except ProviderFailure as failure:
                     self._provider_failed(provider, failure, errors, definitive, f"reading bytes {start}-{end}")
         raise FetchError(self._failure_message(start, end, errors))
 
-    async def _read_once(self, provider: _Provider, start: int, end: int, deliver: Deliver) -> None:
+    async def _read_once(self, provider: Provider, start: int, end: int, deliver: Deliver) -> None:
         """[start, end) from `provider`, checked against the chunk table and handed to `deliver` (in a
         thread): over its byte stream when it offers one, else with one ReadLayer call."""
         if await self._read_streamed(provider, start, end, deliver):
@@ -351,32 +296,32 @@ class RangeFetcher:
             async with asyncio.timeout(self.call_timeout):
                 async for message in call:
                     if message.offset != start + received or received + len(message.data) > length:
-                        raise _ProviderFailure(
+                        raise ProviderFailure(
                             f"sent {len(message.data)} bytes at {message.offset} after {received} of {length} "
                             f"bytes from {start}", retry=False)
                     if message.data:
                         parts.append(message.data)
                         received += len(message.data)
         except TimeoutError:
-            raise _ProviderFailure(f"ReadLayer sent {received} of {length} bytes within {self.call_timeout:g} s",
+            raise ProviderFailure(f"ReadLayer sent {received} of {length} bytes within {self.call_timeout:g} s",
                                    retry=False) from None
         except grpc.aio.AioRpcError as error:
-            raise _rpc_failure(error, "ReadLayer", self.call_timeout) from None
+            raise rpc_failure(error, "ReadLayer", self.call_timeout) from None
         finally:
             self._calls_in_flight -= 1
             if not call.done():
                 call.cancel()
         if received != length:
-            raise _ProviderFailure(f"short read: {received} of {length} bytes from {start}", retry=False)
+            raise ProviderFailure(f"short read: {received} of {length} bytes from {start}", retry=False)
         try:
             await asyncio.to_thread(self._check_and_deliver, parts, start, provider.label, deliver)
         except DigestMismatchError as error:
             self._counts["verification_failures"] += 1
             FETCH_METRICS.verification_failure()
-            raise _ProviderFailure(str(error), retry=False) from None
+            raise ProviderFailure(str(error), retry=False) from None
         self._count_bytes(provider, length)
 
-    async def _read_streamed(self, provider: _Provider, start: int, end: int, deliver: Deliver) -> bool:
+    async def _read_streamed(self, provider: Provider, start: int, end: int, deliver: Deliver) -> bool:
         """[start, end) over `provider`'s byte stream, verified, to `deliver`; False when it offers no usable one."""
         streams = self._streams.get(provider.endpoint)
         if streams is None and self.byte_stream:
@@ -395,15 +340,15 @@ class RangeFetcher:
         except DigestMismatchError as error:
             self._counts["verification_failures"] += 1
             FETCH_METRICS.verification_failure()
-            raise _ProviderFailure(str(error), retry=False) from None
+            raise ProviderFailure(str(error), retry=False) from None
         except ByteStreamError as error:
-            raise _ProviderFailure(str(error), retry=False) from None
+            raise ProviderFailure(str(error), retry=False) from None
         except grpc.aio.AioRpcError as error:
-            raise _rpc_failure(error, "OpenByteStream", self.call_timeout) from None
+            raise rpc_failure(error, "OpenByteStream", self.call_timeout) from None
         finally:
             self._calls_in_flight -= 1
 
-    def _count_bytes(self, provider: _Provider, length: int) -> None:
+    def _count_bytes(self, provider: Provider, length: int) -> None:
         kind = "local" if provider.local else "peer"
         self._bytes_by_provider[provider.endpoint] = self._bytes_by_provider.get(provider.endpoint, 0) + length
         self._bytes[kind] += length
@@ -414,7 +359,7 @@ class RangeFetcher:
         self._table.check(start, data, source=source)
         deliver(start, memoryview(data))
 
-    def _provider_failed(self, provider: _Provider, failure: _ProviderFailure, errors: dict[str, str],
+    def _provider_failed(self, provider: Provider, failure: ProviderFailure, errors: dict[str, str],
                          definitive: set[str], doing: str) -> None:
         errors[provider.label] = failure.reason
         if not failure.retry:
@@ -425,7 +370,7 @@ class RangeFetcher:
                     doing, failure.reason)
         self._cool_down(provider, failure.reason)
 
-    def _cool_down(self, provider: _Provider, reason: str) -> None:
+    def _cool_down(self, provider: Provider, reason: str) -> None:
         provider.cooling_until = time.monotonic() + PROVIDER_COOLDOWN
         provider.last_error = reason
         if self._current is not None and self._current.provider is provider:
@@ -447,13 +392,13 @@ class RangeFetcher:
 
     # -- choosing a provider, with its lease ----------------------------------------------------------
 
-    def _ranked(self, exclude: set[str]) -> list[_Provider]:
+    def _ranked(self, exclude: set[str]) -> list[Provider]:
         now = time.monotonic()
         current = self._current.provider if self._current is not None else None
         return sorted((p for p in self._providers.values() if p.endpoint not in exclude),
                       key=lambda p: (p.cooling_until > now, not p.local, p is not current, p.order))
 
-    async def _choose(self, tried: set[str], errors: dict[str, str], definitive: set[str]) -> _Provider | None:
+    async def _choose(self, tried: set[str], errors: dict[str, str], definitive: set[str]) -> Provider | None:
         """The best provider not in `tried`, leased; None when none is left. Lease failures count as
         that provider's failure for this read."""
         async with self._choose_lock:
@@ -467,11 +412,11 @@ class RangeFetcher:
                 try:
                     await self._adopt(best)
                     return best
-                except _ProviderFailure as failure:
+                except ProviderFailure as failure:
                     tried.add(best.endpoint)
                     self._provider_failed(best, failure, errors, definitive, "to lease the layer")
 
-    async def _adopt(self, provider: _Provider) -> None:
+    async def _adopt(self, provider: Provider) -> None:
         lease_id = None
         if self.use_leases and provider.leases_supported:
             request = pb.AcquireLayerLeaseRequest(digests=[self.spec.layer_digest], ttl_ms=int(self.lease_ttl * 1000))
@@ -480,21 +425,21 @@ class RangeFetcher:
                 lease_id = response.lease_id
             except grpc.aio.AioRpcError as error:
                 code = error.code()
-                if code in _UNREACHABLE_CODES:
-                    raise _rpc_failure(error, "AcquireLayerLease", self.call_timeout) from None
+                if code in UNREACHABLE_CODES:
+                    raise rpc_failure(error, "AcquireLayerLease", self.call_timeout) from None
                 # Leases are best effort: a layerstore that has the layer but cannot lease it is read anyway.
                 if code == grpc.StatusCode.UNIMPLEMENTED:
                     provider.leases_supported = False
                 log.info("layerstore %s gave no lease (%s %s); reading without", provider.label, code.name,
                          error.details())
         renewer = asyncio.create_task(self._renew(provider, lease_id)) if lease_id else None
-        previous, self._current = self._current, _Lease(provider, lease_id, renewer)
+        previous, self._current = self._current, ProviderLease(provider, lease_id, renewer)
         if previous is not None:
             self._drop_lease(previous)
         log.info("layer %s: reading from %s (%s, %s)", self.spec.layer_digest, provider.label,
                  "local" if provider.local else "peer", "leased" if lease_id else "no lease")
 
-    async def _renew(self, provider: _Provider, lease_id: str) -> None:
+    async def _renew(self, provider: Provider, lease_id: str) -> None:
         request = pb.RenewLayerLeaseRequest(lease_id=lease_id, ttl_ms=int(self.lease_ttl * 1000))
         while True:
             await asyncio.sleep(self.lease_ttl / 4)
@@ -523,7 +468,7 @@ class RangeFetcher:
             lease, self._current = self._current, None
             self._drop_lease(lease)
 
-    def _drop_lease(self, lease: _Lease) -> None:
+    def _drop_lease(self, lease: ProviderLease) -> None:
         """Stop renewing and release in the background; close() waits for these tasks."""
         tasks = []
         if lease.renewer is not None and not lease.renewer.done():
@@ -535,7 +480,7 @@ class RangeFetcher:
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
 
-    async def _release(self, provider: _Provider, lease_id: str) -> None:
+    async def _release(self, provider: Provider, lease_id: str) -> None:
         try:
             await provider.peer.stub.ReleaseLayerLease(pb.ReleaseLayerLeaseRequest(lease_id=lease_id),
                                                        timeout=min(self.call_timeout, RELEASE_TIMEOUT))
@@ -601,7 +546,7 @@ class RangeFetcher:
         for endpoint, node_id in wanted.items():
             provider = self._providers.get(endpoint)
             if provider is None:
-                self._providers[endpoint] = _Provider(
+                self._providers[endpoint] = Provider(
                     endpoint, node_id, self._is_local(endpoint, node_id), LayerStorePeer(endpoint, self.channels),
                     random.random())
             elif node_id and not provider.node_id:

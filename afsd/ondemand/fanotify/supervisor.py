@@ -37,6 +37,7 @@ from afsd.ondemand import _daemon
 from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.fanotify.blobs import BlobTable, RegistrationError
 from afsd.ondemand.fanotify.control import ControlRequests
+from afsd.ondemand.fanotify.counters import COUNTERS, WORKER_COUNTERS, source_kind
 from afsd.ondemand.fanotify.inline import InlineFills
 from afsd.ondemand.fanotify.journal import Journal, JournaledEvent, reserve_fd_numbers
 from afsd.ondemand.fanotify.keeperlink import KeeperHolder
@@ -55,25 +56,6 @@ from afsd.ondemand.trace import LearnedPrefetch, TraceRecorder
 
 PREFETCH_RETRY = 10.0         # seconds before prefetch of a blob whose prefetch fill failed resumes
 TICK = 0.1                    # seconds between housekeeping rounds (deadlines, workers, keeper, prefetch)
-
-COUNTERS = (  # the supervisor's own (metrics.py says what each means)
-    "events_total", "events_allowed_present", "events_allowed_filled", "events_denied_failed",
-    "events_denied_timeout", "events_denied_unknown", "events_recovered", "events_swept",
-    "events_redispatched", "tasks_dispatched", "tasks_done", "tasks_failed", "tasks_redispatched",
-    "tasks_cancelled", "fills_inline", "fills_inline_failed", "bytes_filled", "bytes_prefetched",
-    "worker_restarts", "worker_deaths", "worker_hangs", "keeper_restarts", "blobs_completed", "bytes_filled_local",
-    "bytes_filled_peer", "bytes_filled_other", "events_filled_demand", "learned_blobs", "learned_bytes_prefetched",
-    "learned_bytes_used", "learned_bytes_read")
-WORKER_COUNTERS = ("fetch_failovers", "fetch_verification_failures")   # counted by the fetch workers
-
-
-def source_kind(source: str) -> str:
-    """"local", "peer" or "other" for a fill's source label ("local", "peer:HOST:PORT", "local+peer:...",
-    a lab source's own name): where the bytes came from, for the per-source byte counters."""
-    kinds = {part.split(":", 1)[0] for part in source.split("+") if part}
-    if "peer" in kinds:
-        return "peer"
-    return "local" if kinds == {"local"} else "other"
 
 
 class Supervisor:
