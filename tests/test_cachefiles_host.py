@@ -19,6 +19,7 @@ import pytest
 
 from afsd.ondemand.cachefiles import _shim
 from afsd.ondemand.cachefiles.backend import FscacheBackend
+from afsd.ondemand.cachefiles.client import FscacheBackendError, FscacheClient
 from tests.support.cluster import LocalCluster
 
 needs_a_kernel_without_cachefiles = pytest.mark.skipif(
@@ -55,6 +56,19 @@ def test_the_supervisor_refuses_to_start_with_one_line_and_leaves_nothing_runnin
     assert not (state / "supervisor.sock").exists()
     with open(state / "supervisor.lock", "rb") as lock:   # nobody holds it: no supervisor lives on
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+async def test_watching_for_completions_never_starts_a_supervisor(tmp_path: Path) -> None:
+    """The node daemon watches for as long as it runs: a watch that started a missing supervisor brought
+    back one that had just been shut down, holding /dev/cachefiles with nobody left to stop it."""
+    state = tmp_path / "state"
+    client = FscacheClient(state)
+
+    with pytest.raises(FscacheBackendError, match="the fscache supervisor is not running"):
+        async for _ in client.watch():
+            pass
+
+    assert not state.exists()   # nothing was launched (a launch makes the state directory first)
 
 
 @needs_a_kernel_without_cachefiles

@@ -17,9 +17,11 @@ from afsd.api import layerstore_pb2 as lpb
 from afsd.cluster.peers import blob_spec_from_stat
 from afsd.lab.catalogue import seeded_bytes
 from afsd.lab.daemons import Daemon
+from afsd.lab.deadlines import scaled
 from afsd.ondemand.base import BlobSource
 from afsd.ondemand.cachefiles import FscacheClient, fscache_mounts
 from afsd.ondemand.cachefiles.backend import FscacheBackend
+from afsd.ondemand.cachefiles.device import device_holders
 from afsd.ondemand.sources import LocalFileSource
 from afsd.ondemand.spec import BlobSpec
 from tests.support.cluster import LocalCluster, small_image, unmount_everything_under
@@ -68,10 +70,22 @@ async def test_afsd_mount_with_the_fscache_backend_is_the_tree_umoci_unpacks(clu
             unmounted = await cluster.afsd(node, "umount", str(mountpoint))
             assert unmounted.returncode == 0, unmounted.stderr
         assert fscache_mounts() == {}
+        await stays_stopped(supervisor)
     finally:
         # The supervisor outlives the node daemon by design; the next test needs /dev/cachefiles free.
         await asyncio.to_thread(unmount_everything_under, cluster.workdir)
         await supervisor.shutdown(force=True)
+
+
+async def stays_stopped(supervisor: FscacheClient) -> None:
+    """Shut the supervisor down while its node daemon runs on: it stays down and /dev/cachefiles stays free
+    (the daemon's completion watcher, which retries within a second, must not start it again)."""
+    await supervisor.shutdown()
+    deadline = time.monotonic() + scaled(5.0)
+    while time.monotonic() < deadline:
+        assert await asyncio.to_thread(device_holders) == [], "the node daemon started the fscache supervisor again"
+        await asyncio.sleep(0.2)
+    assert not supervisor.paths.supervisor_socket.exists()
 
 
 def file_sha256(path: Path) -> str:

@@ -133,9 +133,15 @@ class SupervisorClientBase(ABC):
 
     async def watch(self) -> AsyncIterator[p.BlobComplete]:
         """A BlobComplete for every blob that becomes complete (and whose plain file, if it has one, is
-        whole) from now on. Ends when the supervisor goes away."""
-        await self.ensure_running()
-        channel = await AsyncChannel.connect(os.fspath(self.paths.supervisor_socket))
+        whole) from now on. Ends when the supervisor goes away; raises `error` when none is running.
+        Watching never starts a supervisor: a watcher that did would bring back one just shut down (the
+        node daemon watches for as long as it runs), which then holds the kernel device (fscache: the one
+        /dev/cachefiles of the machine) with nobody left to stop it."""
+        path = os.fspath(self.paths.supervisor_socket)
+        try:
+            channel = await AsyncChannel.connect(path)
+        except (TimeoutError, OSError) as e:
+            raise self.error(f"{self._name} is not running (nothing answers at {path}: {e})") from None
         try:
             await channel.send(p.Watch(id=1).to_json())
             while (item := await channel.receive()) is not None:
