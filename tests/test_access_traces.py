@@ -42,6 +42,27 @@ def test_the_window_closes_by_itself_and_later_reads_are_not_recorded() -> None:
     assert trace.closed and trace.ranges == [[0, PAGE, 0]] and trace.publishable
 
 
+def test_time_readers_spend_waiting_for_fills_does_not_count_against_the_window() -> None:
+    recorder = TraceRecorder(MiB, window=2.0)
+    recorder.observe(0, PAGE, now=10.0)
+    recorder.stalled(10.0, 11.5)                 # the first read waited 1.5 s for its fill
+    recorder.stalled(11.0, 12.0)                 # another reader, overlapping: only 11.5-12.0 is new
+    recorder.stalled(9.0, 9.5)                   # before the window opened: nothing
+    assert recorder.stalled_seconds == pytest.approx(2.0)
+    recorder.observe(PAGE * 10, PAGE * 11, now=13.5)    # 3.5 s of wall clock, 1.5 s of the readers' own
+    trace = recorder.take(13.5, close=False)
+    assert not trace.closed and trace.open_for == pytest.approx(0.5)
+    assert trace.ranges == [[0, PAGE, 0], [PAGE * 10, PAGE, 3500]]
+    assert recorder.take(14.1, close=False).closed
+
+
+def test_a_window_of_stalled_readers_still_closes_after_a_bounded_wall_clock() -> None:
+    recorder = TraceRecorder(MiB, window=2.0)
+    recorder.observe(0, PAGE, now=10.0)
+    recorder.stalled(10.0, 30.0)
+    assert recorder.is_open(21.9) and not recorder.is_open(22.1)     # MAX_WINDOW_FACTOR windows of wall clock
+
+
 def test_the_startup_a_recording_covers_is_over_when_its_window_closes_or_no_read_came() -> None:
     unread = TraceRecorder(MiB, window=2.0, created=10.0)
     assert not unread.startup_over(11.0) and unread.startup_over(12.5)     # nobody read it within a window

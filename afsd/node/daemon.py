@@ -30,6 +30,7 @@ import grpc
 from prometheus_client import Counter, Gauge
 from prometheus_client.registry import Collector
 
+from afsd import phases
 from afsd.api import layerstore_pb2 as lpb
 from afsd.api import layerstore_pb2_grpc as lgrpc
 from afsd.cluster.peers import stat_from_blob_spec
@@ -163,11 +164,13 @@ class NodeDaemon:
     async def mount(self, options: MountOptions) -> MountRecord:
         started = time.monotonic()
         try:
-            record = await self._mount(options)
+            with phases.recording() as timeline:
+                record = await self._mount(options)
         except BaseException:
             MOUNT_FAILURES.inc()
             raise
         MOUNT_SECONDS.inc(time.monotonic() - started)
+        log.info("mount of %s, ms by phase: %s", record.image, timeline.summary())
         return record
 
     async def _mount(self, options: MountOptions) -> MountRecord:
@@ -178,8 +181,10 @@ class NodeDaemon:
         for directory, what in ((options.extra_dir, "--extra-dir"), (options.upper_dir, "--upper")):
             if directory is not None and not await asyncio.to_thread(Path(directory).is_dir):
                 raise MountRequestError(f"{what} {directory} is not a directory")
-        resolved = await self.locator.locate(reference, platform)
-        learned = await self.traces.learned(resolved.manifest_digest, resolved.layers) if self.traces else {}
+        with phases.phase("locate"):
+            resolved = await self.locator.locate(reference, platform)
+        with phases.phase("traces"):
+            learned = await self.traces.learned(resolved.manifest_digest, resolved.layers) if self.traces else {}
         record = MountRecord(mount_id=uuid.uuid4().hex[:12], image=str(reference), image_key=resolved.key,
                              manifest_digest=resolved.manifest_digest, target=str(target), backend=backend.name,
                              created_unix=int(time.time()), layers=resolved.layers,
@@ -200,10 +205,11 @@ class NodeDaemon:
             await self._prepare_upper(record, options, scratch, undo)
             await asyncio.to_thread(self.state.save, record)
             trees = [LayerTree(use.mountpoint, spec.implicit_dirs) for use, spec in zip(uses, resolved.layers)]
-            await asyncio.to_thread(
-                stack_layer_trees, trees, target, scratch=scratch, extra_dir=options.extra_dir,
-                upper=Path(record.upper_path) if record.upper_path else None,
-                work=Path(record.work_path) if record.work_path else None)
+            with phases.phase("stack"):
+                await asyncio.to_thread(
+                    stack_layer_trees, trees, target, scratch=scratch, extra_dir=options.extra_dir,
+                    upper=Path(record.upper_path) if record.upper_path else None,
+                    work=Path(record.work_path) if record.work_path else None)
             record.state = "mounted"
             await asyncio.to_thread(self.state.save, record)
             undo.pop_all()
@@ -312,12 +318,14 @@ class NodeDaemon:
     async def _attach_and_mount(self, use: LayerUse, startup: StartupTrace = NO_STARTUP_TRACE) -> None:
         source = self.source_factory(use.spec)
         try:
-            await use.backend.attach(use.spec, use.blob_path, source, startup)
+            with phases.phase("attach"):
+                await use.backend.attach(use.spec, use.blob_path, source, startup)
         finally:
             await source.source.close()
         await asyncio.to_thread(use.mountpoint.mkdir, parents=True, exist_ok=True)
         try:
-            await use.backend.mount(use.spec, use.blob_path, use.mountpoint)
+            with phases.phase("erofs"):
+                await use.backend.mount(use.spec, use.blob_path, use.mountpoint)
         except BaseException:
             await use.backend.detach(use.spec, use.blob_path)
             raise

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from afsd import phases
 from afsd.api import discovery_pb2 as dpb
 from afsd.api import layerstore_pb2 as lpb
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
@@ -116,9 +117,11 @@ class ImageLocator:
         return resolved.manifest_digest, await self._spec(digest, layer.diff_id, holders, reference)
 
     async def _locate(self, reference: ImageReference, platform: Platform) -> ResolvedMount:
-        resolved = await self._resolve(reference, platform)
+        with phases.phase("locate.resolve"):
+            resolved = await self._resolve(reference, platform)
         digests = [layer.digest for layer in resolved.layers]
-        holders = {digest: await self._holders(digest) for digest in digests}
+        with phases.phase("locate.providers"):
+            holders = {digest: await self._holders(digest) for digest in digests}
         if any(not nodes for nodes in holders.values()):
             puller, pulled = await self._pull_somewhere(reference, platform)
             # The puller holds every layer now, even before its next heartbeat reaches discovery.
@@ -128,8 +131,9 @@ class ImageLocator:
                         endpoint=puller, layer_digests=[layer.digest],
                         layer_stats=[dpb.LayerStat(digest=layer.digest, afs_size=layer.afs_size,
                                                    blob_digest=layer.blob_digest)]))
-        specs = [await self._spec(layer.digest, layer.diff_id, holders[layer.digest], reference)
-                 for layer in resolved.layers]
+        with phases.phase("locate.stat"):
+            specs = [await self._spec(layer.digest, layer.diff_id, holders[layer.digest], reference)
+                     for layer in resolved.layers]
         return ResolvedMount(image_key(reference, platform), reference, resolved.manifest_digest, specs)
 
     async def _holders(self, digest: str) -> list[dpb.ServiceInstance]:

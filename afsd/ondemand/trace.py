@@ -3,7 +3,9 @@ backend's misses; and the learned prefetch a backend runs from a trace the clust
 
 Where it sits: a supervised backend (the fanotify supervisor, the fscache kernel worker) sees the reads that
 reach it. A `TraceRecorder` per blob keeps the ranges first read during `window` seconds from the first read,
-in first-read order, page-aligned, each byte once, bounded in count and bytes. The node daemon takes the
+in first-read order, page-aligned, each byte once, bounded in count and bytes. The window counts the readers'
+own time: time during which some reader of the blob waited for a fill (`stalled`) does not count, so a slow
+first run (a cold node, a loaded one) records as much of the start as a fast one. The node daemon takes the
 recording (`RecordedTrace`) and publishes it to discovery, which merges the runs of many nodes
 (afsd/cluster/trace_merge.py). When a node mounts the blob next, it hands the merged ranges back to its
 backend, which fetches them before the first miss is answered: `learned_runs` turns them into chunk runs in
@@ -22,7 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 PAGE = 4096
-DEFAULT_WINDOW = 10.0           # seconds of a blob's first reads a node records, from its first read
+DEFAULT_WINDOW = 10.0           # seconds of a blob's first reads a node records, from its first read, stalls aside
+MAX_WINDOW_FACTOR = 6           # ... but a window stays open at most this many windows of wall clock
 MAX_TRACE_RANGES = 16384        # ranges in one trace (recorded, reported, merged or learned)
 MAX_RECORDED_BYTES = 1 << 30    # a recording stops growing past this many bytes
 MAX_LEARNED_BYTES = 1 << 30     # a learned trace makes a node prefetch at most this much of one blob
@@ -89,6 +92,8 @@ class TraceRecorder:
         self.max_ranges = max_ranges
         self.max_bytes = max_bytes
         self.opened_at: float | None = None
+        self.stalled_seconds = 0.0      # of the time since the window opened, readers waited for fills
+        self._stall_end = float("-inf")
         self.closed = False
         self.complete = True
         self.truncated = False
@@ -98,9 +103,25 @@ class TraceRecorder:
 
     def is_open(self, now: float) -> bool:
         """Whether reads at `now` are still recorded (the window closes by itself when its time is up)."""
-        if not self.closed and self.opened_at is not None and now - self.opened_at > self.window:
+        if not self.closed and self.opened_at is not None and (
+                self._elapsed(now) > self.window or now - self.opened_at > self.window * MAX_WINDOW_FACTOR):
             self.closed = True
         return not self.closed
+
+    def _elapsed(self, now: float) -> float:
+        """Readers' own seconds since the window opened: wall clock less the time they waited for fills."""
+        assert self.opened_at is not None
+        return now - self.opened_at - self.stalled_seconds
+
+    def stalled(self, since: float, until: float) -> None:
+        """A reader of the blob waited for a fill from `since` to `until` (`until` never earlier than the last
+        call's: the caller reports each wait as it ends). Overlapping waits count once."""
+        if self.closed or self.opened_at is None:
+            return
+        since = max(since, self._stall_end, self.opened_at)
+        if until > since:
+            self.stalled_seconds += until - since
+        self._stall_end = max(self._stall_end, until)
 
     def startup_over(self, now: float) -> bool:
         """Whether the startup this recording covers is over: its window closed, or no read came within a
@@ -137,7 +158,7 @@ class TraceRecorder:
         if close and self.opened_at is not None:
             self.closed = True
         open_now = self.is_open(now)
-        remaining = self.window - (now - self.opened_at) if open_now and self.opened_at is not None else 0.0
+        remaining = self.window - self._elapsed(now) if open_now and self.opened_at is not None else 0.0
         return RecordedTrace(ranges=[list(r) for r in self._ranges], window=self.window,
                              opened=self.opened_at is not None, closed=not open_now,
                              open_for=max(0.0, remaining), complete=self.complete, truncated=self.truncated)

@@ -18,6 +18,7 @@ Ratio = cold ÷ warm, medians.
 
 from __future__ import annotations
 
+import re
 import shutil
 import statistics
 from typing import Any
@@ -122,6 +123,17 @@ def measure(lab: BenchLab, cold_repeats: int, warm_runs: int) -> Section:
     section.rows.append(Row("  the same, warm with the layers still attached", f"{median['attached'] / 1000:.2f} s",
                             f"{median['warm'] / 1000:.2f} s warm", median["attached"] / median["warm"], "-"))
     return section
+
+
+MOUNT_PHASES = re.compile(r"ms by phase: (.*)$", re.MULTILINE)
+
+
+def node_mount_phases(node: TaskNode) -> dict[str, float]:
+    """The node daemon's own timing of its last mount (its log line), as "node.<phase>" -> ms."""
+    found = MOUNT_PHASES.findall(node.node.log())
+    if not found:
+        return {}
+    return {f"node.{name}": float(ms) for name, ms in (item.split("=", 1) for item in found[-1].split())}
 
 
 def push_busybox(lab: BenchLab) -> str:

@@ -15,6 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from afsd import phases
 from afsd.ondemand.base import NO_STARTUP_TRACE, BackendOptions, BlobSource, StartupTrace
 from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.fanotify.client import SupervisorClient, prepare_blob
@@ -69,6 +70,8 @@ class FanotifyBackend(SupervisedBackend):
     async def attach(self, spec: BlobSpec, blob_path: Path, source: BlobSource,
                      startup: StartupTrace = NO_STARTUP_TRACE) -> None:
         await self._require_supervisor(spec)
-        await prepare_blob(spec, blob_path, source.source)
-        await self.client.register(spec, blob_path, source.config, prefetch=self.prefetch, learned=startup.learned,
-                                   record=startup.record)
+        with phases.phase("attach.prepare"):
+            await prepare_blob(spec, blob_path, source.source)
+        with phases.phase("attach.register"):
+            await self.client.register(spec, blob_path, source.config, prefetch=self.prefetch, learned=startup.learned,
+                                       record=startup.record)

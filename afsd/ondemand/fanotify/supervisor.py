@@ -374,7 +374,10 @@ class Supervisor:
         if allow:
             self.counters["events_allowed_filled"] += 1
             self.counters["events_filled_demand"] += event.demand
-            self.latency.observe("filled", time.monotonic() - event.received)
+            now = time.monotonic()
+            self.latency.observe("filled", now - event.received)
+            if event.blob.recorder is not None:   # the reader's wait does not count against its recording window
+                event.blob.recorder.stalled(event.received, now)
         event.blob.pending.discard(event)
         self.pending.discard(event)
         for task in list(event.tasks):
