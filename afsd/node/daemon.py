@@ -37,6 +37,7 @@ from afsd.cluster.peers import stat_from_blob_spec
 from afsd.erofs.mount import mount_tmpfs, unmount
 from afsd.erofs.stack import LayerTree, remove_stack_scratch, stack_layer_trees
 from afsd.errors import AfsdError
+from afsd.node.concurrently import acquire_all
 from afsd.node.images import ImageLocator
 from afsd.node.leases import LeaseBook, LeaseRecord, LeaseRequestError, check_lease_id
 from afsd.node.records import MountRecord, StateDir, mounted_paths
@@ -192,13 +193,11 @@ class NodeDaemon:
         async with contextlib.AsyncExitStack() as undo:
             await asyncio.to_thread(self.state.save, record)
             undo.push_async_callback(asyncio.to_thread, self.state.forget, record)
-            uses = []
-            for spec in resolved.layers:
-                use = await self._acquire_layer(spec, backend, resolved.manifest_digest,
-                                                learned.get(spec.layer_digest, ()))
-                undo.push_async_callback(self._release_layer, spec.layer_digest)
-                record.layer_backends[spec.layer_digest] = use.backend.name
-                uses.append(use)
+            uses = await acquire_all(
+                [self._acquire_layer(spec, backend, resolved.manifest_digest, learned.get(spec.layer_digest, ()))
+                 for spec in resolved.layers], lambda index: self._release_layer(resolved.layers[index].layer_digest),
+                undo)
+            record.layer_backends.update((spec.layer_digest, use.backend.name) for spec, use in zip(resolved.layers, uses))
             scratch = self.state.scratch(record.mount_id)
             await asyncio.to_thread(scratch.mkdir, parents=True, exist_ok=True)
             undo.push_async_callback(asyncio.to_thread, shutil.rmtree, scratch, True)

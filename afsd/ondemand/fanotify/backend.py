@@ -1,7 +1,8 @@
 """`FanotifyBackend`: the fanotify pre-content backend behind the common on-demand interface
 (afsd.ondemand.base.Backend), for the node daemon.
 
-attach = `prepare_blob` (sparse file + verified metadata, through the in-process RangeSource) +
+attach = `prepare_blob` (sparse file + verified metadata, through the in-process RangeSource; the whole
+chunks fetched for it are kept) +
 register with the supervisor (which marks the blob and serves its misses through fetch workers built
 from the source configuration); mount = file-backed erofs (base class); detach = unregister. What the
 two supervised backends share (start, status, counters, metrics, completeness): supervised/backend.py.
@@ -71,7 +72,7 @@ class FanotifyBackend(SupervisedBackend):
                      startup: StartupTrace = NO_STARTUP_TRACE) -> None:
         await self._require_supervisor(spec)
         with phases.phase("attach.prepare"):
-            await prepare_blob(spec, blob_path, source.source)
+            await prepare_blob(spec, blob_path, source.source, whole_chunks=True)
         with phases.phase("attach.register"):
             await self.client.register(spec, blob_path, source.config, prefetch=self.prefetch, learned=startup.learned,
                                        record=startup.record)
