@@ -109,9 +109,8 @@ class TraceRecorder:
         return not self.closed
 
     def _elapsed(self, now: float) -> float:
-        """Readers' own seconds since the window opened: wall clock less the time they waited for fills."""
-        assert self.opened_at is not None
-        return now - self.opened_at - self.stalled_seconds
+        """Readers' own seconds since the window opened (0 before): wall clock less the time they waited for fills."""
+        return 0.0 if self.opened_at is None else now - self.opened_at - self.stalled_seconds
 
     def stalled(self, since: float, until: float) -> None:
         """A reader of the blob waited for a fill from `since` to `until` (`until` never earlier than the last
