@@ -114,6 +114,7 @@ def test_learned_prefetch_counts_what_readers_used_of_what_it_fetched() -> None:
     assert (learned.prefetched_bytes, learned.used_bytes) == (3 * MiB - 100, 2 * MiB - 100)
     assert learned.details()["learned_used_bytes"] == 2 * MiB - 100
     assert "learned_used_bytes" not in learned.details(reads_seen=False)
+    assert learned.covers(2 * MiB) and not learned.covers(3 * MiB)   # the trace's chunks, however they came
 
 
 # -- merging runs -----------------------------------------------------------------------------------------

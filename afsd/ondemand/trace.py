@@ -226,12 +226,14 @@ class LearnedPrefetch:
     ranges: int = 0                                       # ranges of the learned trace
     prefetched: set[int] = field(default_factory=set)     # chunks a learned fill wrote
     touched: set[int] = field(default_factory=set)        # chunks any read touched
+    planned: frozenset[int] = frozenset()                 # every chunk of the trace
 
     @classmethod
     def plan(cls, ranges: Sequence[tuple[int, int]], *, size: int, chunk_size: int,
              task_chunks: int) -> LearnedPrefetch:
-        return cls(size, chunk_size, deque(learned_runs(ranges, size=size, chunk_size=chunk_size,
-                                                        task_chunks=task_chunks)), ranges=len(ranges))
+        runs = learned_runs(ranges, size=size, chunk_size=chunk_size, task_chunks=task_chunks)
+        return cls(size, chunk_size, deque(runs), ranges=len(ranges),
+                   planned=frozenset(chunk for first, count in runs for chunk in range(first, first + count)))
 
     def _chunk_bytes(self, chunk: int) -> int:
         return min(self.size, (chunk + 1) * self.chunk_size) - chunk * self.chunk_size
@@ -254,9 +256,10 @@ class LearnedPrefetch:
                 used += self._chunk_bytes(chunk) if chunk in self.prefetched else 0
         return touched, used
 
-    def fetched(self, offset: int) -> bool:
-        """Whether the byte at `offset` came with a learned fill."""
-        return offset // self.chunk_size in self.prefetched
+    def covers(self, offset: int) -> bool:
+        """Whether the byte at `offset` is in a chunk of the learned trace (fetched by the learned stream, or
+        present before it started: a chunk the metadata prefill fetched whole)."""
+        return offset // self.chunk_size in self.planned
 
     @property
     def prefetched_bytes(self) -> int:

@@ -338,7 +338,7 @@ class Supervisor:
                                      fill_ahead=self.settings.fill_ahead, max_window=self.settings.stream_window)
         if not stream.window:
             return
-        if not missed and blob.learned is not None and blob.learned.fetched(end - 1):
+        if not missed and blob.learned is not None and blob.learned.covers(end - 1):
             return   # the learned trace knows what comes next better than a guess (a miss past it reads ahead)
         unit = self.settings.task_chunks if stream.sequential else FILL_AHEAD_TASK_CHUNKS
         window_end = min(blob.chunks, -(-end // chunk_size) + stream.window)
