@@ -19,13 +19,12 @@ from typing import Any
 from afsd.errors import AfsdError
 from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.sparse import first_hole, write_at
-from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
+from afsd.ondemand.spec import BlobSpec, Priority, RangeSource
 
 PREFILL_REQUEST = 8 << 20
 # Metadata requests in flight at once: erofs scatters metadata over the blob (a Debian + python3 layer: 0.8 MiB
 # of it in 37 whole-chunk requests, 90 MiB), and one request at a time leaves the link idle between them.
 PREFILL_CONCURRENCY = 4
-KEEP_WHOLE_BYTES = 256 << 20   # most file data a prefill holds in memory to write once the metadata is durable
 
 
 class BlobFileError(AfsdError):
@@ -36,10 +35,8 @@ async def prepare_blob(spec: BlobSpec, blob_path: Path, source: RangeSource, *,
                        whole_chunks: bool = False) -> bool:
     """Create `blob_path` as a sparse file of the blob's size with every metadata byte present (fetched
     through `source`, verified, `PREFILL_CONCURRENCY` requests at a time), so erofs can mount it and only
-    file data is left to fill on demand. With `whole_chunks`, the file data of the fetched chunks is kept
-    too (it shares chunks with metadata and was fetched anyway: kept, it need not be fetched again); it is
-    written after the metadata is durable and the file in place, without its own fsync (at most
-    KEEP_WHOLE_BYTES of it: past that it is dropped, as without `whole_chunks`).
+    file data is left to fill on demand. With `whole_chunks`, the fetched chunks are written whole (more
+    bytes present, fewer events later; measured: not worth it for the node's mounts, see the backend).
 
     A file already there with the right size and its metadata present is kept (it may be partly filled
     from an earlier run, and may be registered: it is not written to). Returns True when it created
@@ -49,7 +46,6 @@ async def prepare_blob(spec: BlobSpec, blob_path: Path, source: RangeSource, *,
         return False
     partial = blob_path.with_name(f".{blob_path.name}.{os.getpid()}.partial")
     fd = await asyncio.to_thread(_create_sparse, partial, spec.size)
-    kept: list[FetchedRange] = []
     try:
         metadata = spec.metadata_ranges()
         slots = asyncio.Semaphore(PREFILL_CONCURRENCY)
@@ -58,17 +54,12 @@ async def prepare_blob(spec: BlobSpec, blob_path: Path, source: RangeSource, *,
             async with slots:
                 fetched = await source.fetch(start, length, Priority.DEMAND)
                 end = fetched.offset + len(fetched.data)
-                await asyncio.to_thread(_write_ranges, fd, fetched.offset, fetched.data,
-                                        _clip(metadata, fetched.offset, end))
-                if whole_chunks and sum(len(k.data) for k in kept) + len(fetched.data) <= KEEP_WHOLE_BYTES:
-                    kept.append(fetched)
+                ranges = [(fetched.offset, len(fetched.data))] if whole_chunks else _clip(metadata, fetched.offset, end)
+                await asyncio.to_thread(_write_ranges, fd, fetched.offset, fetched.data, ranges)
 
         await _all_or_none([fill(start, length) for start, length in metadata_requests(spec)])
-        await asyncio.to_thread(os.fsync, fd)   # only metadata is written yet: this is what must be durable
+        await asyncio.to_thread(os.fsync, fd)
         await asyncio.to_thread(os.replace, partial, blob_path)
-        for fetched in kept:
-            await asyncio.to_thread(_write_ranges, fd, fetched.offset, fetched.data,
-                                    [(fetched.offset, len(fetched.data))])
     except BaseException:
         await asyncio.to_thread(partial.unlink, missing_ok=True)
         raise
