@@ -71,7 +71,9 @@ def _measure_task(lab: BenchLab, section: Section, task: Task, busybox: str, rep
     runs: dict[str, list[ExecuteTiming]] = {"teacher": [], "learned": [], "plain": [], "warm": []}
     counters: list[dict[str, float]] = []
     runs["teacher"].append(_cold(lab, reference, busybox, task, [])[0])
-    _wait_for_traces(lab, [layer.spec.blob_digest for layer in held])
+    # The layer the task reads (the largest): a small layer's trace can arrive first, and the teacher's
+    # reports race its node's stop (noticed: learners then got a 1 MiB trace of a 258 MiB image).
+    _wait_for_traces(lab, [max(held, key=lambda layer: layer.spec.size).spec.blob_digest])
     for _ in range(repeats):
         timing, delta = _cold(lab, reference, busybox, task, [])
         runs["learned"].append(timing)
