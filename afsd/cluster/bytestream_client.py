@@ -4,8 +4,9 @@ Where it sits: the range fetcher (fetcher.py) reads a piece of a blob from a pro
 offers a byte stream (`OpenByteStream` answers), the piece comes through `BlobByteStreams.read` instead of
 a ReadLayer call. One `BlobByteStreams` serves one blob from one layerstore: it asks for tickets over gRPC
 (the control channel), keeps the connections it opened for reuse, and runs each range read in a thread
-of its own: `recv_into` one buffer, and every chunk checked against the blob's chunk table the moment it
-is complete (hashlib releases the GIL), so the event loop only sees verified bytes. Pieces of one fetch
+of its own: whole chunks received at once (`recv_into` with MSG_WAITALL) into a reused buffer or the
+caller's, and checked against the blob's chunk table before they are delivered (hashlib releases the GIL),
+so the event loop only sees verified bytes. Pieces of one fetch
 run at once on several connections, i.e. several streams per blob.
 
 What a caller gets: the verified bytes, chunk by chunk, handed to its `deliver` function from the thread
@@ -23,6 +24,7 @@ import concurrent.futures
 import logging
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +50,9 @@ RETRY_AFTER = 60.0
 IDLE_REUSE = 60.0
 # Tickets are used this much before the server's deadline, at the latest.
 TICKET_MARGIN = 5.0
+# Bytes received (MSG_WAITALL), checked and delivered at once: whole chunks, at least one.
+RECEIVE_UNIT = 1 << 20
+_TIMEVAL = struct.Struct("@ll")   # struct timeval, as SO_RCVTIMEO / SO_SNDTIMEO take it
 
 # Range reads block in recv_into and sha256: threads, shared by every blob of the process.
 _THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="bytestream")
@@ -71,13 +76,19 @@ class _Grant:
 
 
 class _Connection:
-    """One data connection bound to one blob; used by one read at a time (in a worker thread)."""
+    """One data connection bound to one blob; used by one read at a time (in a worker thread).
+
+    A plain connection is a blocking socket whose receive timeout (SO_RCVTIMEO) is the read's remaining
+    time, received into with MSG_WAITALL a whole unit (RECEIVE_UNIT, whole chunks) per call: one system
+    call and one pass of this loop per unit instead of a poll and a recv per socket buffer's worth. A TLS
+    connection (Python's ssl takes no recv flags) uses per-call timeouts instead."""
 
     def __init__(self, sock: socket.socket, label: str) -> None:
         self.sock = sock
         self.label = label
+        self.plain = not isinstance(sock, ssl.SSLSocket)
         self.last_used = time.monotonic()
-        self._buffer = bytearray()   # received into, reused across reads (grown to the largest read)
+        self._buffer = bytearray()   # one unit, received into and reused when the caller gives no buffer
 
     @classmethod
     def open(cls, host: str, port: int, ticket: bytes, digest: str, size: int, tls: ssl.SSLContext | None,
@@ -91,8 +102,10 @@ class _Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls is not None:
                 sock = tls.wrap_socket(sock, server_hostname=host)
+            else:
+                sock.settimeout(None)   # blocking; each call is bounded by SO_RCVTIMEO / SO_SNDTIMEO
             connection = cls(sock, label)
-            sock.sendall(HELLO.pack(MAGIC, VERSION, ticket, digest_bytes(digest)))
+            connection._send(HELLO.pack(MAGIC, VERSION, ticket, digest_bytes(digest)), deadline)
             status, length = connection._reply(deadline)
             if status != Status.OK:
                 raise ByteStreamUnavailable(f"the byte stream at {label} refused the ticket: "
@@ -107,12 +120,13 @@ class _Connection:
             raise
         return connection
 
-    def read(self, table: ChunkTable, start: int, end: int, deadline: float, deliver: Deliver) -> None:
-        """Bytes [start, end) of the blob (whole chunks) to `deliver`, each chunk checked and delivered (from
-        this connection's reused buffer) as soon as it is complete."""
+    def read(self, table: ChunkTable, start: int, end: int, deadline: float, deliver: Deliver,
+             into: memoryview | None = None) -> None:
+        """Bytes [start, end) of the blob (whole chunks) to `deliver`, a unit at a time, each checked before
+        it is delivered; received into `into` (end - start bytes) when given, else into this connection's
+        reused buffer."""
         length = end - start
-        self.sock.settimeout(_remaining(deadline))
-        self.sock.sendall(REQUEST.pack(start, length))
+        self._send(REQUEST.pack(start, length), deadline)
         status, announced = self._reply(deadline)
         if status == Status.GONE:   # worded as ReadLayer's NOT_FOUND is (fetcher.py)
             raise ByteStreamError(f"does not hold the layer ({self._error_text(announced, deadline)})")
@@ -120,32 +134,57 @@ class _Connection:
             raise ByteStreamError(f"{self.label} refused bytes {start}-{end}: {self._error_text(announced, deadline)}")
         if announced != length:
             raise ByteStreamError(f"{self.label} announced {announced} bytes for a request of {length}")
-        if len(self._buffer) < length:
-            self._buffer = bytearray(length)
-        view = memoryview(self._buffer)[:length]
-        received = checked = 0
-        chunk = table.chunk_size
-        while received < length:
-            self.sock.settimeout(_remaining(deadline))
-            count = self.sock.recv_into(view[received:])
-            if not count:
-                raise ByteStreamError(f"{self.label} closed the stream after {received} of {length} bytes from {start}")
-            received += count
-            ready = length if received == length else received - received % chunk
-            if ready > checked:   # every chunk completed by this receive
-                table.check(start + checked, view[checked:ready], source=f"layerstore {self.label} (byte stream)")
-                deliver(start + checked, view[checked:ready])
-                checked = ready
+        unit = max(1, RECEIVE_UNIT // table.chunk_size) * table.chunk_size
+        if into is None:
+            if len(self._buffer) < min(unit, length):
+                self._buffer = bytearray(min(unit, length))
+            buffer = memoryview(self._buffer)
+        source = f"layerstore {self.label} (byte stream)"
+        for at in range(0, length, unit):
+            count = min(unit, length - at)
+            view = into[at:at + count] if into is not None else buffer[:count]
+            received = self._receive_into(view, deadline)
+            if received < count:
+                raise ByteStreamError(f"{self.label} closed the stream after {at + received} of {length} bytes "
+                                      f"from {start}")
+            table.check(start + at, view, source=source)
+            deliver(start + at, view)
         self.last_used = time.monotonic()
 
-    def _reply(self, deadline: float) -> tuple[int, int]:
-        header = bytearray()
-        while len(header) < REPLY.size:
+    def _receive_into(self, view: memoryview, deadline: float) -> int:
+        """Fill `view` from the socket; fewer bytes only when the peer closed the stream. TimeoutError once
+        `deadline` has passed."""
+        received = 0
+        while received < len(view):
+            try:
+                if self.plain:
+                    _set_timeout(self.sock, socket.SO_RCVTIMEO, deadline)
+                    count = self.sock.recv_into(view[received:], 0, socket.MSG_WAITALL)
+                else:
+                    self.sock.settimeout(_remaining(deadline))
+                    count = self.sock.recv_into(view[received:])
+            except BlockingIOError:   # SO_RCVTIMEO ran out with nothing received
+                _remaining(deadline)
+                continue
+            if not count:
+                break
+            received += count
+        return received
+
+    def _send(self, data: bytes, deadline: float) -> None:
+        if self.plain:
+            _set_timeout(self.sock, socket.SO_SNDTIMEO, deadline)
+        else:
             self.sock.settimeout(_remaining(deadline))
-            more = self.sock.recv(REPLY.size - len(header))
-            if not more:
-                raise ByteStreamError(f"{self.label} closed the stream instead of answering")
-            header += more
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError:
+            raise TimeoutError("the peer did not take a request within the read's deadline") from None
+
+    def _reply(self, deadline: float) -> tuple[int, int]:
+        header = bytearray(REPLY.size)
+        if self._receive_into(memoryview(header), deadline) < REPLY.size:
+            raise ByteStreamError(f"{self.label} closed the stream instead of answering")
         status, length = REPLY.unpack(header)
         if status not in Status._value2member_map_:
             raise ByteStreamError(f"{self.label} sent a malformed reply (status {status})")
@@ -154,17 +193,12 @@ class _Connection:
     def _error_text(self, length: int, deadline: float) -> str:
         if length > MAX_ERROR_BYTES:
             return f"(an error of {length} bytes)"
-        text = bytearray()
+        text = bytearray(length)
         try:
-            while len(text) < length:
-                self.sock.settimeout(_remaining(deadline))
-                more = self.sock.recv(length - len(text))
-                if not more:
-                    break
-                text += more
+            received = self._receive_into(memoryview(text), deadline)
         except OSError:
-            pass
-        return text.decode(errors="replace") or "(no reason given)"
+            received = 0
+        return text[:received].decode(errors="replace") or "(no reason given)"
 
     def abort(self) -> None:
         """Unblock a read in progress (from another thread): the connection is not reused."""
@@ -175,6 +209,13 @@ class _Connection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _set_timeout(sock: socket.socket, option: int, deadline: float) -> None:
+    """SO_RCVTIMEO / SO_SNDTIMEO of a blocking socket := the time left until `deadline` (TimeoutError if none)."""
+    left = _remaining(deadline)
+    seconds = int(left)
+    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(seconds, max(1, int((left - seconds) * 1e6))))
 
 
 def _close_opened(opening: concurrent.futures.Future[_Connection]) -> None:
@@ -211,9 +252,11 @@ class BlobByteStreams:
     def usable(self) -> bool:
         return not self._closed and time.monotonic() >= self._unusable_until
 
-    async def read(self, start: int, end: int, timeout: float, deliver: Deliver) -> None:
-        """Verified bytes [start, end) of the blob to `deliver` (called in a thread, chunk by chunk as they
-        arrive; the view is valid during the call only); see the module docstring for what it raises."""
+    async def read(self, start: int, end: int, timeout: float, deliver: Deliver, into: memoryview | None = None) -> None:
+        """Verified bytes [start, end) of the blob to `deliver` (called in a thread, a unit of whole chunks at
+        a time as they arrive; the view is valid during the call only); received straight into `into` (end -
+        start bytes: what it holds is only verified up to what was delivered) when given. See the module
+        docstring for what it raises."""
         if not self.usable:
             raise ByteStreamUnavailable(self.unusable_reason or "closed")
         deadline = time.monotonic() + timeout
@@ -227,7 +270,7 @@ class BlobByteStreams:
             raise
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(_THREADS, connection.read, self.table, start, end, deadline, deliver)
+            await loop.run_in_executor(_THREADS, connection.read, self.table, start, end, deadline, deliver, into)
         except asyncio.CancelledError:
             connection.abort()
             connection.close()

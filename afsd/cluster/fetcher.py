@@ -240,13 +240,15 @@ class RangeFetcher:
         return {"seconds": elapsed, "shared": float(shared)}
 
     async def _read(self, start: int, end: int) -> tuple[bytearray, Provider]:
-        """A flight of `fetch`: [start, end) into a buffer of its own."""
+        """A flight of `fetch`: [start, end) into a buffer of its own (the byte stream receives straight into
+        it; the flight hands it on only once every byte of it was verified)."""
         buffer = bytearray(end - start)
 
         def deliver(offset: int, data: memoryview) -> None:
-            buffer[offset - start:offset - start + len(data)] = data
+            if data.obj is not buffer:   # (ReadLayer's bytes; the byte stream's are in place already)
+                buffer[offset - start:offset - start + len(data)] = data
 
-        return buffer, await self._read_with_failover(start, end, deliver)
+        return buffer, await self._read_with_failover(start, end, deliver, into=memoryview(buffer))
 
     async def _fill(self, sink_ref: weakref.ref[BlobSink], start: int, end: int) -> tuple[_Delivery, Provider]:
         """A flight of `fill`: [start, end) into the sink (referred to weakly by its flight table, so the
@@ -262,7 +264,8 @@ class RangeFetcher:
 
     # -- reading with failover ----------------------------------------------------------------------
 
-    async def _read_with_failover(self, start: int, end: int, deliver: Deliver) -> Provider:
+    async def _read_with_failover(self, start: int, end: int, deliver: Deliver,
+                                  into: memoryview | None = None) -> Provider:
         errors: dict[str, str] = {}
         definitive: set[str] = set()   # not worth another try within this read
         async for round_ in READ_RETRY.rounds():
@@ -272,16 +275,18 @@ class RangeFetcher:
             while (provider := await self._choose(tried, errors, definitive)) is not None:
                 tried.add(provider.endpoint)
                 try:
-                    await self._read_once(provider, start, end, deliver)
+                    await self._read_once(provider, start, end, deliver, into)
                     return provider
                 except ProviderFailure as failure:
                     self._provider_failed(provider, failure, errors, definitive, f"reading bytes {start}-{end}")
         raise FetchError(self._failure_message(start, end, errors))
 
-    async def _read_once(self, provider: Provider, start: int, end: int, deliver: Deliver) -> None:
+    async def _read_once(self, provider: Provider, start: int, end: int, deliver: Deliver,
+                         into: memoryview | None = None) -> None:
         """[start, end) from `provider`, checked against the chunk table and handed to `deliver` (in a
-        thread): over its byte stream when it offers one, else with one ReadLayer call."""
-        if await self._read_streamed(provider, start, end, deliver):
+        thread): over its byte stream when it offers one (received straight into `into` if given), else
+        with one ReadLayer call."""
+        if await self._read_streamed(provider, start, end, deliver, into):
             self._count_bytes(provider, end - start)
             return
         length = end - start
@@ -321,7 +326,8 @@ class RangeFetcher:
             raise ProviderFailure(str(error), retry=False) from None
         self._count_bytes(provider, length)
 
-    async def _read_streamed(self, provider: Provider, start: int, end: int, deliver: Deliver) -> bool:
+    async def _read_streamed(self, provider: Provider, start: int, end: int, deliver: Deliver,
+                             into: memoryview | None) -> bool:
         """[start, end) over `provider`'s byte stream, verified, to `deliver`; False when it offers no usable one."""
         streams = self._streams.get(provider.endpoint)
         if streams is None and self.byte_stream:
@@ -332,7 +338,7 @@ class RangeFetcher:
         self._counts["read_calls"] += 1
         self._calls_in_flight += 1
         try:
-            await streams.read(start, end, self.call_timeout, deliver)
+            await streams.read(start, end, self.call_timeout, deliver, into)
             return True
         except ByteStreamUnavailable:
             self._counts["read_calls"] -= 1   # nothing was read: the ReadLayer call that follows counts
