@@ -208,3 +208,19 @@ def bytes_served(layerstore: Daemon) -> float:
         for match in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.MULTILINE):
             total += float(match[1])
     return total
+
+
+def wait_idle(find_pids, *, quiet: float = 0.02, period: float = 0.5, timeout: float = 15.0) -> float:
+    """Wait until the processes `find_pids()` returns spend less than `quiet` CPU seconds in `period` (a fresh
+    node's workers import their gRPC stack as they start); returns the CPU seconds they spent meanwhile."""
+    meter = CpuMeter(find_pids)
+    spent = 0.0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        meter.start()
+        time.sleep(period)
+        busy = meter.stop()
+        spent += busy
+        if busy < quiet:
+            break
+    return spent

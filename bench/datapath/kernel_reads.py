@@ -1,9 +1,11 @@
 """Rows 2, 7 and 8: a sequential read through a fanotify mount whose image only a peer holds, cold and
 warm, against a local erofs mount of the complete blob; and the CPU it cost, per GiB.
 
-Each repeat starts a fresh `afsd node` (nothing of the image on it, no prefetch), mounts the image with
-the fanotify backend, drops the page cache and reads the large file start to end in 4 MiB reads (cold),
-then again (warm). Meanwhile it counts the CPU seconds of the holder layerstore and of every process of
+Each repeat starts a fresh `afsd node` (nothing of the image on it, no background prefetch, no learned
+prefetch: an earlier repeat's trace would fill the file before it is read), mounts the image with the
+fanotify backend, waits until the node's processes are idle (a fetch worker imports its gRPC stack as it
+starts: a one-time cost, printed, not a cost per GiB), drops the page cache and reads the large file start
+to end in 4 MiB reads (cold), then again (warm). Meanwhile it counts the CPU seconds of the holder layerstore and of every process of
 the node (the daemon, the fanotify supervisor and keeper, the fetch workers: each names the node's state
 directory on its command line) and the bytes the holder served. Baseline, same run: the holder's blob
 file mounted file-backed on this machine, read cold (page cache dropped) and warm.
@@ -17,7 +19,7 @@ from typing import Any
 from afsd.erofs.mount import mount_erofs, unmount
 from bench._common import MB, MIB, drop_caches, read_all, write_random_file
 from bench.datapath._lab import (BenchLab, CpuMeter, bytes_served, daemon_pid, node_state_dir,
-                                 pids_whose_command_line_has)
+                                 pids_whose_command_line_has, wait_idle)
 from bench.datapath._report import Row, Section
 
 GIB = 1 << 30
@@ -32,15 +34,16 @@ def measure(lab: BenchLab, size_mib: int, repeats: int) -> Section:
     (held,) = lab.hold(reference)
 
     runs: dict[str, list[float]] = {"cold": [], "warm": [], "local cold": [], "local warm": []}
-    cpu: dict[str, float] = {"holder": 0.0, "node": 0.0}
+    cpu: dict[str, float] = {"holder": 0.0, "node": 0.0, "node_settling": 0.0}
     served = 0.0
     for index in range(repeats):
-        node = lab.node("seq")
+        node = lab.node("seq", extra_args=["--no-learned-prefetch"])
         target = lab.work / f"seq-mnt-{index}"
         try:
             lab.mount(node, reference, target)
             holder_cpu = CpuMeter(lambda: [daemon_pid(lab.holder)])
             state = node_state_dir(node)
+            cpu["node_settling"] += wait_idle(lambda: pids_whose_command_line_has(state))
             node_cpu = CpuMeter(lambda: pids_whose_command_line_has(state))
             drop_caches()
             served_before = bytes_served(lab.holder)
@@ -78,7 +81,8 @@ def measure(lab: BenchLab, size_mib: int, repeats: int) -> Section:
     gib = served / GIB if served else 0.0
     if gib:
         print(f"  during the cold reads: holder served {served / MIB:,.0f} MiB with {cpu['holder']:.2f} CPU s; "
-              f"the node's processes used {cpu['node']:.2f} CPU s")
+              f"the node's processes used {cpu['node']:.2f} CPU s (and {cpu['node_settling']:.2f} CPU s after the mounts, "
+              "before the reads)")
         section.rows.append(Row("layerstore CPU per GiB served (during the cold reads)",
                                 f"{cpu['holder'] / gib:.2f} CPU s/GiB", "-", None, "reported, halved"))
         section.rows.append(Row("node CPU per GiB filled (daemon, supervisor, keeper, workers)",

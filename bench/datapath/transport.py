@@ -4,9 +4,11 @@ The holder layerstore (a real daemon) holds one blob of `size_mib` MiB of random
 run, each the median of `repeats`:
 - baseline: the holder's blob file sent by a thread of this process with `socket.sendfile` and received
   with `recv_into` into one reusable 4 MiB buffer (no verification): what the socket can carry here;
-- `RangeFetcher.fetch(0, size)`: what a node's fetch worker does (pieces in parallel, every chunk checked
-  against the blob's chunk table), once per transport the fetcher offers (ReadLayer always; the
-  negotiated byte stream when this checkout has it), with the holder's CPU seconds per GiB it served;
+- `RangeFetcher.fetch(0, size)` (pieces in parallel, every chunk checked against the blob's chunk table,
+  the bytes returned in memory), once per transport the fetcher offers (ReadLayer always; the negotiated
+  byte stream when this checkout has it), with the holder's CPU seconds per GiB it served; and
+  `RangeFetcher.fill(0, size)` into a sparse blob file, what a node's fetch worker does (each verified
+  piece written into the blob as it arrives), where this checkout has it;
 - candidates for the bulk byte path, in this process: raw TCP + sha256 of every 1 MiB chunk as it
   arrives (one stream and two), the same over TLS (pread + sendall: Python's ssl cannot sendfile), and
   grpc.aio server streaming of raw bytes (identity serializers, 4 MiB messages) and of protobuf-wrapped
@@ -71,6 +73,9 @@ def measure(lab: BenchLab, size_mib: int, repeats: int) -> Section:
         fetcher_modes["RangeFetcher (byte stream)"] = {"byte_stream": True}
     for name, options in fetcher_modes.items():
         modes[name] = lambda options=options: _fetch_whole(lab, held, options)
+    if _has_byte_stream() and hasattr(RangeFetcher, "fill"):
+        fetcher_modes["RangeFetcher.fill into a blob file (byte stream)"] = {"byte_stream": True}
+        modes["RangeFetcher.fill into a blob file (byte stream)"] = lambda: _fill_whole(lab, held)
     if _tls_context_pair() is None:
         del modes["TLS + sha256 per chunk, 1 stream"]
 
@@ -144,6 +149,34 @@ def _fetch_whole(lab: BenchLab, held: HeldLayer, options: dict[str, Any]) -> Sam
             await channels.close()
 
     return _metered(lab, lambda: asyncio.run(fetch()))
+
+
+def _fill_whole(lab: BenchLab, held: HeldLayer) -> Sample:
+    """The whole blob into a fresh sparse file, as a fetch worker fills a blob (hole_sink: only holes written)."""
+    from afsd.ondemand.sinks import hole_sink
+    from afsd.ondemand.sparse import open_sized
+    from afsd.ondemand.spec import Priority
+
+    spec = dataclasses.replace(held.spec, providers=(lab.holder.address,))
+    path = lab.work / "transport-fill.blob"
+    path.unlink(missing_ok=True)
+
+    async def fill() -> None:
+        channels = ChannelPool()
+        fetcher = RangeFetcher(spec, discovery=None, channels=channels, byte_stream=True)
+        sink = hole_sink(open_sized(path, spec.size), spec.size)
+        try:
+            filled = await fetcher.fill(0, spec.size, Priority.DEMAND, sink)
+            assert filled.written == spec.size
+        finally:
+            sink.close()
+            await fetcher.close()
+            await channels.close()
+
+    try:
+        return _metered(lab, lambda: asyncio.run(fill()))
+    finally:
+        path.unlink(missing_ok=True)
 
 
 async def _read_layer(lab: BenchLab, held: HeldLayer) -> Sample:
