@@ -204,7 +204,7 @@ async def test_a_hostile_byte_stream_is_caught_and_another_provider_serves(share
                 await alone.close()
             expected = {"wrong_bytes": "does not match the blob's chunk digest", "short": "closed the stream after",
                         "huge_length": f"announced {1 << 62} bytes", "huge_error": "an error of",
-                        "stall": "too slowly", "garbage_reply": "malformed reply"}[behaviour]
+                        "stall": "too slowly", "trickle": "too slowly", "garbage_reply": "malformed reply"}[behaviour]
             assert hostile.address in str(failed.value) and expected in str(failed.value), str(failed.value)
     finally:
         listener.close()

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Self
 
@@ -23,14 +24,16 @@ from afsd.api import layerstore_pb2_grpc as pb_grpc
 from afsd.cluster.bytestream_server import ByteStreamServer
 from afsd.cluster.bytestream_wire import HELLO, REPLY, REQUEST, Status
 
-HOSTILE_BEHAVIOURS = ("wrong_bytes", "short", "huge_length", "huge_error", "stall", "garbage_reply")
+HOSTILE_BEHAVIOURS = ("wrong_bytes", "short", "huge_length", "huge_error", "stall", "trickle", "garbage_reply")
 
 
 class HostileDataListener:
     """A data listener that accepts any hello, then answers range requests as `behaviour` says:
     wrong_bytes: the blob's bytes with one flipped in the middle of the range; short: half the range,
     then close; huge_length: announces 2^62 bytes; huge_error: an error whose text claims to be 1 TiB;
-    stall: never answers a request; garbage_reply: an unknown status and random bytes instead of a reply header."""
+    stall: never answers a request; trickle: half the range, then one byte every 0.1 s (a reader that waits
+    for whole units must still keep its deadline); garbage_reply: an unknown status and random bytes instead
+    of a reply header."""
 
     def __init__(self, blob: Path, behaviour: str) -> None:
         assert behaviour in HOSTILE_BEHAVIOURS, behaviour
@@ -88,6 +91,11 @@ class HostileDataListener:
                     connection.sendall(REPLY.pack(Status.OK, 1 << 62) + data)
                 elif self.behaviour == "huge_error":
                     connection.sendall(REPLY.pack(Status.INTERNAL, 1 << 40) + b"x" * 4096)
+                elif self.behaviour == "trickle":
+                    connection.sendall(REPLY.pack(Status.OK, length) + data[:length // 2])
+                    for byte in range(length // 2, length):
+                        time.sleep(0.1)
+                        connection.sendall(data[byte:byte + 1])
                 elif self.behaviour == "garbage_reply":   # a status byte no Status has, then noise
                     connection.sendall(b"\xff" + os.urandom(REPLY.size - 1))
                 else:   # stall
