@@ -104,5 +104,5 @@ def _import_cluster_modules() -> None:
     for name in _CLUSTER_MODULES:   # (a fill that needs one meanwhile waits on the import lock, as it should)
         try:
             importlib.import_module(name)
-        except ImportError:   # make() imports it again and reports the error where it matters
+        except Exception:   # noqa: BLE001 - make() imports it again and reports the error where it matters
             return
