@@ -14,8 +14,6 @@ into a RangeFetcher (failover, leases), and still serves the "file" kind.
 
 from __future__ import annotations
 
-import importlib
-import threading
 from typing import TYPE_CHECKING, Any
 
 from afsd.ondemand.sources import FileSources
@@ -28,10 +26,6 @@ if TYPE_CHECKING:   # the gRPC stack is imported only where a cluster source is 
     from afsd.trust.tls import TlsConfig
 
 CLUSTER_SOURCES = "afsd.cluster.sources:ClusterSources"
-# What a cluster source needs (the gRPC stack, ~0.2-0.3 CPU s): a worker imports it in the background as it
-# starts, not when its first fill arrives (a reader would wait for the imports, and they would count as CPU of
-# the first GiB it fills).
-_CLUSTER_MODULES = ("afsd.cluster.discovery_client", "afsd.cluster.fetcher", "afsd.rpc", "afsd.trust.tls")
 
 
 def cluster_source_config(discovery_endpoints: list[str], *, local_endpoint: str | None, node_id: str,
@@ -67,7 +61,6 @@ class ClusterSources(FileSources):
     def __init__(self) -> None:
         self._channels: ChannelPool | None = None
         self._discovery: dict[tuple[str, ...], DiscoveryClient] = {}
-        threading.Thread(target=_import_cluster_modules, name="cluster-imports", daemon=True).start()
 
     def make(self, spec: BlobSpec, config: dict[str, Any]) -> RangeSource:
         if config.get("kind") != "cluster":
@@ -98,11 +91,3 @@ class ClusterSources(FileSources):
         from afsd.cluster.fetch_metrics import FETCH_METRICS
 
         return FETCH_METRICS.totals()
-
-
-def _import_cluster_modules() -> None:
-    for name in _CLUSTER_MODULES:   # (a fill that needs one meanwhile waits on the import lock, as it should)
-        try:
-            importlib.import_module(name)
-        except Exception:   # noqa: BLE001 - make() imports it again and reports the error where it matters
-            return

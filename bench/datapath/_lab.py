@@ -211,8 +211,8 @@ def bytes_served(layerstore: Daemon) -> float:
 
 
 def wait_idle(find_pids, *, quiet: float = 0.02, period: float = 0.5, timeout: float = 15.0) -> float:
-    """Wait until the processes `find_pids()` returns spend less than `quiet` CPU seconds in `period` (a fresh
-    node's workers import their gRPC stack as they start); returns the CPU seconds they spent meanwhile."""
+    """Wait until the processes `find_pids()` returns spend less than `quiet` CPU seconds in `period` (a node
+    still busy with a mount); returns the CPU seconds they spent meanwhile."""
     meter = CpuMeter(find_pids)
     spent = 0.0
     deadline = time.monotonic() + timeout

@@ -3,8 +3,8 @@ warm, against a local erofs mount of the complete blob; and the CPU it cost, per
 
 Each repeat starts a fresh `afsd node` (nothing of the image on it, no background prefetch, no learned
 prefetch: an earlier repeat's trace would fill the file before it is read), mounts the image with the
-fanotify backend, waits until the node's processes are idle (a fetch worker imports its gRPC stack as it
-starts: a one-time cost, printed, not a cost per GiB), drops the page cache and reads the large file start
+fanotify backend, waits until the node's processes are idle (what they still do for the mount is printed,
+not counted as a cost of the read), drops the page cache and reads the large file start
 to end in 4 MiB reads (cold), then again (warm). Meanwhile it counts the CPU seconds of the holder layerstore and of every process of
 the node (the daemon, the fanotify supervisor and keeper, the fetch workers: each names the node's state
 directory on its command line) and the bytes the holder served. Baseline, same run: the holder's blob
