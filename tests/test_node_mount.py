@@ -198,10 +198,12 @@ async def test_the_nodes_metrics_count_the_fetches_of_its_fetch_workers(cluster:
     assert mounted.returncode == 0, mounted.stderr
     for path in sorted(target.rglob("*.bin")):
         path.read_bytes()
-    await cluster.wait_until(lambda: _metric(node, "afsd_fanotify_bytes_filled_local_total"), 15,
-                             "the node's /metrics to report the fanotify fills")
+    # Fills are counted as their pieces land and the metrics arrive in snapshots: wait for all of them,
+    # not for the first (a snapshot taken mid-fill reported 5 MiB of the 24).
+    async def every_read_byte_filled() -> bool:
+        return await _metric(node, "afsd_fanotify_bytes_filled_local_total") >= 24 << 20
+    await cluster.wait_until(every_read_byte_filled, 30, "the node's /metrics to report every fanotify fill")
     filled = await _metric(node, "afsd_fanotify_bytes_filled_local_total")
-    assert filled >= 24 << 20
 
     async def fetches_cover_the_fills() -> bool:
         return await _metric(node, "afsd_fetch_bytes_total", source="local") >= filled
