@@ -1,5 +1,5 @@
-"""A mount's layers acquired at once (afsd/node/concurrently.py) and timed by phase (afsd/phases.py):
-whatever happens, every layer acquired is released exactly once, and none that was not."""
+"""A mount's layers acquired and released at once (afsd/node/concurrently.py) and timed by phase
+(afsd/phases.py): whatever happens, every layer acquired is released exactly once, and none that was not."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import contextlib
 import pytest
 
 from afsd import phases
-from afsd.node.concurrently import acquire_all
+from afsd.node.concurrently import acquire_all, release_all
 
 
 class Layers:
@@ -72,3 +72,40 @@ async def test_phases_are_summed_over_the_tasks_a_recording_starts() -> None:
         pass
     assert list(log.milliseconds) == ["attach", "erofs"] and log.milliseconds["attach"] >= 35
     assert log.summary().startswith("attach=") and " total=" in log.summary()
+
+
+async def test_releases_run_together_and_one_failure_does_not_stop_the_others() -> None:
+    first_started, released = asyncio.Event(), []
+
+    async def release(index: int, fail: bool = False) -> None:
+        if index == 0:
+            first_started.set()
+        else:
+            await first_started.wait()   # ends only if release 0 started without waiting for this one
+        if fail:
+            raise RuntimeError(f"layer {index} failed")
+        released.append(index)
+
+    async def slow_release(index: int) -> None:
+        await asyncio.sleep(0.02)
+        await release(index)
+
+    with pytest.raises(RuntimeError, match="layer 1 failed"):
+        await asyncio.wait_for(release_all([slow_release(2), release(1, fail=True), release(0)]), 60)
+    assert sorted(released) == [0, 2]    # the failure was raised once every other release had ended
+    await release_all([])
+
+
+async def test_a_cancelled_teardown_lets_the_releases_under_way_finish() -> None:
+    released: list[int] = []
+
+    async def release(index: int) -> None:
+        await asyncio.sleep(0.05)
+        released.append(index)
+
+    task = asyncio.ensure_future(release_all([release(0), release(1)]))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sorted(released) == [0, 1]

@@ -37,7 +37,7 @@ from afsd.cluster.peers import stat_from_blob_spec
 from afsd.erofs.mount import mount_tmpfs, unmount
 from afsd.erofs.stack import LayerTree, remove_stack_scratch, stack_layer_trees
 from afsd.errors import AfsdError
-from afsd.node.concurrently import acquire_all
+from afsd.node.concurrently import acquire_all, release_all
 from afsd.node.images import ImageLocator
 from afsd.node.leases import LeaseBook, LeaseRecord, LeaseRequestError, check_lease_id
 from afsd.node.records import MountRecord, StateDir, mounted_paths
@@ -132,9 +132,10 @@ class NodeDaemon:
             if task:
                 task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        for use in [u for u in self._layers.values() if u.lingering is not None]:
+        lingering = [u for u in self._layers.values() if u.lingering is not None]
+        for use in lingering:
             use.lingering.cancel()     # lingering layers have no mount record: release them now
-            await self._drop_layer(use)
+        await release_all([self._drop_layer(use) for use in lingering], "dropping a lingering layer")
         for name, backend in self.backends.items():
             if self._unavailable.get(name) is None:
                 await backend.close()
@@ -269,9 +270,8 @@ class NodeDaemon:
             await asyncio.to_thread(unmount, Path(record.tmpfs_path), detach=True)
         await asyncio.to_thread(remove_stack_scratch, scratch)
         await asyncio.to_thread(shutil.rmtree, scratch, True)
-        for spec in record.layers:
-            if spec.layer_digest in self._layers:
-                await self._release_layer(spec.layer_digest)
+        await release_all([self._release_layer(spec.layer_digest) for spec in record.layers
+                           if spec.layer_digest in self._layers], f"releasing a layer of {record.image}")
         await asyncio.to_thread(self.state.forget, record)
         if self._records.pop(record.mount_id, None) is not None:
             MOUNTS.labels(record.backend).dec()
