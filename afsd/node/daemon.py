@@ -136,6 +136,8 @@ class NodeDaemon:
         for use in lingering:
             use.lingering.cancel()     # lingering layers have no mount record: release them now
         await release_all([self._drop_layer(use) for use in lingering], "dropping a lingering layer")
+        if self.traces is not None:    # what was recorded reaches discovery (within a grace period)
+            await self.traces.close()
         for name, backend in self.backends.items():
             if self._unavailable.get(name) is None:
                 await backend.close()
@@ -305,7 +307,7 @@ class NodeDaemon:
                 await self._attach_and_mount(use, self.traces.startup(learned) if self.traces else NO_STARTUP_TRACE)
                 self._layers[spec.layer_digest] = use
                 if self.traces is not None and self.traces.settings.enabled:
-                    use.recording = self._in_background(self.traces.follow(backend, spec, manifest_digest))
+                    use.recording = self.traces.follow_in_background(backend, spec, manifest_digest)
                 if self.layerstore_admin_socket is not None:   # complete already (eager; a blob kept whole)
                     self._in_background(self._hand_over_if_complete(use))
             if use.lingering is not None:   # wanted again before its linger ran out
@@ -359,7 +361,7 @@ class NodeDaemon:
         if use.recording is not None and not use.recording.done() and self.traces is not None:
             use.recording.cancel()   # its recording goes with it: take and report it first
             trace = await self.traces.finish(use.backend, use.spec)
-            self._in_background(self.traces.report(use.spec, use.manifest_digest, trace))
+            self.traces.report_in_background(use.spec, use.manifest_digest, trace)
         if str(use.mountpoint) in await asyncio.to_thread(mounted_paths):
             await asyncio.to_thread(unmount, use.mountpoint, detach=True)
         await use.backend.detach(use.spec, use.blob_path)

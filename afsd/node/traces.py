@@ -6,7 +6,10 @@ discovery, bounded in time: a slow or absent discovery costs a mount at most LOO
 layer's ranges to its backend's attach (`startup`), which fetches them before the first miss is answered
 and records what readers read first. After attaching, `follow` waits for the recording window to close,
 takes the recording and reports it (`ReportAccessTrace` to every replica); a layer detached earlier has its
-recording taken (closed) and reported first. Traces from discovery are peer data: each is checked against
+recording taken (closed) and reported first. A node that stops (`close`) gives what it recorded
+`TraceSettings.report_grace` seconds to reach discovery: recordings still open are closed, taken and
+reported, reports under way go on; whatever is not done by then is given up, so a stop stays prompt even
+when discovery does not answer. Traces from discovery are peer data: each is checked against
 the blob the mount verified (`learned_ranges`: another blob's or size refused, ranges past the end cut off),
 and every byte a backend then fetches is checked against the signed chunk table.
 """
@@ -14,9 +17,10 @@ and every byte a backend then fetches is checked against the signed chunk table.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -47,6 +51,7 @@ REPORTS = Counter("afsd_node_trace_reports_total", "Recordings of a layer's firs
 class TraceSettings:
     enabled: bool = True          # use what the cluster learned, and record and report (--no-learned-prefetch)
     window: float = DEFAULT_WINDOW   # seconds of a layer's first reads recorded, from its first read
+    report_grace: float = 3.0     # seconds a stopping node gives its recordings to reach discovery
 
 
 class LearnedTraces:
@@ -55,6 +60,8 @@ class LearnedTraces:
         self.node_id = node_id
         self.settings = settings
         self._reported: dict[tuple[str, str], float] = {}   # (blob, image) -> when (monotonic)
+        self._tasks: set[asyncio.Task[None]] = set()        # recordings followed, reports under way
+        self._closing = asyncio.Event()                     # the node is stopping: report what there is now
 
     async def learned(self, manifest_digest: str, specs: Sequence[BlobSpec]) -> dict[str, tuple[tuple[int, int], ...]]:
         """By layer digest, the ranges the cluster learned tasks of this image read first (checked, in
@@ -90,20 +97,53 @@ class LearnedTraces:
             return NO_STARTUP_TRACE
         return StartupTrace(learned=learned, record=self.settings.window)
 
+    def follow_in_background(self, backend: Backend, spec: BlobSpec, manifest_digest: str) -> asyncio.Task[None]:
+        """`follow` as a task that `close` winds up."""
+        return self._in_background(self.follow(backend, spec, manifest_digest))
+
+    def report_in_background(self, spec: BlobSpec, manifest_digest: str, trace: RecordedTrace | None) -> None:
+        """`report` as a task that `close` gives its grace period."""
+        self._in_background(self.report(spec, manifest_digest, trace))
+
     async def follow(self, backend: Backend, spec: BlobSpec, manifest_digest: str) -> None:
         """Wait until the layer's recording window closes, then report the recording (cancelled when the
-        layer goes first: then `finish`)."""
+        layer goes first: then `finish`). When the node stops, the recording is closed and reported now."""
         try:
             for _ in range(FOLLOW_ROUNDS):
-                trace = await backend.take_trace(spec)
+                closing = self._closing.is_set()
+                trace = await backend.take_trace(spec, close=closing)
                 if trace is None:
                     return
                 if trace.closed:
                     await self.report(spec, manifest_digest, trace)
                     return
-                await asyncio.sleep(trace.open_for + 0.5 if trace.opened else self.settings.window)
+                if closing:   # nothing read yet: nothing to tell
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(),
+                                           trace.open_for + 0.5 if trace.opened else self.settings.window)
         except (AfsdError, OSError) as error:   # e.g. its supervisor restarted: the recording is gone
             log.warning("lost the recording of layer %s's first reads: %s", spec.layer_digest, error)
+
+    async def close(self) -> None:
+        """The node is stopping: close and report the open recordings, let reports under way finish, for at
+        most `report_grace` seconds; then give up what is left."""
+        self._closing.set()
+        pending = set(self._tasks)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self.settings.report_grace)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("gave up reporting %d recordings of first reads: discovery did not take them within "
+                            "%g s", len(late), self.settings.report_grace)
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _in_background(self, coroutine: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def finish(self, backend: Backend, spec: BlobSpec) -> RecordedTrace | None:
         """The layer is about to go: close its recording and take it (report it with `report`)."""
