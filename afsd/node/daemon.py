@@ -252,7 +252,9 @@ class NodeDaemon:
 
     async def unmount(self, target_or_id: str) -> MountRecord:
         record = self._find(target_or_id)
-        await self._teardown(record)
+        with phases.recording() as timeline:
+            await self._teardown(record)
+        log.info("unmount of %s, ms by phase (summed over layers): %s", record.image, timeline.summary())
         return record
 
     def _find(self, target_or_id: str) -> MountRecord:
@@ -266,7 +268,8 @@ class NodeDaemon:
         """Unmount the overlay, its tmpfs upper and (when unused) its layers; forget the record."""
         mounted = await asyncio.to_thread(mounted_paths)
         if record.target in mounted:
-            await asyncio.to_thread(unmount, Path(record.target), detach=True)
+            with phases.phase("overlay"):
+                await asyncio.to_thread(unmount, Path(record.target), detach=True)
         scratch = self.state.scratch(record.mount_id)
         if record.tmpfs_path and record.tmpfs_path in mounted:
             await asyncio.to_thread(unmount, Path(record.tmpfs_path), detach=True)
@@ -360,11 +363,14 @@ class NodeDaemon:
         self._layers.pop(use.spec.layer_digest, None)
         if use.recording is not None and not use.recording.done() and self.traces is not None:
             use.recording.cancel()   # its recording goes with it: take and report it first
-            trace = await self.traces.finish(use.backend, use.spec)
+            with phases.phase("release.trace"):
+                trace = await self.traces.finish(use.backend, use.spec)
             self.traces.report_in_background(use.spec, use.manifest_digest, trace)
-        if str(use.mountpoint) in await asyncio.to_thread(mounted_paths):
-            await asyncio.to_thread(unmount, use.mountpoint, detach=True)
-        await use.backend.detach(use.spec, use.blob_path)
+        with phases.phase("release.erofs"):
+            if str(use.mountpoint) in await asyncio.to_thread(mounted_paths):
+                await asyncio.to_thread(unmount, use.mountpoint, detach=True)
+        with phases.phase("release.detach"):
+            await use.backend.detach(use.spec, use.blob_path)
         with contextlib.suppress(OSError):
             await asyncio.to_thread(use.mountpoint.rmdir)
 
