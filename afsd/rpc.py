@@ -61,9 +61,20 @@ def status_for(error: BaseException, specific: StatusTable = ()) -> grpc.StatusC
     return grpc.StatusCode.INTERNAL
 
 
+# Trailing metadata on every refusal a handler makes: a client tells "the daemon answered UNAVAILABLE"
+# (e.g. no provider of a layer) from "nothing answered" (no daemon on the socket), which share the code.
+REFUSAL_KEY = "afsd-refusal"
+
+
 async def abort_for(context: grpc.aio.ServicerContext, error: errors.AfsdError, specific: StatusTable = ()) -> None:
     """End the call with the status that fits `error` and its one-line message."""
-    await context.abort(status_for(error, specific), str(error))
+    await context.abort(status_for(error, specific), str(error), trailing_metadata=((REFUSAL_KEY, type(error).__name__),))
+
+
+def daemon_did_not_answer(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call never reached a handler: UNAVAILABLE without the daemon's refusal mark."""
+    marks = error.trailing_metadata() or ()
+    return error.code() == grpc.StatusCode.UNAVAILABLE and not any(key == REFUSAL_KEY for key, _ in marks)
 
 
 # Calls a server runs at once; more are refused at once with RESOURCE_EXHAUSTED (a flood of idle streams
@@ -181,7 +192,7 @@ async def _socket_answers(path: Path) -> bool:
 def unreachable_hint(error: grpc.aio.AioRpcError, tls: TlsConfig | None) -> str:
     """What to check when a call failed before reaching the server: with mutual TLS a refused handshake
     (no certificate, another CA, a server certificate not naming the host dialled) looks like that."""
-    if error.code() != grpc.StatusCode.UNAVAILABLE:
+    if not daemon_did_not_answer(error):
         return ""
     if tls is None:
         return " (if it runs with mutual TLS, give --tls-dir with a certificate from its cluster CA)"

@@ -15,6 +15,7 @@ import grpc
 from afsd.afslet.errors import SetupError
 from afsd.api import node_pb2 as pb
 from afsd.api import node_pb2_grpc as pb_grpc
+from afsd.rpc import daemon_did_not_answer
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class NodeMounts:
         await self._channel.close()
 
     def _explain(self, error: grpc.aio.AioRpcError, what: str) -> str:
-        if error.code() == grpc.StatusCode.UNAVAILABLE:
+        if daemon_did_not_answer(error):
             return (f"{what}: the node daemon does not answer on {self.socket} ({error.details()}); "
                     "start it with `afsd node`")
         return f"{what}: {error.details() or error.code().name}"

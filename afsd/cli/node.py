@@ -166,12 +166,14 @@ def _stub(args: argparse.Namespace):
 async def _call(args: argparse.Namespace, method: str, request):
     import grpc
 
+    from afsd.rpc import daemon_did_not_answer
+
     channel, stub = _stub(args)
     async with channel:
         try:
             return await getattr(stub, method)(request, timeout=3600)
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (error.details() or "").lower():
+            if daemon_did_not_answer(error):
                 raise AfsdError(f"the node daemon is not running (nothing answers on {args.socket}); "
                                 "start it with `afsd node`") from None
             raise AfsdError(error.details() or error.code().name) from None

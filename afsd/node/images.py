@@ -46,6 +46,10 @@ class ImageUnavailableError(AfsdError):
     """No layerstore has the image and none could pull it."""
 
 
+class HoldersUnreachableError(ImageUnavailableError):
+    """Every holder discovery listed for a layer failed to answer at all (not: answered wrongly)."""
+
+
 @dataclass(frozen=True)
 class ResolvedMount:
     key: str
@@ -114,7 +118,8 @@ class ImageLocator:
         if not holders:
             puller, _ = await self._pull_somewhere(reference, platform)
             holders = [dpb.ServiceInstance(endpoint=puller, layer_digests=[digest])]
-        return resolved.manifest_digest, await self._spec(digest, layer.diff_id, holders, reference)
+        (spec,) = await self._specs([layer], {digest: holders}, reference, platform)
+        return resolved.manifest_digest, spec
 
     async def _locate(self, reference: ImageReference, platform: Platform) -> ResolvedMount:
         with phases.phase("locate.resolve"):
@@ -132,9 +137,28 @@ class ImageLocator:
                         layer_stats=[dpb.LayerStat(digest=layer.digest, afs_size=layer.afs_size,
                                                    blob_digest=layer.blob_digest)]))
         with phases.phase("locate.stat"):
-            specs = [await self._spec(layer.digest, layer.diff_id, holders[layer.digest], reference)
-                     for layer in resolved.layers]
+            specs = await self._specs(list(resolved.layers), holders, reference, platform)
         return ResolvedMount(image_key(reference, platform), reference, resolved.manifest_digest, specs)
+
+    async def _specs(self, layers: list[dpb.ImageLayer], holders: dict[str, list[dpb.ServiceInstance]],
+                     reference: ImageReference, platform: Platform) -> list[BlobSpec]:
+        """Each layer's blob from its holders. Discovery lists a node that died until its heartbeat
+        expires: when none of a layer's holders answers at all, a layerstore pulls the image (once for
+        every such layer), as if nobody held it."""
+        specs: list[BlobSpec | None] = []
+        for layer in layers:
+            try:
+                specs.append(await self._spec(layer.digest, layer.diff_id, holders[layer.digest], reference))
+            except HoldersUnreachableError as error:
+                log.warning("%s; asking a layerstore to pull %s instead", error, reference)
+                specs.append(None)
+        if any(spec is None for spec in specs):
+            puller, _ = await self._pull_somewhere(reference, platform)
+            for index, layer in enumerate(layers):
+                if specs[index] is None:
+                    specs[index] = await self._spec(layer.digest, layer.diff_id, [dpb.ServiceInstance(
+                        endpoint=puller, layer_digests=[layer.digest])], reference)
+        return [spec for spec in specs if spec is not None]
 
     async def _holders(self, digest: str) -> list[dpb.ServiceInstance]:
         try:
@@ -188,7 +212,7 @@ class ImageLocator:
         if self.local_layerstore in endpoints:
             endpoints.remove(self.local_layerstore)
             endpoints.insert(0, self.local_layerstore)
-        errors = []
+        errors, answered = [], False
         for endpoint in endpoints:
             try:
                 stat = await LayerStorePeer(endpoint, self.channels).stat_layer(digest, diff_id=diff_id,
@@ -199,12 +223,13 @@ class ImageLocator:
             except PeerAnswerError as error:
                 log.warning("layer %s: not using the StatLayer answer of %s", digest, error)
                 errors.append(str(error))
+                answered = True
                 continue
             advertised = {n.endpoint: _advertised_blob(n, digest) for n in holders}
             providers = tuple(e for e in endpoints if advertised.get(e) in ("", stat.blob_digest))
             return blob_spec_from_stat(stat, providers)
-        raise ImageUnavailableError(f"no provider of layer {digest} gave a usable StatLayer answer: "
-                                    + "; ".join(errors))
+        error_type = ImageUnavailableError if answered else HoldersUnreachableError
+        raise error_type(f"no provider of layer {digest} gave a usable StatLayer answer: " + "; ".join(errors))
 
 
 def _advertised_blob(node: dpb.ServiceInstance, digest: str) -> str:

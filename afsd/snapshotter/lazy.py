@@ -31,7 +31,7 @@ import grpc
 from afsd.api import node_pb2 as pb
 from afsd.api import node_pb2_grpc as pb_grpc
 from afsd.errors import AfsdError
-from afsd.rpc import CHANNEL_OPTIONS
+from afsd.rpc import CHANNEL_OPTIONS, daemon_did_not_answer
 from afsd.snapshotter.layout import check_lower_path
 from afsd.snapshotter.store import SnapshotArgumentError
 
@@ -117,7 +117,7 @@ class NodeLayers:
         try:
             return await getattr(self._stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNAVAILABLE:
+            if daemon_did_not_answer(error):
                 raise NodeLayerError(f"cannot {what}: the node daemon does not answer on {self.socket} "
                                      f"({error.details()})") from None
             raise NodeLayerError(f"cannot {what}: {error.code().name}: {error.details()}") from None
