@@ -37,6 +37,11 @@ async def test_results_come_in_order_and_are_released_last_first() -> None:
     assert layers.released == [2, 1, 0]
 
 
+async def test_nothing_to_acquire_is_no_error() -> None:
+    async with contextlib.AsyncExitStack() as undo:
+        assert await acquire_all([], Layers().release, undo) == []
+
+
 async def test_one_failure_releases_the_others_once_they_are_done() -> None:
     layers = Layers()
     with pytest.raises(RuntimeError, match="layer 1 failed"):

@@ -29,6 +29,8 @@ async def acquire_all(acquisitions: Sequence[Awaitable[T]], release: Callable[[i
     """The results of `acquisitions`, in order; `release(i)` is pushed onto `undo` for every i that succeeded
     (in order, so they are released last-acquired first, as a sequential loop would)."""
     tasks = [asyncio.ensure_future(acquisition) for acquisition in acquisitions]
+    if not tasks:   # an image without layers (asyncio.wait refuses an empty set)
+        return []
     try:
         await asyncio.wait(tasks)
     except BaseException:   # we are cancelled: stop the acquisitions, then release whatever they got
