@@ -257,8 +257,7 @@ class LearnedPrefetch:
         return touched, used
 
     def covers(self, offset: int) -> bool:
-        """Whether the byte at `offset` is in a chunk of the learned trace (fetched by the learned stream, or
-        present before it started: a chunk the metadata prefill fetched whole)."""
+        """Whether the byte at `offset` is in a chunk of the learned trace (whoever fetched that chunk)."""
         return offset // self.chunk_size in self.planned
 
     @property

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 from afsd.errors import AfsdError
 from afsd.ondemand.fanotify import _sys
@@ -31,12 +29,11 @@ class BlobFileError(AfsdError):
     """A blob file the fanotify backend cannot serve as it is."""
 
 
-async def prepare_blob(spec: BlobSpec, blob_path: Path, source: RangeSource, *,
-                       whole_chunks: bool = False) -> bool:
+async def prepare_blob(spec: BlobSpec, blob_path: Path, source: RangeSource) -> bool:
     """Create `blob_path` as a sparse file of the blob's size with every metadata byte present (fetched
     through `source`, verified, `PREFILL_CONCURRENCY` requests at a time), so erofs can mount it and only
-    file data is left to fill on demand. With `whole_chunks`, the fetched chunks are written whole (more
-    bytes present, fewer events later; measured: not worth it for the node's mounts, see the backend).
+    file data is left to fill on demand. Only the metadata of each fetched chunk is written: keeping the
+    whole chunks cost the mount more than the fills it saved (measured; see docs/learned-prefetch.md).
 
     A file already there with the right size and its metadata present is kept (it may be partly filled
     from an earlier run, and may be registered: it is not written to). Returns True when it created
@@ -54,10 +51,15 @@ async def prepare_blob(spec: BlobSpec, blob_path: Path, source: RangeSource, *,
             async with slots:
                 fetched = await source.fetch(start, length, Priority.DEMAND)
                 end = fetched.offset + len(fetched.data)
-                ranges = [(fetched.offset, len(fetched.data))] if whole_chunks else _clip(metadata, fetched.offset, end)
+                ranges = _clip(metadata, fetched.offset, end)
                 await asyncio.to_thread(_write_ranges, fd, fetched.offset, fetched.data, ranges)
 
-        await _all_or_none([fill(start, length) for start, length in metadata_requests(spec)])
+        try:   # on the first failure the other fills are cancelled, and that failure is the one raised
+            async with asyncio.TaskGroup() as group:
+                for start, length in metadata_requests(spec):
+                    group.create_task(fill(start, length))
+        except BaseExceptionGroup as failure:
+            raise failure.exceptions[0] from None
         await asyncio.to_thread(os.fsync, fd)
         await asyncio.to_thread(os.replace, partial, blob_path)
     except BaseException:
@@ -66,17 +68,6 @@ async def prepare_blob(spec: BlobSpec, blob_path: Path, source: RangeSource, *,
     finally:
         await asyncio.to_thread(os.close, fd)
     return True
-
-
-async def _all_or_none(fills: list[Coroutine[Any, Any, None]]) -> None:
-    """Run `fills` together; on the first failure cancel the rest (the partial file goes) and raise it."""
-    tasks = [asyncio.ensure_future(fill) for fill in fills]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def check_blob_file(spec: BlobSpec, path: str, fd: int) -> tuple[tuple[int, int], bool]:
