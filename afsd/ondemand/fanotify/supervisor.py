@@ -315,14 +315,12 @@ class Supervisor:
             return False
         written, error = result
         self.counters["fills_inline"] += 1
-        blob.filled_bytes += written
-        self.counters["bytes_filled"] += written
-        self.counters["bytes_filled_other"] += written
+        self._count_filled(blob, written, "file")
         if error:
             self.counters["fills_inline_failed"] += 1
             self.log.error("blob %s: filling chunks %s failed: %s", blob.name, list(runs), error)
             for first, count in runs:
-                blob.failures.remember(first, count, time.monotonic() + self.settings.failure_memory)
+                self._remember_failed(blob, first, count)
         else:
             self._check_complete(blob)
         return True
@@ -358,7 +356,15 @@ class Supervisor:
         return first_hole(blob.fill_fd, start, min(blob.spec.size, start + blob.spec.chunk_size)) is None
 
     def _remember_failure(self, task: Task) -> None:
-        task.blob.failures.remember(task.first_chunk, task.chunk_count, time.monotonic() + self.settings.failure_memory)
+        self._remember_failed(task.blob, task.first_chunk, task.chunk_count)
+
+    def _remember_failed(self, blob: Blob, first: int, count: int) -> None:
+        blob.failures.remember(first, count, time.monotonic() + self.settings.failure_memory)
+
+    def _count_filled(self, blob: Blob, written: int, source: str) -> None:
+        blob.filled_bytes += written
+        self.counters["bytes_filled"] += written
+        self.counters[f"bytes_filled_{source_kind(source)}"] += written
 
     def answer(self, event: PendingEvent, *, allow: bool, timed_out: bool = False) -> None:
         if event.answered:
@@ -442,9 +448,7 @@ class Supervisor:
         self._unfill(task)
         if isinstance(message, p.FillDone):
             self.counters["tasks_done"] += 1
-            blob.filled_bytes += message.written
-            self.counters["bytes_filled"] += message.written
-            self.counters[f"bytes_filled_{source_kind(message.source)}"] += message.written
+            self._count_filled(blob, message.written, message.source)
             if task.priority == Priority.PREFETCH:
                 self.counters["bytes_prefetched"] += message.written
             if task.learned and blob.learned is not None:
