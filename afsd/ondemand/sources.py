@@ -88,13 +88,18 @@ class LocalFileSource:
 
 
 def read_exactly(path: Path, offset: int, count: int) -> bytes:
-    data = bytearray(count)
+    """The file's bytes from `offset` (pread's own bytes: no buffer to copy them out of); OSError if it ends first."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        read_into(fd, memoryview(data), offset, path)
+        data = os.pread(fd, count, offset)
+        while len(data) < count:
+            more = os.pread(fd, count - len(data), offset + len(data))
+            if not more:
+                raise OSError(f"{path} ends at {offset + len(data)}, before byte {offset + count}")
+            data += more
+        return data
     finally:
         os.close(fd)
-    return bytes(data)
 
 
 def read_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
