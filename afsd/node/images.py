@@ -47,7 +47,8 @@ class ImageUnavailableError(AfsdError):
 
 
 class HoldersUnreachableError(ImageUnavailableError):
-    """Every holder discovery listed for a layer failed to answer at all (not: answered wrongly)."""
+    """No holder discovery listed for a layer gave a StatLayer answer (its call failed, whatever the code);
+    a holder whose answer was refused as wrong is not this."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class ImageLocator:
         holders = await self._holders(digest)
         if not holders:
             puller, _ = await self._pull_somewhere(reference, platform)
-            holders = [dpb.ServiceInstance(endpoint=puller, layer_digests=[digest])]
+            holders = [_holder(puller, digest)]
         (spec,) = await self._specs([layer], {digest: holders}, reference, platform)
         return resolved.manifest_digest, spec
 
@@ -145,20 +146,20 @@ class ImageLocator:
         """Each layer's blob from its holders. Discovery lists a node that died until its heartbeat
         expires: when none of a layer's holders answers at all, a layerstore pulls the image (once for
         every such layer), as if nobody held it."""
-        specs: list[BlobSpec | None] = []
+        specs: dict[str, BlobSpec] = {}
+        unreachable: list[dpb.ImageLayer] = []
         for layer in layers:
             try:
-                specs.append(await self._spec(layer.digest, layer.diff_id, holders[layer.digest], reference))
+                specs[layer.digest] = await self._spec(layer.digest, layer.diff_id, holders[layer.digest], reference)
             except HoldersUnreachableError as error:
                 log.warning("%s; asking a layerstore to pull %s instead", error, reference)
-                specs.append(None)
-        if any(spec is None for spec in specs):
+                unreachable.append(layer)
+        if unreachable:
             puller, _ = await self._pull_somewhere(reference, platform)
-            for index, layer in enumerate(layers):
-                if specs[index] is None:
-                    specs[index] = await self._spec(layer.digest, layer.diff_id, [dpb.ServiceInstance(
-                        endpoint=puller, layer_digests=[layer.digest])], reference)
-        return [spec for spec in specs if spec is not None]
+            for layer in unreachable:
+                specs[layer.digest] = await self._spec(layer.digest, layer.diff_id, [_holder(puller, layer.digest)],
+                                                       reference)
+        return [specs[layer.digest] for layer in layers]
 
     async def _holders(self, digest: str) -> list[dpb.ServiceInstance]:
         try:
@@ -230,6 +231,11 @@ class ImageLocator:
             return blob_spec_from_stat(stat, providers)
         error_type = ImageUnavailableError if answered else HoldersUnreachableError
         raise error_type(f"no provider of layer {digest} gave a usable StatLayer answer: " + "; ".join(errors))
+
+
+def _holder(endpoint: str, digest: str) -> dpb.ServiceInstance:
+    """A layerstore that has just pulled layer `digest`, as a holder (before discovery lists it)."""
+    return dpb.ServiceInstance(endpoint=endpoint, layer_digests=[digest])
 
 
 def _advertised_blob(node: dpb.ServiceInstance, digest: str) -> str:
