@@ -39,7 +39,7 @@ from afsd.lab.daemons import Daemon, layerstore_daemon, start_all
 from afsd.lab.ports import reserve_port
 from afsd.lab.registry import start_registry
 from afsd.ondemand.chunks import ChunkTable
-from afsd.ondemand.spec import BlobSpec
+from afsd.ondemand.spec import BlobSpec, Priority
 from afsd.rpc import ChannelPool
 from tests.support.bytestream_peers import HOSTILE_BEHAVIOURS, ByteStreamPeer, HostileDataListener
 from tests.support.cluster import LocalCluster, small_image
@@ -210,6 +210,32 @@ async def test_a_hostile_byte_stream_is_caught_and_another_provider_serves(share
         listener.close()
 
 
+async def test_a_long_fill_hands_on_only_the_units_before_a_forged_one(shared: Shared) -> None:
+    """A read of several units checks each one while the next arrives; a forged unit in the middle ends the
+    read there: the sink has the verified units before it, in order, and nothing from it or after it."""
+    blob = await asyncio.to_thread(shared.blob.read_bytes)
+    listener = HostileDataListener(shared.blob, "wrong_bytes")   # flips a byte in the middle: unit 2 of 4
+    written: list[tuple[int, bytes]] = []
+
+    class Recording:
+        def write(self, offset: int, data: memoryview) -> int:
+            written.append((offset, bytes(data)))
+            return len(data)
+
+    try:
+        async with ByteStreamPeer(listener, shared.spec.size) as hostile:
+            fetcher = shared.fetcher(hostile.address, call_timeout=5.0)
+            try:
+                with pytest.raises(FetchError, match="does not match the blob's chunk digest"):
+                    await asyncio.wait_for(fetcher.fill(0, 4 * MIB, Priority.DEMAND, Recording()), 60)
+            finally:
+                await fetcher.close()
+    finally:
+        listener.close()
+    assert [offset for offset, _ in written] == [0, MIB]
+    assert b"".join(data for _, data in written) == blob[:2 * MIB]
+
+
 # -- tickets ------------------------------------------------------------------------------------------------
 
 
@@ -355,7 +381,7 @@ async def test_the_data_socket_can_speak_tls(shared: Shared) -> None:
 _NETNS_CLIENT = r"""
 import asyncio, dataclasses, hashlib, json, sys
 from afsd.cluster.fetcher import RangeFetcher
-from afsd.ondemand.spec import BlobSpec
+from afsd.ondemand.spec import BlobSpec, Priority
 from afsd.rpc import ChannelPool
 
 async def main():

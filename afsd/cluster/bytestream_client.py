@@ -4,13 +4,15 @@ Where it sits: the range fetcher (fetcher.py) reads a piece of a blob from a pro
 offers a byte stream (`OpenByteStream` answers), the piece comes through `BlobByteStreams.read` instead of
 a ReadLayer call. One `BlobByteStreams` serves one blob from one layerstore: it asks for tickets over gRPC
 (the control channel), keeps the connections it opened for reuse, and runs each range read in a thread
-of its own: whole chunks received at once (`recv_into` with MSG_WAITALL) into a reused buffer or the
+of its own: whole chunks received at once (`recv_into` with MSG_WAITALL) into reused buffers or the
 caller's, and checked against the blob's chunk table before they are delivered (hashlib releases the GIL),
-so the event loop only sees verified bytes. Pieces of one fetch
-run at once on several connections, i.e. several streams per blob.
+so the event loop only sees verified bytes. A read of several units checks each one in a second thread
+while the next is received. Pieces of one fetch run at once on several connections, i.e. several streams
+per blob.
 
-What a caller gets: the verified bytes, chunk by chunk, handed to its `deliver` function from the thread
-that received them (a fetch copies them into its result, a fill writes them into the blob file); `ByteStreamUnavailable` when this peer offers no usable byte
+What a caller gets: the verified bytes, unit by unit and in order, handed to its `deliver` function from a
+worker thread (a fetch copies them into its result, a fill writes them into the blob file);
+`ByteStreamUnavailable` when this peer offers no usable byte
 stream (no such RPC, the data port cannot be reached, tickets refused: read with ReadLayer instead, and
 this object stops trying for `RETRY_AFTER` seconds); `ByteStreamError` or `DigestMismatchError` when the
 peer failed this read (short, stalled, malformed or wrong bytes); `grpc.aio.AioRpcError` from
@@ -39,7 +41,7 @@ from afsd.cluster.discovery_client import join_host_port, split_host_port
 from afsd.ondemand.chunks import ChunkTable
 
 log = logging.getLogger(__name__)
-# Where a read's verified bytes go: called in the reading thread with (blob offset, bytes).
+# Where a read's verified bytes go: called in a worker thread, in blob order, with (blob offset, bytes).
 Deliver = Callable[[int, memoryview], None]
 
 # Tickets asked for at once (one per connection opened).
@@ -56,6 +58,10 @@ _TIMEVAL = struct.Struct("@ll")   # struct timeval, as SO_RCVTIMEO / SO_SNDTIMEO
 
 # Range reads block in recv_into and sha256: threads, shared by every blob of the process.
 _THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="bytestream")
+# A multi-unit read checks and delivers each unit here while it receives the next one (sha256 and the
+# kernel's socket copy then use two cores). A pool of its own: its tasks never wait, so readers blocked
+# on them cannot starve it.
+_CHECKERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="bytestream-check")
 
 
 class ByteStreamUnavailable(Exception):
@@ -88,7 +94,9 @@ class _Connection:
         self.label = label
         self.plain = not isinstance(sock, ssl.SSLSocket)
         self.last_used = time.monotonic()
-        self._buffer = bytearray()   # one unit, received into and reused when the caller gives no buffer
+        # Two units, received into by turns when the caller gives no buffer: one is checked while the
+        # other fills.
+        self._buffers = (bytearray(), bytearray())
 
     @classmethod
     def open(cls, host: str, port: int, ticket: bytes, digest: str, size: int, tls: ssl.SSLContext | None,
@@ -135,20 +143,28 @@ class _Connection:
         if announced != length:
             raise ByteStreamError(f"{self.label} announced {announced} bytes for a request of {length}")
         unit = max(1, RECEIVE_UNIT // table.chunk_size) * table.chunk_size
-        if into is None:
-            if len(self._buffer) < min(unit, length):
-                self._buffer = bytearray(min(unit, length))
-            buffer = memoryview(self._buffer)
+        if into is None and len(self._buffers[0]) < min(unit, length):
+            self._buffers = (bytearray(min(unit, length)), bytearray(min(unit, length)))
         source = f"layerstore {self.label} (byte stream)"
-        for at in range(0, length, unit):
-            count = min(unit, length - at)
-            view = into[at:at + count] if into is not None else buffer[:count]
-            received = self._receive_into(view, deadline)
-            if received < count:
-                raise ByteStreamError(f"{self.label} closed the stream after {at + received} of {length} bytes "
-                                      f"from {start}")
-            table.check(start + at, view, source=source)
-            deliver(start + at, view)
+        checking: concurrent.futures.Future[None] | None = None
+        try:
+            for index, at in enumerate(range(0, length, unit)):
+                count = min(unit, length - at)
+                view = into[at:at + count] if into is not None else memoryview(self._buffers[index % 2])[:count]
+                received = self._receive_into(view, deadline)
+                if received < count:
+                    raise ByteStreamError(f"{self.label} closed the stream after {at + received} of {length} "
+                                          f"bytes from {start}")
+                if checking is not None:   # the unit before; its buffer is received into next
+                    checking, done = None, checking
+                    done.result()
+                if at + count < length:    # more to receive: check this unit meanwhile, on another core
+                    checking = _CHECKERS.submit(_check_and_deliver, table, start + at, view, source, deliver)
+                else:
+                    _check_and_deliver(table, start + at, view, source, deliver)
+        finally:
+            if checking is not None:       # a failed receive: deliver nothing after this read has ended
+                concurrent.futures.wait([checking])
         self.last_used = time.monotonic()
 
     def _receive_into(self, view: memoryview, deadline: float) -> int:
@@ -209,6 +225,11 @@ class _Connection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _check_and_deliver(table: ChunkTable, offset: int, view: memoryview, source: str, deliver: Deliver) -> None:
+    table.check(offset, view, source=source)
+    deliver(offset, view)
 
 
 def _set_timeout(sock: socket.socket, option: int, deadline: float) -> None:

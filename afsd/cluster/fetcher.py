@@ -31,7 +31,7 @@ How (the reference's DiscoveryBackedReaderAt, kept and tightened):
   sendfile on the other side, each chunk verified as it arrives), else with ReadLayer; `byte_stream=False`
   reads everything with ReadLayer.
 - `fill(offset, length, priority, sink)` reads the same way but hands each verified piece to the sink
-  (the blob file a fetch worker fills) from the thread that received it, straight out of the connection's
+  (the blob file a fetch worker fills) from a thread of the byte stream, straight out of the connection's
   receive buffer: no bytes object per range, no copy in between. Fills share the gate with fetches, and
   concurrent fills of the same chunks share flights as fetches do.
 """

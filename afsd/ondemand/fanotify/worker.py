@@ -2,7 +2,7 @@
 
 Where it sits: supervisor --(blob spec + fill fd, fill tasks)--> worker --(RangeSource.fill)--> peers;
 the source hands each verified piece, as it arrives, to the blob's sink (afsd/ondemand/sinks.py: pwrite
-of its holes through the fill fd, from the thread that received it); worker --(written, then done /
+of its holes through the fill fd, from a thread of the byte stream); worker --(written, then done /
 failed)--> supervisor, which answers the kernel: a reader waiting on part of a long fill goes on as soon
 as its bytes are written. Workers hold no kernel state the readers depend on: the supervisor may kill
 one at any moment (it stopped heartbeating, or died) and give its tasks to another.
