@@ -287,6 +287,29 @@ async def test_afsd_mounts_reports_fanotify_worker_restarts_and_redispatched_eve
                              "the node's /metrics to count the worker restart")
 
 
+async def test_fetch_workers_load_the_cluster_sources_before_the_first_miss(cluster: LocalCluster) -> None:
+    """A node's fetch workers import the gRPC stack as they start (the first reader to miss does not wait
+    for it): with no mount made yet, every worker has gRPC's extension loaded."""
+    await cluster.start_discovery(1)
+    node = await cluster.start_node(extra_args=["--no-prefetch"])
+    state = Path(node.args[node.args.index("--state-dir") + 1]) / "fanotify"
+
+    async def loaded() -> bool:
+        found = await asyncio.to_thread(subprocess.run, ["pgrep", "-f", f"fanotify.worker --socket {state}/supervisor.sock"],
+                                        capture_output=True, text=True)
+        pids = [int(pid) for pid in found.stdout.split()]
+        return bool(pids) and all("cygrpc" in _maps(pid) for pid in pids)
+
+    await cluster.wait_until(loaded, 60, "every fetch worker of the node to have loaded gRPC")
+
+
+def _maps(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:   # a worker that just went away (it is replaced)
+        return ""
+
+
 async def test_a_writable_upper_dir_and_an_extra_dir_stack_above_the_image(cluster: LocalCluster) -> None:
     await cluster.start_discovery(1)
     (layerstore,) = await cluster.start_layerstores(1)

@@ -133,6 +133,10 @@ class SourceFactory(Protocol):
         """A source of `spec`'s verified bytes from its configuration; SourceConfigError if it names
         nothing this factory knows."""
 
+    def preload(self) -> None:
+        """Import what making a source will need (a worker calls it in a thread as it starts, so the first
+        fill, a reader waiting, does not pay for it)."""
+
     async def close(self) -> None:
         """Release what the sources shared (after every source is closed)."""
 
@@ -151,6 +155,9 @@ class FileSources:
         raise SourceConfigError(f"blob {spec.name}: unknown source kind {kind!r} (this worker's sources are "
                                 f"{type(self).__module__}:{type(self).__qualname__})")
 
+    def preload(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 
@@ -167,6 +174,9 @@ class UnavailableSources:
 
     def make(self, spec: BlobSpec, config: dict[str, Any]) -> RangeSource:
         raise SourceConfigError(f"blob {spec.name}: {self.reason}")
+
+    def preload(self) -> None:
+        pass
 
     async def close(self) -> None:
         pass
