@@ -197,6 +197,15 @@ def load_source_factory(reference: str, path: str = "") -> SourceFactory:
     return make()
 
 
+async def preload_sources(factory: SourceFactory, log: logging.Logger) -> None:
+    """`factory.preload()` in a thread, for a worker that just started; a failure is only logged (making a
+    source will fail the same way, and say so)."""
+    try:
+        await asyncio.to_thread(factory.preload)
+    except Exception as e:   # noqa: BLE001 - only a head start
+        log.warning("preloading the sources failed: %s", e)
+
+
 def worker_sources(reference: str, path: str, log: logging.Logger) -> SourceFactory:
     """A worker's source factory; if it cannot be loaded, one whose every source fails saying why."""
     try:

@@ -50,7 +50,7 @@ from afsd.ondemand.cachefiles.prefetch import BackgroundFill
 from afsd.ondemand.cachefiles.counters import WORKER_COUNTERS
 from afsd.ondemand.cachefiles.settings import Settings
 from afsd.ondemand.sinks import FdSink
-from afsd.ondemand.sources import fill_from, worker_sources
+from afsd.ondemand.sources import fill_from, preload_sources, worker_sources
 from afsd.ondemand.sparse import first_hole, present_bytes
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
 from afsd.ondemand.supervised import protocol as p
@@ -139,7 +139,8 @@ class KernelWorker:
         loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self.channel = await AsyncChannel.connect(self.socket_path)
         await self.channel.send(p.Hello(role=p.Role.KERNEL_WORKER).to_json())
-        helpers = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeats())]
+        helpers = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeats()),
+                   asyncio.create_task(preload_sources(self.factory, log))]
         if self.restore:
             # Requests our predecessor read but did not answer are delivered again (Linux 6.8+).
             os.write(self.device_fd, b"restore")

@@ -32,7 +32,7 @@ from typing import Any
 
 from afsd.ondemand import _daemon
 from afsd.ondemand._wire import AsyncChannel, ProtocolError
-from afsd.ondemand.sources import SourceFactory, fill_from, worker_sources
+from afsd.ondemand.sources import SourceFactory, fill_from, preload_sources, worker_sources
 from afsd.ondemand.sinks import FdSink, hole_sink
 from afsd.ondemand.spec import BlobSpec, Priority, RangeSource
 from afsd.ondemand.supervised import protocol as p
@@ -76,7 +76,7 @@ class FetchWorker:
         self.channel = await AsyncChannel.connect(self.socket_path)
         await self.channel.send(p.Hello(role=p.Role.FETCH_WORKER).to_json())
         beats = asyncio.create_task(self._heartbeats())
-        self._chore(self._preload())
+        self._chore(preload_sources(self.factory, log))
         try:
             while (item := await self.channel.receive()) is not None:
                 frame, fds = item
@@ -97,12 +97,6 @@ class FetchWorker:
                 await asyncio.gather(*self.chores, return_exceptions=True)
             await asyncio.wait_for(self.factory.close(), 5.0)
             self.channel.close()
-
-    async def _preload(self) -> None:
-        try:
-            await asyncio.to_thread(self.factory.preload)
-        except Exception as e:   # noqa: BLE001 - making a source will fail and say so; this is only a head start
-            log.warning("preloading the sources failed: %s", e)
 
     @property
     def link(self) -> AsyncChannel:
