@@ -57,3 +57,27 @@ async def test_a_read_racing_the_learned_prefetch_gets_true_bytes(fanotify_lab: 
     served = await lab.serve(learned=whole)
     results = await asyncio.gather(*(lab.read(served.mount / name) for name in reversed(names)))
     assert all(r.ok and r.sha256 == blob.files[n] for r, n in zip(results, reversed(names)))
+
+
+async def test_a_recording_sees_every_read_of_its_window_and_the_whole_blob_fill_waits_for_it(
+        fanotify_lab: FanotifyLab) -> None:
+    """The first node to run a task records its reads with background prefetch on. A whole-blob fill during the
+    window would complete the blob, whose mark then goes: the task's later reads would raise no event and the
+    cluster would learn only the start of them. So the rest of the blob waits until the window is over."""
+    lab, blob = fanotify_lab, fanotify_lab.blob
+    client = await lab.start(Settings(workers=2, fill_ahead=0))
+    first, later = data_files(blob)[2], data_files(blob)[6]
+    served = await lab.serve(prefetch=True, record=60.0)
+    name = served.spec.name
+    result = await lab.read(served.mount / first)
+    assert result.ok and result.sha256 == blob.files[first]
+    # Once the read's own fills are done, nothing else fills the blob while the window is open.
+    status = await lab.wait_status(lambda s: s.blob(name).complete or s.blob(name).details["inflight_tasks"] == 0)
+    result = await lab.read(served.mount / later)
+    assert result.ok and result.sha256 == blob.files[later]
+    trace = await client.trace(name, close=True)
+    assert trace is not None and trace.publishable
+    assert trace.bytes >= blob.sizes[first] + blob.sizes[later]     # both reads are in the recording
+    assert not status.blob(name).complete
+    # The window is over: the background fill takes the rest of the blob.
+    await lab.wait_status(lambda s: s.blob(name).complete)

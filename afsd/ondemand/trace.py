@@ -124,8 +124,8 @@ class TraceRecorder:
 
     def startup_over(self, now: float) -> bool:
         """Whether the startup this recording covers is over: its window closed, or no read came within a
-        window's length of the recorder's creation. A whole-blob fill waits for it (it would compete with the
-        startup's reads, or, where only misses are seen, hide them)."""
+        window's length of the recorder's creation. A whole-blob fill waits for it: it would compete with the
+        startup's reads, and hide them (fscache sees only misses; a fanotify blob filled whole loses its mark)."""
         if self.opened_at is None:
             return now - self.created > self.window
         return not self.is_open(now)

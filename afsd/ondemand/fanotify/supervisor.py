@@ -501,7 +501,7 @@ class Supervisor:
     def prefetch(self, blob: Blob) -> None:
         """Fill in the background, at prefetch priority: first the blob's learned ranges in their order
         (`learned_inflight` tasks at a time), then, with `prefetch`, its holes (`prefetch_inflight` at a time;
-        after a learned fill, once the startup window it was learned for is over)."""
+        while the blob's first reads are recorded, once that startup is over: it would compete with them)."""
         fill_fd = blob.fill_fd
         if blob.complete or fill_fd is None or time.monotonic() < blob.prefetch_paused_until:
             return
@@ -514,8 +514,8 @@ class Supervisor:
                 return
         if not blob.prefetch:
             return
-        if blob.learned is not None and blob.recorder is not None and not blob.recorder.startup_over(time.monotonic()):
-            return   # the rest of the blob waits for the startup it learned: it would only compete with its reads
+        if blob.recorder is not None and not blob.recorder.startup_over(time.monotonic()):
+            return   # a blob filled whole loses its mark: the startup's later reads would go unrecorded
         size = blob.spec.size
         runs, blob.prefetch_cursor = plan_prefetch(
             blob.prefetch_cursor, size=size, chunk_size=blob.spec.chunk_size,
