@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from afsd import phases
 from afsd.afslet import cgroups
 from afsd.afslet.errors import ContainerStuckError, SetupError
 from afsd.afslet.outcome import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED
@@ -271,7 +272,9 @@ class Container:
                 await self._read_final_usage()
         elif self._init_exit is None:
             await self.runc.kill(self.container_id)  # never seen running: it may be half created
-        await self.runc.delete(self.container_id)  # --force kills whatever might still run in it
-        leftovers = await asyncio.to_thread(cgroups.remove, self.cgroup_path)
+        with phases.phase("container.delete"):
+            await self.runc.delete(self.container_id)  # --force kills whatever might still run in it
+        with phases.phase("container.cgroup"):
+            leftovers = await asyncio.to_thread(cgroups.remove, self.cgroup_path)
         await self._drain(0)
         return leftovers

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import grpc
 
+from afsd import phases
 from afsd.afslet import bundle as oci
 from afsd.afslet import resources
 from afsd.afslet.admission import Reservation
@@ -152,6 +153,7 @@ class ExecuteCall:
         self._attachment: Attachment | None = None
         self._teardown_task: asyncio.Future[None] | None = None
         self._rootfs_release: asyncio.Future[None] | None = None
+        self._teardown_steps = phases.PhaseLog()   # replaced when the release starts
         self._created = False
         self._outcome_label = "cancelled"
         self._started = time.monotonic()
@@ -431,22 +433,27 @@ class ExecuteCall:
         (which reads the upper directory, not the mount).
         """
         if self._rootfs_release is None:
-            self._rootfs_release = asyncio.ensure_future(self._remove_container_and_mount())
+            with phases.recording() as self._teardown_steps:   # the task copies the context: its steps go there
+                self._rootfs_release = asyncio.ensure_future(self._remove_container_and_mount())
             self.runtime.track(self._rootfs_release)
         return self._rootfs_release
 
     async def _remove_container_and_mount(self) -> None:
         try:
             if self._container is not None:
-                leftovers = await self._container.destroy()
+                with phases.phase("container"):
+                    leftovers = await self._container.destroy()
                 if leftovers:
                     TEARDOWN_FAILURES.labels("cgroup").inc()
                     log.error("session %s: cgroup directories remain: %s", self.session_id, ", ".join(leftovers))
             attachment, self._attachment = self._attachment, None
-            await self.runtime.network.detach(attachment)
+            with phases.phase("network"):
+                await self.runtime.network.detach(attachment)
             if self._mount_task is not None:
                 await asyncio.wait([self._mount_task])
-                if not await self._rootfs.unmount():
+                with phases.phase("rootfs"):
+                    unmounted = await self._rootfs.unmount()
+                if not unmounted:
                     TEARDOWN_FAILURES.labels("mount").inc()
         except Exception:
             log.exception("session %s: removing the container or its mount failed", self.session_id)
@@ -455,9 +462,11 @@ class ExecuteCall:
     async def _teardown(self) -> None:
         try:
             await self._release_rootfs()
+            started = time.monotonic()
             if self._created and not await asyncio.to_thread(remove_session_dir, self.paths.root):
                 TEARDOWN_FAILURES.labels("session_dir").inc()
                 log.error("session %s: %s kept: something is still mounted inside", self.session_id, self.paths.root)
+            self._teardown_steps.add("session_dir", time.monotonic() - started)
         except Exception:
             log.exception("session %s: teardown failed", self.session_id)
             TEARDOWN_FAILURES.labels("error").inc()
@@ -466,6 +475,8 @@ class ExecuteCall:
                 self.runtime.executions.retire(self.execution, await self._unfinished_outcome())
             if self._reservation is not None:
                 self._reservation.release()
+        # From the command's exit (or the call's end), overlapping the result and the tar.
+        log.info("session %s: teardown, ms by step: %s", self.session_id, self._teardown_steps.summary())
 
     async def _unfinished_outcome(self) -> Outcome:
         """How a call that ended before its result (client gone, afslet stopped, invalid frame) ended, for

@@ -37,7 +37,7 @@ from afsd.lab.skopeo import push_layout
 from bench._execute import ExecuteTiming
 from bench.datapath._lab import BenchLab
 from bench.datapath._report import Row, Section
-from bench.datapath.task import COMMAND, TaskNode, node_mount_phases, push_busybox
+from bench.datapath.task import COMMAND, TaskNode, node_phases, phase_medians, push_busybox
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _measure_task(lab: BenchLab, section: Section, task: Task, busybox: str, rep
         warm.run(reference, task.command)   # the first mount of the image on this node: not counted
         for _ in range(warm_runs):
             runs["warm"].append(warm.run(reference, task.command))
-            runs["warm"][-1].phases.update(node_mount_phases(warm))
+            runs["warm"][-1].phases.update(node_phases(warm))
     finally:
         warm.stop()
     milliseconds = {kind: [t.milliseconds for t in timings] for kind, timings in runs.items()}
@@ -103,7 +103,7 @@ def _measure_task(lab: BenchLab, section: Section, task: Task, busybox: str, rep
           + f"; learned {fetched / 2**20:.1f} MiB fetched, {used / 2**20:.1f} MiB of it read, the tasks read "
             f"{read / 2**20:.1f} MiB")
     for kind in ("learned", "plain", "warm"):
-        print(f"  {kind} phases (medians, ms): " + _phase_medians([t.phases for t in runs[kind]]))
+        print(f"  {kind} phases (medians, ms): " + phase_medians([t.phases for t in runs[kind]]))
     section.rows.append(Row(f"{task.name} cold start, learned trace, via the proxy", f"{median['learned'] / 1000:.2f} s",
                             f"{median['warm'] / 1000:.2f} s warm (image on the node)", median["learned"] / median["warm"],
                             "≤ 1.2", details=details))
@@ -111,11 +111,6 @@ def _measure_task(lab: BenchLab, section: Section, task: Task, busybox: str, rep
                             f"{median['warm'] / 1000:.2f} s warm", median["plain"] / median["warm"], "-"))
     section.rows.append(Row(f"  learned bytes fetched but never read ÷ bytes read", f"{(fetched - used) / 2**20:.1f} MiB",
                             f"{read / 2**20:.1f} MiB read", wasted, "≤ 0.2", ratio_label="wasted"))
-
-
-def _phase_medians(phases: list[dict[str, float]]) -> str:
-    names = list(dict.fromkeys(name for p in phases for name in p))
-    return " ".join(f"{name}={statistics.median(p.get(name, 0.0) for p in phases):.0f}" for name in names)
 
 
 def _cold(lab: BenchLab, reference: str, busybox: str, task: Task, extra_args: list[str]) -> tuple[ExecuteTiming, dict[str, float]]:
@@ -128,7 +123,7 @@ def _cold(lab: BenchLab, reference: str, busybox: str, task: Task, extra_args: l
             before = _counters(node)
             timing = node.run(reference, task.command)
             after = _counters(node)
-            timing.phases.update(node_mount_phases(node))
+            timing.phases.update(node_phases(node))
         finally:
             node.stop()
     finally:

@@ -52,6 +52,7 @@ class TaskNode:
             self.daemons.append(node)
             afslet = afslet_daemon(lab.work, lab.fresh_name("task-afslet"), node, [lab.discovery.address],
                                    stop_timeouts=SHORT_STOP_TIMEOUTS)
+            self.afslet = afslet
             self.daemons.append(afslet)
             afslet.start(timeout=60)
             proxy = proxy_daemon(lab.work, lab.fresh_name("task-proxy"), afslet.address,
@@ -95,6 +96,7 @@ def measure(lab: BenchLab, cold_repeats: int, warm_runs: int) -> Section:
             try:
                 node.warm_up(busybox)
                 runs["cold"].append(node.run(reference))
+                runs["cold"][-1].phases.update(node_phases(node))
                 print(f"  cold task: {runs['cold'][-1].milliseconds:,.0f} ms", flush=True)
                 if repeat == cold_repeats - 1:
                     lab.wait_listed(digests, store.name, timeout=600)
@@ -117,6 +119,8 @@ def measure(lab: BenchLab, cold_repeats: int, warm_runs: int) -> Section:
                                "phases": {kind: [t.phases for t in timings] for kind, timings in runs.items()}}
     print(f"\n{section.title}: {blob_bytes / (1 << 20):.0f} MiB of erofs blobs; "
           + "; ".join(f"{kind} {[round(m) for m in values]} ms" for kind, values in milliseconds.items()))
+    for kind, timings in runs.items():
+        print(f"  {kind} phases (medians, ms): " + phase_medians([t.phases for t in timings]))
     section.rows.append(Row("cold start, python3 stdlib imports via the proxy", f"{median['cold'] / 1000:.2f} s",
                             f"{median['warm'] / 1000:.2f} s warm (fresh mount, image on the node)",
                             median["cold"] / median["warm"], "≤ 1.5", details=details))
@@ -126,14 +130,26 @@ def measure(lab: BenchLab, cold_repeats: int, warm_runs: int) -> Section:
 
 
 MOUNT_PHASES = re.compile(r"ms by phase: (.*)$", re.MULTILINE)
+UNMOUNT_PHASES = re.compile(r"unmount of .*, ms by phase \(summed over layers\): (.*)$", re.MULTILINE)
+TEARDOWN_STEPS = re.compile(r"teardown, ms by step: (.*)$", re.MULTILINE)
 
 
-def node_mount_phases(node: TaskNode) -> dict[str, float]:
-    """The node daemon's own timing of its last mount (its log line), as "node.<phase>" -> ms."""
-    found = MOUNT_PHASES.findall(node.node.log())
-    if not found:
-        return {}
-    return {f"node.{name}": float(ms) for name, ms in (item.split("=", 1) for item in found[-1].split())}
+def node_phases(node: TaskNode) -> dict[str, float]:
+    """The node daemon's own timing of its last mount and unmount, and the afslet's of its last teardown
+    (from the command's exit), from their log lines: "node.<phase>", "node.unmount.<phase>" and
+    "afslet.teardown.<step>" -> ms."""
+    phases: dict[str, float] = {}
+    for daemon, pattern, prefix in ((node.node, MOUNT_PHASES, "node."), (node.node, UNMOUNT_PHASES, "node.unmount."),
+                                    (node.afslet, TEARDOWN_STEPS, "afslet.teardown.")):
+        if found := pattern.findall(daemon.log()):
+            phases.update((prefix + name, float(ms)) for name, ms in (item.split("=", 1) for item in found[-1].split()))
+    return phases
+
+
+def phase_medians(phases: list[dict[str, float]]) -> str:
+    """"name=ms ..." of each phase's median over runs (a run without it counts 0)."""
+    names = list(dict.fromkeys(name for p in phases for name in p))
+    return " ".join(f"{name}={statistics.median(p.get(name, 0.0) for p in phases):.0f}" for name in names)
 
 
 def push_busybox(lab: BenchLab) -> str:
