@@ -20,6 +20,7 @@ from tests.support.afslet import (
     sdk_execute_call,
     sdk_raw,
 )
+from tests.support.overlay import volatile_overlay_options
 
 pytestmark = pytest.mark.usefixtures("nothing_left_behind")
 
@@ -204,6 +205,19 @@ def test_the_container_sees_the_hosts_resolv_conf(afslet_cluster: AfsletCluster)
     assert call.result["exit_code"] == 0, call.result
     with open("/etc/resolv.conf") as host:
         assert call.stdout == [line.rstrip("\n") for line in host if line.strip()]
+
+
+def test_the_writable_layer_is_volatile_scratch_and_still_comes_back(afslet_cluster: AfsletCluster) -> None:
+    """The container's root is an overlay whose upper is volatile (unmounting it at teardown does not sync
+    the node's disk); what the command wrote, fsync or not, still comes back in the tar."""
+    script = "grep ' / / ' /proc/self/mountinfo; echo kept > /kept.txt; sync"
+    call = sdk_execute(afslet_cluster.afslet, image=afslet_cluster.images["tools"], timeout_ms=60_000,
+                       command=["/bin/sh", "-c", script])
+    assert call.error is None and call.result["exit_code"] == 0, (call.error, call.stderr)
+    (root,) = call.stdout
+    fstype, _source, options = root.split(" - ", 1)[1].split()
+    assert fstype == "overlay" and volatile_overlay_options(options), root
+    assert call.files()["kept.txt"] == b"kept\n"
 
 
 def test_the_containers_cgroup_has_a_pids_limit(afslet_cluster: AfsletCluster) -> None:

@@ -37,6 +37,7 @@ from tests.support.afslet import (
 )
 from tests.support.dns import DnsServer
 from tests.support.internet import BODY, Internet
+from tests.support.overlay import volatile_overlay_options
 from tests.support.sandbox import parse_probe, probe_entry
 
 afslet_cluster = module_cluster("sandbox", host="0.0.0.0")
@@ -213,6 +214,12 @@ def test_the_same_sandbox_under_userns_where_container_root_is_not_host_root(
     assert result.files()["srv/data/modify-me.txt"] == b"changed\n"
     members = result.of("tar_file")
     assert members and all(m.get("uid", 0) == 0 for m in members), members  # the tar speaks container ids
+
+    # afslet's own overlay over the idmapped layers: its upper is volatile scratch too (no disk sync at teardown)
+    root = sdk_execute(afslet, image=afslet_cluster.images["tools"], timeout_ms=60_000,
+                       command=["/bin/sh", "-c", "grep ' / / ' /proc/self/mountinfo"])
+    assert root.error is None and len(root.stdout) == 1, (root.error, root.stdout, root.stderr)
+    assert volatile_overlay_options(root.stdout[0].split(" - ", 1)[1].split()[-1]), root.stdout
 
 
 def _silent_stream(address: str, release: threading.Event) -> tuple[threading.Thread, list[object]]:

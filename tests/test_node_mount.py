@@ -18,6 +18,7 @@ from afsd.lab.catalogue import seeded_bytes
 from afsd.node.records import mounted_paths
 from tests.support.cluster import LocalCluster, one_line, small_image
 from tests.support.metrics import daemon_metrics, metric
+from tests.support.overlay import overlay_is_volatile
 from tests.support.treecompare import compare_trees, format_differences, snapshot
 from tests.support.umoci import umoci_rootfs
 
@@ -325,6 +326,7 @@ async def test_a_writable_upper_dir_and_an_extra_dir_stack_above_the_image(clust
                                  "--upper", str(upper), "--extra-dir", str(extra))
     assert mounted.returncode == 0, mounted.stderr
     assert "with backend fanotify" in mounted.stdout     # the best this kernel supports, and it says so
+    assert not overlay_is_volatile(target)               # an upper the caller keeps is synced as usual
     assert (target / "etc/stack-0.txt").read_text() == "stack layer 0\n"
     assert (target / "etc/stack-1.txt").read_text() == "from the extra dir\n"
     assert (target / "etc/only-extra.txt").read_text() == "extra\n"
@@ -336,6 +338,32 @@ async def test_a_writable_upper_dir_and_an_extra_dir_stack_above_the_image(clust
     assert (upper / "upper/etc/new.txt").read_text() == "written in the container\n"   # kept after umount
     whiteout = os.lstat(upper / "upper/etc/stack-0.txt")
     assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0           # deletion recorded as a whiteout
+
+
+async def test_a_volatile_upper_is_never_synced_and_still_keeps_what_was_written(cluster: LocalCluster) -> None:
+    """--volatile-upper (what afslet asks for its tasks' scratch): overlayfs `volatile`, so unmounting does
+    not sync the node's disk; the upper still holds the writes afterwards (they need not survive a crash),
+    and the image mounts again with a fresh upper."""
+    await cluster.start_discovery(1)
+    (layerstore,) = await cluster.start_layerstores(1)
+    node = await cluster.start_node(layerstore)
+    image = await cluster.push("volatile", small_image("volatile", 1 << 20))
+    for run in range(2):
+        upper, target = cluster.workdir / f"scratch-{run}", cluster.workdir / f"rootfs-{run}"
+        upper.mkdir()
+        target.mkdir()
+        mounted = await cluster.afsd(node, "mount", image.reference, str(target), "--upper", str(upper),
+                                     "--volatile-upper")
+        assert mounted.returncode == 0, mounted.stderr
+        assert overlay_is_volatile(target)
+        with open(target / "etc/new.txt", "w") as written:
+            written.write(f"run {run}\n")
+            written.flush()
+            os.fsync(written.fileno())     # skipped by the kernel, not refused
+        assert (await cluster.afsd(node, "umount", str(target))).returncode == 0
+        assert not os.path.ismount(target) and list(target.iterdir()) == []
+        assert (upper / "upper/etc/new.txt").read_text() == f"run {run}\n"
+        assert (upper / "work/work/incompat/volatile").is_dir()    # the kernel marks the work dir: not reusable
 
 
 async def _metric(daemon, name: str, **labels: str) -> float:

@@ -2,7 +2,9 @@
 
 A session's rootfs is an overlay the node daemon mounts: the image's erofs layers, the session's extra
 dir above them, and a writable upper in the session's own directory (`<upper_dir>/upper`). The mount
-outlives nothing: afslet unmounts it through the daemon when the call ends.
+outlives nothing: afslet unmounts it through the daemon when the call ends. The upper is the task's
+scratch (tarred to the client from the page cache, then removed), so it is volatile: unmounting does not
+sync the node's disk (see afsd.erofs.mount.mount_overlay).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class NodeMounts:
         """The image at `target`, with a writable upper in `upper_dir` (None: read-only)."""
         request = pb.MountRequest(image=image, target=str(target), backend=self.backend, platform=platform,
                                   upper_dir=str(upper_dir) if upper_dir is not None else "",
-                                  extra_dir=str(extra_dir))
+                                  volatile_upper=upper_dir is not None, extra_dir=str(extra_dir))
         try:
             response = await self._stub.Mount(request, timeout=MOUNT_TIMEOUT)
         except grpc.aio.AioRpcError as error:

@@ -10,6 +10,9 @@ user namespace.
   container's root, i.e. host uid `start`), nosuid,nodev, and detaches the clones (the overlay keeps
   private references to its layers). Nothing of the image is copied or chowned.
 
+Either way the writable upper is volatile (overlayfs `volatile`): it is the task's scratch, thrown away
+after its tar is sent, so unmounting the rootfs does not sync the node's whole disk (afsd.erofs.mount).
+
 `unmount` undoes whichever it was, and is what teardown and crash recovery call.
 """
 
@@ -89,7 +92,7 @@ class SessionRootfs:
                 clone.mkdir()
                 idmapped_clone(lower, clone, self.userns_fd)
                 clones.append(clone)
-            mount_overlay(clones, self.rootfs, upper=upper, work=work)
+            mount_overlay(clones, self.rootfs, upper=upper, work=work, volatile=True)   # the task's scratch
             set_mount_attributes(self.rootfs, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
         finally:
             for clone in clones:  # the overlay holds its own references to its layers

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class MountRequest(_message.Message):
-    __slots__ = ("image", "tag", "target", "backend", "platform", "upper_dir", "tmpfs_upper", "extra_dir", "tmpfs_upper_bytes")
+    __slots__ = ("image", "tag", "target", "backend", "platform", "upper_dir", "tmpfs_upper", "extra_dir", "tmpfs_upper_bytes", "volatile_upper")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class MountRequest(_message.Message):
     TMPFS_UPPER_FIELD_NUMBER: _ClassVar[int]
     EXTRA_DIR_FIELD_NUMBER: _ClassVar[int]
     TMPFS_UPPER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VOLATILE_UPPER_FIELD_NUMBER: _ClassVar[int]
     image: str
     tag: str
     target: str
@@ -26,7 +27,8 @@ class MountRequest(_message.Message):
     tmpfs_upper: bool
     extra_dir: str
     tmpfs_upper_bytes: int
-    def __init__(self, image: _Optional[str] = ..., tag: _Optional[str] = ..., target: _Optional[str] = ..., backend: _Optional[str] = ..., platform: _Optional[str] = ..., upper_dir: _Optional[str] = ..., tmpfs_upper: bool = ..., extra_dir: _Optional[str] = ..., tmpfs_upper_bytes: _Optional[int] = ...) -> None: ...
+    volatile_upper: bool
+    def __init__(self, image: _Optional[str] = ..., tag: _Optional[str] = ..., target: _Optional[str] = ..., backend: _Optional[str] = ..., platform: _Optional[str] = ..., upper_dir: _Optional[str] = ..., tmpfs_upper: bool = ..., extra_dir: _Optional[str] = ..., tmpfs_upper_bytes: _Optional[int] = ..., volatile_upper: bool = ...) -> None: ...
 
 class LayerState(_message.Message):
     __slots__ = ("digest", "blob_digest", "size", "cached_bytes", "source", "learned_ranges", "learned_prefetched_bytes", "learned_used_bytes")

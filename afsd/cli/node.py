@@ -76,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     upper.add_argument("--upper", type=Path, metavar="DIR",
                        help="make the mount writable; changes go to DIR/upper (DIR/work is overlayfs' scratch)")
     upper.add_argument("--tmpfs-upper", action="store_true", help="make the mount writable on a private tmpfs")
+    mount.add_argument("--volatile-upper", action="store_true",
+                       help="the upper is scratch that need not survive a crash: never sync it (overlayfs "
+                            "volatile; a fast unmount, and fsync inside does not reach the disk)")
     mount.add_argument("--extra-dir", type=Path, metavar="DIR", help="a read-only directory stacked above the image")
     _client_options(mount)
     mount.set_defaults(handler=run_mount)
@@ -192,7 +195,7 @@ async def run_mount(args: argparse.Namespace) -> int:
 
     request = pb.MountRequest(image=args.image, target=str(args.target.absolute()), backend=args.backend,
                               platform=args.platform or "", upper_dir=str(args.upper.absolute()) if args.upper else "",
-                              tmpfs_upper=args.tmpfs_upper,
+                              tmpfs_upper=args.tmpfs_upper, volatile_upper=args.volatile_upper,
                               extra_dir=str(args.extra_dir.absolute()) if args.extra_dir else "")
     response = await _call(args, "Mount", request)
     mount = response.mount

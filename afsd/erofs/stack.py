@@ -107,8 +107,9 @@ def mount_image_stack(layers: Sequence[StackLayer], target: Path, *, scratch: Pa
 
 
 def stack_layer_trees(trees: Sequence[LayerTree], target: Path, *, scratch: Path, extra_dir: Path | None = None,
-                      upper: Path | None = None, work: Path | None = None) -> None:
-    """Mount the overlayfs of already mounted layers (bottom first) at `target`.
+                      upper: Path | None = None, work: Path | None = None, volatile: bool = False) -> None:
+    """Mount the overlayfs of already mounted layers (bottom first) at `target` (`volatile`: see
+    `mount_overlay`).
 
     The fixup tree (if one is needed) and, for a lone read-only layer, an empty second lower are
     created under `scratch`; `remove_stack_scratch(scratch)` removes them after `target` is unmounted.
@@ -126,7 +127,7 @@ def stack_layer_trees(trees: Sequence[LayerTree], target: Path, *, scratch: Path
         empty.mkdir(parents=True, exist_ok=True)
         lowers.append(empty)
     try:
-        mount_overlay(lowers, target, upper=upper, work=work)
+        mount_overlay(lowers, target, upper=upper, work=work, volatile=volatile)
     except BaseException:
         remove_stack_scratch(scratch)
         raise

@@ -211,7 +211,7 @@ class NodeDaemon:
                 await asyncio.to_thread(
                     stack_layer_trees, trees, target, scratch=scratch, extra_dir=options.extra_dir,
                     upper=Path(record.upper_path) if record.upper_path else None,
-                    work=Path(record.work_path) if record.work_path else None)
+                    work=Path(record.work_path) if record.work_path else None, volatile=options.volatile_upper)
             record.state = "mounted"
             await asyncio.to_thread(self.state.save, record)
             undo.pop_all()

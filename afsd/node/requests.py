@@ -26,6 +26,7 @@ class MountOptions:
     upper_dir: Path | None = None
     tmpfs_upper: bool = False
     tmpfs_upper_bytes: int = 0
+    volatile_upper: bool = False     # the upper is a task's scratch: never synced (overlayfs `volatile`)
     extra_dir: Path | None = None
 
 

@@ -58,7 +58,7 @@ class NodeService(pb_grpc.NodeServicer):
             image=request.image, tag=request.tag, target=Path(request.target), backend=request.backend or "auto",
             platform=request.platform, upper_dir=Path(request.upper_dir) if request.upper_dir else None,
             tmpfs_upper=request.tmpfs_upper, tmpfs_upper_bytes=request.tmpfs_upper_bytes,
-            extra_dir=Path(request.extra_dir) if request.extra_dir else None)
+            volatile_upper=request.volatile_upper, extra_dir=Path(request.extra_dir) if request.extra_dir else None)
         started = asyncio.get_running_loop().time()
         try:
             record = await self.daemon.mount(options)
