@@ -361,18 +361,27 @@ class NodeDaemon:
     async def _drop_layer(self, use: LayerUse) -> None:
         """Unmount and detach a layer no mount uses any more (its blob file stays in the state dir)."""
         self._layers.pop(use.spec.layer_digest, None)
+        taking = None   # its recording goes with it: taken while the erofs unmounts, before the detach forgets it
         if use.recording is not None and not use.recording.done() and self.traces is not None:
-            use.recording.cancel()   # its recording goes with it: take and report it first
-            with phases.phase("release.trace"):
-                trace = await self.traces.finish(use.backend, use.spec)
-            self.traces.report_in_background(use.spec, use.manifest_digest, trace)
-        with phases.phase("release.erofs"):
-            if str(use.mountpoint) in await asyncio.to_thread(mounted_paths):
-                await asyncio.to_thread(unmount, use.mountpoint, detach=True)
+            use.recording.cancel()
+            taking = asyncio.ensure_future(self._take_recording(use, self.traces))
+        try:
+            with phases.phase("release.erofs"):
+                if str(use.mountpoint) in await asyncio.to_thread(mounted_paths):
+                    await asyncio.to_thread(unmount, use.mountpoint, detach=True)
+        finally:
+            if taking is not None:
+                await taking
         with phases.phase("release.detach"):
             await use.backend.detach(use.spec, use.blob_path)
         with contextlib.suppress(OSError):
             await asyncio.to_thread(use.mountpoint.rmdir)
+
+    @staticmethod
+    async def _take_recording(use: LayerUse, traces: LearnedTraces) -> None:
+        with phases.phase("release.trace"):
+            trace = await traces.finish(use.backend, use.spec)
+        traces.report_in_background(use.spec, use.manifest_digest, trace)
 
     # -- restart --------------------------------------------------------------------------------
 
