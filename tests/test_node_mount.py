@@ -348,6 +348,10 @@ async def test_a_volatile_upper_is_never_synced_and_still_keeps_what_was_written
     (layerstore,) = await cluster.start_layerstores(1)
     node = await cluster.start_node(layerstore)
     image = await cluster.push("volatile", small_image("volatile", 1 << 20))
+    (cluster.workdir / "read-only").mkdir()
+    refused = one_line(await cluster.afsd(node, "mount", image.reference, str(cluster.workdir / "read-only"),
+                                          "--volatile-upper"))
+    assert "--volatile-upper is about a writable upper" in refused
     for run in range(2):
         upper, target = cluster.workdir / f"scratch-{run}", cluster.workdir / f"rootfs-{run}"
         upper.mkdir()

@@ -193,6 +193,8 @@ def _size(n: int) -> str:
 async def run_mount(args: argparse.Namespace) -> int:
     from afsd.api import node_pb2 as pb
 
+    if args.volatile_upper and not (args.upper or args.tmpfs_upper):
+        raise UsageError("--volatile-upper is about a writable upper: add --upper DIR (or --tmpfs-upper)")
     request = pb.MountRequest(image=args.image, target=str(args.target.absolute()), backend=args.backend,
                               platform=args.platform or "", upper_dir=str(args.upper.absolute()) if args.upper else "",
                               tmpfs_upper=args.tmpfs_upper, volatile_upper=args.volatile_upper,
