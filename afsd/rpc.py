@@ -11,7 +11,7 @@ import signal
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 
@@ -62,13 +62,23 @@ def status_for(error: BaseException, specific: StatusTable = ()) -> grpc.StatusC
 
 
 # Trailing metadata on every refusal a handler makes: a client tells "the daemon answered UNAVAILABLE"
-# (e.g. no provider of a layer) from "nothing answered" (no daemon on the socket), which share the code.
+# (e.g. no provider of a layer, no afslet with room, draining) from "nothing answered" (no daemon at the
+# address), which share the code. Extra metadata: clients that do not look for it (afs-sdk) are unaffected.
 REFUSAL_KEY = "afsd-refusal"
 
 
-async def abort_for(context: grpc.aio.ServicerContext, error: errors.AfsdError, specific: StatusTable = ()) -> None:
+async def refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
+                 reason: str = "") -> NoReturn:
+    """End the call with `code` and the one-line `message`, marked as this server's own answer
+    (REFUSAL_KEY: `reason`, e.g. the error's class, or the code's name). Every handler ends a call this
+    way, never with a bare `context.abort` (tests/test_code_rules.py checks it)."""
+    await context.abort(code, message, trailing_metadata=((REFUSAL_KEY, reason or code.name),))
+
+
+async def abort_for(context: grpc.aio.ServicerContext, error: errors.AfsdError,
+                    specific: StatusTable = ()) -> NoReturn:
     """End the call with the status that fits `error` and its one-line message."""
-    await context.abort(status_for(error, specific), str(error), trailing_metadata=((REFUSAL_KEY, type(error).__name__),))
+    await refuse(context, status_for(error, specific), str(error), type(error).__name__)
 
 
 def daemon_did_not_answer(error: grpc.aio.AioRpcError) -> bool:

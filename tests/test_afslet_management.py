@@ -23,6 +23,7 @@ from afsd.api import afslet_pb2 as pb
 from afsd.api import executions_pb2 as epb
 from afsd.api import executions_pb2_grpc as epb_grpc
 from afsd.lab.daemons import Daemon, metrics_address
+from afsd.rpc import REFUSAL_KEY
 from tests.support.afslet import (
     AfsletCluster,
     SdkCall,
@@ -228,6 +229,7 @@ def test_unknown_and_ambiguous_ids_are_clear_errors(afslet_cluster: AfsletCluste
             stub.Stop(epb.StopRequest(id="0123456789abcdef"), timeout=10)
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
         assert f"no execution '0123456789abcdef' on afslet {NODE_ID}" in raised.value.details()
+        assert [key for key, _ in raised.value.trailing_metadata()].count(REFUSAL_KEY) == 1
     nothing = afsd_cli("ps", "--target", "127.0.0.1:1")
     assert nothing.returncode == 1 and nothing.stderr.startswith("afsd ps: error: cannot reach 127.0.0.1:1: ")
 
@@ -363,6 +365,7 @@ def test_sigterm_to_afslet_drains_running_executions_with_the_staged_abort(afsle
     assert refused.error.details().startswith(f"afslet on {NODE_ID} is shutting down and admits no new "
                                               "executions; retry on another afslet")
     assert refused.of("accepted") == []
+    assert [key for key, _ in refused.error.trailing_metadata()].count(REFUSAL_KEY) == 1  # afslet answered
 
     assert draining.process is not None
     assert draining.process.wait(timeout=term + interrupt + kill) == 0

@@ -112,3 +112,39 @@ def test_every_function_of_the_backends_cluster_and_node_is_used() -> None:
                     and node.name not in FRAMEWORK_HOOKS):
                 unused.append(f"{path.relative_to(REPOSITORY)}:{node.lineno} {node.name}")
     assert not unused, "defined but never used: " + ", ".join(unused)
+
+
+# Where a handler may end a call itself: afsd.rpc.refuse, which marks the status as the server's own
+# answer (afsd-refusal), so that clients tell a refusal from a server they never reached.
+REFUSING_MODULE = AFSD / "rpc.py"
+ENDS_A_CALL = frozenset({"abort", "set_code"})
+
+
+def bare_call_endings(path: Path, source: str | None = None) -> list[str]:
+    """`context.abort(...)`/`context.set_code(...)` calls in `path` (or `source`): a method of that name
+    called on something named like a servicer context, or given a `StatusCode`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source, filename=str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ENDS_A_CALL:
+            receiver = ast.unparse(node.func.value)
+            arguments = " ".join(ast.unparse(argument) for argument in [*node.args, *node.keywords])
+            if receiver.lower().endswith(("context", "ctx")) or "StatusCode" in arguments:
+                found.append((node.lineno, f"line {node.lineno}: {ast.unparse(node.func)}(...)"))
+    return [text for _, text in sorted(found)]
+
+
+@pytest.mark.parametrize("path", [path for path in modules_under(AFSD) if path != REFUSING_MODULE],
+                         ids=lambda p: str(p.relative_to(AFSD)))
+def test_handlers_refuse_calls_only_through_afsd_rpc_refuse(path: Path) -> None:
+    bare = bare_call_endings(path)
+    assert not bare, f"{path.relative_to(AFSD.parent)} ends calls without afsd.rpc.refuse: {'; '.join(bare)}"
+
+
+def test_the_refusal_checker_sees_every_form() -> None:
+    """Guard against a checker that silently sees nothing (and against one that flags other aborts)."""
+    source = ("async def handler(request, context):\n    await context.abort(grpc.StatusCode.NOT_FOUND, 'no')\n"
+              "async def other(self, servicer_context):\n    servicer_context.set_code(grpc.StatusCode.INTERNAL)\n"
+              "async def third(ctx):\n    await ctx.abort(code, 'no')\n"
+              "async def fine(container, connection):\n    container.abort(reason)\n    connection.abort()\n")
+    assert bare_call_endings(AFSD / "proxy" / "service.py", source) == [
+        "line 2: context.abort(...)", "line 4: servicer_context.set_code(...)", "line 6: ctx.abort(...)"]

@@ -20,6 +20,7 @@ from afsd.afslet.runtime import Runtime
 from afsd.afslet.stopping import WIRE_REASON, StopReason, wire_stop
 from afsd.api import executions_pb2 as epb
 from afsd.api import executions_pb2_grpc as epb_grpc
+from afsd.rpc import refuse
 
 LOGS_BATCH_BYTES = 1024 * 1024  # per LogsResponse, well under the 4 MiB message limit (lines are ≤ 64 KiB)
 
@@ -69,9 +70,8 @@ class ExecutionsService(epb_grpc.ExecutionsServicer):
         execution = self.runtime.executions.get(execution_id)
         if execution is None:
             where = self.runtime.config.node_id or self.runtime.config.endpoint
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"no execution {execution_id!r} on afslet {where} (`afsd ps -a` lists them)")
-        assert execution is not None
+            await refuse(context, grpc.StatusCode.NOT_FOUND,
+                         f"no execution {execution_id!r} on afslet {where} (`afsd ps -a` lists them)")
         return execution
 
     async def List(self, request: epb.ListRequest, context: grpc.aio.ServicerContext) -> epb.ListResponse:
@@ -84,7 +84,7 @@ class ExecutionsService(epb_grpc.ExecutionsServicer):
     async def Logs(self, request: epb.LogsRequest,
                    context: grpc.aio.ServicerContext) -> AsyncIterator[epb.LogsResponse]:
         if request.tail < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tail must be >= 0 (got {request.tail})")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"tail must be >= 0 (got {request.tail})")
         tail = (await self._find(request.id, context)).logs
         seq = tail.next_seq
         for batch in _batches(tail.last(request.tail)):

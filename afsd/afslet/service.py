@@ -23,7 +23,7 @@ from afsd.afslet.session import ExecuteCall
 from afsd.api import afslet_pb2 as pb
 from afsd.api import afslet_pb2_grpc as pb_grpc
 from afsd.errors import AfsdError
-from afsd.rpc import status_for
+from afsd.rpc import refuse, status_for
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class AfsletService(pb_grpc.AfsletServicer):
                         code, message = _status(item.error)
                         if code == grpc.StatusCode.INTERNAL:
                             log.error("Execute failed", exc_info=item.error)
-                        await context.abort(code, message)
+                        await refuse(context, code, message)
                     return
                 yield item
         finally:

@@ -32,7 +32,7 @@ from afsd.cluster.trace_book import TraceBook
 from afsd.errors import AfsdError, InvalidReferenceError
 from afsd.oci.platform import parse_platform
 from afsd.oci.reference import parse_reference
-from afsd.rpc import abort_for
+from afsd.rpc import abort_for, refuse
 from afsd.trust.identity import identity_of
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,15 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         if not request.node_id.strip() or not request.endpoint.strip():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "heartbeat needs node_id and endpoint")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "heartbeat needs node_id and endpoint")
         try:
             check_heartbeat(request, peer=f"heartbeat from {context.peer()}")
         except PeerAnswerError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         refusal = self._heartbeat_refusal(request, context)
         if refusal:
             log.warning("refused a heartbeat from %s: %s", context.peer(), refusal)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+            await refuse(context, grpc.StatusCode.PERMISSION_DENIED, refusal)
         layers: dict[str, tuple[int, str]] = {d: (0, "") for d in request.layer_digests}
         for stat in request.layer_stats:
             layers[stat.digest] = (stat.afs_size, stat.blob_digest)
@@ -108,7 +108,6 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
             return normalise_image_key(text)
         except InvalidReferenceError as error:
             await abort_for(context, error)
-            raise  # unreachable: abort raises
 
     def _image_layers(self, key: str) -> tuple[str, ...]:
         known = self.resolver.cached(key)
@@ -125,13 +124,12 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
         try:
             return page(nodes, query)
         except (PageTokenError, ValueError) as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            raise  # unreachable: abort raises
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
     async def FindImageProvider(self, request: pb.FindImageProviderRequest,
                                 context: grpc.aio.ServicerContext) -> pb.FindImageProviderResponse:
         if not request.image_key.strip():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image_key is required")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "image_key is required")
         key = await self._key(request.image_key, context)
         services, token, total = await self._page(self._image_nodes(key, request.include_pulling), _query(
             request, image_key=key, image_layers=self._image_layers(key)), context)
@@ -171,7 +169,7 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
     async def ResolveImage(self, request: pb.ResolveImageRequest,
                            context: grpc.aio.ServicerContext) -> pb.ResolveImageResponse:
         if not request.image.strip():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image is required")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "image is required")
         try:
             reference = parse_reference(request.image, request.tag or None)
             platform = parse_platform(os=request.platform_os or "linux",
@@ -202,13 +200,13 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
         try:
             ranges = check_trace_report(request, peer=f"trace report from {context.peer()}")
         except PeerAnswerError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         advertised = (request.blob_size, request.blob_digest)
         if not any(node.layers.get(request.layer_digest) == advertised
                    for node in self.table.holding_layer(request.layer_digest)):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"no live layerstore advertises layer {request.layer_digest} as blob "
-                                f"{request.blob_digest} of {request.blob_size} bytes")
+            await refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"no live layerstore advertises layer {request.layer_digest} as blob "
+                         f"{request.blob_digest} of {request.blob_size} bytes")
         identity = identity_of(context) if self.authenticated else None
         node = identity.name if identity is not None else request.node_id or context.peer()
         runs = self.traces.report(request.blob_digest, request.blob_size, node, request.manifest_digest, ranges)
@@ -219,7 +217,7 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
     async def GetAccessTraces(self, request: pb.GetAccessTracesRequest,
                               context: grpc.aio.ServicerContext) -> pb.GetAccessTracesResponse:
         if len(request.blob_digests) > MAX_LAYERS:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_LAYERS} blobs per request")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_LAYERS} blobs per request")
         digests = dict.fromkeys(digest.strip().lower() for digest in request.blob_digests)
         merged = [self.traces.merged(digest, request.manifest_digest.strip()) for digest in digests]
         return pb.GetAccessTracesResponse(traces=[trace for trace in merged if trace is not None])

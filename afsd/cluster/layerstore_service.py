@@ -21,7 +21,7 @@ from afsd.cluster.peers import MAX_READ_MESSAGE
 from afsd.errors import AfsdError
 from afsd.oci.platform import Platform, parse_platform
 from afsd.oci.reference import ImageReference, parse_reference
-from afsd.rpc import abort_for
+from afsd.rpc import abort_for, refuse
 
 BYTES_SERVED = Counter("afsd_layerstore_bytes_served_total", "Blob bytes sent to readers by ReadLayer, by where "
                        "the reader is (this_host: loopback or this layerstore's own address; other_host)",
@@ -50,13 +50,14 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
     async def _digest(self, text: str, context: grpc.aio.ServicerContext) -> str:
         digest = text.strip().lower()
         if not DIGEST.match(digest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid layer digest {text!r}: expected sha256:<64 hex>")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"invalid layer digest {text!r}: expected sha256:<64 hex>")
         return digest
 
     async def _image(self, request: pb.PullImageRequest | pb.HasImageRequest | pb.EnsureLayersRequest,
                      context: grpc.aio.ServicerContext) -> tuple[ImageReference, Platform]:
         if not request.image.strip():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image is required")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "image is required")
         try:
             reference = parse_reference(request.image, request.tag or None)
             platform = parse_platform(os=request.platform_os or "linux", architecture=request.platform_arch or "amd64",
@@ -69,7 +70,7 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
     async def _stored(self, digest: str, context: grpc.aio.ServicerContext) -> StoredLayer:
         layer = self.node.store.get(digest)
         if layer is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"layer {digest} is not in this layerstore's cache")
+            await refuse(context, grpc.StatusCode.NOT_FOUND, f"layer {digest} is not in this layerstore's cache")
         return layer
 
     @staticmethod
@@ -131,14 +132,14 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
         digest = await self._digest(request.digest, context)
         data = await self.node.image_config(digest)
         if data is None or len(data) > MAX_SHARED_CONFIG:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"config {digest} is not kept by this layerstore")
+            await refuse(context, grpc.StatusCode.NOT_FOUND, f"config {digest} is not kept by this layerstore")
         return pb.ReadImageConfigResponse(digest=digest, data=data)
 
     async def ReadLayer(self, request: pb.ReadLayerRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ReadLayerResponse]:
         digest = await self._digest(request.digest, context)
         if request.offset < 0 or request.length <= 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"invalid range: offset {request.offset} must be >= 0 and length {request.length} > 0")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"invalid range: offset {request.offset} must be >= 0 and length {request.length} > 0")
         layer = await self._stored(digest, context)
         size, path = layer.blob.size, str(layer.path)
         offset, end = request.offset, min(request.offset + request.length, layer.blob.size)
@@ -148,7 +149,7 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
         try:
             fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"layer {digest} was evicted")
+            await refuse(context, grpc.StatusCode.NOT_FOUND, f"layer {digest} was evicted")
         served = BYTES_SERVED.labels(reader=reader_place(caller_address(context.peer() or ""),
                                                          self.node.endpoint.rpartition(":")[0]))
         try:
@@ -169,14 +170,14 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
     async def OpenByteStream(self, request: pb.OpenByteStreamRequest,
                              context: grpc.aio.ServicerContext) -> pb.OpenByteStreamResponse:
         if self.byte_streams is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this layerstore has no byte-stream listener; "
-                                "use ReadLayer")
+            await refuse(context, grpc.StatusCode.UNIMPLEMENTED, "this layerstore has no byte-stream listener; "
+                                  "use ReadLayer")
         digest = await self._digest(request.digest, context)
         layer = await self._stored(digest, context)
         caller = caller_address(context.peer())
         if caller is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"byte streams are granted to TCP callers only, not {context.peer()}; use ReadLayer")
+            await refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"byte streams are granted to TCP callers only, not {context.peer()}; use ReadLayer")
         tickets = self.byte_streams.grant(digest, caller, max(1, min(MAX_TICKETS, request.streams)))
         return pb.OpenByteStreamResponse(host=self.byte_stream_host, port=self.byte_streams.port, tickets=tickets,
                                          ticket_ttl_ms=int(self.byte_streams.ticket_ttl * 1000),
@@ -186,11 +187,12 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
                                 context: grpc.aio.ServicerContext) -> pb.AcquireLayerLeaseResponse:
         digests = [await self._digest(d, context) for d in request.digests]
         if not digests:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a lease needs at least one digest")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "a lease needs at least one digest")
         try:
             lease = self.node.store.acquire_lease(digests, self._ttl(request.ttl_ms))
         except KeyError as missing:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"layer {missing.args[0]} is not in this layerstore's cache")
+            await refuse(context, grpc.StatusCode.NOT_FOUND,
+                         f"layer {missing.args[0]} is not in this layerstore's cache")
         return pb.AcquireLayerLeaseResponse(lease_id=lease.lease_id, digests=lease.digests,
                                             expires_at_unix_ms=int(lease.expires_at * 1000))
 
@@ -201,10 +203,10 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
     async def RenewLayerLease(self, request: pb.RenewLayerLeaseRequest,
                               context: grpc.aio.ServicerContext) -> pb.RenewLayerLeaseResponse:
         if not request.lease_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "lease_id is required")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "lease_id is required")
         lease = self.node.store.renew_lease(request.lease_id, self._ttl(request.ttl_ms))
         if lease is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id} is unknown or expired")
+            await refuse(context, grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id} is unknown or expired")
         return pb.RenewLayerLeaseResponse(lease_id=lease.lease_id, digests=lease.digests,
                                           expires_at_unix_ms=int(lease.expires_at * 1000))
 
@@ -214,7 +216,8 @@ class LayerStoreService(pb_grpc.LayerStoreServicer):
 
     async def PruneCache(self, request: pb.PruneCacheRequest, context: grpc.aio.ServicerContext) -> pb.PruneCacheResponse:
         if not 0 < request.percent <= 100:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"percent must be in (0, 100], got {request.percent}")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"percent must be in (0, 100], got {request.percent}")
         result = await self.node.store.prune(request.percent)
         self.node.record_evictions(result.evicted)
         return pb.PruneCacheResponse(before_bytes=result.before, after_bytes=result.after,
@@ -229,13 +232,13 @@ class LocalLayerStoreService(pb_grpc.LocalLayerStoreServicer):
 
     async def ImportLayer(self, request: pb.ImportLayerRequest, context: grpc.aio.ServicerContext) -> pb.ImportLayerResponse:
         if not DIGEST.match(request.stat.digest) or not request.path:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ImportLayer needs a path and the layer's stat")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "ImportLayer needs a path and the layer's stat")
         try:
             layer, imported = await self.node.import_layer(Path(request.path), request.stat)
         except PeerAnswerError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except FileNotFoundError:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.path} does not exist")
+            await refuse(context, grpc.StatusCode.NOT_FOUND, f"{request.path} does not exist")
         except AfsdError as error:
             await abort_for(context, error)
             raise

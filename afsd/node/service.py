@@ -16,7 +16,7 @@ from afsd.node.leases import LeaseRecord, LeaseRequestError
 from afsd.node.records import MountRecord
 from afsd.node.requests import LayerAttach, MountOptions, MountRequestError, UnknownMountError
 from afsd.ondemand.base import BackendUnavailableError
-from afsd.rpc import StatusTable, abort_for
+from afsd.rpc import StatusTable, abort_for, refuse
 
 _STATUS: StatusTable = [
     (UnknownMountError, grpc.StatusCode.NOT_FOUND),
@@ -51,9 +51,9 @@ class NodeService(pb_grpc.NodeServicer):
 
     async def Mount(self, request: pb.MountRequest, context: grpc.aio.ServicerContext) -> pb.MountResponse:
         if not request.image or not request.target:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "mount needs an image and a target directory")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "mount needs an image and a target directory")
         if request.tmpfs_upper and request.upper_dir:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "choose either an upper directory or a tmpfs upper")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "choose either an upper directory or a tmpfs upper")
         options = MountOptions(
             image=request.image, tag=request.tag, target=Path(request.target), backend=request.backend or "auto",
             platform=request.platform, upper_dir=Path(request.upper_dir) if request.upper_dir else None,
@@ -97,8 +97,8 @@ class NodeService(pb_grpc.NodeServicer):
     async def AttachLayer(self, request: pb.AttachLayerRequest,
                           context: grpc.aio.ServicerContext) -> pb.AttachLayerResponse:
         if not request.lease_id or not request.image or not request.layer_digest:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attaching a layer needs a lease id, an image "
-                                                                  "and a layer digest")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "attaching a layer needs a lease id, an image "
+                                                                    "and a layer digest")
         attach = LayerAttach(lease_id=request.lease_id, image=request.image, layer_digest=request.layer_digest,
                              manifest_digest=request.manifest_digest, backend=request.backend or "auto",
                              platform=request.platform)

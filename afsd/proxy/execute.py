@@ -20,6 +20,7 @@ from afsd.proxy.metrics import CHOSEN, DISPATCH_SECONDS, DISPATCHES, QUEUE_LENGT
 from afsd.proxy.peers import DispatchCounts
 from afsd.proxy.relay import relay
 from afsd.proxy.targets import resolve_target
+from afsd.rpc import refuse
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class ProxyAfsletService(pb_grpc.AfsletServicer):
             outcome = error.outcome
             if error.code != grpc.StatusCode.INVALID_ARGUMENT:
                 log.warning("Execute failed: %s", error)
-            await context.abort(error.code, str(error))
+            await refuse(context, error.code, str(error))
         finally:
             DISPATCHES.labels(outcome).inc()  # before the counts drop, so an idle proxy has counted every call
             if placement is None:
@@ -111,9 +112,9 @@ class ProxyAfsletService(pb_grpc.AfsletServicer):
         try:
             addresses = await resolve_target(self.dispatcher.config.afslet_target)
         except TargetResolveError as error:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"no afslets: {error}")
+            await refuse(context, grpc.StatusCode.UNAVAILABLE, f"no afslets: {error}")
         statuses = await probe_all(self.channels, addresses, self.dispatcher.config.status_timeout)
         if not any(s.reachable for s in statuses):
             problems = "; ".join(f"{s.address}: {s.error}" for s in statuses)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"no afslet answered ({problems})")
+            await refuse(context, grpc.StatusCode.UNAVAILABLE, f"no afslet answered ({problems})")
         return total(statuses)

@@ -25,6 +25,7 @@ from afsd.proxy.backends import BackendChannels
 from afsd.proxy.config import ProxyConfig
 from afsd.proxy.errors import ProxyError, TargetResolveError
 from afsd.proxy.targets import resolve_target
+from afsd.rpc import refuse
 
 # The afslet (or the connection to it) broke, rather than answering with a status of its own.
 _BACKEND_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
@@ -63,7 +64,7 @@ class ProxyExecutionsService(epb_grpc.ExecutionsServicer):
         try:
             addresses = await self._afslets()
         except ProxyError as error:
-            await context.abort(error.code, str(error))
+            await refuse(context, error.code, str(error))
         timeout = self._timeout(context)
 
         async def ask(address: str) -> epb.ListResponse | str:
@@ -127,7 +128,7 @@ class ProxyExecutionsService(epb_grpc.ExecutionsServicer):
             finally:
                 call.cancel()  # the client left (or a follow is cut short by shutdown): stop reading there too
         except ProxyError as error:
-            await context.abort(error.code, str(error))
+            await refuse(context, error.code, str(error))
 
     async def Stop(self, request: epb.StopRequest, context: grpc.aio.ServicerContext) -> epb.StopResponse:
         try:
@@ -137,5 +138,4 @@ class ProxyExecutionsService(epb_grpc.ExecutionsServicer):
             except grpc.aio.AioRpcError as error:
                 raise _relayed(address, error) from None
         except ProxyError as error:
-            await context.abort(error.code, str(error))
-            raise  # unreachable: abort raises
+            await refuse(context, error.code, str(error))

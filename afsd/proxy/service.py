@@ -14,7 +14,7 @@ from afsd.proxy.config import ProxyConfig
 from afsd.proxy.errors import ProxyError
 from afsd.proxy.reconcile import Reconciler
 from afsd.proxy.status import status_stream
-from afsd.rpc import ChannelPool
+from afsd.rpc import ChannelPool, refuse
 
 
 class AfsProxyService(pb_grpc.AfsProxyServicer):
@@ -36,5 +36,4 @@ class AfsProxyService(pb_grpc.AfsProxyServicer):
             return await self.reconciler.reconcile(
                 request, None if remaining is None else time.monotonic() + remaining)
         except ProxyError as error:
-            await context.abort(error.code, str(error))
-            raise  # unreachable: abort raises
+            await refuse(context, error.code, str(error))

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from afsd.rpc import refuse
 from afsd.trust.identity import NODE_ROLE, USER_ROLE, PeerIdentity, identity_of
 from afsd.trust.tokens import BearerTokens
 
@@ -39,18 +40,18 @@ async def require_identity(context: grpc.aio.ServicerContext, allowed: frozenset
     if tokens is not None:
         name = tokens.holder(context.invocation_metadata() or ())
         if name is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                f"{method} needs `authorization: Bearer TOKEN` with a token this server knows")
+            await refuse(context, grpc.StatusCode.UNAUTHENTICATED,
+                         f"{method} needs `authorization: Bearer TOKEN` with a token this server knows")
         identity = PeerIdentity(name, frozenset({USER_ROLE}), frozenset())
     else:
         identity = identity_of(context)
     if identity is None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                            f"{method} needs a client certificate from the cluster CA")
+        await refuse(context, grpc.StatusCode.UNAUTHENTICATED,
+                     f"{method} needs a client certificate from the cluster CA")
     if not identity.roles & allowed:
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                            f"{method} needs a certificate with role {' or '.join(sorted(allowed))}; "
-                            f"{identity} has none")
+        await refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                     f"{method} needs a certificate with role {' or '.join(sorted(allowed))}; "
+                     f"{identity} has none")
     return identity
 
 
