@@ -15,9 +15,11 @@ import grpc
 import pytest
 
 from afsd.api import afslet_pb2 as pb
+from afsd.api import afslet_pb2_grpc as pb_grpc
 from afsd.api import executions_pb2 as epb
 from afsd.api import executions_pb2_grpc as epb_grpc
 from afsd.lab.daemons import Daemon
+from afsd.rpc import REFUSAL_KEY
 from tests.support.afslet import SdkCall, afsd_cli, direct_execute
 from tests.support.proxy import (  # noqa: F401 - fixtures
     AFSLETS,
@@ -193,3 +195,35 @@ def test_logs_and_stop_find_the_afslet_without_an_endpoint_hint(proxy_cluster: P
     assert missing.returncode == 1
     assert missing.stderr.strip() == (f"afsd logs: error: no execution '0123456789abcdef' on {proxy.address}; "
                                       "`afsd ps -a` lists them")
+
+
+def test_a_proxy_that_refuses_is_told_apart_from_one_that_cannot_be_reached(proxy_cluster: ProxyCluster) -> None:
+    """A proxy whose afslet name resolves to nothing refuses with UNAVAILABLE, the code of a call that
+    reached no server too: its refusal carries the afsd-refusal trailer, and the command line prints the
+    proxy's reason. Once it is stopped (its port still held, nothing listening), "cannot reach"."""
+    lonely = proxy_cluster.start_proxy("proxy-without-afslets", afslets_name="nobody.afsd.test",
+                                       extra_args=["--dispatch-max-retries", "0"])
+    address, tools = lonely.address, proxy_cluster.base.images["tools"]
+    with grpc.insecure_channel(address) as channel:
+        for ask in (lambda: epb_grpc.ExecutionsStub(channel).List(epb.ListRequest(), timeout=30),
+                    lambda: pb_grpc.AfsletStub(channel).GetRuntimeStatus(pb.GetRuntimeStatusRequest(), timeout=30)):
+            with pytest.raises(grpc.RpcError) as raised:
+                ask()
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert raised.value.details().startswith("no afslets: ") and "nobody.afsd.test" in raised.value.details()
+            assert [key for key, _ in raised.value.trailing_metadata()].count(REFUSAL_KEY) == 1
+
+    ps = afsd_cli("ps", "--target", address)
+    assert ps.returncode == 1 and ps.stderr.startswith(f"afsd ps: error: {address}: no afslets: "), ps.stderr
+    ran = afsd_cli("run", "--target", address, tools, "--", "true")
+    assert ran.returncode == 1, ran.stderr
+    assert ran.stderr.startswith(f"afsd run: error: {address}: no afslet accepted the request "), ran.stderr
+    for refused in (ps, ran):
+        assert len(refused.stderr.splitlines()) == 1 and "cannot reach" not in refused.stderr
+        assert "--tls-dir" not in refused.stderr  # no hint about a TLS handshake: the proxy answered
+
+    assert lonely.stop() == 0  # its port stays reserved for it: bound, nothing listening
+    for verb, *rest in (["ps"], ["run", tools, "--", "true"]):
+        unreachable = afsd_cli(verb, "--target", address, *rest)
+        assert unreachable.returncode == 1
+        assert unreachable.stderr.startswith(f"afsd {verb}: error: cannot reach {address}: "), unreachable.stderr

@@ -74,16 +74,12 @@ def _target_option(parser: argparse.ArgumentParser) -> None:
 def _explain(error: grpc.aio.AioRpcError, target: str, tls: TlsConfig | None = None) -> ExecutionsError:
     import grpc
 
-    from afsd.rpc import unreachable_hint
+    from afsd.cli._calls import call_failure
 
-    code = error.code()
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return ExecutionsError(f"cannot reach {target}: {error.details()}; is an afslet (afsd let) or a proxy "
-                               "listening there? (--target HOST:PORT)" + unreachable_hint(error, tls))
-    if code == grpc.StatusCode.UNIMPLEMENTED:
+    if error.code() == grpc.StatusCode.UNIMPLEMENTED:
         return ExecutionsError(f"{target} does not serve execution management (afsd.executions.v1); is it an "
                                "afslet or proxy of this afsd version?")
-    return ExecutionsError(f"{target}: {error.details() or code.name}")
+    return ExecutionsError(call_failure(error, target, tls))
 
 
 class _Client:

@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--save-upper", type=Path, metavar="FILE", help="save what the command wrote (tar.gz)")
     parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="platform of a multi-platform image")
     parser.add_argument("image", metavar="IMAGE")
-    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="command and arguments")
+    # Not `command`: that is the subcommand's name in the namespace (afsd/cli/__init__.py names errors by it).
+    parser.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="command and arguments")
     add_tls_options(parser, client=True)
     parser.set_defaults(handler=run)
 
@@ -90,9 +91,10 @@ async def run(args: argparse.Namespace) -> int:
     from afsd.api import afslet_pb2 as pb
     from afsd.api import afslet_pb2_grpc as pb_grpc
     from afsd.oci.platform import parse_platform
-    from afsd.rpc import open_channel, unreachable_hint
+    from afsd.cli._calls import call_failure
+    from afsd.rpc import open_channel
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
     platform = parse_platform(args.platform) if args.platform else None
     start = pb.StartRequest(image=args.image, command=command, cpu_cores=args.cpu, memory_mb=args.memory_mb,
                             timeout_ms=args.timeout_ms, env=args.env,
@@ -123,8 +125,7 @@ async def run(args: argparse.Namespace) -> int:
                     elif kind == "tar_chunk" and upper is not None:
                         await asyncio.to_thread(upper.write, response.tar_chunk.data)
             except grpc.aio.AioRpcError as error:
-                raise AfsdError(f"{args.target}: {error.details() or error.code().name}"
-                                + unreachable_hint(error, tls)) from None
+                raise AfsdError(call_failure(error, args.target, tls)) from None
     finally:
         if upper is not None:
             upper.close()
