@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 
 def call_failure(error: grpc.aio.AioRpcError, target: str, tls: TlsConfig | None) -> str:
+    """The line to print for `error`, a call to `target` that failed (`tls`: the settings it was made with)."""
     from afsd.rpc import daemon_did_not_answer, unreachable_hint
 
     if daemon_did_not_answer(error):
