@@ -69,6 +69,11 @@ def test_the_startup_a_recording_covers_is_over_when_its_window_closes_or_no_rea
     read = TraceRecorder(MiB, window=2.0, created=10.0)
     read.observe(0, PAGE, now=11.5)
     assert not read.startup_over(13.0) and read.startup_over(13.6)         # two seconds from the first read
+    closed = TraceRecorder(MiB, window=2.0, created=10.0)                  # its layer's last mount went, unread
+    assert not closed.startup_over(10.5)
+    assert closed.take(10.5, close=True).closed and closed.startup_over(10.5)
+    closed.observe(0, PAGE, now=10.6)
+    assert closed.take(10.6, close=False).ranges == []                     # nothing is recorded after the close
 
 
 def test_a_recording_stops_at_its_bounds_and_says_so() -> None:

@@ -6,9 +6,8 @@ erofs at <state>/layers/<hex>) → fixup tree + optional extra dir + optional wr
 overlayfs at the target; each layer's backend fetches what the cluster learned tasks read first from it,
 and records what readers here read first (traces.py). Records on disk let a restarted daemon adopt what is
 mounted, or clean up what is half done: no mount is leaked either way. A layer whose blob becomes complete
-on this node is handed to the local layerstore (ImportLayer), which then advertises this node as a provider: the daemon
-checks once when it attaches (or adopts) a layer, and otherwise learns it from what the backends push
-(`Backend.completed_blobs`); nothing is polled. docs/node.md tells the whole story.
+on this node is handed to the local layerstore, which then advertises this node as a provider
+(handover.py). docs/node.md tells the whole story.
 """
 
 from __future__ import annotations
@@ -26,18 +25,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import grpc
 from prometheus_client import Counter, Gauge
 from prometheus_client.registry import Collector
 
 from afsd import phases
-from afsd.api import layerstore_pb2 as lpb
-from afsd.api import layerstore_pb2_grpc as lgrpc
-from afsd.cluster.peers import stat_from_blob_spec
 from afsd.erofs.mount import mount_tmpfs, unmount
 from afsd.erofs.stack import LayerTree, remove_stack_scratch, stack_layer_trees
 from afsd.errors import AfsdError
 from afsd.node.concurrently import acquire_all, release_all
+from afsd.node.handover import HandOver
 from afsd.node.images import ImageLocator
 from afsd.node.leases import LeaseBook, LeaseRecord, LeaseRequestError, check_lease_id
 from afsd.node.records import MountRecord, StateDir, mounted_paths
@@ -55,12 +51,9 @@ log = logging.getLogger(__name__)
 MOUNTS = Gauge("afsd_node_mounts", "Image mounts held by the node daemon", ["backend"])
 MOUNT_SECONDS = Counter("afsd_node_mount_seconds_total", "Time spent mounting images")
 MOUNT_FAILURES = Counter("afsd_node_mount_failures_total", "Mount requests that failed")
-LAYERS_IMPORTED = Counter("afsd_node_layers_imported_total", "Complete blobs handed to the local layerstore")
 LAYER_LEASES = Gauge("afsd_node_layer_leases", "Single layers held for clients that stack them (afsd snapshotter)")
 
 BACKEND_STATUS_PERIOD = 5.0   # how fresh the backends' own metrics on the node's /metrics are
-IMPORT_RETRY = 30.0           # seconds before a layer the local layerstore refused is offered again
-WATCH_RETRY = (0.5, 10.0)     # first and longest wait before watching a backend's pushes again
 
 
 @dataclass
@@ -98,6 +91,8 @@ class NodeDaemon:
         self.traces = traces
         self._records: dict[str, MountRecord] = {}
         self._layers: dict[str, LayerUse] = {}
+        self.hand_over = (None if layerstore_admin_socket is None else
+                          HandOver(layerstore_admin_socket, self._layers, self._in_background))
         self._layer_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()   # watchers of pushes, hand-overs, retries
         self._status_poller: asyncio.Task[None] | None = None
@@ -118,12 +113,12 @@ class NodeDaemon:
             if self._unavailable[name] is None:
                 await backend.start()
         await self._restore()
-        if self.layerstore_admin_socket is not None:
+        if self.hand_over is not None:
             for name, backend in self.backends.items():
                 if self.available(name) and backend.pushes_completion:
-                    self._in_background(self._watch_completions(backend))
+                    self._in_background(self.hand_over.watch(backend))
             for use in list(self._layers.values()):   # adopted: they may have completed while we were away
-                self._in_background(self._hand_over_if_complete(use))
+                self._in_background(self.hand_over.if_complete(use))
 
     async def close(self) -> None:
         """Stop serving requests. Mounts stay: they outlive the daemon and are adopted at restart."""
@@ -311,8 +306,8 @@ class NodeDaemon:
                 self._layers[spec.layer_digest] = use
                 if self.traces is not None and self.traces.settings.enabled:
                     use.recording = self.traces.follow_in_background(backend, spec, manifest_digest)
-                if self.layerstore_admin_socket is not None:   # complete already (eager; a blob kept whole)
-                    self._in_background(self._hand_over_if_complete(use))
+                if self.hand_over is not None:   # complete already (eager; a blob kept whole)
+                    self._in_background(self.hand_over.if_complete(use))
             if use.lingering is not None:   # wanted again before its linger ran out
                 use.lingering.cancel()
                 use.lingering = None
@@ -344,6 +339,8 @@ class NodeDaemon:
             if use.refs > 0:
                 return
             if self.layer_linger > 0 and not self._closing:
+                if (taking := self._end_recording(use)) is not None:
+                    await taking   # its last mount is gone, and so is the startup it recorded
                 use.lingering = asyncio.create_task(self._linger(digest, use))
                 return
             await self._drop_layer(use)
@@ -354,17 +351,14 @@ class NodeDaemon:
             if self._layers.get(digest) is not use or use.refs > 0:
                 return
             use.lingering = None
-            if not use.imported and self.layerstore_admin_socket is not None:
-                await self._hand_over_if_complete(use, retry=False)   # last chance to spread it before it goes
+            if not use.imported and self.hand_over is not None:
+                await self.hand_over.if_complete(use, retry=False)   # last chance to spread it before it goes
             await self._drop_layer(use)
 
     async def _drop_layer(self, use: LayerUse) -> None:
         """Unmount and detach a layer no mount uses any more (its blob file stays in the state dir)."""
         self._layers.pop(use.spec.layer_digest, None)
-        taking = None   # its recording goes with it: taken while the erofs unmounts, before the detach forgets it
-        if use.recording is not None and not use.recording.done() and self.traces is not None:
-            use.recording.cancel()
-            taking = asyncio.ensure_future(self._take_recording(use, self.traces))
+        taking = self._end_recording(use)   # taken while the erofs unmounts, before the detach forgets it
         try:
             with phases.phase("release.erofs"):
                 if str(use.mountpoint) in await asyncio.to_thread(mounted_paths):
@@ -376,6 +370,14 @@ class NodeDaemon:
             await use.backend.detach(use.spec, use.blob_path)
         with contextlib.suppress(OSError):
             await asyncio.to_thread(use.mountpoint.rmdir)
+
+    def _end_recording(self, use: LayerUse) -> asyncio.Future[None] | None:
+        """Close, take and report the layer's open recording (None: it has none). Its backend then fills the
+        rest of the blob in the background: a recording holds that fill back, as it would hide reads."""
+        if use.recording is None or use.recording.done() or self.traces is None:
+            return None
+        use.recording.cancel()
+        return asyncio.ensure_future(self._take_recording(use, self.traces))
 
     @staticmethod
     async def _take_recording(use: LayerUse, traces: LearnedTraces) -> None:
@@ -538,64 +540,3 @@ class NodeDaemon:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
-
-    async def _watch_completions(self, backend: Backend) -> None:
-        """Hand a layer to the local layerstore as soon as its backend says its blob is complete. When the
-        push stream breaks (its supervisor restarted), watch again and check once what was missed."""
-        wait, failures = WATCH_RETRY[0], 0
-        while True:
-            try:
-                async for name in backend.completed_blobs():
-                    wait, failures = WATCH_RETRY[0], 0
-                    use = next((u for u in self._layers.values() if u.spec.name == name and u.backend is backend), None)
-                    if use is not None and not use.imported:
-                        self._in_background(self._hand_over(use))
-            except (AfsdError, OSError) as error:
-                failures += 1
-                (log.warning if failures == 1 else log.debug)(
-                    "no completion events from the %s backend (%s): watching again", backend.name, error)
-            await asyncio.sleep(wait)
-            wait = min(WATCH_RETRY[1], wait * 2)
-            for use in [u for u in self._layers.values() if u.backend is backend and not u.imported]:
-                await self._hand_over_if_complete(use)
-
-    async def _hand_over_if_complete(self, use: LayerUse, *, retry: bool = True) -> None:
-        try:
-            complete = await use.backend.is_complete(use.spec, use.blob_path)
-        except (AfsdError, OSError) as error:
-            log.warning("cannot tell whether %s is complete (%s): asking again later", use.spec.layer_digest, error)
-            complete = False
-            if retry:
-                self._in_background(self._offer_again(use))
-        if complete:
-            await self._hand_over(use, retry=retry)
-
-    async def _hand_over(self, use: LayerUse, *, retry: bool = True) -> None:
-        """Import a complete blob into the local layerstore (once); a failure is offered again later."""
-        if use.imported or use.importing:
-            return
-        use.importing = True
-        try:
-            await self._import(use)
-        except (AfsdError, OSError, grpc.aio.AioRpcError) as error:
-            log.warning("could not hand %s to the local layerstore (will retry): %s", use.spec.layer_digest, error)
-            if retry:
-                self._in_background(self._offer_again(use))
-        finally:
-            use.importing = False
-
-    async def _offer_again(self, use: LayerUse) -> None:
-        await asyncio.sleep(IMPORT_RETRY)
-        if self._layers.get(use.spec.layer_digest) is use and not use.imported:
-            await self._hand_over_if_complete(use)
-
-    async def _import(self, use: LayerUse) -> None:
-        spec = use.spec
-        stat = stat_from_blob_spec(spec)
-        async with grpc.aio.insecure_channel(f"unix:{self.layerstore_admin_socket}") as channel:
-            response = await lgrpc.LocalLayerStoreStub(channel).ImportLayer(
-                lpb.ImportLayerRequest(path=str(use.blob_path), stat=stat), timeout=600)
-        use.imported = True
-        if response.imported:
-            LAYERS_IMPORTED.inc()
-            log.info("this node now provides %s (blob assembled by its mounts)", spec.layer_digest)

@@ -125,7 +125,10 @@ class TraceRecorder:
     def startup_over(self, now: float) -> bool:
         """Whether the startup this recording covers is over: its window closed, or no read came within a
         window's length of the recorder's creation. A whole-blob fill waits for it: it would compete with the
-        startup's reads, and hide them (fscache sees only misses; a fanotify blob filled whole loses its mark)."""
+        startup's reads, and hide them (fscache sees only misses; a fanotify blob filled whole loses its mark).
+        A recording closed before any read came (its layer's last mount went) ends the startup too."""
+        if self.closed:
+            return True
         if self.opened_at is None:
             return now - self.created > self.window
         return not self.is_open(now)
@@ -153,8 +156,9 @@ class TraceRecorder:
         self.complete = False
 
     def take(self, now: float, *, close: bool) -> RecordedTrace:
-        """What was recorded so far; `close` ends the window now (the blob is going away)."""
-        if close and self.opened_at is not None:
+        """What was recorded so far; `close` ends the window now (the blob is going away, or the startup is
+        over), opened or not."""
+        if close:
             self.closed = True
         open_now = self.is_open(now)
         remaining = self.window - self._elapsed(now) if open_now and self.opened_at is not None else 0.0
