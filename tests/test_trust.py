@@ -13,6 +13,7 @@ import pytest
 from afsd.api import layerstore_pb2 as lpb
 from afsd.cluster.peer_answers import PeerAnswerError, check_stat, endpoint_is_valid, implicit_dir_problem
 from afsd.lab.pki import LabPki
+from afsd.ondemand.metadata import MetadataHasher, metadata_ranges
 from afsd.trust.descriptors import BlobDescriptor, BlobTrust
 from afsd.trust.identity import identity_of_certificate
 from afsd.trust.tls import TlsConfig
@@ -22,11 +23,14 @@ LAYER = "sha256:" + "1" * 64
 
 def genuine_stat(size: int = 3 << 20, chunk: int = 1 << 20) -> lpb.StatLayerResponse:
     data = bytes(range(256)) * (size // 256)
+    metadata = MetadataHasher(metadata_ranges(size, [(chunk, chunk)]))
+    metadata.update(0, data)
     return lpb.StatLayerResponse(
         digest=LAYER, afs_size=size, blob_digest="sha256:" + hashlib.sha256(data).hexdigest(), chunk_size=chunk,
         chunk_digests=[hashlib.sha256(data[i:i + chunk]).digest() for i in range(0, size, chunk)],
-        data_map=[lpb.ByteRange(offset=chunk, length=chunk)], converter="afsd-erofs/2 erofs-utils/1.5",
-        diff_id="sha256:" + "2" * 64, implicit_dirs=["/", "/srv/app", "/caf%C3%A9"])
+        data_map=[lpb.ByteRange(offset=chunk, length=chunk)], converter="afsd-erofs/3 erofs-utils/1.5",
+        diff_id="sha256:" + "2" * 64, implicit_dirs=["/", "/srv/app", "/caf%C3%A9"],
+        metadata_digest=metadata.hexdigest())
 
 
 @pytest.mark.parametrize("text, ok", [
@@ -59,6 +63,7 @@ def test_a_stat_answer_is_checked_for_its_layer_bounds_and_table() -> None:
         "chunk table of 2 entries": lambda s: s.chunk_digests.pop(),
         "data map has ranges outside": lambda s: s.data_map.add(offset=3 << 20, length=1),
         "but the image config says": lambda s: setattr(s, "diff_id", ""),
+        "metadata digest 'sha256:abc' is not": lambda s: setattr(s, "metadata_digest", "sha256:abc"),
     }
     for phrase, forge in cases.items():
         stat = genuine_stat()
@@ -91,6 +96,8 @@ def test_a_signed_descriptor_roots_every_field_of_the_answer(pki: LabPki) -> Non
         "its chunk table differs": lambda s: s.chunk_digests.__setitem__(0, b"\0" * 32),
         "its data map differs": lambda s: s.data_map.add(offset=0, length=1),
         "its implicit dir list differs": lambda s: s.implicit_dirs.append("/etc"),
+        "its metadata digest differs": lambda s: setattr(s, "metadata_digest", "sha256:" + "7" * 64),
+        "its metadata digest differs from the signed one (sha256:": lambda s: s.ClearField("metadata_digest"),
         "its size differs": lambda s: setattr(s, "afs_size", 2 << 20),
         "its signed descriptor is for layer": lambda s: setattr(s, "digest", "sha256:" + "4" * 64),
         "does not verify: bad signature": lambda s: setattr(s.descriptor, "signature", s.descriptor.signature[:-2] + b"xx"),
@@ -107,6 +114,27 @@ def test_a_signed_descriptor_roots_every_field_of_the_answer(pki: LabPki) -> Non
         reader.verified_descriptor(stat, LAYER, peer="p", diff_id="sha256:" + "5" * 64)
 
 
+def test_a_descriptor_from_before_metadata_digests_still_verifies_and_attests_none(pki: LabPki) -> None:
+    """Version-1 descriptors (converters before afsd-erofs/3) have no metadata digest: they verify as they
+    did, and an answer under one must carry none (a reader then checks metadata by whole chunks)."""
+    converter = TlsConfig.from_dir(pki.node("converter"))
+    reader = BlobTrust(TlsConfig.from_dir(pki.node("reader")))
+    old = genuine_stat()
+    old.ClearField("metadata_digest")
+    old = signed(converter, old)
+    assert b'"v":1' in old.descriptor.payload and b"metadata_digest" not in old.descriptor.payload
+    descriptor = reader.verified_descriptor(old, LAYER, peer="p", diff_id=old.diff_id)
+    assert descriptor is not None and descriptor.metadata_digest == ""
+    added = lpb.StatLayerResponse()
+    added.CopyFrom(old)
+    added.metadata_digest = genuine_stat().metadata_digest
+    with pytest.raises(PeerAnswerError, match="its metadata digest differs from the signed one"):
+        reader.verified_descriptor(added, LAYER, peer="p")
+    new = signed(converter, genuine_stat())
+    assert b'"v":2' in new.descriptor.payload
+    assert reader.verified_descriptor(new, LAYER, peer="p").metadata_digest == new.metadata_digest
+
+
 def test_only_a_node_of_the_cluster_ca_may_sign(pki: LabPki, tmp_path: Path) -> None:
     reader = BlobTrust(TlsConfig.from_dir(pki.node("reader")))
     for signer, phrase in ((TlsConfig.from_dir(pki.user("converter")), "is not a node"),
@@ -120,10 +148,14 @@ def test_only_a_node_of_the_cluster_ca_may_sign(pki: LabPki, tmp_path: Path) -> 
 
 
 def test_a_descriptor_must_be_canonical_json_of_known_fields() -> None:
-    descriptor = BlobDescriptor(LAYER, "d", "c", "b", 1, 2, "t", "m", "i", "s", 3)
+    descriptor = BlobDescriptor(LAYER, "d", "c", "b", 1, 2, "t", "m", "i", "s", 3, "sha256:" + "8" * 64)
+    undigested = BlobDescriptor(LAYER, "d", "c", "b", 1, 2, "t", "m", "i", "s", 3)
     assert BlobDescriptor.parse(descriptor.payload()) == descriptor
+    assert BlobDescriptor.parse(undigested.payload()) == undigested
     for payload in (b"[]", b'{"v": 2}', descriptor.payload().replace(b'"size":1', b'"size":true'),
-                    descriptor.payload()[:-1] + b',"extra":1}'):
+                    descriptor.payload()[:-1] + b',"extra":1}', descriptor.payload().replace(b'"v":2', b'"v":1'),
+                    undigested.payload().replace(b'"v":1', b'"v":2'),
+                    descriptor.payload().replace(b'"sha256:' + b"8" * 64 + b'"', b'""')):
         with pytest.raises(ValueError):
             BlobDescriptor.parse(payload)
 

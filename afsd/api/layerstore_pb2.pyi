@@ -113,7 +113,7 @@ class StatLayerRequest(_message.Message):
     def __init__(self, digest: _Optional[str] = ...) -> None: ...
 
 class StatLayerResponse(_message.Message):
-    __slots__ = ("digest", "afs_size", "cache_path", "blob_digest", "data_map", "chunk_size", "chunk_digests", "converter", "blob_id", "diff_id", "media_type", "compressed_size", "implicit_dirs", "descriptor")
+    __slots__ = ("digest", "afs_size", "cache_path", "blob_digest", "data_map", "chunk_size", "chunk_digests", "converter", "blob_id", "diff_id", "media_type", "compressed_size", "implicit_dirs", "descriptor", "metadata_digest")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     AFS_SIZE_FIELD_NUMBER: _ClassVar[int]
     CACHE_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class StatLayerResponse(_message.Message):
     COMPRESSED_SIZE_FIELD_NUMBER: _ClassVar[int]
     IMPLICIT_DIRS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
+    METADATA_DIGEST_FIELD_NUMBER: _ClassVar[int]
     digest: str
     afs_size: int
     cache_path: str
@@ -142,7 +143,8 @@ class StatLayerResponse(_message.Message):
     compressed_size: int
     implicit_dirs: _containers.RepeatedScalarFieldContainer[str]
     descriptor: SignedBlobDescriptor
-    def __init__(self, digest: _Optional[str] = ..., afs_size: _Optional[int] = ..., cache_path: _Optional[str] = ..., blob_digest: _Optional[str] = ..., data_map: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., chunk_size: _Optional[int] = ..., chunk_digests: _Optional[_Iterable[bytes]] = ..., converter: _Optional[str] = ..., blob_id: _Optional[str] = ..., diff_id: _Optional[str] = ..., media_type: _Optional[str] = ..., compressed_size: _Optional[int] = ..., implicit_dirs: _Optional[_Iterable[str]] = ..., descriptor: _Optional[_Union[SignedBlobDescriptor, _Mapping]] = ...) -> None: ...
+    metadata_digest: str
+    def __init__(self, digest: _Optional[str] = ..., afs_size: _Optional[int] = ..., cache_path: _Optional[str] = ..., blob_digest: _Optional[str] = ..., data_map: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., chunk_size: _Optional[int] = ..., chunk_digests: _Optional[_Iterable[bytes]] = ..., converter: _Optional[str] = ..., blob_id: _Optional[str] = ..., diff_id: _Optional[str] = ..., media_type: _Optional[str] = ..., compressed_size: _Optional[int] = ..., implicit_dirs: _Optional[_Iterable[str]] = ..., descriptor: _Optional[_Union[SignedBlobDescriptor, _Mapping]] = ..., metadata_digest: _Optional[str] = ...) -> None: ...
 
 class SignedBlobDescriptor(_message.Message):
     __slots__ = ("payload", "signature", "certificate_chain")

@@ -69,7 +69,7 @@ class StoredLayer:
             data_map=[pb.ByteRange(offset=o, length=n) for o, n in blob.data_map], chunk_size=blob.chunk_size,
             chunk_digests=blob.chunk_digests, converter=blob.converter, blob_id=blob.blob_id, diff_id=blob.diff_id,
             media_type=self.media_type, compressed_size=self.compressed_size, implicit_dirs=blob.implicit_dirs,
-            descriptor=pb.SignedBlobDescriptor.FromString(self.descriptor))
+            descriptor=pb.SignedBlobDescriptor.FromString(self.descriptor), metadata_digest=blob.metadata_digest)
 
 
 @dataclass

@@ -17,6 +17,10 @@ stream (no such RPC, the data port cannot be reached, tickets refused: read with
 this object stops trying for `RETRY_AFTER` seconds); `ByteStreamError` or `DigestMismatchError` when the
 peer failed this read (short, stalled, malformed or wrong bytes); `grpc.aio.AioRpcError` from
 `OpenByteStream` for anything else the peer said (NOT_FOUND: it lacks the layer).
+
+`read_spans` is the one unchecked read: any ranges of the blob, requested at once and received back to
+back, for a caller that checks them another way (a blob's metadata against its metadata digest:
+afsd/cluster/metadata_reads.py).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -54,6 +58,9 @@ IDLE_REUSE = 60.0
 TICKET_MARGIN = 5.0
 # Bytes received (MSG_WAITALL), checked and delivered at once: whole chunks, at least one.
 RECEIVE_UNIT = 1 << 20
+# Requests of a span read sent at once (16 bytes each): well within what the socket buffers hold, so the
+# peer never waits for this side to read while this side still sends.
+SPANS_PER_BATCH = 1024
 _TIMEVAL = struct.Struct("@ll")   # struct timeval, as SO_RCVTIMEO / SO_SNDTIMEO take it
 
 # Range reads block in recv_into and sha256: threads, shared by every blob of the process.
@@ -135,13 +142,7 @@ class _Connection:
         reused buffer."""
         length = end - start
         self._send(REQUEST.pack(start, length), deadline)
-        status, announced = self._reply(deadline)
-        if status == Status.GONE:   # worded as ReadLayer's NOT_FOUND is (fetcher.py)
-            raise ByteStreamError(f"does not hold the layer ({self._error_text(announced, deadline)})")
-        if status != Status.OK:
-            raise ByteStreamError(f"{self.label} refused bytes {start}-{end}: {self._error_text(announced, deadline)}")
-        if announced != length:
-            raise ByteStreamError(f"{self.label} announced {announced} bytes for a request of {length}")
+        self._answered(start, end, deadline)
         unit = max(1, RECEIVE_UNIT // table.chunk_size) * table.chunk_size
         if into is None and len(self._buffers[0]) < min(unit, length):
             self._buffers = (bytearray(min(unit, length)), bytearray(min(unit, length)))
@@ -166,6 +167,31 @@ class _Connection:
             if checking is not None:       # a failed receive: deliver nothing after this read has ended
                 concurrent.futures.wait([checking])
         self.last_used = time.monotonic()
+
+    def read_spans(self, spans: Sequence[tuple[int, int]], deadline: float, into: memoryview) -> None:
+        """The bytes of `spans` ((offset, length) anywhere in the blob), unchecked (the caller checks them),
+        back to back into `into`: the requests of a batch go out at once and the replies come back in
+        order, so a batch costs one round trip."""
+        at = 0
+        for first in range(0, len(spans), SPANS_PER_BATCH):
+            batch = spans[first:first + SPANS_PER_BATCH]
+            self._send(b"".join(REQUEST.pack(offset, length) for offset, length in batch), deadline)
+            for offset, length in batch:
+                self._answered(offset, offset + length, deadline)
+                if self._receive_into(into[at:at + length], deadline) < length:
+                    raise ByteStreamError(f"{self.label} closed the stream during bytes {offset}-{offset + length}")
+                at += length
+        self.last_used = time.monotonic()
+
+    def _answered(self, start: int, end: int, deadline: float) -> None:
+        """The reply to a request for [start, end): OK and its length, else ByteStreamError saying why."""
+        status, announced = self._reply(deadline)
+        if status == Status.GONE:   # worded as ReadLayer's NOT_FOUND is (fetcher.py)
+            raise ByteStreamError(f"does not hold the layer ({self._error_text(announced, deadline)})")
+        if status != Status.OK:
+            raise ByteStreamError(f"{self.label} refused bytes {start}-{end}: {self._error_text(announced, deadline)}")
+        if announced != end - start:
+            raise ByteStreamError(f"{self.label} announced {announced} bytes for a request of {end - start}")
 
     def _receive_into(self, view: memoryview, deadline: float) -> int:
         """Fill `view` from the socket; fewer bytes only when the peer closed the stream. TimeoutError once
@@ -278,6 +304,21 @@ class BlobByteStreams:
         a time as they arrive; the view is valid during the call only); received straight into `into` (end -
         start bytes: what it holds is only verified up to what was delivered) when given. See the module
         docstring for what it raises."""
+        await self._on_connection(f"bytes {start}-{end}", timeout, lambda connection, deadline: connection.read(
+            self.table, start, end, deadline, deliver, into))
+
+    async def read_spans(self, spans: Sequence[tuple[int, int]], timeout: float) -> bytearray:
+        """The bytes of `spans` ((offset, length), anywhere in the blob) back to back, as the peer sent them:
+        NOT checked (the caller checks them, e.g. against the metadata digest), in one round trip per
+        `SPANS_PER_BATCH` spans. Raises as `read` does."""
+        into = bytearray(sum(length for _, length in spans))
+        await self._on_connection(f"{len(spans)} spans", timeout, lambda connection, deadline: connection.read_spans(
+            spans, deadline, memoryview(into)))
+        return into
+
+    async def _on_connection(self, what: str, timeout: float, work: Callable[[_Connection, float], None]) -> None:
+        """`work(connection, deadline)` in a thread, on an idle connection or a new one, within `timeout`; the
+        connection is kept for reuse only if the work succeeded."""
         if not self.usable:
             raise ByteStreamUnavailable(self.unusable_reason or "closed")
         deadline = time.monotonic() + timeout
@@ -291,18 +332,17 @@ class BlobByteStreams:
             raise
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(_THREADS, connection.read, self.table, start, end, deadline, deliver, into)
+            await loop.run_in_executor(_THREADS, work, connection, deadline)
         except asyncio.CancelledError:
             connection.abort()
             connection.close()
             raise
         except TimeoutError:
             connection.close()
-            raise ByteStreamError(f"{connection.label} sent bytes {start}-{end} too slowly: not done within "
-                                  f"{timeout:g} s") from None
+            raise ByteStreamError(f"{connection.label} sent {what} too slowly: not done within {timeout:g} s") from None
         except OSError as error:
             connection.close()
-            raise ByteStreamError(f"reading bytes {start}-{end} from {connection.label} failed: {error}") from None
+            raise ByteStreamError(f"reading {what} from {connection.label} failed: {error}") from None
         except BaseException:
             connection.close()
             raise

@@ -22,6 +22,10 @@ _COUNTERS = {
     "verification_failures": ("afsd_fetch_verification_failures",
                               "Reads whose bytes did not match the blob's chunk digests"),
     "errors": ("afsd_fetch_errors", "Fetches that failed on every provider"),
+    "metadata_bytes": ("afsd_fetch_metadata_bytes", "Bytes read before mounts as they are and checked against "
+                       "the blob's metadata digest (metadata, and the small gaps of file data read with it)"),
+    "metadata_failures": ("afsd_fetch_metadata_failures", "Metadata reads that failed or did not match the "
+                          "metadata digest (the prefill then fetched whole verified chunks)"),
 }
 PRIORITIES = ("demand", "prefetch")
 
@@ -46,6 +50,13 @@ class FetchMetrics(Collector):
         self._add(f"seconds.{priority}.sum", seconds)
         bucket = next((bound for bound in SECONDS_BUCKETS if seconds <= bound), None)
         self._add(f"seconds.{priority}.le.{bucket if bucket is not None else '+Inf'}")
+
+    def metadata_read(self, count: int) -> None:
+        """`count` bytes read for a prefill and checked against the blob's metadata digest."""
+        self._add("metadata_bytes", count)
+
+    def metadata_failure(self) -> None:
+        self._add("metadata_failures")
 
     def failover(self) -> None:
         self._add("failovers")

@@ -34,6 +34,8 @@ How (the reference's DiscoveryBackedReaderAt, kept and tightened):
   (the blob file a fetch worker fills) from a thread of the byte stream, straight out of the connection's
   receive buffer: no bytes object per range, no copy in between. Fills share the gate with fetches, and
   concurrent fills of the same chunks share flights as fetches do.
+- `fetch_metadata(spans)` reads a blob's metadata as it is, from one provider, and checks it against the
+  blob's metadata digest instead of its chunks (metadata_reads.py).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -54,10 +56,11 @@ from afsd.cluster.bytestream_client import BlobByteStreams, ByteStreamError, Byt
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
 from afsd.cluster.fetch_metrics import FETCH_METRICS
 from afsd.cluster.flights import Flight, FlightTable, PriorityGate
+from afsd.cluster.metadata_reads import read_metadata
 from afsd.cluster.peers import LayerStorePeer
 from afsd.cluster.providers import UNREACHABLE_CODES, Provider, ProviderFailure, ProviderLease, rpc_failure
 from afsd.errors import DigestMismatchError, FetchError
-from afsd.ondemand.spec import BlobSink, BlobSpec, FetchedRange, Filled, Priority
+from afsd.ondemand.spec import BlobSink, BlobSpec, FetchedRange, FetchedSpans, Filled, Priority
 from afsd.retry import RetryPolicy
 from afsd.rpc import ChannelPool
 
@@ -166,6 +169,28 @@ class RangeFetcher:
         sources = "+".join(dict.fromkeys(provider.source for _, provider in results))
         first, last = flights[0].start, flights[-1].end
         return Filled(first, last - first, written, sources, self._served(priority, started, shared))
+
+    async def fetch_metadata(self, spans: Sequence[tuple[int, int]]) -> FetchedSpans:
+        """The bytes of `spans` (covering every metadata range) as they are, from the best provider only, checked
+        against the spec's metadata digest (metadata_reads.py); FetchError when that failed (the caller then
+        fetches whole chunks, with failover). A provider that failed cools down, as after a failed read."""
+        provider = await self._choose(set(), {}, set())
+        if provider is None:
+            raise FetchError(self._failure_message(spans[0][0], spans[-1][0] + spans[-1][1], {}))
+        try:
+            data = await read_metadata(provider, self._byte_streams(provider), self.spec, spans, self.call_timeout)
+        except (ProviderFailure, DigestMismatchError) as error:
+            failure = error if isinstance(error, ProviderFailure) else ProviderFailure(str(error), retry=False)
+            if isinstance(error, DigestMismatchError):
+                self._counts["verification_failures"] += 1
+                FETCH_METRICS.verification_failure()
+            FETCH_METRICS.metadata_failure()
+            self._provider_failed(provider, failure, {}, set(), "reading metadata")
+            raise FetchError(f"reading the metadata of layer {self.spec.layer_digest} from {provider.label} "
+                             f"failed: {failure.reason}") from None
+        self._count_bytes(provider, len(data))
+        FETCH_METRICS.metadata_read(len(data))
+        return FetchedSpans(tuple(spans), bytes(data), provider.source)
 
     async def close(self) -> None:
         """Stop reading, cancel pieces in flight and release the lease (best effort)."""
@@ -329,10 +354,7 @@ class RangeFetcher:
     async def _read_streamed(self, provider: Provider, start: int, end: int, deliver: Deliver,
                              into: memoryview | None) -> bool:
         """[start, end) over `provider`'s byte stream, verified, to `deliver`; False when it offers no usable one."""
-        streams = self._streams.get(provider.endpoint)
-        if streams is None and self.byte_stream:
-            streams = self._streams[provider.endpoint] = BlobByteStreams(
-                provider.endpoint, provider.peer.stub, self.spec.layer_digest, self._table, tls=self.channels.data_tls)
+        streams = self._byte_streams(provider)
         if streams is None or not streams.usable:
             return False
         self._counts["read_calls"] += 1
@@ -353,6 +375,14 @@ class RangeFetcher:
             raise rpc_failure(error, "OpenByteStream", self.call_timeout) from None
         finally:
             self._calls_in_flight -= 1
+
+    def _byte_streams(self, provider: Provider) -> BlobByteStreams | None:
+        """`provider`'s byte stream of this blob (None with `byte_stream=False`)."""
+        streams = self._streams.get(provider.endpoint)
+        if streams is None and self.byte_stream:
+            streams = self._streams[provider.endpoint] = BlobByteStreams(
+                provider.endpoint, provider.peer.stub, self.spec.layer_digest, self._table, tls=self.channels.data_tls)
+        return streams
 
     def _count_bytes(self, provider: Provider, length: int) -> None:
         kind = "local" if provider.local else "peer"

@@ -109,6 +109,8 @@ def check_stat(stat: lpb.StatLayerResponse, asked: str, *, peer: str,
     check_digest(stat.blob_digest, peer=peer, what="blob digest")
     if stat.diff_id:
         check_digest(stat.diff_id, peer=peer, what="diff_id")
+    if stat.metadata_digest:
+        check_digest(stat.metadata_digest, peer=peer, what="metadata digest")
     if diff_id is not None and stat.diff_id != diff_id:
         raise PeerAnswerError(peer, f"its blob of layer {asked} was made from diff_id {_shown(stat.diff_id)}, "
                                     f"but the image config says {diff_id}")

@@ -63,7 +63,8 @@ def stat_to_peer_layer(stat: pb.StatLayerResponse) -> PeerLayer:
                     size=stat.afs_size, digest=stat.blob_digest,
                     data_map=[(r.offset, r.length) for r in stat.data_map],
                     chunk_size=stat.chunk_size, chunk_digests=list(stat.chunk_digests),
-                    converter=stat.converter, implicit_dirs=list(stat.implicit_dirs))
+                    converter=stat.converter, implicit_dirs=list(stat.implicit_dirs),
+                    metadata_digest=stat.metadata_digest)
     return PeerLayer(stat.digest, stat.media_type, stat.compressed_size, blob, stat.descriptor)
 
 
@@ -74,7 +75,8 @@ def blob_spec_from_stat(stat: pb.StatLayerResponse, providers: tuple[str, ...] =
                     data_map=tuple((r.offset, r.length) for r in stat.data_map),
                     implicit_dirs=tuple(stat.implicit_dirs), providers=providers, media_type=stat.media_type,
                     compressed_size=stat.compressed_size, diff_id=stat.diff_id, blob_id=stat.blob_id,
-                    converter=stat.converter, descriptor=stat.descriptor.SerializeToString())
+                    converter=stat.converter, descriptor=stat.descriptor.SerializeToString(),
+                    metadata_digest=stat.metadata_digest)
 
 
 def stat_from_blob_spec(spec: BlobSpec) -> pb.StatLayerResponse:
@@ -84,7 +86,8 @@ def stat_from_blob_spec(spec: BlobSpec) -> pb.StatLayerResponse:
         data_map=[pb.ByteRange(offset=o, length=n) for o, n in spec.data_map], chunk_size=spec.chunk_size,
         chunk_digests=list(spec.chunk_digests), converter=spec.converter, blob_id=spec.blob_id,
         diff_id=spec.diff_id, media_type=spec.media_type, compressed_size=spec.compressed_size,
-        implicit_dirs=list(spec.implicit_dirs), descriptor=pb.SignedBlobDescriptor.FromString(spec.descriptor))
+        implicit_dirs=list(spec.implicit_dirs), descriptor=pb.SignedBlobDescriptor.FromString(spec.descriptor),
+        metadata_digest=spec.metadata_digest)
 
 
 class LayerStorePeer:

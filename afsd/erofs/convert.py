@@ -1,10 +1,11 @@
 """Convert a registry layer blob into an erofs blob, once, reproducibly.
 
 Data flow: layer blob (tar, gzip/zstd/none) -> `decompress.open_layer` -> `unpack.unpack_layer` into a
-staging directory -> `mkfs.build_image` -> `layout.data_map` + chunk digests -> `BlobInfo`, and the
-erofs blob renamed into place. Nodes exchange blobs by `blob_id`, which any node derives from the layer
-digest alone (`blob_id_for`): the conversion is byte-for-byte reproducible, so every node that converts
-the same layer with the same converter identity gets the same bytes and the same `digest`.
+staging directory -> `mkfs.build_image` -> `layout.data_map` + chunk digests + metadata digest
+(afsd/ondemand/metadata.py) -> `BlobInfo`, and the erofs blob renamed into place. Nodes exchange blobs by `blob_id`,
+which any node derives from the layer digest alone (`blob_id_for`): the conversion is byte-for-byte
+reproducible, so every node that converts the same layer with the same converter identity gets the same
+bytes and the same `digest`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from afsd.erofs.decompress import open_layer
 from afsd.erofs.layout import data_map as compute_data_map
+from afsd.ondemand.metadata import MetadataHasher, metadata_ranges
 from afsd.erofs.mkfs import build_image, erofs_utils_version, max_name_bytes
 from afsd.erofs.unpack import unpack_layer
 from afsd.errors import ConversionError, LayerFormatError
@@ -30,7 +32,8 @@ from afsd.oci.mediatypes import Compression
 
 # Bump whenever the bytes a conversion produces change (unpack rules, mkfs options, post-processing).
 # 2: mtimes after 2096 and before 1970 kept (mkfs.SOURCE_DATE_EPOCH); BlobInfo.implicit_dirs.
-CONVERTER_VERSION = "2"
+# 3: BlobInfo.metadata_digest (the bytes are 2's; a new identity keeps blobs described without it apart).
+CONVERTER_VERSION = "3"
 CHUNK_SIZE = 1 << 20
 # `(stage, bytes done, bytes total)`, called from the converting thread: "unpacking" counts the layer
 # blob read so far, "building erofs" has no byte count (mkfs.erofs runs), "hashing" counts the blob.
@@ -56,6 +59,9 @@ class BlobInfo:
     # blob holds them as 0755 root:root, but in the image they keep the metadata of the layers below
     # (`stack.mount_image_stack` restores it).
     implicit_dirs: list[str]
+    # sha256 of the metadata bytes (afsd/ondemand/metadata.py): a reader checks them without whole chunks.
+    # Empty for blobs described before converter 3.
+    metadata_digest: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +75,7 @@ class BlobInfo:
             "chunk_digests": [d.hex() for d in self.chunk_digests],
             "converter": self.converter,
             "implicit_dirs": list(self.implicit_dirs),
+            "metadata_digest": self.metadata_digest,
         }
 
     @classmethod
@@ -84,6 +91,7 @@ class BlobInfo:
             chunk_digests=[bytes.fromhex(d) for d in data["chunk_digests"]],
             converter=data["converter"],
             implicit_dirs=[str(path) for path in data["implicit_dirs"]],
+            metadata_digest=str(data.get("metadata_digest", "")),
         )
 
 
@@ -140,7 +148,9 @@ def convert_layer(layer_path: Path, compression: Compression, layer_digest: str,
         shutil.rmtree(staging)
         staging = None
         ranges = compute_data_map(partial)
-        size, digest, chunk_digests = _digest_chunks(partial, report_progress)
+        total = partial.stat().st_size
+        metadata = MetadataHasher(metadata_ranges(total, ranges))
+        size, digest, chunk_digests = _digest_chunks(partial, metadata, report_progress)
         os.replace(partial, out_path)
         fsync_directory(out_path.parent)
     except OSError as e:
@@ -157,7 +167,8 @@ def convert_layer(layer_path: Path, compression: Compression, layer_digest: str,
             shutil.rmtree(staging, ignore_errors=True)
     return BlobInfo(blob_id=blob_id, layer_digest=layer_digest, diff_id=diff_id, size=size,
                     digest=digest, data_map=ranges, chunk_size=CHUNK_SIZE,
-                    chunk_digests=chunk_digests, converter=converter, implicit_dirs=report.implicit_dirs)
+                    chunk_digests=chunk_digests, converter=converter, implicit_dirs=report.implicit_dirs,
+                    metadata_digest=metadata.hexdigest())
 
 
 async def convert_layer_async(layer_path: Path, compression: Compression, layer_digest: str,
@@ -171,8 +182,9 @@ async def convert_layer_async(layer_path: Path, compression: Compression, layer_
                                    expected_diff_id=expected_diff_id, work_dir=work_dir, progress=progress)
 
 
-def _digest_chunks(path: Path, progress: ConvertProgress) -> tuple[int, str, list[bytes]]:
-    """Size, whole-file sha256 and per-chunk sha256 of `path`; fsyncs it, as the last pass over it."""
+def _digest_chunks(path: Path, metadata: MetadataHasher, progress: ConvertProgress) -> tuple[int, str, list[bytes]]:
+    """Size, whole-file sha256 and per-chunk sha256 of `path`, its metadata handed to `metadata` on the
+    way; fsyncs it, as the last pass over it."""
     total = path.stat().st_size
     whole = hashlib.sha256()
     chunks = []
@@ -190,6 +202,7 @@ def _digest_chunks(path: Path, progress: ConvertProgress) -> tuple[int, str, lis
             if not filled:
                 break
             whole.update(view[:filled])
+            metadata.update(size, view[:filled])
             chunks.append(hashlib.sha256(view[:filled]).digest())
             size += filled
             progress("hashing", size, total)

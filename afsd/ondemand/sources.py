@@ -20,11 +20,13 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from afsd.errors import AfsdError
-from afsd.ondemand.spec import BlobSink, BlobSpec, FetchedRange, Filled, Priority, RangeSource
+from afsd.ondemand.metadata import check_metadata
+from afsd.ondemand.spec import BlobSink, BlobSpec, FetchedRange, FetchedSpans, Filled, Priority, RangeSource
 
 FILE_SOURCES = "afsd.ondemand.sources:FileSources"
 PIECE_BYTES = 4 << 20        # a file source reads and checks this much at once (whole chunks, at least one)
@@ -53,6 +55,24 @@ class LocalFileSource:
         start, count = self.table.widen(offset, length)
         written = await asyncio.to_thread(self.fill_now, start, count, sink)
         return Filled(start, count, written, self.label)
+
+    async def fetch_metadata(self, spans: Sequence[tuple[int, int]]) -> FetchedSpans:
+        """The bytes of `spans`, checked against the blob's metadata digest (afsd/ondemand/metadata.py)."""
+        return FetchedSpans(tuple(spans), await asyncio.to_thread(self._read_metadata, spans), self.label)
+
+    def _read_metadata(self, spans: Sequence[tuple[int, int]]) -> bytes:
+        data = bytearray(sum(length for _, length in spans))
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            at = 0
+            for offset, length in spans:
+                read_into(fd, memoryview(data)[at:at + length], offset, self.path)
+                at += length
+        finally:
+            os.close(fd)
+        check_metadata(self.spec.metadata_ranges(), self.spec.metadata_digest, spans, data,
+                       source=f"local file {self.path}")
+        return bytes(data)
 
     def fill_now(self, start: int, count: int, sink: BlobSink) -> int:
         """Blocking: [start, start + count) (whole chunks) read piece by piece into this thread's buffer,

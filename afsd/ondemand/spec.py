@@ -17,9 +17,13 @@ from __future__ import annotations
 import base64
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from afsd.ondemand.metadata import metadata_ranges
 from afsd.ondemand.chunks import ChunkTable
+
+if TYPE_CHECKING:   # the converter's package is heavy to import, and fetch workers import this module
+    from afsd.erofs.convert import BlobInfo
 
 
 class Priority(enum.IntEnum):
@@ -47,6 +51,15 @@ class BlobSpec:
     blob_id: str = ""
     converter: str = ""
     descriptor: bytes = b""                    # the converter's SignedBlobDescriptor (afsd/trust), serialized
+    metadata_digest: str = ""                  # of the metadata bytes (afsd/ondemand/metadata.py); "" before converter 3
+
+    @classmethod
+    def of_blob(cls, blob: BlobInfo, providers: tuple[str, ...] = ()) -> BlobSpec:
+        """The spec of a blob as its converter describes it (a blob converted here, or in tests)."""
+        return cls(layer_digest=blob.layer_digest, blob_digest=blob.digest, size=blob.size, chunk_size=blob.chunk_size,
+                   chunk_digests=tuple(blob.chunk_digests), data_map=tuple(blob.data_map),
+                   implicit_dirs=tuple(blob.implicit_dirs), providers=providers, diff_id=blob.diff_id,
+                   blob_id=blob.blob_id, converter=blob.converter, metadata_digest=blob.metadata_digest)
 
     @property
     def name(self) -> str:
@@ -59,14 +72,7 @@ class BlobSpec:
 
     def metadata_ranges(self) -> list[tuple[int, int]]:
         """The complement of the data map within [0, size): what a reader must have before mounting."""
-        ranges, position = [], 0
-        for offset, length in sorted(self.data_map):
-            if offset > position:
-                ranges.append((position, offset - position))
-            position = max(position, offset + length)
-        if position < self.size:
-            ranges.append((position, self.size - position))
-        return ranges
+        return metadata_ranges(self.size, self.data_map)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +82,7 @@ class BlobSpec:
             "providers": list(self.providers), "media_type": self.media_type,
             "compressed_size": self.compressed_size, "diff_id": self.diff_id, "blob_id": self.blob_id,
             "converter": self.converter, "descriptor": base64.b64encode(self.descriptor).decode(),
+            "metadata_digest": self.metadata_digest,
         }
 
     @classmethod
@@ -87,7 +94,7 @@ class BlobSpec:
             implicit_dirs=tuple(data.get("implicit_dirs", ())), providers=tuple(data.get("providers", ())),
             media_type=data.get("media_type", ""), compressed_size=int(data.get("compressed_size", 0)),
             diff_id=data.get("diff_id", ""), blob_id=data.get("blob_id", ""), converter=data.get("converter", ""),
-            descriptor=base64.b64decode(data.get("descriptor", "")))
+            descriptor=base64.b64decode(data.get("descriptor", "")), metadata_digest=data.get("metadata_digest", ""))
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,17 @@ class FetchedRange:
     def require_covers(self, start: int, end: int) -> None:
         """ValueError unless these bytes include [start, end): a source that returned less is broken."""
         require_covers(self.offset, self.offset + len(self.data), start, end)
+
+
+@dataclass(frozen=True)
+class FetchedSpans:
+    """Bytes of a blob in `spans` ((offset, length), ascending), back to back in `data`, that cover every
+    metadata range and whose metadata bytes matched the blob's metadata digest (the bytes between
+    metadata ranges are file data nobody checked: use only the metadata)."""
+
+    spans: tuple[tuple[int, int], ...]
+    data: bytes
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,3 +165,9 @@ class RangeSource(Protocol):
     # Optional (afsd.ondemand.sources.fill_from falls back to `fetch` + one write without it):
     #   async def fill(self, offset, length, priority, sink: BlobSink) -> Filled
     # covers [offset, offset + length) like `fetch`, handing each verified piece to `sink` as it arrives.
+    #
+    # Optional (the fanotify metadata prefill fetches whole chunks without it, or when it raises):
+    #   async def fetch_metadata(self, spans: Sequence[tuple[int, int]]) -> FetchedSpans
+    # the bytes of `spans` (covering every metadata range) read as they are, from one place, in as few
+    # round trips as it can, and checked against `spec.metadata_digest` (afsd/ondemand/metadata.py); raises an
+    # AfsdError (DigestMismatchError for wrong bytes) when it cannot.

@@ -5,14 +5,18 @@ chunk digest table. That table must not come from the word of the peer serving t
 rooted in a *descriptor* the converting layerstore signed with its node key (issued by the cluster
 CA) when it made the blob from the registry layer:
 
-    {"v": 1, "layer_digest", "diff_id", "converter", "blob_digest", "size", "chunk_size",
-     "chunk_table_digest", "data_map_digest", "implicit_dirs_digest", "signer", "signed_unix"}
+    {"v": 2, "layer_digest", "diff_id", "converter", "blob_digest", "size", "chunk_size",
+     "chunk_table_digest", "data_map_digest", "implicit_dirs_digest", "metadata_digest", "signer", "signed_unix"}
+
+(Version 1, from converters before afsd-erofs/3, has no "metadata_digest": such descriptors still verify,
+and then the answer must carry none either.)
 
 Copies keep the converter's signed descriptor and serve it with the blob (`StatLayerResponse.descriptor`).
 `BlobTrust.verified_descriptor` is the one check every reader makes before using a StatLayer answer:
 the signer's certificate leads to the cluster CA and has the node role, the signature holds, the
 descriptor names the layer digest asked for (and the image config's diff_id), and every field of the
-answer — blob digest, size, chunk size, chunk table, data map, implicit dirs — is what it attests.
+answer — blob digest, size, chunk size, chunk table, data map, implicit dirs, metadata digest — is what it
+attests.
 Without TLS material (dev mode) nothing is signed and nothing can be verified; daemons say so on start.
 """
 
@@ -36,7 +40,9 @@ if TYPE_CHECKING:  # cryptography is imported when something is signed or verifi
 
     from afsd.trust.tls import TlsConfig
 
-DESCRIPTOR_VERSION = 1
+DESCRIPTOR_VERSION = 2
+# The version of a descriptor without a metadata digest (converters before afsd-erofs/3), still verified.
+UNDIGESTED_VERSION = 1
 MAX_CHAIN_BYTES = 64 << 10
 MAX_PAYLOAD_BYTES = 4 << 10
 
@@ -66,6 +72,7 @@ class BlobDescriptor:
     implicit_dirs_digest: str
     signer: str
     signed_unix: int
+    metadata_digest: str = ""      # "" only in version-1 descriptors
 
     @classmethod
     def of_blob(cls, blob: BlobInfo, signer: str) -> "BlobDescriptor":
@@ -74,21 +81,29 @@ class BlobDescriptor:
                    chunk_table_digest=chunk_table_digest(blob.chunk_digests),
                    data_map_digest=data_map_digest(blob.data_map),
                    implicit_dirs_digest=implicit_dirs_digest(blob.implicit_dirs), signer=signer,
-                   signed_unix=int(time.time()))
+                   signed_unix=int(time.time()), metadata_digest=blob.metadata_digest)
 
     def payload(self) -> bytes:
-        """The canonical bytes that are signed."""
-        return json.dumps({"v": DESCRIPTOR_VERSION, **asdict(self)}, sort_keys=True, separators=(",", ":")).encode()
+        """The canonical bytes that are signed (version 1, without the field, for a blob without a metadata digest)."""
+        document = asdict(self)
+        if not self.metadata_digest:
+            del document["metadata_digest"]
+        version = DESCRIPTOR_VERSION if self.metadata_digest else UNDIGESTED_VERSION
+        return json.dumps({"v": version, **document}, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def parse(cls, payload: bytes) -> "BlobDescriptor":
-        """ValueError unless `payload` is exactly a canonical descriptor of this version."""
+        """ValueError unless `payload` is exactly a canonical descriptor of version 2 (or 1: without the
+        metadata digest)."""
         if len(payload) > MAX_PAYLOAD_BYTES:
             raise ValueError(f"descriptor of {len(payload)} bytes")
         document = json.loads(payload)
-        if not isinstance(document, dict) or document.pop("v", None) != DESCRIPTOR_VERSION:
-            raise ValueError("not a version-1 blob descriptor")
+        version = document.pop("v", None) if isinstance(document, dict) else None
+        if version not in (DESCRIPTOR_VERSION, UNDIGESTED_VERSION):
+            raise ValueError(f"not a version-{UNDIGESTED_VERSION} or -{DESCRIPTOR_VERSION} blob descriptor")
         types = {name: field.type for name, field in cls.__dataclass_fields__.items()}
+        if version == UNDIGESTED_VERSION:
+            del types["metadata_digest"]
         if set(document) != set(types) or any(
                 not isinstance(document[k], int if types[k] in ("int", int) else str) or isinstance(document[k], bool)
                 for k in document):
@@ -106,7 +121,8 @@ class BlobDescriptor:
             ("converter", stat.converter, self.converter),
             ("chunk table", chunk_table_digest(stat.chunk_digests), self.chunk_table_digest),
             ("data map", data_map_digest((r.offset, r.length) for r in stat.data_map), self.data_map_digest),
-            ("implicit dir list", implicit_dirs_digest(stat.implicit_dirs), self.implicit_dirs_digest))
+            ("implicit dir list", implicit_dirs_digest(stat.implicit_dirs), self.implicit_dirs_digest),
+            ("metadata digest", stat.metadata_digest, self.metadata_digest))
         for what, answered, attested in checks:
             if answered != attested:
                 return f"its {what} differs from the signed one ({attested})"

@@ -74,8 +74,7 @@ def build(directory: Path, size: int) -> tuple[BlobSpec, Path]:
     layer_file = layer.write(directory / "layer.tar", "none")
     full = directory / "full.erofs"
     info = convert_layer(layer_file.path, "none", layer_file.digest, full)  # type: ignore[arg-type]
-    spec = BlobSpec(layer_digest=info.layer_digest, blob_digest=info.digest, size=info.size,
-                    chunk_size=info.chunk_size, chunk_digests=tuple(info.chunk_digests), data_map=tuple(info.data_map))
+    spec = BlobSpec.of_blob(info)
     return spec, full
 
 

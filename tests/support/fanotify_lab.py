@@ -99,10 +99,7 @@ def build_test_blob(directory: Path) -> TestBlob:
     layer_file = layer.write(directory / "layer.tar", "none")
     full = directory / "full.erofs"
     info = convert_layer(layer_file.path, "none", layer_file.digest, full)  # type: ignore[arg-type]
-    spec = BlobSpec(layer_digest=info.layer_digest, blob_digest=info.digest, size=info.size,
-                    chunk_size=info.chunk_size, chunk_digests=tuple(info.chunk_digests),
-                    data_map=tuple(info.data_map), diff_id=info.diff_id, blob_id=info.blob_id,
-                    converter=info.converter)
+    spec = BlobSpec.of_blob(info)
     return TestBlob(spec=spec, full=full, files=files, sizes=sizes)
 
 

@@ -5,20 +5,32 @@ Data flow: node daemon -> `prepare_blob` (file of the blob's size; every byte ou
 fetched through a RangeSource, verified, written) -> supervisor `check_blob_file` (right filesystem,
 right size, metadata present) -> mark -> mount. erofs reads metadata through the page cache without
 raising fanotify events, so a metadata hole would read as zeros: that is why both ends check.
+
+The metadata is fetched by its digest where the blob has one (afsd/ondemand/metadata.py) and the source
+can (`fetch_metadata`): just the metadata bytes, in few spans, in one round trip; else, or when that
+fails (a hostile provider, say), in whole chunks checked against the chunk table, with failover.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import os
 import re
 from pathlib import Path
 
 from afsd.errors import AfsdError
 from afsd.ondemand.fanotify import _sys
+from afsd.ondemand.metadata import metadata_spans
 from afsd.ondemand.sparse import first_hole, write_at
-from afsd.ondemand.spec import BlobSpec, Priority, RangeSource
+from afsd.ondemand.spec import BlobSpec, FetchedSpans, Priority, RangeSource
 
+log = logging.getLogger(__name__)
+
+# Metadata ranges with at most this much file data between them are read as one span (the data is read and
+# dropped): fewer, larger requests for a few percent more bytes.
+METADATA_GAP = 64 << 10
 PREFILL_REQUEST = 8 << 20
 # Metadata requests in flight at once: erofs scatters metadata over the blob (a Debian + python3 layer: 0.8 MiB
 # of it in 37 whole-chunk requests, 90 MiB), and one request at a time leaves the link idle between them.
@@ -31,9 +43,10 @@ class BlobFileError(AfsdError):
 
 async def prepare_blob(spec: BlobSpec, blob_path: Path, source: RangeSource) -> bool:
     """Create `blob_path` as a sparse file of the blob's size with every metadata byte present (fetched
-    through `source`, verified, `PREFILL_CONCURRENCY` requests at a time), so erofs can mount it and only
-    file data is left to fill on demand. Only the metadata of each fetched chunk is written: keeping the
-    whole chunks cost the mount more than the fills it saved (measured; see docs/learned-prefetch.md).
+    through `source` and verified: by the metadata digest, else by whole chunks, `PREFILL_CONCURRENCY`
+    requests at a time), so erofs can mount it and only file data is left to fill on demand. Only metadata
+    is written: keeping the whole chunks cost the mount more than the fills it saved (measured; see
+    docs/learned-prefetch.md).
 
     A file already there with the right size and its metadata present is kept (it may be partly filled
     from an earlier run, and may be registered: it is not written to). Returns True when it created
@@ -45,21 +58,8 @@ async def prepare_blob(spec: BlobSpec, blob_path: Path, source: RangeSource) -> 
     fd = await asyncio.to_thread(_create_sparse, partial, spec.size)
     try:
         metadata = spec.metadata_ranges()
-        slots = asyncio.Semaphore(PREFILL_CONCURRENCY)
-
-        async def fill(start: int, length: int) -> None:
-            async with slots:
-                fetched = await source.fetch(start, length, Priority.DEMAND)
-                end = fetched.offset + len(fetched.data)
-                ranges = _clip(metadata, fetched.offset, end)
-                await asyncio.to_thread(_write_ranges, fd, fetched.offset, fetched.data, ranges)
-
-        try:   # on the first failure the other fills are cancelled, and that failure is the one raised
-            async with asyncio.TaskGroup() as group:
-                for start, length in metadata_requests(spec):
-                    group.create_task(fill(start, length))
-        except BaseExceptionGroup as failure:
-            raise failure.exceptions[0] from None
+        if not await _prefill_by_digest(spec, fd, source, metadata):
+            await _prefill_by_chunks(spec, fd, source, metadata)
         await asyncio.to_thread(os.fsync, fd)
         await asyncio.to_thread(os.replace, partial, blob_path)
     except BaseException:
@@ -68,6 +68,45 @@ async def prepare_blob(spec: BlobSpec, blob_path: Path, source: RangeSource) -> 
     finally:
         await asyncio.to_thread(os.close, fd)
     return True
+
+
+async def _prefill_by_digest(spec: BlobSpec, fd: int, source: RangeSource, metadata: list[tuple[int, int]]) -> bool:
+    """Write the metadata into `fd` as `source.fetch_metadata` reads and checks it; False (nothing written)
+    when the blob has no metadata digest, the source cannot, or it failed."""
+    fetch_metadata = getattr(source, "fetch_metadata", None)
+    if not spec.metadata_digest or fetch_metadata is None or not metadata:
+        return False
+    spans = metadata_spans(metadata, METADATA_GAP)
+    try:
+        fetched: FetchedSpans = await fetch_metadata(spans)
+    except (AfsdError, OSError) as error:
+        log.warning("layer %s: reading its metadata by its digest failed (%s); fetching whole chunks instead",
+                    spec.layer_digest, error)
+        return False
+    if fetched.spans != tuple(spans) or len(fetched.data) != sum(length for _, length in spans):
+        raise ValueError(f"the source answered spans {fetched.spans[:3]}... for {spans[:3]}...")
+    await asyncio.to_thread(_write_spans, fd, fetched, metadata)
+    return True
+
+
+async def _prefill_by_chunks(spec: BlobSpec, fd: int, source: RangeSource, metadata: list[tuple[int, int]]) -> None:
+    """Write the metadata into `fd` from whole chunks that `source` fetches (and checks against the chunk
+    table), `PREFILL_CONCURRENCY` requests at a time."""
+    slots = asyncio.Semaphore(PREFILL_CONCURRENCY)
+
+    async def fill(start: int, length: int) -> None:
+        async with slots:
+            fetched = await source.fetch(start, length, Priority.DEMAND)
+            end = fetched.offset + len(fetched.data)
+            ranges = _clip(metadata, fetched.offset, end)
+            await asyncio.to_thread(_write_ranges, fd, fetched.offset, fetched.data, ranges)
+
+    try:   # on the first failure the other fills are cancelled, and that failure is the one raised
+        async with asyncio.TaskGroup() as group:
+            for start, length in metadata_requests(spec):
+                group.create_task(fill(start, length))
+    except BaseExceptionGroup as failure:
+        raise failure.exceptions[0] from None
 
 
 def check_blob_file(spec: BlobSpec, path: str, fd: int) -> tuple[tuple[int, int], bool]:
@@ -168,3 +207,16 @@ def _write_ranges(fd: int, base: int, data: bytes, ranges: list[tuple[int, int]]
     view = memoryview(data)
     for offset, length in ranges:
         write_at(fd, view[offset - base:offset - base + length], offset)
+
+
+def _write_spans(fd: int, fetched: FetchedSpans, metadata: list[tuple[int, int]]) -> None:
+    """The `metadata` bytes of `fetched` (whose spans each hold whole metadata ranges: `metadata_spans`), not
+    the file data between them, which nothing checked, into `fd`."""
+    view, spans = memoryview(fetched.data), fetched.spans
+    at = list(itertools.accumulate((length for _, length in spans), initial=0))   # each span's place in the data
+    index = 0
+    for offset, length in metadata:
+        while offset >= spans[index][0] + spans[index][1]:
+            index += 1
+        start = at[index] + offset - spans[index][0]
+        write_at(fd, view[start:start + length], offset)
