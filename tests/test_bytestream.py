@@ -38,6 +38,8 @@ from afsd.errors import FetchError
 from afsd.lab.daemons import Daemon, layerstore_daemon, start_all
 from afsd.lab.ports import reserve_port
 from afsd.lab.registry import start_registry
+from afsd.ondemand.fanotify.blobfile import METADATA_GAP
+from afsd.ondemand.metadata import metadata_spans
 from afsd.ondemand.chunks import ChunkTable
 from afsd.ondemand.spec import BlobSpec, Priority
 from afsd.rpc import ChannelPool
@@ -234,6 +236,56 @@ async def test_a_long_fill_hands_on_only_the_units_before_a_forged_one(shared: S
         listener.close()
     assert [offset for offset, _ in written] == [0, MIB]
     assert b"".join(data for _, data in written) == blob[:2 * MIB]
+
+
+# -- metadata by its digest ---------------------------------------------------------------------------------
+
+
+async def test_metadata_spans_are_read_as_they_are_and_checked_by_the_metadata_digest(shared: Shared) -> None:
+    blob = await asyncio.to_thread(shared.blob.read_bytes)
+    spans = metadata_spans(shared.spec.metadata_ranges(), METADATA_GAP)
+    expected = b"".join(blob[offset:offset + length] for offset, length in spans)
+    for daemon, transport in ((shared.streaming, "stream"), (shared.plain, "read_layer")):
+        before = await served(daemon)
+        fetcher = shared.fetcher(daemon.address)
+        try:
+            fetched = await fetcher.fetch_metadata(spans)
+        finally:
+            await fetcher.close()
+        assert fetched.spans == tuple(spans) and fetched.data == expected
+        after = await served(daemon)
+        assert after[transport] - before[transport] == len(expected), transport   # exactly the spans, no chunks
+        assert sum(after.values()) - sum(before.values()) == len(expected), transport
+
+
+@pytest.mark.parametrize("behaviour", HOSTILE_BEHAVIOURS)
+async def test_a_hostile_byte_stream_fails_a_metadata_read_and_whole_chunks_come_from_another(
+        shared: Shared, behaviour: str) -> None:
+    blob = await asyncio.to_thread(shared.blob.read_bytes)
+    spans = [(offset, length) for offset, length in shared.spec.metadata_ranges()]   # (flipped mid-span: metadata)
+    listener = HostileDataListener(shared.blob, behaviour)
+    try:
+        async with ByteStreamPeer(listener, shared.spec.size) as hostile:
+            fetcher = shared.fetcher(hostile.address, shared.streaming.address, local_endpoint=hostile.address,
+                                     call_timeout=2.0)
+            try:
+                with pytest.raises(FetchError) as failed:
+                    await asyncio.wait_for(fetcher.fetch_metadata(spans), 60)   # a guard against hanging
+                expected = {"wrong_bytes": "does not match the blob's metadata digest",
+                            "short": "closed the stream during bytes", "huge_length": f"announced {1 << 62} bytes",
+                            "huge_error": "an error of", "stall": "too slowly", "trickle": "too slowly",
+                            "garbage_reply": "malformed reply"}[behaviour]
+                assert hostile.address in str(failed.value) and expected in str(failed.value), str(failed.value)
+                # The hostile provider cooled down: the whole-chunk fallback reads from the other.
+                offset, length = spans[0]
+                result = await fetcher.fetch(offset, length)
+                assert result.source == f"peer:{shared.streaming.address}"
+                assert result.data == blob[result.offset:result.offset + len(result.data)]
+                assert fetcher.stats()["verification_failures"] == (1 if behaviour == "wrong_bytes" else 0)
+            finally:
+                await fetcher.close()
+    finally:
+        listener.close()
 
 
 # -- tickets ------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from afsd.oci.manifest import Descriptor
 from afsd.oci.mediatypes import layer_compression
 from afsd.oci.platform import Platform
 from afsd.oci.reference import ImageReference
+from afsd.ondemand.metadata import MetadataHasher, metadata_ranges
 from afsd.progress import ProgressLog
 from afsd.rpc import ChannelPool
 from afsd.trust.descriptors import BlobTrust
@@ -121,12 +122,15 @@ def _link_or_copy_verified(source: Path, dest: Path, layer: PeerLayer) -> None:
         shutil.copyfile(source, dest)
     try:
         table, whole = layer.chunks, hashlib.sha256()
+        metadata = MetadataHasher(metadata_ranges(layer.blob.size, layer.blob.data_map))
         with open(dest, "rb") as handle:
             for offset in range(0, max(layer.blob.size, 1), table.chunk_size):
                 data = handle.read(table.chunk_size)
                 table.check(offset, data, source=str(source))
                 whole.update(data)
-            if handle.read(1) or "sha256:" + whole.hexdigest() != layer.blob.digest:
+                metadata.update(offset, data)
+            if handle.read(1) or "sha256:" + whole.hexdigest() != layer.blob.digest or (
+                    layer.blob.metadata_digest and metadata.hexdigest() != layer.blob.metadata_digest):
                 raise DigestMismatchError(f"{source} is not the blob {layer.blob.digest} of {layer.digest}")
             os.fsync(handle.fileno())  # the assembler may never have synced it
     except BaseException:

@@ -26,6 +26,7 @@ from afsd.cluster.peer_answers import check_stat
 from afsd.erofs.convert import BlobInfo
 from afsd.errors import DigestMismatchError
 from afsd.ondemand.chunks import ChunkTable
+from afsd.ondemand.metadata import MetadataHasher, metadata_ranges
 from afsd.ondemand.sparse import write_at
 from afsd.ondemand.spec import BlobSpec
 from afsd.rpc import ChannelPool
@@ -139,10 +140,11 @@ class LayerStorePeer:
 class _VerifyingWriter:
     """Collects streamed bytes into whole chunks, checks each, and writes it at its offset (in a thread)."""
 
-    def __init__(self, fd: int, layer: PeerLayer, source: str) -> None:
+    def __init__(self, fd: int, layer: PeerLayer, source: str, metadata: MetadataHasher) -> None:
         self._fd = fd
         self._table = layer.chunks
         self._source = source
+        self._metadata = metadata
         self._whole = hashlib.sha256()
         self._buffer = bytearray()
         self._offset = 0
@@ -150,6 +152,7 @@ class _VerifyingWriter:
     def _flush_chunk(self, data: bytes) -> None:
         self._table.check(self._offset, data, source=self._source)
         self._whole.update(data)
+        self._metadata.update(self._offset, data)
         os.pwrite(self._fd, data, self._offset)
         self._offset += len(data)
 
@@ -177,20 +180,25 @@ async def copy_layer(peer: LayerStorePeer, layer: PeerLayer, dest: Path, *,
     byte stream when it offers one (`data_tls`: for a data listener that speaks TLS), else (or when the
     stream fails midway) with one ReadLayer call.
 
-    On any mismatch `dest` is removed and DigestMismatchError names the peer.
+    On any mismatch (the blob's digest, or its metadata digest when it has one) `dest` is removed and
+    DigestMismatchError names the peer.
     """
     source = f"layerstore {peer.endpoint} (layer {layer.digest})"
+    metadata = MetadataHasher(metadata_ranges(layer.blob.size, layer.blob.data_map))
     fd = await asyncio.to_thread(os.open, dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        digest = await _copy_streamed(peer, layer, fd, data_tls)
+        digest = await _copy_streamed(peer, layer, fd, data_tls, metadata)
         if digest is None:
             await asyncio.to_thread(os.ftruncate, fd, 0)
-            writer = _VerifyingWriter(fd, layer, source)
+            metadata = MetadataHasher(metadata_ranges(layer.blob.size, layer.blob.data_map))
+            writer = _VerifyingWriter(fd, layer, source, metadata)
             async for _, data in peer.read_stream(layer.digest, 0, layer.blob.size):
                 await writer.add(data)
             digest = await writer.finish()
         if digest != layer.blob.digest:
             raise DigestMismatchError(f"{source}: blob hashes to {digest}, the peer says {layer.blob.digest}")
+        if layer.blob.metadata_digest and metadata.hexdigest() != layer.blob.metadata_digest:
+            raise DigestMismatchError(f"{source}: its metadata does not match the metadata digest it published")
     except BaseException:
         await asyncio.to_thread(_close_and_remove, fd, dest)
         raise
@@ -198,14 +206,17 @@ async def copy_layer(peer: LayerStorePeer, layer: PeerLayer, dest: Path, *,
     return layer.blob.size
 
 
-async def _copy_streamed(peer: LayerStorePeer, layer: PeerLayer, fd: int, data_tls: ssl.SSLContext | None) -> str | None:
-    """The blob over the peer's byte stream into `fd` (each chunk checked as it arrives, the whole hashed in
-    order), fsynced; its digest, or None when the stream is unusable or failed (read it with ReadLayer)."""
+async def _copy_streamed(peer: LayerStorePeer, layer: PeerLayer, fd: int, data_tls: ssl.SSLContext | None,
+                         metadata: MetadataHasher) -> str | None:
+    """The blob over the peer's byte stream into `fd` (each chunk checked as it arrives, the whole and its
+    metadata hashed in order), fsynced; its digest, or None when the stream is unusable or failed (read it
+    with ReadLayer)."""
     streams = BlobByteStreams(peer.endpoint, peer.stub, layer.digest, layer.chunks, tls=data_tls)
     whole = hashlib.sha256()
 
     def deliver(offset: int, data: memoryview) -> None:   # (in order: one connection, one piece at a time)
         whole.update(data)
+        metadata.update(offset, data)
         write_at(fd, data, offset)
 
     size = layer.blob.size

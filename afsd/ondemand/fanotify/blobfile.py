@@ -20,6 +20,7 @@ import os
 import re
 from pathlib import Path
 
+from afsd import phases
 from afsd.errors import AfsdError
 from afsd.ondemand.fanotify import _sys
 from afsd.ondemand.metadata import metadata_spans
@@ -58,10 +59,12 @@ async def prepare_blob(spec: BlobSpec, blob_path: Path, source: RangeSource) -> 
     fd = await asyncio.to_thread(_create_sparse, partial, spec.size)
     try:
         metadata = spec.metadata_ranges()
-        if not await _prefill_by_digest(spec, fd, source, metadata):
-            await _prefill_by_chunks(spec, fd, source, metadata)
-        await asyncio.to_thread(os.fsync, fd)
-        await asyncio.to_thread(os.replace, partial, blob_path)
+        with phases.phase("attach.prepare.fetch"):
+            if not await _prefill_by_digest(spec, fd, source, metadata):
+                await _prefill_by_chunks(spec, fd, source, metadata)
+        with phases.phase("attach.prepare.sync"):
+            await asyncio.to_thread(os.fsync, fd)
+            await asyncio.to_thread(os.replace, partial, blob_path)
     except BaseException:
         await asyncio.to_thread(partial.unlink, missing_ok=True)
         raise
@@ -86,6 +89,8 @@ async def _prefill_by_digest(spec: BlobSpec, fd: int, source: RangeSource, metad
     if fetched.spans != tuple(spans) or len(fetched.data) != sum(length for _, length in spans):
         raise ValueError(f"the source answered spans {fetched.spans[:3]}... for {spans[:3]}...")
     await asyncio.to_thread(_write_spans, fd, fetched, metadata)
+    log.info("layer %s: metadata read by its digest from %s: %d bytes in %d spans", spec.layer_digest,
+             fetched.source, len(fetched.data), len(spans))
     return True
 
 
