@@ -26,7 +26,7 @@ import pytest
 from afsd.api import discovery_pb2 as dpb
 from afsd.api import discovery_pb2_grpc as dgrpc
 from afsd.api import layerstore_pb2 as lpb
-from afsd.cluster.peers import stat_to_peer_layer
+from afsd.cluster.peers import blob_spec_from_stat, stat_to_peer_layer
 from afsd.lab.catalogue import seeded_bytes
 from afsd.lab.pki import LabPki
 from afsd.node.records import mounted_paths
@@ -341,9 +341,18 @@ async def test_with_tls_forged_bytes_from_the_nodes_own_layerstore_never_reach_a
     await cluster.pull(honest, image)
     (mine,) = await cluster.start_layerstores(1)   # empty: it gets the layers only from the node's import
     evil = TlsConfig.from_dir(cluster.pki.node("evil", "127.0.0.5"))
+    metadata = blob_spec_from_stat(stats[0]).metadata_ranges()
+
+    def forged_bytes_and_metadata(digest: str, offset: int, data: bytes) -> bytes:
+        data = bytearray(forged.bytes(digest, offset, data))
+        for start, length in metadata if digest == forged.digest else ():
+            for at in range(max(start, offset), min(start + length, offset + len(data))):
+                data[at - offset] ^= 0xFF
+        return bytes(data)
+
     fake = ForgingLayerStore(cluster.layerstore(origin), forge_stat=tls_forgeries(cluster, forged, stats[1],
                                                                                   origin.name)[
-        "forged chunk table and bytes, the converter's descriptor"][0], forge_bytes=forged.bytes)
+        "forged chunk table and bytes, the converter's descriptor"][0], forge_bytes=forged_bytes_and_metadata)
     async with fake_holder(fake, dgrpc.ServiceDiscoveryStub(open_channel(discovery.address, evil)), "evil", stats,
                            host="127.0.0.5", credentials=evil.server_credentials()) as address:
         mine_socket = mine.args[mine.args.index("--admin-socket") + 1]
@@ -362,7 +371,8 @@ async def test_with_tls_forged_bytes_from_the_nodes_own_layerstore_never_reach_a
         assert ("ReadLayer", stats[0].digest) in fake.calls, "the node never read from the fake"
         log = node.log()
         assert f"not using the StatLayer answer of layerstore {address}" in log
-        assert "does not match the blob's chunk digest" in log
+        # The node read the layer's metadata from the fake first: by its digest, which the forgery fails.
+        assert "does not match the blob's metadata digest" in log
 
         async def mine_provides_everything() -> bool:
             return all([mine.name in await cluster.nodes_for_layer(discovery, s.digest) for s in stats])
