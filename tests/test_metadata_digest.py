@@ -120,7 +120,8 @@ async def test_the_prefill_reads_and_writes_only_the_metadata_when_it_can_check_
     assert metadata <= spans < by_chunks // 4
 
 
-async def test_forged_metadata_falls_back_to_whole_verified_chunks(fanotify_blob: fanotify_lab.TestBlob, workdir: Path) -> None:
+async def test_forged_metadata_falls_back_to_whole_verified_chunks(fanotify_blob: fanotify_lab.TestBlob,
+                                                                   workdir: Path) -> None:
     spec = fanotify_blob.spec
     forged = workdir / "forged.erofs"
     data = bytearray(fanotify_blob.full.read_bytes())

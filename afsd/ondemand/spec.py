@@ -19,8 +19,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from afsd.ondemand.metadata import metadata_ranges
 from afsd.ondemand.chunks import ChunkTable
+from afsd.ondemand.metadata import metadata_ranges
 
 if TYPE_CHECKING:   # the converter's package is heavy to import, and fetch workers import this module
     from afsd.erofs.convert import BlobInfo
@@ -51,7 +51,7 @@ class BlobSpec:
     blob_id: str = ""
     converter: str = ""
     descriptor: bytes = b""                    # the converter's SignedBlobDescriptor (afsd/trust), serialized
-    metadata_digest: str = ""                  # of the metadata bytes (afsd/ondemand/metadata.py); "" before converter 3
+    metadata_digest: str = ""                  # of the metadata (afsd/ondemand/metadata.py); "" before converter 3
 
     @classmethod
     def of_blob(cls, blob: BlobInfo, providers: tuple[str, ...] = ()) -> BlobSpec:
