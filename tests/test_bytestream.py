@@ -38,9 +38,9 @@ from afsd.errors import FetchError
 from afsd.lab.daemons import Daemon, layerstore_daemon, start_all
 from afsd.lab.ports import reserve_port
 from afsd.lab.registry import start_registry
+from afsd.ondemand.chunks import ChunkTable
 from afsd.ondemand.fanotify.blobfile import METADATA_GAP
 from afsd.ondemand.metadata import metadata_spans
-from afsd.ondemand.chunks import ChunkTable
 from afsd.ondemand.spec import BlobSpec, Priority
 from afsd.rpc import ChannelPool
 from tests.support.bytestream_peers import HOSTILE_BEHAVIOURS, ByteStreamPeer, HostileDataListener
