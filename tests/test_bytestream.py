@@ -208,6 +208,24 @@ async def test_a_hostile_byte_stream_is_caught_and_another_provider_serves(share
                         "huge_length": f"announced {1 << 62} bytes", "huge_error": "an error of",
                         "stall": "too slowly", "trickle": "too slowly", "garbage_reply": "malformed reply"}[behaviour]
             assert hostile.address in str(failed.value) and expected in str(failed.value), str(failed.value)
+
+            # A metadata read by its digest (from the best provider only) fails on it too, naming it and why;
+            # the whole-chunk fallback then reads from the other provider (the hostile one cooled down).
+            spans = shared.spec.metadata_ranges()   # (wrong_bytes flips mid-span: a metadata byte)
+            fetcher = shared.fetcher(hostile.address, shared.streaming.address, local_endpoint=hostile.address,
+                                     call_timeout=2.0)
+            try:
+                with pytest.raises(FetchError) as failed:
+                    await asyncio.wait_for(fetcher.fetch_metadata(spans), 60)
+                expected = {"wrong_bytes": "does not match the blob's metadata digest",
+                            "short": "closed the stream during bytes"}.get(behaviour, expected)
+                assert hostile.address in str(failed.value) and expected in str(failed.value), str(failed.value)
+                result = await fetcher.fetch(*spans[0])
+                assert result.source == f"peer:{shared.streaming.address}"
+                assert result.data == blob[result.offset:result.offset + len(result.data)]
+                assert fetcher.stats()["verification_failures"] == (1 if behaviour == "wrong_bytes" else 0)
+            finally:
+                await fetcher.close()
     finally:
         listener.close()
 
@@ -256,36 +274,6 @@ async def test_metadata_spans_are_read_as_they_are_and_checked_by_the_metadata_d
         after = await served(daemon)
         assert after[transport] - before[transport] == len(expected), transport   # exactly the spans, no chunks
         assert sum(after.values()) - sum(before.values()) == len(expected), transport
-
-
-@pytest.mark.parametrize("behaviour", HOSTILE_BEHAVIOURS)
-async def test_a_hostile_byte_stream_fails_a_metadata_read_and_whole_chunks_come_from_another(
-        shared: Shared, behaviour: str) -> None:
-    blob = await asyncio.to_thread(shared.blob.read_bytes)
-    spans = [(offset, length) for offset, length in shared.spec.metadata_ranges()]   # (flipped mid-span: metadata)
-    listener = HostileDataListener(shared.blob, behaviour)
-    try:
-        async with ByteStreamPeer(listener, shared.spec.size) as hostile:
-            fetcher = shared.fetcher(hostile.address, shared.streaming.address, local_endpoint=hostile.address,
-                                     call_timeout=2.0)
-            try:
-                with pytest.raises(FetchError) as failed:
-                    await asyncio.wait_for(fetcher.fetch_metadata(spans), 60)   # a guard against hanging
-                expected = {"wrong_bytes": "does not match the blob's metadata digest",
-                            "short": "closed the stream during bytes", "huge_length": f"announced {1 << 62} bytes",
-                            "huge_error": "an error of", "stall": "too slowly", "trickle": "too slowly",
-                            "garbage_reply": "malformed reply"}[behaviour]
-                assert hostile.address in str(failed.value) and expected in str(failed.value), str(failed.value)
-                # The hostile provider cooled down: the whole-chunk fallback reads from the other.
-                offset, length = spans[0]
-                result = await fetcher.fetch(offset, length)
-                assert result.source == f"peer:{shared.streaming.address}"
-                assert result.data == blob[result.offset:result.offset + len(result.data)]
-                assert fetcher.stats()["verification_failures"] == (1 if behaviour == "wrong_bytes" else 0)
-            finally:
-                await fetcher.close()
-    finally:
-        listener.close()
 
 
 # -- tickets ------------------------------------------------------------------------------------------------
