@@ -45,6 +45,9 @@ STREAM_REFUSED = Counter("afsd_layerstore_stream_refused_total",
                          "Byte-stream connections refused, by reason", ["reason"])
 
 TLS_SEND_UNIT = 1 << 20
+# A range this small (a span of metadata, say) is read and sent with its reply header in one send: socket.sendfile
+# sets up a selector per call, and a separate header is a packet of its own; both cost more than the copy.
+SMALL_RANGE = 64 << 10
 # (path, size) of a cached layer's blob, or None when the layerstore does not hold it.
 BlobLookup = Callable[[str], "tuple[str, int] | None"]
 
@@ -277,10 +280,15 @@ class ByteStreamServer:
                            f"range {offset}+{length} is outside the blob of {size} bytes")
         self._still_held(digest, blob.fileno())
         stream.settimeout(self.send_timeout)
-        stream.sendall(REPLY.pack(Status.OK, length))
-        if self.tls is None:
+        if length <= SMALL_RANGE:   # one send for header and bytes: no sendfile set-up, one packet
+            data = os.pread(blob.fileno(), length, offset)
+            stream.sendall(REPLY.pack(Status.OK, length) + data)
+            sent = len(data)
+        elif self.tls is None:
+            stream.sendall(REPLY.pack(Status.OK, length))
             sent = stream.sendfile(blob, offset, length)
         else:
+            stream.sendall(REPLY.pack(Status.OK, length))
             sent = 0
             while sent < length:
                 data = os.pread(blob.fileno(), min(TLS_SEND_UNIT, length - sent), offset + sent)
