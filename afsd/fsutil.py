@@ -24,19 +24,23 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomically(path: Path, document: Any, *, indent: int | None = None) -> None:
-    """Write `document` to `path` so readers see the old file or the new one, never a torn one."""
+def write_json_atomically(path: Path, document: Any, *, indent: int | None = None, durable: bool = True) -> None:
+    """Write `document` to `path` so readers see the old file or the new one, never a torn one. With
+    `durable=False` it is not fsynced: for a record that only has to outlive a process, not the machine
+    (what it describes is gone after a reboot anyway), where an fsync would cost a journal commit."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with open(partial, "w") as handle:
-            json.dump(document, handle, indent=indent)
-            handle.flush()
-            os.fsync(handle.fileno())
+            handle.write(json.dumps(document, indent=indent))
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
+    if durable:
+        fsync_directory(path.parent)
 
 
 def load_json_records(directory: Path, parse: Callable[[Any], T], what: str) -> list[T]:

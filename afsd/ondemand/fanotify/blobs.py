@@ -91,8 +91,12 @@ class BlobTable:
                         inode=inode, complete=complete)
             if not blob.complete:
                 if not from_record:
+                    # Not fsynced (a journal commit, on a node busy writing blobs): the record is for a
+                    # successor supervisor of this boot; the mark, the group and every mount of the blob
+                    # end with a reboot, and the node daemon registers it again when it mounts it next.
                     write_json_atomically(self.paths.blob_record(spec.name), {
-                        "path": path, "spec": spec.to_json(), "source": source, "prefetch": prefetch})
+                        "path": path, "spec": spec.to_json(), "source": source, "prefetch": prefetch},
+                        durable=False)
                 self.keeper.hold_blob(spec.name, fill_fd)
                 self.keeper.flush()   # the keeper's copy is in flight before the mark exists
                 # Evictable: see retire (an unregistered blob's mark must not pin its inode).
