@@ -70,7 +70,7 @@ def mount_overlay(lowers: Sequence[Path], target: Path, *, upper: Path | None = 
     unmounting the overlay syncs that WHOLE file system (`ovl_sync_fs`), dirty pages of unrelated files
     included: on a node that has just filled a blob on the same disk, 30-200 ms (measured) that a task's
     scratch upper does not need. The users' fsync/syncfs inside it are skipped too, and the kernel refuses
-    to mount the same work dir again (it leaves `<work>/work/incompat/volatile`): for uppers thrown away
+    to mount the same work dir again (it leaves an `incompat/volatile` mark in it): for uppers thrown away
     with the task only.
     """
     if len(lowers) < (1 if upper is not None else 2):
