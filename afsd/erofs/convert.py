@@ -23,12 +23,12 @@ from typing import Any
 
 from afsd.erofs.decompress import open_layer
 from afsd.erofs.layout import data_map as compute_data_map
-from afsd.ondemand.metadata import MetadataHasher, metadata_ranges
 from afsd.erofs.mkfs import build_image, erofs_utils_version, max_name_bytes
 from afsd.erofs.unpack import unpack_layer
 from afsd.errors import ConversionError, LayerFormatError
 from afsd.fsutil import fsync_directory
 from afsd.oci.mediatypes import Compression
+from afsd.ondemand.metadata import MetadataHasher, metadata_ranges
 
 # Bump whenever the bytes a conversion produces change (unpack rules, mkfs options, post-processing).
 # 2: mtimes after 2096 and before 1970 kept (mkfs.SOURCE_DATE_EPOCH); BlobInfo.implicit_dirs.
