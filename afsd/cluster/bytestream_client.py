@@ -34,9 +34,11 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 
+from afsd import phases
 from afsd.api import layerstore_pb2 as pb
 from afsd.api import layerstore_pb2_grpc as pb_grpc
 from afsd.cluster.bytestream_wire import (HELLO, MAGIC, MAX_ERROR_BYTES, REPLY, REQUEST, TICKET_BYTES, VERSION, Status,
@@ -170,28 +172,66 @@ class _Connection:
 
     def read_spans(self, spans: Sequence[tuple[int, int]], deadline: float, into: memoryview) -> None:
         """The bytes of `spans` ((offset, length) anywhere in the blob), unchecked (the caller checks them),
-        back to back into `into`: the requests of a batch go out at once and the replies come back in
-        order, so a batch costs one round trip."""
+        back to back into `into`: the requests of a batch go out at once and their replies come back in
+        order, received as they arrive (a receive takes all that is there, not a header and then a span)
+        and taken apart, so a batch costs one round trip and few system calls."""
         at = 0
         for first in range(0, len(spans), SPANS_PER_BATCH):
             batch = spans[first:first + SPANS_PER_BATCH]
             self._send(b"".join(REQUEST.pack(offset, length) for offset, length in batch), deadline)
+            answer = memoryview(bytearray(sum(REPLY.size + length for _, length in batch)))
+            received = taken = 0   # bytes of `answer` received, and taken apart
             for offset, length in batch:
-                self._answered(offset, offset + length, deadline)
-                if self._receive_into(into[at:at + length], deadline) < length:
-                    raise ByteStreamError(f"{self.label} closed the stream during bytes {offset}-{offset + length}")
+                while received - taken < REPLY.size:
+                    received += self._receive_some(answer[received:], deadline, "instead of answering")
+                status, announced = REPLY.unpack_from(answer, taken)
+                if status != Status.OK or announced != length:
+                    self._refused(status, announced, answer[taken + REPLY.size:received], offset, offset + length,
+                                  deadline)
+                taken += REPLY.size
+                while received - taken < length:
+                    received += self._receive_some(answer[received:], deadline,
+                                                   f"during bytes {offset}-{offset + length}")
+                into[at:at + length] = answer[taken:taken + length]
+                taken += length
                 at += length
         self.last_used = time.monotonic()
+
+    def _receive_some(self, view: memoryview, deadline: float, where: str) -> int:
+        """What the socket holds (at least one byte, at most `view`'s length) into `view`; ByteStreamError
+        saying `where` if the peer closed the stream, TimeoutError once `deadline` has passed."""
+        while True:
+            try:
+                if self.plain:
+                    _set_timeout(self.sock, socket.SO_RCVTIMEO, deadline)
+                else:
+                    self.sock.settimeout(_remaining(deadline))
+                count = self.sock.recv_into(view)
+            except BlockingIOError:   # SO_RCVTIMEO ran out with nothing received
+                _remaining(deadline)
+                continue
+            if not count:
+                raise ByteStreamError(f"{self.label} closed the stream {where}")
+            return count
+
+    def _refused(self, status: int, announced: int, received: memoryview, start: int, end: int,
+                 deadline: float) -> NoReturn:
+        """Raise ByteStreamError for a reply to [start, end) that is not OK and its length (`received`: what
+        arrived after its header already), saying why."""
+        if status not in Status._value2member_map_:
+            raise ByteStreamError(f"{self.label} sent a malformed reply (status {status})")
+        if status == Status.OK:
+            raise ByteStreamError(f"{self.label} announced {announced} bytes for a request of {end - start}")
+        text = self._error_text(announced, deadline, bytes(received[:announced]))
+        if status == Status.GONE:   # worded as ReadLayer's NOT_FOUND is (fetcher.py)
+            raise ByteStreamError(f"does not hold the layer ({text})")
+        raise ByteStreamError(f"{self.label} refused bytes {start}-{end}: {text}")
 
     def _answered(self, start: int, end: int, deadline: float) -> None:
         """The reply to a request for [start, end): OK and its length, else ByteStreamError saying why."""
         status, announced = self._reply(deadline)
-        if status == Status.GONE:   # worded as ReadLayer's NOT_FOUND is (fetcher.py)
-            raise ByteStreamError(f"does not hold the layer ({self._error_text(announced, deadline)})")
-        if status != Status.OK:
-            raise ByteStreamError(f"{self.label} refused bytes {start}-{end}: {self._error_text(announced, deadline)}")
-        if announced != end - start:
-            raise ByteStreamError(f"{self.label} announced {announced} bytes for a request of {end - start}")
+        if status != Status.OK or announced != end - start:
+            self._refused(status, announced, memoryview(b""), start, end, deadline)
 
     def _receive_into(self, view: memoryview, deadline: float) -> int:
         """Fill `view` from the socket; fewer bytes only when the peer closed the stream. TimeoutError once
@@ -232,15 +272,16 @@ class _Connection:
             raise ByteStreamError(f"{self.label} sent a malformed reply (status {status})")
         return status, length
 
-    def _error_text(self, length: int, deadline: float) -> str:
-        if length > MAX_ERROR_BYTES:
+    def _error_text(self, length: int, deadline: float, received: bytes = b"") -> str:
+        """The message of an error reply announcing `length` bytes, of which `received` arrived already."""
+        if length > MAX_ERROR_BYTES:   # not even read
             return f"(an error of {length} bytes)"
-        text = bytearray(length)
+        text = bytearray(length - len(received))
         try:
-            received = self._receive_into(memoryview(text), deadline)
+            count = self._receive_into(memoryview(text), deadline) if text else 0
         except OSError:
-            received = 0
-        return text[:received].decode(errors="replace") or "(no reason given)"
+            count = 0
+        return (received + text[:count]).decode(errors="replace") or "(no reason given)"
 
     def abort(self) -> None:
         """Unblock a read in progress (from another thread): the connection is not reused."""
@@ -332,7 +373,8 @@ class BlobByteStreams:
             raise
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(_THREADS, work, connection, deadline)
+            with phases.phase("stream.read"):
+                await loop.run_in_executor(_THREADS, work, connection, deadline)
         except asyncio.CancelledError:
             connection.abort()
             connection.close()
@@ -366,14 +408,16 @@ class BlobByteStreams:
         return None
 
     async def _connect(self, deadline: float) -> _Connection:
-        grant, ticket = await self._ticket(deadline)
+        with phases.phase("stream.ticket"):
+            grant, ticket = await self._ticket(deadline)
         if grant.tls and self.tls is None:
             raise ByteStreamUnavailable(f"{self.endpoint}'s byte stream speaks TLS and this node has no TLS "
                                         "settings for data connections")
         opening = _THREADS.submit(_Connection.open, grant.host, grant.port, ticket, self.layer_digest,
                                   self.table.size, self.tls if grant.tls else None, deadline)
         try:
-            return await asyncio.shield(asyncio.wrap_future(opening))
+            with phases.phase("stream.connect"):
+                return await asyncio.shield(asyncio.wrap_future(opening))
         except asyncio.CancelledError:   # the thread still finishes: close what it opens
             opening.add_done_callback(_close_opened)
             raise

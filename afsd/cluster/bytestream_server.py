@@ -48,6 +48,11 @@ TLS_SEND_UNIT = 1 << 20
 # A range this small (a span of metadata, say) is read and sent with its reply header in one send: socket.sendfile
 # sets up a selector per call, and a separate header is a packet of its own; both cost more than the copy.
 SMALL_RANGE = 64 << 10
+# Small ranges answered with one send hold at most this many bytes (the replies of a metadata read, ~1 MiB,
+# go in one or two sends).
+SMALL_BATCH_BYTES = 4 << 20
+# Request headers taken from the socket at once (16 bytes each).
+REQUESTS_PER_BATCH = 1024
 # (path, size) of a cached layer's blob, or None when the layerstore does not hold it.
 BlobLookup = Callable[[str], "tuple[str, int] | None"]
 
@@ -216,8 +221,9 @@ class ByteStreamServer:
             served = STREAM_BYTES_SERVED.labels(reader=reader_place(caller, self.host))
             digest, blob_fd, size = self._hello(stream, caller)
             stream.sendall(REPLY.pack(Status.OK, size))
+            requests = _RequestReader(stream)
             with open(blob_fd, "rb", buffering=0, closefd=False) as blob:
-                while self._serve_one(stream, blob, digest, size, served):
+                while self._serve_batch(stream, blob, digest, size, served, requests):
                     pass
         except _Refused as refused:
             STREAM_REFUSED.labels(refused.reason).inc()
@@ -268,27 +274,65 @@ class ByteStreamServer:
         if not held:
             raise _Refused(Status.GONE, "gone", f"layer {digest} was evicted")
 
-    def _serve_one(self, stream: socket.socket, blob: io.FileIO, digest: str, size: int, served: Counter) -> bool:
-        """Answer one REQUEST; False when the reader closed the connection."""
+    def _serve_batch(self, stream: socket.socket, blob: io.FileIO, digest: str, size: int, served: Counter,
+                     requests: _RequestReader) -> bool:
+        """Answer the REQUESTs that arrived together (a reader of many small spans sends them at once), in
+        order: runs of small ranges read with pread and sent in one send, larger ones with sendfile. False
+        when the reader closed the connection."""
         stream.settimeout(self.idle_timeout)
-        header = _receive_exactly(stream, REQUEST.size, eof_ok=True)
-        if not header:
+        batch = requests.next_batch()
+        if not batch:
             return False
-        offset, length = REQUEST.unpack(header)
-        if length <= 0 or offset >= size or length > size - offset:
-            raise _Refused(Status.BAD_REQUEST, "bad_range",
-                           f"range {offset}+{length} is outside the blob of {size} bytes")
-        self._still_held(digest, blob.fileno())
         stream.settimeout(self.send_timeout)
-        if length <= SMALL_RANGE:   # one send for header and bytes: no sendfile set-up, one packet
+        small: list[tuple[int, int]] = []
+        small_bytes = 0
+        for offset, length in batch:
+            if length <= 0 or offset >= size or length > size - offset:
+                self._send_small(stream, blob, digest, small, served)   # what was asked before it is answered
+                raise _Refused(Status.BAD_REQUEST, "bad_range",
+                               f"range {offset}+{length} is outside the blob of {size} bytes")
+            if length > SMALL_RANGE:
+                self._send_small(stream, blob, digest, small, served)
+                small, small_bytes = [], 0
+                self._send_large(stream, blob, digest, offset, length, served)
+                continue
+            if small_bytes + length > SMALL_BATCH_BYTES:
+                self._send_small(stream, blob, digest, small, served)
+                small, small_bytes = [], 0
+            small.append((offset, length))
+            small_bytes += length
+        self._send_small(stream, blob, digest, small, served)
+        return True
+
+    def _send_small(self, stream: socket.socket, blob: io.FileIO, digest: str, ranges: list[tuple[int, int]],
+                    served: Counter) -> None:
+        """Small ranges, each read with pread, sent with their reply headers in one send: no sendfile set-up
+        and no packet per header."""
+        if not ranges:
+            return
+        self._still_held(digest, blob.fileno())
+        parts: list[bytes] = []
+        sent = 0
+        short = None
+        for offset, length in ranges:
             data = os.pread(blob.fileno(), length, offset)
-            stream.sendall(REPLY.pack(Status.OK, length) + data)
-            sent = len(data)
-        elif self.tls is None:
-            stream.sendall(REPLY.pack(Status.OK, length))
+            parts += (REPLY.pack(Status.OK, length), data)
+            sent += len(data)
+            if len(data) != length:
+                short = f"the blob of layer {digest} ended after {len(data)} of {length} bytes from {offset}"
+                break
+        stream.sendall(b"".join(parts))
+        self._count(digest, sent, len(parts) // 2, served)
+        if short is not None:
+            raise OSError(short)
+
+    def _send_large(self, stream: socket.socket, blob: io.FileIO, digest: str, offset: int, length: int,
+                    served: Counter) -> None:
+        self._still_held(digest, blob.fileno())
+        stream.sendall(REPLY.pack(Status.OK, length))
+        if self.tls is None:
             sent = stream.sendfile(blob, offset, length)
         else:
-            stream.sendall(REPLY.pack(Status.OK, length))
             sent = 0
             while sent < length:
                 data = os.pread(blob.fileno(), min(TLS_SEND_UNIT, length - sent), offset + sent)
@@ -296,22 +340,47 @@ class ByteStreamServer:
                     break
                 stream.sendall(data)
                 sent += len(data)
-        served.inc(sent)
-        STREAM_RANGES_SERVED.inc()
-        if self.on_served is not None:
-            self.on_served(digest, sent)
+        self._count(digest, sent, 1, served)
         if sent != length:
             raise OSError(f"the blob of layer {digest} ended after {sent} of {length} bytes")
-        return True
+
+    def _count(self, digest: str, sent: int, ranges: int, served: Counter) -> None:
+        served.inc(sent)
+        STREAM_RANGES_SERVED.inc(ranges)
+        if self.on_served is not None:
+            self.on_served(digest, sent)
 
 
-def _receive_exactly(stream: socket.socket, count: int, *, eof_ok: bool = False) -> bytes:
+class _RequestReader:
+    """REQUEST headers from a connection, as many as arrived together (at most `REQUESTS_PER_BATCH`): one
+    receive for the hundreds a span reader sends at once, instead of one per header."""
+
+    def __init__(self, stream: socket.socket) -> None:
+        self.stream = stream
+        self.pending = bytearray()
+
+    def next_batch(self) -> list[tuple[int, int]]:
+        """The next requests, waiting for at least one; [] when the reader closed the connection between
+        requests (OSError when it closed inside one)."""
+        while len(self.pending) < REQUEST.size:
+            more = self.stream.recv(REQUEST.size * REQUESTS_PER_BATCH - len(self.pending))
+            if not more:
+                if self.pending:
+                    raise OSError(f"the reader closed the connection after {len(self.pending)} of {REQUEST.size} "
+                                  "header bytes")
+                return []
+            self.pending += more
+        whole = len(self.pending) - len(self.pending) % REQUEST.size
+        batch = [REQUEST.unpack_from(self.pending, at) for at in range(0, whole, REQUEST.size)]
+        del self.pending[:whole]
+        return batch
+
+
+def _receive_exactly(stream: socket.socket, count: int) -> bytes:
     data = bytearray()
     while len(data) < count:
         more = stream.recv(count - len(data))
         if not more:
-            if eof_ok and not data:
-                return b""
             raise OSError(f"the reader closed the connection after {len(data)} of {count} header bytes")
         data += more
     return bytes(data)
