@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from afsd.api import layerstore_pb2 as lpb
 from afsd.cluster.peers import blob_spec_from_stat
 from afsd.lab.catalogue import seeded_bytes
@@ -59,14 +61,18 @@ def span_bytes(spec: BlobSpec) -> int:
     return sum(length for _, length in metadata_spans(spec.metadata_ranges(), METADATA_GAP))
 
 
-async def test_a_node_prefills_metadata_by_its_digest_fetching_about_its_size(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize("own_layerstore", [False, True], ids=["no_own_layerstore", "own_layerstore_lacks_it"])
+async def test_a_node_prefills_metadata_by_its_digest_fetching_about_its_size(cluster: LocalCluster,
+                                                                              own_layerstore: bool) -> None:
+    """With a layerstore of its own that lacks the image, the node asks it first (it ranks first), hears
+    NOT_FOUND and reads the metadata from the holder: still by the digest, no fallback."""
     await cluster.start_discovery(1)
-    (holder,) = await cluster.start_layerstores(1)
+    holder, *own = await cluster.start_layerstores(2 if own_layerstore else 1)
     image = await cluster.push("metadigest", scattered_layers("m"))
     pulled = await cluster.pull(holder, image)
     specs = await specs_of(cluster, holder, [layer.digest for layer in pulled.layers])
     assert all(spec.metadata_digest.startswith("sha256:") for spec in specs)
-    node = await cluster.start_node(None, extra_args=NODE_ARGS)
+    node = await cluster.start_node(own[0] if own else None, extra_args=NODE_ARGS)
     target = cluster.workdir / "rootfs"
     target.mkdir()
     mounted = await cluster.afsd(node, "mount", image.reference, str(target), "--backend", "fanotify")

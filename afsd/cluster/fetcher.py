@@ -58,7 +58,8 @@ from afsd.cluster.fetch_metrics import FETCH_METRICS
 from afsd.cluster.flights import Flight, FlightTable, PriorityGate
 from afsd.cluster.metadata_reads import read_metadata
 from afsd.cluster.peers import LayerStorePeer
-from afsd.cluster.providers import UNREACHABLE_CODES, Provider, ProviderFailure, ProviderLease, rpc_failure
+from afsd.cluster.providers import (UNREACHABLE_CODES, ProviderUnusable, Provider, ProviderFailure, ProviderLease,
+                                    rpc_failure)
 from afsd.errors import DigestMismatchError, FetchError
 from afsd.ondemand.spec import BlobSink, BlobSpec, FetchedRange, FetchedSpans, Filled, Priority
 from afsd.retry import RetryPolicy
@@ -171,26 +172,35 @@ class RangeFetcher:
         return Filled(first, last - first, written, sources, self._served(priority, started, shared))
 
     async def fetch_metadata(self, spans: Sequence[tuple[int, int]]) -> FetchedSpans:
-        """The bytes of `spans` (covering every metadata range) as they are, from the best provider only, checked
-        against the spec's metadata digest (metadata_reads.py); FetchError when that failed (the caller then
-        fetches whole chunks, with failover). A provider that failed cools down, as after a failed read."""
-        provider = await self._choose(set(), {}, set())
-        if provider is None:
-            raise FetchError(self._failure_message(spans[0][0], spans[-1][0] + spans[-1][1], {}))
-        try:
-            data = await read_metadata(provider, self._byte_streams(provider), self.spec, spans, self.call_timeout)
-        except (ProviderFailure, DigestMismatchError) as error:
-            failure = error if isinstance(error, ProviderFailure) else ProviderFailure(str(error), retry=False)
-            if isinstance(error, DigestMismatchError):
-                self._counts["verification_failures"] += 1
-                FETCH_METRICS.verification_failure()
-            FETCH_METRICS.metadata_failure()
-            self._provider_failed(provider, failure, {}, set(), "reading metadata")
-            raise FetchError(f"reading the metadata of layer {self.spec.layer_digest} from {provider.label} "
-                             f"failed: {failure.reason}") from None
-        self._count_bytes(provider, len(data))
-        FETCH_METRICS.metadata_read(len(data))
-        return FetchedSpans(tuple(spans), bytes(data), provider.source)
+        """The bytes of `spans` (covering every metadata range) as they are, from the best provider holding the
+        layer only, checked against the spec's metadata digest (metadata_reads.py); FetchError when that
+        failed (the caller then fetches whole chunks, with failover). A provider that failed cools down, as
+        after a failed read.
+
+        Read without a lease: it is one round trip, and a lease would cost two more on the mount's path
+        (acquire, and release at close). A provider that lacks the layer or cannot be reached fails the
+        read as it would fail the lease, and the next is asked; one that lets the blob go meanwhile answers
+        GONE, and the whole chunks are then read under a lease."""
+        errors: dict[str, str] = {}
+        for provider in self._ranked(set()):
+            try:
+                data = await read_metadata(provider, self._byte_streams(provider), self.spec, spans, self.call_timeout)
+            except ProviderUnusable as failure:
+                self._provider_failed(provider, failure, errors, set(), "reading metadata")
+                continue
+            except (ProviderFailure, DigestMismatchError) as error:
+                failure = error if isinstance(error, ProviderFailure) else ProviderFailure(str(error), retry=False)
+                if isinstance(error, DigestMismatchError):
+                    self._counts["verification_failures"] += 1
+                    FETCH_METRICS.verification_failure()
+                FETCH_METRICS.metadata_failure()
+                self._provider_failed(provider, failure, {}, set(), "reading metadata")
+                raise FetchError(f"reading the metadata of layer {self.spec.layer_digest} from {provider.label} "
+                                 f"failed: {failure.reason}") from None
+            self._count_bytes(provider, len(data))
+            FETCH_METRICS.metadata_read(len(data))
+            return FetchedSpans(tuple(spans), bytes(data), provider.source)
+        raise FetchError(self._failure_message(spans[0][0], spans[-1][0] + spans[-1][1], errors))
 
     async def close(self) -> None:
         """Stop reading, cancel pieces in flight and release the lease (best effort)."""

@@ -25,16 +25,22 @@ class ProviderFailure(Exception):
         self.retry = retry
 
 
+class ProviderUnusable(ProviderFailure):
+    """The provider cannot serve the layer at all (an RPC ended with one of UNREACHABLE_CODES: it lacks the
+    layer, cannot be reached, or stalled): a reader asks the next one, as when it refused a lease."""
+
+
 def rpc_failure(error: grpc.aio.AioRpcError, what: str, timeout: float) -> ProviderFailure:
     code = error.code()
+    kind = ProviderUnusable if code in UNREACHABLE_CODES else ProviderFailure
     if code == grpc.StatusCode.NOT_FOUND:
-        return ProviderFailure(f"does not hold the layer ({error.details()})", retry=False)
+        return kind(f"does not hold the layer ({error.details()})", retry=False)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         # Unlike the shared policy (afsd.retry), a provider that stalled is not given a second round:
         # a reader in the kernel is waiting, and another stall would double its wait.
-        return ProviderFailure(f"{what} did not finish within {timeout:g} s", retry=False)
+        return kind(f"{what} did not finish within {timeout:g} s", retry=False)
     # Worth one more round after a discovery refresh unless any provider would answer the same.
-    return ProviderFailure(f"{what} failed: {code.name} {error.details()}", retry=not grpc_permanent(code))
+    return kind(f"{what} failed: {code.name} {error.details()}", retry=not grpc_permanent(code))
 
 
 @dataclass
