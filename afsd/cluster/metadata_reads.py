@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from afsd import phases
 from afsd.cluster.bytestream_client import BlobByteStreams, ByteStreamError, ByteStreamUnavailable
 from afsd.cluster.providers import Provider, ProviderFailure, rpc_failure
 from afsd.errors import DigestMismatchError
@@ -46,8 +47,9 @@ async def read_metadata(provider: Provider, streams: BlobByteStreams | None, spe
             raise rpc_failure(error, "OpenByteStream", timeout) from None
     if data is None:
         data = await _read_layer_spans(provider, spec.layer_digest, spans, timeout)
-    await asyncio.to_thread(check_metadata, spec.metadata_ranges(), spec.metadata_digest, spans, memoryview(data),
-                            source=f"layerstore {provider.label}")
+    with phases.phase("metadata.verify"):
+        await asyncio.to_thread(check_metadata, spec.metadata_ranges(), spec.metadata_digest, spans, memoryview(data),
+                                source=f"layerstore {provider.label}")
     return data
 
 

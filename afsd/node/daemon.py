@@ -320,7 +320,8 @@ class NodeDaemon:
             with phases.phase("attach"):
                 await use.backend.attach(use.spec, use.blob_path, source, startup)
         finally:
-            await source.source.close()
+            with phases.phase("attach.close"):
+                await source.source.close()
         await asyncio.to_thread(use.mountpoint.mkdir, parents=True, exist_ok=True)
         try:
             with phases.phase("erofs"):

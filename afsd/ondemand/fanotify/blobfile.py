@@ -88,7 +88,8 @@ async def _prefill_by_digest(spec: BlobSpec, fd: int, source: RangeSource, metad
         return False
     if fetched.spans != tuple(spans) or len(fetched.data) != sum(length for _, length in spans):
         raise ValueError(f"the source answered spans {fetched.spans[:3]}... for {spans[:3]}...")
-    await asyncio.to_thread(_write_spans, fd, fetched, metadata)
+    with phases.phase("attach.prepare.write"):
+        await asyncio.to_thread(_write_spans, fd, fetched, metadata)
     log.info("layer %s: metadata read by its digest from %s: %d bytes in %d spans", spec.layer_digest,
              fetched.source, len(fetched.data), len(spans))
     return True
