@@ -333,12 +333,17 @@ async def test_tickets_open_one_connection_for_one_blob_from_the_caller_only(sha
     assert status == Status.DENIED and b"granted to 127.0.0.1, not 127.0.0.2" in why
 
     sock, status, _ = await asyncio.to_thread(_hello, port, bad_range, digest)
-    with sock:
+    with sock:   # requests sent at once are answered in order (small ones together), up to a bad one
         assert status == Status.OK
-        sock.sendall(REQUEST.pack(shared.spec.size - 10, 11))
+        good = [(at * 7919, 100 + at) for at in range(300)] + [(3, 70_000), (MIB, 4096)]
+        bad = (shared.spec.size - 10, 11)
+        sock.sendall(b"".join(REQUEST.pack(*request) for request in (*good, bad, (0, 4096))))
+        for offset, length in good:
+            status, _ = _reply(sock)
+            assert status == Status.OK and _exactly(sock, length) == blob[offset:offset + length]
         status, why = _reply(sock)
         assert status == Status.BAD_REQUEST and b"outside the blob" in why
-        assert sock.recv(1) == b""   # and the connection is closed
+        assert sock.recv(1) == b""   # and the connection is closed: nothing after the bad request
 
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:   # not a hello at all
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * HELLO.size)

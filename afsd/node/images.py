@@ -13,6 +13,7 @@ check is logged by name and skipped, as if it were down.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -126,8 +127,8 @@ class ImageLocator:
         with phases.phase("locate.resolve"):
             resolved = await self._resolve(reference, platform)
         digests = [layer.digest for layer in resolved.layers]
-        with phases.phase("locate.providers"):
-            holders = {digest: await self._holders(digest) for digest in digests}
+        with phases.phase("locate.providers"):   # one FindProvider per layer, all at once
+            holders = dict(zip(digests, await asyncio.gather(*(self._holders(digest) for digest in digests))))
         if any(not nodes for nodes in holders.values()):
             puller, pulled = await self._pull_somewhere(reference, platform)
             # The puller holds every layer now, even before its next heartbeat reaches discovery.
@@ -148,12 +149,20 @@ class ImageLocator:
         every such layer), as if nobody held it."""
         specs: dict[str, BlobSpec] = {}
         unreachable: list[dpb.ImageLayer] = []
-        for layer in layers:
+
+        async def stat(layer: dpb.ImageLayer) -> None:
             try:
                 specs[layer.digest] = await self._spec(layer.digest, layer.diff_id, holders[layer.digest], reference)
             except HoldersUnreachableError as error:
                 log.warning("%s; asking a layerstore to pull %s instead", error, reference)
                 unreachable.append(layer)
+
+        try:   # every layer's StatLayer at once: a mount waits for one round trip, not one per layer
+            async with asyncio.TaskGroup() as group:
+                for layer in layers:
+                    group.create_task(stat(layer))
+        except BaseExceptionGroup as failure:
+            raise failure.exceptions[0] from None
         if unreachable:
             puller, _ = await self._pull_somewhere(reference, platform)
             for layer in unreachable:
