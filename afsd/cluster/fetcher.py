@@ -34,8 +34,9 @@ How (the reference's DiscoveryBackedReaderAt, kept and tightened):
   (the blob file a fetch worker fills) from a thread of the byte stream, straight out of the connection's
   receive buffer: no bytes object per range, no copy in between. Fills share the gate with fetches, and
   concurrent fills of the same chunks share flights as fetches do.
-- `fetch_metadata(spans)` reads a blob's metadata as it is, from one provider, and checks it against the
-  blob's metadata digest instead of its chunks (metadata_reads.py).
+- `fetch_metadata(spans)` reads a blob's metadata as it is, from one provider (the best that holds the
+  layer; without a lease: one round trip on a mount's path), and checks it against the blob's metadata
+  digest instead of its chunks (metadata_reads.py).
 """
 
 from __future__ import annotations
