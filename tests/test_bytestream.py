@@ -386,6 +386,35 @@ async def test_a_ticket_expires(tmp_path: Path) -> None:
         await asyncio.to_thread(server.close)
 
 
+async def test_a_blob_evicted_between_requests_sent_together_is_gone_for_the_rest(tmp_path: Path) -> None:
+    """Small ranges asked for at once are answered together, and a blob the layerstore let go of in the
+    meantime fails the next run of them with GONE, as it fails the next single request."""
+    blob = tmp_path / "blob"
+    data = os.urandom(64 << 10)
+    blob.write_bytes(data)
+    digest = "sha256:" + hashlib.sha256(b"layer").hexdigest()
+    held = {digest: (str(blob), len(data))}
+    server = ByteStreamServer("127.0.0.1", 0, held.get)
+    server.start()
+    try:
+        (ticket,) = server.grant(digest, ipaddress.ip_address("127.0.0.1"), 1)
+        sock, status, _ = await asyncio.to_thread(_hello, server.port, ticket, digest)
+        with sock:
+            assert status == Status.OK
+            spans = [(at * 300, 200) for at in range(100)]
+            sock.sendall(b"".join(REQUEST.pack(*span) for span in spans))
+            for offset, length in spans:
+                status, _ = await asyncio.to_thread(_reply, sock)
+                assert status == Status.OK and _exactly(sock, length) == data[offset:offset + length]
+            del held[digest]   # evicted
+            sock.sendall(b"".join(REQUEST.pack(*span) for span in spans))
+            status, why = await asyncio.to_thread(_reply, sock)
+            assert status == Status.GONE and b"evicted" in why
+            assert sock.recv(1) == b""
+    finally:
+        await asyncio.to_thread(server.close)
+
+
 # -- TLS ----------------------------------------------------------------------------------------------------
 
 
