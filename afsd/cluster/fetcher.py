@@ -34,9 +34,8 @@ How (the reference's DiscoveryBackedReaderAt, kept and tightened):
   (the blob file a fetch worker fills) from a thread of the byte stream, straight out of the connection's
   receive buffer: no bytes object per range, no copy in between. Fills share the gate with fetches, and
   concurrent fills of the same chunks share flights as fetches do.
-- `fetch_metadata(spans)` reads a blob's metadata as it is, from one provider (the best that holds the
-  layer; without a lease: one round trip on a mount's path), and checks it against the blob's metadata
-  digest instead of its chunks (metadata_reads.py).
+- `fetch_metadata(spans)` reads a blob's metadata as it is, from one provider (no lease), and checks it
+  against the blob's metadata digest instead of its chunks (metadata_reads.py).
 """
 
 from __future__ import annotations
@@ -174,14 +173,9 @@ class RangeFetcher:
 
     async def fetch_metadata(self, spans: Sequence[tuple[int, int]]) -> FetchedSpans:
         """The bytes of `spans` (covering every metadata range) as they are, from the best provider holding the
-        layer only, checked against the spec's metadata digest (metadata_reads.py); FetchError when that
-        failed (the caller then fetches whole chunks, with failover). A provider that failed cools down, as
-        after a failed read.
-
-        Read without a lease: it is one round trip, and a lease would cost two more on the mount's path
-        (acquire, and release at close). A provider that lacks the layer or cannot be reached fails the
-        read as it would fail the lease, and the next is asked; one that lets the blob go meanwhile answers
-        GONE, and the whole chunks are then read under a lease."""
+        layer only, checked against the metadata digest (metadata_reads.py); FetchError when that failed (the
+        caller then reads whole chunks, with failover and a lease). No lease: the read is one round trip, a
+        lease two more. A provider that lacks the layer or cannot be reached is skipped, as a lease refused."""
         errors: dict[str, str] = {}
         for provider in self._ranked(set()):
             try:
