@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 from pathlib import Path
 
@@ -65,3 +66,25 @@ async def test_prefetch_completes_the_blob_and_announces_it(fanotify_lab: Fanoti
     assert status.blobs[0].complete
     assert 0 < status.counters["bytes_prefetched"] <= blob.spec.size - sum(n for _, n in blob.spec.metadata_ranges())
     assert status.counters["events_total"] == 0   # nothing was mounted: every byte came from prefetch
+
+
+async def test_a_local_copy_that_does_not_match_its_digests_is_never_served(fanotify_lab: FanotifyLab) -> None:
+    """Misses of a blob with a local copy are filled by the supervisor itself (inline.py, in C): a copy
+    whose data does not match the chunk digests fails the read with EIO and writes nothing."""
+    lab, blob = fanotify_lab, fanotify_lab.blob
+    corrupt = lab.root / "corrupt.erofs"
+    data = bytearray(blob.full.read_bytes())
+    inverted = bytes(range(255, -1, -1))
+    for offset, length in blob.spec.data_map:   # every byte of file data flipped
+        data[offset:offset + length] = data[offset:offset + length].translate(inverted)
+    corrupt.write_bytes(bytes(data))
+    await lab.start(Settings(workers=1, fill_ahead=0, inline_fill=8 << 20))   # (a read may span 2 chunks of 1 MiB)
+    served = await lab.serve({"kind": "file", "path": str(corrupt)})
+    metadata = sum(length for _, length in blob.spec.metadata_ranges())
+
+    result = await lab.read(served.mount / data_files(blob)[0])
+    assert not result.ok and result.errno == errno.EIO
+    assert present_bytes(served.path, blob.spec.size) == metadata   # nothing of the bad copy was written
+    counters = (await lab.status()).counters
+    assert counters["fills_inline_failed"] >= 1 and counters["events_denied_failed"] >= 1
+    assert counters["events_allowed_filled"] == 0

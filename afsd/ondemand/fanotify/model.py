@@ -7,6 +7,7 @@ being filled to its Task, so two readers of one chunk share one fill.
 
 from __future__ import annotations
 
+import bisect
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,7 +120,7 @@ class EventLatency:
 
     def observe(self, kind: str, seconds: float) -> None:
         buckets = self.counts[kind]
-        index = next((i for i, bound in enumerate(LATENCY_BUCKETS) if seconds <= bound), len(LATENCY_BUCKETS))
+        index = bisect.bisect_left(LATENCY_BUCKETS, seconds)   # the first bucket whose bound is >= seconds
         buckets[index] += 1
         self.sums[kind] += seconds
 

@@ -51,6 +51,10 @@ class FailureMemory:
         for chunk in range(first, first + count):
             self._until[chunk] = until
 
+    def remembers_any(self, now: float) -> bool:
+        """Whether any chunk's failure is still remembered."""
+        return bool(self._until) and any(until > now for until in self._until.values())
+
     def any_failed(self, chunks: Iterable[int], now: float) -> bool:
         if not self._until:
             return False

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import os
 import selectors
 import signal
@@ -34,11 +35,11 @@ import time
 from dataclasses import asdict
 
 from afsd.ondemand import _daemon
-from afsd.ondemand.fanotify import _sys
-from afsd.ondemand.fanotify.blobs import BlobTable, RegistrationError
+from afsd.ondemand.fanotify import _sys, takeover
+from afsd.ondemand.fanotify.blobs import BlobTable
 from afsd.ondemand.fanotify.control import ControlRequests
 from afsd.ondemand.fanotify.counters import COUNTERS, WORKER_COUNTERS, source_kind
-from afsd.ondemand.fanotify.inline import InlineFills
+from afsd.ondemand.fanotify.inline import FILLED, NOT_HERE, InlineFills
 from afsd.ondemand.fanotify.journal import Journal, JournaledEvent, reserve_fd_numbers
 from afsd.ondemand.fanotify.keeperlink import KeeperHolder
 from afsd.ondemand.fanotify.links import Links
@@ -55,6 +56,7 @@ from afsd.ondemand.supervised.settings import supervisor_parser
 from afsd.ondemand.trace import LearnedPrefetch, TraceRecorder
 
 PREFETCH_RETRY = 10.0         # seconds before prefetch of a blob whose prefetch fill failed resumes
+READ_BYTES = 1 << 16         # one read of the group fd takes up to this much (every event queued, mostly)
 TICK = 0.1                    # seconds between housekeeping rounds (deadlines, workers, keeper, prefetch)
 
 
@@ -77,7 +79,7 @@ class Supervisor:
                                    lambda: (self.group_fd, self.blobs.fill_fds()), self.counters, self.log)
         self.blobs = BlobTable(paths, self.keeper, self.log)
         self.pool = WorkerPool(paths, settings, self.selector, self.links, self.counters, self, self.log)
-        self.inline = InlineFills(settings.inline_fill, self.log)
+        self.inline = InlineFills(settings.inline_fill, self.group_fd, self.log)
         self.control = ControlRequests(self)
         self.pending: set[PendingEvent] = set()
         self.next_task_id = 1
@@ -98,14 +100,14 @@ class Supervisor:
             self.group_fd = _sys.new_pre_content_group()
             self.keeper.hold_group(self.group_fd)
             self.keeper.flush()
-        self.blobs.group_fd = self.group_fd
-        self._load_blobs(held.fills)
+        self.blobs.group_fd = self.inline.group_fd = self.group_fd
+        takeover.load_blobs(self, held.fills)
         if self.group_recovered:
-            self._take_over_predecessor_events()
+            takeover.take_over_predecessor_events(self)
         else:
             # No group survived: whatever the journal lists was answered by the kernel (FAN_ALLOW).
             self.journal.reset()
-            self._release_placeholders()
+            takeover.release_placeholders(self)
         self.listener = self.paths.listen(self.paths.supervisor_socket)
         self.selector.register(self.listener, selectors.EVENT_READ, self.control.accept)
         self.selector.register(self.group_fd, selectors.EVENT_READ, self._on_group_readable)
@@ -113,61 +115,6 @@ class Supervisor:
         self.state = DaemonState.SERVING
         self.log.info("serving %d blobs (group %s, %d workers)", len(self.blobs),
                       "recovered from the keeper" if self.group_recovered else "new", self.settings.workers)
-
-    def _load_blobs(self, held_fills: dict[str, int]) -> None:
-        """Serve again what a predecessor registered and did not finish (DIR/blobs/*.json)."""
-        for record, spec in self.blobs.records():
-            fill_fd = held_fills.pop(spec.name, None)
-            try:
-                if fill_fd is not None and self.group_recovered:
-                    self._check_complete(self.blobs.adopt(record, spec, fill_fd))
-                    continue
-                if fill_fd is not None:
-                    os.close(fill_fd)
-                blob = self.control.register(spec, str(record["path"]), record.get("source") or {},
-                                      bool(record.get("prefetch")), from_record=True)
-                if not blob.complete:   # registered before, but the group that served it is gone
-                    self.blobs.taint(blob, record)
-                    self.log.error("blob %s was served by a group that no longer exists: reads of its "
-                                   "unfilled ranges since then returned zeros; remount it", spec.name)
-            except (RegistrationError, OSError) as e:
-                self.log.error("cannot resume blob %s (%s): %s", spec.name, record.get("path"), e)
-        for fd in held_fills.values():   # fill fds of blobs whose record is gone (unregister interrupted)
-            os.close(fd)
-
-    def _take_over_predecessor_events(self) -> None:
-        """Answer what the previous supervisor left: journaled events get filled and allowed; any other
-        event it had read (not journaled yet) is found by the sweep and failed with EIO."""
-        journaled = {entry.fd for entry in self.leftovers}
-        swept = _sys.sweep_unanswered(self.group_fd, self.journal.slots, journaled)
-        self.counters["events_swept"] += len(swept)
-        if swept:
-            self.log.error("failed %d events the previous supervisor had read but not journaled", len(swept))
-        now = time.monotonic()
-        for entry in self.leftovers:
-            blob = self.blobs.at_inode(entry.dev, entry.ino)
-            self.counters["events_recovered"] += 1
-            if blob is None or blob.fill_fd is None and not blob.complete:
-                self.counters["events_denied_unknown"] += 1
-                _sys.respond(self.group_fd, entry.fd, False, errno.EIO)
-                self.journal.clear(entry.fd)
-                if entry.fd in self.placeholders:
-                    os.close(entry.fd)
-                    self.placeholders.discard(entry.fd)
-                continue
-            event = PendingEvent(fd=entry.fd, blob=blob, start=entry.offset, end=entry.offset + entry.count,
-                                 received=now, deadline=now + self.settings.fetch_deadline, owned=False,
-                                 placeholder=entry.fd in self.placeholders)
-            blob.pending.add(event)
-            self.pending.add(event)
-            self._plan(event)
-        self.leftovers = []
-        self.log.info("took over %d pending events from the previous supervisor", len(journaled))
-
-    def _release_placeholders(self) -> None:
-        for fd in self.placeholders:
-            os.close(fd)
-        self.placeholders = set()
 
     # == the loop ==================================================================================
 
@@ -214,11 +161,13 @@ class Supervisor:
     def _on_group_readable(self, fd: int, mask: int) -> None:
         for _ in range(64):  # then let other sources in
             try:
-                data = os.read(self.group_fd, 1 << 16)
+                data = os.read(self.group_fd, READ_BYTES)
             except BlockingIOError:
                 return
             for event in _sys.parse_events(data):
                 self._on_event(event)
+            if len(data) < READ_BYTES // 2:
+                return   # the queue is most likely drained: select tells if not (a read to learn EAGAIN costs as much)
 
     def _on_event(self, raw: _sys.Event) -> None:
         self.counters["events_total"] += 1
@@ -243,9 +192,13 @@ class Supervisor:
         start = min(raw.offset if raw.offset is not None else 0, size)
         end = size if raw.count is None else min(size, start + raw.count)
         self._note_read(blob, start, end, received)
-        if blob.complete or blob.fill_fd is None or first_hole(blob.fill_fd, start, end) is None:
+        if blob.fill_fd is not None and self._served_here(raw.fd, st, blob, start, end, received):
+            return
+        gaps = [] if blob.complete or blob.fill_fd is None else holes(blob.fill_fd, start, end)
+        if not gaps:
             self.counters["events_allowed_present"] += 1
             _sys.respond(self.group_fd, raw.fd, True)
+            self.journal.clear(raw.fd)   # (_served_here may have journaled it)
             os.close(raw.fd)
             self.latency.observe("present", time.monotonic() - received)
             self._read_ahead(blob, start, end, missed=False)
@@ -255,12 +208,47 @@ class Supervisor:
                              deadline=received + self.settings.fetch_deadline, owned=True)
         blob.pending.add(event)
         self.pending.add(event)
-        self._plan(event)
+        self.plan(event, gaps)
         self._read_ahead(blob, start, end, missed=True)
 
-    def _plan(self, event: PendingEvent) -> None:
+    def _served_here(self, fd: int, st: os.stat_result, blob: Blob, start: int, end: int, received: float) -> bool:
+        """Answer an event of a blob with a copy on this machine in one C call (inline.py: the range checked,
+        filled from the copy if it has holes, checked again, allowed), journaled before and cleared after; only
+        while no fill task is at work in the blob and none failed lately. False: the event is the planner's."""
+        local = self.inline.local(blob)
+        if local is None or blob.inflight or blob.failures.remembers_any(received):
+            return False
+        self.journal.record(fd, st.st_dev, st.st_ino, start, end - start)
+        served = self.inline.serve(local, fd, start, end)
+        if served.outcome == NOT_HERE:
+            return False
+        if served.outcome < 0:
+            self._inline_filled(blob, served.written, served.error, (served.chunks,))
+            return False   # the planner finds the failure remembered: the read fails
+        os.sched_yield()   # a reader woken onto this CPU goes first; the bookkeeping below can wait for it
+        self.journal.clear(fd)
+        os.close(fd)
+        now = time.monotonic()
+        filled = served.outcome == FILLED
+        if filled:
+            self.counters["events_allowed_filled"] += 1
+            self.counters["events_filled_demand"] += 1
+            self._inline_filled(blob, served.written, "", ())
+            self.latency.observe("filled", now - received)
+            if blob.recorder is not None:
+                blob.recorder.stalled(received, now)
+        else:
+            self.counters["events_allowed_present"] += 1
+            self.latency.observe("present", now - received)
+        self._read_ahead(blob, start, end, missed=filled)
+        if filled:
+            self.check_complete(blob)
+        return True
+
+    def plan(self, event: PendingEvent, gaps: list[tuple[int, int]] | None = None) -> None:
         """Allow the event if its range is filled; otherwise make sure a task is filling every chunk
-        with a hole in it. The only way to FAN_ALLOW a pending event."""
+        with a hole in it. The only way to FAN_ALLOW a pending event. `gaps`: its range's holes, when
+        they were just looked up."""
         blob = event.blob
         if blob.fill_fd is None and not blob.complete:   # no longer served: never let a reader onto holes
             self.log.error("blob %s: a pending read of bytes %d-%d outlived the blob's fill fd: failing it",
@@ -268,7 +256,8 @@ class Supervisor:
             self.counters["events_denied_unknown"] += 1
             self.answer(event, allow=False)
             return
-        gaps = [] if blob.fill_fd is None else holes(blob.fill_fd, event.start, event.end)
+        if gaps is None:
+            gaps = [] if blob.fill_fd is None else holes(blob.fill_fd, event.start, event.end)
         plan = plan_event(gaps, chunk_size=blob.spec.chunk_size, plans=event.plans + 1,
                           task_chunks=self.settings.task_chunks, in_flight=blob.inflight, failures=blob.failures,
                           now=time.monotonic())
@@ -283,9 +272,12 @@ class Supervisor:
             self.counters["events_denied_failed"] += 1
             self.answer(event, allow=False)
             return
-        if plan.fill and not plan.join and self._fill_inline(blob, plan.fill):
+        filled = self._fill_inline(blob, plan.fill) if plan.fill and not plan.join else None
+        if filled is not None:
             event.demand = True
-            self._plan(event)   # now filled (allowed), or its chunks failed (denied)
+            self.plan(event)   # now filled (allowed), or its chunks failed (denied)
+            if filled:
+                self.check_complete(blob)   # (once the reader is on its way)
             return
         for chunk in plan.join:
             task = blob.inflight[chunk]
@@ -308,12 +300,16 @@ class Supervisor:
             self.counters["learned_bytes_read"] += touched
             self.counters["learned_bytes_used"] += used
 
-    def _fill_inline(self, blob: Blob, runs: tuple[tuple[int, int], ...]) -> bool:
-        """Fill `runs` here and now if inline.py may (a small miss from a file on this machine)."""
+    def _fill_inline(self, blob: Blob, runs: tuple[tuple[int, int], ...]) -> bool | None:
+        """Fill `runs` here and now if inline.py may (a small miss from a file on this machine): whether
+        that fill succeeded, or None when it is a worker's."""
         result = self.inline.fill(blob, runs)
         if result is None:
-            return False
-        written, error = result
+            return None
+        return self._inline_filled(blob, *result, runs)
+
+    def _inline_filled(self, blob: Blob, written: int, error: str, runs: tuple[tuple[int, int], ...]) -> bool:
+        """Count a fill done here; a failed one is logged and its chunks' failure remembered."""
         self.counters["fills_inline"] += 1
         self._count_filled(blob, written, "file")
         if error:
@@ -321,9 +317,7 @@ class Supervisor:
             self.log.error("blob %s: filling chunks %s failed: %s", blob.name, list(runs), error)
             for first, count in runs:
                 self._remember_failed(blob, first, count)
-        else:
-            self._check_complete(blob)
-        return True
+        return not error
 
     def _read_ahead(self, blob: Blob, start: int, end: int, *, missed: bool) -> None:
         """Keep filling ahead of the reader this read belongs to (planner.Streams): a sequential reader's
@@ -470,10 +464,10 @@ class Supervisor:
                 self.counters["events_denied_failed"] += 1
                 self.answer(event, allow=False)
             elif not event.tasks:
-                self._plan(event)
+                self.plan(event)
         task.events.clear()
         if self.blobs.get(blob.name) is blob:
-            self._check_complete(blob)
+            self.check_complete(blob)
             self.prefetch(blob)
 
     def range_written(self, name: str, offset: int, length: int) -> None:
@@ -527,14 +521,15 @@ class Supervisor:
 
     # == completion ================================================================================
 
-    def _check_complete(self, blob: Blob) -> None:
+    def check_complete(self, blob: Blob) -> None:
         if blob.complete or not self.blobs.is_whole(blob):
             return
         for event in list(blob.pending):
-            self._plan(event)   # all filled: each is allowed
+            self.plan(event)   # all filled: each is allowed
         for task in blob.tasks():
             self.cancel(task)  # finished writing, or nothing left to write
         self.pool.forget_everywhere(blob)
+        self.inline.forget(blob)
         self.blobs.complete(blob)
         self.counters["blobs_completed"] += 1
         self.log.info("blob %s is complete: mark removed", blob.name)
@@ -593,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         supervisor.status_snapshot = supervisor.status()
         serve_status_metrics(args.metrics_listen, StatusCollector(lambda: supervisor.status_snapshot))
     announce(True)
+    gc.freeze()   # what startup made lives as long as we do: collections walk only what events make
     return supervisor.serve()
 
 

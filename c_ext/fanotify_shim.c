@@ -1,0 +1,209 @@
+/*
+ * The fanotify supervisor's misses filled from a file on this machine, in C (afsd/ondemand/fanotify/inline.py
+ * calls it through cffi, once per event).
+ *
+ * Why C: a cold 4 KiB miss served from a local file costs one disk read and a few syscalls, and the reader
+ * waits for all of it; in Python the steps around that disk read (hole lookups, planning, the checked read,
+ * the hole-only write, the answer) took about as long again as the read itself (docs/fanotify-backend.md).
+ * The steps are the supervisor's own, in the same order: SEEK_HOLE for the range, pread of the chunks under
+ * its holes, SHA-256 of each against the chunk table (OpenSSL's EVP, as hashlib), pwrite of the holes only,
+ * SEEK_HOLE again, and FAN_ALLOW only when the range has no hole. The caller journals the event before
+ * and clears it after, and handles every other case (fills in flight, recent failures, fetch workers).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/fanotify.h>
+#include <unistd.h>
+
+#include <openssl/evp.h>
+
+#include "afsd_fanotify.h"
+
+#define DIGEST_SIZE 32
+
+/* One buffer per thread, grown to the largest chunk asked for (the supervisor calls from one thread). */
+static __thread uint8_t *chunk_buffer;
+static __thread size_t chunk_buffer_size;
+
+static uint8_t *buffer_of(size_t size) {
+    if (chunk_buffer_size < size) {
+        uint8_t *grown = realloc(chunk_buffer, size);
+        if (grown == NULL)
+            return NULL;
+        chunk_buffer = grown;
+        chunk_buffer_size = size;
+    }
+    return chunk_buffer;
+}
+
+static int read_exactly(int fd, uint8_t *buffer, size_t count, uint64_t offset) {
+    size_t done = 0;
+    while (done < count) {
+        ssize_t got = pread(fd, buffer + done, count - done, (off_t)(offset + done));
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (got == 0)
+            return -ENODATA;
+        done += (size_t)got;
+    }
+    return 0;
+}
+
+static int write_all(int fd, const uint8_t *data, size_t count, uint64_t offset) {
+    size_t done = 0;
+    while (done < count) {
+        ssize_t put = pwrite(fd, data + done, count - done, (off_t)(offset + done));
+        if (put < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        done += (size_t)put;
+    }
+    return 0;
+}
+
+/* pwrite the parts of [start, end) that are holes in `fd`; `data` holds the bytes of [start, end).
+ * Returns the bytes written or -errno (as afsd.ondemand.sparse.write_holes). */
+static int64_t write_holes(int fd, const uint8_t *data, uint64_t start, uint64_t end) {
+    int64_t written = 0;
+    uint64_t position = start;
+    while (position < end) {
+        off_t hole = lseek(fd, (off_t)position, SEEK_HOLE);
+        if (hole < 0) {
+            if (errno != ENXIO)
+                return -errno;
+            hole = (off_t)position;     /* at or past the end of the file: nothing there is data */
+        }
+        if ((uint64_t)hole >= end)
+            break;
+        off_t data_at = lseek(fd, hole, SEEK_DATA);
+        if (data_at < 0) {
+            if (errno != ENXIO)
+                return -errno;
+            data_at = (off_t)end;       /* no data after the hole */
+        }
+        uint64_t stop = (uint64_t)data_at < end ? (uint64_t)data_at : end;
+        int error = write_all(fd, data + ((uint64_t)hole - start), stop - (uint64_t)hole, (uint64_t)hole);
+        if (error)
+            return error;
+        written += (int64_t)(stop - (uint64_t)hole);
+        position = stop;
+    }
+    return written;
+}
+
+/* Fill the whole chunks [offset, end) from the copy, checked; the bytes written, or -errno. */
+static int64_t fill_chunks(const struct afsd_local_blob *blob, uint64_t offset, uint64_t end) {
+    uint32_t chunk_size = blob->chunk_size;
+    uint8_t *buffer = buffer_of(chunk_size);
+    if (buffer == NULL)
+        return -ENOMEM;
+    int64_t written = 0;
+    for (uint64_t at = offset; at < end; at += chunk_size) {
+        uint64_t index = at / chunk_size;
+        size_t count = (size_t)(end - at < chunk_size ? end - at : chunk_size);
+        if ((index + 1) * DIGEST_SIZE > blob->digests_size)
+            return -EINVAL;
+        int error = read_exactly(blob->source_fd, buffer, count, at);
+        if (error)
+            return error;
+        uint8_t digest[EVP_MAX_MD_SIZE];
+        unsigned int digest_size = 0;
+        if (!EVP_Digest(buffer, count, digest, &digest_size, EVP_sha256(), NULL) || digest_size != DIGEST_SIZE)
+            return -ENOMEM;
+        if (memcmp(digest, blob->digests + index * DIGEST_SIZE, DIGEST_SIZE) != 0)
+            return -EBADMSG;
+        int64_t put = write_holes(blob->fill_fd, buffer, at, at + count);
+        if (put < 0)
+            return put;
+        written += put;
+    }
+    return written;
+}
+
+/* The first hole of [start, end) in fd, `end` if none, or -errno. */
+static int64_t first_hole(int fd, uint64_t start, uint64_t end) {
+    if (start >= end)
+        return (int64_t)end;
+    off_t hole = lseek(fd, (off_t)start, SEEK_HOLE);
+    if (hole < 0)
+        return errno == ENXIO ? (int64_t)start : -errno;
+    return (uint64_t)hole < end ? (int64_t)hole : (int64_t)end;
+}
+
+/* The end of the hole at `hole` (where data starts again), capped at `end`, or -errno. */
+static int64_t hole_end(int fd, uint64_t hole, uint64_t end) {
+    off_t data_at = lseek(fd, (off_t)hole, SEEK_DATA);
+    if (data_at < 0)
+        return errno == ENXIO ? (int64_t)end : -errno;
+    return (uint64_t)data_at < end ? (int64_t)data_at : (int64_t)end;
+}
+
+static int answer_allow(int group_fd, int event_fd) {
+    struct fanotify_response answer = {.fd = event_fd, .response = FAN_ALLOW};
+    return write(group_fd, &answer, sizeof answer) == sizeof answer ? 0 : -errno;
+}
+
+int afsd_serve_local(struct afsd_local_blob *blob) {
+    blob->written = 0;
+    blob->filled_start = blob->filled_end = 0;
+    if (blob->chunk_size == 0 || blob->start > blob->end || blob->end > blob->size)
+        return -EINVAL;
+    int64_t hole = first_hole(blob->fill_fd, blob->start, blob->end);
+    if (hole < 0)
+        return (int)hole;
+    if ((uint64_t)hole == blob->end) {
+        int error = answer_allow(blob->group_fd, blob->event_fd);
+        return error ? error : 1;
+    }
+    /* The chunks under the holes: from the first hole's chunk to the last hole's, as whole chunks
+     * (chunks in between that are present cost a read, and are written nowhere: only holes are). */
+    uint64_t chunk = blob->chunk_size;
+    uint64_t first = (uint64_t)hole / chunk * chunk, last_end = (uint64_t)hole + 1;
+    /* (a range within one chunk, the common miss, needs no walk: that chunk is the one to fill) */
+    for (uint64_t position = first + chunk < blob->end ? (uint64_t)hole : blob->end; position < blob->end;) {
+        int64_t stop = hole_end(blob->fill_fd, position, blob->end);
+        if (stop < 0)
+            return (int)stop;
+        last_end = (uint64_t)stop;
+        if (last_end - first > blob->limit)
+            break;                      /* too large already: the caller's */
+        int64_t next = first_hole(blob->fill_fd, (uint64_t)stop, blob->end);
+        if (next < 0)
+            return (int)next;
+        position = (uint64_t)next;
+    }
+    uint64_t end = (last_end + chunk - 1) / chunk * chunk;
+    if (end > blob->size)
+        end = blob->size;
+    blob->filled_start = first;
+    blob->filled_end = end;
+    if (end - first > blob->limit)
+        return 0;
+    int64_t written = fill_chunks(blob, first, end);
+    if (written < 0)
+        return (int)written;
+    blob->written = written;
+    hole = first_hole(blob->fill_fd, blob->start, blob->end);   /* the one rule: no reader onto a hole */
+    if (hole < 0)
+        return (int)hole;
+    if ((uint64_t)hole != blob->end)
+        return -EAGAIN;
+    int error = answer_allow(blob->group_fd, blob->event_fd);
+    return error ? error : 2;
+}
+
+int64_t afsd_fill_local(struct afsd_local_blob *blob, uint64_t offset, uint64_t end) {
+    if (blob->chunk_size == 0 || offset % blob->chunk_size || offset > end || end > blob->size
+        || (end % blob->chunk_size && end != blob->size))
+        return -EINVAL;
+    return fill_chunks(blob, offset, end);
+}
