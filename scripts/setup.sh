@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  python3 python3-venv python3-dev gcc libffi-dev   # venv + building the cffi shim
+  python3 python3-venv python3-dev gcc libffi-dev   # venv + building the cffi shims
+  libssl-dev                                        # the fanotify shim's SHA-256 (libcrypto)
   erofs-utils                                       # mkfs.erofs / fsck.erofs / dump.erofs
   docker-registry skopeo umoci                      # a real registry, an independent client and unpacker
   runc debootstrap busybox-static                   # containers and realistic test images
