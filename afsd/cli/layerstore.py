@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,8 +191,15 @@ def _start_byte_streams(args: argparse.Namespace, store: BlobStore, loop: asynci
         layer = store.get(digest)
         return (str(layer.path), layer.blob.size) if layer is not None else None
 
+    touched: dict[str, float] = {}
+
     def served(digest: str, count: int) -> None:
-        loop.call_soon_threadsafe(store.touch, digest)   # LRU: the store lives on the event loop
+        # LRU: the store lives on the event loop, and touches a layer once a second at most; waking the loop
+        # for every range served cost the data listener's threads a GIL hand-off each.
+        now = time.monotonic()
+        if now - touched.get(digest, -2.0) >= 1.0:
+            touched[digest] = now
+            loop.call_soon_threadsafe(store.touch, digest)
 
     data_tls = tls.ssl_server_context() if tls is not None and not args.data_plaintext else None
     server = ByteStreamServer(*address, lookup, on_served=served, tls=data_tls)

@@ -23,6 +23,7 @@ import os
 import secrets
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ SMALL_BATCH_BYTES = 4 << 20
 REQUESTS_PER_BATCH = 1024
 # (path, size) of a cached layer's blob, or None when the layerstore does not hold it.
 BlobLookup = Callable[[str], "tuple[str, int] | None"]
+_TIMEVAL = struct.Struct("@ll")   # struct timeval, as SO_SNDTIMEO takes it
 
 
 @dataclass
@@ -331,7 +333,7 @@ class ByteStreamServer:
         self._still_held(digest, blob.fileno())
         stream.sendall(REPLY.pack(Status.OK, length))
         if self.tls is None:
-            sent = stream.sendfile(blob, offset, length)
+            sent = _sendfile(stream, blob.fileno(), offset, length, self.send_timeout)
         else:
             sent = 0
             while sent < length:
@@ -374,6 +376,30 @@ class _RequestReader:
         batch = [REQUEST.unpack_from(self.pending, at) for at in range(0, whole, REQUEST.size)]
         del self.pending[:whole]
         return batch
+
+
+def _sendfile(stream: socket.socket, fd: int, offset: int, length: int, timeout: float) -> int:
+    """Bytes [offset, offset + length) of the file `fd` to the plain socket `stream`: in blocking mode, with
+    SO_SNDTIMEO bounding each wait for the reader to take bytes, so a range is one sendfile call (socket.sendfile
+    sets up a selector and polls before each call of a socket buffer's worth). Returns the bytes sent (fewer
+    only if the file ended); TimeoutError when the reader took nothing for `timeout` seconds. The socket is
+    left with `timeout` as its timeout again."""
+    stream.settimeout(None)
+    whole = int(timeout)
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(whole, int((timeout - whole) * 1e6)))
+    sent = 0
+    try:
+        while sent < length:
+            try:
+                count = os.sendfile(stream.fileno(), fd, offset + sent, length - sent)
+            except BlockingIOError:
+                raise TimeoutError(f"the reader took no bytes for {timeout:g} s") from None
+            if not count:
+                break
+            sent += count
+    finally:
+        stream.settimeout(timeout)
+    return sent
 
 
 def _receive_exactly(stream: socket.socket, count: int) -> bytes:
