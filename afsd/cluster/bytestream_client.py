@@ -31,7 +31,6 @@ import logging
 import os
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +43,7 @@ from afsd import phases
 from afsd.api import layerstore_pb2 as pb
 from afsd.api import layerstore_pb2_grpc as pb_grpc
 from afsd.cluster.bytestream_wire import (HELLO, MAGIC, MAX_ERROR_BYTES, REPLY, REQUEST, TICKET_BYTES, VERSION, Status,
-                                          digest_bytes)
+                                          digest_bytes, set_socket_timeout)
 from afsd.cluster.discovery_client import join_host_port, split_host_port
 from afsd.ondemand.chunks import ChunkTable
 
@@ -65,7 +64,6 @@ RECEIVE_UNIT = 1 << 20
 # Requests of a span read sent at once (16 bytes each): well within what the socket buffers hold, so the
 # peer never waits for this side to read while this side still sends.
 SPANS_PER_BATCH = 1024
-_TIMEVAL = struct.Struct("@ll")   # struct timeval, as SO_RCVTIMEO / SO_SNDTIMEO take it
 
 # Range reads block in recv_into and sha256: threads, shared by every blob of the process.
 _THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="bytestream")
@@ -329,9 +327,7 @@ def _check_and_deliver(table: ChunkTable, offset: int, view: memoryview, source:
 
 def _set_timeout(sock: socket.socket, option: int, deadline: float) -> None:
     """SO_RCVTIMEO / SO_SNDTIMEO of a blocking socket := the time left until `deadline` (TimeoutError if none)."""
-    left = _remaining(deadline)
-    seconds = int(left)
-    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(seconds, max(1, int((left - seconds) * 1e6))))
+    set_socket_timeout(sock, option, _remaining(deadline))
 
 
 def _close_opened(opening: concurrent.futures.Future[_Connection]) -> None:

@@ -23,7 +23,6 @@ import os
 import secrets
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge
 
 from afsd.cluster.bytestream_wire import (HELLO, MAGIC, REPLY, REQUEST, TICKET_BYTES, VERSION, Status, digest_bytes,
-                                          error_reply)
+                                          error_reply, set_socket_timeout)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +45,8 @@ STREAM_REFUSED = Counter("afsd_layerstore_stream_refused_total",
                          "Byte-stream connections refused, by reason", ["reason"])
 
 TLS_SEND_UNIT = 1 << 20
-# A range this small (a span of metadata, say) is read and sent with its reply header in one send: socket.sendfile
-# sets up a selector per call, and a separate header is a packet of its own; both cost more than the copy.
+# A range this small (a span of metadata, say) is read and sent with its reply header in one send: a sendfile call
+# and a separate header (a packet of its own) cost more than the copy.
 SMALL_RANGE = 64 << 10
 # Small ranges answered with one send hold at most this many bytes (the replies of a metadata read, ~1 MiB,
 # go in one or two sends).
@@ -56,7 +55,6 @@ SMALL_BATCH_BYTES = 4 << 20
 REQUESTS_PER_BATCH = 1024
 # (path, size) of a cached layer's blob, or None when the layerstore does not hold it.
 BlobLookup = Callable[[str], "tuple[str, int] | None"]
-_TIMEVAL = struct.Struct("@ll")   # struct timeval, as SO_SNDTIMEO takes it
 
 
 @dataclass
@@ -385,8 +383,7 @@ def _sendfile(stream: socket.socket, fd: int, offset: int, length: int, timeout:
     only if the file ended); TimeoutError when the reader took nothing for `timeout` seconds. The socket is
     left with `timeout` as its timeout again."""
     stream.settimeout(None)
-    whole = int(timeout)
-    stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(whole, int((timeout - whole) * 1e6)))
+    set_socket_timeout(stream, socket.SO_SNDTIMEO, timeout)
     sent = 0
     try:
         while sent < length:

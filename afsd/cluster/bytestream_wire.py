@@ -13,6 +13,7 @@ An error REPLY carries the length of a UTF-8 message (at most MAX_ERROR_BYTES) t
 from __future__ import annotations
 
 import enum
+import socket
 import struct
 
 MAGIC = b"AFBS"
@@ -23,6 +24,7 @@ HELLO = struct.Struct(">4sB32s32s")     # magic, version, ticket, layer digest (
 REQUEST = struct.Struct(">QQ")          # offset, length
 REPLY = struct.Struct(">BQ")            # status, length of what follows
 MAX_ERROR_BYTES = 1024
+_TIMEVAL = struct.Struct("@ll")         # struct timeval, as SO_RCVTIMEO / SO_SNDTIMEO take it (native order)
 
 
 class Status(enum.IntEnum):
@@ -46,3 +48,10 @@ def digest_bytes(digest: str) -> bytes:
 def error_reply(status: Status, message: str) -> bytes:
     text = message.encode()[:MAX_ERROR_BYTES]
     return REPLY.pack(status, len(text)) + text
+
+
+def set_socket_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """SO_RCVTIMEO or SO_SNDTIMEO (`option`) of a blocking socket := `seconds` (at least a microsecond: zero
+    would mean no limit at all)."""
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, max(1, int((seconds - whole) * 1e6))))
