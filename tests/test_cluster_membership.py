@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import grpc
 import httpx
@@ -157,3 +158,49 @@ async def test_a_layerstore_heartbeats_at_once_after_a_new_layer_and_after_an_ev
     waited = await cluster.wait_until(lambda: _lacks(cluster.nodes_for_layer(discovery, layer.digest), "node0"), 10,
                                       "discovery to drop the evicted layer")
     print(f"evicted layer dropped after {waited:.2f} s")
+
+
+async def test_a_layerstore_stopped_gracefully_is_no_longer_named_by_any_replica(cluster: LocalCluster) -> None:
+    """SIGTERM: before it exits, the layerstore tells every replica it holds nothing, so right after its
+    exit no answer names it, long before its heartbeat (TTL 120 s) would expire."""
+    replicas = await cluster.start_discovery(2, ttl=120)
+    leaving, staying = await cluster.start_layerstores(2, heartbeat_period=60)
+    await cluster.wait_registered(2)
+    image = await cluster.push("leave", small_image("leave", 1 << 20))
+    response = await cluster.pull(leaving, image)
+    await cluster.pull(staying, image)
+    digests = [layer.digest for layer in response.layers]
+    for replica in replicas:
+        for digest in digests:
+            await cluster.wait_until(lambda r=replica, d=digest: _both(cluster.nodes_for_layer(r, d)), 10,
+                                     f"{replica.name} to list both nodes for {digest}")
+        await cluster.wait_until(lambda r=replica: _both(cluster.nodes_for_image(r, response.image_key)), 10,
+                                 f"{replica.name} to list both nodes for the image")
+
+    assert await asyncio.to_thread(leaving.stop) == 0
+    for replica in replicas:
+        for digest in digests:
+            assert await cluster.nodes_for_layer(replica, digest) == {"node1"}, replica.name
+            pulling = await cluster.discovery(replica).FindProvider(
+                dpb.FindProviderRequest(layer_digest=digest, include_pulling=True))
+            assert {s.node_id for s in pulling.services} == {"node1"}
+        assert await cluster.nodes_for_image(replica, response.image_key) == {"node1"}
+    assert "told 2 discovery replica(s) that we leave" in leaving.log()
+
+
+async def test_a_layerstore_stops_promptly_when_discovery_does_not_answer(cluster: LocalCluster) -> None:
+    """A stopped (SIGSTOP) discovery accepts connections and never answers: the last heartbeat gives up
+    after its short deadline, and SIGTERM still ends the layerstore cleanly, well before SIGKILL."""
+    (discovery,) = await cluster.start_discovery(1)
+    (node,) = await cluster.start_layerstores(1)
+    await cluster.wait_registered(1)
+    discovery.signal(signal.SIGSTOP)
+    try:
+        assert await asyncio.to_thread(node.stop) == 0   # Daemon.stop SIGKILLs after deadlines.DAEMON_STOP
+    finally:
+        discovery.signal(signal.SIGCONT)
+    assert "did not hear within" in node.log()
+
+
+async def _both(nodes) -> bool:
+    return {"node0", "node1"} <= await nodes

@@ -114,7 +114,7 @@ async def run(args: argparse.Namespace) -> int:
     from afsd.api import layerstore_pb2_grpc
     from afsd.cluster.blobstore import BlobStore
     from afsd.cluster.discovery_client import DiscoveryClient, split_host_port
-    from afsd.cluster.heartbeat import heartbeat_forever
+    from afsd.cluster.heartbeat import heartbeat_forever, leave
     from afsd.cluster.configs import ClusterConfigSource
     from afsd.cluster.layerstore import LayerStoreNode, config_holders
     from afsd.cluster.layerstore_service import LayerStoreService, LocalLayerStoreService
@@ -167,7 +167,9 @@ async def run(args: argparse.Namespace) -> int:
             await announce_ready(args.ready_file, listen=listening, advertised=endpoint, metrics=metrics,
                                  admin_socket=str(args.admin_socket),
                                  data=f"{byte_streams.host}:{byte_streams.port}" if byte_streams else None)
-            await run_until_signalled(server, on_stop=[lambda: admin.stop(1)], started=True)
+            # On SIGTERM/SIGINT, first tell discovery we hold nothing, so no new reader picks us.
+            leaving = [lambda: leave(node, discovery, beats)] if beats else []
+            await run_until_signalled(server, on_stop=[*leaving, lambda: admin.stop(1)], started=True)
         finally:
             if beats:
                 beats.cancel()
