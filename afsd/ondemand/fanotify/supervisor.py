@@ -191,18 +191,19 @@ class Supervisor:
         size = blob.spec.size
         start = min(raw.offset if raw.offset is not None else 0, size)
         end = size if raw.count is None else min(size, start + raw.count)
-        self._note_read(blob, start, end, received)
         if blob.fill_fd is not None and self._served_here(raw.fd, st, blob, start, end, received):
             return
         gaps = [] if blob.complete or blob.fill_fd is None else holes(blob.fill_fd, start, end)
-        if not gaps:
-            self.counters["events_allowed_present"] += 1
+        if not gaps:   # (a learned start raises hundreds of these: the reader goes on first, bookkeeping after)
             _sys.respond(self.group_fd, raw.fd, True)
             self.journal.clear(raw.fd)   # (_served_here may have journaled it)
             os.close(raw.fd)
+            self.counters["events_allowed_present"] += 1
             self.latency.observe("present", time.monotonic() - received)
+            self._note_read(blob, start, end, received)
             self._read_ahead(blob, start, end, missed=False)
             return
+        self._note_read(blob, start, end, received)
         self.journal.record(raw.fd, st.st_dev, st.st_ino, start, end - start)
         event = PendingEvent(fd=raw.fd, blob=blob, start=start, end=end, received=received,
                              deadline=received + self.settings.fetch_deadline, owned=True)
@@ -214,7 +215,8 @@ class Supervisor:
     def _served_here(self, fd: int, st: os.stat_result, blob: Blob, start: int, end: int, received: float) -> bool:
         """Answer an event of a blob with a copy on this machine in one C call (inline.py: the range checked,
         filled from the copy if it has holes, checked again, allowed), journaled before and cleared after; only
-        while no fill task is at work in the blob and none failed lately. False: the event is the planner's."""
+        while no fill task is at work in the blob and none failed lately. False: the event (not noted yet) is the
+        planner's."""
         local = self.inline.local(blob)
         if local is None or blob.inflight or blob.failures.remembers_any(received):
             return False
@@ -228,6 +230,7 @@ class Supervisor:
         os.sched_yield()   # a reader woken onto this CPU goes first; the bookkeeping below can wait for it
         self.journal.clear(fd)
         os.close(fd)
+        self._note_read(blob, start, end, received)
         now = time.monotonic()
         filled = served.outcome == FILLED
         if filled:
