@@ -70,32 +70,43 @@ static int write_all(int fd, const uint8_t *data, size_t count, uint64_t offset)
     return 0;
 }
 
+/* The first hole of [start, end) in fd, `end` if none, or -errno. */
+static int64_t first_hole(int fd, uint64_t start, uint64_t end) {
+    if (start >= end)
+        return (int64_t)end;
+    off_t hole = lseek(fd, (off_t)start, SEEK_HOLE);
+    if (hole < 0)
+        return errno == ENXIO ? (int64_t)start : -errno;
+    return (uint64_t)hole < end ? (int64_t)hole : (int64_t)end;
+}
+
+/* The end of the hole at `hole` (where data starts again), capped at `end`, or -errno. */
+static int64_t hole_end(int fd, uint64_t hole, uint64_t end) {
+    off_t data_at = lseek(fd, (off_t)hole, SEEK_DATA);
+    if (data_at < 0)
+        return errno == ENXIO ? (int64_t)end : -errno;
+    return (uint64_t)data_at < end ? (int64_t)data_at : (int64_t)end;
+}
+
 /* pwrite the parts of [start, end) that are holes in `fd`; `data` holds the bytes of [start, end).
  * Returns the bytes written or -errno (as afsd.ondemand.sparse.write_holes). */
 static int64_t write_holes(int fd, const uint8_t *data, uint64_t start, uint64_t end) {
     int64_t written = 0;
     uint64_t position = start;
     while (position < end) {
-        off_t hole = lseek(fd, (off_t)position, SEEK_HOLE);
-        if (hole < 0) {
-            if (errno != ENXIO)
-                return -errno;
-            hole = (off_t)position;     /* at or past the end of the file: nothing there is data */
-        }
-        if ((uint64_t)hole >= end)
+        int64_t hole = first_hole(fd, position, end);
+        if (hole < 0)
+            return hole;
+        if ((uint64_t)hole == end)
             break;
-        off_t data_at = lseek(fd, hole, SEEK_DATA);
-        if (data_at < 0) {
-            if (errno != ENXIO)
-                return -errno;
-            data_at = (off_t)end;       /* no data after the hole */
-        }
-        uint64_t stop = (uint64_t)data_at < end ? (uint64_t)data_at : end;
-        int error = write_all(fd, data + ((uint64_t)hole - start), stop - (uint64_t)hole, (uint64_t)hole);
+        int64_t stop = hole_end(fd, (uint64_t)hole, end);
+        if (stop < 0)
+            return stop;
+        int error = write_all(fd, data + ((uint64_t)hole - start), (uint64_t)stop - (uint64_t)hole, (uint64_t)hole);
         if (error)
             return error;
-        written += (int64_t)(stop - (uint64_t)hole);
-        position = stop;
+        written += stop - hole;
+        position = (uint64_t)stop;
     }
     return written;
 }
@@ -127,24 +138,6 @@ static int64_t fill_chunks(const struct afsd_local_blob *blob, uint64_t offset, 
         written += put;
     }
     return written;
-}
-
-/* The first hole of [start, end) in fd, `end` if none, or -errno. */
-static int64_t first_hole(int fd, uint64_t start, uint64_t end) {
-    if (start >= end)
-        return (int64_t)end;
-    off_t hole = lseek(fd, (off_t)start, SEEK_HOLE);
-    if (hole < 0)
-        return errno == ENXIO ? (int64_t)start : -errno;
-    return (uint64_t)hole < end ? (int64_t)hole : (int64_t)end;
-}
-
-/* The end of the hole at `hole` (where data starts again), capped at `end`, or -errno. */
-static int64_t hole_end(int fd, uint64_t hole, uint64_t end) {
-    off_t data_at = lseek(fd, (off_t)hole, SEEK_DATA);
-    if (data_at < 0)
-        return errno == ENXIO ? (int64_t)end : -errno;
-    return (uint64_t)data_at < end ? (int64_t)data_at : (int64_t)end;
 }
 
 static int answer_allow(int group_fd, int event_fd) {
