@@ -228,10 +228,7 @@ class _Connection:
         saying `where` if the peer closed the stream, TimeoutError once `deadline` has passed."""
         while True:
             try:
-                if self.plain:
-                    _set_timeout(self.sock, socket.SO_RCVTIMEO, deadline)
-                else:
-                    self.sock.settimeout(_remaining(deadline))
+                self._bound(socket.SO_RCVTIMEO, deadline)
                 count = self.sock.recv_into(view)
             except BlockingIOError:   # SO_RCVTIMEO ran out with nothing received
                 _remaining(deadline)
@@ -265,11 +262,10 @@ class _Connection:
         received = 0
         while received < len(view):
             try:
+                self._bound(socket.SO_RCVTIMEO, deadline)
                 if self.plain:
-                    _set_timeout(self.sock, socket.SO_RCVTIMEO, deadline)
                     count = self.sock.recv_into(view[received:], 0, socket.MSG_WAITALL)
                 else:
-                    self.sock.settimeout(_remaining(deadline))
                     count = self.sock.recv_into(view[received:])
             except BlockingIOError:   # SO_RCVTIMEO ran out with nothing received
                 _remaining(deadline)
@@ -280,14 +276,19 @@ class _Connection:
         return received
 
     def _send(self, data: bytes, deadline: float) -> None:
-        if self.plain:
-            _set_timeout(self.sock, socket.SO_SNDTIMEO, deadline)
-        else:
-            self.sock.settimeout(_remaining(deadline))
+        self._bound(socket.SO_SNDTIMEO, deadline)
         try:
             self.sock.sendall(data)
         except BlockingIOError:
             raise TimeoutError("the peer did not take a request within the read's deadline") from None
+
+    def _bound(self, option: int, deadline: float) -> None:
+        """Bound the next call on the socket by the time left until `deadline` (TimeoutError if none): a plain
+        socket is blocking, with SO_RCVTIMEO or SO_SNDTIMEO (`option`) set; a TLS socket gets a timeout."""
+        if self.plain:
+            set_socket_timeout(self.sock, option, _remaining(deadline))
+        else:
+            self.sock.settimeout(_remaining(deadline))
 
     def _reply(self, deadline: float) -> tuple[int, int]:
         header = bytearray(REPLY.size)
@@ -323,11 +324,6 @@ class _Connection:
 def _check_and_deliver(table: ChunkTable, offset: int, view: memoryview, source: str, deliver: Deliver) -> None:
     table.check(offset, view, source=source)
     deliver(offset, view)
-
-
-def _set_timeout(sock: socket.socket, option: int, deadline: float) -> None:
-    """SO_RCVTIMEO / SO_SNDTIMEO of a blocking socket := the time left until `deadline` (TimeoutError if none)."""
-    set_socket_timeout(sock, option, _remaining(deadline))
 
 
 def _close_opened(opening: concurrent.futures.Future[_Connection]) -> None:
