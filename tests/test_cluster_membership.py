@@ -161,8 +161,9 @@ async def test_a_layerstore_heartbeats_at_once_after_a_new_layer_and_after_an_ev
 
 
 async def test_a_layerstore_stopped_gracefully_is_no_longer_named_by_any_replica(cluster: LocalCluster) -> None:
-    """SIGTERM: before it exits, the layerstore tells every replica it holds nothing, so right after its
-    exit no answer names it, long before its heartbeat (TTL 120 s) would expire."""
+    """SIGTERM: before it exits, the layerstore tells every replica it leaves, so right after its exit no
+    answer names it — not even the "every node" list a node picks a puller from — long before its heartbeat
+    (TTL 120 s) would expire."""
     replicas = await cluster.start_discovery(2, ttl=120)
     leaving, staying = await cluster.start_layerstores(2, heartbeat_period=60)
     await cluster.wait_registered(2)
@@ -185,6 +186,8 @@ async def test_a_layerstore_stopped_gracefully_is_no_longer_named_by_any_replica
                 dpb.FindProviderRequest(layer_digest=digest, include_pulling=True))
             assert {s.node_id for s in pulling.services} == {"node1"}
         assert await cluster.nodes_for_image(replica, response.image_key) == {"node1"}
+        everyone = await cluster.discovery(replica).FindProvider(dpb.FindProviderRequest(view=dpb.SERVICE_VIEW_ENDPOINTS))
+        assert {s.node_id for s in everyone.services} == {"node1"}, replica.name
     assert "told 2 discovery replica(s) that we leave" in leaving.log()
 
 

@@ -76,6 +76,15 @@ def test_the_table_answers_from_its_indexes_and_forgets_what_a_heartbeat_dropped
     assert [n.node_id for n in table.holding_layer("sha256:0")] == ["n3"]
 
 
+def test_a_node_that_leaves_is_forgotten_at_once_and_its_endpoint_is_free() -> None:
+    table = NodeTable(ttl=600)
+    table.update(record(1))
+    assert table.remove("n1") is not None and table.remove("n1") is None
+    assert table.live() == [] and table.holding_layer("sha256:1") == [] and table.owner_of("10.0.0.1:1") is None
+    table.update(NodeRecord("n1-restarted", "10.0.0.1:1", table.now(), 0))
+    assert table.owner_of("10.0.0.1:1") == "n1-restarted"
+
+
 @pytest.fixture
 async def busy_discovery(tmp_path: Path):
     daemon = discovery_daemon(tmp_path, "discovery", ttl=600, metrics=False)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x66sd/api/discovery.proto\x12\x0c\x64iscovery.v1\"B\n\tLayerStat\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x10\n\x08\x61\x66s_size\x18\x02 \x01(\x03\x12\x13\n\x0b\x62lob_digest\x18\x03 \x01(\t\"Z\n\nImageLayer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompressed_size\x18\x03 \x01(\x03\x12\x0f\n\x07\x64iff_id\x18\x04 \x01(\t\"\xf1\x01\n\x0fServiceInstance\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x16\n\x0elast_seen_unix\x18\x03 \x01(\x03\x12\x15\n\rlayer_digests\x18\x04 \x03(\t\x12\x15\n\rcached_images\x18\x05 \x03(\t\x12,\n\x0blayer_stats\x18\x06 \x03(\x0b\x32\x17.discovery.v1.LayerStat\x12\x17\n\x0f\x63\x61\x63he_max_bytes\x18\x07 \x01(\x03\x12\x16\n\x0epulling_images\x18\x08 \x03(\t\x12\x16\n\x0epulling_layers\x18\t \x03(\t\"\xda\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x15\n\rlayer_digests\x18\x03 \x03(\t\x12\x15\n\rcached_images\x18\x04 \x03(\t\x12,\n\x0blayer_stats\x18\x05 \x03(\x0b\x32\x17.discovery.v1.LayerStat\x12\x17\n\x0f\x63\x61\x63he_max_bytes\x18\x06 \x01(\x03\x12\x16\n\x0epulling_images\x18\x07 \x03(\t\x12\x16\n\x0epulling_layers\x18\x08 \x03(\t\"/\n\x11HeartbeatResponse\x12\x1a\n\x12\x65xpires_in_seconds\x18\x01 \x01(\x03\"e\n\x12ImageRuntimeConfig\x12\x12\n\nentrypoint\x18\x01 \x03(\t\x12\x0b\n\x03\x63md\x18\x02 \x03(\t\x12\x0b\n\x03\x65nv\x18\x03 \x03(\t\x12\x13\n\x0bworking_dir\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\"\x8e\x01\n\x13ResolveImageRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0bplatform_os\x18\x03 \x01(\t\x12\x15\n\rplatform_arch\x18\x04 \x01(\t\x12\x18\n\x10platform_variant\x18\x05 \x01(\t\x12\x15\n\rforce_refresh\x18\x06 \x01(\x08\"\xa1\x02\n\x14ResolveImageResponse\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\x19\n\x11resolved_registry\x18\x02 \x01(\t\x12\x1b\n\x13resolved_repository\x18\x03 \x01(\t\x12\x1a\n\x12resolved_reference\x18\x04 \x01(\t\x12(\n\x06layers\x18\x05 \x03(\x0b\x32\x18.discovery.v1.ImageLayer\x12\x38\n\x0eruntime_config\x18\x06 \x01(\x0b\x32 .discovery.v1.ImageRuntimeConfig\x12\x17\n\x0fmanifest_digest\x18\x07 \x01(\t\x12\x15\n\rconfig_digest\x18\x08 \x01(\t\x12\x0e\n\x06\x63onfig\x18\t \x01(\x0c\"\xb3\x01\n\x13\x46indProviderRequest\x12\x14\n\x0clayer_digest\x18\x01 \x01(\t\x12\x17\n\x0finclude_pulling\x18\x02 \x01(\x08\x12\x14\n\x0cmax_services\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\'\n\x04view\x18\x05 \x01(\x0e\x32\x19.discovery.v1.ServiceView\x12\x1a\n\x12requester_endpoint\x18\x06 \x01(\t\"\x8e\x01\n\x14\x46indProviderResponse\x12\x14\n\x0clayer_digest\x18\x01 \x01(\t\x12/\n\x08services\x18\x02 \x03(\x0b\x32\x1d.discovery.v1.ServiceInstance\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\x16\n\x0etotal_services\x18\x04 \x01(\x05\"\xb5\x01\n\x18\x46indImageProviderRequest\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\x17\n\x0finclude_pulling\x18\x02 \x01(\x08\x12\x14\n\x0cmax_services\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\'\n\x04view\x18\x05 \x01(\x0e\x32\x19.discovery.v1.ServiceView\x12\x1a\n\x12requester_endpoint\x18\x06 \x01(\t\"\x90\x01\n\x19\x46indImageProviderResponse\x12\x11\n\timage_key\x18\x01 \x01(\t\x12/\n\x08services\x18\x02 \x03(\x0b\x32\x1d.discovery.v1.ServiceInstance\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\x16\n\x0etotal_services\x18\x04 \x01(\x05\"\xaa\x01\n\x10\x46indImageRequest\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\x14\n\x0clayer_digest\x18\x02 \x01(\t\x12\x14\n\x0cmax_services\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\'\n\x04view\x18\x05 \x01(\x0e\x32\x19.discovery.v1.ServiceView\x12\x1a\n\x12requester_endpoint\x18\x06 \x01(\t\"\x88\x01\n\x11\x46indImageResponse\x12\x11\n\timage_key\x18\x01 \x01(\t\x12/\n\x08services\x18\x02 \x03(\x0b\x32\x1d.discovery.v1.ServiceInstance\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\x16\n\x0etotal_services\x18\x04 \x01(\x05\"C\n\nTraceRange\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\x15\n\rfirst_read_ms\x18\x03 \x01(\x03\"\xc4\x01\n\x18ReportAccessTraceRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0clayer_digest\x18\x02 \x01(\t\x12\x13\n\x0b\x62lob_digest\x18\x03 \x01(\t\x12\x11\n\tblob_size\x18\x04 \x01(\x03\x12\x17\n\x0fmanifest_digest\x18\x05 \x01(\t\x12(\n\x06ranges\x18\x06 \x03(\x0b\x32\x18.discovery.v1.TraceRange\x12\x16\n\x0ewindow_seconds\x18\x07 \x01(\x01\")\n\x19ReportAccessTraceResponse\x12\x0c\n\x04runs\x18\x01 \x01(\x05\"G\n\x16GetAccessTracesRequest\x12\x14\n\x0c\x62lob_digests\x18\x01 \x03(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\"\xa7\x01\n\x0b\x41\x63\x63\x65ssTrace\x12\x13\n\x0b\x62lob_digest\x18\x01 \x01(\t\x12\x11\n\tblob_size\x18\x02 \x01(\x03\x12(\n\x06ranges\x18\x03 \x03(\x0b\x32\x18.discovery.v1.TraceRange\x12\x0c\n\x04runs\x18\x04 \x01(\x05\x12\x0e\n\x06images\x18\x05 \x01(\x05\x12\x12\n\nsame_image\x18\x06 \x01(\x08\x12\x14\n\x0cupdated_unix\x18\x07 \x01(\x03\"D\n\x17GetAccessTracesResponse\x12)\n\x06traces\x18\x01 \x03(\x0b\x32\x19.discovery.v1.AccessTrace*X\n\x0bServiceView\x12\x16\n\x12SERVICE_VIEW_ASKED\x10\x00\x12\x1a\n\x16SERVICE_VIEW_ENDPOINTS\x10\x01\x12\x15\n\x11SERVICE_VIEW_FULL\x10\x02\x32\x88\x05\n\x10ServiceDiscovery\x12L\n\tHeartbeat\x12\x1e.discovery.v1.HeartbeatRequest\x1a\x1f.discovery.v1.HeartbeatResponse\x12L\n\tFindImage\x12\x1e.discovery.v1.FindImageRequest\x1a\x1f.discovery.v1.FindImageResponse\x12\x64\n\x11\x46indImageProvider\x12&.discovery.v1.FindImageProviderRequest\x1a\'.discovery.v1.FindImageProviderResponse\x12U\n\x0c\x46indProvider\x12!.discovery.v1.FindProviderRequest\x1a\".discovery.v1.FindProviderResponse\x12U\n\x0cResolveImage\x12!.discovery.v1.ResolveImageRequest\x1a\".discovery.v1.ResolveImageResponse\x12\x64\n\x11ReportAccessTrace\x12&.discovery.v1.ReportAccessTraceRequest\x1a\'.discovery.v1.ReportAccessTraceResponse\x12^\n\x0fGetAccessTraces\x12$.discovery.v1.GetAccessTracesRequest\x1a%.discovery.v1.GetAccessTracesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x66sd/api/discovery.proto\x12\x0c\x64iscovery.v1\"B\n\tLayerStat\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x10\n\x08\x61\x66s_size\x18\x02 \x01(\x03\x12\x13\n\x0b\x62lob_digest\x18\x03 \x01(\t\"Z\n\nImageLayer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompressed_size\x18\x03 \x01(\x03\x12\x0f\n\x07\x64iff_id\x18\x04 \x01(\t\"\xf1\x01\n\x0fServiceInstance\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x16\n\x0elast_seen_unix\x18\x03 \x01(\x03\x12\x15\n\rlayer_digests\x18\x04 \x03(\t\x12\x15\n\rcached_images\x18\x05 \x03(\t\x12,\n\x0blayer_stats\x18\x06 \x03(\x0b\x32\x17.discovery.v1.LayerStat\x12\x17\n\x0f\x63\x61\x63he_max_bytes\x18\x07 \x01(\x03\x12\x16\n\x0epulling_images\x18\x08 \x03(\t\x12\x16\n\x0epulling_layers\x18\t \x03(\t\"\xeb\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x15\n\rlayer_digests\x18\x03 \x03(\t\x12\x15\n\rcached_images\x18\x04 \x03(\t\x12,\n\x0blayer_stats\x18\x05 \x03(\x0b\x32\x17.discovery.v1.LayerStat\x12\x17\n\x0f\x63\x61\x63he_max_bytes\x18\x06 \x01(\x03\x12\x16\n\x0epulling_images\x18\x07 \x03(\t\x12\x16\n\x0epulling_layers\x18\x08 \x03(\t\x12\x0f\n\x07leaving\x18\t \x01(\x08\"/\n\x11HeartbeatResponse\x12\x1a\n\x12\x65xpires_in_seconds\x18\x01 \x01(\x03\"e\n\x12ImageRuntimeConfig\x12\x12\n\nentrypoint\x18\x01 \x03(\t\x12\x0b\n\x03\x63md\x18\x02 \x03(\t\x12\x0b\n\x03\x65nv\x18\x03 \x03(\t\x12\x13\n\x0bworking_dir\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\"\x8e\x01\n\x13ResolveImageRequest\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0bplatform_os\x18\x03 \x01(\t\x12\x15\n\rplatform_arch\x18\x04 \x01(\t\x12\x18\n\x10platform_variant\x18\x05 \x01(\t\x12\x15\n\rforce_refresh\x18\x06 \x01(\x08\"\xa1\x02\n\x14ResolveImageResponse\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\x19\n\x11resolved_registry\x18\x02 \x01(\t\x12\x1b\n\x13resolved_repository\x18\x03 \x01(\t\x12\x1a\n\x12resolved_reference\x18\x04 \x01(\t\x12(\n\x06layers\x18\x05 \x03(\x0b\x32\x18.discovery.v1.ImageLayer\x12\x38\n\x0eruntime_config\x18\x06 \x01(\x0b\x32 .discovery.v1.ImageRuntimeConfig\x12\x17\n\x0fmanifest_digest\x18\x07 \x01(\t\x12\x15\n\rconfig_digest\x18\x08 \x01(\t\x12\x0e\n\x06\x63onfig\x18\t \x01(\x0c\"\xb3\x01\n\x13\x46indProviderRequest\x12\x14\n\x0clayer_digest\x18\x01 \x01(\t\x12\x17\n\x0finclude_pulling\x18\x02 \x01(\x08\x12\x14\n\x0cmax_services\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\'\n\x04view\x18\x05 \x01(\x0e\x32\x19.discovery.v1.ServiceView\x12\x1a\n\x12requester_endpoint\x18\x06 \x01(\t\"\x8e\x01\n\x14\x46indProviderResponse\x12\x14\n\x0clayer_digest\x18\x01 \x01(\t\x12/\n\x08services\x18\x02 \x03(\x0b\x32\x1d.discovery.v1.ServiceInstance\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\x16\n\x0etotal_services\x18\x04 \x01(\x05\"\xb5\x01\n\x18\x46indImageProviderRequest\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\x17\n\x0finclude_pulling\x18\x02 \x01(\x08\x12\x14\n\x0cmax_services\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\'\n\x04view\x18\x05 \x01(\x0e\x32\x19.discovery.v1.ServiceView\x12\x1a\n\x12requester_endpoint\x18\x06 \x01(\t\"\x90\x01\n\x19\x46indImageProviderResponse\x12\x11\n\timage_key\x18\x01 \x01(\t\x12/\n\x08services\x18\x02 \x03(\x0b\x32\x1d.discovery.v1.ServiceInstance\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\x16\n\x0etotal_services\x18\x04 \x01(\x05\"\xaa\x01\n\x10\x46indImageRequest\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\x14\n\x0clayer_digest\x18\x02 \x01(\t\x12\x14\n\x0cmax_services\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\'\n\x04view\x18\x05 \x01(\x0e\x32\x19.discovery.v1.ServiceView\x12\x1a\n\x12requester_endpoint\x18\x06 \x01(\t\"\x88\x01\n\x11\x46indImageResponse\x12\x11\n\timage_key\x18\x01 \x01(\t\x12/\n\x08services\x18\x02 \x03(\x0b\x32\x1d.discovery.v1.ServiceInstance\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\x16\n\x0etotal_services\x18\x04 \x01(\x05\"C\n\nTraceRange\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\x15\n\rfirst_read_ms\x18\x03 \x01(\x03\"\xc4\x01\n\x18ReportAccessTraceRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0clayer_digest\x18\x02 \x01(\t\x12\x13\n\x0b\x62lob_digest\x18\x03 \x01(\t\x12\x11\n\tblob_size\x18\x04 \x01(\x03\x12\x17\n\x0fmanifest_digest\x18\x05 \x01(\t\x12(\n\x06ranges\x18\x06 \x03(\x0b\x32\x18.discovery.v1.TraceRange\x12\x16\n\x0ewindow_seconds\x18\x07 \x01(\x01\")\n\x19ReportAccessTraceResponse\x12\x0c\n\x04runs\x18\x01 \x01(\x05\"G\n\x16GetAccessTracesRequest\x12\x14\n\x0c\x62lob_digests\x18\x01 \x03(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\"\xa7\x01\n\x0b\x41\x63\x63\x65ssTrace\x12\x13\n\x0b\x62lob_digest\x18\x01 \x01(\t\x12\x11\n\tblob_size\x18\x02 \x01(\x03\x12(\n\x06ranges\x18\x03 \x03(\x0b\x32\x18.discovery.v1.TraceRange\x12\x0c\n\x04runs\x18\x04 \x01(\x05\x12\x0e\n\x06images\x18\x05 \x01(\x05\x12\x12\n\nsame_image\x18\x06 \x01(\x08\x12\x14\n\x0cupdated_unix\x18\x07 \x01(\x03\"D\n\x17GetAccessTracesResponse\x12)\n\x06traces\x18\x01 \x03(\x0b\x32\x19.discovery.v1.AccessTrace*X\n\x0bServiceView\x12\x16\n\x12SERVICE_VIEW_ASKED\x10\x00\x12\x1a\n\x16SERVICE_VIEW_ENDPOINTS\x10\x01\x12\x15\n\x11SERVICE_VIEW_FULL\x10\x02\x32\x88\x05\n\x10ServiceDiscovery\x12L\n\tHeartbeat\x12\x1e.discovery.v1.HeartbeatRequest\x1a\x1f.discovery.v1.HeartbeatResponse\x12L\n\tFindImage\x12\x1e.discovery.v1.FindImageRequest\x1a\x1f.discovery.v1.FindImageResponse\x12\x64\n\x11\x46indImageProvider\x12&.discovery.v1.FindImageProviderRequest\x1a\'.discovery.v1.FindImageProviderResponse\x12U\n\x0c\x46indProvider\x12!.discovery.v1.FindProviderRequest\x1a\".discovery.v1.FindProviderResponse\x12U\n\x0cResolveImage\x12!.discovery.v1.ResolveImageRequest\x1a\".discovery.v1.ResolveImageResponse\x12\x64\n\x11ReportAccessTrace\x12&.discovery.v1.ReportAccessTraceRequest\x1a\'.discovery.v1.ReportAccessTraceResponse\x12^\n\x0fGetAccessTraces\x12$.discovery.v1.GetAccessTracesRequest\x1a%.discovery.v1.GetAccessTracesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'afsd.api.discovery_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERVICEVIEW']._serialized_start=2850
-  _globals['_SERVICEVIEW']._serialized_end=2938
+  _globals['_SERVICEVIEW']._serialized_start=2867
+  _globals['_SERVICEVIEW']._serialized_end=2955
   _globals['_LAYERSTAT']._serialized_start=42
   _globals['_LAYERSTAT']._serialized_end=108
   _globals['_IMAGELAYER']._serialized_start=110
@@ -40,39 +40,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVICEINSTANCE']._serialized_start=203
   _globals['_SERVICEINSTANCE']._serialized_end=444
   _globals['_HEARTBEATREQUEST']._serialized_start=447
-  _globals['_HEARTBEATREQUEST']._serialized_end=665
-  _globals['_HEARTBEATRESPONSE']._serialized_start=667
-  _globals['_HEARTBEATRESPONSE']._serialized_end=714
-  _globals['_IMAGERUNTIMECONFIG']._serialized_start=716
-  _globals['_IMAGERUNTIMECONFIG']._serialized_end=817
-  _globals['_RESOLVEIMAGEREQUEST']._serialized_start=820
-  _globals['_RESOLVEIMAGEREQUEST']._serialized_end=962
-  _globals['_RESOLVEIMAGERESPONSE']._serialized_start=965
-  _globals['_RESOLVEIMAGERESPONSE']._serialized_end=1254
-  _globals['_FINDPROVIDERREQUEST']._serialized_start=1257
-  _globals['_FINDPROVIDERREQUEST']._serialized_end=1436
-  _globals['_FINDPROVIDERRESPONSE']._serialized_start=1439
-  _globals['_FINDPROVIDERRESPONSE']._serialized_end=1581
-  _globals['_FINDIMAGEPROVIDERREQUEST']._serialized_start=1584
-  _globals['_FINDIMAGEPROVIDERREQUEST']._serialized_end=1765
-  _globals['_FINDIMAGEPROVIDERRESPONSE']._serialized_start=1768
-  _globals['_FINDIMAGEPROVIDERRESPONSE']._serialized_end=1912
-  _globals['_FINDIMAGEREQUEST']._serialized_start=1915
-  _globals['_FINDIMAGEREQUEST']._serialized_end=2085
-  _globals['_FINDIMAGERESPONSE']._serialized_start=2088
-  _globals['_FINDIMAGERESPONSE']._serialized_end=2224
-  _globals['_TRACERANGE']._serialized_start=2226
-  _globals['_TRACERANGE']._serialized_end=2293
-  _globals['_REPORTACCESSTRACEREQUEST']._serialized_start=2296
-  _globals['_REPORTACCESSTRACEREQUEST']._serialized_end=2492
-  _globals['_REPORTACCESSTRACERESPONSE']._serialized_start=2494
-  _globals['_REPORTACCESSTRACERESPONSE']._serialized_end=2535
-  _globals['_GETACCESSTRACESREQUEST']._serialized_start=2537
-  _globals['_GETACCESSTRACESREQUEST']._serialized_end=2608
-  _globals['_ACCESSTRACE']._serialized_start=2611
-  _globals['_ACCESSTRACE']._serialized_end=2778
-  _globals['_GETACCESSTRACESRESPONSE']._serialized_start=2780
-  _globals['_GETACCESSTRACESRESPONSE']._serialized_end=2848
-  _globals['_SERVICEDISCOVERY']._serialized_start=2941
-  _globals['_SERVICEDISCOVERY']._serialized_end=3589
+  _globals['_HEARTBEATREQUEST']._serialized_end=682
+  _globals['_HEARTBEATRESPONSE']._serialized_start=684
+  _globals['_HEARTBEATRESPONSE']._serialized_end=731
+  _globals['_IMAGERUNTIMECONFIG']._serialized_start=733
+  _globals['_IMAGERUNTIMECONFIG']._serialized_end=834
+  _globals['_RESOLVEIMAGEREQUEST']._serialized_start=837
+  _globals['_RESOLVEIMAGEREQUEST']._serialized_end=979
+  _globals['_RESOLVEIMAGERESPONSE']._serialized_start=982
+  _globals['_RESOLVEIMAGERESPONSE']._serialized_end=1271
+  _globals['_FINDPROVIDERREQUEST']._serialized_start=1274
+  _globals['_FINDPROVIDERREQUEST']._serialized_end=1453
+  _globals['_FINDPROVIDERRESPONSE']._serialized_start=1456
+  _globals['_FINDPROVIDERRESPONSE']._serialized_end=1598
+  _globals['_FINDIMAGEPROVIDERREQUEST']._serialized_start=1601
+  _globals['_FINDIMAGEPROVIDERREQUEST']._serialized_end=1782
+  _globals['_FINDIMAGEPROVIDERRESPONSE']._serialized_start=1785
+  _globals['_FINDIMAGEPROVIDERRESPONSE']._serialized_end=1929
+  _globals['_FINDIMAGEREQUEST']._serialized_start=1932
+  _globals['_FINDIMAGEREQUEST']._serialized_end=2102
+  _globals['_FINDIMAGERESPONSE']._serialized_start=2105
+  _globals['_FINDIMAGERESPONSE']._serialized_end=2241
+  _globals['_TRACERANGE']._serialized_start=2243
+  _globals['_TRACERANGE']._serialized_end=2310
+  _globals['_REPORTACCESSTRACEREQUEST']._serialized_start=2313
+  _globals['_REPORTACCESSTRACEREQUEST']._serialized_end=2509
+  _globals['_REPORTACCESSTRACERESPONSE']._serialized_start=2511
+  _globals['_REPORTACCESSTRACERESPONSE']._serialized_end=2552
+  _globals['_GETACCESSTRACESREQUEST']._serialized_start=2554
+  _globals['_GETACCESSTRACESREQUEST']._serialized_end=2625
+  _globals['_ACCESSTRACE']._serialized_start=2628
+  _globals['_ACCESSTRACE']._serialized_end=2795
+  _globals['_GETACCESSTRACESRESPONSE']._serialized_start=2797
+  _globals['_GETACCESSTRACESRESPONSE']._serialized_end=2865
+  _globals['_SERVICEDISCOVERY']._serialized_start=2958
+  _globals['_SERVICEDISCOVERY']._serialized_end=3606
 # @@protoc_insertion_point(module_scope)

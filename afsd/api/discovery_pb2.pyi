@@ -61,7 +61,7 @@ class ServiceInstance(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., last_seen_unix: _Optional[int] = ..., layer_digests: _Optional[_Iterable[str]] = ..., cached_images: _Optional[_Iterable[str]] = ..., layer_stats: _Optional[_Iterable[_Union[LayerStat, _Mapping]]] = ..., cache_max_bytes: _Optional[int] = ..., pulling_images: _Optional[_Iterable[str]] = ..., pulling_layers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "endpoint", "layer_digests", "cached_images", "layer_stats", "cache_max_bytes", "pulling_images", "pulling_layers")
+    __slots__ = ("node_id", "endpoint", "layer_digests", "cached_images", "layer_stats", "cache_max_bytes", "pulling_images", "pulling_layers", "leaving")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     LAYER_DIGESTS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class HeartbeatRequest(_message.Message):
     CACHE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     PULLING_IMAGES_FIELD_NUMBER: _ClassVar[int]
     PULLING_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     endpoint: str
     layer_digests: _containers.RepeatedScalarFieldContainer[str]
@@ -78,7 +79,8 @@ class HeartbeatRequest(_message.Message):
     cache_max_bytes: int
     pulling_images: _containers.RepeatedScalarFieldContainer[str]
     pulling_layers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., layer_digests: _Optional[_Iterable[str]] = ..., cached_images: _Optional[_Iterable[str]] = ..., layer_stats: _Optional[_Iterable[_Union[LayerStat, _Mapping]]] = ..., cache_max_bytes: _Optional[int] = ..., pulling_images: _Optional[_Iterable[str]] = ..., pulling_layers: _Optional[_Iterable[str]] = ...) -> None: ...
+    leaving: bool
+    def __init__(self, node_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., layer_digests: _Optional[_Iterable[str]] = ..., cached_images: _Optional[_Iterable[str]] = ..., layer_stats: _Optional[_Iterable[_Union[LayerStat, _Mapping]]] = ..., cache_max_bytes: _Optional[int] = ..., pulling_images: _Optional[_Iterable[str]] = ..., pulling_layers: _Optional[_Iterable[str]] = ..., leaving: bool = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("expires_in_seconds",)

@@ -76,6 +76,10 @@ class DiscoveryService(pb_grpc.ServiceDiscoveryServicer):
         if refusal:
             log.warning("refused a heartbeat from %s: %s", context.peer(), refusal)
             await refuse(context, grpc.StatusCode.PERMISSION_DENIED, refusal)
+        if request.leaving:
+            if self.table.remove(request.node_id) is not None:
+                log.info("node %s (%s) left", request.node_id, request.endpoint)
+            return pb.HeartbeatResponse(expires_in_seconds=0)
         layers: dict[str, tuple[int, str]] = {d: (0, "") for d in request.layer_digests}
         for stat in request.layer_stats:
             layers[stat.digest] = (stat.afs_size, stat.blob_digest)

@@ -2,8 +2,9 @@
 
 It beats once at start, then every `period` seconds, and at once whenever the node's contents change
 (a layer landed, a layer was evicted, a pull started or ended); bursts of changes coalesce into one beat.
-On a graceful stop, `leave` sends one last beat that holds nothing, so discovery stops naming the node
-at once instead of until its heartbeat expires (every mount in between would try it first and fail over).
+On a graceful stop, `leave` sends one last beat that holds nothing and says the node leaves, so discovery
+forgets the node at once instead of when its heartbeat expires (every mount or pull in between would try
+it first and fail over).
 """
 
 from __future__ import annotations
@@ -34,17 +35,17 @@ async def heartbeat_forever(node: LayerStoreNode, discovery: DiscoveryClient, pe
 
 async def leave(node: LayerStoreNode, discovery: DiscoveryClient, beats: asyncio.Task[None] | None,
                 timeout: float = LEAVE_TIMEOUT) -> None:
-    """Stop `beats` (the `heartbeat_forever` task), then tell every replica we hold nothing.
+    """Stop `beats` (the `heartbeat_forever` task), then tell every replica we leave.
 
     Best effort within `timeout`: a replica that does not hear it lists us until our last full heartbeat
-    expires, as after a crash. Discovery keeps our (empty) record until then: each heartbeat replaces
-    the node's whole record, so no layer, image or pull names us any more.
+    expires, as after a crash. The beat also holds nothing: a discovery that ignores `leaving` keeps our
+    record, empty, until then (each heartbeat replaces the node's whole record).
     """
     if beats is not None:
         beats.cancel()   # a full beat sent after the empty one would list our layers again
         await asyncio.gather(beats, return_exceptions=True)
     empty = discovery_pb2.HeartbeatRequest(node_id=node.node_id, endpoint=node.endpoint,
-                                           cache_max_bytes=node.store.limit)
+                                           cache_max_bytes=node.store.limit, leaving=True)
     try:
         accepted = await asyncio.wait_for(discovery.heartbeat(empty), timeout)
     except asyncio.TimeoutError:

@@ -79,6 +79,13 @@ class NodeTable:
         self._pulling_layers.add(record.node_id, record.pulling_layers)
         self._pulling_images.add(record.node_id, record.pulling_images)
 
+    def remove(self, node_id: str) -> NodeRecord | None:
+        """Forget `node_id` now (it said it leaves); its record, if it had one."""
+        record = self._nodes.pop(node_id, None)
+        if record is not None:
+            self._unindex(record)
+        return record
+
     def _unindex(self, record: NodeRecord) -> None:
         if self._by_endpoint.get(record.endpoint) == record.node_id:
             del self._by_endpoint[record.endpoint]
