@@ -34,7 +34,8 @@ from afsd.ondemand.fanotify.client import SupervisorClient, prepare_blob
 from afsd.ondemand.fanotify.settings import Settings
 from afsd.ondemand.sources import LocalFileSource
 from afsd.ondemand.spec import BlobSpec
-from afsd.ondemand.supervised.protocol import SupervisorStatus, WorkerState, encode
+from afsd.ondemand.supervised.codec import encode
+from afsd.ondemand.supervised.status import SupervisorStatus, WorkerState
 from tests.support import fanotify_sources
 from tests.support.tars import Layer
 

@@ -19,7 +19,7 @@ from afsd.ondemand.base import BackendUnavailableError, BlobSource
 from afsd.ondemand.cachefiles import FscacheBackendError, FscacheClient
 from afsd.ondemand.cachefiles.backend import FscacheBackend
 from afsd.ondemand.sources import LocalFileSource
-from afsd.ondemand.supervised.protocol import WorkerState
+from afsd.ondemand.supervised.status import WorkerState
 from tests.vm.test_cachefiles_helpers import spec_for_file
 
 HOLD_DEVICE = "import os, time; fd = os.open('/dev/cachefiles', os.O_RDWR); print('holding', flush=True); time.sleep(600)"

@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from afsd.lab.catalogue import seeded_bytes
 from afsd.ondemand.cachefiles import FscacheMountError
-from afsd.ondemand.supervised.protocol import WorkerState
+from afsd.ondemand.supervised.status import WorkerState
 from tests.vm.test_cachefiles_helpers import (
     MIB,
     FscacheLab,

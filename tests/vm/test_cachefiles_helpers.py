@@ -23,7 +23,7 @@ from typing import Any
 from afsd.erofs.convert import convert_layer
 from afsd.ondemand.cachefiles import FscacheClient, Settings, fscache_mounts, mount_fscache
 from afsd.ondemand.spec import BlobSpec
-from afsd.ondemand.supervised.protocol import BlobStatus, SupervisorStatus, WorkerStatus
+from afsd.ondemand.supervised.status import BlobStatus, SupervisorStatus, WorkerStatus
 from tests.support.tars import Layer
 
 CHECKOUT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ from afsd.ondemand.base import Backend, BackendUnavailableError
 from afsd.ondemand.spec import BlobSpec
 from afsd.ondemand.supervised.client import SupervisorClientBase
 from afsd.ondemand.supervised.metrics import SupervisorStatusCollector
-from afsd.ondemand.supervised.protocol import SupervisorStatus
+from afsd.ondemand.supervised.status import SupervisorStatus
 from afsd.ondemand.trace import RecordedTrace
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from afsd.metrics import parse_listen
-from afsd.ondemand.supervised.protocol import BlobStatus, SupervisorStatus
+from afsd.ondemand.supervised.status import BlobStatus, SupervisorStatus
 
 
 class SupervisorStatusCollector(Collector):
