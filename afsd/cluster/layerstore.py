@@ -40,7 +40,7 @@ from afsd.cluster.configs import HolderLookup
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
 from afsd.cluster.keys import image_key
 from afsd.cluster.peer_answers import PeerAnswerError, check_stat
-from afsd.cluster.peers import LayerStorePeer, PeerLayer, copy_layer, stat_to_peer_layer
+from afsd.cluster.peers import BlobHashes, LayerStorePeer, PeerLayer, copy_layer, stat_to_peer_layer
 from afsd.erofs.convert import convert_layer_async, converter_identity
 from afsd.errors import AfsdError, DigestMismatchError
 from afsd.oci.client import RegistryClient
@@ -49,7 +49,6 @@ from afsd.oci.manifest import Descriptor
 from afsd.oci.mediatypes import layer_compression
 from afsd.oci.platform import Platform
 from afsd.oci.reference import ImageReference
-from afsd.ondemand.metadata import MetadataHasher, metadata_ranges
 from afsd.progress import ProgressLog
 from afsd.rpc import ChannelPool
 from afsd.trust.descriptors import BlobTrust
@@ -121,17 +120,17 @@ def _link_or_copy_verified(source: Path, dest: Path, layer: PeerLayer) -> None:
     except OSError:
         shutil.copyfile(source, dest)
     try:
-        table, whole = layer.chunks, hashlib.sha256()
-        metadata = MetadataHasher(metadata_ranges(layer.blob.size, layer.blob.data_map))
+        table, hashes = layer.chunks, BlobHashes(layer.blob)
         with open(dest, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size != layer.blob.size:   # (else the chunk table refuses a short last chunk with a ValueError)
+                raise DigestMismatchError(f"{source} has {size} bytes, the blob {layer.blob.digest} of "
+                                          f"{layer.digest} has {layer.blob.size}")
             for offset in range(0, max(layer.blob.size, 1), table.chunk_size):
                 data = handle.read(table.chunk_size)
                 table.check(offset, data, source=str(source))
-                whole.update(data)
-                metadata.update(offset, data)
-            if handle.read(1) or "sha256:" + whole.hexdigest() != layer.blob.digest or (
-                    layer.blob.metadata_digest and metadata.hexdigest() != layer.blob.metadata_digest):
-                raise DigestMismatchError(f"{source} is not the blob {layer.blob.digest} of {layer.digest}")
+                hashes.update(offset, data)
+            hashes.check(f"{source} (layer {layer.digest})")
             os.fsync(handle.fileno())  # the assembler may never have synced it
     except BaseException:
         dest.unlink(missing_ok=True)

@@ -59,6 +59,36 @@ class PeerLayer:
         return ChunkTable(self.blob.size, self.blob.chunk_size, tuple(self.blob.chunk_digests))
 
 
+class BlobHashes:
+    """A blob's two digests taken over its bytes, handed over in ascending order: the whole file's and its
+    metadata's (afsd/ondemand/metadata.py); `check` compares them with what `blob` publishes."""
+
+    def __init__(self, blob: BlobInfo) -> None:
+        self._blob = blob
+        self._whole = hashlib.sha256()
+        self._metadata = MetadataHasher(metadata_ranges(blob.size, blob.data_map))
+
+    def update(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._whole.update(data)
+        self._metadata.update(offset, data)
+
+    def check(self, source: str) -> None:
+        """DigestMismatchError naming `source` unless the bytes are the blob (and its metadata, when the
+        blob has a metadata digest)."""
+        digest = "sha256:" + self._whole.hexdigest()
+        if digest != self._blob.digest:
+            raise DigestMismatchError(f"{source} does not match blob digest {self._blob.digest}: it hashes to {digest}")
+        if not self._blob.metadata_digest:
+            return
+        try:
+            metadata = self._metadata.hexdigest()
+        except ValueError as error:   # (only if the whole matched a blob whose published data map is wrong)
+            raise DigestMismatchError(f"{source}: {error}") from None
+        if metadata != self._blob.metadata_digest:
+            raise DigestMismatchError(
+                f"{source}: its metadata does not match metadata digest {self._blob.metadata_digest}")
+
+
 def stat_to_peer_layer(stat: pb.StatLayerResponse) -> PeerLayer:
     blob = BlobInfo(blob_id=stat.blob_id, layer_digest=stat.digest, diff_id=stat.diff_id,
                     size=stat.afs_size, digest=stat.blob_digest,
@@ -140,19 +170,17 @@ class LayerStorePeer:
 class _VerifyingWriter:
     """Collects streamed bytes into whole chunks, checks each, and writes it at its offset (in a thread)."""
 
-    def __init__(self, fd: int, layer: PeerLayer, source: str, metadata: MetadataHasher) -> None:
+    def __init__(self, fd: int, layer: PeerLayer, source: str) -> None:
         self._fd = fd
         self._table = layer.chunks
         self._source = source
-        self._metadata = metadata
-        self._whole = hashlib.sha256()
+        self.hashes = BlobHashes(layer.blob)
         self._buffer = bytearray()
         self._offset = 0
 
     def _flush_chunk(self, data: bytes) -> None:
         self._table.check(self._offset, data, source=self._source)
-        self._whole.update(data)
-        self._metadata.update(self._offset, data)
+        self.hashes.update(self._offset, data)
         os.pwrite(self._fd, data, self._offset)
         self._offset += len(data)
 
@@ -164,14 +192,14 @@ class _VerifyingWriter:
             del self._buffer[:chunk]
             await asyncio.to_thread(self._flush_chunk, piece)
 
-    async def finish(self) -> str:
+    async def finish(self) -> BlobHashes:
         if self._buffer:
             await asyncio.to_thread(self._flush_chunk, bytes(self._buffer))
             self._buffer.clear()
         if self._offset != self._table.size:
             raise DigestMismatchError(f"{self._source} ended after {self._offset} of {self._table.size} bytes")
         await asyncio.to_thread(os.fsync, self._fd)
-        return "sha256:" + self._whole.hexdigest()
+        return self.hashes
 
 
 async def copy_layer(peer: LayerStorePeer, layer: PeerLayer, dest: Path, *,
@@ -184,21 +212,16 @@ async def copy_layer(peer: LayerStorePeer, layer: PeerLayer, dest: Path, *,
     DigestMismatchError names the peer.
     """
     source = f"layerstore {peer.endpoint} (layer {layer.digest})"
-    metadata = MetadataHasher(metadata_ranges(layer.blob.size, layer.blob.data_map))
     fd = await asyncio.to_thread(os.open, dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        digest = await _copy_streamed(peer, layer, fd, data_tls, metadata)
-        if digest is None:
+        hashes = await _copy_streamed(peer, layer, fd, data_tls)
+        if hashes is None:
             await asyncio.to_thread(os.ftruncate, fd, 0)
-            metadata = MetadataHasher(metadata_ranges(layer.blob.size, layer.blob.data_map))
-            writer = _VerifyingWriter(fd, layer, source, metadata)
+            writer = _VerifyingWriter(fd, layer, source)
             async for _, data in peer.read_stream(layer.digest, 0, layer.blob.size):
                 await writer.add(data)
-            digest = await writer.finish()
-        if digest != layer.blob.digest:
-            raise DigestMismatchError(f"{source}: blob hashes to {digest}, the peer says {layer.blob.digest}")
-        if layer.blob.metadata_digest and metadata.hexdigest() != layer.blob.metadata_digest:
-            raise DigestMismatchError(f"{source}: its metadata does not match the metadata digest it published")
+            hashes = await writer.finish()
+        hashes.check(source)
     except BaseException:
         await asyncio.to_thread(_close_and_remove, fd, dest)
         raise
@@ -206,17 +229,16 @@ async def copy_layer(peer: LayerStorePeer, layer: PeerLayer, dest: Path, *,
     return layer.blob.size
 
 
-async def _copy_streamed(peer: LayerStorePeer, layer: PeerLayer, fd: int, data_tls: ssl.SSLContext | None,
-                         metadata: MetadataHasher) -> str | None:
+async def _copy_streamed(peer: LayerStorePeer, layer: PeerLayer, fd: int,
+                         data_tls: ssl.SSLContext | None) -> BlobHashes | None:
     """The blob over the peer's byte stream into `fd` (each chunk checked as it arrives, the whole and its
-    metadata hashed in order), fsynced; its digest, or None when the stream is unusable or failed (read it
+    metadata hashed in order), fsynced; its hashes, or None when the stream is unusable or failed (read it
     with ReadLayer)."""
     streams = BlobByteStreams(peer.endpoint, peer.stub, layer.digest, layer.chunks, tls=data_tls)
-    whole = hashlib.sha256()
+    hashes = BlobHashes(layer.blob)
 
     def deliver(offset: int, data: memoryview) -> None:   # (in order: one connection, one piece at a time)
-        whole.update(data)
-        metadata.update(offset, data)
+        hashes.update(offset, data)
         write_at(fd, data, offset)
 
     size = layer.blob.size
@@ -229,7 +251,7 @@ async def _copy_streamed(peer: LayerStorePeer, layer: PeerLayer, fd: int, data_t
     finally:
         await streams.close()
     await asyncio.to_thread(os.fsync, fd)
-    return "sha256:" + whole.hexdigest()
+    return hashes
 
 
 def _close_and_remove(fd: int, path: Path) -> None:
