@@ -65,9 +65,10 @@ class SupervisedBackend(Backend):
         return dict(blob.details) if blob is not None else {}
 
     async def refresh(self) -> SupervisorStatus | None:
-        """Fetch the supervisor's status (what `counters` and the collector report from then on)."""
+        """Fetch the supervisor's status (what `counters` and the collector report from then on); None
+        once it is stopped (asking never starts it: the next attach does)."""
         try:
-            self._last_status = await self.client.status()
+            self._last_status = await self.client.status_if_running()
         except AfsdError as e:
             log.warning("no status from the %s supervisor: %s", self.name, e)
         return self._last_status

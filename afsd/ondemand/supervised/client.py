@@ -6,6 +6,10 @@ The supervisor outlives the node daemon: a restarted node daemon makes a new cli
 directory and finds it still serving; `ensure_running` starts one only when nothing answers. One request
 is one connection to DIR/supervisor.sock carrying one request and its Reply (protocol.py); a Watch keeps
 its connection and receives a BlobComplete per blob that became complete.
+
+Only a Register starts a supervisor that is not running. Other requests never do: a status poll or a
+detach that did would bring back a supervisor just shut down (with the kernel device it holds and nobody
+left to stop it). They wait for one being restarted (its keeper alive) and find a stopped one stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from afsd.ondemand.trace import RecordedTrace
 
 class SupervisorClientBase(ABC):
     error: ClassVar[type[AfsdError]]                   # what every failure here raises
-    # Requests that start a missing supervisor.
+    # Requests that get through when no supervisor answers: these start one...
+    launching_requests: ClassVar[tuple[type[p.Message], ...]] = (p.Register,)
+    # ...and these (a backend's choice, launching ones included) wait for one being restarted.
     starting_requests: ClassVar[tuple[type[p.Message], ...]] = (p.Register,)
 
     def __init__(self, paths: SupervisorPaths, *, start_timeout: float) -> None:
@@ -93,6 +99,19 @@ class SupervisorClientBase(ABC):
                 raise self.error(f"{self._name} for {self.paths.root} did not stop within {timeout:g} s")
             await asyncio.sleep(0.05)
 
+    async def _restarted(self) -> bool:
+        """Wait for a supervisor that is being restarted to answer; False at once when every daemon of this
+        backend is stopped."""
+        deadline = asyncio.get_running_loop().time() + self.start_timeout
+        while not await self._answers():
+            if await asyncio.to_thread(self._stopped):
+                return False
+            if asyncio.get_running_loop().time() > deadline:
+                raise self.error(f"{self._name} for {self.paths.root} does not answer: "
+                                 f"see {self.paths.supervisor_log}")
+            await asyncio.sleep(0.05)
+        return True
+
     def _stopped(self) -> bool:
         for lock in self.paths.daemon_locks():
             try:
@@ -113,19 +132,34 @@ class SupervisorClientBase(ABC):
         """Stop serving blob `name` (refused while it is still mounted and needs the supervisor, unless
         `force`). With `missing_ok`, a blob the supervisor does not know is not an error."""
         try:
-            await self._request(p.Unregister(name=name, force=force))
+            reply = await self._request_running(p.Unregister(name=name, force=force))
         except AfsdError as e:
             if not (missing_ok and "is not registered" in str(e)):
                 raise
+            return
+        if reply is None and not missing_ok:   # (a stopped supervisor serves no blob)
+            raise self._stopped_error()
 
-    async def status(self) -> p.SupervisorStatus:
-        reply = await self._request(p.StatusRequest())
+    async def status_if_running(self) -> p.SupervisorStatus | None:
+        """The supervisor's status; None when it is stopped (asking never starts it)."""
+        reply = await self._request_running(p.StatusRequest())
+        if reply is None:
+            return None
         if reply.status is None:
             raise self.error(f"{self._name} answered a status request without a status")
         return reply.status
 
+    async def status(self) -> p.SupervisorStatus:
+        """The supervisor's status; `error` saying it is stopped when it is."""
+        status = await self.status_if_running()
+        if status is None:
+            raise self._stopped_error()
+        return status
+
     async def blob_status(self, name: str) -> p.BlobStatus | None:
-        return (await self.status()).blob(name)
+        """Blob `name`'s status; None when the supervisor does not serve it (or is stopped)."""
+        status = await self.status_if_running()
+        return status.blob(name) if status is not None else None
 
     async def trace(self, name: str, *, close: bool = False) -> RecordedTrace | None:
         """The recording of blob `name`'s first reads (None: it records none); `close` ends its window now."""
@@ -156,14 +190,27 @@ class SupervisorClientBase(ABC):
         finally:
             channel.close()
 
+    def _stopped_error(self) -> AfsdError:
+        return self.error(f"{self._name} for {self.paths.root} is stopped")
+
     async def _request(self, message: p.Message) -> p.Reply:
+        reply = await self._request_running(message)
+        if reply is None:
+            raise self._stopped_error()
+        return reply
+
+    async def _request_running(self, message: p.Message) -> p.Reply | None:
+        """`message`'s Reply; None when the supervisor is stopped and `message` does not launch one."""
         path = os.fspath(self.paths.supervisor_socket)
         try:
             channel = await AsyncChannel.connect(path)
         except (TimeoutError, OSError) as e:
             if not isinstance(message, self.starting_requests):
                 raise self.error(f"cannot reach {self._name} at {path}: {e}") from None
-            await self.ensure_running()   # not running (or, for fanotify, being restarted by its keeper)
+            if isinstance(message, self.launching_requests):
+                await self.ensure_running()   # not running (or, for fanotify, being restarted by its keeper)
+            elif not await self._restarted():
+                return None
             try:
                 channel = await AsyncChannel.connect(path)
             except (TimeoutError, OSError) as e:
