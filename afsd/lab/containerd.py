@@ -36,6 +36,7 @@ from afsd.api import cri_runtime_pb2 as cri
 from afsd.api import cri_runtime_pb2_grpc as cri_grpc
 from afsd.lab import deadlines
 from afsd.lab.daemons import Daemon
+from afsd.lab.processes import terminate
 from afsd.node.records import mounted_paths
 
 SNAPSHOTTER = "afsd"
@@ -142,13 +143,7 @@ class Containerd:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             _shim_socket(argv).unlink(missing_ok=True)   # a shim removes it itself only when it exits
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, 30)
         for root, container in self._runc_containers():
             subprocess.run(["runc", "--root", str(root), "delete", "--force", container], capture_output=True)
         for point in self._mounts():

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 from afsd.errors import AfsdError
 from afsd.lab import deadlines
 from afsd.lab.ports import PortReservation, reserve_port
+from afsd.lab.processes import terminate
 from afsd.readiness import read_ready
 
 
@@ -132,14 +132,7 @@ class Daemon:
         """SIGTERM and wait (SIGKILL after `timeout`); returns the exit code."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return terminate(self.process, timeout)
 
     def release(self) -> None:
         """Give back the held port (after the last stop)."""

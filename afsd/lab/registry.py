@@ -20,6 +20,7 @@ from pathlib import Path
 
 from afsd.errors import AfsdError, MissingToolError
 from afsd.lab import deadlines
+from afsd.lab.processes import terminate
 
 REGISTRY_BINARY = "docker-registry"
 
@@ -94,12 +95,7 @@ class RegistryProcess:
         if self._stopped:
             return
         self._stopped = True
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, 10)
 
     def __enter__(self) -> "RegistryProcess":
         return self

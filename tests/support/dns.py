@@ -22,6 +22,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from afsd.lab.processes import terminate
+
 DNSMASQ = "dnsmasq"
 
 
@@ -130,12 +132,6 @@ class DnsServer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, 10)
         if self.process.stderr is not None:
             self.process.stderr.close()
