@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import ssl
 from collections.abc import Callable, Iterable, Sequence
@@ -79,6 +80,22 @@ async def abort_for(context: grpc.aio.ServicerContext, error: errors.AfsdError,
                     specific: StatusTable = ()) -> NoReturn:
     """End the call with the status that fits `error` and its one-line message."""
     await refuse(context, status_for(error, specific), str(error), type(error).__name__)
+
+
+# What gRPC says when it could not connect: the address, then the cause ("...; last error: UNKNOWN:
+# ipv4:10.0.0.3:61051: Failed to connect to remote host: connect: Connection refused (111)").
+_CONNECT_FAILURE = re.compile(r"^failed to connect to all addresses; last error: \w+: \S+: "
+                              r"(?:Failed to connect to remote host: )?")
+
+
+def failure_cause(code: grpc.StatusCode, details: str | None) -> str:
+    """Why a call to a peer failed (its status and details), in a few words, for a message that already
+    names the peer: gRPC's details without the address it repeats ("connect: Connection refused (111)"),
+    and the status's name when it is not UNAVAILABLE ("DEADLINE_EXCEEDED: Deadline Exceeded")."""
+    details = _CONNECT_FAILURE.sub("", details or "")
+    if code == grpc.StatusCode.UNAVAILABLE and details:
+        return details
+    return f"{code.name}: {details}".rstrip(": ")
 
 
 def daemon_did_not_answer(error: grpc.aio.AioRpcError) -> bool:

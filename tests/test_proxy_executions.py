@@ -146,7 +146,7 @@ def test_ps_merges_every_afslet_and_names_those_that_did_not_answer(proxy_cluste
     for _, execution_id, host in running:
         assert any(r.startswith(execution_id[:12]) and f"afslet-{host}" in r for r in ps.stdout.splitlines())
     port = proxy_cluster.afslet_port
-    assert ps.stderr.startswith(f"afsd ps: {idle}:{port} did not answer: UNAVAILABLE: "), ps.stderr
+    assert ps.stderr.startswith(f"afsd ps: cannot reach afslet {idle}:{port}: "), ps.stderr
     listed = json.loads(afsd_cli("ps", "--json", *target).stdout)
     assert [u["endpoint"] for u in listed["unreachable"]] == [f"{idle}:{port}"]
     assert sorted(e["id"] for e in listed["executions"]) == sorted(execution_id for _, execution_id, _ in running)
@@ -155,7 +155,7 @@ def test_ps_merges_every_afslet_and_names_those_that_did_not_answer(proxy_cluste
     with grpc.insecure_channel(proxy.address) as channel, pytest.raises(grpc.RpcError) as raised:
         epb_grpc.ExecutionsStub(channel).Stop(epb.StopRequest(id="0123456789abcdef"), timeout=30)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert f"and 1 did not answer ({idle}:{port}: UNAVAILABLE: " in raised.value.details()
+    assert f"and 1 did not answer (cannot reach afslet {idle}:{port}: " in raised.value.details()
 
     for call, execution_id, _ in running:  # the execution on a live afslet can still be stopped
         assert afsd_cli("stop", execution_id, *target).returncode == 0

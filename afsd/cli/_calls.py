@@ -17,9 +17,9 @@ if TYPE_CHECKING:
 
 def call_failure(error: grpc.aio.AioRpcError, target: str, tls: TlsConfig | None) -> str:
     """The line to print for `error`, a call to `target` that failed (`tls`: the settings it was made with)."""
-    from afsd.rpc import daemon_did_not_answer, unreachable_hint
+    from afsd.rpc import daemon_did_not_answer, failure_cause, unreachable_hint
 
     if daemon_did_not_answer(error):
-        return (f"cannot reach {target}: {error.details()}; is an afslet (afsd let) or a proxy listening there? "
-                "(--target HOST:PORT)" + unreachable_hint(error, tls))
+        return (f"cannot reach {target}: {failure_cause(error.code(), error.details())}; is an afslet (afsd let) "
+                "or a proxy listening there? (--target HOST:PORT)" + unreachable_hint(error, tls))
     return f"{target}: {error.details() or error.code().name}"

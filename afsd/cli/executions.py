@@ -115,13 +115,21 @@ class _Client:
         if len(matches) == 1:
             return matches[0]
         if not matches:
-            unreachable = f" ({len(listed.unreachable)} afslet(s) did not answer)" if listed.unreachable else ""
-            raise ExecutionsError(f"no execution {prefix!r} on {self.target}{unreachable}; `afsd ps -a` lists them")
+            silent = "; ".join(_unreachable(u) for u in listed.unreachable)
+            raise ExecutionsError(f"no execution {prefix!r} on {self.target}" + (f" ({silent})" if silent else "")
+                                  + "; `afsd ps -a` lists them")
         names = ", ".join(e.id for e in matches[:5])
         raise ExecutionsError(f"execution id {prefix!r} is ambiguous on {self.target} ({names}); give more digits")
 
 
 # -- ps -----------------------------------------------------------------------------------------------
+
+
+def _unreachable(afslet: epb.Unreachable) -> str:
+    """An afslet a proxy could not reach, worded as the proxy words it."""
+    from afsd.proxy.errors import unreachable
+
+    return unreachable(afslet.endpoint, afslet.error)
 
 
 def _age(ms: int) -> str:
@@ -178,7 +186,7 @@ async def run_ps(args: argparse.Namespace) -> int:
         return 0
     print(format_table(list(listed.executions)))
     for unreachable in listed.unreachable:
-        print(f"afsd ps: {unreachable.endpoint} did not answer: {unreachable.error}", file=sys.stderr)
+        print(f"afsd ps: {_unreachable(unreachable)}", file=sys.stderr)
     return 0
 
 

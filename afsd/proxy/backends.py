@@ -16,7 +16,8 @@ import grpc
 from afsd.api import afslet_pb2 as pb
 from afsd.api import afslet_pb2_grpc as pb_grpc
 from afsd.api import executions_pb2_grpc as epb_grpc
-from afsd.rpc import CHANNEL_OPTIONS, ChannelPool
+from afsd.proxy.errors import unreachable
+from afsd.rpc import CHANNEL_OPTIONS, ChannelPool, failure_cause
 
 # An afslet restarted on the same address must be reachable again within about a second, not after
 # gRPC's default reconnect backoff (up to two minutes).
@@ -43,7 +44,7 @@ class BackendChannels(ChannelPool):
 
 @dataclass(frozen=True)
 class BackendStatus:
-    """One afslet as seen by one probe: its runtime status, or why it did not answer."""
+    """One afslet as seen by one probe: its runtime status, or why it did not answer (`error`)."""
 
     address: str
     status: pb.GetRuntimeStatusResponse | None
@@ -58,13 +59,19 @@ async def probe(channels: BackendChannels, address: str, timeout: float) -> Back
     try:
         status = await channels.stub(address).GetRuntimeStatus(pb.GetRuntimeStatusRequest(), timeout=timeout)
     except grpc.aio.AioRpcError as error:
-        return BackendStatus(address, None, f"{error.code().name}: {error.details()}")
+        return BackendStatus(address, None, failure_cause(error.code(), error.details()))
     return BackendStatus(address, status)
 
 
 async def probe_all(channels: BackendChannels, addresses: list[str], timeout: float) -> list[BackendStatus]:
     """The status of every address, in the order given."""
     return list(await asyncio.gather(*(probe(channels, address, timeout) for address in addresses)))
+
+
+def problems(statuses: list[BackendStatus]) -> str:
+    """Why none of `statuses` takes calls, one afslet after the other on one line."""
+    return "; ".join(unreachable(s.address, s.error) if s.status is None else f"afslet {s.address} is draining"
+                     for s in statuses)
 
 
 def total(statuses: list[BackendStatus]) -> pb.GetRuntimeStatusResponse:

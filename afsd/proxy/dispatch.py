@@ -17,14 +17,15 @@ from dataclasses import dataclass
 import grpc
 
 from afsd.api import afslet_pb2 as pb
-from afsd.proxy.backends import BackendChannels, probe_all
+from afsd.proxy.backends import BackendChannels, probe_all, problems
 from afsd.proxy.config import ProxyConfig
-from afsd.proxy.errors import ProxyError, RetryableDispatchError, TargetResolveError
+from afsd.proxy.errors import ProxyError, RetryableDispatchError, TargetResolveError, unreachable
 from afsd.proxy.metrics import RETRIES
 from afsd.proxy.placement import Demand, PendingShares, Strategy, candidates, feasible, place, too_big_for_all
 from afsd.proxy.retry import RetryPolicy, Waiters
 from afsd.proxy.targets import resolve_preferred, resolve_target
 from afsd.retry import PERMANENT_GRPC
+from afsd.rpc import failure_cause
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,7 @@ class Dispatcher:
             probe_all(self.channels, addresses, self.config.status_timeout), self._preferred())
         accepting = candidates(statuses, self.pending)
         if not accepting:
-            problems = "; ".join(f"{s.address}: {s.error or 'draining'}" for s in statuses)
-            raise RetryableDispatchError(f"no afslet of {target} takes calls ({problems})", "unreachable")
+            raise RetryableDispatchError(f"no afslet of {target} takes calls ({problems(statuses)})", "unreachable")
         gpus = demand.gpus > 0
         if too_big_for_all(demand, accepting):
             limits = ", ".join(f"{c.address} {c.limits.describe(gpus)}" for c in accepting)
@@ -131,8 +131,7 @@ class Dispatcher:
                 raise RetryableDispatchError(f"afslet {address} has no room: {details}", "refused") from None
             if code in _ANSWERS_FOR_THE_CLIENT:
                 raise ProxyError(details, code, outcome="refused") from None
-            raise RetryableDispatchError(f"afslet {address} unreachable: {code.name} {details}",
-                                         "unreachable") from None
+            raise RetryableDispatchError(unreachable(address, failure_cause(code, details)), "unreachable") from None
         except BaseException:
             call.cancel()
             raise

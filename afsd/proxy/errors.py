@@ -8,6 +8,11 @@ import grpc
 from afsd.errors import AfsdError
 
 
+def unreachable(address: str, cause: str) -> str:
+    """An afslet that did not answer, as every proxy message names it (`cause`: afsd.rpc.failure_cause)."""
+    return f"cannot reach afslet {address}: {cause}"
+
+
 class ProxyError(AfsdError):
     """A call the proxy ends: `code` is the gRPC status the client sees, `outcome` the metrics label."""
 

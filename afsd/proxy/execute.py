@@ -13,7 +13,7 @@ import grpc
 from afsd.afslet.request import resource_problem
 from afsd.api import afslet_pb2 as pb
 from afsd.api import afslet_pb2_grpc as pb_grpc
-from afsd.proxy.backends import BackendChannels, probe_all, total
+from afsd.proxy.backends import BackendChannels, probe_all, problems, total
 from afsd.proxy.dispatch import Dispatcher
 from afsd.proxy.errors import ProxyError, TargetResolveError
 from afsd.proxy.metrics import CHOSEN, DISPATCH_SECONDS, DISPATCHES, QUEUE_LENGTH, RELAYING
@@ -115,6 +115,5 @@ class ProxyAfsletService(pb_grpc.AfsletServicer):
             await refuse(context, grpc.StatusCode.UNAVAILABLE, f"no afslets: {error}")
         statuses = await probe_all(self.channels, addresses, self.dispatcher.config.status_timeout)
         if not any(s.reachable for s in statuses):
-            problems = "; ".join(f"{s.address}: {s.error}" for s in statuses)
-            await refuse(context, grpc.StatusCode.UNAVAILABLE, f"no afslet answered ({problems})")
+            await refuse(context, grpc.StatusCode.UNAVAILABLE, f"no afslet answered ({problems(statuses)})")
         return total(statuses)

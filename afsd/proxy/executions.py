@@ -23,24 +23,21 @@ from afsd.api import executions_pb2 as epb
 from afsd.api import executions_pb2_grpc as epb_grpc
 from afsd.proxy.backends import BackendChannels
 from afsd.proxy.config import ProxyConfig
-from afsd.proxy.errors import ProxyError, TargetResolveError
+from afsd.proxy.errors import ProxyError, TargetResolveError, unreachable
 from afsd.proxy.targets import resolve_target
-from afsd.rpc import refuse
+from afsd.rpc import failure_cause, refuse
 
 # The afslet (or the connection to it) broke, rather than answering with a status of its own.
 _BACKEND_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                                grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
-def _said(error: grpc.aio.AioRpcError) -> str:
-    return f"{error.code().name}: {error.details() or ''}".rstrip(": ")
-
-
 def _relayed(address: str, error: grpc.aio.AioRpcError) -> ProxyError:
     """The status a client gets when the afslet's call failed: the afslet's own answer as it is, or
     UNAVAILABLE naming the afslet when it could not be reached or broke."""
     if error.code() in _BACKEND_FAILURES:
-        return ProxyError(f"afslet {address} did not answer: {_said(error)}", grpc.StatusCode.UNAVAILABLE)
+        cause = failure_cause(error.code(), error.details())
+        return ProxyError(unreachable(address, cause), grpc.StatusCode.UNAVAILABLE)
     return ProxyError(error.details() or error.code().name, error.code())
 
 
@@ -71,7 +68,7 @@ class ProxyExecutionsService(epb_grpc.ExecutionsServicer):
             try:
                 return await self.channels.executions(address).List(request, timeout=timeout)
             except grpc.aio.AioRpcError as error:
-                return _said(error)
+                return failure_cause(error.code(), error.details())
 
         merged = epb.ListResponse()
         executions = []
@@ -98,14 +95,16 @@ class ProxyExecutionsService(epb_grpc.ExecutionsServicer):
                                                                      timeout=timeout):
                     pass
             except grpc.aio.AioRpcError as error:
-                return False if error.code() == grpc.StatusCode.NOT_FOUND else _said(error)
+                if error.code() == grpc.StatusCode.NOT_FOUND:
+                    return False
+                return failure_cause(error.code(), error.details())
             return True
 
         answers = await asyncio.gather(*(knows(address) for address in addresses))
         owners = [address for address, answer in zip(addresses, answers) if answer is True]
         if owners:
             return owners[0]
-        silent = [f"{address}: {answer}" for address, answer in zip(addresses, answers) if isinstance(answer, str)]
+        silent = [unreachable(address, cause) for address, cause in zip(addresses, answers) if isinstance(cause, str)]
         if silent:
             raise ProxyError(f"no afslet of {self.config.afslet_target} that answered has execution {execution_id!r}, "
                              f"and {len(silent)} did not answer ({'; '.join(silent)}); try again",
