@@ -141,7 +141,11 @@ class NodeDaemon:
         return name in self.backends and self._unavailable.get(name) is None
 
     def backend_availability(self) -> dict[str, str]:
-        return {name: self._unavailable.get(name) or "available" for name in self.backends}
+        """Each backend's state for `afsd mounts`: why it cannot run, or whether its processes were found
+        shut down at its last refresh (a mount still chooses it, and starts them)."""
+        return {name: self._unavailable.get(name) or ("stopped (the next mount starts it)" if backend.stopped()
+                                                      else "available")
+                for name, backend in self.backends.items()}
 
     def choose_backend(self, name: str) -> Backend:
         if name in ("", "auto"):

@@ -128,6 +128,10 @@ class Backend(ABC):
         """Update what `counters` reports (e.g. ask a supervisor process for its status)."""
         return None
 
+    def stopped(self) -> bool:
+        """Whether the last `refresh` found the backend's processes shut down (the next attach starts them)."""
+        return False
+
     def counters(self) -> dict[str, float]:
         """Backend-specific counters for `afsd mounts` and metrics, as of the last `refresh`."""
         return {}

@@ -30,6 +30,7 @@ class SupervisedBackend(Backend):
     def __init__(self, client: SupervisorClientBase) -> None:
         self.client = client
         self._last_status: SupervisorStatus | None = None
+        self._stopped = False
 
     async def start(self) -> None:
         """Start (or find) the supervisor. A failure (e.g. fscache: device busy, unsuitable cache directory) is
@@ -45,6 +46,7 @@ class SupervisedBackend(Backend):
             await self.client.ensure_running()
         except AfsdError as e:
             raise BackendUnavailableError(f"backend {self.name} cannot serve layer {spec.layer_digest}: {e}") from None
+        self._stopped = False
 
     async def detach(self, spec: BlobSpec, blob_path: Path) -> None:
         await self.client.unregister(spec.name, missing_ok=True)
@@ -71,7 +73,12 @@ class SupervisedBackend(Backend):
             self._last_status = await self.client.status_if_running()
         except AfsdError as e:
             log.warning("no status from the %s supervisor: %s", self.name, e)
+        else:
+            self._stopped = self._last_status is None
         return self._last_status
+
+    def stopped(self) -> bool:
+        return self._stopped
 
     def counters(self) -> dict[str, float]:
         status = self._last_status
