@@ -10,13 +10,16 @@ from __future__ import annotations
 import bisect
 import subprocess
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from afsd.ondemand._wire import Connection
 from afsd.ondemand.fanotify.planner import FailureMemory, Streams
 from afsd.ondemand.spec import BlobSpec, Priority
 from afsd.ondemand.trace import LearnedPrefetch, TraceRecorder
 from afsd.ondemand.supervised.protocol import StopCause, WorkerState
+
+if TYPE_CHECKING:
+    from afsd.ondemand.fanotify.startup import StartupGate
 
 
 @dataclass(eq=False)
@@ -40,6 +43,7 @@ class Blob:
     streams: Streams = field(default_factory=Streams)   # its readers, told apart by where they read
     recorder: TraceRecorder | None = None      # its first reads, for the cluster to learn (trace.py)
     learned: LearnedPrefetch | None = None     # what the cluster learned readers read first: fetched first
+    startup: StartupGate | None = None         # holds its background fill back while readers start (startup.py)
 
     @property
     def chunks(self) -> int:

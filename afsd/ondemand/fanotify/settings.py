@@ -27,6 +27,7 @@ class Settings(SourceSettings):
     fd_limit: int = 65536
     failure_memory: float = 5.0
     inline_fill: int = 1 << 20
+    startup_quiet: float = 1.0
 
     HELP: ClassVar[dict[str, str]] = {
         **SourceSettings.HELP,
@@ -45,6 +46,9 @@ class Settings(SourceSettings):
                           "retry of the same page would otherwise wait for the whole deadline again)",
         "inline_fill": "bytes a miss may need for the supervisor to fill it itself when the blob's source is a "
                        "file on this machine, without a fetch worker (0: never)",
+        "startup_quiet": "seconds without a read of a cold blob (no reader waiting) after which its startup is over "
+                         "and its whole-blob background fill starts, when its first reads are not recorded (a "
+                         "recording's window decides then); 0: the fill starts at once",
     }
 
 

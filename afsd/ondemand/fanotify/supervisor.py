@@ -48,6 +48,7 @@ from afsd.ondemand.fanotify.paths import StatePaths
 from afsd.ondemand.fanotify.planner import FILL_AHEAD_TASK_CHUNKS, plan_event, plan_learned, plan_prefetch, read_ahead
 from afsd.ondemand.fanotify.pool import WorkerPool
 from afsd.ondemand.fanotify.settings import SUPERVISOR_MODULE, Settings, command_line
+from afsd.ondemand.fanotify.startup import startup_gate, startup_over
 from afsd.ondemand.sparse import first_hole, holes
 from afsd.ondemand.spec import Priority
 from afsd.ondemand.supervised import protocol as p
@@ -298,6 +299,8 @@ class Supervisor:
         """A read reached us (filled or not): record it, and count prefetched chunks it uses."""
         if blob.recorder is not None:
             blob.recorder.observe(start, end, now)
+        elif blob.startup is not None:
+            blob.startup.read(now)
         if blob.learned is not None:
             touched, used = blob.learned.mark_read(start, end)
             self.counters["learned_bytes_read"] += touched
@@ -488,8 +491,8 @@ class Supervisor:
         ranges ([offset, length], what readers of it read first) before anything else in the background."""
         if blob.complete:
             return
-        if record > 0:
-            blob.recorder = TraceRecorder(blob.spec.size, record)
+        blob.recorder = TraceRecorder(blob.spec.size, record) if record > 0 else None
+        blob.startup = startup_gate(blob, record=record, quiet=self.settings.startup_quiet)
         if learned:
             blob.learned = LearnedPrefetch.plan([(int(o), int(n)) for o, n in learned], size=blob.spec.size,
                                                 chunk_size=blob.spec.chunk_size, task_chunks=self.settings.task_chunks)
@@ -497,8 +500,8 @@ class Supervisor:
 
     def prefetch(self, blob: Blob) -> None:
         """Fill in the background, at prefetch priority: first the blob's learned ranges in their order
-        (`learned_inflight` tasks at a time), then, with `prefetch`, its holes (`prefetch_inflight` at a time;
-        while the blob's first reads are recorded, once that startup is over: it would compete with them)."""
+        (`learned_inflight` tasks at a time), then, with `prefetch`, its holes (`prefetch_inflight` at a time,
+        once its startup is over: startup.py)."""
         fill_fd = blob.fill_fd
         if blob.complete or fill_fd is None or time.monotonic() < blob.prefetch_paused_until:
             return
@@ -511,8 +514,8 @@ class Supervisor:
                 return
         if not blob.prefetch:
             return
-        if blob.recorder is not None and not blob.recorder.startup_over(time.monotonic()):
-            return   # a blob filled whole loses its mark: the startup's later reads would go unrecorded
+        if not startup_over(blob, time.monotonic()):
+            return   # it would compete with the startup's reads (and a blob filled whole loses its mark)
         size = blob.spec.size
         runs, blob.prefetch_cursor = plan_prefetch(
             blob.prefetch_cursor, size=size, chunk_size=blob.spec.chunk_size,
