@@ -2,8 +2,8 @@
 
 A task's start reads a few percent of its image as a burst of small misses. A background fill of the whole
 blob, started at mount, takes the fetch workers, the link and a core from under those misses (measured on
-a 2-core node: a Python start through the proxy 0.6-2.5 s with the fill racing it, against 0.57-0.84 s
-with the fill held back). So the fill waits until the startup is over:
+a 2-core node, cold starts through the proxy, same run: a numpy import 840, 1,037, 2,793 ms with the fill
+racing it, 717, 677, 824 ms with it held back). So the fill waits until the startup is over:
 - when the blob's first reads are recorded (the cluster learns from them), the recording's window decides
   (afsd/ondemand/trace.py `TraceRecorder.startup_over`): a fill would also hide the reads it must see;
 - otherwise a `StartupGate`: over once no read has reached the blob for `quiet` seconds while no reader
