@@ -12,11 +12,14 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/types.h>
 #include <sys/fanotify.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <openssl/evp.h>
@@ -24,6 +27,17 @@
 #include "afsd_fanotify.h"
 
 #define DIGEST_SIZE 32
+
+/* The range record of a pre-content event (uapi <linux/fanotify.h>, Linux 6.14+; older headers lack it). */
+#ifndef FAN_EVENT_INFO_TYPE_RANGE
+#define FAN_EVENT_INFO_TYPE_RANGE 6
+struct fanotify_event_info_range {
+    struct fanotify_event_info_header hdr;
+    uint32_t pad;
+    uint64_t offset;
+    uint64_t count;
+};
+#endif
 
 /* One buffer per thread, grown to the largest chunk asked for (the supervisor calls from one thread). */
 static __thread uint8_t *chunk_buffer;
@@ -199,4 +213,144 @@ int64_t afsd_fill_local(struct afsd_local_blob *blob, uint64_t offset, uint64_t 
         || (end % blob->chunk_size && end != blob->size))
         return -EINVAL;
     return fill_chunks(blob, offset, end);
+}
+
+/* == the event intake (afsd/ondemand/fanotify/intake.py) ====================================================
+ *
+ * Why C: a learned start raises hundreds of events whose range the learned stream already filled; in Python
+ * each cost a loop round (read, parse, fstat, lookup, SEEK_HOLE, answer, close) before the reader could go
+ * on, and the bookkeeping after it held up the next one. Here the answer is a few syscalls, and the
+ * bookkeeping waits until the run of present reads pauses. The rule is the supervisor's: a reader is let
+ * onto a range of a blob we serve only when that range has no hole; anything else is Python's. */
+
+int afsd_parse_events(const uint8_t *buffer, size_t size, struct afsd_event *events, size_t capacity, int32_t *error) {
+    size_t position = 0, count = 0;
+    *error = 0;
+    while (size - position >= sizeof(struct fanotify_event_metadata)) {
+        struct fanotify_event_metadata metadata;
+        memcpy(&metadata, buffer + position, sizeof metadata);
+        if (metadata.vers != FANOTIFY_METADATA_VERSION || metadata.event_len < sizeof metadata
+            || metadata.metadata_len < sizeof metadata || metadata.event_len < metadata.metadata_len
+            || metadata.event_len > size - position) {
+            *error = -EPROTO;
+            break;
+        }
+        if (count == capacity) {
+            *error = -ENOBUFS;
+            break;
+        }
+        struct afsd_event *event = &events[count++];
+        *event = (struct afsd_event){.mask = metadata.mask, .fd = metadata.fd, .pid = metadata.pid};
+        size_t info = position + metadata.metadata_len, stop = position + metadata.event_len;
+        while (stop - info >= sizeof(struct fanotify_event_info_header)) {
+            struct fanotify_event_info_header header;
+            memcpy(&header, buffer + info, sizeof header);
+            if (header.len < sizeof header || header.len > stop - info)
+                break;
+            if (header.info_type == FAN_EVENT_INFO_TYPE_RANGE && header.len >= sizeof(struct fanotify_event_info_range)) {
+                struct fanotify_event_info_range range;
+                memcpy(&range, buffer + info, sizeof range);
+                event->has_range = 1;
+                event->offset = range.offset;
+                event->count = range.count;
+            }
+            info += header.len;
+        }
+        position += metadata.event_len;
+    }
+    return (int)count;
+}
+
+static double monotonic_seconds(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+}
+
+/* Answer `event` FAN_ALLOW and close its fd if it reads a range of a served blob with no hole, filling
+ * `present`; 0 (nothing done) otherwise. */
+static int answer_if_present(const struct afsd_intake *intake, const struct afsd_event *event,
+                             struct afsd_present *present) {
+    if (event->fd < 0 || !event->has_range)
+        return 0;
+    struct stat st;
+    if (fstat(event->fd, &st) != 0)
+        return 0;
+    const struct afsd_served *blob = NULL;
+    for (size_t i = 0; i < intake->served_count && blob == NULL; i++)
+        if (intake->served[i].ino == (uint64_t)st.st_ino && intake->served[i].dev == (uint64_t)st.st_dev)
+            blob = &intake->served[i];
+    if (blob == NULL || blob->fill_fd < 0)
+        return 0;
+    uint64_t start = event->offset < blob->size ? event->offset : blob->size;
+    uint64_t end = event->count < blob->size - start ? start + event->count : blob->size;
+    if (first_hole(blob->fill_fd, start, end) != (int64_t)end)
+        return 0;
+    if (answer_allow(intake->group_fd, event->fd) != 0)
+        return 0;               /* the caller answers it (again) and says why */
+    close(event->fd);
+    *present = (struct afsd_present){.dev = (uint64_t)st.st_dev, .ino = (uint64_t)st.st_ino, .start = start, .end = end};
+    return 1;
+}
+
+/* Wait up to `seconds` for the group to be readable; 0 when it did not (quiet, or the caller has work). */
+static int linger(const struct afsd_intake *intake, double seconds) {
+    struct pollfd fds[2] = {{.fd = intake->group_fd, .events = POLLIN}, {.fd = intake->wake_fd, .events = POLLIN}};
+    struct timespec timeout = {.tv_sec = (time_t)seconds, .tv_nsec = (long)((seconds - (double)(time_t)seconds) * 1e9)};
+    int ready = ppoll(fds, 2, &timeout, NULL);
+    return ready > 0 && (fds[0].revents & POLLIN);
+}
+
+int afsd_take_events(struct afsd_intake *intake) {
+    intake->events_count = intake->presents_count = 0;
+    intake->more = intake->error = 0;
+    size_t most_per_read = intake->buffer_size / sizeof(struct fanotify_event_metadata) + 1;
+    double deadline = monotonic_seconds() + intake->budget_us / 1e6;
+    for (;;) {
+        if (intake->events_capacity - intake->events_count < most_per_read
+            || intake->presents_capacity - intake->presents_count < most_per_read) {
+            intake->more = 1;
+            return 0;
+        }
+        ssize_t got = read(intake->group_fd, intake->buffer, intake->buffer_size);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN) {
+                intake->error = -errno;
+                return intake->error;
+            }
+            double left = deadline - monotonic_seconds();
+            if (intake->presents_count == 0 || intake->linger_us == 0 || left <= 0)
+                return 0;
+            if (!linger(intake, left < intake->linger_us / 1e6 ? left : intake->linger_us / 1e6))
+                return 0;
+            continue;
+        }
+        double received = monotonic_seconds();
+        struct afsd_event *read_now = intake->events + intake->events_count;
+        int32_t error = 0;
+        int parsed = afsd_parse_events(intake->buffer, (size_t)got, read_now,
+                                       intake->events_capacity - intake->events_count, &error);
+        size_t kept = 0;
+        for (int i = 0; i < parsed; i++) {
+            struct afsd_present *present = &intake->presents[intake->presents_count];
+            if (answer_if_present(intake, &read_now[i], present)) {
+                present->received = received;
+                present->answered = monotonic_seconds();
+                intake->presents_count++;
+            } else {
+                read_now[kept++] = read_now[i];
+            }
+        }
+        intake->events_count += kept;
+        if (error) {
+            intake->error = error;
+            return error;
+        }
+        if (kept) {             /* a miss (or worse) waits for the caller: return now */
+            intake->more = (size_t)got > intake->buffer_size / 2;
+            return 0;
+        }
+    }
 }

@@ -1,8 +1,9 @@
 """The kernel interface of the fanotify backend, written down once: syscalls, constants, wire layouts.
 
-Everything that talks to the fanotify group (the supervisor, the keeper, tests) uses these bindings and
-the one `LAYOUTS` table below; nobody else spells a struct format. Layouts are from the uapi header
-<linux/fanotify.h> (Linux 6.14+ for pre-content events), native byte order.
+Everything that talks to the fanotify group (the supervisor, the keeper, tests) uses these bindings. The
+events the kernel queues are parsed in one place, C (afsd_parse_events in c_ext/fanotify_shim.c, on the
+uapi structs of <linux/fanotify.h>, Linux 6.14+ for pre-content events): `parse_events` here and the
+supervisor's intake (intake.py) both call it. The answer's layout is `LAYOUTS` below, native byte order.
 
 Traps measured on this kernel (see docs/fanotify-backend.md) that the constants below encode:
 - the group must be FAN_CLASS_PRE_CONTENT and cannot be combined with FAN_REPORT_FID;
@@ -19,7 +20,9 @@ import errno
 import os
 import struct
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from afsd.ondemand.fanotify.shim import ffi, lib
 
 # fanotify_init flags
 FAN_CLOEXEC = 0x00000001
@@ -43,28 +46,17 @@ FAN_PRE_ACCESS = 0x00100000
 FAN_ALLOW = 0x01
 FAN_DENY = 0x02
 FAN_NOFD = -1
-FANOTIFY_METADATA_VERSION = 3
-FAN_EVENT_INFO_TYPE_RANGE = 6
 # The errnos the kernel lets a FAN_DENY answer carry to the reader (measured; others give EINVAL).
 DENY_ERRNOS = frozenset({errno.EIO, errno.EPERM, errno.ENOSPC, errno.EBUSY, errno.ETXTBSY,
                          errno.EAGAIN, errno.EDQUOT})
 
-# The one table of wire layouts (native order, no padding: '=').
+# What Python writes to the group (native order, no padding: '='); events are read in C (see above).
 LAYOUTS: dict[str, struct.Struct] = {
-    # struct fanotify_event_metadata { u32 event_len; u8 vers; u8 reserved; u16 metadata_len;
-    #                                  u64 mask; s32 fd; s32 pid; }
-    "event_metadata": struct.Struct("=IBBHQii"),
-    # struct fanotify_event_info_header { u8 info_type; u8 pad; u16 len; }
-    "info_header": struct.Struct("=BBH"),
-    # struct fanotify_event_info_range { header; u32 pad; u64 offset; u64 count; }
-    "info_range": struct.Struct("=BBHIQQ"),
     # struct fanotify_response { s32 fd; u32 response; }
     "response": struct.Struct("=iI"),
 }
-_METADATA = LAYOUTS["event_metadata"]
-_INFO_HEADER = LAYOUTS["info_header"]
-_INFO_RANGE = LAYOUTS["info_range"]
 _RESPONSE = LAYOUTS["response"]
+EVENT_MIN_SIZE = 24   # sizeof(struct fanotify_event_metadata): no event is smaller
 
 # filesystems that accept pre-content marks (statfs f_type); tmpfs, overlayfs and procfs refuse them
 MARKABLE_FILESYSTEMS = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs"}
@@ -141,26 +133,23 @@ class Event(NamedTuple):
 
 
 def parse_events(buffer: bytes | memoryview) -> Iterator[Event]:
-    """Split what one read() of a group fd returned into events."""
-    view = memoryview(buffer)
-    position = 0
-    while position + _METADATA.size <= len(view):
-        event_len, vers, _, metadata_len, mask, fd, pid = _METADATA.unpack_from(view, position)
-        if vers != FANOTIFY_METADATA_VERSION:
-            raise OSError(errno.EPROTO, f"fanotify metadata version {vers}, expected {FANOTIFY_METADATA_VERSION}")
-        if event_len < metadata_len or position + event_len > len(view):
-            raise OSError(errno.EPROTO, f"truncated fanotify event ({event_len} bytes at {position})")
-        offset = count = None
-        info = position + metadata_len
-        while info + _INFO_HEADER.size <= position + event_len:
-            info_type, _, info_len = _INFO_HEADER.unpack_from(view, info)
-            if info_len < _INFO_HEADER.size:
-                break
-            if info_type == FAN_EVENT_INFO_TYPE_RANGE and info_len >= _INFO_RANGE.size:
-                _, _, _, _, offset, count = _INFO_RANGE.unpack_from(view, info)
-            info += info_len
-        yield Event(mask=mask, fd=fd, pid=pid, offset=offset, count=count)
-        position += event_len
+    """Split what one read() of a group fd returned into events (in C, afsd_parse_events); an event that
+    does not parse raises OSError(EPROTO) after the events before it."""
+    size = len(buffer)
+    parsed = ffi.new("struct afsd_event[]", size // EVENT_MIN_SIZE + 1)
+    error = ffi.new("int32_t *")
+    count = lib.afsd_parse_events(ffi.from_buffer(buffer), size, parsed, len(parsed), error)
+    for index in range(count):
+        yield event_of(parsed[index])
+    if error[0]:
+        raise OSError(-error[0], f"a fanotify event that does not parse: {os.strerror(-error[0])}")
+
+
+def event_of(parsed: Any) -> Event:
+    """An Event from a parsed `struct afsd_event`."""
+    has_range = parsed.has_range
+    return Event(mask=parsed.mask, fd=parsed.fd, pid=parsed.pid, offset=parsed.offset if has_range else None,
+                 count=parsed.count if has_range else None)
 
 
 def encode_response(fd: int, allow: bool, error: int = errno.EIO) -> bytes:

@@ -38,6 +38,7 @@ class BlobTable:
         self.group_fd = -1
         self._by_name: dict[str, Blob] = {}
         self._by_inode: dict[tuple[int, int], Blob] = {}
+        self.changes = 0   # bumped whenever a blob starts or stops being served by a fill fd (intake.py's table)
 
     def __iter__(self) -> Iterator[Blob]:
         return iter(list(self._by_name.values()))
@@ -54,9 +55,14 @@ class BlobTable:
     def fill_fds(self) -> list[tuple[str, int]]:
         return [(blob.name, blob.fill_fd) for blob in self if blob.fill_fd is not None]
 
+    def served(self) -> list[tuple[int, int, int, int]]:
+        """(st_dev, st_ino, size, fill fd) of every blob served through a fill fd."""
+        return [(*blob.inode, blob.spec.size, blob.fill_fd) for blob in self if blob.fill_fd is not None]
+
     def _add(self, blob: Blob) -> None:
         self._by_name[blob.name] = blob
         self._by_inode[blob.inode] = blob
+        self.changes += 1
 
     # -- registering ----------------------------------------------------------------------------------
 
@@ -162,6 +168,7 @@ class BlobTable:
         except OSError as e:
             self.log.error("blob %s: cannot remove its mark: %s", blob.name, e)
         self.keeper.drop_blob(blob.name)
+        self.changes += 1
         os.close(blob.fill_fd)
         blob.fill_fd = None
         blob.complete = True
@@ -173,11 +180,13 @@ class BlobTable:
         self.close_fill_fd(blob)
         self._by_name.pop(blob.name, None)
         self._by_inode.pop(blob.inode, None)
+        self.changes += 1
         self.paths.blob_record(blob.name).unlink(missing_ok=True)
 
     def close_fill_fd(self, blob: Blob) -> None:
         if blob.fill_fd is not None:
             self.keeper.drop_blob(blob.name)
+            self.changes += 1
             os.close(blob.fill_fd)
             blob.fill_fd = None
 

@@ -7,7 +7,7 @@ importing prometheus_client unless it serves metrics.
 from __future__ import annotations
 
 COUNTERS = (  # the supervisor's own (metrics.py says what each means)
-    "events_total", "events_allowed_present", "events_allowed_filled", "events_denied_failed",
+    "events_total", "events_allowed_present", "events_allowed_present_intake", "events_allowed_filled", "events_denied_failed",
     "events_denied_timeout", "events_denied_unknown", "events_recovered", "events_swept",
     "events_redispatched", "tasks_dispatched", "tasks_done", "tasks_failed", "tasks_redispatched",
     "tasks_cancelled", "fills_inline", "fills_inline_failed", "bytes_filled", "bytes_prefetched",

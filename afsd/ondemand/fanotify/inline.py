@@ -22,13 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from afsd.ondemand.fanotify.model import Blob
-
-try:
-    from afsd.ondemand.fanotify._fanotify_c import ffi, lib
-except ImportError as error:  # pragma: no cover - only on a broken install
-    raise ImportError(f"afsd's fanotify shim is not compiled ({error}): reinstall afsd "
-                      "(`.venv/bin/pip install -e .` or scripts/setup.sh) with gcc, python3-dev, libffi-dev and "
-                      "libssl-dev") from None
+from afsd.ondemand.fanotify.shim import ffi, lib
 
 Run = tuple[int, int]   # (first chunk, chunk count)
 

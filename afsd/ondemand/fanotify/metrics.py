@@ -14,6 +14,7 @@ from afsd.ondemand.supervised.protocol import SupervisorStatus
 _COUNTER_HELP = {
     "events_total": "pre-content events received",
     "events_allowed_present": "events allowed at once: the range was already filled",
+    "events_allowed_present_intake": "of those, events the C intake answered without a Python round (intake.py)",
     "events_allowed_filled": "events allowed after their range was filled",
     "events_denied_failed": "events failed with EIO: the fill failed",
     "events_denied_timeout": "events failed with EIO: the fetch deadline passed",

@@ -9,8 +9,9 @@ Data flow:
     EIO (the fetch failed, or the fetch deadline passed): never zeros, never a reader blocked forever.
 
 The supervisor is synchronous (one selectors loop) and does no network I/O and no fetching, so the
-thing that can lose events has little that can go wrong. Its jobs, one module each: this one reads and
-answers events and runs the loop; planner.py decides what to fill (pure functions); pool.py runs the
+thing that can lose events has little that can go wrong. Its jobs, one module each: this one runs the
+loop and answers events once their range is filled; intake.py reads events (present ranges are answered in
+C) and journals and plans the others; planner.py decides what to fill (pure functions); pool.py runs the
 fetch workers (worker.py), its children, replacing one that dies or stops heartbeating and dispatching
 its unfinished fills again; blobs.py registers blobs (fill fd, mark, record on disk). The keeper
 (keeper.py, driven through keeperlink.py) holds duplicates of the group fd and the fill fds: if the
@@ -40,6 +41,7 @@ from afsd.ondemand.fanotify.blobs import BlobTable
 from afsd.ondemand.fanotify.control import ControlRequests
 from afsd.ondemand.fanotify.counters import COUNTERS, WORKER_COUNTERS, source_kind
 from afsd.ondemand.fanotify.inline import FILLED, NOT_HERE, InlineFills
+from afsd.ondemand.fanotify.intake import EventIntake
 from afsd.ondemand.fanotify.journal import Journal, JournaledEvent, reserve_fd_numbers
 from afsd.ondemand.fanotify.keeperlink import KeeperHolder
 from afsd.ondemand.fanotify.links import Links
@@ -57,7 +59,6 @@ from afsd.ondemand.supervised.settings import supervisor_parser
 from afsd.ondemand.trace import LearnedPrefetch, TraceRecorder
 
 PREFETCH_RETRY = 10.0         # seconds before prefetch of a blob whose prefetch fill failed resumes
-READ_BYTES = 1 << 16         # one read of the group fd takes up to this much (every event queued, mostly)
 TICK = 0.1                    # seconds between housekeeping rounds (deadlines, workers, keeper, prefetch)
 
 
@@ -82,6 +83,7 @@ class Supervisor:
         self.pool = WorkerPool(paths, settings, self.selector, self.links, self.counters, self, self.log)
         self.inline = InlineFills(settings.inline_fill, self.group_fd, self.log)
         self.control = ControlRequests(self)
+        self.intake = EventIntake(self)
         self.pending: set[PendingEvent] = set()
         self.next_task_id = 1
         self.latency = EventLatency()
@@ -111,7 +113,7 @@ class Supervisor:
             takeover.release_placeholders(self)
         self.listener = self.paths.listen(self.paths.supervisor_socket)
         self.selector.register(self.listener, selectors.EVENT_READ, self.control.accept)
-        self.selector.register(self.group_fd, selectors.EVENT_READ, self._on_group_readable)
+        self.intake.start(self.group_fd, self.selector)
         self.pool.start()
         self.state = DaemonState.SERVING
         self.log.info("serving %d blobs (group %s, %d workers)", len(self.blobs),
@@ -159,61 +161,7 @@ class Supervisor:
 
     # == events ====================================================================================
 
-    def _on_group_readable(self, fd: int, mask: int) -> None:
-        for _ in range(64):  # then let other sources in
-            try:
-                data = os.read(self.group_fd, READ_BYTES)
-            except BlockingIOError:
-                return
-            for event in _sys.parse_events(data):
-                self._on_event(event)
-            if len(data) < READ_BYTES // 2:
-                return   # the queue is most likely drained: select tells if not (a read to learn EAGAIN costs as much)
-
-    def _on_event(self, raw: _sys.Event) -> None:
-        self.counters["events_total"] += 1
-        if raw.fd < 0:
-            self.log.error("fanotify event without fd (mask %#x): the queue overflowed?", raw.mask)
-            return
-        received = time.monotonic()
-        try:
-            st = os.fstat(raw.fd)
-        except OSError as e:   # cannot happen for an fd the kernel just gave us; never let it through
-            self.log.error("cannot stat the fd of an event: %s", e)
-            _sys.respond(self.group_fd, raw.fd, False, errno.EIO)
-            return
-        blob = self.blobs.at_inode(st.st_dev, st.st_ino)
-        if blob is None or (blob.fill_fd is None and not blob.complete):
-            # A file we no longer serve (unregistered while still in use): never let it read holes.
-            self.counters["events_denied_unknown"] += 1
-            _sys.respond(self.group_fd, raw.fd, False, errno.EIO)
-            os.close(raw.fd)
-            return
-        size = blob.spec.size
-        start = min(raw.offset if raw.offset is not None else 0, size)
-        end = size if raw.count is None else min(size, start + raw.count)
-        if blob.fill_fd is not None and self._served_here(raw.fd, st, blob, start, end, received):
-            return
-        gaps = [] if blob.complete or blob.fill_fd is None else holes(blob.fill_fd, start, end)
-        if not gaps:   # (a learned start raises hundreds of these: the reader goes on first, bookkeeping after)
-            _sys.respond(self.group_fd, raw.fd, True)
-            self.journal.clear(raw.fd)   # (_served_here may have journaled it)
-            os.close(raw.fd)
-            self.counters["events_allowed_present"] += 1
-            self.latency.observe("present", time.monotonic() - received)
-            self._note_read(blob, start, end, received)
-            self._read_ahead(blob, start, end, missed=False)
-            return
-        self._note_read(blob, start, end, received)
-        self.journal.record(raw.fd, st.st_dev, st.st_ino, start, end - start)
-        event = PendingEvent(fd=raw.fd, blob=blob, start=start, end=end, received=received,
-                             deadline=received + self.settings.fetch_deadline, owned=True)
-        blob.pending.add(event)
-        self.pending.add(event)
-        self.plan(event, gaps)
-        self._read_ahead(blob, start, end, missed=True)
-
-    def _served_here(self, fd: int, st: os.stat_result, blob: Blob, start: int, end: int, received: float) -> bool:
+    def served_here(self, fd: int, st: os.stat_result, blob: Blob, start: int, end: int, received: float) -> bool:
         """Answer an event of a blob with a copy on this machine in one C call (inline.py: the range checked,
         filled from the copy if it has holes, checked again, allowed), journaled before and cleared after; only
         while no fill task is at work in the blob and none failed lately. False: the event (not noted yet) is the
@@ -231,7 +179,7 @@ class Supervisor:
         os.sched_yield()   # a reader woken onto this CPU goes first; the bookkeeping below can wait for it
         self.journal.clear(fd)
         os.close(fd)
-        self._note_read(blob, start, end, received)
+        self.note_read(blob, start, end, received)
         now = time.monotonic()
         filled = served.outcome == FILLED
         if filled:
@@ -244,7 +192,7 @@ class Supervisor:
         else:
             self.counters["events_allowed_present"] += 1
             self.latency.observe("present", now - received)
-        self._read_ahead(blob, start, end, missed=filled)
+        self.keep_ahead(blob, start, end, missed=filled)
         if filled:
             self.check_complete(blob)
         return True
@@ -295,7 +243,7 @@ class Supervisor:
             event.demand = True
             self.pool.dispatch(task)
 
-    def _note_read(self, blob: Blob, start: int, end: int, now: float) -> None:
+    def note_read(self, blob: Blob, start: int, end: int, now: float) -> None:
         """A read reached us (filled or not): record it, and count prefetched chunks it uses."""
         if blob.recorder is not None:
             blob.recorder.observe(start, end, now)
@@ -325,7 +273,7 @@ class Supervisor:
                 self._remember_failed(blob, first, count)
         return not error
 
-    def _read_ahead(self, blob: Blob, start: int, end: int, *, missed: bool) -> None:
+    def keep_ahead(self, blob: Blob, start: int, end: int, *, missed: bool) -> None:
         """Keep filling ahead of the reader this read belongs to (planner.Streams): a sequential reader's
         window grows to `stream_window` chunks, filled in tasks of `task_chunks`, so bytes come at the
         link's rate before it asks; around a miss of any other reader, `fill_ahead` chunks in small tasks."""
