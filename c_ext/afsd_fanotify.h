@@ -99,8 +99,8 @@ int afsd_parse_events(const uint8_t *buffer, size_t size, struct afsd_event *eve
 /* Read the group's queued events: each one on a `served` inode, with a range record, whose range (clamped
  * to the blob) has no hole in its fill fd, is answered FAN_ALLOW and closed here and listed in `presents`;
  * every other one (misses, unknown files, no range, no fd, any error on the way) is left untouched, fd open,
- * in `events`. Returns as soon as a read left an event in `events`; after a read answered everything, reads
- * again, and when the queue is empty waits up to `linger_us` for more (never past `budget_us`, and not when
- * `wake_fd` turns readable), so a reader's run of present ranges costs the caller one call. Returns 0 or
- * the -errno also stored in `error`. */
+ * in `events`. Returns as soon as a read left an event in `events`; after a read that answered everything,
+ * reads on while the queue holds more, then waits up to `linger_us` for the next event (never past
+ * `budget_us` after the call began, and not once `wake_fd` turns readable), so a reader's run of present
+ * ranges costs the caller one call. Returns 0 or the -errno also stored in `error`. */
 int afsd_take_events(struct afsd_intake *intake);

@@ -306,11 +306,19 @@ int afsd_take_events(struct afsd_intake *intake) {
     intake->more = intake->error = 0;
     size_t most_per_read = intake->buffer_size / sizeof(struct fanotify_event_metadata) + 1;
     double deadline = monotonic_seconds() + intake->budget_us / 1e6;
+    int drained = 0;   /* the queue is most likely empty (a read to learn EAGAIN costs as much as a poll) */
     for (;;) {
         if (intake->events_capacity - intake->events_count < most_per_read
             || intake->presents_capacity - intake->presents_count < most_per_read) {
             intake->more = 1;
             return 0;
+        }
+        if (drained) {
+            double left = deadline - monotonic_seconds();
+            if (intake->presents_count == 0 || intake->linger_us == 0 || left <= 0)
+                return 0;
+            if (!linger(intake, left < intake->linger_us / 1e6 ? left : intake->linger_us / 1e6))
+                return 0;
         }
         ssize_t got = read(intake->group_fd, intake->buffer, intake->buffer_size);
         if (got < 0) {
@@ -320,13 +328,10 @@ int afsd_take_events(struct afsd_intake *intake) {
                 intake->error = -errno;
                 return intake->error;
             }
-            double left = deadline - monotonic_seconds();
-            if (intake->presents_count == 0 || intake->linger_us == 0 || left <= 0)
-                return 0;
-            if (!linger(intake, left < intake->linger_us / 1e6 ? left : intake->linger_us / 1e6))
-                return 0;
+            drained = 1;
             continue;
         }
+        drained = (size_t)got <= intake->buffer_size / 2;
         double received = monotonic_seconds();
         struct afsd_event *read_now = intake->events + intake->events_count;
         int32_t error = 0;
