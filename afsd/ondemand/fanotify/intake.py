@@ -5,8 +5,8 @@ Why the split: a learned start raises hundreds of events whose range the learned
 Answering each in Python (a loop round: read, parse, fstat, blob lookup, SEEK_HOLE, answer, close) and
 then recording it (trace, learned counters, read-ahead) cost about 150 µs of supervisor CPU, and the
 reader's next event waited for it. afsd_take_events (c_ext/fanotify_shim.c) answers them with a few
-syscalls each, waits a little for the next one (`LINGER`, only while no reader waits on a fill, never
-past `BUDGET`, and not once anything else the loop watches is ready), and returns the answered ranges as
+syscalls each, waits a little for the next one (`LINGER_US`, only while no reader waits on a fill, never
+past `BUDGET_US`, and not once anything else the loop watches is ready), and returns the answered ranges as
 records; the bookkeeping runs once the run of present reads pauses. The rule is unchanged: FAN_ALLOW only
 for a blob we serve through its fill fd (BlobTable.served, rebuilt whenever it changes) and a range with
 no hole; misses, unknown files, events without a range and errors come back with their fd open and go to
