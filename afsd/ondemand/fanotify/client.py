@@ -35,8 +35,9 @@ class FanotifyBackendError(AfsdError):
 
 class SupervisorClient(SupervisorClientBase):
     error = FanotifyBackendError
-    # A request finding no supervisor starts one (the keeper may also be restarting it).
-    starting_requests: ClassVar[tuple[type[p.Message], ...]] = (p.Register, p.Unregister, p.StatusRequest)
+    # Requests that, finding no supervisor, wait for the one its keeper may be restarting (only a Register
+    # starts one: supervised/client.py).
+    waiting_requests: ClassVar[tuple[type[p.Message], ...]] = (p.Register, p.Unregister, p.StatusRequest)
     paths: StatePaths
 
     def __init__(self, state_dir: Path, settings: Settings | None = None, *, metrics_listen: str | None = None,

@@ -33,7 +33,7 @@ class SupervisorClientBase(ABC):
     # Requests that get through when no supervisor answers: these start one...
     launching_requests: ClassVar[tuple[type[p.Message], ...]] = (p.Register,)
     # ...and these (a backend's choice, launching ones included) wait for one being restarted.
-    starting_requests: ClassVar[tuple[type[p.Message], ...]] = (p.Register,)
+    waiting_requests: ClassVar[tuple[type[p.Message], ...]] = (p.Register,)
 
     def __init__(self, paths: SupervisorPaths, *, start_timeout: float) -> None:
         self.paths = paths
@@ -205,7 +205,7 @@ class SupervisorClientBase(ABC):
         try:
             channel = await AsyncChannel.connect(path)
         except (TimeoutError, OSError) as e:
-            if not isinstance(message, self.starting_requests):
+            if not isinstance(message, self.waiting_requests):
                 raise self.error(f"cannot reach {self._name} at {path}: {e}") from None
             if isinstance(message, self.launching_requests):
                 await self.ensure_running()   # not running (or, for fanotify, being restarted by its keeper)
