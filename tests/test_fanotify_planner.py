@@ -3,9 +3,8 @@ chunks in flight and recent failures, tested without root, a kernel or a blob fi
 
 from __future__ import annotations
 
-from afsd.ondemand.fanotify.planner import (
-    FILL_AHEAD_TASK_CHUNKS, MAX_PLANS_PER_EVENT, MAX_STREAMS, FailureMemory, Streams, chunk_runs, chunks_under,
-    is_sequential, plan_event, plan_prefetch, read_ahead)
+from afsd.ondemand.fanotify.planner import MAX_PLANS_PER_EVENT, FailureMemory, chunks_under, plan_event, plan_prefetch
+from afsd.ondemand.streams import FILL_AHEAD_TASK_CHUNKS, MAX_STREAMS, Streams, chunk_runs, is_sequential, read_ahead
 
 CHUNK = 100
 

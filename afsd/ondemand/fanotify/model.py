@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from afsd.ondemand._wire import Connection
-from afsd.ondemand.fanotify.planner import FailureMemory, Streams
+from afsd.ondemand.fanotify.planner import FailureMemory
+from afsd.ondemand.streams import Streams
 from afsd.ondemand.spec import BlobSpec, Priority
 from afsd.ondemand.trace import LearnedPrefetch, TraceRecorder
 from afsd.ondemand.supervised.protocol import StopCause, WorkerState
