@@ -143,5 +143,6 @@ class BackgroundFill:
             if hole is None:
                 return
             start = hole - hole % unit
-            yield obj, start, min(size, start + unit)
+            if start // unit not in blob.fills.by_unit:   # (else being filled for a reader already)
+                yield obj, start, min(size, start + unit)
             position = start + unit

@@ -17,6 +17,8 @@ SUPERVISOR_MODULE = "afsd.ondemand.cachefiles.supervisor"
 class Settings(SourceSettings):
     tag: str = "afsd"
     read_unit: int = 1 << 20
+    stream_window: int = 16
+    ahead_inflight: int = 2
     prefetch_inflight: int = 2
     learned_inflight: int = 4
     writer_threads: int = 4
@@ -28,6 +30,9 @@ class Settings(SourceSettings):
         **SourceSettings.HELP,
         "tag": "name of the cachefiles cache (one per machine)",
         "read_unit": "bytes a READ miss is widened to (aligned; at least 1 MiB by default, never past the blob's end)",
+        "stream_window": "most read units filled ahead of a sequential reader (its window doubles with each READ "
+                         "it makes; 0: no read-ahead)",
+        "ahead_inflight": "fills ahead of sequential readers in flight per blob (each up to 4 read units)",
         "prefetch_inflight": "background fill units in flight per blob",
         "learned_inflight": "units of a blob's learned prefetch (what readers read first) in flight",
         "writer_threads": "threads writing into cache files (the C shim releases the GIL)",

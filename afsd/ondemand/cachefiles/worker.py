@@ -6,10 +6,11 @@ Where it sits: kernel -> /dev/cachefiles (fd inherited from the supervisor) -> t
           -> if the cache file is not whole yet: its learned ranges, then (prefetch on) every hole, in the
              background (prefetch.py)
     READ  (object, offset, length) -> widen to aligned units (settings.read_unit, whole chunks, never past
-          the blob's end) -> RangeSource.fetch (verified against the blob's chunk digests; the cluster's
-          RangeFetcher fails over between layerstores) -> pwrite through the anon fd (C shim, no GIL, in a
-          writer thread) -> CACHEFILES_IOC_READ_COMPLETE, ALWAYS: without data only when every source
-          failed (the reader then gets EIO, never a hang)
+          the blob's end; a unit being filled already is waited for, and a sequential reader gets the
+          units after its own filled before it asks: readahead.py) -> RangeSource.fetch (verified against
+          the blob's chunk digests; the cluster's RangeFetcher fails over between layerstores) -> pwrite
+          through the anon fd (C shim, no GIL, in a writer thread) -> CACHEFILES_IOC_READ_COMPLETE, ALWAYS:
+          without data only when every source failed (the reader then gets EIO, never a hang)
     CLOSE -> close the object's anon fd (once no fetch or write still uses it)
 A blob registered with a `copy_path` also gets a plain copy of every verified range (copy.py).
 The loop only reads requests and starts tasks: fetches run concurrently on the event loop, writes in
@@ -47,6 +48,7 @@ from afsd.ondemand._wire import AsyncChannel, ProtocolError
 from afsd.ondemand.cachefiles import _shim
 from afsd.ondemand.cachefiles.copy import BlobCopy, Copies
 from afsd.ondemand.cachefiles.prefetch import BackgroundFill
+from afsd.ondemand.cachefiles.readahead import BlobFills, ReadFills
 from afsd.ondemand.cachefiles.counters import WORKER_COUNTERS
 from afsd.ondemand.cachefiles.settings import Settings
 from afsd.ondemand.sinks import FdSink
@@ -85,6 +87,7 @@ class ServedBlob:
     copier: asyncio.Task[None] | None = None   # filling the copy's holes from the source
     recorder: TraceRecorder | None = None      # its first READs, for the cluster to learn
     learned: LearnedPrefetch | None = None     # what the cluster learned readers read first: fetched first
+    fills: BlobFills = field(default_factory=BlobFills)   # fills in flight by unit; its sequential readers
 
 
 @dataclass(eq=False)
@@ -128,6 +131,8 @@ class KernelWorker:
         self.reads_in_flight = 0
         self.lookups: dict[int, asyncio.Future[p.Reply]] = {}
         self.copies = Copies(self.writer, self._fetch, self._spawn, self._copy_completed)
+        self.read_fills = ReadFills(self._fill, self._release, self.tasks, self.counters,
+                                    window=settings.stream_window, inflight=settings.ahead_inflight)
         self.next_id = 1
         self.stopping = asyncio.Event()
         self.channel: AsyncChannel | None = None
@@ -348,7 +353,7 @@ class KernelWorker:
             try:
                 if start >= blob.spec.size:
                     raise ValueError(f"READ at {request.offset} is past the end of the blob ({blob.spec.size} bytes)")
-                await self._fill(obj, start, end, Priority.DEMAND)
+                await self.read_fills.fill(obj, start, end)
             except asyncio.CancelledError:
                 raise   # this worker is stopping: the request stays for its successor (restore)
             except Exception as e:  # noqa: BLE001 - answered without data: the reader gets EIO
@@ -376,7 +381,7 @@ class KernelWorker:
         filled = await fill_from(blob.source, first, last - first, priority, obj.sink)
         filled.require_covers(start, min(end, size))
         blob.filled_bytes += filled.written
-        self.counters["bytes_demand" if priority == Priority.DEMAND else "bytes_prefetch"] += filled.written
+        self.counters["bytes_prefetch" if priority == Priority.PREFETCH else "bytes_demand"] += filled.written
         if obj.whole:
             self._mark_complete(blob)
         return filled.written
@@ -411,6 +416,7 @@ class KernelWorker:
         if not blob.objects:
             if blob.prefetcher is not None:
                 blob.prefetcher.cancel()
+            self.read_fills.stop(blob)
             self.copies.stop(blob)
             if blob.forgotten:
                 self._drop(blob)
