@@ -8,7 +8,8 @@ against a baseline taken in the same run (ratios; under qemu's TCG the absolute 
   fscache cold  the same image registered with afsd's fscache supervisor under a new name (an empty
                 cache file), its source a local file (the "file" source: read + sha256 per 1 MiB chunk,
                 as a peer's bytes would be checked), mounted with -o fsid=..., page cache dropped:
-                every byte comes through READ requests -> worker -> pwrite into the cache file
+                every byte comes through the worker (READ requests, and fills ahead of the reader
+                once its READs show it sequential) -> pwrite into the cache file
   fscache warm  the same mount read again after dropping the page cache: the kernel reads the now
                 whole cache file itself, no request reaches the daemon (READ count checked)
   local hot / fscache hot   a re-read with the file in the page cache (no disk, no daemon)
