@@ -66,7 +66,7 @@ watch_stage() {  # pid stage log
   local pid=$1 stage=$2 log=$3 begun last count detail
   begun=$(date +%s)
   while kill -0 "$pid" 2>/dev/null; do
-    sleep "$PROGRESS_INTERVAL" &
+    sleep "$PROGRESS_INTERVAL" >/dev/null 2>&1 &   # (not our stdout: a caller reading it to its end would wait out the sleep)
     wait $! 2>/dev/null || true
     kill -0 "$pid" 2>/dev/null || break
     detail=

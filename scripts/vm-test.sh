@@ -115,7 +115,7 @@ qemu_pid=$!
 # Every minute: how long, and how many tests the guest has finished (its report on the results share).
 (
   while kill -0 "$qemu_pid" 2>/dev/null; do
-    sleep 60 &
+    sleep 60 >/dev/null 2>&1 &   # (not our stdout: a caller reading it to its end would wait out the sleep)
     wait $! 2>/dev/null || true
     kill -0 "$qemu_pid" 2>/dev/null || break
     done_count=$(grep -c '"when": "teardown"' "$share/report.jsonl" 2>/dev/null || true)
