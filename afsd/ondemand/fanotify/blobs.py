@@ -167,10 +167,7 @@ class BlobTable:
             _sys.unmark_pre_access(self.group_fd, blob.fill_fd)
         except OSError as e:
             self.log.error("blob %s: cannot remove its mark: %s", blob.name, e)
-        self.keeper.drop_blob(blob.name)
-        self.changes += 1
-        os.close(blob.fill_fd)
-        blob.fill_fd = None
+        self.close_fill_fd(blob)
         blob.complete = True
         self.paths.blob_record(blob.name).unlink(missing_ok=True)
 
