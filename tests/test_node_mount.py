@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from afsd.lab.catalogue import seeded_bytes
+from afsd.lab.daemons import Daemon
 from afsd.node.records import mounted_paths
 from tests.support.cluster import LocalCluster, one_line, small_image
 from tests.support.metrics import daemon_metrics, metric
@@ -188,7 +189,9 @@ async def test_a_fanotify_mount_fetches_only_what_is_read(cluster: LocalCluster)
 
 async def test_the_nodes_metrics_count_the_fetches_of_its_fetch_workers(cluster: LocalCluster) -> None:
     """afsd_fetch_* on the node's /metrics is every fetch the node made, in any process: its own (the
-    metadata prefill) and its fanotify fetch workers' (the fills), which run in processes nobody scrapes."""
+    metadata prefill) and its fanotify fetch workers' (the fills), which run in processes nobody scrapes;
+    afsd_fanotify_bytes_filled_* is every byte the workers wrote into the blobs, fills cancelled because
+    their blob became whole as their last bytes landed included (they send no FillDone)."""
     await cluster.start_discovery(1)
     (layerstore,) = await cluster.start_layerstores(1)
     node = await cluster.start_node(layerstore, extra_args=["--no-prefetch"])
@@ -197,20 +200,29 @@ async def test_the_nodes_metrics_count_the_fetches_of_its_fetch_workers(cluster:
     target.mkdir()
     mounted = await cluster.afsd(node, "mount", image.reference, str(target), "--backend", "fanotify")
     assert mounted.returncode == 0, mounted.stderr
+    prefilled = await _bytes_cached(cluster, node)   # the metadata, written by the node before the mount
     for path in sorted(target.rglob("*.bin")):
         path.read_bytes()
+    filled = await _bytes_cached(cluster, node) - prefilled
+    assert filled >= 24 << 20
     # The 24 MiB read can only have come through the fetch workers (the node's own fetch is the metadata
-    # prefill, a few KiB). The metrics arrive in snapshots: wait for all of them, not for the first. (Not for
-    # afsd_fanotify_bytes_filled_*: a fill cancelled because the blob became whole as its last bytes landed
-    # reports no FillDone, so those counters can stay below what was written.)
-    async def the_workers_fetches_counted() -> bool:
-        return await _metric(node, "afsd_fetch_bytes_total", source="local") >= 24 << 20
-    await cluster.wait_until(the_workers_fetches_counted, 30, "afsd_fetch_bytes_total to count the workers' fetches")
+    # prefill, a few KiB). The metrics arrive in snapshots (heartbeats): wait for all of them, not the first.
+    async def the_workers_writes_counted() -> bool:
+        return await _metric(node, "afsd_fanotify_bytes_filled_local_total") >= filled
+    await cluster.wait_until(the_workers_writes_counted, 30, "afsd_fanotify_bytes_filled_local_total to count "
+                             "every byte the workers wrote")
     text = await asyncio.to_thread(daemon_metrics, node)
-    assert 0 < metric(text, "afsd_fanotify_bytes_filled_local_total") <= metric(text, "afsd_fetch_bytes_total",
-                                                                                 source="local")
+    assert metric(text, "afsd_fanotify_bytes_filled_local_total") == filled   # not one byte more either
+    assert metric(text, "afsd_fanotify_bytes_filled_total") == filled
+    assert metric(text, "afsd_fanotify_bytes_filled_peer_total") == metric(text, "afsd_fanotify_bytes_filled_other_total") == 0
+    assert filled <= metric(text, "afsd_fetch_bytes_total", source="local")
     assert metric(text, "afsd_fetch_seconds_count", priority="demand") > 1   # the prefill's and the workers'
     assert metric(text, "afsd_fetch_errors_total") == 0
+
+
+async def _bytes_cached(cluster: LocalCluster, node: Daemon) -> int:
+    (mount,) = json.loads((await cluster.afsd(node, "mounts", "--json")).stdout)["mounts"]
+    return int(mount["bytes_cached"])
 
 
 @pytest.mark.parametrize("failure", ["blob file deleted", "provider killed"])

@@ -19,10 +19,11 @@ from afsd.ondemand.sparse import write_holes
 
 class FdSink:
     """A BlobSink writing through `fd` with `put(fd, offset, data) -> bytes written`; `on_written(offset,
-    length)` (called in the writing thread) learns of each range now in place."""
+    length, written)` (called in the writing thread) learns of each range now in place and of the bytes
+    this write put there (holes it filled; bytes already present are not rewritten)."""
 
     def __init__(self, fd: int, size: int, put: Callable[[int, int, memoryview], int],
-                 on_written: Callable[[int, int], None] | None = None) -> None:
+                 on_written: Callable[[int, int, int], None] | None = None) -> None:
         self.fd = fd
         self.size = size
         self._put = put
@@ -45,7 +46,7 @@ class FdSink:
             if last:
                 os.close(self.fd)
         if self._on_written is not None:
-            self._on_written(offset, min(len(data), self.size - offset))
+            self._on_written(offset, min(len(data), self.size - offset), written)
         return written
 
     def close(self) -> None:
@@ -59,6 +60,6 @@ class FdSink:
             os.close(self.fd)
 
 
-def hole_sink(fd: int, size: int, on_written: Callable[[int, int], None] | None = None) -> FdSink:
+def hole_sink(fd: int, size: int, on_written: Callable[[int, int, int], None] | None = None) -> FdSink:
     """A blob file's fill fd as a sink that writes only holes (bytes a reader may already see stay)."""
     return FdSink(fd, size, lambda fd, offset, data: write_holes(fd, offset, data, size), on_written)

@@ -15,6 +15,9 @@ COUNTERS = (  # the supervisor's own (metrics.py says what each means)
     "bytes_filled_peer", "bytes_filled_other", "events_filled_demand", "learned_blobs", "learned_bytes_prefetched",
     "learned_bytes_used", "learned_bytes_read")
 WORKER_COUNTERS = ("fetch_failovers", "fetch_verification_failures")   # counted by the fetch workers
+# Counted where the bytes are written: by the fetch workers (sent with their heartbeats: a fill cancelled as
+# its blob became whole sends no FillDone, but what it wrote counts) and by the supervisor's inline fills.
+FILLED_COUNTERS = ("bytes_filled", "bytes_filled_local", "bytes_filled_peer", "bytes_filled_other")
 
 
 def source_kind(source: str) -> str:

@@ -39,7 +39,7 @@ from afsd.ondemand import _daemon
 from afsd.ondemand.fanotify import _sys, takeover
 from afsd.ondemand.fanotify.blobs import BlobTable
 from afsd.ondemand.fanotify.control import ControlRequests
-from afsd.ondemand.fanotify.counters import COUNTERS, WORKER_COUNTERS, source_kind
+from afsd.ondemand.fanotify.counters import COUNTERS, FILLED_COUNTERS, WORKER_COUNTERS, source_kind
 from afsd.ondemand.fanotify.inline import FILLED, NOT_HERE, InlineFills
 from afsd.ondemand.fanotify.intake import EventIntake
 from afsd.ondemand.fanotify.journal import Journal, JournaledEvent, reserve_fd_numbers
@@ -265,7 +265,7 @@ class Supervisor:
     def _inline_filled(self, blob: Blob, written: int, error: str, runs: tuple[tuple[int, int], ...]) -> bool:
         """Count a fill done here; a failed one is logged and its chunks' failure remembered."""
         self.counters["fills_inline"] += 1
-        self._count_filled(blob, written, "file")
+        self._count_filled(blob, written, "file", by_worker=False)
         if error:
             self.counters["fills_inline_failed"] += 1
             self.log.error("blob %s: filling chunks %s failed: %s", blob.name, list(runs), error)
@@ -309,10 +309,13 @@ class Supervisor:
     def _remember_failed(self, blob: Blob, first: int, count: int) -> None:
         blob.failures.remember(first, count, time.monotonic() + self.settings.failure_memory)
 
-    def _count_filled(self, blob: Blob, written: int, source: str) -> None:
+    def _count_filled(self, blob: Blob, written: int, source: str, *, by_worker: bool) -> None:
+        """A fill's bytes: in the blob's status; in the byte counters only when the supervisor wrote them
+        (a worker counts what it writes itself, in its heartbeats, cancelled fills included)."""
         blob.filled_bytes += written
-        self.counters["bytes_filled"] += written
-        self.counters[f"bytes_filled_{source_kind(source)}"] += written
+        if not by_worker:
+            self.counters["bytes_filled"] += written
+            self.counters[f"bytes_filled_{source_kind(source)}"] += written
 
     def answer(self, event: PendingEvent, *, allow: bool, timed_out: bool = False) -> None:
         if event.answered:
@@ -396,7 +399,7 @@ class Supervisor:
         self._unfill(task)
         if isinstance(message, p.FillDone):
             self.counters["tasks_done"] += 1
-            self._count_filled(blob, message.written, message.source)
+            self._count_filled(blob, message.written, message.source, by_worker=True)
             if task.priority == Priority.PREFETCH:
                 self.counters["bytes_prefetched"] += message.written
             if task.learned and blob.learned is not None:
@@ -494,6 +497,9 @@ class Supervisor:
 
     def status(self) -> SupervisorStatus:
         counters = {**self.counters, **self.pool.reported.totals(dict.fromkeys(WORKER_COUNTERS))}
+        workers_filled = self.pool.reported.totals(dict.fromkeys(FILLED_COUNTERS))
+        for name in FILLED_COUNTERS:   # the workers' writes, and the supervisor's own (inline fills)
+            counters[name] += workers_filled[name]
         return SupervisorStatus(
             backend="fanotify", pid=os.getpid(), state=self.state, uptime=time.time() - self.started,
             settings=asdict(self.settings), counters={name: float(value) for name, value in counters.items()},

@@ -8,7 +8,8 @@ as its bytes are written. Workers hold no kernel state the readers depend on: th
 one at any moment (it stopped heartbeating, or died) and give its tasks to another.
 
 Messages on the supervisor's socket (afsd/ondemand/supervised/protocol.py):
-    -> Hello(FETCH_WORKER), then every `heartbeat` seconds a Heartbeat with the fetch counters' totals
+    -> Hello(FETCH_WORKER), then every `heartbeat` seconds a Heartbeat with the fetch counters' totals and
+       the bytes it wrote into blobs, by source (counters.FILLED_COUNTERS), every byte that landed counted
     <- ServeBlob + the blob's fill fd (opened before the blob was marked, so its writes raise no fanotify
        events; a worker must never write the blob through any other fd)
     <- Forget                          the blob is complete or unregistered: drop it
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from afsd.ondemand import _daemon
+from afsd.ondemand.fanotify.counters import FILLED_COUNTERS, source_kind
 from afsd.ondemand._wire import AsyncChannel, ProtocolError
 from afsd.ondemand.sources import SourceFactory, fill_from, preload_sources, worker_sources
 from afsd.ondemand.sinks import FdSink, hole_sink
@@ -56,6 +58,7 @@ class WorkerBlob:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     written: list[tuple[int, int]] = field(default_factory=list)   # ranges written, not yet reported
     fills: dict[int, tuple[int, int]] = field(default_factory=dict)   # task id -> its range, while it runs
+    source_kind: str = ""   # where its bytes come from now ("local", "peer", "other"; "" not known yet)
 
 
 class FetchWorker:
@@ -69,7 +72,8 @@ class FetchWorker:
         self.channel: AsyncChannel | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.unreported: dict[str, WorkerBlob] = {}         # blobs with written ranges to report
-        self.counted: dict[str, int] = dict.fromkeys(FETCH_COUNTERS.values(), 0)   # totals, this process
+        # totals, this process: the fetch counters and the bytes written into blobs
+        self.counted: dict[str, int] = dict.fromkeys([*FETCH_COUNTERS.values(), *FILLED_COUNTERS], 0)
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -125,6 +129,8 @@ class FetchWorker:
         if stats is None:
             return
         now = stats()
+        if now.get("source"):   # the provider the fetcher reads from now: where the next bytes come from
+            blob.source_kind = source_kind(now["source"])
         for key, name in FETCH_COUNTERS.items():
             self.counted[name] += int(now.get(key, 0)) - blob.counted.get(key, 0)
             blob.counted[key] = int(now.get(key, 0))
@@ -135,8 +141,11 @@ class FetchWorker:
             if old is not None:
                 self._chore(self._forget(old))
             name, fd = message.name, fds.pop(0)
-            sink = hole_sink(fd, message.spec.size, lambda offset, length: self._written_soon(name, offset, length))
-            self.blobs[name] = WorkerBlob(name, message.spec, sink, message.source)
+            served: list[WorkerBlob] = []   # (the sink's writes count for this blob even once it is dropped)
+            sink = hole_sink(fd, message.spec.size,
+                             lambda offset, length, written: self._written_soon(served[0], offset, length, written))
+            served.append(WorkerBlob(name, message.spec, sink, message.source))
+            self.blobs[name] = served[0]
         elif isinstance(message, p.Forget):
             blob = self.blobs.pop(message.name, None)
             if blob is not None:
@@ -174,17 +183,20 @@ class FetchWorker:
             log.error("blob %s: fill of bytes %d-%d failed: %s", blob.name, offset, offset + length, e)
             await self._report(p.FillFailed(task=task_id, error=str(e) or type(e).__name__))
             return
+        blob.source_kind = source_kind(filled.source)
         await self._report(p.FillDone(task=task_id, written=filled.written, source=filled.source))
 
     # -- written ranges: reported as they land, merged, once per turn of the loop ---------------------
 
-    def _written_soon(self, name: str, offset: int, length: int) -> None:
-        """From a writing thread: `length` bytes at `offset` of blob `name` are in the blob file."""
+    def _written_soon(self, served: WorkerBlob, offset: int, length: int, written: int) -> None:
+        """From a writing thread: `length` bytes at `offset` of blob `served` are in the blob file, `written`
+        of them put there by this write."""
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self._written, name, offset, length)
+            self.loop.call_soon_threadsafe(self._written, served, offset, length, written)
 
-    def _written(self, name: str, offset: int, length: int) -> None:
-        blob = self.blobs.get(name)
+    def _written(self, served: WorkerBlob, offset: int, length: int, written: int) -> None:
+        self._count_written(served, written)
+        blob = self.blobs.get(served.name)
         if blob is None or blob.forgotten:
             return
         if any(start <= offset and offset + length >= end for start, end in blob.fills.values()):
@@ -195,7 +207,21 @@ class FetchWorker:
             blob.written.append((offset, length))
         if not self.unreported:
             asyncio.get_running_loop().call_soon(self._report_all_written)
-        self.unreported[name] = blob
+        self.unreported[served.name] = blob
+
+    def _count_written(self, blob: WorkerBlob, written: int) -> None:
+        """Count bytes this worker wrote into `blob`'s file, by where they came from (the provider its source
+        reads from: known from the source's label, its fetcher's current provider or the last fill's
+        source). Counted even once the blob was dropped (a fill cancelled as its blob became whole sends
+        no FillDone): the bytes are in the file."""
+        if not written:
+            return
+        if not blob.source_kind and blob.source is not None:
+            stats = getattr(blob.source, "stats", None)
+            label = getattr(blob.source, "label", "") or (stats().get("source") if stats is not None else "")
+            blob.source_kind = source_kind(label) if label else ""
+        self.counted["bytes_filled"] += written
+        self.counted[f"bytes_filled_{blob.source_kind or 'other'}"] += written
 
     def _report_all_written(self) -> None:
         blobs, self.unreported = list(self.unreported.values()), {}
