@@ -20,7 +20,7 @@ ROWS = ("transport", "sequential", "random", "ttfb", "task", "learned", "vm")
 # (quick, full) settings per row.
 SIZES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
     "transport": ({"size_mib": 128, "repeats": 2}, {"size_mib": 256, "repeats": 5}),
-    "sequential": ({"size_mib": 64, "repeats": 2}, {"size_mib": 256, "repeats": 3}),
+    "sequential": ({"size_mib": 64, "repeats": 2}, {"size_mib": 256, "repeats": 5}),
     "random": ({"size_mib": 32, "reads": 200, "repeats": 1}, {"size_mib": 64, "reads": 1000, "repeats": 2}),
     "ttfb": ({"size_mib": 64, "repeats": 2}, {"size_mib": 256, "repeats": 3}),
     "task": ({"cold_repeats": 1, "warm_runs": 3}, {"cold_repeats": 3, "warm_runs": 5}),
