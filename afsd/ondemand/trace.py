@@ -219,6 +219,27 @@ def learned_runs(ranges: Iterable[tuple[int, int]], *, size: int, chunk_size: in
 
 
 @dataclass
+class LearnedTimeline:
+    """When a blob's learned stream ran against when its readers came (monotonic seconds, from the blob's
+    registration): shown per layer so an operator sees whether a start waited for the stream."""
+
+    registered: float = field(default_factory=time.monotonic)
+    started: float | None = None          # its first fill task dispatched
+    finished: float | None = None         # its last fill task done (nothing learned left to fetch)
+    first_read: float | None = None       # the first read of the blob reached the backend
+    bytes_at_first_read: int = 0          # learned bytes fetched by then
+    waits: int = 0                        # reads that waited for a learned fill
+    wait_seconds: float = 0.0             # ... in all (overlapping waits each counted)
+
+    def details(self) -> dict[str, int]:
+        def ms(at: float | None) -> int:
+            return -1 if at is None else round((at - self.registered) * 1000)
+        return {"learned_started_ms": ms(self.started), "learned_finished_ms": ms(self.finished),
+                "learned_first_read_ms": ms(self.first_read), "learned_bytes_at_first_read": self.bytes_at_first_read,
+                "learned_waits": self.waits, "learned_wait_ms": round(self.wait_seconds * 1000)}
+
+
+@dataclass
 class LearnedPrefetch:
     """One blob's learned prefetch: the runs left to fetch, and which fetched chunks readers touched.
     `mark_*` return the bytes that just became "used" (and read) for monotonic counters; all at chunk granularity,
@@ -231,6 +252,7 @@ class LearnedPrefetch:
     prefetched: set[int] = field(default_factory=set)     # chunks a learned fill wrote
     touched: set[int] = field(default_factory=set)        # chunks any read touched
     planned: frozenset[int] = frozenset()                 # every chunk of the trace
+    timeline: LearnedTimeline = field(default_factory=LearnedTimeline)
 
     @classmethod
     def plan(cls, ranges: Sequence[tuple[int, int]], *, size: int, chunk_size: int,
@@ -279,4 +301,5 @@ class LearnedPrefetch:
                    "learned_prefetched_bytes": self.prefetched_bytes}
         if reads_seen:
             details["learned_used_bytes"] = self.used_bytes
+            details.update(self.timeline.details())
         return details

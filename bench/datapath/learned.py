@@ -25,6 +25,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -51,7 +52,8 @@ TASKS = (Task("python3", ("python3",), COMMAND),
          Task("numpy", ("python3", "python3-numpy"),
               ["python3", "-c", "import numpy; numpy.linalg.svd(numpy.ones((64, 64)))"]))
 LEARNED_COUNTERS = ("learned_bytes_prefetched", "learned_bytes_used", "learned_bytes_read", "events_total",
-                    "events_filled_demand", "bytes_filled", "bytes_prefetched")
+                    "events_filled_demand", "bytes_filled", "bytes_prefetched", "learned_waits",
+                    "learned_wait_ms", "tasks_cancelled")
 
 
 def measure(lab: BenchLab, repeats: int, warm_runs: int) -> Section:
@@ -124,6 +126,8 @@ def _cold(lab: BenchLab, reference: str, busybox: str, task: Task, extra_args: l
             timing = node.run(reference, task.command)
             after = _counters(node)
             timing.phases.update(node_phases(node))
+            for line in _learned_log_lines(node):
+                print(f"    {line}", flush=True)
         finally:
             node.stop()
     finally:
@@ -138,6 +142,14 @@ def _counters(node: TaskNode) -> dict[str, float]:
         raise RuntimeError(f"afsd mounts failed: {listed.stderr.strip()}")
     counters = json.loads(listed.stdout).get("counters", {})
     return {name: float(counters.get(f"fanotify.{name}", 0.0)) for name in LEARNED_COUNTERS}
+
+
+def _learned_log_lines(node: TaskNode) -> list[str]:
+    """What the node's fanotify supervisor said of each layer's learned stream against its readers."""
+    state = Path(node.node.args[node.node.args.index("--state-dir") + 1])
+    said = ("learned prefetch of", "filling the rest", "unregistered blob")
+    return [f"{line[11:23]} {line.split(' INFO ', 1)[-1]}" for log in sorted(state.rglob("supervisor.log"))
+            for line in log.read_text(errors="replace").splitlines() if any(text in line for text in said)]
 
 
 def _wait_for_traces(lab: BenchLab, blobs: list[str], timeout: float = 120.0) -> None:

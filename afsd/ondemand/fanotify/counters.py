@@ -13,7 +13,7 @@ COUNTERS = (  # the supervisor's own (metrics.py says what each means)
     "tasks_cancelled", "fills_inline", "fills_inline_failed", "bytes_filled", "bytes_prefetched",
     "worker_restarts", "worker_deaths", "worker_hangs", "keeper_restarts", "blobs_completed", "bytes_filled_local",
     "bytes_filled_peer", "bytes_filled_other", "events_filled_demand", "learned_blobs", "learned_bytes_prefetched",
-    "learned_bytes_used", "learned_bytes_read")
+    "learned_bytes_used", "learned_bytes_read", "learned_waits", "learned_wait_ms")
 WORKER_COUNTERS = ("fetch_failovers", "fetch_verification_failures")   # counted by the fetch workers
 # Counted where the bytes are written: by the fetch workers (sent with their heartbeats: a fill cancelled as
 # its blob became whole sends no FillDone, but what it wrote counts) and by the supervisor's inline fills.

@@ -44,6 +44,8 @@ _COUNTER_HELP = {
     "learned_bytes_prefetched": "bytes of learned ranges fetched before readers asked (whole chunks)",
     "learned_bytes_used": "of those, bytes readers then read (whole chunks; prefetched but unread = wasted)",
     "learned_bytes_read": "bytes readers read of blobs with a learned trace, learned or not (whole chunks)",
+    "learned_waits": "reads that waited for a fill of their blob's learned prefetch (it had not reached them yet)",
+    "learned_wait_ms": "milliseconds those reads waited, summed",
     "fetch_failovers": "reads that abandoned a provider after it failed (in the fetch workers)",
     "fetch_verification_failures": "fetched ranges that did not match the blob's chunk digests",
 }

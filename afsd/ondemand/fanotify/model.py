@@ -45,6 +45,7 @@ class Blob:
     recorder: TraceRecorder | None = None      # its first reads, for the cluster to learn (trace.py)
     learned: LearnedPrefetch | None = None     # what the cluster learned readers read first: fetched first
     startup: StartupGate | None = None         # holds its background fill back while readers start (startup.py)
+    filling_rest: bool = False                 # its whole-blob background fill has begun
 
     @property
     def chunks(self) -> int:
@@ -91,6 +92,7 @@ class PendingEvent:
     plans: int = 0
     answered: bool = False
     demand: bool = False    # it waited for a demand fill (a fetch made because of a miss)
+    learned: bool = False   # it waited for a fill of the blob's learned prefetch
 
 
 @dataclass(eq=False)

@@ -56,7 +56,7 @@ from afsd.ondemand.spec import Priority
 from afsd.ondemand.supervised import protocol as p
 from afsd.ondemand.supervised.protocol import DaemonState, SupervisorStatus
 from afsd.ondemand.supervised.settings import supervisor_parser
-from afsd.ondemand.trace import LearnedPrefetch, TraceRecorder
+from afsd.ondemand.trace import LearnedPrefetch, LearnedTimeline, TraceRecorder
 
 PREFETCH_RETRY = 10.0         # seconds before prefetch of a blob whose prefetch fill failed resumes
 TICK = 0.1                    # seconds between housekeeping rounds (deadlines, workers, keeper, prefetch)
@@ -236,6 +236,7 @@ class Supervisor:
             task.events.add(event)
             event.tasks.add(task)
             event.demand |= task.priority != Priority.PREFETCH   # (a read's own fill, or read ahead of one)
+            event.learned |= task.learned
         for first, count in plan.fill:
             task = self._new_task(blob, first, count, Priority.DEMAND)
             task.events.add(event)
@@ -250,6 +251,9 @@ class Supervisor:
         elif blob.startup is not None:
             blob.startup.read(now)
         if blob.learned is not None:
+            timeline = blob.learned.timeline
+            if timeline.first_read is None:
+                timeline.first_read, timeline.bytes_at_first_read = now, blob.learned.prefetched_bytes
             touched, used = blob.learned.mark_read(start, end)
             self.counters["learned_bytes_read"] += touched
             self.counters["learned_bytes_used"] += used
@@ -335,6 +339,8 @@ class Supervisor:
             self.latency.observe("filled", now - event.received)
             if event.blob.recorder is not None:   # the reader's wait does not count against its recording window
                 event.blob.recorder.stalled(event.received, now)
+            if event.learned and event.blob.learned is not None:
+                self._learned_waited(event.blob.learned.timeline, now - event.received)
         event.blob.pending.discard(event)
         self.pending.discard(event)
         for task in list(event.tasks):
@@ -406,6 +412,8 @@ class Supervisor:
                 self.counters["learned_bytes_prefetched"] += task.length
                 self.counters["learned_bytes_used"] += blob.learned.mark_prefetched(
                     range(task.first_chunk, task.first_chunk + task.chunk_count))
+                if not blob.learned.runs and not any(t.learned for t in blob.tasks()):
+                    self._learned_finished(blob)
         else:
             self.counters["tasks_failed"] += 1
             self.log.error("blob %s: filling bytes %d-%d failed: %s", blob.name, task.offset,
@@ -460,6 +468,8 @@ class Supervisor:
             for first, count in plan_learned(blob.learned.runs, budget=self.settings.learned_inflight - blob.prefetch_inflight,
                                              task_chunks=self.settings.task_chunks, in_flight=blob.inflight,
                                              filled=lambda chunk: self._chunk_filled(blob, chunk)):
+                if blob.learned.timeline.started is None:
+                    blob.learned.timeline.started = time.monotonic()
                 self.pool.dispatch(self._new_task(blob, first, count, Priority.PREFETCH, learned=True))
             if blob.learned.runs:
                 return
@@ -467,6 +477,9 @@ class Supervisor:
             return
         if not startup_over(blob, time.monotonic()):
             return   # it would compete with the startup's reads (and a blob filled whole loses its mark)
+        if not blob.filling_rest:
+            blob.filling_rest = True
+            self.log.info("blob %s: its startup is over: filling the rest in the background", blob.name)
         size = blob.spec.size
         runs, blob.prefetch_cursor = plan_prefetch(
             blob.prefetch_cursor, size=size, chunk_size=blob.spec.chunk_size,
@@ -475,6 +488,25 @@ class Supervisor:
             filled=lambda chunk: self._chunk_filled(blob, chunk))
         for first, count in runs:
             self.pool.dispatch(self._new_task(blob, first, count, Priority.PREFETCH))
+
+    def _learned_waited(self, timeline: LearnedTimeline, seconds: float) -> None:
+        timeline.waits += 1
+        timeline.wait_seconds += seconds
+        self.counters["learned_waits"] += 1
+        self.counters["learned_wait_ms"] += round(seconds * 1000)
+
+    def _learned_finished(self, blob: Blob) -> None:
+        """The blob's learned stream fetched its last chunk: say how it went against the readers."""
+        learned = blob.learned
+        if learned is None or learned.timeline.finished is not None:
+            return
+        learned.timeline.finished = time.monotonic()
+        shown = learned.timeline.details()
+        self.log.info("blob %s: learned prefetch of %.1f MiB done (ms from registration: started %d, finished %d, "
+                      "first read %d with %.1f MiB fetched); %d reads waited for it, %d ms in all", blob.name,
+                      learned.prefetched_bytes / 2**20, shown["learned_started_ms"], shown["learned_finished_ms"],
+                      shown["learned_first_read_ms"], shown["learned_bytes_at_first_read"] / 2**20,
+                      shown["learned_waits"], shown["learned_wait_ms"])
 
     # == completion ================================================================================
 
