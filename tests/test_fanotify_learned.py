@@ -81,3 +81,24 @@ async def test_a_recording_sees_every_read_of_its_window_and_the_whole_blob_fill
     assert not status.blob(name).complete
     # The window is over: the background fill takes the rest of the blob.
     await lab.wait_status(lambda s: s.blob(name).complete)
+
+
+async def test_a_recording_closed_because_its_blob_is_detached_starts_no_whole_blob_fill(
+        fanotify_lab: FanotifyLab) -> None:
+    """The node daemon takes a layer's recording as its last mount goes. A lingering layer then gets the rest of
+    its blob in the background (above); one detached right away does not: a fill started there would only take
+    the CPU and the link from its unmount."""
+    lab, blob = fanotify_lab, fanotify_lab.blob
+    client = await lab.start(Settings(workers=2, fill_ahead=0))
+    served = await lab.serve(prefetch=True, record=60.0)
+    name, first = served.spec.name, data_files(blob)[2]
+    result = await lab.read(served.mount / first)
+    assert result.ok and result.sha256 == blob.files[first]
+    before = await lab.wait_status(lambda s: s.blob(name).details["inflight_tasks"] == 0)
+    trace = await client.trace(name, close=True, detaching=True)
+    assert trace is not None and trace.closed and trace.publishable
+    await asyncio.sleep(1.0)   # ten of the supervisor's rounds, each of which would start the fill
+    after = await lab.status()
+    assert after.blob(name).details["inflight_tasks"] == 0 and not after.blob(name).complete
+    assert after.blob(name).present_bytes == before.blob(name).present_bytes
+    assert after.counters["bytes_prefetched"] == before.counters["bytes_prefetched"]

@@ -344,7 +344,7 @@ class NodeDaemon:
             if use.refs > 0:
                 return
             if self.layer_linger > 0 and not self._closing:
-                if (taking := self._end_recording(use)) is not None:
+                if (taking := self._end_recording(use, detaching=False)) is not None:
                     await taking   # its last mount is gone, and so is the startup it recorded
                 use.lingering = asyncio.create_task(self._linger(digest, use))
                 return
@@ -363,7 +363,7 @@ class NodeDaemon:
     async def _drop_layer(self, use: LayerUse) -> None:
         """Unmount and detach a layer no mount uses any more (its blob file stays in the state dir)."""
         self._layers.pop(use.spec.layer_digest, None)
-        taking = self._end_recording(use)   # taken while the erofs unmounts, before the detach forgets it
+        taking = self._end_recording(use, detaching=True)   # taken while the erofs unmounts, before the detach forgets it
         try:
             with phases.phase("release.erofs"):
                 if str(use.mountpoint) in await asyncio.to_thread(mounted_paths):
@@ -376,18 +376,20 @@ class NodeDaemon:
         with contextlib.suppress(OSError):
             await asyncio.to_thread(use.mountpoint.rmdir)
 
-    def _end_recording(self, use: LayerUse) -> asyncio.Future[None] | None:
+    def _end_recording(self, use: LayerUse, *, detaching: bool) -> asyncio.Future[None] | None:
         """Close, take and report the layer's open recording (None: it has none). Its backend then fills the
-        rest of the blob in the background: a recording holds that fill back, as it would hide reads."""
+        rest of the blob in the background (a recording holds that fill back, as it would hide reads), unless
+        `detaching`: the layer goes now, and a fill started during its unmount would only take CPU from it
+        (measured: numpy's cold teardown 136 ms against 39 ms warm)."""
         if use.recording is None or use.recording.done() or self.traces is None:
             return None
         use.recording.cancel()
-        return asyncio.ensure_future(self._take_recording(use, self.traces))
+        return asyncio.ensure_future(self._take_recording(use, self.traces, detaching=detaching))
 
     @staticmethod
-    async def _take_recording(use: LayerUse, traces: LearnedTraces) -> None:
+    async def _take_recording(use: LayerUse, traces: LearnedTraces, *, detaching: bool) -> None:
         with phases.phase("release.trace"):
-            trace = await traces.finish(use.backend, use.spec)
+            trace = await traces.finish(use.backend, use.spec, detaching=detaching)
         traces.report_in_background(use.spec, use.manifest_digest, trace)
 
     # -- restart --------------------------------------------------------------------------------

@@ -145,10 +145,11 @@ class LearnedTraces:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def finish(self, backend: Backend, spec: BlobSpec) -> RecordedTrace | None:
-        """The layer is about to go: close its recording and take it (report it with `report`)."""
+    async def finish(self, backend: Backend, spec: BlobSpec, *, detaching: bool) -> RecordedTrace | None:
+        """The layer's last mount went: close its recording and take it (report it with `report`). `detaching`:
+        the layer goes too (not lingering), so its backend starts no fill of the rest of its blob."""
         try:
-            return await backend.take_trace(spec, close=True)
+            return await backend.take_trace(spec, close=True, detaching=detaching)
         except Exception as error:  # noqa: BLE001 - a lost recording costs nothing but the lesson
             log.warning("could not take the recording of layer %s's first reads: %s", spec.layer_digest, error)
             return None

@@ -114,9 +114,9 @@ class Backend(ABC):
         return
         yield
 
-    async def take_trace(self, spec: BlobSpec, *, close: bool = False) -> RecordedTrace | None:
+    async def take_trace(self, spec: BlobSpec, *, close: bool = False, detaching: bool = False) -> RecordedTrace | None:
         """The recording of the attached blob's first reads asked for in `attach` (None: none); `close` ends
-        its window now."""
+        its window now; `detaching`: the blob is detached next, so filling the rest of it is no use."""
         return None
 
     def blob_details(self, spec: BlobSpec) -> dict[str, Any]:

@@ -70,6 +70,8 @@ class ControlRequests:
                 reply = p.Reply(id=message.id, blob=self.supervisor.blobs.status(blob))
             elif isinstance(message, p.TraceRequest):
                 blob = self.supervisor.blobs.get(message.name)
+                if blob is not None and message.detaching:
+                    blob.leaving = True   # (before the recording closes: its close would start the fill)
                 recorder = blob.recorder if blob is not None else None
                 reply = p.Reply(id=message.id, trace=recorder.take(time.monotonic(), close=message.close)
                                 if recorder is not None else None)

@@ -46,6 +46,7 @@ class Blob:
     learned: LearnedPrefetch | None = None     # what the cluster learned readers read first: fetched first
     startup: StartupGate | None = None         # holds its background fill back while readers start (startup.py)
     filling_rest: bool = False                 # its whole-blob background fill has begun
+    leaving: bool = False                      # to be detached: no whole-blob fill starts any more
 
     @property
     def chunks(self) -> int:

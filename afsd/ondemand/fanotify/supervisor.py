@@ -473,7 +473,7 @@ class Supervisor:
                 self.pool.dispatch(self._new_task(blob, first, count, Priority.PREFETCH, learned=True))
             if blob.learned.runs:
                 return
-        if not blob.prefetch:
+        if not blob.prefetch or blob.leaving:
             return
         if not startup_over(blob, time.monotonic()):
             return   # it would compete with the startup's reads (and a blob filled whole loses its mark)

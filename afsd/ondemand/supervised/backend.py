@@ -59,8 +59,8 @@ class SupervisedBackend(Backend):
             return blob.ready
         return await super().is_complete(spec, blob_path)
 
-    async def take_trace(self, spec: BlobSpec, *, close: bool = False) -> RecordedTrace | None:
-        return await self.client.trace(spec.name, close=close)
+    async def take_trace(self, spec: BlobSpec, *, close: bool = False, detaching: bool = False) -> RecordedTrace | None:
+        return await self.client.trace(spec.name, close=close, detaching=detaching)
 
     def blob_details(self, spec: BlobSpec) -> dict[str, Any]:
         blob = self._last_status.blob(spec.name) if self._last_status is not None else None

@@ -161,9 +161,10 @@ class SupervisorClientBase(ABC):
         status = await self.status_if_running()
         return status.blob(name) if status is not None else None
 
-    async def trace(self, name: str, *, close: bool = False) -> RecordedTrace | None:
-        """The recording of blob `name`'s first reads (None: it records none); `close` ends its window now."""
-        return (await self._request(p.TraceRequest(name=name, close=close))).trace
+    async def trace(self, name: str, *, close: bool = False, detaching: bool = False) -> RecordedTrace | None:
+        """The recording of blob `name`'s first reads (None: it records none); `close` ends its window now;
+        `detaching`: the blob is detached next (p.TraceRequest)."""
+        return (await self._request(p.TraceRequest(name=name, close=close, detaching=detaching))).trace
 
     async def watch(self) -> AsyncIterator[p.BlobComplete]:
         """A BlobComplete for every blob that becomes complete (and whose plain file, if it has one, is

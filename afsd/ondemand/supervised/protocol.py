@@ -78,10 +78,12 @@ class StatusRequest(Message):
 @dataclass(frozen=True, kw_only=True)
 class TraceRequest(Message):
     """The recording of blob `name`'s first reads (Reply.trace; None: nothing recorded); `close` ends its
-    window now (the node daemon asks before it detaches the blob)."""
+    window now (the node daemon asks before it detaches the blob); `detaching`: the blob is detached next, so
+    the startup's end starts no whole-blob fill (fanotify: it would only take CPU from the unmount)."""
 
     name: str
     close: bool = False
+    detaching: bool = False
 
 
 @message("watch")
