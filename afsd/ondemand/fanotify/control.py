@@ -99,6 +99,7 @@ class ControlRequests:
     def register(self, spec: BlobSpec, path: str, source: dict[str, Any], prefetch: bool, *,
                  learned: list[list[int]] | None = None, record: float = 0.0, from_record: bool = False) -> Blob:
         blob, new = self.supervisor.blobs.register(spec, path, source, prefetch, from_record=from_record)
+        blob.leaving = False   # attached again (a detach that failed, or raced this): its fill may run
         if new:
             self.supervisor.learn(blob, learned or [], record)
             self.supervisor.pool.serve_everywhere(blob)
