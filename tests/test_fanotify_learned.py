@@ -45,6 +45,10 @@ async def test_recorded_reads_prefetched_elsewhere_are_answered_without_a_demand
     details = after.blob(second.spec.name).details
     assert details["learned_used_bytes"] == details["learned_prefetched_bytes"] == after.counters["learned_bytes_used"]
     assert after.counters["learned_bytes_prefetched"] == details["learned_prefetched_bytes"]
+    # The timeline says the stream was done before the first read, which then waited for nothing.
+    assert 0 <= details["learned_started_ms"] <= details["learned_finished_ms"] <= details["learned_first_read_ms"]
+    assert details["learned_bytes_at_first_read"] == details["learned_prefetched_bytes"]
+    assert details["learned_waits"] == after.counters["learned_waits"] == 0
     # Nothing beyond the learned chunks was fetched: the rest of the blob is still holes.
     assert after.blob(second.spec.name).present_bytes < blob.spec.size / 2
 
