@@ -36,7 +36,7 @@ from afsd.lab.daemons import afsd_command
 from afsd.lab.debian import debian_layout
 from afsd.lab.skopeo import push_layout
 from bench._execute import ExecuteTiming
-from bench.datapath._lab import BenchLab
+from bench.datapath._lab import BenchLab, CpuMeter, daemon_pid, node_state_dir, pids_whose_command_line_has
 from bench.datapath._report import Row, Section
 from bench.datapath.task import COMMAND, TaskNode, node_phases, phase_medians, push_busybox
 
@@ -88,7 +88,7 @@ def _measure_task(lab: BenchLab, section: Section, task: Task, busybox: str, rep
         warm.warm_up(busybox)
         warm.run(reference, task.command)   # the first mount of the image on this node: not counted
         for _ in range(warm_runs):
-            runs["warm"].append(warm.run(reference, task.command))
+            runs["warm"].append(_metered_run(lab, warm, reference, task.command))
             runs["warm"][-1].phases.update(node_phases(warm))
     finally:
         warm.stop()
@@ -123,7 +123,7 @@ def _cold(lab: BenchLab, reference: str, busybox: str, task: Task, extra_args: l
         try:
             node.warm_up(busybox)
             before = _counters(node)
-            timing = node.run(reference, task.command)
+            timing = _metered_run(lab, node, reference, task.command)
             after = _counters(node)
             timing.phases.update(node_phases(node))
             for line in _learned_log_lines(node):
@@ -133,6 +133,18 @@ def _cold(lab: BenchLab, reference: str, busybox: str, task: Task, extra_args: l
     finally:
         lab.stop(store)
     return timing, {name: after[name] - before[name] for name in LEARNED_COUNTERS}
+
+
+def _metered_run(lab: BenchLab, node: TaskNode, reference: str, command: list[str]) -> ExecuteTiming:
+    """`node.run`, with the CPU its node's processes (daemon, supervisor, fetch workers) and the holder layerstore
+    spent meanwhile as phases "cpu.node" and "cpu.holder" (ms): what a cold start costs the cores the task runs on."""
+    meters = {"cpu.node": CpuMeter(lambda: pids_whose_command_line_has(node_state_dir(node.node))),
+              "cpu.holder": CpuMeter(lambda: [daemon_pid(lab.holder)])}
+    for meter in meters.values():
+        meter.start()
+    timing = node.run(reference, command)
+    timing.phases.update((name, meter.stop() * 1000) for name, meter in meters.items())
+    return timing
 
 
 def _counters(node: TaskNode) -> dict[str, float]:
