@@ -14,6 +14,9 @@ Execute's mount is its own:
    trace before the task asks) and a plain node (`--no-learned-prefetch`: the data path alone); every
    learner also reports its run, so later learners get a merge;
 3. warm (baseline): a node daemon on the holder itself (the image on the node), a fresh mount per Execute.
+Each learner prints its supervisor's line per learned stream (when it started and finished against the layer's
+first read, and the reads that waited for it); every measured Execute also gets the CPU its node's processes
+and the holder layerstore spent meanwhile (phases cpu.node, cpu.holder).
 Ratios: learned cold ÷ warm and plain cold ÷ warm (medians); and of the learner's learned prefetch, bytes
 fetched but never read ÷ bytes the task read (both in whole chunks, the unit every fetch is widened to;
 from the learner's fanotify counters, over its task's Execute only).
