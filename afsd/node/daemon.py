@@ -363,7 +363,8 @@ class NodeDaemon:
     async def _drop_layer(self, use: LayerUse) -> None:
         """Unmount and detach a layer no mount uses any more (its blob file stays in the state dir)."""
         self._layers.pop(use.spec.layer_digest, None)
-        taking = self._end_recording(use, detaching=True)   # taken while the erofs unmounts, before the detach forgets it
+        # taken while the erofs unmounts, before the detach forgets it
+        taking = self._end_recording(use, detaching=True)
         try:
             with phases.phase("release.erofs"):
                 if str(use.mountpoint) in await asyncio.to_thread(mounted_paths):
