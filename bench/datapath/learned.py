@@ -140,8 +140,13 @@ def _cold(lab: BenchLab, reference: str, busybox: str, task: Task, extra_args: l
 
 def _metered_run(lab: BenchLab, node: TaskNode, reference: str, command: list[str]) -> ExecuteTiming:
     """`node.run`, with the CPU its node's processes (daemon, supervisor, fetch workers) and the holder layerstore
-    spent meanwhile as phases "cpu.node" and "cpu.holder" (ms): what a cold start costs the cores the task runs on."""
-    meters = {"cpu.node": CpuMeter(lambda: pids_whose_command_line_has(node_state_dir(node.node))),
+    spent meanwhile as phases "cpu.node" (of which "cpu.node.workers": its fetch workers) and "cpu.holder" (ms): what
+    a cold start costs the cores the task runs on."""
+    state = node_state_dir(node.node)
+    workers = pids_whose_command_line_has("fanotify.worker")   # (a worker's command line names its supervisor's socket)
+    meters = {"cpu.node": CpuMeter(lambda: pids_whose_command_line_has(state)),
+              "cpu.node.workers": CpuMeter(lambda: [pid for pid in pids_whose_command_line_has(state)
+                                                    if pid in workers]),
               "cpu.holder": CpuMeter(lambda: [daemon_pid(lab.holder)])}
     for meter in meters.values():
         meter.start()
