@@ -203,7 +203,7 @@ async def test_concurrent_fetches_of_the_same_chunks_share_one_read(shared: Shar
     async with shared.fetcher(exact.spec) as fetcher:
         before = await range_reads(node0)
         results = await asyncio.gather(*(fetcher.fetch(2 * MIB + 5, 10) for _ in range(8)))
-        assert {r.data for r in results} == {blob[2 * MIB:3 * MIB]}
+        assert {bytes(r.data) for r in results} == {blob[2 * MIB:3 * MIB]}   # (data: the fetch's bytearray)
         assert await range_reads(node0) == before + 1
         assert fetcher.stats()["shared_fetches"] == 7
 

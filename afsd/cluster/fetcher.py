@@ -94,6 +94,13 @@ class _Delivery:
         return self.written
 
 
+def _copy_joined(result: memoryview, start: int, end: int, joined: list[tuple[Flight[Any], memoryview]]) -> None:
+    """Copy into `result` (bytes [start, end) of the blob) the part within it of each joined flight's bytes."""
+    for flight, data in joined:
+        first, last = max(start, flight.start), min(end, flight.end)
+        result[first - start:last - start] = data[first - flight.start:last - flight.start]
+
+
 class RangeFetcher:
     """Verified ranges of `spec`'s blob from the layerstores that hold it (an `afsd.ondemand.spec.RangeSource`).
 
@@ -149,13 +156,18 @@ class RangeFetcher:
     async def fetch(self, offset: int, length: int, priority: Priority = Priority.DEMAND) -> FetchedRange:
         start, end = self._widen(offset, length)
         started = time.monotonic()
-        flights, shared, results = await self._fly(self._flights, start, end, priority)
-        parts = [memoryview(data)[max(start, flight.start) - flight.start:min(end, flight.end) - flight.start]
-                 for flight, (data, _) in zip(flights, results)]
-        # Copying MiBs of pieces together runs in a thread (the one copy out of the flights' buffers).
-        data = await asyncio.to_thread(b"".join, parts)
+        # The flights this fetch starts receive straight into its result; only the bytes of flights it joins
+        # (started by another read) are copied in, once they landed. Per-flight buffers joined afterwards
+        # cost a second allocation and copy of every byte: measured here, 1.4 vs 0.8 CPU s/GiB for 256 MiB.
+        result = bytearray(end - start)
+        whole = memoryview(result)
+        flights, shared, results = await self._fly(
+            self._flights, start, end, priority, read=lambda s, e: self._read(s, e, into=whole[s - start:e - start]))
+        joined = [(flight, data) for flight, (data, _) in zip(flights, results) if data.obj is not result]
+        if joined:
+            await asyncio.to_thread(_copy_joined, whole, start, end, joined)
         sources = "+".join(dict.fromkeys(provider.source for _, provider in results))
-        return FetchedRange(start, data, sources, self._served(priority, started, shared))
+        return FetchedRange(start, result, sources, self._served(priority, started, shared))
 
     async def fill(self, offset: int, length: int, priority: Priority, sink: BlobSink) -> Filled:
         """Like `fetch`, but each verified piece goes into `sink` as it arrives (over the byte stream: from
@@ -243,14 +255,14 @@ class RangeFetcher:
         return FlightTable(size=self.spec.size, chunk_size=chunk, piece_chunks=PIECE_BYTES // chunk, gate=self._gate,
                            read=read, label=self.spec.name[:12])
 
-    async def _fly(self, table: FlightTable[T], start: int, end: int,
-                   priority: Priority) -> tuple[list[Flight[T]], bool, list[T]]:
+    async def _fly(self, table: FlightTable[T], start: int, end: int, priority: Priority, *,
+                   read: Callable[[int, int], Awaitable[T]] | None = None) -> tuple[list[Flight[T]], bool, list[T]]:
         """The flights covering [start, end) (joined or started) and what each of them read."""
         if self._closed:
             raise FetchError(f"the fetcher for layer {self.spec.layer_digest} is closed")
         self._counts["fetches"] += 1
         self._maybe_refresh()
-        flights, shared = table.cover(start, end, priority)
+        flights, shared = table.cover(start, end, priority, read=read)
         if shared:
             self._counts["shared_fetches"] += 1
         try:
@@ -269,16 +281,17 @@ class RangeFetcher:
         FETCH_METRICS.fetch_served(priority.name.lower(), elapsed)
         return {"seconds": elapsed, "shared": float(shared)}
 
-    async def _read(self, start: int, end: int) -> tuple[bytearray, Provider]:
-        """A flight of `fetch`: [start, end) into a buffer of its own (the byte stream receives straight into
-        it; the flight hands it on only once every byte of it was verified)."""
-        buffer = bytearray(end - start)
+    async def _read(self, start: int, end: int, into: memoryview | None = None) -> tuple[memoryview, Provider]:
+        """A flight of `fetch`: [start, end) into `into` (end - start bytes of the fetch's result) or a buffer
+        of its own (the byte stream receives straight into it; the flight hands it on only once every byte
+        of it was verified)."""
+        buffer = memoryview(bytearray(end - start)) if into is None else into
 
         def deliver(offset: int, data: memoryview) -> None:
-            if data.obj is not buffer:   # (ReadLayer's bytes; the byte stream's are in place already)
+            if data.obj is not buffer.obj:   # (ReadLayer's bytes; the byte stream's are in place already)
                 buffer[offset - start:offset - start + len(data)] = data
 
-        return buffer, await self._read_with_failover(start, end, deliver, into=memoryview(buffer))
+        return buffer, await self._read_with_failover(start, end, deliver, into=buffer)
 
     async def _fill(self, sink_ref: weakref.ref[BlobSink], start: int, end: int) -> tuple[_Delivery, Provider]:
         """A flight of `fill`: [start, end) into the sink (referred to weakly by its flight table, so the

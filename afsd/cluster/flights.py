@@ -134,8 +134,10 @@ class FlightTable(Generic[T]):
         self._label = label
         self._by_chunk: dict[int, Flight[T]] = {}
 
-    def cover(self, start: int, end: int, priority: Priority) -> tuple[list[Flight[T]], bool]:
-        """The flights covering [start, end), in order, and whether any of them was joined (shared)."""
+    def cover(self, start: int, end: int, priority: Priority, *,
+              read: Callable[[int, int], Awaitable[T]] | None = None) -> tuple[list[Flight[T]], bool]:
+        """The flights covering [start, end), in order, and whether any of them was joined (shared). New
+        flights run `read` when given instead of the table's own (a fetch receiving into its own result)."""
         chunk = self.chunk_size
         index, last = start // chunk, -(-end // chunk)
         flights: list[Flight[T]] = []
@@ -151,7 +153,7 @@ class FlightTable(Generic[T]):
             run_end = index + 1
             while run_end < last and run_end - index < self.piece_chunks and run_end not in self._by_chunk:
                 run_end += 1
-            flights.append(self._start(index, run_end, priority))
+            flights.append(self._start(index, run_end, priority, read or self._read))
             index = run_end
         return flights, shared
 
@@ -159,10 +161,10 @@ class FlightTable(Generic[T]):
         """The tasks of every flight in the air (to cancel them at close)."""
         return [flight.task for flight in {id(f): f for f in self._by_chunk.values()}.values()]
 
-    def _start(self, first: int, last: int, priority: Priority) -> Flight[T]:
+    def _start(self, first: int, last: int, priority: Priority, read: Callable[[int, int], Awaitable[T]]) -> Flight[T]:
         chunk = self.chunk_size
         flight: Flight[T] = Flight(first * chunk, min(self.size, last * chunk), self.gate.ticket(priority))
-        flight.task = asyncio.create_task(self._fly(flight), name=f"fetch {self._label} @{flight.start}")
+        flight.task = asyncio.create_task(self._fly(flight, read), name=f"fetch {self._label} @{flight.start}")
         for index in range(first, last):
             self._by_chunk[index] = flight
 
@@ -176,9 +178,9 @@ class FlightTable(Generic[T]):
         flight.task.add_done_callback(landed)
         return flight
 
-    async def _fly(self, flight: Flight[T]) -> T:
+    async def _fly(self, flight: Flight[T], read: Callable[[int, int], Awaitable[T]]) -> T:
         await self.gate.acquire(flight.ticket)
         try:
-            return await self._read(flight.start, flight.end)
+            return await read(flight.start, flight.end)
         finally:
             self.gate.release(flight.ticket)

@@ -100,10 +100,11 @@ class BlobSpec:
 @dataclass(frozen=True)
 class FetchedRange:
     """Verified bytes of a blob: `data` starts at `offset`, which is on a chunk boundary, and covers
-    whole chunks (the last one may end at the blob's end)."""
+    whole chunks (the last one may end at the blob's end). `data` may be the fetcher's own receive buffer
+    (a bytearray, not copied): read it, never change it (other reads that joined its pieces copy from it)."""
 
     offset: int
-    data: bytes
+    data: bytes | bytearray
     source: str = ""           # who served it: "local", "peer:<endpoint>", ...
     stats: dict[str, float] = field(default_factory=dict)
 
