@@ -203,17 +203,19 @@ async def test_the_nodes_metrics_count_the_fetches_of_its_fetch_workers(cluster:
     prefilled = await _bytes_cached(cluster, node)   # the metadata, written by the node before the mount
     for path in sorted(target.rglob("*.bin")):
         path.read_bytes()
-    filled = await _bytes_cached(cluster, node) - prefilled
-    assert filled >= 24 << 20
     # The 24 MiB read can only have come through the fetch workers (the node's own fetch is the metadata
-    # prefill, a few KiB). The metrics arrive in snapshots (heartbeats): wait for all of them, not the first.
+    # prefill, a few KiB). The counters arrive in snapshots (heartbeats), and fills ahead of the reader may
+    # still be landing when it is done: wait until the counter and the blob's cached bytes agree.
+    filled = 0
     async def the_workers_writes_counted() -> bool:
-        return await _metric(node, "afsd_fanotify_bytes_filled_local_total") >= filled
-    await cluster.wait_until(the_workers_writes_counted, 30, "afsd_fanotify_bytes_filled_local_total to count "
-                             "every byte the workers wrote")
+        nonlocal filled
+        filled = await _bytes_cached(cluster, node) - prefilled
+        return await _metric(node, "afsd_fanotify_bytes_filled_local_total") == filled   # not one byte more
+    await cluster.wait_until(the_workers_writes_counted, 30, "afsd_fanotify_bytes_filled_local_total to equal "
+                             "the bytes written into the blob since the mount")
+    assert filled >= 24 << 20
     text = await asyncio.to_thread(daemon_metrics, node)
-    assert metric(text, "afsd_fanotify_bytes_filled_local_total") == filled   # not one byte more either
-    assert metric(text, "afsd_fanotify_bytes_filled_total") == filled
+    assert metric(text, "afsd_fanotify_bytes_filled_total") == metric(text, "afsd_fanotify_bytes_filled_local_total")
     assert metric(text, "afsd_fanotify_bytes_filled_peer_total") == metric(text, "afsd_fanotify_bytes_filled_other_total") == 0
     assert filled <= metric(text, "afsd_fetch_bytes_total", source="local")
     assert metric(text, "afsd_fetch_seconds_count", priority="demand") > 1   # the prefill's and the workers'
