@@ -89,6 +89,27 @@ def test_a_sequential_reader_gets_the_units_after_its_own_filled_before_it_asks(
     asyncio.run(main())
 
 
+def test_a_reader_that_read_past_the_units_filled_ahead_keeps_its_read_ahead(harness) -> None:
+    """It raised no READ for the units filled ahead of it, so its next READ lands past them: still the same
+    sequential reader (the full-size VM bench lost half its rate when such a READ started it over)."""
+    h = harness()
+
+    async def main() -> None:
+        for unit in range(SEQUENTIAL_AFTER):
+            await h.read(unit)
+        await h.settle()
+        caught_up = next(u for u in range(UNITS) if not h.filled(u))
+        assert caught_up > SEQUENTIAL_AFTER + 1   # (the units it read without a READ)
+        fills_before = len(h.fills)
+        await h.read(caught_up)
+        await h.settle()
+        ahead = [f for f in h.fills[fills_before:] if f[2] == Priority.AHEAD]
+        assert ahead and ahead[0][0] == caught_up + 1
+        assert all(h.filled(u) for u in range(caught_up + 2 * FIRST_WINDOW))
+
+    asyncio.run(main())
+
+
 def test_a_random_reader_gets_only_its_own_units(harness) -> None:
     h = harness()
 

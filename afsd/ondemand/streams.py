@@ -49,6 +49,14 @@ class Stream:
     def sequential(self) -> bool:
         return self.reads > 1
 
+    def continued_by(self, start: int, chunk_size: int) -> bool:
+        """Whether a read starting at `start` is this reader's next one: it continues its last read, or lands
+        in (or just past) what was planned ahead of it. The daemon sees only reads of missing bytes: a reader
+        that read the bytes filled ahead of it raised no read for them, so its next one starts past them.
+        Taken for a new, random reader instead, it would lose its read-ahead each time it caught up."""
+        reach = max(self.end, self.planned * chunk_size)
+        return self.end - chunk_size <= start <= reach + chunk_size
+
 
 class Streams:
     """The readers of one blob, told apart by where they read: a read that continues one (within a chunk
@@ -64,7 +72,7 @@ class Streams:
     def follow(self, start: int, end: int, *, chunk_size: int, missed: bool, fill_ahead: int,
                max_window: int) -> Stream:
         for stream in reversed(self._recent):
-            if is_sequential(stream.end, start, chunk_size):
+            if stream.continued_by(start, chunk_size):
                 self._recent.remove(stream)
                 self._recent.append(stream)
                 stream.end, stream.reads = end, stream.reads + 1
