@@ -52,7 +52,7 @@ from afsd.ondemand.cachefiles.readahead import BlobFills, ReadFills
 from afsd.ondemand.cachefiles.counters import WORKER_COUNTERS
 from afsd.ondemand.cachefiles.settings import Settings
 from afsd.ondemand.sinks import FdSink
-from afsd.ondemand.sources import fill_from, preload_sources, worker_sources
+from afsd.ondemand.sources import LocalFileSource, fill_from, preload_sources, worker_sources
 from afsd.ondemand.sparse import first_hole, present_bytes
 from afsd.ondemand.spec import BlobSpec, FetchedRange, Priority, RangeSource
 from afsd.ondemand.supervised import protocol as p
@@ -376,9 +376,7 @@ class KernelWorker:
         first, last = start - start % unit, min(size, round_up(end, unit))
         if priority != Priority.DEMAND and blob.recorder is not None and blob.recorder.is_open(time.monotonic()):
             blob.recorder.spoil()   # reads of what this writes will raise no READ
-        if blob.source is None:
-            blob.source = self.factory.make(blob.spec, blob.config)
-        filled = await fill_from(blob.source, first, last - first, priority, obj.sink)
+        filled = await fill_from(self._source(blob), first, last - first, priority, obj.sink)
         filled.require_covers(start, min(end, size))
         blob.filled_bytes += filled.written
         self.counters["bytes_prefetch" if priority == Priority.PREFETCH else "bytes_demand"] += filled.written
@@ -388,12 +386,21 @@ class KernelWorker:
 
     async def _fetch(self, blob: ServedBlob, start: int, end: int, priority: Priority) -> FetchedRange:
         """[start, end) of the blob from its source (verified there), starting on a page boundary."""
-        if blob.source is None:
-            blob.source = self.factory.make(blob.spec, blob.config)
-        fetched = await blob.source.fetch(start, end - start, priority)
+        fetched = await self._source(blob).fetch(start, end - start, priority)
         if fetched.offset % PAGE:
             raise ValueError(f"the source returned a range at {fetched.offset}, not on a page boundary")
         return fetched
+
+    def _source(self, blob: ServedBlob) -> RangeSource:
+        if blob.source is None:
+            blob.source = self.factory.make(blob.spec, blob.config)
+            if isinstance(blob.source, LocalFileSource):
+                # Read the local copy past the page cache: the kernel keeps what readers read in the
+                # erofs page cache and the cache file is written with O_DIRECT, so a buffered read would
+                # only add a third copy of each byte to memory and a kernel copy to every fill (in the
+                # lab VM: 2.1 of 2.3 CPU seconds of reading a cold 256 MiB file).
+                blob.source.direct = True
+        return blob.source
 
     def _mark_complete(self, blob: ServedBlob) -> None:
         if blob.complete:
