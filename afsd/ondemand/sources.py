@@ -15,8 +15,8 @@ failover); tests inject factories of their own (fault-injecting sources).
 from __future__ import annotations
 
 import asyncio
-import importlib
 import errno
+import importlib
 import logging
 import mmap
 import os

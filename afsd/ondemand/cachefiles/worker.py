@@ -398,7 +398,7 @@ class KernelWorker:
                 # Read the local copy past the page cache: the kernel keeps what readers read in the
                 # erofs page cache and the cache file is written with O_DIRECT, so a buffered read would
                 # only add a third copy of each byte to memory and a kernel copy to every fill (in the
-                # lab VM: 2.1 of 2.3 CPU seconds of reading a cold 256 MiB file).
+                # lab VM a cold 256 MiB read takes 2.08 CPU seconds buffered, 0.22 with O_DIRECT).
                 blob.source.direct = True
         return blob.source
 
