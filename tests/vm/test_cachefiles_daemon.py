@@ -177,8 +177,10 @@ async def test_a_worker_lost_in_the_middle_of_a_large_read_is_replaced_and_the_r
         lab: FscacheLab, blob: LocalBlob, tmp_path: Path, how: str) -> None:
     spec = renamed(blob.spec, f"worker-{how}")
     gate = tmp_path / "gate"
-    # Fetches after the first eight wait for the gate: a READ is surely in flight when the worker goes.
-    await lab.serve(spec, gated_source(spec.name, str(blob.path), str(gate), open_fetches=8))
+    # Fetches after the first four wait for the gate: a READ is surely in flight when the worker goes. (The
+    # mount's metadata takes one or two; the reader's first three READs are one unit each, the fills ahead
+    # of it up to four: four fetches cannot bring the 16 MiB file in, eight can once read-ahead keeps up.)
+    await lab.serve(spec, gated_source(spec.name, str(blob.path), str(gate), open_fetches=4))
     target = await lab.mount(spec.name)
     before = await lab.status()
     reader = Reader(target / "data" / "big.bin")
