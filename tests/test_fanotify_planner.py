@@ -122,6 +122,20 @@ def test_random_readers_get_a_fixed_read_around_after_a_miss_and_nothing_after_a
     assert follow(streams, 2010, 2020, missed=True, fill_ahead=0).window == 0   # 0: never anything ahead
 
 
+def test_a_jump_into_the_planned_window_continues_a_reader_only_where_the_daemon_sees_misses_only() -> None:
+    # fanotify sees every read: a random reader's next read landing in its read-around is a jump, not a
+    # sequential read (its window would grow with every hop); fscache sees only misses: a reader that read
+    # what was filled ahead of it next misses past it, and that continues it.
+    for misses_only, sequential in ((False, False), (True, True)):
+        streams = Streams()
+        reader = streams.follow(0, 10, chunk_size=CHUNK, missed=True, fill_ahead=4, max_window=64,
+                                misses_only=misses_only)
+        reader.planned = 4
+        again = streams.follow(3 * CHUNK + 5, 3 * CHUNK + 15, chunk_size=CHUNK, missed=True, fill_ahead=4,
+                               max_window=64, misses_only=misses_only)
+        assert (again is reader and reader.sequential) == sequential
+
+
 def test_interleaved_readers_of_one_blob_are_told_apart_and_the_oldest_forgotten() -> None:
     streams = Streams()
     a, b = follow(streams, 0, 50, missed=True), follow(streams, 10_000, 10_050, missed=True)

@@ -49,12 +49,13 @@ class Stream:
     def sequential(self) -> bool:
         return self.reads > 1
 
-    def continued_by(self, start: int, chunk_size: int) -> bool:
-        """Whether a read starting at `start` is this reader's next one: it continues its last read, or lands
-        in (or just past) what was planned ahead of it. The daemon sees only reads of missing bytes: a reader
-        that read the bytes filled ahead of it raised no read for them, so its next one starts past them.
-        Taken for a new, random reader instead, it would lose its read-ahead each time it caught up."""
-        reach = max(self.end, self.planned * chunk_size)
+    def continued_by(self, start: int, chunk_size: int, *, misses_only: bool) -> bool:
+        """Whether a read starting at `start` is this reader's next one: it continues its last read or, where
+        the daemon sees only reads of missing bytes (`misses_only`: fscache), lands in (or just past) what
+        was planned ahead of it: a reader that read the bytes filled ahead of it raised no read for them, so
+        its next one starts past them, and taken for a new, random reader it would lose its read-ahead each
+        time it caught up. (fanotify sees every read: there, a read landing ahead is a jump.)"""
+        reach = max(self.end, self.planned * chunk_size) if misses_only else self.end
         return self.end - chunk_size <= start <= reach + chunk_size
 
 
@@ -70,9 +71,9 @@ class Streams:
         self._recent: list[Stream] = []
 
     def follow(self, start: int, end: int, *, chunk_size: int, missed: bool, fill_ahead: int,
-               max_window: int) -> Stream:
+               max_window: int, misses_only: bool = False) -> Stream:
         for stream in reversed(self._recent):
-            if stream.continued_by(start, chunk_size):
+            if stream.continued_by(start, chunk_size, misses_only=misses_only):
                 self._recent.remove(stream)
                 self._recent.append(stream)
                 stream.end, stream.reads = end, stream.reads + 1

@@ -96,7 +96,7 @@ class ReadFills:
         unit, size = blob.unit, blob.spec.size
         units = -(-size // unit)
         stream = blob.fills.streams.follow(start, end, chunk_size=unit, missed=False, fill_ahead=FIRST_WINDOW,
-                                           max_window=self._window)   # (missed=False: no read-around at first)
+                                           max_window=self._window, misses_only=True)   # (missed=False: no read-around at first)
         if stream.reads < SEQUENTIAL_AFTER:
             return
         window_end = min(units, -(-end // unit) + stream.window)
