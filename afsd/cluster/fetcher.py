@@ -55,7 +55,7 @@ from afsd.api import layerstore_pb2 as pb
 from afsd.cluster.bytestream_client import BlobByteStreams, ByteStreamError, ByteStreamUnavailable, Deliver
 from afsd.cluster.discovery_client import DiscoveryClient, DiscoveryUnavailableError
 from afsd.cluster.fetch_metrics import FETCH_METRICS
-from afsd.cluster.flights import Flight, FlightTable, PriorityGate
+from afsd.cluster.flights import Delivery, Flight, FlightTable, PriorityGate, copy_joined
 from afsd.cluster.metadata_reads import read_metadata
 from afsd.cluster.peers import LayerStorePeer
 from afsd.cluster.providers import (UNREACHABLE_CODES, ProviderUnusable, Provider, ProviderFailure, ProviderLease,
@@ -78,28 +78,6 @@ PROVIDER_COOLDOWN = 30.0
 # asks discovery again and makes one more round.
 READ_RETRY = RetryPolicy(attempts=2, base=0.2, cap=1.0)
 RELEASE_TIMEOUT = 2.0
-
-class _Delivery:
-    """What one fill flight wrote into its sink; counted once, by the first fill that collects it (the
-    others joined it for bytes it had already been asked for)."""
-
-    def __init__(self) -> None:
-        self.written = 0
-        self._claimed = False
-
-    def claim(self) -> int:
-        if self._claimed:
-            return 0
-        self._claimed = True
-        return self.written
-
-
-def _copy_joined(result: memoryview, start: int, end: int, joined: list[tuple[Flight[Any], memoryview]]) -> None:
-    """Copy into `result` (bytes [start, end) of the blob) the part within it of each joined flight's bytes."""
-    for flight, data in joined:
-        first, last = max(start, flight.start), min(end, flight.end)
-        result[first - start:last - start] = data[first - flight.start:last - flight.start]
-
 
 class RangeFetcher:
     """Verified ranges of `spec`'s blob from the layerstores that hold it (an `afsd.ondemand.spec.RangeSource`).
@@ -133,7 +111,7 @@ class RangeFetcher:
         # shared by fetches and fills; PREFETCH pieces never take the last quarter of the slots
         self._gate = PriorityGate(max_concurrency, background=max_concurrency - max(1, max_concurrency // 4))
         self._flights = self._flight_table(self._read)
-        self._fill_flights: weakref.WeakKeyDictionary[BlobSink, FlightTable[tuple[_Delivery, Provider]]] = \
+        self._fill_flights: weakref.WeakKeyDictionary[BlobSink, FlightTable[tuple[Delivery, Provider]]] = \
             weakref.WeakKeyDictionary()
         self._providers: dict[str, Provider] = {}
         self._other_blob: list[str] = []     # nodes holding the layer as another blob (last refresh)
@@ -165,7 +143,7 @@ class RangeFetcher:
             self._flights, start, end, priority, read=lambda s, e: self._read(s, e, into=whole[s - start:e - start]))
         joined = [(flight, data) for flight, (data, _) in zip(flights, results) if data.obj is not result]
         if joined:
-            await asyncio.to_thread(_copy_joined, whole, start, end, joined)
+            await asyncio.to_thread(copy_joined, whole, start, end, joined)
         sources = "+".join(dict.fromkeys(provider.source for _, provider in results))
         return FetchedRange(start, result, sources, self._served(priority, started, shared))
 
@@ -293,10 +271,10 @@ class RangeFetcher:
 
         return buffer, await self._read_with_failover(start, end, deliver, into=buffer)
 
-    async def _fill(self, sink_ref: weakref.ref[BlobSink], start: int, end: int) -> tuple[_Delivery, Provider]:
+    async def _fill(self, sink_ref: weakref.ref[BlobSink], start: int, end: int) -> tuple[Delivery, Provider]:
         """A flight of `fill`: [start, end) into the sink (referred to weakly by its flight table, so the
         table goes when the sink does; the fill that started this flight holds it)."""
-        sink, delivery = sink_ref(), _Delivery()
+        sink, delivery = sink_ref(), Delivery()
         if sink is None:
             raise FetchError("the sink of this fill is gone")
 

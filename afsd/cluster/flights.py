@@ -16,7 +16,7 @@ import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from afsd.ondemand.spec import Priority
 
@@ -184,3 +184,25 @@ class FlightTable(Generic[T]):
             return await read(flight.start, flight.end)
         finally:
             self.gate.release(flight.ticket)
+
+
+class Delivery:
+    """What one fill flight wrote into its sink; counted once, by the first fill that collects it (the
+    others joined it for bytes it had already been asked for)."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self._claimed = False
+
+    def claim(self) -> int:
+        if self._claimed:
+            return 0
+        self._claimed = True
+        return self.written
+
+
+def copy_joined(result: memoryview, start: int, end: int, joined: list[tuple[Flight[Any], memoryview]]) -> None:
+    """Copy into `result` (bytes [start, end) of the blob) the part within it of each joined flight's bytes."""
+    for flight, data in joined:
+        first, last = max(start, flight.start), min(end, flight.end)
+        result[first - start:last - start] = data[first - flight.start:last - flight.start]
